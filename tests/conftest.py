@@ -1,0 +1,44 @@
+"""Shared fixtures: small real HF models built from configs (no network, no training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_tiny_random_clip(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
+                          mlp: int = 64, image_size: int = 32, patch: int = 8):
+    """A randomly initialised ``CLIPModel`` adapter with the shapes tokenizer; seconds to build."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from vlcompress.data.tokenizer import build_shapes_tokenizer
+    from vlcompress.models.clip import CLIP
+
+    torch.manual_seed(seed)
+    tok = build_shapes_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        vision_config=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=image_size, patch_size=patch),
+        projection_dim=16,
+    )
+    model = CLIPModel(cfg).eval()
+    img = CLIPImageProcessor(size={"shortest_edge": image_size},
+                             crop_size={"height": image_size, "width": image_size},
+                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return CLIP(model, tok, img, name="tiny-random-clip", source="test")
+
+
+@pytest.fixture
+def tiny_random_clip():
+    return make_tiny_random_clip()
+
+
+@pytest.fixture
+def calib_small():
+    from vlcompress.data import load_calibration
+
+    return load_calibration("shapes", n=16, batch_size=8)

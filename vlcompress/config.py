@@ -1,0 +1,163 @@
+"""Frozen, validated configuration objects.
+
+Each config checks itself in ``__post_init__`` and raises :class:`ConfigError` (a
+``ValueError``) with one line naming the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+_NM_RE = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern: ``unstructured`` or ``N:M`` (keep N of every M input columns)."""
+
+    kind: str  # "unstructured" | "nm"
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str | Pattern) -> Pattern:
+        if isinstance(text, Pattern):
+            return text
+        if not isinstance(text, str):
+            raise ConfigError(f"pattern {text!r} is not a string; allowed: unstructured, N:M")
+        t = text.strip().lower()
+        if t == "unstructured":
+            return cls("unstructured")
+        mt = _NM_RE.match(t)
+        if mt:
+            n, m = int(mt.group(1)), int(mt.group(2))
+            if not 0 < n < m:
+                raise ConfigError(
+                    f"pattern {text!r} is an impossible N:M; need 0 < N < M (e.g. 2:4, 4:8)"
+                )
+            return cls("nm", n, m)
+        raise ConfigError(f"unknown pattern {text!r}; allowed: unstructured, N:M (e.g. 2:4, 4:8)")
+
+    @property
+    def is_nm(self) -> bool:
+        return self.kind == "nm"
+
+    @property
+    def implied_sparsity(self) -> float | None:
+        return 1.0 - self.n / self.m if self.is_nm else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else self.kind
+
+
+def check_sparsity(value) -> float:
+    """Turn ``value`` into a float in [0, 1) or raise a one-line ConfigError."""
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"sparsity {value!r} is not a number; allowed: 0 <= sparsity < 1") from None
+    if math.isnan(s) or not 0.0 <= s < 1.0:
+        raise ConfigError(f"sparsity {value!r} is out of range; allowed: 0 <= sparsity < 1")
+    return s
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    ``sparsity`` may be None for an N:M pattern (it is implied: 2:4 is 0.5); a given sparsity
+    that conflicts with the N:M pattern is an error. ``scope`` picks modalities to prune
+    (None = every prunable layer). ``skip_incompatible`` skips layers whose input width is not
+    a multiple of M instead of failing.
+    """
+
+    method: str = "multiflow"
+    sparsity: float | None = None
+    pattern: Pattern | str = "2:4"
+    scope: tuple[str, ...] | None = None
+    skip_incompatible: bool = False
+    seed: int = 0
+    layerwise: bool = False  # magnitude only: per-layer threshold instead of global
+
+    def __post_init__(self):
+        from .scoring import available_scorers  # local: scoring imports config
+
+        pat = Pattern.parse(self.pattern)
+        object.__setattr__(self, "pattern", pat)
+        methods = available_scorers()
+        if self.method not in methods:
+            raise ConfigError(f"unknown method {self.method!r}; allowed: {', '.join(methods)}")
+        if pat.is_nm:
+            implied = pat.implied_sparsity
+            if self.sparsity is not None:
+                s = check_sparsity(self.sparsity)
+                if abs(s - implied) > 1e-9:
+                    raise ConfigError(
+                        f"sparsity {self.sparsity!r} conflicts with pattern {pat} which fixes "
+                        f"sparsity at {implied:g}; omit --sparsity or pass {implied:g}"
+                    )
+            object.__setattr__(self, "sparsity", implied)
+        else:
+            s = 0.5 if self.sparsity is None else check_sparsity(self.sparsity)
+            object.__setattr__(self, "sparsity", s)
+        if self.scope is not None:
+            scope = tuple(self.scope)
+            bad = [m for m in scope if m not in ("vision", "text", "fusion")]
+            if bad or not scope:
+                raise ConfigError(
+                    f"scope {','.join(scope) or '(empty)'} is not valid; allowed: vision, text, fusion"
+                )
+            object.__setattr__(self, "scope", scope)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How latency is measured: batch sizes, warm-up and timed iterations, runtime."""
+
+    batch_sizes: tuple[int, ...] = (1, 8)
+    warmup: int = 5
+    iterations: int = 30
+    runtime: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int | None = None
+    towers: tuple[str, ...] = field(default=("vision", "text"))
+
+    def __post_init__(self):
+        bs = tuple(self.batch_sizes)
+        if not bs or any((not isinstance(b, int)) or b < 1 for b in bs):
+            raise ConfigError(f"batch sizes {bs!r} are not valid; allowed: positive integers")
+        object.__setattr__(self, "batch_sizes", bs)
+        if self.warmup < 0 or self.iterations < 1:
+            raise ConfigError(
+                f"warmup={self.warmup}, iterations={self.iterations}; need warmup >= 0, iterations >= 1"
+            )
+        if self.runtime not in ("onnxruntime", "torch"):
+            raise ConfigError(f"unknown runtime {self.runtime!r}; allowed: onnxruntime, torch")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"unknown device {self.device!r}; allowed: cpu, cuda")
+
+
+def parse_batch_sizes(text: str | tuple | list) -> tuple[int, ...]:
+    """Parse ``"1,8,64"`` into ``(1, 8, 64)`` with a one-line error on bad input."""
+    if isinstance(text, (tuple, list)):
+        items = list(text)
+    else:
+        items = [t for t in str(text).split(",") if t.strip()]
+    out = []
+    for it in items:
+        try:
+            v = int(str(it).strip())
+        except ValueError:
+            raise ConfigError(
+                f"batch size {it!r} is not an integer; allowed: comma-separated positive integers"
+            ) from None
+        if v < 1:
+            raise ConfigError(f"batch size {v} is not positive; allowed: positive integers")
+        out.append(v)
+    if not out:
+        raise ConfigError("no batch sizes given; allowed: comma-separated positive integers")
+    return tuple(out)

@@ -1,0 +1,92 @@
+"""Model loading: bundled models, architecture presets, HF hub ids and local folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ModelError
+from .base import VLM, PrunableLayer
+from .registry import bundled_models, families, family_for, presets, register_family
+
+__all__ = ["VLM", "PrunableLayer", "load_model", "list_models", "families", "register_family"]
+
+
+def list_models():
+    """Every name ``load_model`` accepts without a path: bundled models, then presets."""
+    return bundled_models() + presets()
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _load_processors(path: str):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tok = img = None
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tok = None
+    try:
+        img = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError):
+        img = None
+    return tok, img
+
+
+def load_model(name_or_path: str | Path, *, random_init: bool = False) -> VLM:
+    """Load a model by bundled name (``tiny-clip``), preset, HF hub id or local folder.
+
+    All of them go through the same path: read the config, pick the family adapter by its
+    ``model_type``, build the HF model (weights, or random ``random_init``) and its processors.
+    """
+    import transformers
+
+    _quiet_transformers()
+    name = str(name_or_path)
+    by_name = {e.name: e for e in list_models()}
+    if name in by_name and by_name[name].kind == "preset":
+        return _load_preset(by_name[name])
+    if name in by_name:
+        path = str(by_name[name].path)
+    else:
+        p = Path(name).expanduser()
+        looks_local = p.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+        if looks_local and not p.exists():
+            raise ModelError(f"model path {name!r} does not exist; give a bundled name "
+                             f"({', '.join(by_name)}), an HF id or a model folder")
+        if p.exists() and not (p / "config.json").is_file():
+            raise ModelError(f"model folder {name!r} has no config.json (not an HF model folder)")
+        path = str(p) if p.exists() else name
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load model {name!r}: not a bundled name ({', '.join(by_name)}), "
+            f"nor a local folder, nor an HF id reachable offline ({exc.__class__.__name__})"
+        ) from None
+    fam = family_for(cfg.model_type)
+    model_cls = fam.hf_class()
+    if random_init:
+        model = model_cls(cfg)
+    else:
+        model = model_cls.from_pretrained(path)
+    tok, img = _load_processors(path)
+    return fam(model, tok, img, name=name, source=path)
+
+
+def _load_preset(entry) -> VLM:
+    import transformers
+
+    cfg_dict = json.loads(entry.path.read_text())
+    cfg_dict.pop("_description", None)
+    model_type = cfg_dict.pop("model_type")
+    fam = family_for(model_type)
+    cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+    model = fam.hf_class()(cfg)
+    tok, img = fam.default_processors(cfg)
+    return fam(model, tok, img, name=entry.name, source=f"preset:{entry.name}")

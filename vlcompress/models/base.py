@@ -1,0 +1,118 @@
+"""The model adapter: what the pipeline knows about a vision-language model.
+
+A :class:`VLM` wraps an HF model with its processor and knows its towers, its prunable
+linears (each with a modality and role) and how to turn a :class:`PairBatch` into tensors.
+Families subclass it in one file each and register themselves (see ``registry.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.pairs import PairBatch
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """One prunable ``nn.Linear``: ``name`` is its dotted path in ``VLM.model``.
+
+    ``modality`` is ``vision``, ``text`` or ``fusion``; ``role`` one of ``attn.q``, ``attn.k``,
+    ``attn.v``, ``attn.o``, ``mlp.in``, ``mlp.out``; ``block`` the encoder layer index.
+    """
+
+    name: str
+    module: nn.Linear
+    modality: str
+    role: str
+    block: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+class VLM:
+    """Base adapter. Subclasses set ``family`` and implement the abstract methods."""
+
+    family: str = "?"
+    towers: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, tokenizer=None, image_processor=None, name: str = "",
+                 source: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name = name or family_name(model)
+        self.source = source
+        self.model.eval()
+
+    # --- structure -----------------------------------------------------------------------
+    def prunable_layers(self) -> list[PrunableLayer]:
+        raise NotImplementedError
+
+    def tower_module(self, tower: str) -> nn.Module:
+        """An ``nn.Module`` computing one tower's embedding, for export and latency."""
+        raise NotImplementedError
+
+    def tower_inputs(self, tower: str, batch: PairBatch) -> dict[str, torch.Tensor]:
+        """The named input tensors of ``tower_module(tower)`` for ``batch``."""
+        raise NotImplementedError
+
+    def dynamic_axes(self, tower: str) -> dict[str, dict[int, str]]:
+        raise NotImplementedError
+
+    # --- data ----------------------------------------------------------------------------
+    def encode(self, batch: PairBatch) -> dict[str, torch.Tensor]:
+        """Turn a batch of PIL images and captions into the model's input tensors."""
+        raise NotImplementedError
+
+    def token_mask(self, modality: str, encoded: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Bool [batch, tokens] of real (non-padding) tokens seen by ``modality``'s layers;
+        None when every token counts."""
+        return None
+
+    @torch.no_grad()
+    def forward(self, batch: PairBatch | dict[str, torch.Tensor]):
+        """Run the model on one calibration batch (raw or encoded)."""
+        enc = self.encode(batch) if isinstance(batch, PairBatch) else batch
+        return self.model(**enc)
+
+    def embed_images(self, images) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own training loss on a batch (contrastive for CLIP)."""
+        raise NotImplementedError
+
+    # --- io ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(path)
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, nonzero) parameter counts."""
+        total = nonzero = 0
+        for p in self.model.parameters():
+            total += p.numel()
+            nonzero += int(torch.count_nonzero(p).item())
+        return total, nonzero
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, family={self.family!r})"
+
+
+def family_name(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", "") or type(model).__name__

@@ -1,0 +1,81 @@
+"""Model families, bundled models and architecture presets, by name.
+
+A family registers its adapter class for one or more HF ``model_type`` values with
+:func:`register_family`; ``load_model`` finds the family from the config of whatever it
+loads. Bundled models ship in ``vlcompress/assets``; presets are configs that build randomly
+initialised full-size models for latency work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+_FAMILIES: dict[str, type] = {}
+
+
+def register_family(*model_types: str):
+    def deco(cls):
+        for mt in model_types:
+            _FAMILIES[mt] = cls
+        return cls
+
+    return deco
+
+
+def families() -> dict[str, type]:
+    _import_families()
+    return dict(_FAMILIES)
+
+
+def _import_families() -> None:
+    from . import clip  # noqa: F401  (registers itself)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str  # "bundled" | "preset"
+    family: str
+    description: str
+    path: Path
+
+
+def bundled_models() -> list[Entry]:
+    out = []
+    root = ASSETS / "models"
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if (d / "config.json").is_file():
+                meta = {}
+                if (d / "vlcompress.json").is_file():
+                    meta = json.loads((d / "vlcompress.json").read_text())
+                out.append(Entry(d.name, "bundled", meta.get("family", "clip"),
+                                 meta.get("description", ""), d))
+    return out
+
+
+def presets() -> list[Entry]:
+    out = []
+    root = ASSETS / "presets"
+    if root.is_dir():
+        for f in sorted(root.glob("*.json")):
+            cfg = json.loads(f.read_text())
+            out.append(Entry(f.stem, "preset", cfg.get("model_type", "?"),
+                             cfg.pop("_description", "randomly initialised"), f))
+    return out
+
+
+def family_for(model_type: str):
+    fams = families()
+    if model_type not in fams:
+        raise ModelError(
+            f"model_type {model_type!r} is not supported; supported families: "
+            f"{', '.join(sorted(fams))}"
+        )
+    return fams[model_type]
