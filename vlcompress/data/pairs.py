@@ -133,7 +133,8 @@ def folder_pairs(path: str | Path, n: int | None = None, batch_size: int = 32) -
             with Image.open(f) as im:
                 imgs.append(im.convert("RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"image {str(f)!r} is corrupt or not an image ({exc.__class__.__name__})") from None
+            kind = exc.__class__.__name__
+            raise DataError(f"image {str(f)!r} is corrupt or not an image ({kind})") from None
         caps.append(rec["caption"])
         labels.append(rec.get("label"))
     has_labels = all(isinstance(x, int) for x in labels)
