@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tiny models run faster on one thread, and two threads on a busy 2-core CI machine make
+# small matmuls dramatically slower; the suite pins one intra-op thread.
+torch.set_num_threads(1)
+
 
 def make_tiny_random_clip(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
                           mlp: int = 64, image_size: int = 32, patch: int = 8):
@@ -42,3 +46,28 @@ def calib_small():
     from vlcompress.data import load_calibration
 
     return load_calibration("shapes", n=16, batch_size=8)
+
+
+class RecordingProgress:
+    """A Progress that records (description, total) on every advance, for tests."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, int | None]] = []
+
+    def task(self, description, total=None):
+        from contextlib import contextmanager
+
+        seen = self.seen
+
+        @contextmanager
+        def _cm():
+            class T:
+                def advance(self, n=1):
+                    seen.append((description, total))
+
+                def update(self, **kw):
+                    pass
+
+            yield T()
+
+        return _cm()

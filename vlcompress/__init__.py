@@ -1,14 +1,25 @@
 """vlcompress: prune, export and benchmark sparse vision-language models.
 
-Public API: :func:`load_model`, :func:`load_calibration`, :func:`prune`, :func:`export`,
-:func:`evaluate`, :func:`benchmark`, :func:`prune_export`.
+Public API::
+
+    vlm = load_model("tiny-clip")
+    calib = load_calibration("shapes", n=256)
+    result = prune(vlm, "multiflow", pattern="2:4", calibration=calib)
+    metrics = evaluate(vlm)
+    export(vlm, "out/onnx")
+    report = prune_export(model="tiny-clip", out="out/run")   # the whole job
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .api import export  # noqa: E402
 from .data import load_calibration, load_eval  # noqa: E402
+from .eval import evaluate  # noqa: E402
 from .models import load_model  # noqa: E402
+from .pipeline import RunConfig, prune_export  # noqa: E402
+from .prune import PruneResult, prune  # noqa: E402
 
-__all__ = ["__version__", "load_model", "load_calibration", "load_eval"]
+__all__ = ["__version__", "load_model", "load_calibration", "load_eval", "prune", "PruneResult",
+           "evaluate", "export", "prune_export", "RunConfig"]

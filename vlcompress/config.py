@@ -81,7 +81,7 @@ class PruneConfig:
     scope: tuple[str, ...] | None = None
     skip_incompatible: bool = False
     seed: int = 0
-    layerwise: bool = False  # magnitude only: per-layer threshold instead of global
+    layerwise: bool = False  # uniform per-layer allocation instead of the method's default
 
     def __post_init__(self):
         from .scoring import available_scorers  # local: scoring imports config

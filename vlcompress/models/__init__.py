@@ -18,9 +18,12 @@ def list_models():
 
 
 def _quiet_transformers():
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def _load_processors(path: str):
@@ -59,6 +62,9 @@ def load_model(name_or_path: str | Path, *, random_init: bool = False) -> VLM:
         if looks_local and not p.exists():
             raise ModelError(f"model path {name!r} does not exist; give a bundled name "
                              f"({', '.join(by_name)}), an HF id or a model folder")
+        if not p.exists() and "/" not in name:
+            raise ModelError(f"unknown model {name!r}; allowed: a bundled model or preset "
+                             f"({', '.join(by_name)}), an HF id like org/name, or a model folder")
         if p.exists() and not (p / "config.json").is_file():
             raise ModelError(f"model folder {name!r} has no config.json (not an HF model folder)")
         path = str(p) if p.exists() else name

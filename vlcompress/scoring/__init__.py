@@ -19,7 +19,7 @@ class Scorer:
     name: str
     fn: Callable
     needs_calibration: bool
-    allocation: str  # default allocation: "global" | "layerwise" | "per_modality"
+    allocation: str  # default allocation: "global" | "layerwise" | "per_row" | "per_modality"
     description: str = ""
 
 

@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+
+from vlcompress.data import folder_pairs, load_calibration, load_eval, shapes
+from vlcompress.errors import DataError
+
+
+def test_shapes_deterministic_and_splits_disjoint():
+    a, sa = shapes.sample("train", 5)
+    b, sb = shapes.sample("train", 5)
+    assert sa == sb and np.array_equal(np.asarray(a), np.asarray(b))
+    seen = {np.asarray(shapes.sample("train", i)[0]).tobytes() for i in range(200)}
+    for split in ("calibration", "eval"):
+        for i in range(200):
+            assert np.asarray(shapes.sample(split, i)[0]).tobytes() not in seen
+
+
+def test_shapes_classes_and_captions():
+    assert len(shapes.CLASSES) >= 30
+    caps = {shapes.sample("train", i)[1].caption for i in range(400)}
+    assert "a red circle" in caps or any(c.startswith("a red circle") for c in caps)
+    # captions vary in which attributes they name
+    assert any(len(c.split()) == 3 for c in caps) and any(len(c.split()) >= 6 for c in caps)
+    for i in range(50):
+        _, s = shapes.sample("eval", i)
+        assert s.color in s.full_caption and s.shape in s.full_caption
+        assert shapes.CLASSES[s.label] == (s.color, s.shape)
+
+
+def test_load_calibration_batches():
+    d = load_calibration(n=10, batch_size=4)
+    sizes = [len(b) for b in d.batches()]
+    assert sizes == [4, 4, 2] and d.num_batches == 3
+    e = load_eval(n=8)
+    assert e.class_prompts and len(e.labels) == 8
+
+
+def _folder(tmp_path, n=3):
+    for i in range(n):
+        img, s = shapes.sample("calibration", i)
+        img.save(tmp_path / f"{i}.png")
+    lines = [json.dumps({"image": f"{i}.png", "caption": f"caption {i}", "label": i % 2}) for i in range(n)]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "classes.json").write_text(json.dumps(["a red circle", "a blue square"]))
+    return tmp_path
+
+
+def test_folder_pairs(tmp_path):
+    d = folder_pairs(_folder(tmp_path), batch_size=2)
+    assert len(d) == 3 and d.captions[1] == "caption 1" and d.labels == [0, 1, 0]
+    assert d.class_prompts == ["a red circle", "a blue square"]
+    assert len(load_calibration(str(tmp_path), n=2)) == 2
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda p: None, "captions.jsonl"),
+    (lambda p: (p / "captions.jsonl").write_text(""), "empty"),
+    (lambda p: (p / "captions.jsonl").write_text("{not json\n"), "captions.jsonl:1"),
+    (lambda p: (p / "captions.jsonl").write_text('{"image": "x.png", "caption": "c"}\n'), "x.png"),
+])
+def test_folder_errors(tmp_path, setup, needle):
+    setup(tmp_path)
+    with pytest.raises(DataError, match=needle.replace(".", r"\.")):
+        folder_pairs(tmp_path)
+
+
+def test_corrupt_image_named(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 garbage")
+    (tmp_path / "captions.jsonl").write_text('{"image": "bad.jpg", "caption": "c"}\n')
+    with pytest.raises(DataError, match="bad.jpg"):
+        folder_pairs(tmp_path)
+
+
+def test_missing_source():
+    with pytest.raises(DataError, match="does not exist"):
+        load_calibration("/no/such/folder")

@@ -1,0 +1,58 @@
+"""Python entry points behind the CLI's ``prune`` and ``export`` commands.
+
+Both validate every option before loading anything and publish their output folder
+atomically (temporary sibling folder, renamed when complete).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+from .atomic import atomic_dir
+from .progress import NULL
+
+
+def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:4",
+                   calibration="shapes", calibration_size=256, force=False,
+                   skip_incompatible=False, progress_factory=None) -> dict:
+    """Prune ``model`` and save it to ``out`` (safetensors + config + ``prune.json``)."""
+    from .config import PruneConfig
+    from .data import load_calibration
+    from .models import load_model
+    from .pipeline import check_output_folder
+    from .prune import prune
+
+    pc = PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
+                     skip_incompatible=skip_incompatible)
+    out = check_output_folder(out, force)
+    calib = load_calibration(calibration, n=calibration_size)
+    vlm = load_model(model)
+    with (progress_factory() if progress_factory else nullcontext(NULL)) as prog:
+        res = prune(vlm, pc.method, pc.sparsity, str(pc.pattern), calibration=calib,
+                    skip_incompatible=skip_incompatible, progress=prog)
+    info = {**res.to_dict(), "model": str(model)}
+    with atomic_dir(out, overwrite=force) as tmp:
+        vlm.save(tmp)
+        (tmp / "prune.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def export(model, out, *, fp16=False, force=False, progress_factory=None):
+    """Export every tower of ``model`` (a VLM, a name or a folder) to ``out/<tower>.onnx``,
+    validated against PyTorch on a batch of another size; returns the ExportResult."""
+    from .data import load_calibration
+    from .exporters.onnx import export_model
+    from .models import VLM, load_model
+    from .pipeline import check_output_folder
+
+    out = check_output_folder(out, force)
+    vlm = model if isinstance(model, VLM) else load_model(model)
+    batches = iter(load_calibration("shapes", n=5, batch_size=3, seed=1).batches())
+    example, check = next(batches), next(batches)
+    with atomic_dir(out, overwrite=force) as tmp, \
+            (progress_factory() if progress_factory else nullcontext(NULL)) as prog:
+        res = export_model(vlm, tmp, example, check, fp16=fp16, progress=prog)
+    res.paths = {t: out / Path(p).name for t, p in res.paths.items()}
+    return res

@@ -1,0 +1,139 @@
+"""Activation statistics for data-aware scorers, streamed with forward hooks.
+
+:func:`collect_stats` runs the model once over the calibration pairs (no gradients) and, for
+every prunable ``nn.Linear``, accumulates the sum over calibration tokens of the squared
+input of each input column: ``sq_sum[j] = sum_t x_tj^2``. Its square root is the activation
+norm ``a_j`` that wanda and multiflow use. Padding tokens are left out: the adapter's
+``VLM.token_mask(modality, encoded)`` says which tokens are real. Memory stays bounded: one
+float64 vector of length ``d_in`` per layer, whatever the amount of data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .models.base import VLM, PrunableLayer
+from .progress import NULL, Progress
+
+
+@dataclass
+class LayerStats:
+    """Running input statistics of one Linear layer.
+
+    ``sq_sum`` is float64 [d_in]: the sum over calibration tokens of ``x_j ** 2``;
+    ``tokens`` is the number of (non-padding) tokens summed.
+    """
+
+    sq_sum: torch.Tensor
+    tokens: int = 0
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """``a_j = sqrt(sum_t x_tj^2)`` as float32 [d_in]."""
+        return self.sq_sum.sqrt().float()
+
+    @classmethod
+    def zeros(cls, d_in: int) -> LayerStats:
+        return cls(torch.zeros(d_in, dtype=torch.float64), 0)
+
+
+def _masked_sq_sum(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """(sum over tokens of ``x ** 2``, whether ``mask`` was applied) for an input [..., D].
+
+    ``mask`` (float, 1 = real token) applies when its shape is the input's token layout
+    ``x.shape[:-1]``; an input laid out otherwise (cross-attention keys/values reading the
+    other modality's tokens) is summed unfiltered, as design §5 says. Float32 within one batch
+    (plenty for a few thousand tokens), on the input's device, and no host synchronisation (the
+    mask is multiplied in, not used as an index).
+    """
+    d = x.shape[-1]
+    x2 = x.detach().float().square().reshape(-1, d)
+    if mask is None or tuple(mask.shape) != tuple(x.shape[:-1]):
+        return x2.sum(0), False
+    return mask.reshape(-1).to(x2.device) @ x2, True
+
+
+def collect_stats(vlm: VLM, data, layers: Sequence[PrunableLayer] | None = None,
+                  progress: Progress = NULL) -> dict[str, LayerStats]:
+    """Input statistics of ``layers`` (default: every prunable layer) over ``data``.
+
+    ``data`` is a :class:`~vlcompress.data.PairData` (or a sequence of ``PairBatch``). Each
+    batch is encoded with ``vlm.encode`` and run through ``vlm.model`` once under
+    ``torch.no_grad``; hooks are removed afterwards even on error. A layer's input tokens are
+    filtered by ``vlm.token_mask(layer.modality, encoded)`` when the mask matches the input's
+    token layout. Returns ``{layer.name: LayerStats}`` (on the CPU).
+    """
+    from .data.pairs import as_pair_data
+
+    data = as_pair_data(data)
+    layers = list(vlm.prunable_layers() if layers is None else layers)
+    sums = {ly.name: torch.zeros(ly.weight.shape[1], dtype=torch.float64, device=ly.weight.device)
+            for ly in layers}
+    tokens = dict.fromkeys(sums, 0)
+    # Per-batch state shared by the hooks: each modality's token mask (float, on the model's
+    # device) and real-token count, and a one-entry cache so that q/k/v projections, which
+    # read the same tensor, square and sum it only once.
+    masks: dict[str, tuple[torch.Tensor | None, int | None]] = {}
+    cache: dict[str, object] = {"x": None, "modality": None, "sq": None, "n": 0}
+
+    def make_hook(layer: PrunableLayer):
+        name, modality = layer.name, layer.modality
+
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if cache["x"] is x and cache["modality"] == modality:
+                sq, n = cache["sq"], cache["n"]
+            else:
+                mask, n_real = masks.get(modality, (None, None))
+                sq, masked = _masked_sq_sum(x, mask)
+                sq = sq.to(torch.float64)
+                n = n_real if masked else x[..., 0].numel()
+                cache.update(x=x, modality=modality, sq=sq, n=n)
+            sums[name] += sq.to(sums[name].device)
+            tokens[name] += n
+
+        return hook
+
+    handles = []
+    try:
+        for ly in layers:
+            handles.append(ly.module.register_forward_hook(make_hook(ly)))
+        modalities = sorted({ly.modality for ly in layers})
+        with progress.task("calibrate", total=data.num_batches) as task, torch.no_grad():
+            for batch in data.batches():
+                encoded = vlm.encode(batch)
+                masks.clear()
+                for m in modalities:
+                    mk = vlm.token_mask(m, encoded)
+                    masks[m] = (None, None) if mk is None else (mk.float(), int(mk.bool().sum()))
+                vlm.model(**encoded)
+                cache.update(x=None, modality=None, sq=None, n=0)
+                task.advance()
+    finally:
+        for h in handles:
+            h.remove()
+        cache.clear()
+        masks.clear()
+    stats = {n: LayerStats(s.cpu(), tokens[n]) for n, s in sums.items()}
+    return stats
+
+
+def activation_norm(layer: PrunableLayer, stats: LayerStats | None, method: str) -> torch.Tensor:
+    """``a_j`` of ``layer``'s inputs as float32 [d_in] on the weight's device, checked.
+
+    For scorers: raises :class:`ConfigError` when ``stats`` is missing or of the wrong width.
+    """
+    if stats is None:
+        raise ConfigError(f"method {method!r} needs calibration statistics for layer {layer.name}")
+    a = stats.norm
+    d_in = layer.weight.shape[1]
+    if tuple(a.shape) != (d_in,):
+        raise ConfigError(
+            f"calibration statistics for layer {layer.name} have shape {tuple(a.shape)}; "
+            f"the layer's input width is {d_in}"
+        )
+    return a.to(layer.weight.device)

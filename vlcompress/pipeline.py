@@ -1,0 +1,181 @@
+"""``prune_export``: the whole job, load -> ... -> report, as one Python call.
+
+Everything is validated before any work starts; the output is assembled in a temporary
+sibling folder and renamed into place only when complete, so a failure leaves nothing at
+``out``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_dir
+from .config import LatencyConfig, PruneConfig, parse_batch_sizes
+from .errors import ConfigError, OutputError
+from .progress import NULL
+
+ENGINES = ("onnxruntime", "torch", "trt")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of ``prune-export``; validated on construction."""
+
+    model: str = "tiny-clip"
+    method: str = "multiflow"
+    sparsity: float | str | None = None
+    pattern: str = "2:4"
+    calibration: str = "shapes"
+    calibration_size: int = 256
+    eval_data: str = "shapes"
+    eval_size: int = 720
+    engine: str = "onnxruntime"
+    out: str = "vlcompress-out"
+    batch_sizes: tuple[int, ...] | str = (1, 8)
+    device: str = "cpu"
+    fp16: bool = False
+    force: bool = False
+    skip_incompatible: bool = False
+    scope: tuple[str, ...] | None = None
+    seed: int = 0
+    warmup: int = 5
+    iterations: int = 30
+    prune_config: PruneConfig = field(init=False, repr=False)
+    latency_config: LatencyConfig = field(init=False, repr=False)
+
+    def __post_init__(self):
+        pc = PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern,
+                         scope=self.scope, skip_incompatible=self.skip_incompatible, seed=self.seed)
+        object.__setattr__(self, "prune_config", pc)
+        object.__setattr__(self, "sparsity", pc.sparsity)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if not isinstance(self.calibration_size, int) or self.calibration_size < 1:
+            raise ConfigError(f"calibration size {self.calibration_size!r} is not valid; "
+                              "allowed: a positive integer")
+        if not isinstance(self.eval_size, int) or self.eval_size < 1:
+            raise ConfigError(f"eval size {self.eval_size!r} is not valid; allowed: a positive integer")
+        bs = parse_batch_sizes(self.batch_sizes)
+        object.__setattr__(self, "batch_sizes", bs)
+        runtime = "torch" if self.engine == "torch" else "onnxruntime"
+        lc = LatencyConfig(batch_sizes=bs, warmup=self.warmup, iterations=self.iterations,
+                           runtime=runtime, device=self.device)
+        object.__setattr__(self, "latency_config", lc)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("prune_config", "latency_config")}
+        d["pattern"] = str(self.prune_config.pattern)
+        d["batch_sizes"] = list(self.batch_sizes)
+        return d
+
+
+def check_output_folder(out: str | Path, force: bool) -> Path:
+    """``out`` must not be a file, nor a non-empty folder unless ``force``."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"--out {str(p)!r} is an existing file; allowed: a new or empty folder")
+    if p.is_dir() and any(p.iterdir()) and not force:
+        raise OutputError(f"--out {str(p)!r} is a non-empty folder; pass --force to replace it")
+    if not p.parent.exists():
+        raise OutputError(f"--out {str(p)!r}: parent folder {str(p.parent)!r} does not exist")
+    return p
+
+
+def check_engine(engine: str, device: str) -> None:
+    """Fail before any work when the engine or device cannot run here."""
+    from . import _deps
+
+    if engine == "trt":
+        _deps.require_cuda()
+        _deps.require_tensorrt()
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "--engine trt: the TensorRT exporter is not part of this release yet; use "
+            "--engine onnxruntime or torch"
+        )
+    if device == "cuda":
+        _deps.require_cuda()
+        if engine == "onnxruntime":
+            _deps.require_onnxruntime_provider("CUDAExecutionProvider")
+
+
+def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
+    """Run the whole pipeline and return the report (also written to ``config.out``).
+
+    load -> evaluate dense -> export dense -> calibrate/score/mask/apply -> evaluate pruned
+    -> export pruned -> save pruned model -> latency dense vs pruned -> report.
+    """
+    from .data import load_calibration, load_eval
+    from .envinfo import env_info
+    from .eval import embed_eval, fidelity, metrics_from_embeddings
+    from .exporters.onnx import export_model
+    from .models import load_model
+    from .prune import prune
+    from .report import accuracy_section, build_report, write_report
+
+    cfg = config or RunConfig(**kw)
+    out = check_output_folder(cfg.out, cfg.force)
+    check_engine(cfg.engine, cfg.device)
+    t_start = time.perf_counter()
+    calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=32, seed=cfg.seed)
+    vlm = load_model(cfg.model)
+    eval_data = None if vlm.source.startswith("preset:") else load_eval(cfg.eval_data, n=cfg.eval_size)
+    # Export examples: the export batch and a validation batch of another size (and text length).
+    batches = iter(load_calibration("shapes", n=5, batch_size=3, seed=cfg.seed + 1).batches())
+    example, check = next(batches), next(batches)
+
+    with atomic_dir(out, overwrite=cfg.force) as tmp:
+        dense_emb = embed_eval(vlm, eval_data, progress) if eval_data is not None else None
+        dense_export = export_model(vlm, tmp / "dense", example, check, fp16=cfg.fp16,
+                                    progress=progress)
+        dense_model = copy.deepcopy(vlm.model) if cfg.engine == "torch" else None
+        result = prune(vlm, cfg.method, cfg.prune_config.sparsity, str(cfg.prune_config.pattern),
+                       calibration=calib, scope=cfg.scope, skip_incompatible=cfg.skip_incompatible,
+                       seed=cfg.seed, progress=progress)
+        accuracy = None
+        if dense_emb is not None:
+            pruned_emb = embed_eval(vlm, eval_data, progress)
+            accuracy = accuracy_section(eval_data.source, metrics_from_embeddings(dense_emb),
+                                        metrics_from_embeddings(pruned_emb),
+                                        fidelity(dense_emb, pruned_emb))
+        pruned_export = export_model(vlm, tmp / "pruned", example, check, fp16=cfg.fp16,
+                                     progress=progress)
+        vlm.save(tmp / "pruned" / "model")
+        latency = _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress)
+        total, nonzero = vlm.num_parameters()
+        report = build_report(
+            model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
+                   "params_total": total, "params_nonzero": nonzero},
+            prune=result.to_dict(),
+            export={"format": "onnx", "fp16": cfg.fp16,
+                    "paths": {"dense": {t: f"dense/{t}.onnx" for t in dense_export.paths},
+                              "pruned": {t: f"pruned/{t}.onnx" for t in pruned_export.paths},
+                              "model": "pruned/model"},
+                    "max_abs_diff": {"dense": dense_export.max_abs_diff,
+                                     "pruned": pruned_export.max_abs_diff}},
+            accuracy=accuracy, latency=latency, env=env_info(),
+            config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
+        )
+        write_report(report, tmp)
+    return report
+
+
+def _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress):
+    """Dense vs pruned latency on the chosen runtime, interleaved in one process."""
+    from .runtime.latency import build_runners, compare_latency, make_feeds
+
+    lc = cfg.latency_config
+    towers = list(vlm.towers)
+    feeds = make_feeds(vlm, towers, lc.batch_sizes, example)
+    if lc.runtime == "torch":
+        dense_vlm = type(vlm)(dense_model, vlm.tokenizer, vlm.image_processor, name=vlm.name)
+        dense = build_runners(lc, vlm=dense_vlm, towers=towers)
+        pruned = build_runners(lc, vlm=vlm, towers=towers)
+    else:
+        dense = build_runners(lc, onnx_paths=dense_export.paths, towers=towers)
+        pruned = build_runners(lc, onnx_paths=pruned_export.paths, towers=towers)
+    return compare_latency(dense, pruned, feeds, lc, progress=progress)

@@ -1,0 +1,141 @@
+"""The run report: one JSON schema (design.md §7), a Markdown rendering and a console table."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .atomic import atomic_write_text
+
+SCHEMA_VERSION = 1
+
+METRIC_NAMES = {
+    "zeroshot_top1": "zero-shot top-1",
+    "i2t_r1": "image→text R@1",
+    "i2t_r5": "image→text R@5",
+    "t2i_r1": "text→image R@1",
+    "t2i_r5": "text→image R@5",
+}
+
+
+def accuracy_section(dataset: str, dense: dict, pruned: dict, fidelity: dict | None) -> dict:
+    metrics = {
+        k: {"dense": dense[k], "pruned": pruned[k], "delta": pruned[k] - dense[k]}
+        for k in dense if k in pruned
+    }
+    return {"dataset": dataset, "metrics": metrics, "fidelity": fidelity or {}}
+
+
+def build_report(*, model: dict, prune: dict, export: dict, accuracy: dict | None,
+                 latency: list[dict], env: dict, config: dict) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model,
+        "prune": prune,
+        "export": export,
+        "accuracy": accuracy,
+        "latency": latency,
+        "env": env,
+        "config": config,
+    }
+
+
+def write_report(report: dict, folder: Path) -> tuple[Path, Path]:
+    folder = Path(folder)
+    j = folder / "report.json"
+    m = folder / "report.md"
+    atomic_write_text(j, json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write_text(m, to_markdown(report))
+    return j, m
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def to_markdown(r: dict) -> str:
+    p = r["prune"]
+    mdl = r["model"]
+    lines = [
+        f"# vlcompress report: {mdl['name']}",
+        "",
+        f"- **method** `{p['method']}`, pattern `{p['pattern']}`, target sparsity "
+        f"{_pct(p['target'])}, achieved {_pct(p['achieved'])} "
+        + ", ".join(f"({k} {_pct(v)})" for k, v in p.get("per_modality", {}).items()),
+        f"- **parameters** {mdl['params_total']:,} total, {mdl['params_nonzero']:,} nonzero "
+        f"after pruning",
+        f"- **pruning time** {p['seconds']:.2f} s",
+        "",
+    ]
+    acc = r.get("accuracy")
+    if acc:
+        lines += [f"## Accuracy ({acc['dataset']})", "", "| metric | dense | pruned | Δ |",
+                  "|---|---:|---:|---:|"]
+        for k, v in acc["metrics"].items():
+            lines.append(f"| {METRIC_NAMES.get(k, k)} | {_pct(v['dense'])} | {_pct(v['pruned'])} | "
+                         f"{100 * v['delta']:+.1f} pt |")
+        for k, v in acc.get("fidelity", {}).items():
+            lines.append(f"| fidelity: {k.replace('_', ' ')} | 1.000 | {v:.3f} | |")
+        lines.append("")
+    if r.get("latency"):
+        lines += ["## Latency (p50, ms; dense and pruned interleaved in one process)", "",
+                  "| runtime | device | tower | batch | dense p50 | pruned p50 | dense p90 | "
+                  "pruned p90 | speedup |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for row in r["latency"]:
+            d, q = row["dense_ms"], row["pruned_ms"]
+            lines.append(f"| {row['runtime']} | {row['device']} | {row['tower']} | {row['batch']} | "
+                         f"{d['p50']:.3f} | {q['p50']:.3f} | {d['p90']:.3f} | {q['p90']:.3f} | "
+                         f"{row['speedup']:.2f}x |")
+        lines.append("")
+    ex = r.get("export") or {}
+    if ex.get("max_abs_diff"):
+        lines += ["## Export (ONNX vs PyTorch, max abs diff)", "", "| model | tower | max abs diff |",
+                  "|---|---|---:|"]
+        for variant, diffs in ex["max_abs_diff"].items():
+            for tower, d in diffs.items():
+                lines.append(f"| {variant} | {tower} | {d:.2e} |")
+        lines.append("")
+    env = r.get("env", {})
+    pk = env.get("packages", {})
+    lines.append(f"_{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores); torch "
+                 f"{pk.get('torch')}, onnxruntime {pk.get('onnxruntime')}, transformers "
+                 f"{pk.get('transformers')}_")
+    return "\n".join(lines) + "\n"
+
+
+def console_tables(r: dict):
+    """Rich tables for the terminal: accuracy and latency, dense vs pruned."""
+    from rich.table import Table
+
+    out = []
+    acc = r.get("accuracy")
+    if acc:
+        t = Table(title=f"Accuracy on {acc['dataset']}")
+        for c in ("metric", "dense", "pruned", "Δ"):
+            t.add_column(c, justify="left" if c == "metric" else "right")
+        for k, v in acc["metrics"].items():
+            t.add_row(METRIC_NAMES.get(k, k), _pct(v["dense"]), _pct(v["pruned"]),
+                      f"{100 * v['delta']:+.1f} pt")
+        for k, v in acc.get("fidelity", {}).items():
+            t.add_row(f"fidelity ({k.replace('_', ' ')})", "1.000", f"{v:.3f}", "")
+        out.append(t)
+    if r.get("latency"):
+        t = Table(title="Latency p50 (ms), dense vs pruned, interleaved")
+        for c in ("runtime", "tower", "batch", "dense", "pruned", "speedup"):
+            t.add_column(c, justify="right" if c in ("batch", "dense", "pruned", "speedup") else "left")
+        for row in r["latency"]:
+            t.add_row(f"{row['runtime']} ({row['device']})", row["tower"], str(row["batch"]),
+                      f"{row['dense_ms']['p50']:.3f}", f"{row['pruned_ms']['p50']:.3f}",
+                      f"{row['speedup']:.2f}x")
+        out.append(t)
+    return out

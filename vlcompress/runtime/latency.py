@@ -1,0 +1,204 @@
+"""The one latency harness: warm-up, many timed iterations, runners interleaved.
+
+    times = measure({"dense": (dense_runner, feed), "pruned": (pruned_runner, feed)})
+    summary(times["dense"])  # {"p50", "p90", "p99", "mean", "n"} in milliseconds
+
+Runners are interleaved round-robin, one call each per iteration, the order reversed every
+other iteration (A B, B A, A B, ...), so drift (thermal, background load, frequency scaling)
+hits both alike. Each call is timed alone, between device synchronisations on GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import time
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from ..config import LatencyConfig
+from ..data.pairs import PairBatch
+from ..errors import ConfigError
+from ..progress import NULL, Progress
+from .base import Runner
+
+Feed = dict[str, np.ndarray]
+
+
+def interleaved_order(names: list[str], iteration: int) -> list[str]:
+    """The call order in ``iteration``: as given on even iterations, reversed on odd ones."""
+    return list(names) if iteration % 2 == 0 else list(reversed(names))
+
+
+def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations: int = 30,
+            sync: Callable[[], None] | None = None, trace: list | None = None
+            ) -> dict[str, list[float]]:
+    """Time every runner on its feed; return label -> milliseconds per iteration.
+
+    ``warmup`` untimed rounds, then ``iterations`` timed rounds, interleaved (see the module
+    doc; the alternation runs on from warm-up into the timed rounds). ``sync`` is called
+    once after warm-up and right before and after each timed call; by default each
+    runner's own ``synchronize`` (``torch.cuda.synchronize`` on CUDA, nothing on CPU).
+    Runners that are not active are activated for the measurement and deactivated after.
+    ``trace``, if given, receives ``(phase, iteration, label)`` for every call, in order.
+    """
+    if iterations < 1 or warmup < 0:
+        raise ConfigError(f"warmup={warmup}, iterations={iterations}; need warmup >= 0, "
+                          "iterations >= 1")
+    if not runners:
+        return {}
+    labels = list(runners)
+    times: dict[str, list[float]] = {k: [] for k in labels}
+    with ExitStack() as stack:
+        for runner, _ in runners.values():
+            if not runner.is_active:
+                stack.enter_context(runner)
+        syncs = {k: (sync or runners[k][0].synchronize) for k in labels}
+        for it in range(warmup):
+            for k in interleaved_order(labels, it):
+                runner, feed = runners[k]
+                runner.infer(feed)
+                if trace is not None:
+                    trace.append(("warmup", it, k))
+        for f in dict.fromkeys(syncs.values()):  # each distinct sync once
+            f()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # no collector pauses inside a timed call
+        try:
+            for it in range(iterations):
+                for k in interleaved_order(labels, warmup + it):  # alternate across phases
+                    runner, feed = runners[k]
+                    s = syncs[k]
+                    s()
+                    t0 = time.perf_counter_ns()
+                    runner.infer(feed)
+                    s()
+                    times[k].append((time.perf_counter_ns() - t0) / 1e6)
+                    if trace is not None:
+                        trace.append(("timed", it, k))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+    return times
+
+
+def summary(times: Iterable[float]) -> dict:
+    """``{"p50", "p90", "p99", "mean", "n"}`` of a list of milliseconds."""
+    arr = np.asarray(list(times), dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("no timings to summarise")
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(arr.mean()),
+            "n": int(arr.size)}
+
+
+def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
+                    feeds: dict[tuple[str, int], Feed], config: LatencyConfig,
+                    progress: Progress = NULL) -> list[dict]:
+    """Dense vs pruned latency, per tower and batch size, interleaved in this process.
+
+    Towers of ``config.towers`` that neither dict has are skipped. Each tower's two runners
+    are activated once for all its batch sizes. Returns one row per (tower, batch):
+    ``{"runtime", "device", "tower", "batch", "dense_ms", "pruned_ms", "speedup"}`` with
+    ``dense_ms``/``pruned_ms`` as :func:`summary` dicts and ``speedup`` = dense p50 /
+    pruned p50.
+    """
+    towers = []
+    for t in config.towers:
+        if (t in dense) != (t in pruned):
+            have = "dense" if t in dense else "pruned"
+            raise ConfigError(f"tower {t!r} has a {have} runner but no "
+                              f"{'pruned' if have == 'dense' else 'dense'} one")
+        if t in dense:
+            towers.append(t)
+    if not towers:
+        raise ConfigError(f"no runners for the towers to time ({', '.join(config.towers)})")
+    missing = [f"{t}@{b}" for t in towers for b in config.batch_sizes if (t, b) not in feeds]
+    if missing:
+        raise ConfigError(f"no input feed for {', '.join(missing)}")
+    rows = []
+    with progress.task("latency", total=len(towers) * len(config.batch_sizes)) as task:
+        for tower in towers:
+            d, p = dense[tower], pruned[tower]
+            with ExitStack() as stack:
+                for r in (d, p):
+                    if not r.is_active:
+                        stack.enter_context(r)
+                for b in config.batch_sizes:
+                    feed = feeds[(tower, b)]
+                    times = measure({"dense": (d, feed), "pruned": (p, feed)},
+                                    warmup=config.warmup, iterations=config.iterations)
+                    ds, ps = summary(times["dense"]), summary(times["pruned"])
+                    rows.append({
+                        "runtime": getattr(d, "runtime", config.runtime),
+                        "device": getattr(d, "device", config.device),
+                        "tower": tower,
+                        "batch": b,
+                        "dense_ms": ds,
+                        "pruned_ms": ps,
+                        "speedup": ds["p50"] / ps["p50"] if ps["p50"] > 0 else float("nan"),
+                    })
+                    task.advance()
+    return rows
+
+
+def resize_batch(batch: PairBatch, size: int) -> PairBatch:
+    """``batch`` repeated (cyclically) or trimmed to ``size`` pairs."""
+    if len(batch) == 0:
+        raise ConfigError("cannot build latency inputs from an empty batch")
+    idx = [i % len(batch) for i in range(size)]
+    labels = None if batch.labels is None else [batch.labels[i] for i in idx]
+    return PairBatch([batch.images[i] for i in idx], [batch.captions[i] for i in idx], labels)
+
+
+def make_feeds(vlm, towers: Iterable[str], batch_sizes: Iterable[int], batch: PairBatch
+               ) -> dict[tuple[str, int], Feed]:
+    """Numpy feeds ``{(tower, batch size): {input name: array}}`` from ``vlm.tower_inputs``,
+    the batch's pairs repeated or trimmed to each size."""
+    feeds = {}
+    for b in batch_sizes:
+        if not isinstance(b, int) or b < 1:
+            raise ConfigError(f"batch size {b!r} is not a positive integer")
+        pb = resize_batch(batch, b)
+        for tower in towers:
+            inputs = vlm.tower_inputs(tower, pb)
+            feeds[(tower, b)] = {k: np.ascontiguousarray(v.detach().cpu().numpy())
+                                 for k, v in inputs.items()}
+    return feeds
+
+
+def tower_input_names(vlm, tower: str) -> list[str]:
+    """The keyword arguments of ``vlm.tower_module(tower).forward``, in order."""
+    sig = inspect.signature(vlm.tower_module(tower).forward)
+    return [n for n, p in sig.parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def build_runners(config: LatencyConfig, *, onnx_paths: dict[str, str | Path] | None = None,
+                  vlm=None, towers: Iterable[str] | None = None) -> dict[str, Runner]:
+    """One runner per tower for ``config.runtime`` and ``config.device``.
+
+    ``onnxruntime`` needs ``onnx_paths`` (tower -> file) and uses ``config.threads``;
+    ``torch`` needs ``vlm`` and runs its tower modules.
+    """
+    towers = list(towers) if towers is not None else list(config.towers)
+    if config.runtime == "onnxruntime":
+        if onnx_paths is None:
+            raise ConfigError("the onnxruntime runtime needs ONNX files")
+        from .ort_runner import OrtRunner
+
+        providers = (("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if config.device == "cuda" else ("CPUExecutionProvider",))
+        return {t: OrtRunner(onnx_paths[t], providers=providers, threads=config.threads)
+                for t in towers if t in onnx_paths}
+    if config.runtime == "torch":
+        if vlm is None:
+            raise ConfigError("the torch runtime needs the model")
+        from .torch_runner import TorchRunner
+
+        return {t: TorchRunner(vlm.tower_module(t), tower_input_names(vlm, t),
+                               device=config.device) for t in towers if t in vlm.towers}
+    raise ConfigError(f"unknown runtime {config.runtime!r}; allowed: onnxruntime, torch")
