@@ -124,10 +124,11 @@ def prune_export_cmd(
     out.print(f"[bold]{report['model']['name']}[/]: {p['method']} {p['pattern']}, achieved "
               f"sparsity {100 * p['achieved']:.1f}% "
               + " ".join(f"{k}={100 * v:.1f}%" for k, v in p["per_modality"].items())
-              + f", pruned in {p['seconds']:.2f}s")
+              + f", pruned in {p['seconds']:.2f}s", soft_wrap=True)
     for t in console_tables(report):
         out.print(t)
-    out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model")
+    out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model",
+              soft_wrap=True)
 
 
 @app.command("prune")

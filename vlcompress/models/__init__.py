@@ -23,7 +23,14 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - older hub
+        pass
 
 
 def _load_processors(path: str):
@@ -77,7 +84,16 @@ def load_model(name_or_path: str | Path, *, random_init: bool = False) -> VLM:
         ) from None
     fam = family_for(cfg.model_type)
     model_cls = fam.hf_class()
-    if random_init:
+    manifest = None
+    if Path(path).is_dir():
+        from ..sparsity.surgery import read_manifest
+
+        manifest = read_manifest(path)
+    if manifest is not None:  # structurally pruned: per-layer widths the config cannot hold
+        from ..sparsity.surgery import load_sliced
+
+        model = load_sliced(path, model_cls, cfg, manifest, random_init=random_init)
+    elif random_init:
         model = model_cls(cfg)
     else:
         model = model_cls.from_pretrained(path)
