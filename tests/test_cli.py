@@ -134,3 +134,19 @@ def test_out_non_empty_folder_needs_force(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     res = run("--debug", "prune-export", "--out", str(tmp_path / "r"), "--method", "nope")
     assert res.exit_code != 0 and res.exception is not None
+
+
+def test_prune_export_torch_engine(tmp_path):
+    out = tmp_path / "run"
+    res = run("prune-export", "--out", str(out), "--engine", "torch", "--method", "wanda",
+              "--pattern", "unstructured", "--sparsity", "0.6", *FAST)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert {r["runtime"] for r in rep["latency"]} == {"torch"}
+    assert abs(rep["prune"]["achieved"] - 0.6) < 0.01  # wanda floors per row: 76 of 128
+
+
+def test_trt_engine_fails_before_work_on_cpu(tmp_path):
+    res = run("prune-export", "--out", str(tmp_path / "run"), "--engine", "trt")
+    assert_one_line_error(res, "CUDA")
+    assert not (tmp_path / "run").exists()

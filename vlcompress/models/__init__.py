@@ -84,16 +84,7 @@ def load_model(name_or_path: str | Path, *, random_init: bool = False) -> VLM:
         ) from None
     fam = family_for(cfg.model_type)
     model_cls = fam.hf_class()
-    manifest = None
-    if Path(path).is_dir():
-        from ..sparsity.surgery import read_manifest
-
-        manifest = read_manifest(path)
-    if manifest is not None:  # structurally pruned: per-layer widths the config cannot hold
-        from ..sparsity.surgery import load_sliced
-
-        model = load_sliced(path, model_cls, cfg, manifest, random_init=random_init)
-    elif random_init:
+    if random_init:
         model = model_cls(cfg)
     else:
         model = model_cls.from_pretrained(path)
