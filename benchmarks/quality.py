@@ -5,7 +5,9 @@
 
 Every cell: load the dense model, prune it with the method at the setting (calibration: 256
 bundled calibration pairs), evaluate on the bundled eval split (720 pairs, 36 classes).
-Random is the floor every method must beat.
+Random is the floor every method must beat. Each cell records ``prune_seconds`` (the whole
+``prune()`` call, calibration included); the table's last column is the mean over settings.
+For ``auto`` each row also records which candidate won and by how much.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from vlcompress import evaluate, load_calibration, load_eval, load_model, prune 
 
 SETTINGS = [("50%", "unstructured", 0.5), ("2:4", "2:4", None), ("63%", "unstructured", 0.63),
             ("75%", "unstructured", 0.75), ("90%", "unstructured", 0.9)]
-METHODS = ["random", "magnitude", "wanda", "multiflow"]
+METHODS = ["random", "magnitude", "wanda", "multiflow", "lamp", "snip", "ecoflap", "sparsegpt",
+           "auto"]
 
 
 def run(model: str, methods: list[str], calib_n: int, eval_n: int) -> dict:
@@ -41,6 +44,9 @@ def run(model: str, methods: list[str], calib_n: int, eval_n: int) -> dict:
             rows.append({"method": method, "setting": label, "pattern": pattern,
                          "achieved": res.achieved, "per_modality": res.per_modality,
                          "prune_seconds": round(secs, 3), **m})
+            if method == "auto":
+                d = res.details
+                rows[-1]["auto"] = {k: d.get(k) for k in ("winner", "runner_up", "margin")}
             print(f"{method:10s} {label:4s} zs={m['zeroshot_top1']:.3f} i2t@1={m['i2t_r1']:.3f} "
                   f"t2i@1={m['t2i_r1']:.3f} ({secs:.1f}s)", flush=True)
     return {"model": model, "calibration_pairs": calib_n, "eval_pairs": eval_n, "dense": dense,
@@ -50,14 +56,22 @@ def run(model: str, methods: list[str], calib_n: int, eval_n: int) -> dict:
 def markdown(res: dict) -> str:
     labels = [s[0] for s in SETTINGS]
     d = res["dense"]
-    lines = ["| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels),
+    lines = ["| method | " + " | ".join(labels) + " | prune s |",
+             "|---|" + "---:|" * (len(labels) + 1),
              "| dense | " + " | ".join(f"{100 * d['zeroshot_top1']:.1f} / {100 * d['i2t_r1']:.1f}"
-                                       for _ in labels) + " |"]
+                                       for _ in labels) + " | |"]
     methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
     for m in methods:
         cells = {r["setting"]: r for r in res["rows"] if r["method"] == m}
+        secs = [c["prune_seconds"] for c in cells.values()]
         lines.append(f"| {m} | " + " | ".join(
-            f"{100 * cells[s]['zeroshot_top1']:.1f} / {100 * cells[s]['i2t_r1']:.1f}" for s in labels) + " |")
+            f"{100 * cells[s]['zeroshot_top1']:.1f} / {100 * cells[s]['i2t_r1']:.1f}" for s in labels)
+            + f" | {sum(secs) / len(secs):.1f} |")
+    auto = [r for r in res["rows"] if r["method"] == "auto" and r.get("auto")]
+    if auto:
+        lines += ["", "auto's picks (fidelity margin over the runner-up): " + "; ".join(
+            f"{r['setting']} {r['auto']['winner']} (+{r['auto']['margin']:.3f} over "
+            f"{r['auto']['runner_up']})" for r in auto)]
     return "\n".join(lines)
 
 

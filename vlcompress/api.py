@@ -16,8 +16,10 @@ from .progress import NULL
 
 def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:4",
                    calibration="shapes", calibration_size=256, force=False,
-                   skip_incompatible=False, progress_factory=None) -> dict:
-    """Prune ``model`` and save it to ``out`` (safetensors + config + ``prune.json``)."""
+                   skip_incompatible=False, progress_factory=None, units="heads,neurons",
+                   round_to=8, depth=0) -> dict:
+    """Prune ``model`` and save it to ``out`` (safetensors + config + ``prune.json``; a
+    structurally pruned model also gets ``vlcompress_manifest.json`` and a README)."""
     from .config import PruneConfig
     from .data import load_calibration
     from .models import load_model
@@ -25,13 +27,19 @@ def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:
     from .prune import prune
 
     pc = PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
-                     skip_incompatible=skip_incompatible)
+                     skip_incompatible=skip_incompatible, units=units, round_to=round_to,
+                     depth=depth)
     out = check_output_folder(out, force)
     calib = load_calibration(calibration, n=calibration_size)
     vlm = load_model(model)
+    if pc.pattern.is_structured:
+        from .sparsity.structured import check_structured
+
+        check_structured(vlm, pc)
     with (progress_factory() if progress_factory else nullcontext(NULL)) as prog:
         res = prune(vlm, pc.method, pc.sparsity, str(pc.pattern), calibration=calib,
-                    skip_incompatible=skip_incompatible, progress=prog)
+                    skip_incompatible=skip_incompatible, units=pc.units, round_to=pc.round_to,
+                    depth=pc.depth, progress=prog)
     info = {**res.to_dict(), "model": str(model)}
     with atomic_dir(out, overwrite=force) as tmp:
         vlm.save(tmp)

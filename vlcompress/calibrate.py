@@ -6,6 +6,11 @@ input of each input column: ``sq_sum[j] = sum_t x_tj^2``. Its square root is the
 norm ``a_j`` that wanda and multiflow use. Padding tokens are left out: the adapter's
 ``VLM.token_mask(modality, encoded)`` says which tokens are real. Memory stays bounded: one
 float64 vector of length ``d_in`` per layer, whatever the amount of data.
+
+With ``gram=True`` it also accumulates each layer's input Gram matrix ``G = X^T X`` (float64
+``d_in x d_in``, same token filtering), the layer Hessian SparseGPT needs. That is ``d_in^2``
+per layer, so callers collect it for a few layers at a time (SparseGPT: one block index at a
+time, see :mod:`vlcompress.scoring.sparsegpt`).
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ class LayerStats:
     """Running input statistics of one Linear layer.
 
     ``sq_sum`` is float64 [d_in]: the sum over calibration tokens of ``x_j ** 2``;
-    ``tokens`` is the number of (non-padding) tokens summed.
+    ``tokens`` is the number of (non-padding) tokens summed; ``gram`` (only when collected
+    with ``gram=True``) is float64 [d_in, d_in], ``sum_t x_t x_t^T`` (its diagonal is ``sq_sum``).
     """
 
     sq_sum: torch.Tensor
     tokens: int = 0
+    gram: torch.Tensor | None = None
 
     @property
     def norm(self) -> torch.Tensor:
@@ -57,15 +64,26 @@ def _masked_sq_sum(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
     return mask.reshape(-1).to(x2.device) @ x2, True
 
 
+def _masked_gram(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``sum_t m_t x_t x_t^T`` (float32 [D, D]) for an input [..., D]; ``mask`` as in
+    :func:`_masked_sq_sum` (ignored when its shape is not the input's token layout)."""
+    d = x.shape[-1]
+    x2 = x.detach().float().reshape(-1, d)
+    if mask is None or tuple(mask.shape) != tuple(x.shape[:-1]):
+        return x2.t() @ x2
+    return (x2 * mask.reshape(-1, 1).to(x2.device)).t() @ x2
+
+
 def collect_stats(vlm: VLM, data, layers: Sequence[PrunableLayer] | None = None,
-                  progress: Progress = NULL) -> dict[str, LayerStats]:
+                  progress: Progress = NULL, *, gram: bool = False) -> dict[str, LayerStats]:
     """Input statistics of ``layers`` (default: every prunable layer) over ``data``.
 
     ``data`` is a :class:`~vlcompress.data.PairData` (or a sequence of ``PairBatch``). Each
     batch is encoded with ``vlm.encode`` and run through ``vlm.model`` once under
     ``torch.no_grad``; hooks are removed afterwards even on error. A layer's input tokens are
     filtered by ``vlm.token_mask(layer.modality, encoded)`` when the mask matches the input's
-    token layout. Returns ``{layer.name: LayerStats}`` (on the CPU).
+    token layout. Returns ``{layer.name: LayerStats}`` (on the CPU). ``gram=True`` also fills
+    ``LayerStats.gram`` (see the module doc for its memory cost).
     """
     from .data.pairs import as_pair_data
 
@@ -74,11 +92,13 @@ def collect_stats(vlm: VLM, data, layers: Sequence[PrunableLayer] | None = None,
     sums = {ly.name: torch.zeros(ly.weight.shape[1], dtype=torch.float64, device=ly.weight.device)
             for ly in layers}
     tokens = dict.fromkeys(sums, 0)
+    grams = ({ly.name: torch.zeros(ly.weight.shape[1], ly.weight.shape[1], dtype=torch.float64,
+                                   device=ly.weight.device) for ly in layers} if gram else {})
     # Per-batch state shared by the hooks: each modality's token mask (float, on the model's
     # device) and real-token count, and a one-entry cache so that q/k/v projections, which
     # read the same tensor, square and sum it only once.
     masks: dict[str, tuple[torch.Tensor | None, int | None]] = {}
-    cache: dict[str, object] = {"x": None, "modality": None, "sq": None, "n": 0}
+    cache: dict[str, object] = {"x": None, "modality": None, "sq": None, "n": 0, "g": None}
 
     def make_hook(layer: PrunableLayer):
         name, modality = layer.name, layer.modality
@@ -92,9 +112,12 @@ def collect_stats(vlm: VLM, data, layers: Sequence[PrunableLayer] | None = None,
                 sq, masked = _masked_sq_sum(x, mask)
                 sq = sq.to(torch.float64)
                 n = n_real if masked else x[..., 0].numel()
-                cache.update(x=x, modality=modality, sq=sq, n=n)
+                g = _masked_gram(x, mask).to(torch.float64) if gram else None
+                cache.update(x=x, modality=modality, sq=sq, n=n, g=g)
             sums[name] += sq.to(sums[name].device)
             tokens[name] += n
+            if gram:
+                grams[name] += cache["g"].to(grams[name].device)
 
         return hook
 
@@ -110,15 +133,16 @@ def collect_stats(vlm: VLM, data, layers: Sequence[PrunableLayer] | None = None,
                 for m in modalities:
                     mk = vlm.token_mask(m, encoded)
                     masks[m] = (None, None) if mk is None else (mk.float(), int(mk.bool().sum()))
-                vlm.model(**encoded)
-                cache.update(x=None, modality=None, sq=None, n=0)
+                vlm.model(**vlm.model_inputs(encoded))
+                cache.update(x=None, modality=None, sq=None, n=0, g=None)
                 task.advance()
     finally:
         for h in handles:
             h.remove()
         cache.clear()
         masks.clear()
-    stats = {n: LayerStats(s.cpu(), tokens[n]) for n, s in sums.items()}
+    stats = {n: LayerStats(s.cpu(), tokens[n], grams[n].cpu() if gram else None)
+             for n, s in sums.items()}
     return stats
 
 

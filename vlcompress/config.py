@@ -17,9 +17,10 @@ _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 @dataclass(frozen=True)
 class Pattern:
-    """A sparsity pattern: ``unstructured`` or ``N:M`` (keep N of every M input columns)."""
+    """A sparsity pattern: ``unstructured``, ``N:M`` (keep N of every M input columns) or
+    ``structured`` (whole attention heads and MLP neurons removed, layers physically sliced)."""
 
-    kind: str  # "unstructured" | "nm"
+    kind: str  # "unstructured" | "nm" | "structured"
     n: int = 0
     m: int = 0
 
@@ -30,8 +31,8 @@ class Pattern:
         if not isinstance(text, str):
             raise ConfigError(f"pattern {text!r} is not a string; allowed: unstructured, N:M")
         t = text.strip().lower()
-        if t == "unstructured":
-            return cls("unstructured")
+        if t in ("unstructured", "structured"):
+            return cls(t)
         mt = _NM_RE.match(t)
         if mt:
             n, m = int(mt.group(1)), int(mt.group(2))
@@ -40,11 +41,16 @@ class Pattern:
                     f"pattern {text!r} is an impossible N:M; need 0 < N < M (e.g. 2:4, 4:8)"
                 )
             return cls("nm", n, m)
-        raise ConfigError(f"unknown pattern {text!r}; allowed: unstructured, N:M (e.g. 2:4, 4:8)")
+        raise ConfigError(
+            f"unknown pattern {text!r}; allowed: unstructured, structured, N:M (e.g. 2:4, 4:8)")
 
     @property
     def is_nm(self) -> bool:
         return self.kind == "nm"
+
+    @property
+    def is_structured(self) -> bool:
+        return self.kind == "structured"
 
     @property
     def implied_sparsity(self) -> float | None:
@@ -65,6 +71,35 @@ def check_sparsity(value) -> float:
     return s
 
 
+STRUCTURED_UNITS = ("heads", "neurons")
+
+
+def parse_units(value) -> tuple[str, ...]:
+    """``"heads,neurons"`` (or a sequence) -> a tuple of structured units, checked."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    units = tuple(dict.fromkeys(str(u).strip().lower() for u in items if str(u).strip()))
+    bad = [u for u in units if u not in STRUCTURED_UNITS]
+    if bad or not units:
+        raise ConfigError(f"units {value!r} are not valid; allowed: heads, neurons or heads,neurons")
+    return units
+
+
+def check_positive_int(value, name: str, *, zero_ok: bool = False) -> int:
+    """``value`` as an int > 0 (>= 0 with ``zero_ok``), or a one-line ConfigError naming ``name``."""
+    allowed = "a non-negative integer" if zero_ok else "a positive integer"
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} {value!r} is not valid; allowed: {allowed}")
+    try:
+        v = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ConfigError(f"{name} {value!r} is not an integer; allowed: {allowed}") from None
+    if isinstance(value, float) and value != v:
+        raise ConfigError(f"{name} {value!r} is not an integer; allowed: {allowed}")
+    if v < 0 or (v == 0 and not zero_ok):
+        raise ConfigError(f"{name} {value!r} is not valid; allowed: {allowed}")
+    return v
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how.
@@ -82,15 +117,31 @@ class PruneConfig:
     skip_incompatible: bool = False
     seed: int = 0
     layerwise: bool = False  # uniform per-layer allocation instead of the method's default
+    # structured pattern only: which groups to remove, the width multiple kept, layers dropped
+    units: tuple[str, ...] | str = STRUCTURED_UNITS
+    round_to: int | str = 8
+    depth: int | str = 0
 
     def __post_init__(self):
-        from .scoring import available_scorers  # local: scoring imports config
+        from .scoring import available_scorers, get_scorer  # local: scoring imports config
 
         pat = Pattern.parse(self.pattern)
         object.__setattr__(self, "pattern", pat)
         methods = available_scorers()
         if self.method not in methods:
             raise ConfigError(f"unknown method {self.method!r}; allowed: {', '.join(methods)}")
+        object.__setattr__(self, "units", parse_units(self.units))
+        object.__setattr__(self, "round_to", check_positive_int(self.round_to, "--round-to"))
+        object.__setattr__(self, "depth", check_positive_int(self.depth, "--depth", zero_ok=True))
+        if getattr(get_scorer(self.method).fn, "structured_only", False) and not pat.is_structured:
+            raise ConfigError(f"method {self.method!r} removes whole heads, neurons and layers; "
+                              f"use pattern structured, not {pat}")
+        if self.depth and not pat.is_structured:
+            raise ConfigError(f"--depth {self.depth} removes whole layers: it needs pattern "
+                              f"structured, not {pat}")
+        if self.depth and not getattr(get_scorer(self.method).fn, "layer_importance", None):
+            raise ConfigError(f"--depth {self.depth} needs a method that scores whole layers "
+                              f"(mope), not {self.method!r}")
         if pat.is_nm:
             implied = pat.implied_sparsity
             if self.sparsity is not None:

@@ -59,6 +59,7 @@ class PruneResult:
     allocation: str = ""
     scope: list[str] | None = None
     calibration: str | None = None  # source and size of the calibration data, when used
+    details: dict = field(default_factory=dict)  # method-specific (auto's pick, ecoflap's blocks)
 
     @property
     def sparsity(self) -> float:
@@ -80,6 +81,7 @@ class PruneResult:
             "seconds": self.seconds,
             "calibration_seconds": self.calibration_seconds,
             "calibration": self.calibration,
+            "details": dict(self.details),
         }
 
 
@@ -118,10 +120,14 @@ def select_layers(vlm: VLM, scope: tuple[str, ...] | None) -> list[PrunableLayer
 def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
           pattern: str = "unstructured", calibration=None, scope=None, *,
           skip_incompatible: bool = False, seed: int = 0, layerwise: bool = False,
+          units="heads,neurons", round_to: int = 8, depth: int = 0,
           progress: Progress = NULL) -> PruneResult:
     """Prune ``vlm`` in place and return a :class:`PruneResult`.
 
-    - ``method``: a registered scorer (``magnitude``, ``random``, ``wanda``, ``multiflow``...).
+    - ``method``: a registered scorer (``magnitude``, ``random``, ``wanda``, ``multiflow``,
+      ``lamp``, ``snip``, ``ecoflap``, ``sparsegpt``, ``auto``...). ``sparsegpt`` also updates
+      the surviving weights and ``auto`` picks among methods (the registry's ``solve``
+      extension); method-specific facts land in ``PruneResult.details``.
     - ``sparsity``: fraction to prune in [0, 1); None means 0.5 for ``unstructured`` and the
       implied value for ``N:M`` (a conflicting value is a :class:`ConfigError`).
     - ``pattern``: ``unstructured`` or ``N:M`` (e.g. ``2:4``: in each output row keep the 2
@@ -134,12 +140,20 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
     - ``layerwise``: uniform per-layer allocation (each layer loses ``floor(s * n_l)``)
       instead of the method's default (global for magnitude, per-modality for multiflow,
       per-row for wanda).
+    - ``pattern="structured"``: remove whole attention heads and MLP neurons (``units``) and
+      physically slice the layers, kept widths rounded to ``round_to``; ``depth`` removes that
+      many whole layers per tower (mope). See :mod:`vlcompress.sparsity.structured`.
     """
     t0 = time.perf_counter()
     cfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
                       scope=_scope_tuple(scope), skip_incompatible=skip_incompatible,
-                      seed=int(seed), layerwise=bool(layerwise))
+                      seed=int(seed), layerwise=bool(layerwise), units=units,
+                      round_to=round_to, depth=depth)
     scorer = get_scorer(cfg.method)
+    if cfg.pattern.is_structured:
+        from .sparsity.structured import prune_structured
+
+        return prune_structured(vlm, cfg, scorer, calibration, progress, t0)
     pat = cfg.pattern
     target = float(cfg.sparsity)
     scope_layers = select_layers(vlm, cfg.scope)
@@ -158,6 +172,8 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
                 check_nm(ly.weight.shape[1], pat.n, pat.m, ly.name)  # raises PatternError
 
     stats: dict = {}
+    data = None
+    details: dict = {}
     calib_seconds = 0.0
     calib_desc = None
     if scorer.needs_calibration and layers and target > 0:
@@ -166,7 +182,8 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
 
         tc = time.perf_counter()
         data = as_pair_data(_calibration_data(calibration))
-        stats = collect_stats(vlm, data, layers, progress=progress)
+        if scorer.solve is None:  # a solver collects what it needs itself
+            stats = collect_stats(vlm, data, layers, progress=progress)
         calib_seconds = time.perf_counter() - tc
         calib_desc = f"{getattr(data, 'source', '') or 'pairs'} (n={len(data)})"
 
@@ -175,14 +192,30 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
     if target == 0:
         masks = {ly.name: torch.ones(ly.weight.shape, dtype=torch.bool, device=ly.weight.device)
                  for ly in layers}
+    elif scorer.solve is not None and layers:  # updates weights / meta-method: see scoring doc
+        solved = scorer.solve(vlm, layers, data, cfg, progress=progress)
+        masks, details = solved.masks, dict(solved.details)
+        allocation = solved.allocation or allocation
+        calib_seconds += solved.calibration_seconds
     else:
+        extra: dict = {}
+        ratios = None
+        if scorer.prepare is not None and layers:
+            prep = scorer.prepare(vlm, layers, data, stats, cfg, progress=progress)
+            extra, ratios, details = prep.extra, prep.ratios, dict(prep.details)
+        kw = {"extra": None} if scorer.prepare is not None else {}
+        if allocation == "per_block" and ratios is None:
+            allocation = "per_row"
         scores: dict[str, torch.Tensor] = {}
         with progress.task("score", total=len(layers)) as task:
             for ly in layers:
-                scores[ly.name] = scorer.fn(ly, stats.get(ly.name), seed=cfg.seed)
+                if kw:
+                    kw["extra"] = extra.pop(ly.name, None)
+                scores[ly.name] = scorer.fn(ly, stats.get(ly.name), seed=cfg.seed, **kw)
                 task.advance()
+        kw.clear()
         counts = None
-        if allocation not in ("nm", "per_row"):
+        if allocation not in ("nm", "per_row", "per_block"):
             counts = allocate(allocation, layers, scores, target)
         with progress.task("mask", total=len(layers)) as task:
             for ly in layers:
@@ -191,6 +224,8 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
                     masks[ly.name] = nm_mask(s, pat.n, pat.m, ly.name)
                 elif allocation == "per_row":
                     masks[ly.name] = per_row_mask(s, target)
+                elif allocation == "per_block":  # the scorer's per-layer ratios, per row
+                    masks[ly.name] = per_row_mask(s, ratios[ly.name])
                 else:
                     masks[ly.name] = unstructured_mask(s, counts[ly.name])
                 task.advance()
@@ -210,4 +245,5 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         allocation=allocation,
         scope=None if cfg.scope is None else list(cfg.scope),
         calibration=calib_desc,
+        details=details,
     )

@@ -1,0 +1,116 @@
+"""SparseGPT (Frantar & Alistarh, ICML 2023, "SparseGPT: Massive Language Models Can Be
+Accurately Pruned in One-Shot"): prune each layer by an OBS column sweep that updates the
+surviving weights to compensate, with the layer Hessian ``H = X^T X`` from calibration inputs.
+
+The sweep itself is :func:`vlcompress.sparsity.obs.obs_prune`. This module drives it over a
+model, **sequentially** as the paper does: the prunable layers are taken one encoder block
+index at a time (vision block b and text block b together: the towers are independent); for
+block b the Gram matrices of its layers are collected with forward hooks over the calibration
+pairs (padding tokens excluded, :func:`vlcompress.calibrate.collect_stats` with ``gram=True``)
+on the model whose blocks ``< b`` are already pruned and compensated, so each layer sees the
+inputs it will see at inference. Within a block every layer sees the block's dense inputs (as
+in the paper's reference loop). Memory: the Gram matrices of one block index at a time
+(``d_in^2`` float64 per layer); cost: one calibration pass per block index. In a family with
+cross-attention (fusion) the other tower's tokens are those of the model as pruned so far.
+
+Unstructured: every layer loses exactly ``floor(s * numel)`` weights (uniform per layer, the
+paper's setting), the mask chosen block by block during the sweep by OBS saliency. N:M: in
+each row, every M columns, the ``M - N`` lowest saliencies go. This is the strongest method
+at 2:4 when the weight updates pay off (they reduce each layer's reconstruction error).
+
+Because it changes weights it uses the registry's ``solve`` extension (``updates_weights``);
+its ``fn`` is the pure OBS saliency ``w^2 / [H^-1]_jj`` (no updates), for inspection.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import ConfigError
+from ..progress import NULL
+from ..sparsity.obs import inverse_hessian_cholesky, obs_prune, reconstruction_error
+from . import Solved, register_scorer
+
+BLOCKSIZE = 128
+PERCDAMP = 0.01
+
+
+def _gram(layer, stats):
+    g = getattr(stats, "gram", None) if stats is not None else None
+    if g is None:
+        raise ConfigError(f"method 'sparsegpt' needs input Gram matrices for layer {layer.name}: "
+                          "it prunes inside prune() (unstructured or N:M), which collects them")
+    d_in = layer.weight.shape[1]
+    if tuple(g.shape) != (d_in, d_in):
+        raise ConfigError(f"Gram matrix for layer {layer.name} has shape {tuple(g.shape)}; "
+                          f"the layer's input width is {d_in}")
+    return g
+
+
+def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int = 0, m: int = 0,
+                    blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
+                    progress=NULL) -> Solved:
+    """Prune ``layers`` of ``vlm`` in place with SparseGPT, block index by block index.
+
+    ``sparsity`` (unstructured, uniform per layer) or ``n``/``m`` (N:M). Returns
+    :class:`~vlcompress.scoring.Solved` whose ``details`` hold the options, the number of
+    calibration passes and ``error_ratio``: the mean over layers of the layer's reconstruction
+    error ``||(W - W')X^T||^2`` with the updates, divided by that of plain masking with the same
+    mask (below 1 when the compensation helps).
+    """
+    from ..calibrate import collect_stats
+
+    by_block: dict[int, list] = {}
+    for ly in layers:
+        by_block.setdefault(int(ly.block), []).append(ly)
+    masks: dict[str, torch.Tensor] = {}
+    ratios: list[float] = []
+    calib = 0.0
+    with progress.task("sparsegpt", total=len(layers)) as task:
+        for b in sorted(by_block):
+            group = by_block[b]
+            t = time.perf_counter()
+            stats = collect_stats(vlm, data, group, gram=True)
+            calib += time.perf_counter() - t
+            for ly in group:
+                g = stats.pop(ly.name).gram
+                w = ly.weight
+                old = w.detach().clone()
+                new, keep = obs_prune(old, g.to(w.device), sparsity=sparsity, n=n, m=m,
+                                      blocksize=blocksize, percdamp=percdamp)
+                with torch.no_grad():
+                    w.copy_(new)
+                masks[ly.name] = keep
+                gd = g.to(w.device)
+                plain = reconstruction_error(old, old * keep, gd)
+                if plain > 0:
+                    ratios.append(reconstruction_error(old, new, gd) / plain)
+                del g, gd
+                task.advance()
+    details = {"blocksize": int(blocksize), "percdamp": float(percdamp), "sequential": True,
+               "calibration_passes": len(by_block),
+               "error_ratio": (sum(ratios) / len(ratios)) if ratios else None}
+    return Solved(masks, details, allocation="nm" if m else "layerwise", calibration_seconds=calib)
+
+
+def solve(vlm, layers, data, cfg, *, progress=NULL) -> Solved:
+    """The registry's entry point: :func:`sparsegpt_prune` with the default options."""
+    pat = cfg.pattern
+    if pat.is_nm:
+        return sparsegpt_prune(vlm, layers, data, n=pat.n, m=pat.m, progress=progress)
+    return sparsegpt_prune(vlm, layers, data, sparsity=float(cfg.sparsity), progress=progress)
+
+
+@register_scorer("sparsegpt", needs_calibration=True, allocation="layerwise", solve=solve,
+                 description="OBS column sweep with weight updates (sequential, X^T X Hessian)")
+def sparsegpt_score(layer, stats, *, seed: int = 0, extra=None) -> torch.Tensor:
+    """The OBS saliency ``w_ij^2 / [H^-1]_jj`` (dampened ``H = X^T X``), float32; no updates."""
+    g = _gram(layer, stats)
+    u, dead = inverse_hessian_cholesky(g.to(layer.weight.device), PERCDAMP)
+    hinv_diag = u.square().sum(0)  # H^-1 = U^T U, so [H^-1]_jj = sum_i U_ij^2
+    w = layer.weight.detach().double()
+    s = w.square() / hinv_diag.unsqueeze(0)
+    s[:, dead] = 0.0
+    return s.float()
