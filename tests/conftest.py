@@ -71,3 +71,52 @@ class RecordingProgress:
             yield T()
 
         return _cm()
+
+
+def make_tiny_random_siglip(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
+                            mlp: int = 64, image_size: int = 32, patch: int = 8):
+    """A randomly initialised ``SiglipModel`` adapter with the shapes tokenizer."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    from vlcompress.data.tokenizer import build_shapes_tokenizer
+    from vlcompress.models.siglip import SigLIP
+
+    torch.manual_seed(seed)
+    tok = build_shapes_tokenizer()
+    cfg = SiglipConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        vision_config=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=image_size, patch_size=patch),
+    )
+    model = SiglipModel(cfg).eval()
+    img = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    return SigLIP(model, tok, img, name="tiny-random-siglip", source="test")
+
+
+def make_tiny_random_blip(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
+                          mlp: int = 64, image_size: int = 32, patch: int = 8):
+    """A randomly initialised ``BlipForImageTextRetrieval`` adapter with the shapes tokenizer."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
+
+    from vlcompress.data.tokenizer import build_shapes_tokenizer
+    from vlcompress.models.blip import BLIP
+
+    torch.manual_seed(seed)
+    tok = build_shapes_tokenizer()
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         max_position_embeddings=16, encoder_hidden_size=hidden,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, sep_token_id=3),
+        # BLIP's vision default initializer_range is 1e-10, which makes a random tower output
+        # ~1e-7 and every numerical check vacuous; 0.02 gives O(1) activations.
+        vision_config=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=image_size, patch_size=patch,
+                           initializer_range=0.02),
+        image_text_hidden_size=16,
+    )
+    model = BlipForImageTextRetrieval(cfg).eval()
+    img = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    return BLIP(model, tok, img, name="tiny-random-blip", source="test")

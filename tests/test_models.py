@@ -54,6 +54,6 @@ def test_bad_model_paths(name, needle):
 
 
 def test_unsupported_family(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
-    with pytest.raises(ModelError, match="'bert'.*clip"):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 8}')
+    with pytest.raises(ModelError, match="'gpt2'.*clip"):
         load_model(str(tmp_path))

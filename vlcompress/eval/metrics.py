@@ -19,11 +19,12 @@ from ..progress import NULL
 
 @dataclass
 class EvalEmbeddings:
-    image: torch.Tensor  # [N, D] normalised
-    caption: torch.Tensor  # [N, D] normalised, retrieval captions
+    image: torch.Tensor | None  # [N, D] normalised ([N*T, D] for token features)
+    caption: torch.Tensor | None  # [N, D] normalised, retrieval captions
     classes: torch.Tensor | None  # [C, D] normalised class prompts
     labels: torch.Tensor | None
     caption_text: list[str]
+    extra: dict[str, float] | None = None  # metrics computed at embedding time (ITM re-ranking)
 
 
 @torch.no_grad()
@@ -32,22 +33,68 @@ def _embed_texts(vlm, texts: list[str], batch_size: int) -> torch.Tensor:
     return F.normalize(torch.cat(out).float(), dim=-1)
 
 
+def _supports(vlm, method: str) -> bool:
+    from ..models.base import VLM
+
+    return getattr(type(vlm), method) is not getattr(VLM, method)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[N, D] as is; token features [N, T, D] become [N*T, D] (fidelity is per token)."""
+    return F.normalize((x.flatten(0, -2) if x.dim() > 2 else x).float(), dim=-1)
+
+
 @torch.no_grad()
 def embed_eval(vlm, data: PairData, progress=NULL) -> EvalEmbeddings:
-    """Embed every image, every retrieval caption and every class prompt of ``data``."""
+    """Embed every image, every retrieval caption and every class prompt of ``data`` that the
+    model can embed (a one-tower model embeds only its own side)."""
     captions = data.retrieval_captions or data.captions
-    ims = []
-    with progress.task("evaluate", total=data.num_batches) as t:
-        for b in data.batches():
-            ims.append(vlm.embed_images(b.images))
-            t.advance()
-    image = F.normalize(torch.cat(ims).float(), dim=-1)
-    caption = _embed_texts(vlm, captions, data.batch_size)
-    classes = labels = None
-    if data.class_prompts and data.labels is not None:
+    image = caption = classes = labels = None
+    if _supports(vlm, "embed_images"):
+        ims = []
+        with progress.task("evaluate", total=data.num_batches) as t:
+            for b in data.batches():
+                ims.append(vlm.embed_images(b.images))
+                t.advance()
+        image = _flat(torch.cat(ims))
+    if _supports(vlm, "embed_texts"):
+        caption = _flat(torch.cat([vlm.embed_texts(captions[i:i + data.batch_size])
+                                   for i in range(0, len(captions), data.batch_size)]))
+    if image is not None and caption is not None and data.class_prompts and data.labels is not None:
         classes = _embed_texts(vlm, data.class_prompts, data.batch_size)
         labels = torch.tensor(data.labels)
-    return EvalEmbeddings(image, caption, classes, labels, list(captions))
+    emb = EvalEmbeddings(image, caption, classes, labels, list(captions))
+    if hasattr(vlm, "itm_scores") and image is not None and caption is not None:
+        emb.extra = itm_rerank(vlm, data, emb)
+    return emb
+
+
+ITM_CANDIDATES = 8
+
+
+@torch.no_grad()
+def itm_rerank(vlm, data: PairData, e: EvalEmbeddings, k: int = ITM_CANDIDATES) -> dict[str, float]:
+    """Image-text matching re-ranking (BLIP's retrieval protocol): the top ``k`` candidates of
+    the contrastive similarity are re-scored by the model's ITM head; R@1 of the new order."""
+    captions = data.retrieval_captions or data.captions
+    k = min(k, len(captions))
+    sim = e.image @ e.caption.t()
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    cid = torch.tensor([ids[c] for c in captions])
+    out = {}
+    for name, s, query_is_image in (("i2t_r1_itm", sim, True), ("t2i_r1_itm", sim.t(), False)):
+        top = s.topk(k, dim=1).indices  # [N, k]
+        hits = 0
+        for q in range(len(top)):
+            cands = top[q].tolist()
+            if query_is_image:
+                scores = vlm.itm_scores([data.images[q]] * k, [captions[c] for c in cands])
+            else:
+                scores = vlm.itm_scores([data.images[c] for c in cands], [captions[q]] * k)
+            best = cands[int(scores.argmax())]
+            hits += int(cid[best] == cid[q])
+        out[name] = hits / len(top)
+    return out
 
 
 def _recall(sim: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
@@ -57,7 +104,10 @@ def _recall(sim: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
 
 
 def metrics_from_embeddings(e: EvalEmbeddings) -> dict[str, float]:
+    """Zero-shot and retrieval metrics; empty for a one-tower model (fidelity only)."""
     out: dict[str, float] = {}
+    if e.image is None or e.caption is None:
+        return out
     if e.classes is not None:
         pred = (e.image @ e.classes.t()).argmax(1)
         out["zeroshot_top1"] = (pred == e.labels).float().mean().item()
@@ -69,15 +119,18 @@ def metrics_from_embeddings(e: EvalEmbeddings) -> dict[str, float]:
     out["i2t_r5"] = _recall(sim, relevant, 5)
     out["t2i_r1"] = _recall(sim.t(), relevant.t(), 1)
     out["t2i_r5"] = _recall(sim.t(), relevant.t(), 5)
+    out.update(e.extra or {})
     return out
 
 
 def fidelity(dense: EvalEmbeddings, pruned: EvalEmbeddings) -> dict[str, float]:
     """Mean cosine similarity of pruned to dense embeddings (image and caption)."""
-    return {
-        "image_cosine": (dense.image * pruned.image).sum(-1).mean().item(),
-        "text_cosine": (dense.caption * pruned.caption).sum(-1).mean().item(),
-    }
+    out = {}
+    if dense.image is not None and pruned.image is not None:
+        out["image_cosine"] = (dense.image * pruned.image).sum(-1).mean().item()
+    if dense.caption is not None and pruned.caption is not None:
+        out["text_cosine"] = (dense.caption * pruned.caption).sum(-1).mean().item()
+    return out
 
 
 def evaluate(vlm, data: PairData | None = None, progress=NULL) -> dict[str, float]:

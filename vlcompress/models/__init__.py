@@ -48,12 +48,23 @@ def _load_processors(path: str):
     return tok, img
 
 
-def load_model(name_or_path: str | Path, *, random_init: bool = False) -> VLM:
+def load_model(name_or_path: str | Path, *, random_init: bool = False,
+               tower: str | None = None) -> VLM:
     """Load a model by bundled name (``tiny-clip``), preset, HF hub id or local folder.
 
     All of them go through the same path: read the config, pick the family adapter by its
     ``model_type``, build the HF model (weights, or random ``random_init``) and its processors.
+    ``tower`` keeps one tower only (``"vision"``, ``"text"``); for a VLM of an unsupported
+    family whose config nests a CLIP/SigLIP vision config (LLaVA-style), ``tower="vision"``
+    loads that vision tower alone.
     """
+    vlm = _load_model(name_or_path, random_init=random_init, tower=tower)
+    if tower is not None and tuple(vlm.towers) != (tower,):
+        vlm.select_towers((tower,))
+    return vlm
+
+
+def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
     import transformers
 
     _quiet_transformers()
@@ -82,9 +93,22 @@ def load_model(name_or_path: str | Path, *, random_init: bool = False) -> VLM:
             f"cannot load model {name!r}: not a bundled name ({', '.join(by_name)}), "
             f"nor a local folder, nor an HF id reachable offline ({exc.__class__.__name__})"
         ) from None
+    if tower == "vision" and cfg.model_type not in families():
+        from .towers import load_nested_vision_tower
+
+        return load_nested_vision_tower(path, cfg, random_init=random_init, name=name)
     fam = family_for(cfg.model_type)
     model_cls = fam.hf_class()
-    if random_init:
+    manifest = None
+    if Path(path).is_dir():
+        from ..sparsity.surgery import read_manifest
+
+        manifest = read_manifest(path)
+    if manifest is not None:  # structurally pruned: per-layer widths the config cannot hold
+        from ..sparsity.surgery import load_sliced
+
+        model = load_sliced(path, model_cls, cfg, manifest, random_init=random_init)
+    elif random_init:
         model = model_cls(cfg)
     else:
         model = model_cls.from_pretrained(path)

@@ -54,6 +54,25 @@ class VLM:
     def prunable_layers(self) -> list[PrunableLayer]:
         raise NotImplementedError
 
+    #: which modalities' layers belong to each tower (for ``select_towers``)
+    tower_modalities = {"vision": ("vision",), "text": ("text",), "fusion": ("fusion",)}
+
+    def select_towers(self, towers) -> VLM:
+        """Keep only ``towers`` (e.g. ``("vision",)``): pruning, export and latency then touch
+        those towers alone. Raises ModelError naming the towers the model has."""
+        from ..errors import ModelError
+
+        towers = tuple([towers] if isinstance(towers, str) else towers)
+        bad = [t for t in towers if t not in self.towers]
+        if bad or not towers:
+            raise ModelError(f"{self.family} model has no tower {', '.join(bad) or '(none)'}; "
+                             f"towers: {', '.join(self.towers)}")
+        keep = {m for t in towers for m in self.tower_modalities[t]}
+        every = self.prunable_layers
+        self.prunable_layers = lambda: [ly for ly in every() if ly.modality in keep]
+        self.towers = towers
+        return self
+
     def tower_module(self, tower: str) -> nn.Module:
         """An ``nn.Module`` computing one tower's embedding, for export and latency."""
         raise NotImplementedError
@@ -75,11 +94,16 @@ class VLM:
         None when every token counts."""
         return None
 
+    def model_inputs(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The keyword arguments of ``self.model`` among ``encoded`` (an adapter may carry
+        extra tensors in ``encoded``, e.g. a padding mask the model itself must not see)."""
+        return encoded
+
     @torch.no_grad()
     def forward(self, batch: PairBatch | dict[str, torch.Tensor]):
         """Run the model on one calibration batch (raw or encoded)."""
         enc = self.encode(batch) if isinstance(batch, PairBatch) else batch
-        return self.model(**enc)
+        return self.model(**self.model_inputs(enc))
 
     def embed_images(self, images) -> torch.Tensor:
         raise NotImplementedError

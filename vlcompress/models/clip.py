@@ -104,6 +104,14 @@ class CLIP(VLM):
     def loss(self, encoded):
         return self.model(**encoded, return_loss=True).loss
 
+    def save(self, path) -> None:
+        """Save as HF does; a structurally pruned model also gets its per-layer shapes
+        (``vlcompress_manifest.json``) and a README on how to load it."""
+        from ..sparsity.surgery import write_manifest
+
+        super().save(path)
+        write_manifest(self, path)
+
     # --- export --------------------------------------------------------------------------
     def tower_module(self, tower: str) -> nn.Module:
         if tower == "vision":

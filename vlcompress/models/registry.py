@@ -34,7 +34,15 @@ def families() -> dict[str, type]:
 
 
 def _import_families() -> None:
-    from . import clip  # noqa: F401  (registers itself)
+    """Import every family module of this package (each registers itself)."""
+    import importlib
+    import pkgutil
+
+    from .. import models
+
+    for mod in pkgutil.iter_modules(models.__path__):
+        if mod.name not in ("base", "registry") and not mod.name.startswith("_"):
+            importlib.import_module(f"{models.__name__}.{mod.name}")
 
 
 @dataclass(frozen=True)

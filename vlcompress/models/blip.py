@@ -1,0 +1,216 @@
+"""BLIP for image-text retrieval (``BlipForImageTextRetrieval``; Li et al., ICML 2022).
+
+Three modalities for MULTIFLOW's per-modality allocation:
+
+- ``vision``: the ViT encoder (fused ``qkv``, ``projection``, ``fc1``, ``fc2`` per layer);
+- ``text``: the BERT-style text encoder's self-attention and feed-forward layers;
+- ``fusion``: its cross-attention (query from text, key/value from image tokens; calibration
+  does not filter the image-token inputs of key/value).
+
+The ITM head, ``vision_proj`` and ``text_proj`` are never pruned. Towers exported:
+``vision`` (pixels -> image token embeddings, the sequence ITM needs), ``text`` (unimodal
+text encoder -> projected ``[CLS]`` feature for ITC) and ``fusion`` (text encoder with
+cross-attention, image embeddings as an input -> ITM logits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.pairs import PairBatch
+from .base import VLM, PrunableLayer
+from .registry import register_family
+
+_VISION_ROLES = {"self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.o",
+                 "mlp.fc1": "mlp.in", "mlp.fc2": "mlp.out"}
+_TEXT_ROLES = {
+    "attention.self.query": ("text", "attn.q"), "attention.self.key": ("text", "attn.k"),
+    "attention.self.value": ("text", "attn.v"), "attention.output.dense": ("text", "attn.o"),
+    "crossattention.self.query": ("fusion", "xattn.q"), "crossattention.self.key": ("fusion", "xattn.k"),
+    "crossattention.self.value": ("fusion", "xattn.v"),
+    "crossattention.output.dense": ("fusion", "xattn.o"),
+    "intermediate.dense": ("text", "mlp.in"), "output.dense": ("text", "mlp.out"),
+}
+ITC_TEMPERATURE = 0.07
+
+
+class _VisionTower(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+class _TextTower(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        h = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model.text_proj(h[:, 0, :])
+
+
+class _FusionTower(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, image_embeds):
+        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        h = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                    encoder_hidden_states=image_embeds,
+                                    encoder_attention_mask=atts).last_hidden_state
+        return self.model.itm_head(h[:, 0, :])
+
+
+@register_family("blip")
+class BLIP(VLM):
+    family = "blip"
+    towers = ("vision", "text", "fusion")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def text_max_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def prunable_layers(self) -> list[PrunableLayer]:
+        m = self.model
+        out = []
+        for b, layer in enumerate(m.vision_model.encoder.layers):
+            for sub, role in _VISION_ROLES.items():
+                out.append(PrunableLayer(f"vision_model.encoder.layers.{b}.{sub}",
+                                         layer.get_submodule(sub), "vision", role, b))
+        for b, layer in enumerate(m.text_encoder.encoder.layer):
+            for sub, (modality, role) in _TEXT_ROLES.items():
+                if sub.startswith("crossattention") and not hasattr(layer, "crossattention"):
+                    continue
+                out.append(PrunableLayer(f"text_encoder.encoder.layer.{b}.{sub}",
+                                         layer.get_submodule(sub), modality, role, b))
+        return out
+
+    # --- data ----------------------------------------------------------------------------
+    def encode_images(self, images) -> torch.Tensor:
+        px = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return px.to(self.device)
+
+    def encode_texts(self, texts) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=self.text_max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(self.device),
+                "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def encode(self, batch: PairBatch) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.encode_images(batch.images), **self.encode_texts(batch.captions)}
+
+    def token_mask(self, modality, encoded):
+        if modality in ("text", "fusion"):
+            return encoded["attention_mask"].bool()
+        return None
+
+    @torch.no_grad()
+    def forward(self, batch):
+        """Calibration pass: vision, unimodal text (ITC) and text with cross-attention (ITM),
+        so every prunable layer of all three modalities sees data."""
+        enc = self.encode(batch) if isinstance(batch, PairBatch) else batch
+        self.model(**enc, use_itm_head=False)
+        return self.model(**enc, use_itm_head=True)
+
+    def model_inputs(self, encoded):
+        return encoded
+
+    def image_features(self, pixel_values) -> torch.Tensor:
+        h = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self.model.vision_proj(h[:, 0, :])
+
+    @torch.no_grad()
+    def embed_images(self, images) -> torch.Tensor:
+        px = images if isinstance(images, torch.Tensor) else self.encode_images(images)
+        return self.image_features(px)
+
+    @torch.no_grad()
+    def embed_texts(self, texts) -> torch.Tensor:
+        enc = texts if isinstance(texts, dict) else self.encode_texts(texts)
+        return _TextTower(self.model)(enc["input_ids"], enc["attention_mask"])
+
+    @torch.no_grad()
+    def itm_scores(self, images, texts: list[str]) -> torch.Tensor:
+        """Probability that image i matches text i, for aligned lists of pairs (ITM head)."""
+        px = self.encode_images(images)
+        enc = self.encode_texts(texts)
+        emb = self.model.vision_model(pixel_values=px).last_hidden_state
+        logits = _FusionTower(self.model)(enc["input_ids"], enc["attention_mask"], emb)
+        return logits.float().softmax(-1)[:, 1]
+
+    def loss(self, encoded):
+        """ITC (InfoNCE at temperature 0.07) plus ITM (matched vs in-batch shifted pairs)."""
+        enc = {k: v for k, v in encoded.items() if k in ("pixel_values", "input_ids", "attention_mask")}
+        img_h = self.model.vision_model(pixel_values=enc["pixel_values"]).last_hidden_state
+        img = F.normalize(self.model.vision_proj(img_h[:, 0, :]), dim=-1)
+        txt = F.normalize(_TextTower(self.model)(enc["input_ids"], enc["attention_mask"]), dim=-1)
+        logits = img @ txt.t() / ITC_TEMPERATURE
+        target = torch.arange(len(img), device=img.device)
+        itc = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        fusion = _FusionTower(self.model)
+        pos = fusion(enc["input_ids"], enc["attention_mask"], img_h)
+        if len(img) > 1:
+            neg = fusion(enc["input_ids"], enc["attention_mask"], img_h.roll(1, dims=0))
+            itm_logits = torch.cat([pos, neg])
+            labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).long().to(pos.device)
+        else:
+            itm_logits, labels = pos, torch.ones(1, dtype=torch.long, device=pos.device)
+        return itc + F.cross_entropy(itm_logits, labels)
+
+    # --- export --------------------------------------------------------------------------
+    def tower_module(self, tower: str) -> nn.Module:
+        mods = {"vision": _VisionTower, "text": _TextTower, "fusion": _FusionTower}
+        if tower not in mods:
+            raise ValueError(f"BLIP has no tower {tower!r}; towers: {', '.join(self.towers)}")
+        return mods[tower](self.model).eval()
+
+    @torch.no_grad()
+    def tower_inputs(self, tower: str, batch: PairBatch) -> dict[str, torch.Tensor]:
+        if tower == "vision":
+            return {"pixel_values": self.encode_images(batch.images)}
+        if tower == "text":
+            return self.encode_texts(batch.captions)
+        if tower == "fusion":
+            px = self.encode_images(batch.images)
+            emb = self.model.vision_model(pixel_values=px).last_hidden_state
+            return {**self.encode_texts(batch.captions), "image_embeds": emb}
+        raise ValueError(f"BLIP has no tower {tower!r}; towers: {', '.join(self.towers)}")
+
+    def dynamic_axes(self, tower: str) -> dict[str, dict[int, str]]:
+        if tower == "vision":
+            return {"pixel_values": {0: "batch"}, "embeds": {0: "batch"}}
+        text = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+        if tower == "text":
+            return {**text, "embeds": {0: "batch"}}
+        return {**text, "image_embeds": {0: "batch"}, "embeds": {0: "batch"}}
+
+
+def _hf_class():
+    from transformers import BlipForImageTextRetrieval
+
+    return BlipForImageTextRetrieval
+
+
+def _default_processors(cfg):
+    from transformers import BlipImageProcessor
+
+    from ..data.tokenizer import build_shapes_tokenizer
+
+    size = cfg.vision_config.image_size
+    img = BlipImageProcessor(size={"height": size, "width": size})
+    return build_shapes_tokenizer(cfg.text_config.max_position_embeddings), img
+
+
+BLIP.hf_class = staticmethod(_hf_class)
+BLIP.default_processors = staticmethod(_default_processors)
