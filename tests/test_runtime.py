@@ -231,7 +231,8 @@ def test_compare_latency_rows():
                                                         ("text", 1), ("text", 4)]
     for r in rows:
         assert set(r) == {"runtime", "device", "tower", "batch", "dense_ms", "pruned_ms",
-                          "speedup"}
+                          "speedup", "dense_samples_ms", "pruned_samples_ms"}
+        assert len(r["dense_samples_ms"]) == len(r["pruned_samples_ms"]) == 3  # raw, paired
         assert (r["runtime"], r["device"]) == ("fake", "cpu")
         assert r["dense_ms"]["n"] == r["pruned_ms"]["n"] == 3
         assert r["speedup"] == pytest.approx(r["dense_ms"]["p50"] / r["pruned_ms"]["p50"])

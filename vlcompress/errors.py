@@ -39,3 +39,11 @@ class MissingDependencyError(VlcError):
 
 class OutputError(VlcError):
     """An output path that cannot be written (existing file, non-empty folder, ...)."""
+
+
+class BaselineError(VlcError):
+    """A report the gate cannot compare: missing, unreadable, another schema version, or
+    lacking a field the comparison needs (the message names it). Exit code 2; a broken
+    threshold is not an error (exit code 1, see :mod:`vlcompress.gate`)."""
+
+    exit_code = 2

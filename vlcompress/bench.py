@@ -1,0 +1,281 @@
+"""``benchmark``: re-measure a ``prune-export`` output folder, optionally gate it on a baseline.
+
+    res = benchmark("build/run", baseline="baseline/report.json")
+    res.report            # a fresh report (same schema as report.json, plus a "bench" section)
+    res.gate.exit_code    # 0 all thresholds hold, 1 some broken (None gate: no baseline)
+
+What is re-measured, from the folder alone:
+
+- accuracy of dense and pruned on the eval data of the run (``config.eval_data`` and
+  ``eval_size`` of its report unless overridden): the dense model is loaded by the name in
+  the report's ``model`` section (its ``source`` as a fallback), the pruned one from
+  ``pruned/model``;
+- latency of the dense and pruned ONNX files (``export.paths``) on onnxruntime, or of the
+  two PyTorch models with ``runtime="torch"``, interleaved in this process, at the batch
+  sizes of the baseline (else of the run), with raw per-iteration samples kept for the gate.
+
+The baseline is read and checked before anything is measured, so unusable input fails in
+well under a second (:class:`~vlcompress.errors.BaselineError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_write_text
+from .config import LatencyConfig, parse_batch_sizes
+from .errors import ConfigError, ModelError
+from .gate import GateConfig, GateResult, check_compatible, compare_reports, load_report
+from .progress import NULL
+
+REPORT_NAME = "bench-report.json"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Options of ``vlcompress bench``; ``None`` means "as in the run (or the baseline)"."""
+
+    run_dir: str = "vlcompress-out"
+    baseline: str | None = None
+    report: str | None = None  # default: RUN_DIR/bench-report.json (+ .md beside it)
+    runtime: str | None = None  # onnxruntime | torch
+    device: str | None = None
+    batch_sizes: tuple[int, ...] | str | None = None
+    warmup: int = 10
+    iterations: int = 100
+    threads: int | None = None
+    eval_data: str | None = None
+    eval_size: int | None = None
+    accuracy: bool = True
+    latency: bool = True
+    seed: int = 0
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        if self.batch_sizes is not None:
+            object.__setattr__(self, "batch_sizes", parse_batch_sizes(self.batch_sizes))
+        if self.runtime is not None and self.runtime not in ("onnxruntime", "torch"):
+            raise ConfigError(f"unknown runtime {self.runtime!r}; allowed: onnxruntime, torch")
+        if self.iterations < 1 or self.warmup < 0:
+            raise ConfigError(f"warmup={self.warmup}, iterations={self.iterations}; need "
+                              "warmup >= 0, iterations >= 1")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ConfigError(f"eval size {self.eval_size!r} is not valid; allowed: a positive integer")
+        if not (self.accuracy or self.latency):
+            raise ConfigError("nothing to measure: both accuracy and latency are switched off")
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.report) if self.report else Path(self.run_dir) / REPORT_NAME
+
+
+@dataclass
+class BenchResult:
+    report: dict
+    report_path: Path
+    markdown_path: Path
+    gate: GateResult | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return self.gate.exit_code if self.gate else 0
+
+    def summary_markdown(self) -> str:
+        """The gate section (when gated), then the fresh report's tables."""
+        from .report import to_markdown
+
+        parts = [self.gate.markdown()] if self.gate else []
+        return "\n".join(parts + [to_markdown(self.report)])
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """The ``report.json`` of a ``prune-export`` folder, checked for what bench needs."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise ConfigError(f"run folder {str(d)!r} does not exist; give a `vlcompress "
+                          "prune-export --out` folder")
+    rp = d / "report.json"
+    if not rp.is_file():
+        raise ConfigError(f"run folder {str(d)!r} has no report.json (not a prune-export folder)")
+    try:
+        run = json.loads(rp.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{str(rp)!r} is not valid JSON: {exc}") from None
+    for key in ("model", "prune", "export"):
+        if not isinstance(run.get(key), dict):
+            raise ConfigError(f"{str(rp)!r} has no {key!r} section")
+    return run
+
+
+def _load_dense(model: dict):
+    from .models import load_model
+
+    tried = []
+    for cand in (model.get("name"), model.get("source")):
+        if not cand or cand in tried or str(cand).startswith("preset:"):
+            continue
+        tried.append(cand)
+        try:
+            return load_model(cand)
+        except ModelError:
+            continue
+    if str(model.get("source", "")).startswith("preset:"):
+        return load_model(model["name"])
+    raise ModelError(f"cannot load the dense model of the run (tried {', '.join(map(repr, tried))} "
+                     "from report.json's 'model' section)")
+
+
+def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
+    rc = run.get("config") or {}
+    base_rows = (baseline or {}).get("latency") or []
+    engine = rc.get("engine", "onnxruntime")
+    runtime = cfg.runtime or (base_rows[0]["runtime"] if base_rows else
+                              ("torch" if engine == "torch" else "onnxruntime"))
+    device = cfg.device or (base_rows[0]["device"] if base_rows else rc.get("device", "cpu"))
+    if cfg.batch_sizes:
+        bs = cfg.batch_sizes
+    elif base_rows:
+        bs = tuple(sorted({int(r["batch"]) for r in base_rows}))
+    else:
+        bs = parse_batch_sizes(rc.get("batch_sizes", (1, 8)))
+    paths = (run["export"].get("paths") or {}).get("pruned") or {}
+    towers = tuple(t for t in ("vision", "text", "fusion") if t in paths) or ("vision", "text")
+    return LatencyConfig(batch_sizes=bs, warmup=cfg.warmup, iterations=cfg.iterations,
+                         runtime=runtime, device=device, threads=cfg.threads, towers=towers)
+
+
+def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **kw) -> BenchResult:
+    """Re-measure accuracy and latency of a run folder; gate on ``baseline`` when given.
+
+    ``benchmark("run")`` or ``benchmark(run_dir="run", baseline="old.json", iterations=200)``
+    or ``benchmark(BenchConfig(...))``. Writes the report JSON and Markdown; returns them
+    with the gate result.
+    """
+    from .envinfo import env_info
+    from .report import build_report, to_markdown
+
+    if isinstance(config, (str, Path)):
+        cfg = BenchConfig(run_dir=str(config), **kw)
+    else:
+        cfg = config or BenchConfig(**kw)
+    t0 = time.perf_counter()
+    baseline = None
+    if cfg.baseline:
+        baseline = load_report(cfg.baseline, "baseline")
+        check_compatible(baseline, "baseline")
+    run_dir = Path(cfg.run_dir)
+    run = read_run(run_dir)
+    rp = cfg.report_path
+    if rp.is_dir():
+        raise ConfigError(f"--report {str(rp)!r} is a folder; allowed: a .json file path")
+    lc = _plan(cfg, run, baseline) if cfg.latency else None
+    rc = run.get("config") or {}
+
+    from .models import load_model
+
+    model_dir = run_dir / ((run["export"].get("paths") or {}).get("model") or "pruned/model")
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"run folder {str(run_dir)!r} has no saved pruned model at {str(model_dir)!r}")
+    pruned = load_model(model_dir)
+    dense = None
+    accuracy = None
+    if cfg.accuracy and run.get("accuracy") is not None:
+        from .data import load_eval
+
+        data = load_eval(cfg.eval_data or rc.get("eval_data", "shapes"),
+                         n=cfg.eval_size or rc.get("eval_size", 720))
+        _precheck(baseline, data, lc)
+        accuracy, dense = _accuracy(data, run, pruned, progress)
+    else:
+        _precheck(baseline, None, lc)
+    latency = []
+    if lc is not None:
+        latency = _latency(lc, run_dir, run, pruned, dense, cfg.seed, progress)
+    report = build_report(
+        model=run["model"], prune=run["prune"], export=run["export"], accuracy=accuracy,
+        latency=latency, env=env_info(),
+        config={"run": rc, "latency": asdict(lc) if lc else None,
+                "seconds_total": round(time.perf_counter() - t0, 2)},
+    )
+    report["bench"] = {"run_dir": str(run_dir), "run_created": run.get("created"),
+                       "baseline": str(cfg.baseline) if cfg.baseline else None}
+    gate = None
+    if baseline is not None:
+        gate = compare_reports(report, baseline, cfg.gate, baseline_name=str(cfg.baseline),
+                               latency=cfg.latency, accuracy=cfg.accuracy)
+        report["gate"] = gate.to_dict()
+    md = to_markdown(report) + ("\n" + gate.markdown() if gate else "")
+    atomic_write_text(rp, json.dumps(report, indent=2, default=str) + "\n")
+    mp = rp.with_suffix(".md")
+    atomic_write_text(mp, md)
+    return BenchResult(report, rp, mp, gate)
+
+
+def _precheck(baseline: dict | None, data, lc: LatencyConfig | None) -> None:
+    """Fail before measuring when the baseline cannot be compared with what will be measured."""
+    from .errors import BaselineError
+
+    if baseline is None:
+        return
+    ba = baseline.get("accuracy")
+    if data is not None and ba:
+        if ba.get("dataset") != data.source:
+            raise BaselineError(f"field 'accuracy.dataset' differs: baseline {ba.get('dataset')!r}, "
+                                f"this run evaluates on {data.source!r} (--eval-data)")
+        if "n" in ba and ba["n"] != len(data):
+            raise BaselineError(f"field 'accuracy.n' differs: baseline {ba['n']}, this run "
+                                f"{len(data)} evaluation pairs (--eval-size)")
+    if lc is not None:
+        for i, row in enumerate(baseline.get("latency") or []):
+            cell = (row["runtime"], row["device"], row["tower"], int(row["batch"]))
+            if (cell[0], cell[1]) != (lc.runtime, lc.device) or cell[2] not in lc.towers \
+                    or cell[3] not in lc.batch_sizes:
+                raise BaselineError(
+                    f"baseline field 'latency[{i}]' is {cell[0]}/{cell[1]} {cell[2]}@{cell[3]}, "
+                    f"which this run does not measure ({lc.runtime}/{lc.device}, batch sizes "
+                    f"{','.join(map(str, lc.batch_sizes))}); match --runtime and --batch-sizes")
+
+
+def _accuracy(data, run: dict, pruned, progress):
+    from .eval import embed_eval, fidelity, metrics_from_embeddings
+    from .report import accuracy_section
+
+    dense = _load_dense(run["model"])
+    de = embed_eval(dense, data, progress)
+    pe = embed_eval(pruned, data, progress)
+    acc = accuracy_section(data.source, metrics_from_embeddings(de), metrics_from_embeddings(pe),
+                           fidelity(de, pe))
+    acc["n"] = len(data)
+    return acc, dense
+
+
+def _latency(lc: LatencyConfig, run_dir: Path, run: dict, pruned, dense, seed: int, progress):
+    from .data import load_calibration
+    from .runtime.latency import build_runners, compare_latency, make_feeds
+
+    towers = list(lc.towers)
+    # The same example pairs as prune-export's latency inputs.
+    example = next(iter(load_calibration("shapes", n=5, batch_size=3, seed=seed + 1).batches()))
+    feeds = make_feeds(pruned, [t for t in towers if t in pruned.towers], lc.batch_sizes, example)
+    if lc.runtime == "torch":
+        dense = dense or _load_dense(run["model"])
+        d = build_runners(lc, vlm=dense, towers=towers)
+        p = build_runners(lc, vlm=pruned, towers=towers)
+    else:
+        paths = run["export"].get("paths") or {}
+        onnx = {}
+        for variant in ("dense", "pruned"):
+            files = paths.get(variant) or {}
+            if not files:
+                raise ConfigError(f"report.json of {str(run_dir)!r} lists no {variant} ONNX files "
+                                  f"(field 'export.paths.{variant}')")
+            onnx[variant] = {t: run_dir / f for t, f in files.items()}
+            for f in onnx[variant].values():
+                if not f.is_file():
+                    raise ConfigError(f"run folder {str(run_dir)!r} lacks {variant} ONNX file {str(f)!r}")
+        d = build_runners(lc, onnx_paths=onnx["dense"], towers=towers)
+        p = build_runners(lc, onnx_paths=onnx["pruned"], towers=towers)
+    return compare_latency(d, p, feeds, lc, progress=progress)

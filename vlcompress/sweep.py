@@ -1,0 +1,292 @@
+"""``sweep``: every method x pattern x sparsity on one model: a table and two plots.
+
+    res = sweep("tiny-clip", methods=["magnitude", "wanda", "multiflow"],
+                sparsities=[0.3, 0.5, 0.7], patterns=["unstructured", "2:4"], out="sweep")
+
+For each cell the model is loaded fresh, pruned with :func:`vlcompress.prune` and evaluated
+with :func:`vlcompress.evaluate` on the same eval data (the dense model is evaluated once).
+N:M patterns imply their sparsity, so they give one cell per method whatever
+``sparsities`` says. Latency does not depend on the method for a given pattern and
+sparsity (the kept weights differ, the shapes and the number of zeros do not), so it is
+measured once per (pattern, sparsity): the first method's pruned model is exported to ONNX
+(or run in PyTorch) and timed against the dense one, interleaved, at each batch size.
+
+The output folder (published atomically) holds ``sweep.json``, ``sweep.md`` (the table),
+``accuracy_vs_sparsity.png`` (one line per method and pattern, dense as a reference line)
+and ``latency_vs_batch.png`` (dense vs pruned p50 per tower, one line per setting).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_dir
+from .config import LatencyConfig, PruneConfig, parse_batch_sizes
+from .errors import ConfigError
+from .progress import NULL
+
+PLOT_ACCURACY = "accuracy_vs_sparsity.png"
+PLOT_LATENCY = "latency_vs_batch.png"
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    method: str
+    pattern: str
+    sparsity: float  # target (implied for N:M)
+
+    @property
+    def setting(self) -> str:
+        return self.pattern if ":" in self.pattern else f"{self.pattern} {100 * self.sparsity:.0f}%"
+
+
+def _split(v, cast=str) -> list:
+    if v is None:
+        return []
+    items = v.split(",") if isinstance(v, str) else list(v)
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            it = it.strip()
+            if not it:
+                continue
+        try:
+            out.append(cast(it))
+        except ValueError:
+            raise ConfigError(f"{it!r} is not a valid value here; allowed: a comma-separated list "
+                              f"of {cast.__name__}") from None
+    return list(dict.fromkeys(out))
+
+
+def plan_cells(methods, sparsities, patterns) -> list[SweepCell]:
+    """The cells of the sweep, validated (unknown method, bad pattern or sparsity: ConfigError)."""
+    methods, patterns = _split(methods), _split(patterns)
+    sparsities = _split(sparsities, float)
+    if not methods:
+        raise ConfigError("--methods is empty; give e.g. magnitude,wanda,multiflow")
+    if not patterns:
+        raise ConfigError("--patterns is empty; give e.g. unstructured,2:4")
+    cells = []
+    for pattern in patterns:
+        for method in methods:
+            pc = PruneConfig(method=method, sparsity=None, pattern=pattern)
+            if pc.pattern.is_nm:
+                cells.append(SweepCell(method, str(pc.pattern), pc.sparsity))
+                continue
+            if not sparsities:
+                raise ConfigError(f"pattern {pattern!r} needs --sparsities (e.g. 0.3,0.5,0.7)")
+            for s in sparsities:
+                pc = PruneConfig(method=method, sparsity=s, pattern=pattern)
+                cells.append(SweepCell(method, str(pc.pattern), pc.sparsity))
+    return cells
+
+
+def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsities="0.3,0.5,0.7",
+          patterns="unstructured,2:4", *, out: str | Path = "vlcompress-sweep",
+          calibration: str = "shapes", calibration_size: int = 256, eval_data: str = "shapes",
+          eval_size: int = 720, batch_sizes="1,8", runtime: str = "onnxruntime",
+          device: str = "cpu", warmup: int = 5, iterations: int = 30, latency: bool = True,
+          metric: str | None = None, force: bool = False, seed: int = 0,
+          progress=NULL) -> dict:
+    """Run the sweep, write the folder ``out`` and return ``sweep.json``'s content."""
+    from .data import load_calibration, load_eval
+    from .eval import evaluate
+    from .models import load_model
+    from .pipeline import check_output_folder
+    from .prune import prune
+    from .runtime.latency import compare_latency
+
+    cells = plan_cells(methods, sparsities, patterns)
+    lc = LatencyConfig(batch_sizes=parse_batch_sizes(batch_sizes), warmup=warmup,
+                       iterations=iterations, runtime=runtime, device=device) if latency else None
+    out = check_output_folder(out, force)
+    t0 = time.perf_counter()
+    calib = load_calibration(calibration, n=calibration_size, batch_size=32, seed=seed)
+    dense_vlm = load_model(model)
+    data = load_eval(eval_data, n=eval_size)
+    dense = evaluate(dense_vlm, data)
+    metric = metric or ("zeroshot_top1" if "zeroshot_top1" in dense else "i2t_r1")
+    if metric not in dense:
+        raise ConfigError(f"metric {metric!r} is not measured on {data.source}; allowed: "
+                          f"{', '.join(dense)}")
+    structures = list(dict.fromkeys((c.pattern, c.sparsity) for c in cells)) if lc else []
+    rows, lat_rows = [], []
+    with atomic_dir(out, overwrite=force) as tmp, \
+            tempfile.TemporaryDirectory(prefix="vlc-sweep-") as td, \
+            progress.task("sweep", total=len(cells) + len(structures)) as task:
+        dense_runners = _runners(lc, dense_vlm, Path(td) / "dense") if lc else None
+        feeds = _feeds(dense_vlm, lc) if lc else None
+        timed = set()
+        for c in cells:
+            vlm = load_model(model)
+            res = prune(vlm, c.method, c.sparsity, c.pattern, calibration=calib, seed=seed)
+            m = evaluate(vlm, data)
+            rows.append({"method": c.method, "pattern": c.pattern, "target": c.sparsity,
+                         "setting": c.setting, "achieved": res.achieved,
+                         "per_modality": res.per_modality,
+                         "prune_seconds": round(res.seconds, 3), **m})
+            task.advance()
+            key = (c.pattern, c.sparsity)
+            if lc and key not in timed:  # the first method's model stands for this structure
+                timed.add(key)
+                pruned_runners = _runners(lc, vlm, Path(td) / f"pruned{len(timed)}")
+                for r in compare_latency(dense_runners, pruned_runners, feeds, lc):
+                    r.pop("dense_samples_ms", None)
+                    r.pop("pruned_samples_ms", None)
+                    lat_rows.append({"pattern": c.pattern, "target": c.sparsity,
+                                     "setting": c.setting, "method": c.method, **r})
+                task.advance()
+        result = {"model": model, "metric": metric, "eval": {"dataset": data.source, "n": len(data)},
+                  "calibration": {"source": calibration, "n": calibration_size},
+                  "dense": dense, "rows": rows, "latency": lat_rows,
+                  "latency_config": {"runtime": runtime, "device": device,
+                                     "batch_sizes": list(lc.batch_sizes) if lc else [],
+                                     "iterations": iterations} if lc else None,
+                  "seconds_total": round(time.perf_counter() - t0, 2)}
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "sweep.md").write_text(sweep_markdown(result))
+        plot_accuracy(result, tmp / PLOT_ACCURACY)
+        if lat_rows:
+            plot_latency(result, tmp / PLOT_LATENCY)
+    return result
+
+
+def _runners(lc: LatencyConfig, vlm, folder: Path):
+    from .runtime.latency import build_runners
+
+    towers = list(vlm.towers)
+    if lc.runtime == "torch":
+        return build_runners(lc, vlm=vlm, towers=towers)
+    from .exporters.onnx import export_model
+
+    example, check = _examples()
+    res = export_model(vlm, folder, example, check)
+    return build_runners(lc, onnx_paths=res.paths, towers=towers)
+
+
+def _examples():
+    from .data import load_calibration
+
+    batches = iter(load_calibration("shapes", n=5, batch_size=3, seed=1).batches())
+    return next(batches), next(batches)
+
+
+def _feeds(vlm, lc: LatencyConfig):
+    from .runtime.latency import make_feeds
+
+    return make_feeds(vlm, list(vlm.towers), lc.batch_sizes, _examples()[0])
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def sweep_markdown(res: dict) -> str:
+    """The accuracy table (rows: method x setting) and, when measured, the latency table."""
+    from .report import METRIC_NAMES
+
+    keys = [k for k in ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5") if k in res["dense"]]
+    d = res["dense"]
+    lines = [f"# vlcompress sweep: {res['model']}", "",
+             f"Accuracy (%) on {res['eval']['dataset']} ({res['eval']['n']} pairs); calibration "
+             f"{res['calibration']['source']} ({res['calibration']['n']} pairs).", "",
+             "| method | setting | achieved | " + " | ".join(METRIC_NAMES.get(k, k) for k in keys)
+             + " | prune s |", "|---|---|---:|" + "---:|" * len(keys) + "---:|",
+             "| dense | – | 0.0% | " + " | ".join(_pct(d[k]) for k in keys) + " | – |"]
+    for r in res["rows"]:
+        lines.append(f"| {r['method']} | {r['setting']} | {100 * r['achieved']:.1f}% | "
+                     + " | ".join(_pct(r[k]) for k in keys) + f" | {r['prune_seconds']:.2f} |")
+    lines.append("")
+    if res.get("latency"):
+        lc = res["latency_config"]
+        lines += [f"Latency p50 (ms), {lc['runtime']} on {lc['device']}, dense and pruned interleaved "
+                  f"({lc['iterations']} iterations).", "",
+                  "| setting | tower | batch | dense | pruned | speedup |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in res["latency"]:
+            lines.append(f"| {r['setting']} | {r['tower']} | {r['batch']} | {r['dense_ms']['p50']:.3f} | "
+                         f"{r['pruned_ms']['p50']:.3f} | {r['speedup']:.2f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(res: dict, path: Path) -> Path:
+    """Accuracy vs achieved sparsity: one line per (method, unstructured pattern), N:M cells as
+    markers, the dense model as a dashed line."""
+    from .report import METRIC_NAMES
+
+    plt = _pyplot()
+    metric = res["metric"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax.axhline(100 * res["dense"][metric], color="black", ls="--", lw=1, label="dense")
+    methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    patterns = list(dict.fromkeys(r["pattern"] for r in res["rows"]))
+    for m in methods:
+        for j, p in enumerate(patterns):
+            pts = sorted((r["achieved"], r[metric]) for r in res["rows"]
+                         if r["method"] == m and r["pattern"] == p)
+            if not pts:
+                continue
+            xs, ys = [100 * x for x, _ in pts], [100 * y for _, y in pts]
+            ax.plot(xs, ys, marker=markers[j % len(markers)], color=colors[m],
+                    ls="-" if len(pts) > 1 else "none", label=f"{m} ({p})")
+    ax.set_xlabel("achieved sparsity (%)")
+    ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (%)")
+    ax.set_title(f"{res['model']}: accuracy vs sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_latency(res: dict, path: Path) -> Path:
+    """p50 latency vs batch size, one panel per tower: dense and each pruned setting."""
+    plt = _pyplot()
+    rows = res["latency"]
+    towers = list(dict.fromkeys(r["tower"] for r in rows))
+    fig, axes = plt.subplots(1, len(towers), figsize=(5.2 * len(towers), 4.0), dpi=110, squeeze=False)
+    for ax, tower in zip(axes[0], towers, strict=True):
+        tr = [r for r in rows if r["tower"] == tower]
+        settings = list(dict.fromkeys(r["setting"] for r in tr))
+        dense = {}
+        for r in tr:
+            dense.setdefault(r["batch"], []).append(r["dense_ms"]["p50"])
+        bs = sorted(dense)
+        ax.plot(bs, [sorted(dense[b])[len(dense[b]) // 2] for b in bs], "k--o", label="dense")
+        for i, s in enumerate(settings):
+            pts = sorted((r["batch"], r["pruned_ms"]["p50"]) for r in tr if r["setting"] == s)
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="s", color=f"C{i}",
+                    label=f"pruned {s}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(bs, [str(b) for b in bs])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("p50 latency (ms)")
+        ax.set_title(f"{tower} tower")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    lc = res.get("latency_config") or {}
+    fig.suptitle(f"{res['model']}: latency vs batch size ({lc.get('runtime')}, {lc.get('device')})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["sweep", "plan_cells", "SweepCell", "sweep_markdown", "plot_accuracy", "plot_latency"]
