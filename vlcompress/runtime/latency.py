@@ -34,8 +34,8 @@ def interleaved_order(names: list[str], iteration: int) -> list[str]:
 
 
 def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations: int = 30,
-            sync: Callable[[], None] | None = None, trace: list | None = None
-            ) -> dict[str, list[float]]:
+            sync: Callable[[], None] | None = None, trace: list | None = None,
+            cuda_events: bool = False) -> dict[str, list[float]]:
     """Time every runner on its feed; return label -> milliseconds per iteration.
 
     ``warmup`` untimed rounds, then ``iterations`` timed rounds, interleaved (see the module
@@ -44,6 +44,9 @@ def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations
     runner's own ``synchronize`` (``torch.cuda.synchronize`` on CUDA, nothing on CPU).
     Runners that are not active are activated for the measurement and deactivated after.
     ``trace``, if given, receives ``(phase, iteration, label)`` for every call, in order.
+    ``cuda_events`` times each call with a pair of CUDA events (recorded on the runner's
+    ``stream`` if it has one, else torch's current stream) instead of the host clock; the
+    synchronisations around each call stay. The CPU path is unchanged.
     """
     if iterations < 1 or warmup < 0:
         raise ConfigError(f"warmup={warmup}, iterations={iterations}; need warmup >= 0, "
@@ -57,6 +60,11 @@ def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations
             if not runner.is_active:
                 stack.enter_context(runner)
         syncs = {k: (sync or runners[k][0].synchronize) for k in labels}
+        timers = {}
+        if cuda_events:
+            from .cuda import CudaEventTimer
+
+            timers = {k: CudaEventTimer(getattr(runners[k][0], "stream", None)) for k in labels}
         for it in range(warmup):
             for k in interleaved_order(labels, it):
                 runner, feed = runners[k]
@@ -73,16 +81,31 @@ def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations
                     runner, feed = runners[k]
                     s = syncs[k]
                     s()
-                    t0 = time.perf_counter_ns()
-                    runner.infer(feed)
-                    s()
-                    times[k].append((time.perf_counter_ns() - t0) / 1e6)
+                    if timers:
+                        with timers[k].time():
+                            runner.infer(feed)
+                        s()
+                        times[k].append(timers[k].last_ms)
+                    else:
+                        t0 = time.perf_counter_ns()
+                        runner.infer(feed)
+                        s()
+                        times[k].append((time.perf_counter_ns() - t0) / 1e6)
                     if trace is not None:
                         trace.append(("timed", it, k))
         finally:
             if gc_was_enabled:
                 gc.enable()
     return times
+
+
+def _use_cuda_events(*runners: Runner) -> bool:
+    """CUDA-event timing when every runner is on a GPU and torch can see it."""
+    if not all(str(getattr(r, "device", "cpu")).startswith("cuda") for r in runners):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def summary(times: Iterable[float]) -> dict:
@@ -104,7 +127,8 @@ def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
     are activated once for all its batch sizes. Returns one row per (tower, batch):
     ``{"runtime", "device", "tower", "batch", "dense_ms", "pruned_ms", "speedup"}`` with
     ``dense_ms``/``pruned_ms`` as :func:`summary` dicts and ``speedup`` = dense p50 /
-    pruned p50.
+    pruned p50, plus ``dense_samples_ms``/``pruned_samples_ms``: the raw per-iteration times,
+    index i of both timed back to back in iteration i (what the CI gate bootstraps).
     """
     towers = []
     for t in config.towers:
@@ -130,7 +154,8 @@ def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
                 for b in config.batch_sizes:
                     feed = feeds[(tower, b)]
                     times = measure({"dense": (d, feed), "pruned": (p, feed)},
-                                    warmup=config.warmup, iterations=config.iterations)
+                                    warmup=config.warmup, iterations=config.iterations,
+                                    cuda_events=_use_cuda_events(d, p))
                     ds, ps = summary(times["dense"]), summary(times["pruned"])
                     rows.append({
                         "runtime": getattr(d, "runtime", config.runtime),
@@ -140,6 +165,10 @@ def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
                         "dense_ms": ds,
                         "pruned_ms": ps,
                         "speedup": ds["p50"] / ps["p50"] if ps["p50"] > 0 else float("nan"),
+                        # Raw per-iteration times, paired by iteration (interleaved), for the
+                        # gate's bootstrap (vlcompress.gate); 0.1 us resolution.
+                        "dense_samples_ms": [round(t, 4) for t in times["dense"]],
+                        "pruned_samples_ms": [round(t, 4) for t in times["pruned"]],
                     })
                     task.advance()
     return rows

@@ -1,0 +1,236 @@
+"""GPU runtimes: the CPU-testable parts (ORT io-binding path, semi-structured eligibility,
+error paths, the gpu_latency benchmark's CPU side) and GPU tests marked ``gpu``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from vlcompress.errors import MissingDependencyError
+from vlcompress.runtime.cuda import (
+    TorchCudaRunner,
+    backend_constraints,
+    semi_structured_reason,
+)
+from vlcompress.runtime.latency import measure
+from vlcompress.runtime.ort_runner import OrtRunner
+from vlcompress.runtime.trt_runner import TrtRunner
+
+HAS_GPU = torch.cuda.is_available()
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+
+def _onnx(tmp_path) -> Path:
+    w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["embeds"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("embeds", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(w, "w")])
+    p = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(p))
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime io-binding (exercised on the CPU provider)
+# --------------------------------------------------------------------------------------------
+def test_ort_io_binding_matches_plain_run(tmp_path):
+    p = _onnx(tmp_path)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    with OrtRunner(p, threads=1) as plain:
+        assert not plain.io_binding
+        ref = plain.infer({"x": x})["embeds"]
+    with OrtRunner(p, threads=1, io_binding=True) as bound:
+        out = bound.infer({"x": x})["embeds"]
+        np.testing.assert_allclose(out, ref, rtol=1e-6)
+        first = bound._bound[id(x)][1]
+        bound.infer({"x": x})
+        assert bound._bound[id(x)][1] is first  # the input is copied once per feed array
+        x64 = x.astype(np.float64)  # cast to the model's input type on binding
+        np.testing.assert_allclose(bound.infer({"x": x64})["embeds"], ref, rtol=1e-6)
+    with OrtRunner(p, threads=1, io_binding=True, copy_outputs=False) as dev:
+        val = dev.infer({"x": x})["embeds"]
+        assert not isinstance(val, np.ndarray)  # an OrtValue: no host copy
+        np.testing.assert_allclose(val.numpy(), ref, rtol=1e-6)
+
+
+def test_ort_gpu_provider_defaults_to_io_binding(tmp_path):
+    r = OrtRunner(_onnx(tmp_path), providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert r.device == "cuda" and r.io_binding
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        with pytest.raises(MissingDependencyError, match="CUDAExecutionProvider"):
+            r.activate()
+    trt_ep = OrtRunner(_onnx(tmp_path), providers=("TensorrtExecutionProvider",))
+    assert trt_ep.device == "cuda" and trt_ep.name == "onnxruntime-tensorrt"
+
+
+# --------------------------------------------------------------------------------------------
+# semi-structured eligibility (pure)
+# --------------------------------------------------------------------------------------------
+def _w24(rows, cols):
+    w = torch.randn(rows, cols)
+    w.view(rows, cols // 4, 4)[..., :2] = 0
+    return w.half()
+
+
+def test_semi_structured_reasons():
+    w = _w24(64, 128)
+    assert semi_structured_reason(w, (9, 0)) is None
+    assert semi_structured_reason(w, (8, 0), "cutlass") is None
+    assert "no CUDA" in semi_structured_reason(w, None)
+    assert "7.5" in semi_structured_reason(w, (7, 5))
+    assert "not a multiple" in semi_structured_reason(_w24(48, 128), (9, 0), "cutlass")
+    assert "not 2:4" in semi_structured_reason(torch.ones(64, 128).half().tril(), (9, 0))
+    assert "dense" in semi_structured_reason(torch.ones(64, 128).half(), (9, 0))
+    assert "2-D" in semi_structured_reason(torch.zeros(2, 64, 128), (9, 0))
+
+
+def test_backend_constraints_follow_torch():
+    assert backend_constraints("cutlass", torch.float16) == (32, 64)
+    assert backend_constraints("cusparselt", torch.float16) == (16, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# error paths without a GPU
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU messages")
+def test_gpu_runners_fail_with_one_sentence(tmp_path):
+    mod = torch.nn.Linear(4, 4)
+    for runner in (TorchCudaRunner(mod, ["input"]), TrtRunner(tmp_path / "x.engine")):
+        with pytest.raises(MissingDependencyError) as ei:
+            runner.activate()
+        assert "CUDA" in str(ei.value) and "\n" not in str(ei.value)
+        assert not runner.is_active
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU message")
+def test_measure_cuda_events_needs_cuda(tmp_path):
+    with OrtRunner(_onnx(tmp_path), threads=1) as r, pytest.raises(MissingDependencyError):
+        measure({"a": (r, {"x": np.ones((1, 4), np.float32)})}, warmup=0, iterations=1,
+                cuda_events=True)
+
+
+def test_measure_cpu_path_unchanged(tmp_path):
+    trace = []
+    with OrtRunner(_onnx(tmp_path), threads=1) as r:
+        t = measure({"a": (r, {"x": np.ones((1, 4), np.float32)})}, warmup=1, iterations=3,
+                    trace=trace)
+    assert len(t["a"]) == 3 and all(v > 0 for v in t["a"])
+    assert [p for p, _, _ in trace] == ["warmup", "timed", "timed", "timed"]
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/gpu_latency.py, CPU side
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_latency", BENCH / "gpu_latency.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_bench_args(bench):
+    a = bench.parse_args([])
+    assert a.batch_sizes == (1, 8, 64, 256) and a.variants == ("dense", "2:4", "structured50")
+    assert a.runtimes is None and a.iterations >= 100
+    b = bench.parse_args(["--batch-sizes", "1,64", "--variants", "2:4", "--runtimes",
+                          "torch,tensorrt", "--iterations", "7"])
+    assert b.batch_sizes == (1, 64) and b.variants == ("dense", "2:4")
+    assert b.runtimes == ("torch", "tensorrt") and b.iterations == 7
+    for bad in (["--batch-sizes", "0"], ["--batch-sizes", "x"], ["--variants", "3:4"],
+                ["--runtimes", "openvino"], ["--iterations", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def test_bench_plan_cells(bench):
+    cells = bench.plan_cells((1, 8), ("dense", "2:4"), ("torch", "tensorrt"))
+    assert [(c["runtime"], c["batch"]) for c in cells] == [
+        ("torch", 1), ("torch", 8), ("tensorrt", 1), ("tensorrt", 8)]
+    assert all(c["variants"] == ["dense", "2:4"] for c in cells)
+
+
+def test_bench_hand_slice_tiny(bench, tiny_random_clip):
+    vlm = tiny_random_clip  # vision: 2 layers, 4 heads, MLP 64
+    half = bench.hand_slice(vlm)
+    assert bench.vision_shape(half) == {"layers": 2, "heads": [2], "mlp": [32]}
+    assert bench.vision_shape(vlm) == {"layers": 2, "heads": [4], "mlp": [64]}  # a copy
+    px = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        a = vlm.tower_module("vision")(pixel_values=px)
+        b = half.tower_module("vision")(pixel_values=px)
+    assert a.shape == b.shape
+    with pytest.raises(ValueError):
+        bench.hand_slice(vlm, heads=5)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU exit")
+def test_bench_without_gpu_writes_nothing(bench, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench.main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA GPU" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU
+# --------------------------------------------------------------------------------------------
+@gpu
+@needs_gpu
+def test_torch_cuda_runner_semi_structured_gpu(tiny_random_clip):
+    from vlcompress import prune
+    from vlcompress.runtime.latency import tower_input_names
+
+    vlm = tiny_random_clip
+    prune(vlm, "magnitude", None, "2:4", scope="vision")
+    mod = vlm.tower_module("vision")
+    feed = {"pixel_values": np.random.default_rng(0).standard_normal((4, 3, 32, 32), np.float32)}
+    with torch.no_grad():
+        ref = mod(pixel_values=torch.as_tensor(feed["pixel_values"])).numpy()
+    with TorchCudaRunner(mod, tower_input_names(vlm, "vision"), semi_structured=True) as r:
+        out = r.infer(feed)["embeds"]
+        rep = r.semi_structured_report
+    assert rep is not None and (rep.swapped or rep.skipped)  # tiny widths may be skipped
+    from vlcompress.exporters.tensorrt import embedding_agreement
+
+    assert embedding_agreement(out, ref, atol=2e-2, rtol=2e-2, min_cosine=0.99)["ok"]
+
+
+@gpu
+@needs_gpu
+def test_measure_with_cuda_events_gpu():
+    mod = torch.nn.Linear(256, 256)
+    r = TorchCudaRunner(mod, ["input"], copy_outputs=False)
+    t = measure({"a": (r, {"input": np.ones((64, 256), np.float32)})}, warmup=2, iterations=5,
+                cuda_events=True)
+    assert len(t["a"]) == 5 and all(v > 0 for v in t["a"])
+
+
+@gpu
+@pytest.mark.skipif(not HAS_GPU or "CUDAExecutionProvider" not in
+                    __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu with the CUDA execution provider")
+def test_ort_cuda_io_binding_gpu(tmp_path):
+    p = _onnx(tmp_path)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    with OrtRunner(p, threads=1) as cpu:
+        ref = cpu.infer({"x": x})["embeds"]
+    with OrtRunner(p, providers=("CUDAExecutionProvider",)) as r:
+        np.testing.assert_allclose(r.infer({"x": x})["embeds"], ref, rtol=1e-4)

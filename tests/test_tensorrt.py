@@ -1,0 +1,418 @@
+"""TensorRT exporter: everything that does not need a GPU (log parsing, build plan, builder
+config on a recording fake, 2:4 check of fp16 weights, fp16 cosine check, error paths), and
+an end-to-end build marked ``gpu``."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from vlcompress.errors import ConfigError, ExportError, MissingDependencyError
+from vlcompress.exporters.onnx import check_nm, convert_fp16, export_tower, validate_tower
+from vlcompress.exporters.tensorrt import (
+    NO_SPARSE_WARNING,
+    NOT_ELIGIBLE_WARNING,
+    BuildPlan,
+    apply_plan,
+    build_engine,
+    embedding_agreement,
+    make_logger,
+    network_flags,
+    nm_violations,
+    onnx_inputs,
+    parse_sparsity_log,
+    plan_build,
+    sparsity_warnings,
+)
+
+HAS_GPU = torch.cuda.is_available()
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+# --------------------------------------------------------------------------------------------
+# recorded builder logs. Formats as TensorRT prints them: trtexec 8.x/10.x
+# ("[date] [I] [TRT] (Sparsity) ...", NVIDIA/TensorRT#2169, #4054, pytorch/TensorRT#1340),
+# the old Python default logger ("[TensorRT] INFO: ...", NVIDIA/TensorRT#1403), and what our
+# capturing ILogger records ("[INFO] ..."). Layer names are the ONNX node names TensorRT keeps,
+# fused layers joined with " + ".
+# --------------------------------------------------------------------------------------------
+TRTEXEC_SPARSE = """\
+[07/19/2022-11:58:20] [I] [TRT] Total Activation Memory: 7864832
+[07/19/2022-11:58:20] [I] [TRT] (Sparsity) Layers eligible for sparse math: Conv_22, MatMul_51, MatMul_69, Conv_619 + Relu_620, Gemm_725
+[07/19/2022-11:58:20] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: MatMul_51, Conv_619 + Relu_620
+[07/19/2022-11:58:20] [I] [TRT] [MemUsageChange] TensorRT-managed allocation in building engine: CPU +0, GPU +512, now: CPU 0, GPU 512 (MiB)
+"""  # noqa: E501 - recorded log lines are long
+
+TRTEXEC_NONE_PICKED = """\
+[09/16/2022-09:55:37] [I] [TRT] (Sparsity) Layers eligible for sparse math: MatMul_51, MatMul_69
+[09/16/2022-09:55:37] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers:
+[09/16/2022-09:55:38] [I] Engine built in 31.1935 sec.
+"""
+
+PY_LOGGER_EMPTY = """\
+[TensorRT] INFO: Detected 1 inputs and 1 output network tensors.
+[TensorRT] INFO: (Sparsity) Layers eligible for sparse math:
+[TensorRT] INFO: (Sparsity) TRT inference plan picked sparse implementation for layers:
+"""
+
+CAPTURED_TRT10 = [
+    "[INFO] [MemUsageChange] Init CUDA: CPU +2, GPU +0, now: CPU 180, GPU 1020 (MiB)",
+    "[INFO] (Sparsity) Layers eligible for sparse math: /vision_model/encoder/layers.0/mlp/fc1/"
+    "MatMul, /vision_model/encoder/layers.0/mlp/fc2/MatMul + /vision_model/encoder/layers.0/Add_1",
+    "[INFO] (Sparsity) TRT inference plan picked sparse implementation for layers: /vision_model/"
+    "encoder/layers.0/mlp/fc1/MatMul",
+    "[WARNING] Weights [name=/vision_model/embeddings/patch_embedding/Conv.weight] had the "
+    "following issues when converted to FP16",
+]
+
+
+def test_parse_trtexec_log():
+    rep = parse_sparsity_log(TRTEXEC_SPARSE)
+    assert rep.found
+    assert rep.eligible == ["Conv_22", "MatMul_51", "MatMul_69", "Conv_619 + Relu_620", "Gemm_725"]
+    assert rep.sparse == ["MatMul_51", "Conv_619 + Relu_620"]
+    assert sparsity_warnings(rep, sparse=True) == []
+
+
+def test_parse_none_picked_is_loud():
+    rep = parse_sparsity_log(TRTEXEC_NONE_PICKED)
+    assert rep.found and rep.n_eligible == 2 and rep.n_sparse == 0
+    (w,) = sparsity_warnings(rep, sparse=True)
+    assert w.startswith(NO_SPARSE_WARNING) and "2 layers were eligible" in w
+    assert sparsity_warnings(rep, sparse=False) == []  # a dense build expects nothing
+
+
+def test_parse_old_python_logger_nothing_eligible():
+    rep = parse_sparsity_log(PY_LOGGER_EMPTY)
+    assert rep.found and rep.eligible == [] and rep.sparse == []
+    assert sparsity_warnings(rep, sparse=True) == [NOT_ELIGIBLE_WARNING]
+
+
+def test_parse_captured_lines_with_onnx_paths():
+    rep = parse_sparsity_log(CAPTURED_TRT10)
+    assert rep.eligible == ["/vision_model/encoder/layers.0/mlp/fc1/MatMul",
+                            "/vision_model/encoder/layers.0/mlp/fc2/MatMul + "
+                            "/vision_model/encoder/layers.0/Add_1"]
+    assert rep.sparse == ["/vision_model/encoder/layers.0/mlp/fc1/MatMul"]
+
+
+def test_parse_merges_repeats_and_keeps_bracketed_commas():
+    text = ("(Sparsity) Layers eligible for sparse math: {ForeignNode[a, b]}, MatMul_1\n"
+            "(Sparsity) Layers eligible for sparse math: MatMul_1, MatMul_2\n")
+    rep = parse_sparsity_log(text)
+    assert rep.eligible == ["{ForeignNode[a, b]}", "MatMul_1", "MatMul_2"]
+    assert rep.to_dict()["n_eligible"] == 3
+
+
+def test_parse_without_sparsity_lines():
+    rep = parse_sparsity_log("[I] [TRT] Loaded engine size: 507 MiB\n")
+    assert not rep.found
+    (w,) = sparsity_warnings(rep, sparse=True)
+    assert "no (Sparsity) lines" in w
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic ONNX graphs (fast): x[batch, 8] @ W[8, 8] (+ text-like [batch, sequence] input)
+# --------------------------------------------------------------------------------------------
+def _w24(rng, d_in=8, d_out=8):
+    w = rng.standard_normal((d_in, d_out)).astype(np.float32)  # MatMul layout [d_in, d_out]
+    for j in range(d_out):
+        for g in range(0, d_in, 4):
+            w[g:g + 2, j] = 0.0  # 2 zeros in each group of 4 input rows
+    return w
+
+
+def _linear_model(w: np.ndarray, name="layers.0.fc1.weight", fp16=False, seq=False):
+    dtype = TensorProto.FLOAT
+    dims = ["batch", "sequence", w.shape[0]] if seq else ["batch", w.shape[0]]
+    x = helper.make_tensor_value_info("x", dtype, dims)
+    y = helper.make_tensor_value_info("embeds", dtype, dims[:-1] + [w.shape[1]])
+    inputs = [x]
+    if seq:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                    ["batch", "sequence"]))
+    g = helper.make_graph([helper.make_node("MatMul", ["x", name], ["embeds"], name="mm")], "g",
+                          inputs, [y], [numpy_helper.from_array(w, name)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return convert_fp16(m) if fp16 else m
+
+
+def _save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_inputs_and_precision(tmp_path):
+    rng = np.random.default_rng(0)
+    p32 = _save(_linear_model(_w24(rng)), tmp_path / "a.onnx")
+    p16 = _save(_linear_model(_w24(rng), fp16=True), tmp_path / "b.onnx")
+    specs, prec = onnx_inputs(p32)
+    assert prec == "fp32"
+    assert specs[0].name == "x" and specs[0].shape == (None, 8) and specs[0].dims[0] == "batch"
+    assert onnx_inputs(p16)[1] == "fp16"
+
+
+def test_plan_build_profiles_and_flags(tmp_path):
+    p = _save(_linear_model(_w24(np.random.default_rng(0)), fp16=True, seq=True), tmp_path / "t.onnx")
+    plan = plan_build(p, sparse=True, batch_sizes=(8, 1, 64), seq_len=77, workspace_gb=2)
+    assert isinstance(plan, BuildPlan)
+    assert plan.profile["x"] == ((1, 1, 8), (64, 77, 8), (64, 77, 8))
+    assert plan.profile["attention_mask"] == ((1, 1), (64, 77), (64, 77))
+    assert plan.builder_flags == ("SPARSE_WEIGHTS",)  # strongly typed: no FP16 flag
+    assert plan.strongly_typed and plan.workspace_bytes == 2 << 30
+    assert plan.batch_sizes == (1, 8, 64)
+    d = plan.to_dict()
+    assert d["builder_flags"] == ["SPARSE_WEIGHTS"] and d["profile"]["x"][0] == [1, 1, 8]
+    dense = plan_build(p, sparse=False, batch_sizes=(1, 8), seq_len=16, opt_batch=8)
+    assert dense.builder_flags == () and dense.profile["x"][1] == (8, 16, 8)
+    weak = plan_build(p, sparse=False, batch_sizes=(4,), seq_len=16, strongly_typed=False)
+    assert weak.builder_flags == ("FP16",)
+
+
+def test_plan_build_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    p32 = _save(_linear_model(_w24(rng)), tmp_path / "a.onnx")
+    with pytest.raises(ConfigError, match="fp16"):
+        plan_build(p32, sparse=True, batch_sizes=(1,))
+    pseq = _save(_linear_model(_w24(rng), fp16=True, seq=True), tmp_path / "s.onnx")
+    with pytest.raises(ConfigError, match="seq_len"):
+        plan_build(pseq, sparse=False, batch_sizes=(1, 8))
+    with pytest.raises(ConfigError, match="batch"):
+        plan_build(pseq, sparse=False, batch_sizes=(0,), seq_len=8)
+    with pytest.raises(ConfigError, match="outside"):
+        plan_build(pseq, sparse=False, batch_sizes=(1, 8), seq_len=8, opt_batch=64)
+    with pytest.raises(ConfigError, match="workspace"):
+        plan_build(pseq, sparse=False, batch_sizes=(1,), seq_len=8, workspace_gb=0)
+
+
+# --------------------------------------------------------------------------------------------
+# a fake tensorrt module: records what the builder config is told
+# --------------------------------------------------------------------------------------------
+class _Flag(int):
+    pass
+
+
+def fake_trt(version="10.7.0", strongly_typed=True, fp16=True):
+    flags = SimpleNamespace(SPARSE_WEIGHTS="SPARSE_WEIGHTS")
+    if fp16:
+        flags.FP16 = "FP16"
+    ndcf = SimpleNamespace(EXPLICIT_BATCH=_Flag(0))
+    if strongly_typed:
+        ndcf.STRONGLY_TYPED = _Flag(1)
+
+    class Severity:
+        pass
+
+    for i, n in enumerate(("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")):
+        setattr(Severity, n, SimpleNamespace(name=n, value=i))
+
+    class ILogger:
+        def __init__(self):
+            self.base_init = True
+
+    ILogger.Severity = Severity
+    return SimpleNamespace(__version__=version, BuilderFlag=flags, NetworkDefinitionCreationFlag=ndcf,
+                           MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"), ILogger=ILogger)
+
+
+class Recorder:
+    def __init__(self, name, calls):
+        self._name, self._calls = name, calls
+
+    def __getattr__(self, attr):
+        def method(*args):
+            self._calls.append((self._name, attr, args))
+            if attr == "create_optimization_profile":
+                return Recorder("profile", self._calls)
+            return True
+        return method
+
+
+def test_apply_plan_on_fake_builder(tmp_path):
+    p = _save(_linear_model(_w24(np.random.default_rng(0)), fp16=True, seq=True), tmp_path / "t.onnx")
+    plan = plan_build(p, sparse=True, batch_sizes=(1, 8), seq_len=16, workspace_gb=1)
+    calls = []
+    apply_plan(plan, fake_trt(), Recorder("builder", calls), Recorder("config", calls))
+    assert ("config", "set_memory_pool_limit", ("WORKSPACE", 1 << 30)) in calls
+    assert ("config", "set_flag", ("SPARSE_WEIGHTS",)) in calls
+    assert ("config", "set_flag", ("FP16",)) not in calls
+    assert ("profile", "set_shape", ("x", (1, 1, 8), (8, 16, 8), (8, 16, 8))) in calls
+    assert ("profile", "set_shape", ("attention_mask", (1, 1), (8, 16), (8, 16))) in calls
+    assert calls[-1][:2] == ("config", "add_optimization_profile")
+    # dense: no flags at all
+    calls.clear()
+    apply_plan(plan_build(p, sparse=False, batch_sizes=(1,), seq_len=4), fake_trt(),
+               Recorder("builder", calls), Recorder("config", calls))
+    assert not [c for c in calls if c[1] == "set_flag"]
+
+
+def test_apply_plan_missing_flag():
+    plan = BuildPlan("m.onnx", (), {}, sparse=False, strongly_typed=False, fp16_flag=True,
+                     workspace_bytes=1, precision="fp32", batch_sizes=(1,))
+    with pytest.raises(ExportError, match="FP16"):  # TensorRT 11 removed BuilderFlag.FP16
+        apply_plan(plan, fake_trt("11.0.0", fp16=False), Recorder("b", []), Recorder("c", []))
+
+
+def test_network_flags_by_version():
+    assert network_flags(fake_trt("10.7.0"), True) == 1 << 1
+    assert network_flags(fake_trt("10.7.0"), False) == 0
+    assert network_flags(fake_trt("11.1.0"), True) == 0  # always strongly typed on 11
+    with pytest.raises(ExportError, match=">= 10"):
+        network_flags(fake_trt("8.6.1", strongly_typed=False), True)
+
+
+def test_make_logger_captures_info_and_above():
+    trt = fake_trt()
+    seen = []
+    lg = make_logger(trt, lambda sev, msg: seen.append((sev, msg)))
+    assert isinstance(lg, trt.ILogger) and lg.base_init
+    S = trt.ILogger.Severity
+    lg.log(S.VERBOSE, "tactic timing")
+    lg.log(S.INFO, "(Sparsity) Layers eligible for sparse math: MatMul_1")
+    lg.log(S.ERROR, "boom")
+    assert seen == [("INFO", "(Sparsity) Layers eligible for sparse math: MatMul_1"),
+                    ("ERROR", "boom")]
+
+
+# --------------------------------------------------------------------------------------------
+# 2:4 of the fp16 weights TensorRT sees
+# --------------------------------------------------------------------------------------------
+def test_fp16_conversion_keeps_24(tmp_path):
+    w = _w24(np.random.default_rng(1))
+    p16 = _save(_linear_model(w, fp16=True), tmp_path / "m16.onnx")
+    assert check_nm(p16) == [] and nm_violations(p16, ["layers.0.fc1"]) == []
+    init = onnx.load(str(p16)).graph.initializer[0]
+    assert init.data_type == TensorProto.FLOAT16
+    np.testing.assert_array_equal(numpy_helper.to_array(init) == 0, w == 0)  # zeros exact
+
+
+def test_fp16_rounding_only_ever_adds_zeros(tmp_path):
+    rng = np.random.default_rng(2)
+    w = _w24(rng)
+    w[0, 0] = 1e-9  # a third nonzero in a group: not 2:4 in fp32 ...
+    p32 = _save(_linear_model(w), tmp_path / "m32.onnx")
+    p16 = _save(_linear_model(w, fp16=True), tmp_path / "m16.onnx")
+    assert check_nm(p32) == ["layers.0.fc1.weight"]
+    assert nm_violations(p16) == []  # ... but 1e-9 underflows to 0 in fp16: 2:4 for TensorRT
+    x = rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-12, 3, 10000)
+    x[rng.random(10000) < 0.5] = 0.0
+    h = x.astype(np.float16)
+    assert not np.any((h != 0) & (x == 0))  # never a zero turned nonzero
+    assert np.any((h == 0) & (x != 0))  # tiny values do become zeros
+
+
+def test_nm_violations_reports_only_pruned_layers(tmp_path):
+    w = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)  # dense
+    p16 = _save(_linear_model(w, name="proj.weight", fp16=True), tmp_path / "d.onnx")
+    assert nm_violations(p16) == ["proj.weight"]
+    assert nm_violations(p16, ["layers.0.fc1"]) == []  # not a pruned layer: not a violation
+    assert nm_violations(p16, ["proj"]) == ["proj.weight"]
+
+
+# --------------------------------------------------------------------------------------------
+# fp16 validation: tolerance AND cosine
+# --------------------------------------------------------------------------------------------
+def test_cosine_catches_drift_that_tolerance_lets_through():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 64)) * 0.01  # small embeddings (e.g. normalised)
+    drift = ref + rng.uniform(-0.015, 0.015, (4, 64))  # every entry within atol
+    r = embedding_agreement(drift, ref, atol=2e-2, rtol=2e-2, min_cosine=0.99)
+    assert r["within_tolerance"] and not r["cosine_ok"] and not r["ok"]
+    assert r["min_cosine"] < 0.9
+    good = embedding_agreement(ref + 1e-5, ref, atol=2e-2, rtol=2e-2, min_cosine=0.99)
+    assert good["ok"] and good["min_cosine"] > 0.99
+    bad_shape = embedding_agreement(ref[:2], ref, atol=1, rtol=1, min_cosine=None)
+    assert not bad_shape["ok"] and "shape" in bad_shape["error"]
+    nan = embedding_agreement(np.full_like(ref, np.nan), ref, atol=1, rtol=1, min_cosine=None)
+    assert not nan["ok"]
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16_vision(tmp_path_factory):
+    from conftest import make_tiny_random_clip
+
+    from vlcompress.data import load_calibration
+
+    vlm = make_tiny_random_clip()
+    batches = iter(load_calibration("shapes", n=7, batch_size=4, seed=0).batches())
+    example, check = next(batches), next(batches)
+    path = export_tower(vlm, "vision", tmp_path_factory.mktemp("fp16") / "vision.onnx", example,
+                        fp16=True)
+    return vlm, path, check
+
+
+def test_cosine_check_catches_corrupted_fp16_model(tiny_fp16_vision, tmp_path):
+    vlm, path, check = tiny_fp16_vision
+    ok = validate_tower(vlm, "vision", path, check, atol=2e-2, rtol=2e-2, min_cosine=0.99)
+    assert ok["ok"] and ok["min_cosine"] > 0.99
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    hit = 0
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT16 and "fc2" in t.name:
+            a = numpy_helper.to_array(t).astype(np.float32)
+            a = a * rng.choice([-1.0, 1.0], size=a.shape)  # sign flips: a drifting engine
+            t.CopyFrom(numpy_helper.from_array(a.astype(np.float16), t.name))
+            hit += 1
+    assert hit >= 1
+    bad = tmp_path / "corrupt.onnx"
+    onnx.save(model, str(bad))
+    res = validate_tower(vlm, "vision", bad, check, atol=2e-2, rtol=2e-2, min_cosine=0.99)
+    assert not res["ok"] and res["min_cosine"] < 0.99
+
+
+# --------------------------------------------------------------------------------------------
+# error paths without a GPU / TensorRT
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU message")
+def test_build_engine_without_gpu_is_one_sentence(tmp_path):
+    p = _save(_linear_model(_w24(np.random.default_rng(0)), fp16=True), tmp_path / "m.onnx")
+    with pytest.raises(MissingDependencyError) as ei:
+        build_engine(p, tmp_path / "m.engine", sparse=True, batch_sizes=(1, 8))
+    msg = str(ei.value)
+    assert "CUDA" in msg and "\n" not in msg
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_check_engine_trt_paths(monkeypatch):
+    from vlcompress import _deps
+    from vlcompress.pipeline import check_engine
+
+    monkeypatch.setattr(_deps, "require_cuda", lambda: torch)
+
+    def no_trt():
+        raise MissingDependencyError("TensorRT is not installed: install it with "
+                                     "`pip install vlcompress[trt]` (NVIDIA's wheels, GPU machines only).")
+
+    monkeypatch.setattr(_deps, "require_tensorrt", no_trt)
+    with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
+        check_engine("trt", "cpu")
+    monkeypatch.setattr(_deps, "require_tensorrt", lambda: fake_trt())
+    assert check_engine("trt", "cpu") is None  # the real path: no "not part of this release"
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU with TensorRT
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_GPU and HAS_TRT), reason="needs a CUDA GPU and TensorRT")
+def test_build_and_run_engine_gpu(tiny_fp16_vision, tmp_path):
+    from vlcompress.exporters.tensorrt import validate_engine
+
+    vlm, path, check = tiny_fp16_vision
+    cache = tmp_path / "timing.cache"
+    res = build_engine(path, tmp_path / "v.engine", sparse=True, batch_sizes=(1, 4, 8),
+                       timing_cache=cache)
+    assert res.engine_path.is_file() and cache.is_file()
+    assert res.sparsity.found  # the (Sparsity) lines were captured
+    feed = {k: v.numpy() for k, v in vlm.tower_inputs("vision", check).items()}
+    v = validate_engine(res.engine_path, path, feed)
+    assert v["ok"], v
+    again = build_engine(path, tmp_path / "v2.engine", sparse=False, batch_sizes=(1, 8),
+                         timing_cache=cache)
+    assert again.timing_cache_reused

@@ -1,0 +1,268 @@
+"""CUDA pieces of the runtimes: event timing, device facts, fp16 torch runner with 2:4 weights.
+
+    timer = CudaEventTimer()            # used by measure(..., cuda_events=True)
+    with timer.time():                  # records start/end events on the current stream
+        runner.infer(feed)
+    timer.last_ms
+
+    runner = TorchCudaRunner(vlm.tower_module("vision"), ["pixel_values"], semi_structured=True)
+    with runner:                         # copies the module to the GPU in fp16, swaps the
+        runner.infer(feed)               # weights of 2:4 Linear layers for semi-structured ones
+    runner.semi_structured_report        # {"swapped": [...], "skipped": {name: reason}}
+
+The pure parts (:func:`semi_structured_reason`, :func:`backend_constraints`) run on CPU; the rest
+needs a CUDA build of torch and a GPU (``vlcompress._deps.require_cuda``).
+
+``torch.sparse.to_sparse_semi_structured`` (PyTorch >= 2.1) compresses a 2-D fp16/bf16 CUDA
+tensor that is 2:4 along its last (input) dimension; ``F.linear`` then runs on sparse tensor
+cores (cuSPARSELt by default, CUTLASS when ``SparseSemiStructuredTensor._FORCE_CUTLASS``). It
+needs compute capability >= 8.0 and shapes that are multiples of the backend's minimum (read
+from ``_DTYPE_SHAPE_CONSTRAINTS`` at run time: cuSPARSELt fp16 16x16, CUTLASS fp16 32x64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .._deps import require_cuda
+from .torch_runner import TorchRunner
+
+__all__ = ["CudaEventTimer", "gpu_info", "semi_structured_reason", "backend_constraints",
+           "sparsify_linears", "TorchCudaRunner", "MIN_SEMI_STRUCTURED_CAPABILITY"]
+
+MIN_SEMI_STRUCTURED_CAPABILITY = (8, 0)
+#: Fallback shape minimums (rows, cols) per backend for fp16/bf16, as in PyTorch 2.4-2.13.
+_FALLBACK_MIN = {"cusparselt": (16, 16), "cutlass": (32, 64)}
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+class CudaEventTimer:
+    """Times a block with a pair of ``torch.cuda.Event(enable_timing=True)`` recorded on the
+    current stream (or ``stream``); waits for the end event before reading the time."""
+
+    def __init__(self, stream=None):
+        torch = require_cuda()
+        self._torch = torch
+        self.stream = stream
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+        self.last_ms: float | None = None
+
+    @contextlib.contextmanager
+    def time(self):
+        s = self.stream or self._torch.cuda.current_stream()
+        self._start.record(s)
+        yield self
+        self._end.record(s)
+        self._end.synchronize()
+        self.last_ms = float(self._start.elapsed_time(self._end))
+
+
+def _nvidia_smi(query: str) -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0].strip() if out.strip() else None
+
+
+def gpu_info(device: int = 0) -> dict:
+    """GPU name, compute capability, memory, driver, CUDA and cuDNN versions (needs CUDA)."""
+    torch = require_cuda()
+    props = torch.cuda.get_device_properties(device)
+    info = {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "driver": _nvidia_smi("driver_version"), "cuda_runtime": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    try:
+        info["cusparselt"] = bool(torch.backends.cusparselt.is_available())
+    except AttributeError:
+        info["cusparselt"] = False
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# semi-structured (2:4) weights for torch
+# --------------------------------------------------------------------------------------------
+def backend_constraints(backend: str, dtype) -> tuple[int, int]:
+    """(min rows, min cols) a semi-structured weight of ``dtype`` needs on ``backend``
+    (``"cusparselt"`` or ``"cutlass"``): PyTorch's table where it has one, else our copy."""
+    try:
+        import torch
+
+        cls = (torch.sparse.SparseSemiStructuredTensorCUSPARSELT if backend == "cusparselt"
+               else torch.sparse.SparseSemiStructuredTensorCUTLASS)
+        c = cls._DTYPE_SHAPE_CONSTRAINTS[dtype]
+        return int(c.sparse_min_rows), int(c.sparse_min_cols)
+    except (AttributeError, KeyError, ImportError):
+        return _FALLBACK_MIN["cusparselt" if backend == "cusparselt" else "cutlass"]
+
+
+def semi_structured_reason(weight, capability: tuple[int, int] | None, backend: str = "cusparselt"
+                           ) -> str | None:
+    """Why ``weight`` (a Linear weight ``[d_out, d_in]``) cannot become semi-structured on a GPU
+    of ``capability``, or None when it can. Pure: works on CPU tensors and numpy arrays."""
+    import torch
+
+    if capability is None:
+        return "no CUDA GPU"
+    if tuple(capability) < MIN_SEMI_STRUCTURED_CAPABILITY:
+        return (f"compute capability {capability[0]}.{capability[1]} < 8.0 (no sparse tensor "
+                "cores)")
+    w = torch.as_tensor(weight)
+    if w.dim() != 2:
+        return f"weight is {w.dim()}-D, not 2-D"
+    dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    rows, cols = backend_constraints(backend, dtype)
+    m, n = w.shape
+    if m % rows or n % cols or m < rows or n < cols:
+        return (f"shape {m}x{n} is not a multiple of {rows}x{cols} ({backend}, "
+                f"{str(dtype).replace('torch.', '')})")
+    if not bool((w == 0).any()):
+        return "weight is dense (no zeros)"
+    groups = (w != 0).reshape(m, n // 4, 4).sum(-1)
+    if bool((groups > 2).any()):
+        return "weight is not 2:4 along its input dimension"
+    return None
+
+
+@dataclass
+class SemiStructuredReport:
+    backend: str | None
+    swapped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None  # why nothing was tried at all
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "swapped": list(self.swapped),
+                "skipped": dict(self.skipped), "reason": self.reason}
+
+
+def _backend(torch) -> str:
+    try:
+        if getattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", False):
+            return "cutlass"
+        return "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+    except AttributeError:
+        return "cutlass"
+
+
+def sparsify_linears(module, names=None) -> SemiStructuredReport:
+    """Replace the weight of every 2:4 ``nn.Linear`` of ``module`` (on a CUDA GPU, in
+    fp16/bf16) by ``torch.sparse.to_sparse_semi_structured(weight)``; ``names`` limits it to
+    those module names. Layers that cannot are listed with the reason; nothing fails."""
+    import torch
+
+    if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        return SemiStructuredReport(None, reason=f"torch {torch.__version__} has no "
+                                                 "to_sparse_semi_structured")
+    backend = _backend(torch)
+    if backend == "cutlass":
+        torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS = True
+    rep = SemiStructuredReport(backend)
+    wanted = set(names) if names is not None else None
+    for name, mod in module.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or (wanted is not None and name not in wanted):
+            continue
+        w = mod.weight
+        if not w.is_cuda:
+            rep.skipped[name] = "weight is not on a CUDA device"
+            continue
+        cap = torch.cuda.get_device_capability(w.device)
+        why = semi_structured_reason(w.detach(), cap, backend)
+        if why is not None:
+            rep.skipped[name] = why
+            continue
+        try:
+            sparse = torch.sparse.to_sparse_semi_structured(w.detach().contiguous())
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            rep.skipped[name] = " ".join(str(exc).split())[:200]
+            continue
+        mod.weight = torch.nn.Parameter(sparse, requires_grad=False)
+        rep.swapped.append(name)
+    return rep
+
+
+# --------------------------------------------------------------------------------------------
+# the torch CUDA runner
+# --------------------------------------------------------------------------------------------
+class TorchCudaRunner(TorchRunner):
+    """A private fp16 (or ``dtype``) copy of ``module`` on the GPU, optionally with 2:4 Linear
+    weights as semi-structured sparse tensors (``semi_structured=True``; layers that cannot be
+    swapped are recorded in :attr:`semi_structured_report`, never fatal).
+
+    Input arrays are copied to the GPU once per feed array (cached), so host-to-device copies
+    stay out of timed calls; ``copy_outputs=False`` returns the output tensors on the GPU
+    (no device-to-host copy either; what the latency harness wants).
+    """
+
+    runtime = "torch"
+
+    def __init__(self, module, input_names, device: str = "cuda", name: str | None = None,
+                 output_names=("embeds",), dtype: str = "float16", semi_structured: bool = False,
+                 copy_outputs: bool = True):
+        label = name or f"torch-cuda-{dtype}{'-2:4' if semi_structured else ''}"
+        super().__init__(module, input_names, device=device, name=label,
+                         output_names=output_names)
+        self.dtype_name = dtype
+        self.semi_structured = semi_structured
+        self.copy_outputs = copy_outputs
+        self.semi_structured_report: SemiStructuredReport | None = None
+        self._cache: dict[int, tuple[object, object]] = {}
+
+    def _activate(self) -> None:
+        torch = require_cuda()
+        self._torch_device = torch.device(self.device)
+        self._dtype = getattr(torch, self.dtype_name)
+        self._module = copy.deepcopy(self.module).to(self._torch_device, self._dtype).eval()
+        self.semi_structured_report = (sparsify_linears(self._module) if self.semi_structured
+                                       else None)
+        self._home = None  # the caller's module is never moved
+
+    def _deactivate(self) -> None:
+        self._module = None
+        self._cache.clear()
+
+    def _to_device(self, arr):
+        import torch
+
+        key = id(arr)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is arr:
+            return hit[1]
+        t = torch.as_tensor(np.asarray(arr)).to(self._torch_device)
+        if t.is_floating_point():
+            t = t.to(self._dtype)
+        self._cache[key] = (arr, t)  # holding arr keeps id(arr) from being reused
+        return t
+
+    def _infer(self, feed):
+        import torch
+
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise KeyError(f"feed lacks input(s) {', '.join(missing)} for runner {self.name!r}")
+        args = {n: self._to_device(feed[n]) for n in self.input_names}
+        with torch.inference_mode():
+            out = self._module(**args)
+        if not self.copy_outputs:
+            if isinstance(out, torch.Tensor):
+                return {self.output_names[0]: out}
+            if isinstance(out, (tuple, list)):
+                return dict(zip(self.output_names, out, strict=False))
+            return dict(out.items()) if hasattr(out, "items") else {"output": out}
+        torch.cuda.synchronize(self._torch_device)
+        res = self._name_outputs(out)
+        return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in res.items()}

@@ -1,0 +1,151 @@
+"""A runner for a serialized TensorRT engine (TensorRT 10+ name-based I/O API).
+
+    with TrtRunner("out/engines/pruned/vision.engine") as r:
+        out = r.infer({"pixel_values": x})
+
+Device memory comes from torch CUDA tensors (no pycuda, no cuda-python): inputs are copied to
+the GPU once per feed array and cached, outputs are allocated per input shape and cached, so a
+timed call is ``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on a torch
+CUDA stream and nothing else. ``copy_outputs=False`` returns the output tensors on the GPU.
+
+API used (TensorRT Python reference, ICudaEngine / IExecutionContext pages):
+``Runtime(logger).deserialize_cuda_engine(bytes)``; ``engine.num_io_tensors``,
+``get_tensor_name(i)``, ``get_tensor_mode(name)`` (``TensorIOMode.INPUT``/``OUTPUT``),
+``get_tensor_dtype(name)``; ``engine.create_execution_context()``;
+``context.set_input_shape(name, shape)``, then ``context.get_tensor_shape(name)`` gives the
+output shapes for those inputs; ``context.set_tensor_address(name, int pointer)``;
+``context.execute_async_v3(stream_handle)`` returns False on failure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .._deps import require_cuda, require_tensorrt
+from ..errors import ModelError
+from .base import Runner
+
+__all__ = ["TrtRunner", "torch_dtype"]
+
+
+def torch_dtype(trt, dtype):
+    """The torch dtype of a TensorRT ``DataType``."""
+    import torch
+
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
+             "INT32": torch.int32, "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool,
+             "UINT8": torch.uint8}
+    name = getattr(dtype, "name", str(dtype).split(".")[-1])
+    if name not in table:
+        raise ModelError(f"TensorRT tensor type {name} is not supported by the runner")
+    return table[name]
+
+
+class TrtRunner(Runner):
+    """Runs a TensorRT engine file on ``cuda:<device index>``.
+
+    ``infer`` takes numpy arrays (or CUDA tensors), casts them to the engine's input types
+    (so fp32 feeds work with fp16 inputs) and returns ``{output name: array}`` (fp16 outputs
+    as float32), or the GPU tensors with ``copy_outputs=False``.
+    """
+
+    runtime = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, name: str | None = None, device: str = "cuda",
+                 copy_outputs: bool = True):
+        super().__init__(name or f"tensorrt-{Path(engine_path).stem}", device)
+        self.engine_path = Path(engine_path)
+        self.copy_outputs = copy_outputs
+        self.engine = None
+        self.context = None
+        self.stream = None
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def _activate(self) -> None:
+        torch = require_cuda()
+        trt = require_tensorrt()
+        if not self.engine_path.is_file():
+            raise ModelError(f"TensorRT engine {str(self.engine_path)!r} does not exist")
+        self._trt = trt
+        self._dev = torch.device(self.device)
+        self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the engine
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if engine is None:
+            raise ModelError(f"TensorRT cannot load {str(self.engine_path)!r} (built by another "
+                             "TensorRT version or for another GPU?)")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names
+                            if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names
+                             if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._dtypes = {n: torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        self.stream = torch.cuda.Stream(device=self._dev)
+        self._inputs: dict[int, tuple[object, object]] = {}
+        self._outputs: dict[tuple, dict[str, object]] = {}
+
+    def _deactivate(self) -> None:
+        self.context = None
+        self.engine = None
+        self._runtime = None
+        self._inputs = {}
+        self._outputs = {}
+        self.stream = None
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    # --- inference ---------------------------------------------------------------------------
+    def _device_input(self, name: str, arr):
+        import torch
+
+        key = id(arr)
+        hit = self._inputs.get(key)
+        if hit is not None and hit[0] is arr:
+            return hit[1]
+        t = arr if isinstance(arr, torch.Tensor) else torch.as_tensor(np.asarray(arr))
+        t = t.to(self._dev, self._dtypes[name]).contiguous()
+        self._inputs[key] = (arr, t)  # keeps arr alive, so its id is not reused
+        return t
+
+    def _infer(self, feed):
+        import torch
+
+        try:
+            tensors = {n: self._device_input(n, feed[n]) for n in self.input_names}
+        except KeyError as exc:
+            raise KeyError(f"feed lacks input {exc.args[0]!r} for {self.engine_path.name} "
+                           f"(inputs: {', '.join(self.input_names)})") from None
+        ctx = self.context
+        shape_key = tuple(tuple(t.shape) for t in tensors.values())
+        for n, t in tensors.items():
+            if not ctx.set_input_shape(n, tuple(t.shape)):
+                raise ModelError(f"{self.engine_path.name}: input {n} shape {tuple(t.shape)} is "
+                                 "outside the engine's optimisation profile")
+            ctx.set_tensor_address(n, t.data_ptr())
+        outs = self._outputs.get(shape_key)
+        if outs is None:
+            outs = {n: torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=self._dtypes[n],
+                                   device=self._dev) for n in self.output_names}
+            self._outputs[shape_key] = outs
+        for n, t in outs.items():
+            ctx.set_tensor_address(n, t.data_ptr())
+        # inputs were written on torch's current stream: order the engine after them
+        self.stream.wait_stream(torch.cuda.current_stream(self._dev))
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise ModelError(f"TensorRT failed to run {self.engine_path.name}")
+        if not self.copy_outputs:
+            return dict(outs)
+        self.stream.synchronize()
+        res = {}
+        for n, t in outs.items():
+            a = t.detach().cpu().numpy()
+            res[n] = a.astype(np.float32) if a.dtype == np.float16 else a
+        return res
