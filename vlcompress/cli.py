@@ -34,14 +34,22 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled name, pres
 MethodOpt = Annotated[str, typer.Option("--method", help="Scorer: see `vlcompress models --methods`.")]
 SparsityOpt = Annotated[str | None, typer.Option(
     "--sparsity", "-s", help="Fraction of weights to remove, 0 <= s < 1 (implied by N:M).")]
-PatternOpt = Annotated[str, typer.Option("--pattern", "-p", help="unstructured or N:M (2:4, 4:8).")]
+PatternOpt = Annotated[str, typer.Option("--pattern", "-p", help="unstructured, structured or N:M.")]
 CalibOpt = Annotated[str, typer.Option(
     "--calibration", help="'shapes' (bundled) or a folder with images + captions.jsonl.")]
 CalibSizeOpt = Annotated[int, typer.Option("--calibration-size", help="Calibration pairs.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")]
+TowerOpt = Annotated[str | None, typer.Option(
+    "--tower", help="Prune and export one tower only: vision or text (LLaVA-style VLMs: vision).")]
 SkipOpt = Annotated[bool, typer.Option(
     "--skip-incompatible", help="Leave layers whose width does not fit N:M dense instead of failing.")]
+UnitsOpt = Annotated[str, typer.Option(
+    "--units", help="Pattern structured: groups to remove, heads, neurons or heads,neurons.")]
+RoundToOpt = Annotated[str, typer.Option(
+    "--round-to", help="Pattern structured: kept widths are multiples of this (positive integer).")]
+DepthOpt = Annotated[str, typer.Option(
+    "--depth", help="Pattern structured, method mope: whole layers to remove per tower.")]
 
 
 def _errors(fn):
@@ -104,6 +112,10 @@ def prune_export_cmd(
     iterations: Annotated[int, typer.Option("--iterations", help="Timed iterations per latency cell.")] = 30,
     force: ForceOpt = False,
     skip_incompatible: SkipOpt = False,
+    tower: TowerOpt = None,
+    units: UnitsOpt = "heads,neurons",
+    round_to: RoundToOpt = "8",
+    depth: DepthOpt = "0",
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
@@ -114,7 +126,8 @@ def prune_export_cmd(
                     calibration=calibration, calibration_size=calibration_size, engine=engine,
                     out=str(out_dir), batch_sizes=batch_sizes, device=device, fp16=fp16,
                     eval_data=eval_data, eval_size=eval_size, iterations=iterations, force=force,
-                    skip_incompatible=skip_incompatible)
+                    skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
+                    tower=tower)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -143,13 +156,17 @@ def prune_cmd(
     out_dir: OutOpt = Path("vlcompress-pruned"),
     force: ForceOpt = False,
     skip_incompatible: SkipOpt = False,
+    units: UnitsOpt = "heads,neurons",
+    round_to: RoundToOpt = "8",
+    depth: DepthOpt = "0",
 ):
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save
 
     res = prune_and_save(model, out_dir, method=method, sparsity=sparsity, pattern=pattern,
                          calibration=calibration, calibration_size=calibration_size, force=force,
-                         skip_incompatible=skip_incompatible, progress_factory=_progress)
+                         skip_incompatible=skip_incompatible, progress_factory=_progress,
+                         units=units, round_to=round_to, depth=depth)
     out.print(f"pruned {model} with {res['method']} {res['pattern']}: achieved "
               f"{100 * res['achieved']:.1f}% sparsity in {res['seconds']:.2f}s -> {out_dir}")
 
@@ -193,6 +210,136 @@ def models_cmd(
     for e in list_models():
         t.add_row(e.name, e.kind, e.family, e.description)
     out.print(t)
+
+
+@app.command("bench")
+@_errors
+def bench_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A `vlcompress prune-export --out` folder.")],
+    baseline: Annotated[Path | None, typer.Option(
+        "--baseline", help="Report JSON to gate against (report.json or an earlier bench report).")] = None,
+    max_latency_regression: Annotated[float, typer.Option(
+        "--max-latency-regression", help="Allowed relative slowdown of the pruned model.")] = 0.10,
+    max_accuracy_drop: Annotated[float, typer.Option(
+        "--max-accuracy-drop", help="Allowed absolute drop of each metric (0.01 = 1 pt).")] = 0.01,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Where to write the fresh report (default RUN_DIR/bench-report.json).")] = None,
+    summary: Annotated[Path | None, typer.Option(
+        "--summary", help="Write the Markdown summary here (also appended to $GITHUB_STEP_SUMMARY).")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (needs --baseline).")] = None,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime or torch.")] = None,
+    batch_sizes: Annotated[str | None, typer.Option(
+        "--batch-sizes", help="Latency batch sizes (default: the baseline's, else the run's).")] = None,
+    iterations: Annotated[int, typer.Option("--iterations", help="Timed iterations per latency cell.")] = 100,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up iterations per cell.")] = 10,
+    threads: Annotated[int | None, typer.Option("--threads", help="onnxruntime intra-op threads.")] = None,
+    eval_size: Annotated[int | None, typer.Option("--eval-size", help="Evaluation pairs.")] = None,
+    latency_basis: Annotated[str, typer.Option(
+        "--latency-basis", help="relative (pruned/dense, in-run), absolute or both.")] = "relative",
+    latency_quantile: Annotated[float, typer.Option(
+        "--latency-quantile", help="Quantile of per-iteration times compared (0.5 = median).")] = 0.25,
+    confidence: Annotated[float, typer.Option("--confidence", help="Bootstrap confidence level.")] = 0.95,
+    metrics: Annotated[str | None, typer.Option(
+        "--metrics", help="Accuracy metrics to gate, e.g. zeroshot_top1,i2t_r1 (default: all).")] = None,
+    no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Skip accuracy.")] = False,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip latency.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report JSON instead of tables.")] = False,
+):
+    """Re-measure a prune-export folder; with --baseline, gate it (exit 1: a threshold broken)."""
+    import os
+
+    from .atomic import atomic_write_text
+    from .bench import BenchConfig, benchmark
+    from .errors import ConfigError
+    from .gate import GateConfig
+    from .report import console_tables
+
+    if junit is not None and baseline is None:
+        raise ConfigError("--junit needs --baseline (the JUnit test cases are the gate's checks)")
+    gate_cfg = GateConfig(max_latency_regression=max_latency_regression,
+                          max_accuracy_drop=max_accuracy_drop, basis=latency_basis,
+                          quantile=latency_quantile, confidence=confidence, metrics=metrics)
+    cfg = BenchConfig(run_dir=str(run_dir), baseline=str(baseline) if baseline else None,
+                      report=str(report) if report else None, runtime=runtime,
+                      batch_sizes=batch_sizes, iterations=iterations, warmup=warmup, threads=threads,
+                      eval_size=eval_size, accuracy=not no_accuracy, latency=not no_latency,
+                      gate=gate_cfg)
+    with _progress() as prog:
+        res = benchmark(cfg, progress=prog)
+    md = res.summary_markdown()
+    if summary is not None:
+        atomic_write_text(summary, md)
+    step = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step:
+        with open(step, "a", encoding="utf-8") as f:
+            f.write(md + "\n")
+    if junit is not None and res.gate is not None:
+        atomic_write_text(junit, res.gate.junit_xml())
+    if as_json:
+        out.print_json(json.dumps(res.report, default=str))
+    else:
+        for t in console_tables(res.report):
+            out.print(t)
+        out.print(f"wrote {res.report_path} and {res.markdown_path}", soft_wrap=True)
+    g = res.gate
+    if g is None:
+        return
+    for c in g.checks:
+        mark = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
+        (out if c.passed else err).print(f"{mark} {c.message}", markup=True, soft_wrap=True,
+                                         highlight=False)
+    for note in g.notes:
+        out.print(f"note: {note}", soft_wrap=True)
+    if g.passed:
+        out.print(f"gate passed: {len(g.checks)} checks hold against {baseline}", soft_wrap=True)
+        return
+    err.print(f"gate failed: {len(g.failures)} of {len(g.checks)} thresholds broken against "
+              f"{baseline}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command("sweep")
+@_errors
+def sweep_cmd(
+    model: ModelOpt = "tiny-clip",
+    methods: Annotated[str, typer.Option("--methods", help="Scorers, comma-separated.")] = \
+        "magnitude,wanda,multiflow",
+    sparsities: Annotated[str, typer.Option(
+        "--sparsities", help="Comma-separated sparsities for unstructured patterns.")] = "0.3,0.5,0.7",
+    patterns: Annotated[str, typer.Option("--patterns", help="Patterns, comma-separated.")] = \
+        "unstructured,2:4",
+    calibration: CalibOpt = "shapes",
+    calibration_size: CalibSizeOpt = 256,
+    eval_data: Annotated[str, typer.Option("--eval-data", help="'shapes' or a pairs folder.")] = "shapes",
+    eval_size: Annotated[int, typer.Option("--eval-size", help="Evaluation pairs.")] = 720,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Latency batch sizes, e.g. 1,8.")] = "1,8",
+    runtime: Annotated[str, typer.Option("--runtime", help="onnxruntime or torch.")] = "onnxruntime",
+    iterations: Annotated[int, typer.Option("--iterations", help="Timed iterations per latency cell.")] = 30,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Accuracy only.")] = False,
+    out_dir: OutOpt = Path("vlcompress-sweep"),
+    force: ForceOpt = False,
+):
+    """Prune one model with every method x pattern x sparsity: a table and PNG plots."""
+    from rich.table import Table
+
+    from .report import METRIC_NAMES
+    from .sweep import sweep
+
+    with _progress() as prog:
+        res = sweep(model, methods, sparsities, patterns, out=out_dir, calibration=calibration,
+                    calibration_size=calibration_size, eval_data=eval_data, eval_size=eval_size,
+                    batch_sizes=batch_sizes, runtime=runtime, iterations=iterations,
+                    latency=not no_latency, force=force, progress=prog)
+    keys = [k for k in ("zeroshot_top1", "i2t_r1", "t2i_r1") if k in res["dense"]]
+    t = Table("method", "setting", "achieved", *[METRIC_NAMES.get(k, k) for k in keys],
+              title=f"{res['model']} on {res['eval']['dataset']}")
+    t.add_row("dense", "-", "0.0%", *[f"{100 * res['dense'][k]:.1f}%" for k in keys])
+    for r in res["rows"]:
+        t.add_row(r["method"], r["setting"], f"{100 * r['achieved']:.1f}%",
+                  *[f"{100 * r[k]:.1f}%" for k in keys])
+    out.print(t)
+    out.print(f"wrote {out_dir}/sweep.json, sweep.md, accuracy_vs_sparsity.png"
+              + (", latency_vs_batch.png" if res["latency"] else ""), soft_wrap=True)
 
 
 def main() -> None:

@@ -40,16 +40,24 @@ class RunConfig:
     force: bool = False
     skip_incompatible: bool = False
     scope: tuple[str, ...] | None = None
+    tower: str | None = None  # keep one tower only ("vision", "text"); LLaVA-style vision towers
     seed: int = 0
     warmup: int = 5
     iterations: int = 30
+    units: str | tuple[str, ...] = "heads,neurons"  # pattern structured only
+    round_to: int | str = 8
+    depth: int | str = 0
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
     def __post_init__(self):
         pc = PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern,
-                         scope=self.scope, skip_incompatible=self.skip_incompatible, seed=self.seed)
+                         scope=self.scope, skip_incompatible=self.skip_incompatible, seed=self.seed,
+                         units=self.units, round_to=self.round_to, depth=self.depth)
         object.__setattr__(self, "prune_config", pc)
+        object.__setattr__(self, "units", ",".join(pc.units))
+        object.__setattr__(self, "round_to", pc.round_to)
+        object.__setattr__(self, "depth", pc.depth)
         object.__setattr__(self, "sparsity", pc.sparsity)
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; allowed: {', '.join(ENGINES)}")
@@ -88,15 +96,10 @@ def check_engine(engine: str, device: str) -> None:
     """Fail before any work when the engine or device cannot run here."""
     from . import _deps
 
-    if engine == "trt":
+    if engine == "trt":  # a GPU, then TensorRT: each missing one is one sentence, exit 2
         _deps.require_cuda()
         _deps.require_tensorrt()
-        from .errors import MissingDependencyError
-
-        raise MissingDependencyError(
-            "--engine trt: the TensorRT exporter is not part of this release yet; use "
-            "--engine onnxruntime or torch"
-        )
+        return
     if device == "cuda":
         _deps.require_cuda()
         if engine == "onnxruntime":
@@ -113,6 +116,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     from .envinfo import env_info
     from .eval import embed_eval, fidelity, metrics_from_embeddings
     from .exporters.onnx import export_model
+    from .flops import size_section, tower_size
     from .models import load_model
     from .prune import prune
     from .report import accuracy_section, build_report, write_report
@@ -122,34 +126,54 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     check_engine(cfg.engine, cfg.device)
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=32, seed=cfg.seed)
-    vlm = load_model(cfg.model)
-    eval_data = None if vlm.source.startswith("preset:") else load_eval(cfg.eval_data, n=cfg.eval_size)
+    vlm = load_model(cfg.model, tower=cfg.tower)
+    if cfg.prune_config.pattern.is_structured:  # heads / depth the model cannot lose: fail now
+        from .sparsity.structured import check_structured
+
+        check_structured(vlm, cfg.prune_config)
+    is_preset = vlm.source.startswith("preset:")
+    # A preset has random weights: no accuracy to measure, only fidelity to the dense model on
+    # a few calibration-like pairs.
+    eval_data = (load_calibration("shapes", n=min(32, cfg.eval_size), batch_size=16,
+                                  seed=cfg.seed + 2)
+                 if is_preset else load_eval(cfg.eval_data, n=cfg.eval_size))
     # Export examples: the export batch and a validation batch of another size (and text length).
     batches = iter(load_calibration("shapes", n=5, batch_size=3, seed=cfg.seed + 1).batches())
     example, check = next(batches), next(batches)
 
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_emb = embed_eval(vlm, eval_data, progress) if eval_data is not None else None
-        dense_export = export_model(vlm, tmp / "dense", example, check, fp16=cfg.fp16,
+        dense_export = export_model(vlm, tmp / "dense", example, check,
+                                    fp16=cfg.fp16 or cfg.engine == "trt",  # TRT: strongly typed
                                     progress=progress)
         dense_model = copy.deepcopy(vlm.model) if cfg.engine == "torch" else None
-        result = prune(vlm, cfg.method, cfg.prune_config.sparsity, str(cfg.prune_config.pattern),
+        dense_size = tower_size(vlm)
+        pc = cfg.prune_config
+        result = prune(vlm, cfg.method, pc.sparsity, str(pc.pattern),
                        calibration=calib, scope=cfg.scope, skip_incompatible=cfg.skip_incompatible,
-                       seed=cfg.seed, progress=progress)
+                       seed=cfg.seed, units=pc.units, round_to=pc.round_to, depth=pc.depth,
+                       progress=progress)
         accuracy = None
         if dense_emb is not None:
             pruned_emb = embed_eval(vlm, eval_data, progress)
-            accuracy = accuracy_section(eval_data.source, metrics_from_embeddings(dense_emb),
-                                        metrics_from_embeddings(pruned_emb),
-                                        fidelity(dense_emb, pruned_emb))
-        pruned_export = export_model(vlm, tmp / "pruned", example, check, fp16=cfg.fp16,
+            if is_preset:
+                accuracy = accuracy_section(f"{eval_data.source} (n={len(eval_data)}; preset: "
+                                            "random weights, fidelity only)", {}, {},
+                                            fidelity(dense_emb, pruned_emb))
+            else:
+                accuracy = accuracy_section(eval_data.source, metrics_from_embeddings(dense_emb),
+                                            metrics_from_embeddings(pruned_emb),
+                                            fidelity(dense_emb, pruned_emb))
+        pruned_export = export_model(vlm, tmp / "pruned", example, check,
+                                     fp16=cfg.fp16 or cfg.engine == "trt",
                                      progress=progress)
         vlm.save(tmp / "pruned" / "model")
         latency = _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress)
         total, nonzero = vlm.num_parameters()
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
-                   "params_total": total, "params_nonzero": nonzero},
+                   "params_total": total, "params_nonzero": nonzero,
+                   "towers": size_section(dense_size, tower_size(vlm))},
             prune=result.to_dict(),
             export={"format": "onnx", "fp16": cfg.fp16,
                     "paths": {"dense": {t: f"dense/{t}.onnx" for t in dense_export.paths},
@@ -171,6 +195,8 @@ def _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progre
     lc = cfg.latency_config
     towers = list(vlm.towers)
     feeds = make_feeds(vlm, towers, lc.batch_sizes, example)
+    if cfg.engine == "trt":
+        return _trt_latency(cfg, vlm, dense_export, pruned_export, feeds, towers, progress)
     if lc.runtime == "torch":
         dense_vlm = type(vlm)(dense_model, vlm.tokenizer, vlm.image_processor, name=vlm.name)
         dense = build_runners(lc, vlm=dense_vlm, towers=towers)
@@ -179,3 +205,44 @@ def _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progre
         dense = build_runners(lc, onnx_paths=dense_export.paths, towers=towers)
         pruned = build_runners(lc, onnx_paths=pruned_export.paths, towers=towers)
     return compare_latency(dense, pruned, feeds, lc, progress=progress)
+
+
+def _trt_latency(cfg, vlm, dense_export, pruned_export, feeds, towers, progress):
+    """``--engine trt``: TensorRT engines from the dense and pruned fp16 ONNX (2:4 sparse
+    weights for a 2:4 pattern), each validated against its ONNX, timed with TrtRunner (CUDA
+    events). The engines go next to the ONNX (``<dense|pruned>/<tower>.engine``), with one
+    timing cache; each latency row carries what TensorRT said about sparse layers."""
+    import dataclasses
+    import logging
+
+    from .exporters.tensorrt import build_tower_engines
+    from .runtime.latency import compare_latency
+    from .runtime.trt_runner import TrtRunner
+
+    lc = dataclasses.replace(cfg.latency_config, device="cuda")
+    sparse = str(cfg.prune_config.pattern) == "2:4"
+    root = Path(pruned_export.paths[towers[0]]).parent.parent
+    common = {"batch_sizes": lc.batch_sizes, "seq_len": getattr(vlm, "text_max_length", None),
+              "timing_cache": root / "timing.cache"}
+    first = min(lc.batch_sizes)
+    check = {t: feeds[(t, first)] for t in towers}
+    pruned_names = [ly.name for ly in vlm.prunable_layers() if bool((ly.module.weight == 0).any())]
+    with progress.task("build tensorrt engines", total=2) as task:
+        dense_b = build_tower_engines(dense_export.paths, root / "dense", sparse=False,
+                                      check_feeds=check, **common)
+        task.advance()
+        pruned_b = build_tower_engines(pruned_export.paths, root / "pruned", sparse=sparse,
+                                       pruned=pruned_names, check_feeds=check, **common)
+        task.advance()
+    dense = {t: TrtRunner(r.engine_path, copy_outputs=False) for t, r in dense_b.items()}
+    pruned = {t: TrtRunner(r.engine_path, copy_outputs=False) for t, r in pruned_b.items()}
+    rows = compare_latency(dense, pruned, feeds, lc, progress=progress)
+    for row in rows:
+        p = pruned_b[row["tower"]]
+        row["engine"] = {"trt_version": p.trt_version, "sparse_weights": sparse,
+                         "eligible_layers": p.sparsity.n_eligible,
+                         "sparse_layers": p.sparsity.n_sparse, "warnings": list(p.warnings)}
+    for t, p in pruned_b.items():
+        for w in p.warnings:
+            logging.getLogger(__name__).warning("%s tower: %s", t, w)
+    return rows

@@ -75,8 +75,25 @@ def to_markdown(r: dict) -> str:
         f"- **parameters** {mdl['params_total']:,} total, {mdl['params_nonzero']:,} nonzero "
         f"after pruning",
         f"- **pruning time** {p['seconds']:.2f} s",
-        "",
     ]
+    auto = (p.get("details") or {}).get("winner")
+    if auto:
+        d = p["details"]
+        lines.append(f"- **auto** chose `{auto}` (fidelity {d['winner_score']:.3f}"
+                     + (f", +{d['margin']:.3f} over `{d['runner_up']}`" if d.get("runner_up") else "")
+                     + ", on held-out calibration pairs)")
+    lines.append("")
+    towers = mdl.get("towers") or {}
+    if towers:
+        lines += ["## Size per tower (dense → pruned; FLOPs per input)", "",
+                  "| tower | params dense | params pruned | FLOPs dense | FLOPs pruned | layers |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for t, v in towers.items():
+            lines.append(f"| {t} | {v['params_dense'] / 1e6:.2f} M | {v['params_pruned'] / 1e6:.2f} M "
+                         f"({100 * v['params_ratio']:.0f}%) | {v['flops_dense'] / 1e9:.3f} G | "
+                         f"{v['flops_pruned'] / 1e9:.3f} G ({100 * v['flops_ratio']:.0f}%) | "
+                         f"{v.get('layers_dense')} → {v.get('layers_pruned')} |")
+        lines.append("")
     acc = r.get("accuracy")
     if acc:
         lines += [f"## Accuracy ({acc['dataset']})", "", "| metric | dense | pruned | Δ |",
