@@ -70,8 +70,8 @@ def to_markdown(r: dict) -> str:
         f"# vlcompress report: {mdl['name']}",
         "",
         f"- **method** `{p['method']}`, pattern `{p['pattern']}`, target sparsity "
-        f"{_pct(p['target'])}, achieved {_pct(p['achieved'])} "
-        + ", ".join(f"({k} {_pct(v)})" for k, v in p.get("per_modality", {}).items()),
+        f"{_pct(p['target'])}, achieved {_pct(p['achieved'])} ("
+        + ", ".join(f"{k} {_pct(v)}" for k, v in p.get("per_modality", {}).items()) + ")",
         f"- **parameters** {mdl['params_total']:,} total, {mdl['params_nonzero']:,} nonzero "
         f"after pruning",
         f"- **pruning time** {p['seconds']:.2f} s",

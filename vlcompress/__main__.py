@@ -1,0 +1,5 @@
+"""``python -m vlcompress`` is the ``vlcompress`` command."""
+
+from .cli import main
+
+main()
