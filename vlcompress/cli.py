@@ -116,6 +116,8 @@ def prune_export_cmd(
     units: UnitsOpt = "heads,neurons",
     round_to: RoundToOpt = "8",
     depth: DepthOpt = "0",
+    recover_steps: Annotated[int, typer.Option(
+        "--recover-steps", help="Distil the dense model into the pruned one for N steps.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
@@ -127,7 +129,7 @@ def prune_export_cmd(
                     out=str(out_dir), batch_sizes=batch_sizes, device=device, fp16=fp16,
                     eval_data=eval_data, eval_size=eval_size, iterations=iterations, force=force,
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
-                    tower=tower)
+                    tower=tower, recover_steps=recover_steps)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -340,6 +342,40 @@ def sweep_cmd(
     out.print(t)
     out.print(f"wrote {out_dir}/sweep.json, sweep.md, accuracy_vs_sparsity.png"
               + (", latency_vs_batch.png" if res["latency"] else ""), soft_wrap=True)
+
+
+@app.command("recover")
+@_errors
+def recover_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A prune-export output folder.")],
+    steps: Annotated[int, typer.Option("--steps", help="Distillation steps (positive).")] = 200,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 5e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per step.")] = 32,
+    data: Annotated[str, typer.Option(
+        "--data", help="'shapes' (bundled train split) or a pairs folder.")] = "shapes",
+    size: Annotated[int, typer.Option("--size", help="Training pairs.")] = 256,
+    eval_size: Annotated[int, typer.Option("--eval-size", help="Evaluation pairs.")] = 720,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume",
+                                         help="Continue from RUN_DIR/recover/last.pt.")] = True,
+):
+    """Distil the dense model into the pruned one (pattern preserved), then re-evaluate."""
+    from .recover import recover
+
+    try:
+        with _progress() as prog:
+            res = recover(run_dir, steps=steps, lr=lr, batch_size=batch_size, data=data, n=size,
+                          eval_size=eval_size, resume=resume, progress=prog)
+    except KeyboardInterrupt:
+        err.print(f"interrupted; the last checkpoint is in {run_dir}/recover/ (run again to resume)")
+        raise typer.Exit(130) from None
+    m = res.metrics
+    for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+        if k in m.get("dense", {}):
+            out.print(f"{k}: dense {100 * m['dense'][k]:.1f}%, pruned {100 * m['pruned'][k]:.1f}%, "
+                      f"recovered {100 * m['recovered'][k]:.1f}%")
+    out.print(f"recovered {res.steps - res.start_step} steps"
+              + (f" (resumed at {res.start_step})" if res.start_step else "")
+              + f" in {res.seconds:.1f}s -> {run_dir}/recovered/model, recover.json", soft_wrap=True)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ class RunConfig:
     units: str | tuple[str, ...] = "heads,neurons"  # pattern structured only
     round_to: int | str = 8
     depth: int | str = 0
+    recover_steps: int = 0  # distillation steps after pruning (vlcompress.recover), 0 = none
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
@@ -66,6 +67,10 @@ class RunConfig:
                               "allowed: a positive integer")
         if not isinstance(self.eval_size, int) or self.eval_size < 1:
             raise ConfigError(f"eval size {self.eval_size!r} is not valid; allowed: a positive integer")
+        if isinstance(self.recover_steps, bool) or not isinstance(self.recover_steps, int) \
+                or self.recover_steps < 0:
+            raise ConfigError(f"recover steps {self.recover_steps!r} is not valid; allowed: an "
+                              "integer >= 0")
         bs = parse_batch_sizes(self.batch_sizes)
         object.__setattr__(self, "batch_sizes", bs)
         runtime = "torch" if self.engine == "torch" else "onnxruntime"
@@ -149,10 +154,21 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         dense_model = copy.deepcopy(vlm.model) if cfg.engine == "torch" else None
         dense_size = tower_size(vlm)
         pc = cfg.prune_config
+        teacher = None
+        if cfg.recover_steps:
+            from .recover import dense_copy
+
+            teacher = dense_copy(vlm)
         result = prune(vlm, cfg.method, pc.sparsity, str(pc.pattern),
                        calibration=calib, scope=cfg.scope, skip_incompatible=cfg.skip_incompatible,
                        seed=cfg.seed, units=pc.units, round_to=pc.round_to, depth=pc.depth,
                        progress=progress)
+        if teacher is not None:  # distil the dense model into the pruned one, pattern kept
+            from .recover import recover
+
+            result.details["recover"] = recover(vlm, steps=cfg.recover_steps, teacher=teacher,
+                                                seed=cfg.seed, progress=progress).to_dict()
+            teacher = None
         accuracy = None
         if dense_emb is not None:
             pruned_emb = embed_eval(vlm, eval_data, progress)

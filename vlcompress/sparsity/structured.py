@@ -306,7 +306,15 @@ def prune_structured(vlm, cfg, scorer, calibration=None, progress=None, t0: floa
     units = tuple(cfg.units)
     group_fn = getattr(scorer.fn, "group_importance", None)
     layer_fn = getattr(scorer.fn, "layer_importance", None)
+    # A training-based method (upop, efficientvlm) may search the kept groups itself and
+    # retrain after slicing: fn.structured_search(vlm, blocks, data, cfg, progress=) ->
+    # (head scores, neuron scores, {prefix: (heads, neurons) kept}, details), and
+    # fn.after_slice(vlm, dense, data, cfg, progress=) -> details (dense: a copy of the
+    # model before the search).
+    search_fn = getattr(scorer.fn, "structured_search", None)
+    after_fn = getattr(scorer.fn, "after_slice", None)
     allocation = "per_tower" if group_fn else _uniform_allocation(scorer, cfg)
+    allocation = getattr(scorer.fn, "structured_allocation", allocation)
 
     data = None
     calib_seconds = 0.0
@@ -320,8 +328,20 @@ def prune_structured(vlm, cfg, scorer, calibration=None, progress=None, t0: floa
 
     head_s: dict[str, torch.Tensor] = {}
     neur_s: dict[str, torch.Tensor] = {}
+    counts = None
+    method_details: dict = {}
+    dense = None
+    if target > 0 and after_fn is not None:
+        from ..recover import dense_copy
+
+        dense = dense_copy(vlm)
     if target > 0:
-        if group_fn is not None:
+        if search_fn is not None:
+            tc = time.perf_counter()
+            head_s, neur_s, counts, method_details = search_fn(vlm, blocks, data, cfg,
+                                                               progress=progress)
+            calib_seconds = time.perf_counter() - tc
+        elif group_fn is not None:
             tc = time.perf_counter()
             head_s, neur_s = group_fn(vlm, blocks, data, units=units, round_to=cfg.round_to,
                                       progress=progress)
@@ -341,7 +361,8 @@ def prune_structured(vlm, cfg, scorer, calibration=None, progress=None, t0: floa
                           for ly in b.linears.values()}
                     head_s[b.prefix], neur_s[b.prefix] = group_scores_from_weights(b, sc)
                     task.advance()
-    counts = keep_counts(blocks, head_s, neur_s, allocation, target, units, cfg.round_to)
+    if counts is None:
+        counts = keep_counts(blocks, head_s, neur_s, allocation, target, units, cfg.round_to)
 
     keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -373,6 +394,9 @@ def prune_structured(vlm, cfg, scorer, calibration=None, progress=None, t0: floa
 
         setattr(vlm.model, STRUCTURED_FLAG, True)
         verify = compare_outputs(ref, tower_outputs(vlm, probe))
+    if dense is not None:
+        method_details["after_slice"] = after_fn(vlm, dense, data, cfg, progress=progress)
+        dense = None
 
     removed: dict[str, list[int]] = {}
     layer_scores: dict[str, list[float]] = {}
@@ -419,5 +443,5 @@ def prune_structured(vlm, cfg, scorer, calibration=None, progress=None, t0: floa
         allocation=allocation,
         scope=None if cfg.scope is None else list(cfg.scope),
         calibration=calib_desc,
-        details={"structured": structure},
+        details={"structured": structure, **({cfg.method: method_details} if method_details else {})},
     )

@@ -1,0 +1,175 @@
+"""vlcompress.recover: distillation after pruning keeps the sparsity pattern exactly,
+checkpoints resume, bad inputs fail in one line with nothing written."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_tiny_random_clip, make_tiny_random_siglip
+
+from vlcompress.data import shapes_pairs
+from vlcompress.errors import ConfigError, ModelError
+from vlcompress.prune import prune
+from vlcompress.recover import dense_copy, recover
+
+
+def _data(n=8, bs=8):
+    return shapes_pairs("train", n, bs)
+
+
+def _pruned(pattern, sparsity=None, method="magnitude"):
+    vlm = make_tiny_random_clip()
+    teacher = dense_copy(vlm)
+    prune(vlm, method, sparsity, pattern)
+    return vlm, teacher
+
+
+def test_unstructured_zeros_stay_zero_and_loss_decreases():
+    vlm, teacher = _pruned("unstructured", 0.5)
+    before = {ly.name: (ly.weight == 0).clone() for ly in vlm.prunable_layers()}
+    w0 = {ly.name: ly.weight.detach().clone() for ly in vlm.prunable_layers()}
+    res = recover(vlm, steps=8, teacher=teacher, data=_data(), lr=2e-3)
+    assert res.pattern_preserved and res.masked_layers == len(before)
+    for ly in vlm.prunable_layers():
+        assert torch.equal(ly.weight == 0, before[ly.name]), ly.name
+    assert any(not torch.equal(ly.weight, w0[ly.name]) for ly in vlm.prunable_layers())
+    assert res.losses[-1] < res.losses[0]
+
+
+def test_two_four_stays_exactly_two_four():
+    vlm, teacher = _pruned("2:4")
+    recover(vlm, steps=4, teacher=teacher, data=_data(), lr=2e-3)
+    for ly in vlm.prunable_layers():
+        nz = (ly.weight != 0).reshape(ly.weight.shape[0], -1, 4).sum(-1)
+        assert int(nz.max()) <= 2, ly.name
+
+
+def test_sliced_shapes_unchanged():
+    vlm, teacher = _pruned("structured", 0.5)
+    shapes = {k: tuple(v.shape) for k, v in vlm.model.state_dict().items()}
+    recover(vlm, steps=3, teacher=teacher, data=_data(), lr=1e-3)
+    assert {k: tuple(v.shape) for k, v in vlm.model.state_dict().items()} == shapes
+    assert vlm.model.vision_model.encoder.layers[0].self_attn.num_heads < 4 or \
+        vlm.model.vision_model.encoder.layers[0].mlp.fc1.out_features < 64
+
+
+def _run_dir(tmp_path, name="run"):
+    """A minimal prune-export-like folder: report.json naming the dense model's folder."""
+    dense = make_tiny_random_clip()
+    dense_dir = tmp_path / "dense-model"
+    if not dense_dir.exists():
+        dense.save(dense_dir)
+    prune(dense, "magnitude", None, "2:4")
+    run = tmp_path / name
+    dense.save(run / "pruned" / "model")
+    (run / "report.json").write_text(json.dumps({"model": {"name": str(dense_dir)},
+                                                 "prune": {"method": "magnitude"}}))
+    return run
+
+
+def _weights(folder):
+    from vlcompress.models import load_model
+
+    return load_model(folder).model.state_dict()
+
+
+class _StopAt:
+    """A Progress that raises KeyboardInterrupt on the n-th advance (a Ctrl-C mid-run)."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    def task(self, description, total=None):
+        from contextlib import contextmanager
+
+        outer = self
+
+        @contextmanager
+        def cm():
+            class T:
+                def advance(self, k=1):
+                    outer.seen += k
+                    if outer.seen == outer.n:
+                        raise KeyboardInterrupt
+
+                def update(self, **kw):
+                    pass
+
+            yield T()
+
+        return cm()
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
+    a = _run_dir(tmp_path, "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    kw = dict(steps=4, data=_data(16, 8), lr=2e-3, checkpoint_every=2, evaluate=False)
+    full = recover(a, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        recover(b, progress=_StopAt(3), **kw)
+    assert (b / "recover" / "last.pt").is_file() and not (b / "recovered").exists()
+    ck = torch.load(b / "recover" / "last.pt", weights_only=False)
+    assert ck["step"] == 3
+    res = recover(b, **kw)
+    assert res.start_step == 3 and res.resumed and len(res.losses) == 1
+    assert res.losses[-1] == pytest.approx(full.losses[-1], rel=1e-5, abs=1e-6)
+    wa, wb = _weights(a / "recovered" / "model"), _weights(b / "recovered" / "model")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    doc = json.loads((b / "recover.json").read_text())
+    assert doc["start_step"] == 3 and doc["pattern_preserved"] is True
+    # a longer run continues the finished one; --no-resume starts over
+    assert recover(b, **{**kw, "steps": 5}).start_step == 4
+    assert recover(b, resume=False, **kw).start_step == 0
+
+
+def test_run_dir_writes_metrics(tmp_path):
+    run = _run_dir(tmp_path)
+    res = recover(run, steps=2, data=_data(), eval_size=16)
+    m = json.loads((run / "recover.json").read_text())["metrics"]
+    assert set(m) >= {"dense", "pruned", "recovered", "retained"}
+    assert res.model_path == "recovered/model" and (run / "recovered" / "model").is_dir()
+
+
+def test_bad_inputs_write_nothing(tmp_path):
+    with pytest.raises(ModelError, match="not a vlcompress output"):
+        recover(tmp_path, steps=2)
+    run = _run_dir(tmp_path)
+    listing = sorted(p.name for p in run.iterdir())
+    for steps in (0, -3):
+        with pytest.raises(ConfigError, match="steps"):
+            recover(run, steps=steps)
+    with pytest.raises(ModelError, match="family"):
+        recover(run, steps=2, teacher=make_tiny_random_siglip())
+    assert sorted(p.name for p in run.iterdir()) == listing
+    vlm, _ = _pruned("2:4")
+    with pytest.raises(ConfigError, match="teacher"):
+        recover(vlm, steps=2)
+
+
+def test_cli_recover(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["recover", str(tmp_path), "--steps", "2"])
+    assert res.exit_code == 2 and "not a vlcompress output" in res.stderr
+    assert len([ln for ln in res.stderr.splitlines() if ln.strip()]) == 1
+    run = _run_dir(tmp_path)
+    res = runner.invoke(app, ["recover", str(run), "--steps", "0"])
+    assert res.exit_code == 2 and "steps" in res.stderr and not (run / "recovered").exists()
+    res = runner.invoke(app, ["recover", str(run), "--steps", "2", "--size", "8",
+                              "--batch-size", "4", "--eval-size", "16"])
+    assert res.exit_code == 0, res.output
+    assert (run / "recover.json").is_file() and (run / "recovered" / "model").is_dir()
+
+
+def test_run_config_recover_steps():
+    from vlcompress.pipeline import RunConfig
+
+    assert RunConfig(recover_steps=3).recover_steps == 3
+    with pytest.raises(ConfigError, match="recover steps"):
+        RunConfig(recover_steps=-1)
