@@ -1,6 +1,6 @@
 """Accuracy retained after recovery: tiny-clip at 50% structured sparsity.
 
-    python benchmarks/recover_quality.py [--steps 600 --lr 2e-4]  # results/recover_quality.json
+    python benchmarks/recover_quality.py [--steps 1200 --train-pairs 4096 --lr 2e-4]
 
 Rows: multiflow structured + distillation recovery, mope + recovery, upop (search, slicing,
 distillation retraining) and efficientvlm (L0 gates trained with distillation, slicing,
@@ -30,9 +30,12 @@ KEYS = ("zeroshot_top1", "i2t_r1", "t2i_r1")
 
 
 def run(model: str, methods: list[str], sparsity: float, steps: int, lr: float, calib_n: int,
-        eval_n: int) -> dict:
+        eval_n: int, train_n: int = 4096) -> dict:
     import vlcompress.scoring.efficientvlm as E
     import vlcompress.scoring.upop as U
+    from vlcompress.recover import DEFAULTS
+
+    DEFAULTS["n"] = train_n  # distillation pairs (bundled train split) for every method
 
     U.RETRAIN_STEPS = E.RETRAIN_STEPS = steps
     U.RETRAIN_LR = E.RETRAIN_LR = lr
@@ -53,7 +56,7 @@ def run(model: str, methods: list[str], sparsity: float, steps: int, lr: float, 
             row["pruned"] = None  # the retraining is part of the method
         else:
             row["pruned"] = evaluate(vlm, data)
-            rec = recover(vlm, steps=steps, teacher=teacher, lr=lr)
+            rec = recover(vlm, steps=steps, teacher=teacher, lr=lr, n=train_n)
             row["recipe"] = f"{method} structured + recover ({steps} steps)"
             row["recover_loss"] = [rec.losses[0], rec.losses[-1]]
             row["recover_seconds"] = round(rec.seconds, 2)
@@ -68,6 +71,7 @@ def run(model: str, methods: list[str], sparsity: float, steps: int, lr: float, 
               f"({row['retained']['i2t_r1']:.1%}) {row['seconds']:.1f}s", flush=True)
     return {"model": model, "pattern": "structured", "sparsity": sparsity, "steps": steps,
             "lr": lr, "batch_size": 32, "calibration_pairs": calib_n, "eval_pairs": eval_n,
+            "train_pairs": train_n,
             "dense": dense, "rows": rows}
 
 
@@ -89,7 +93,8 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-clip")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--train-pairs", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--calibration-size", type=int, default=256)
     ap.add_argument("--eval-size", type=int, default=720)
@@ -97,7 +102,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     res = run(a.model, a.methods.split(","), a.sparsity, a.steps, a.lr, a.calibration_size,
-              a.eval_size)
+              a.eval_size, a.train_pairs)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     path = write_result("recover_quality", res, a.out)
     print(markdown(res))

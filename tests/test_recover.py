@@ -173,3 +173,28 @@ def test_run_config_recover_steps():
     assert RunConfig(recover_steps=3).recover_steps == 3
     with pytest.raises(ConfigError, match="recover steps"):
         RunConfig(recover_steps=-1)
+
+
+def test_prune_export_recover_steps_keeps_2_4(tmp_path):
+    """End to end: --recover-steps distils after pruning; the exported pruned ONNX is still 2:4."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+    from vlcompress.exporters.onnx import check_nm
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["prune-export", "--out", str(out), "--recover-steps", "3",
+                                   "--calibration-size", "16", "--eval-size", "48",
+                                   "--batch-sizes", "1", "--iterations", "2"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    rec = rep["prune"]["details"]["recover"]
+    assert rec["steps"] == 3 and rec["pattern_preserved"]
+    assert abs(rep["prune"]["achieved"] - 0.5) < 1e-6
+    pruned = [n for n in rep["prune"]["per_layer"]]
+    for tower in ("vision", "text"):
+        bad = [w for w in check_nm(out / "pruned" / f"{tower}.onnx", 2, 4)
+               if any(w.startswith(p) for p in pruned)]
+        assert bad == [], bad

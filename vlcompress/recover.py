@@ -41,7 +41,7 @@ from .progress import NULL, Progress
 
 CHECKPOINT = "last.pt"
 CHECKPOINT_FORMAT = "vlcompress-recover"
-DEFAULTS = {"n": 256, "batch_size": 32, "lr": 5e-5, "checkpoint_every": 25,
+DEFAULTS = {"n": 4096, "batch_size": 32, "lr": 5e-5, "checkpoint_every": 25,
             "w_contrastive": 1.0, "w_embed": 1.0, "w_logits": 1.0, "temperature": 1.0}
 
 
