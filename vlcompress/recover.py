@@ -249,11 +249,15 @@ def train_student(student, teacher, data, *, steps: int, lr: float, seed: int = 
     for p in teacher.model.parameters():
         p.requires_grad_(False)
 
+    orders: dict[int, list[int]] = {}
+
     def batch_at(step: int) -> dict:
         epoch, i = divmod(step, len(batches))
-        order = list(range(len(batches)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        j = order[i]
+        if epoch not in orders:  # one shuffle per epoch, not per step
+            orders.clear()
+            orders[epoch] = list(range(len(batches)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        j = orders[epoch][i]
         if j not in cache:
             with torch.no_grad():
                 cache[j] = student.encode(batches[j])

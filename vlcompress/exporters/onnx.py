@@ -51,6 +51,7 @@ from ..atomic import atomic_write_bytes, temp_sibling
 from ..data.pairs import PairBatch
 from ..errors import ConfigError, ExportError, OutputError
 from ..progress import NULL, Progress
+from ..runtime.ort_runner import ORT_NP_TYPES as _NP_TYPES
 
 __all__ = [
     "ExportResult", "export_tower", "export_model", "validate_tower", "convert_fp16",
@@ -564,9 +565,6 @@ def _fp16_constant(n: onnx.NodeProto) -> None:
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-             "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-             "tensor(bool)": np.bool_}
 
 
 def _ort_session(path: Path, threads: int | None = None):
@@ -691,7 +689,10 @@ def export_model(vlm, out_dir: str | Path, example: PairBatch, check: PairBatch,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"export folder {str(out_dir)!r} exists and is a file")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create export folder {str(out_dir)!r}: {exc}") from exc
     start = time.perf_counter()
     stage = temp_sibling(out_dir / "onnx", "stage")
     stage.mkdir()

@@ -10,8 +10,10 @@ from .._deps import require_onnxruntime_provider
 from ..errors import ModelError
 from .base import Runner
 
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+#: numpy dtype of each ONNX Runtime input type string (shared with export validation)
+ORT_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                "tensor(bool)": np.bool_}
 
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
                   "MIGraphXExecutionProvider", "DmlExecutionProvider")
@@ -99,7 +101,7 @@ class OrtRunner(Runner):
         hit = self._bound.get(id(arr))
         if hit is not None and hit[0] is arr:
             return hit[1]
-        want = _NP_TYPES.get(self._input_types.get(name, ""))
+        want = ORT_NP_TYPES.get(self._input_types.get(name, ""))
         host = np.ascontiguousarray(arr if want is None else np.asarray(arr, dtype=want))
         dev = "cuda" if self.device == "cuda" else "cpu"
         val = self._ort.OrtValue.ortvalue_from_numpy(host, dev, 0)

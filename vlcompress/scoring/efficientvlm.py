@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ConfigError
 from . import register_scorer
-from .upop import GroupGates, check_family, counts_from_scores, retrain, search_batches
+from .upop import GroupGates, counts_from_scores, fill_untouched, retrain, search_setup
 
 TRAIN_STEPS = 30
 RETRAIN_STEPS = 20
@@ -94,13 +94,9 @@ def efficientvlm(layer, stats=None, *, seed: int = 0) -> torch.Tensor:
 
 
 def _search(vlm, blocks, data, cfg, *, progress):
-    from ..recover import _outputs, dense_copy, distill_loss
+    from ..recover import _outputs, distill_loss
 
-    check_family(vlm, "efficientvlm")
-    units = tuple(cfg.units)
-    target = float(cfg.sparsity)
-    batches = search_batches(vlm, data)
-    teacher = dense_copy(vlm)
+    units, target, batches, teacher = search_setup(vlm, data, cfg, "efficientvlm")
     torch.manual_seed(cfg.seed)
     gates = HardConcreteGates(blocks, units)
     lam = torch.zeros(2, requires_grad=True)
@@ -111,7 +107,6 @@ def _search(vlm, blocks, data, cfg, *, progress):
     T = TRAIN_STEPS
     trace = []
     model = vlm.model
-    was = model.training
     model.train()
     try:
         with gates, progress.task("efficientvlm (L0 gates)", total=T) as task:
@@ -147,11 +142,8 @@ def _search(vlm, blocks, data, cfg, *, progress):
                                    gates.neuron_values(b.prefix) if b.prefix in gates.neurons
                                    else None) for b in blocks})
     finally:
-        model.train(was)
-        model.eval()
-    for b in blocks:
-        head_s.setdefault(b.prefix, torch.zeros(b.num_heads))
-        neur_s.setdefault(b.prefix, torch.zeros(b.mlp_width))
+        model.eval()  # adapters keep HF models in eval mode
+    fill_untouched(blocks, head_s, neur_s)
     per_mod: dict[str, list[float]] = {}
     for b in blocks:
         h, f = counts[b.prefix]

@@ -127,6 +127,21 @@ def search_batches(vlm, data, batch_size: int = SEARCH_BATCH) -> list[dict]:
     return out
 
 
+def search_setup(vlm, data, cfg, method: str):
+    """Shared preamble of the training-based searches: ``(units, target, batches, teacher)``."""
+    from ..recover import dense_copy
+
+    check_family(vlm, method)
+    return tuple(cfg.units), float(cfg.sparsity), search_batches(vlm, data), dense_copy(vlm)
+
+
+def fill_untouched(blocks, head_s: dict, neur_s: dict) -> None:
+    """Untouched unit types keep every group: zero scores, only used for ordering."""
+    for b in blocks:
+        head_s.setdefault(b.prefix, torch.zeros(b.num_heads))
+        neur_s.setdefault(b.prefix, torch.zeros(b.mlp_width))
+
+
 def check_family(vlm, method: str) -> None:
     if len(getattr(vlm, "towers", ())) < 2:
         raise ConfigError(f"method {method!r} distils image-text models with two towers; "
@@ -222,13 +237,9 @@ def upop(layer, stats=None, *, seed: int = 0) -> torch.Tensor:
 
 
 def _search(vlm, blocks, data, cfg, *, progress):
-    from ..recover import _outputs, dense_copy, distill_loss
+    from ..recover import _outputs, distill_loss
 
-    check_family(vlm, "upop")
-    units = tuple(cfg.units)
-    target = float(cfg.sparsity)
-    batches = search_batches(vlm, data)
-    teacher = dense_copy(vlm)
+    units, target, batches, teacher = search_setup(vlm, data, cfg, "upop")
     model = vlm.model
     req = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -264,7 +275,7 @@ def _search(vlm, blocks, data, cfg, *, progress):
                         pr = global_prune_sets(sc, p_t, {})
                         for k, v in vals.items():
                             v.clamp_(0.0, 1.0)
-                            v[pr[k]] = torch.minimum(v[pr[k]], torch.tensor(1.0 - t / T))
+                            v[pr[k]] = v[pr[k]].clamp(max=1.0 - t / T)
                 task.advance()
                 task.update(description=f"upop search (loss {loss.item():.4f})")
     finally:
@@ -272,9 +283,7 @@ def _search(vlm, blocks, data, cfg, *, progress):
             p.requires_grad_(r)
     head_s, neur_s = _standardised(imp, modality)
     counts = counts_from_scores(blocks, head_s, neur_s, target, units, cfg.round_to)
-    for b in blocks:  # untouched unit types keep every group: scores are only for ordering
-        head_s.setdefault(b.prefix, torch.zeros(b.num_heads))
-        neur_s.setdefault(b.prefix, torch.zeros(b.mlp_width))
+    fill_untouched(blocks, head_s, neur_s)
     details = {"search_steps": T, "ratio_schedule": "cosine", "ratios": ratios,
                "standardised": "per modality and unit type", "ranking": "global"}
     return head_s, neur_s, counts, details
