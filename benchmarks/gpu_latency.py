@@ -108,7 +108,7 @@ def hand_slice(vlm, heads: int | None = None, mlp: int | None = None, modality: 
     ``mlp`` MLP neurons (default: half of each) - the uniform structured-50% model."""
     import torch
 
-    from vlcompress.sparsity.surgery import STRUCTURED_FLAG, find_blocks, slice_block
+    from vlcompress.models.surgery import STRUCTURED_FLAG, find_blocks, slice_block
 
     v = copy.deepcopy(vlm)
     blocks = [b for b in find_blocks(v) if b.modality == modality]
@@ -126,7 +126,7 @@ def hand_slice(vlm, heads: int | None = None, mlp: int | None = None, modality: 
 
 
 def vision_shape(vlm) -> dict:
-    from vlcompress.sparsity.surgery import find_blocks
+    from vlcompress.models.surgery import find_blocks
 
     bl = [b for b in find_blocks(vlm) if b.modality == "vision"]
     return {"layers": len(bl), "heads": sorted({b.num_heads for b in bl}),

@@ -31,8 +31,8 @@ KEYS = ("zeroshot_top1", "i2t_r1", "t2i_r1")
 
 def run(model: str, methods: list[str], sparsity: float, steps: int, lr: float, calib_n: int,
         eval_n: int, train_n: int = 4096) -> dict:
-    import vlcompress.scoring.efficientvlm as E
-    import vlcompress.scoring.upop as U
+    import vlcompress.methods.efficientvlm as E
+    import vlcompress.methods.upop as U
     from vlcompress.recover import DEFAULTS
 
     DEFAULTS["n"] = train_n  # distillation pairs (bundled train split) for every method

@@ -36,9 +36,9 @@ from _common import write_result  # noqa: E402
 from vlcompress import load_calibration, load_model, prune  # noqa: E402
 from vlcompress.exporters.onnx import export_tower, validate_tower  # noqa: E402
 from vlcompress.flops import tower_size  # noqa: E402
+from vlcompress.models.surgery import STRUCTURED_FLAG, find_blocks, slice_block  # noqa: E402
 from vlcompress.runtime.latency import make_feeds, measure, summary  # noqa: E402
 from vlcompress.runtime.ort_runner import OrtRunner  # noqa: E402
-from vlcompress.sparsity.surgery import STRUCTURED_FLAG, find_blocks, slice_block  # noqa: E402
 
 
 def hand_sliced(vlm, heads: int, mlp: int):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_tiny_random_clip
 
-from vlcompress.auto import auto_select, fidelity_to_dense, split_heldout
 from vlcompress.config import PruneConfig
+from vlcompress.methods.auto import auto_select, fidelity_to_dense, split_heldout
 from vlcompress.prune import prune
 
 
@@ -64,29 +64,22 @@ def test_auto_restores_dense_weights_between_candidates(calib):
     vlm = make_tiny_random_clip()
     dense = {ly.name: ly.weight.detach().clone() for ly in vlm.prunable_layers()}
     seen = []
-    import sys
-
-    pr = sys.modules["vlcompress.prune"]  # the module (the package re-exports the function)
-    real = pr.prune
+    from vlcompress.methods import Context
+    from vlcompress.prune import prune as real
 
     def spy(v, method, *a, **k):
         seen.append(all(torch.equal(ly.weight, dense[ly.name]) for ly in v.prunable_layers()))
         return real(v, method, *a, **k)
 
     cfg = PruneConfig(method="auto", sparsity=0.5, pattern="unstructured")
-    import unittest.mock
-
-    with unittest.mock.patch.object(pr, "prune", spy):
-        solved = auto_select(vlm, vlm.prunable_layers(), calib, cfg,
-                             candidates=("magnitude", "sparsegpt", "wanda"))
+    ctx = Context(vlm=vlm, cfg=cfg, data=calib, prune=spy)
+    solved = auto_select(ctx, vlm.prunable_layers(), candidates=("magnitude", "sparsegpt", "wanda"))
     assert seen == [True, True, True]
     assert solved.details["winner"] in ("magnitude", "sparsegpt", "wanda")
 
 
-def test_auto_has_no_weight_score():
-    from vlcompress.errors import ConfigError
-    from vlcompress.scoring import get_scorer
+def test_auto_is_declared_a_solver_without_a_weight_score():
+    from vlcompress.methods import get_method
 
-    vlm = make_tiny_random_clip()
-    with pytest.raises(ConfigError, match="picks among methods"):
-        get_scorer("auto").fn(vlm.prunable_layers()[0], None)
+    m = get_method("auto")
+    assert m.kind == "solve" and m.score is None and "structured" not in m.patterns

@@ -13,9 +13,9 @@ from torch import nn
 
 from vlcompress.calibrate import LayerStats, collect_stats
 from vlcompress.errors import ConfigError
+from vlcompress.methods import available_methods, get_method
 from vlcompress.models.base import PrunableLayer
 from vlcompress.prune import prune
-from vlcompress.scoring import available_scorers, get_scorer
 from vlcompress.sparsity import nm_mask, unstructured_mask, weight_sparsity
 from vlcompress.sparsity.obs import obs_prune, reconstruction_error
 
@@ -38,20 +38,20 @@ def calib():
 
 
 def test_registry_entries_and_citations():
-    assert set(NEW) | {"auto"} <= set(available_scorers())
+    assert set(NEW) | {"auto"} <= set(available_methods())
     expect = {"lamp": (False, "global"), "snip": (True, "global"),
               "ecoflap": (True, "per_block"), "sparsegpt": (True, "layerwise")}
     for name, (needs, alloc) in expect.items():
-        s = get_scorer(name)
+        s = get_method(name)
         assert (s.needs_calibration, s.allocation) == (needs, alloc), name
         assert s.description
-    assert get_scorer("sparsegpt").updates_weights and get_scorer("auto").updates_weights
-    assert not any(get_scorer(n).updates_weights for n in ("lamp", "snip", "ecoflap", "wanda"))
-    assert get_scorer("snip").prepare and get_scorer("ecoflap").prepare
-    import vlcompress.scoring.ecoflap as e
+    assert get_method("sparsegpt").updates_weights and get_method("auto").updates_weights
+    assert not any(get_method(n).updates_weights for n in ("lamp", "snip", "ecoflap", "wanda"))
+    assert get_method("snip").prepare and get_method("ecoflap").prepare
+    import vlcompress.methods.ecoflap as e
+    import vlcompress.methods.snip as sn
+    import vlcompress.methods.sparsegpt as sg
     import vlcompress.scoring.lamp as la
-    import vlcompress.scoring.snip as sn
-    import vlcompress.scoring.sparsegpt as sg
 
     for mod, cite in [(sn, "ICLR 2019"), (la, "ICLR 2021"), (e, "ICLR 2024"), (sg, "ICML 2023")]:
         assert cite in mod.__doc__, mod.__name__
@@ -61,7 +61,7 @@ def test_registry_entries_and_citations():
 
 def test_lamp_known_answer():
     # w^2 sorted ascending: 1, 4, 9, 16 -> suffix sums 30, 29, 25, 16
-    got = get_scorer("lamp").fn(make_layer([[1.0, -3.0], [2.0, -4.0]]), None)
+    got = get_method("lamp").score(make_layer([[1.0, -3.0], [2.0, -4.0]]), None)
     expected = torch.tensor([[1 / 30, 9 / 25], [4 / 29, 16 / 16]])
     torch.testing.assert_close(got, expected)
     assert got.dtype == torch.float32
@@ -84,7 +84,7 @@ def test_lamp_global_threshold_spares_small_layers(tiny_random_clip):
 # --- SNIP -------------------------------------------------------------------------------
 
 def test_snip_is_grad_times_weight(tiny_random_clip, calib):
-    from vlcompress.scoring.snip import loss_gradients
+    from vlcompress.methods.snip import loss_gradients
 
     vlm = tiny_random_clip
     layers = vlm.prunable_layers()[:2]
@@ -100,16 +100,16 @@ def test_snip_is_grad_times_weight(tiny_random_clip, calib):
         g, = torch.autograd.grad(vlm.loss(vlm.encode(b)), [ly.weight])
         ref += g
     torch.testing.assert_close(grads[ly.name], ref, rtol=1e-4, atol=1e-7)
-    s = get_scorer("snip").fn(ly, None, extra=grads[ly.name])
+    s = get_method("snip").score(ly, None, extra=grads[ly.name])
     torch.testing.assert_close(s, (ref * ly.weight.detach()).abs(), rtol=1e-4, atol=1e-9)
     with pytest.raises(ConfigError, match="needs loss gradients"):
-        get_scorer("snip").fn(ly, None, extra=None)
+        get_method("snip").score(ly, None, extra=None)
 
 
 # --- ECoFLaP ----------------------------------------------------------------------------
 
 def test_ecoflap_budget_adds_up_and_respects_cap():
-    from vlcompress.scoring.ecoflap import block_sparsities
+    from vlcompress.methods.ecoflap import block_sparsities
 
     sizes = {"a": 1000, "b": 1000, "c": 2000, "d": 500}
     imp = {"a": 10.0, "b": 1.0, "c": 0.1, "d": 0.0}
@@ -130,7 +130,7 @@ def test_ecoflap_budget_adds_up_and_respects_cap():
 
 
 def test_ecoflap_row_ratios_stay_within_budget_and_cap():
-    from vlcompress.scoring.ecoflap import row_ratios
+    from vlcompress.methods.ecoflap import row_ratios
 
     layers = [make_layer(torch.ones(8, 16), f"l{i}", block=i // 2) for i in range(4)]
     bs = {("vision", 0): 0.42, ("vision", 1): 0.58}
@@ -145,7 +145,7 @@ def test_ecoflap_row_ratios_stay_within_budget_and_cap():
 
 
 def test_ecoflap_importance_is_seeded_and_forward_only(tiny_random_clip, calib):
-    from vlcompress.scoring.ecoflap import block_importance
+    from vlcompress.methods.ecoflap import block_importance
 
     vlm = tiny_random_clip
     layers = vlm.prunable_layers()
@@ -225,12 +225,14 @@ def test_sparsegpt_exact_when_pruned_columns_are_redundant():
 
 
 def test_sparsegpt_score_and_dead_columns():
+    from vlcompress.methods.sparsegpt import sparsegpt_score
+
     layer = make_layer([[1.0, 2.0], [3.0, -4.0]])
     gram = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # column 1 never active
-    s = get_scorer("sparsegpt").fn(layer, LayerStats(torch.diag(gram), 5, gram))
+    s = sparsegpt_score(layer, LayerStats(torch.diag(gram), 5, gram))
     assert s[:, 1].eq(0).all() and (s[:, 0] > 0).all()
     with pytest.raises(ConfigError, match="needs input Gram matrices"):
-        get_scorer("sparsegpt").fn(layer, LayerStats(torch.ones(2), 5))
+        sparsegpt_score(layer, LayerStats(torch.ones(2), 5))
     new, keep = obs_prune(layer.weight, gram, n=1, m=2)
     assert keep[:, 0].all() and not keep[:, 1].any()
 
@@ -277,7 +279,7 @@ def test_new_scorers_through_prune(calib, method, pattern):
     else:
         assert res.achieved == 0.5
     assert weight_sparsity(layers) >= res.achieved - 1e-9
-    assert (res.calibration_seconds > 0) == get_scorer(method).needs_calibration
+    assert (res.calibration_seconds > 0) == get_method(method).needs_calibration
     if method == "sparsegpt":
         changed = any(not torch.equal(ly.weight[res.masks[ly.name]], before[ly.name][res.masks[ly.name]])
                       for ly in layers)

@@ -8,8 +8,8 @@ from torch import nn
 
 from vlcompress.calibrate import LayerStats
 from vlcompress.errors import ConfigError
+from vlcompress.methods import available_methods, get_method
 from vlcompress.models.base import PrunableLayer
-from vlcompress.scoring import available_scorers, get_scorer
 
 W = [[1.0, -2.0, 3.0],
      [-4.0, 5.0, -6.0]]
@@ -31,15 +31,15 @@ def make_stats(a) -> LayerStats:
 
 
 def score(name, layer, stats=None, **kw):
-    return get_scorer(name).fn(layer, stats, **kw)
+    return get_method(name).score(layer, stats, **kw)
 
 
 def test_registry_entries():
-    assert {"magnitude", "random", "wanda", "multiflow"} <= set(available_scorers())
+    assert {"magnitude", "random", "wanda", "multiflow"} <= set(available_methods())
     expect = {"magnitude": (False, "global"), "random": (False, "layerwise"),
               "wanda": (True, "per_row"), "multiflow": (True, "per_modality")}
     for name, (calib, alloc) in expect.items():
-        s = get_scorer(name)
+        s = get_method(name)
         assert (s.needs_calibration, s.allocation) == (calib, alloc), name
         assert s.description
 

@@ -14,6 +14,7 @@ from vlcompress import prune
 from vlcompress.config import PruneConfig
 from vlcompress.errors import ConfigError, PatternError
 from vlcompress.models import load_model
+from vlcompress.models.surgery import MANIFEST, find_blocks, is_sliced, read_manifest
 from vlcompress.sparsity import apply_masks
 from vlcompress.sparsity.structured import (
     group_scores_from_weights,
@@ -24,7 +25,6 @@ from vlcompress.sparsity.structured import (
     round_neurons,
     tower_outputs,
 )
-from vlcompress.sparsity.surgery import MANIFEST, find_blocks, is_sliced, read_manifest
 
 
 def uneven_clip(seed=0, layers=2):
@@ -178,7 +178,7 @@ def test_mope_width_and_depth(calib_small):
 
 
 def test_mope_drops_are_zero_for_the_identity(calib_small):
-    from vlcompress.scoring.mope import _Context, _layer_parts, _Variants
+    from vlcompress.methods.mope import _Context, _layer_parts, _Variants
 
     vlm = make_tiny_random_clip(layers=2)
     blocks = find_blocks(vlm)

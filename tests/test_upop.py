@@ -11,8 +11,8 @@ from vlcompress.prune import prune
 
 @pytest.fixture(autouse=True)
 def few_steps(monkeypatch):
-    import vlcompress.scoring.efficientvlm as E
-    import vlcompress.scoring.upop as U
+    import vlcompress.methods.efficientvlm as E
+    import vlcompress.methods.upop as U
 
     monkeypatch.setattr(U, "SEARCH_STEPS", 4)
     monkeypatch.setattr(U, "RETRAIN_STEPS", 2)
@@ -34,7 +34,7 @@ def test_sliced_at_requested_sparsity(method, tmp_path):
     widths = [b.self_attn.num_heads for b in vlm.model.vision_model.encoder.layers] + \
         [b.mlp.fc1.out_features for b in vlm.model.text_model.encoder.layers]
     assert widths != [4, 4, 64, 64]  # physically sliced
-    assert res.details[method]["after_slice"]["steps"] == 2
+    assert res.details[method]["retrain"]["steps"] == 2
     # the sliced model saves and reloads, and still runs
     vlm.save(tmp_path / "m")
     again = load_model(tmp_path / "m")

@@ -142,3 +142,15 @@ def _commit_dir(tmp: Path, path: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot move the finished folder into {str(path)!r}: {exc}") from exc
     if old is not None:
         _remove(old)
+
+
+def check_output_folder(out: str | Path, force: bool) -> Path:
+    """``out`` must not be a file, nor a non-empty folder unless ``force``."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"--out {str(p)!r} is an existing file; allowed: a new or empty folder")
+    if p.is_dir() and any(p.iterdir()) and not force:
+        raise OutputError(f"--out {str(p)!r} is a non-empty folder; pass --force to replace it")
+    if not p.parent.exists():
+        raise OutputError(f"--out {str(p)!r}: parent folder {str(p.parent)!r} does not exist")
+    return p

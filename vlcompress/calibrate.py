@@ -10,7 +10,7 @@ float64 vector of length ``d_in`` per layer, whatever the amount of data.
 With ``gram=True`` it also accumulates each layer's input Gram matrix ``G = X^T X`` (float64
 ``d_in x d_in``, same token filtering), the layer Hessian SparseGPT needs. That is ``d_in^2``
 per layer, so callers collect it for a few layers at a time (SparseGPT: one block index at a
-time, see :mod:`vlcompress.scoring.sparsegpt`).
+time, see :mod:`vlcompress.methods.sparsegpt`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,11 @@ SparsityOpt = Annotated[str | None, typer.Option(
     "--sparsity", "-s", help="Fraction of weights to remove, 0 <= s < 1 (implied by N:M).")]
 PatternOpt = Annotated[str, typer.Option("--pattern", "-p", help="unstructured, structured or N:M.")]
 CalibOpt = Annotated[str, typer.Option(
-    "--calibration", help="'shapes' (bundled) or a folder with images + captions.jsonl.")]
+    "--calibration", help="'shapes' (bundled), a folder with images + captions.jsonl, or (text "
+    "encoders) a captions.jsonl without images or a .txt file, one sentence a line.")]
+TrainDataOpt = Annotated[str | None, typer.Option(
+    "--train-data", help="Pairs for recovery / retraining (default: the --calibration source).")]
+TrainSizeOpt = Annotated[int, typer.Option("--train-size", help="Training pairs (at most).")]
 CalibSizeOpt = Annotated[int, typer.Option("--calibration-size", help="Calibration pairs.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")]
@@ -107,8 +111,11 @@ def prune_export_cmd(
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Latency batch sizes, e.g. 1,8.")] = "1,8",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     fp16: Annotated[bool, typer.Option("--fp16", help="Export fp16 ONNX.")] = False,
-    eval_data: Annotated[str, typer.Option("--eval-data", help="'shapes' or a pairs folder.")] = "shapes",
+    eval_data: Annotated[str | None, typer.Option(
+        "--eval-data", help="Evaluation data (default: the --calibration source).")] = None,
     eval_size: Annotated[int, typer.Option("--eval-size", help="Evaluation pairs.")] = 720,
+    train_data: TrainDataOpt = None,
+    train_size: TrainSizeOpt = 4096,
     iterations: Annotated[int, typer.Option("--iterations", help="Timed iterations per latency cell.")] = 30,
     force: ForceOpt = False,
     skip_incompatible: SkipOpt = False,
@@ -127,7 +134,8 @@ def prune_export_cmd(
     cfg = RunConfig(model=model, method=method, sparsity=sparsity, pattern=pattern,
                     calibration=calibration, calibration_size=calibration_size, engine=engine,
                     out=str(out_dir), batch_sizes=batch_sizes, device=device, fp16=fp16,
-                    eval_data=eval_data, eval_size=eval_size, iterations=iterations, force=force,
+                    eval_data=eval_data, eval_size=eval_size, train_data=train_data,
+                    train_size=train_size, iterations=iterations, force=force,
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
                     tower=tower, recover_steps=recover_steps)
     with _progress() as prog:
@@ -179,12 +187,14 @@ def export_cmd(
     model: Annotated[str, typer.Argument(help="Model folder (e.g. from `vlcompress prune`) or name.")],
     out_dir: OutOpt = Path("vlcompress-onnx"),
     fp16: Annotated[bool, typer.Option("--fp16", help="Export fp16 ONNX.")] = False,
+    calibration: CalibOpt = "shapes",
     force: ForceOpt = False,
 ):
     """Export each tower of a model to ONNX and validate it against PyTorch."""
     from .api import export
 
-    res = export(model, out_dir, fp16=fp16, force=force, progress_factory=_progress)
+    res = export(model, out_dir, fp16=fp16, force=force, calibration=calibration,
+                 progress_factory=_progress)
     for tower, path in res.paths.items():
         out.print(f"{tower}: {path} (max abs diff vs PyTorch {res.max_abs_diff[tower]:.2e})")
 
@@ -198,12 +208,12 @@ def models_cmd(
     from rich.table import Table
 
     if methods:
-        from .scoring import available_scorers, get_scorer
+        from .methods import methods as all_methods
 
-        t = Table("method", "calibration", "allocation", "description")
-        for name in available_scorers():
-            s = get_scorer(name)
-            t.add_row(name, "yes" if s.needs_calibration else "no", s.allocation, s.description)
+        t = Table("method", "kind", "patterns", "needs", "families", "description")
+        for m in all_methods():
+            t.add_row(m.name, m.kind, m.pattern_names, ", ".join(m.needs) or "-",
+                      ", ".join(m.families) if m.families else "any", m.description)
         out.print(t)
         return
     from .models import list_models

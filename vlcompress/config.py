@@ -123,25 +123,17 @@ class PruneConfig:
     depth: int | str = 0
 
     def __post_init__(self):
-        from .scoring import available_scorers, get_scorer  # local: scoring imports config
+        from .methods.registry import check_method  # a leaf registry
 
         pat = Pattern.parse(self.pattern)
         object.__setattr__(self, "pattern", pat)
-        methods = available_scorers()
-        if self.method not in methods:
-            raise ConfigError(f"unknown method {self.method!r}; allowed: {', '.join(methods)}")
         object.__setattr__(self, "units", parse_units(self.units))
         object.__setattr__(self, "round_to", check_positive_int(self.round_to, "--round-to"))
         object.__setattr__(self, "depth", check_positive_int(self.depth, "--depth", zero_ok=True))
-        if getattr(get_scorer(self.method).fn, "structured_only", False) and not pat.is_structured:
-            raise ConfigError(f"method {self.method!r} removes whole heads, neurons and layers; "
-                              f"use pattern structured, not {pat}")
         if self.depth and not pat.is_structured:
             raise ConfigError(f"--depth {self.depth} removes whole layers: it needs pattern "
                               f"structured, not {pat}")
-        if self.depth and not getattr(get_scorer(self.method).fn, "layer_importance", None):
-            raise ConfigError(f"--depth {self.depth} needs a method that scores whole layers "
-                              f"(mope), not {self.method!r}")
+        check_method(self.method, pat, depth=self.depth)
         if pat.is_nm:
             implied = pat.implied_sparsity
             if self.sparsity is not None:

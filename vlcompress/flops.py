@@ -44,7 +44,7 @@ def _tokens(vlm, tower: str, text_length: int | None) -> int:
 
 def tower_flops(vlm, text_length: int | None = None) -> dict[str, dict]:
     """``{tower: {"flops", "tokens", "layers"}}`` for one input, from the current shapes."""
-    from .sparsity.surgery import find_blocks
+    from .models.surgery import find_blocks
 
     if vlm.family not in TOWER_PREFIXES:
         return {}

@@ -12,9 +12,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_output_folder  # noqa: F401 (re-exported)
 from .config import LatencyConfig, PruneConfig, parse_batch_sizes
-from .errors import ConfigError, OutputError
+from .errors import ConfigError
+from .methods.registry import get_method
 from .progress import NULL
 
 ENGINES = ("onnxruntime", "torch", "trt")
@@ -30,8 +31,10 @@ class RunConfig:
     pattern: str = "2:4"
     calibration: str = "shapes"
     calibration_size: int = 256
-    eval_data: str = "shapes"
+    eval_data: str | None = None  # default: the calibration source (shapes: its eval split)
     eval_size: int = 720
+    train_data: str | None = None  # recovery / retraining; default: the calibration source
+    train_size: int = 4096
     engine: str = "onnxruntime"
     out: str = "vlcompress-out"
     batch_sizes: tuple[int, ...] | str = (1, 8)
@@ -67,6 +70,14 @@ class RunConfig:
                               "allowed: a positive integer")
         if not isinstance(self.eval_size, int) or self.eval_size < 1:
             raise ConfigError(f"eval size {self.eval_size!r} is not valid; allowed: a positive integer")
+        if not isinstance(self.train_size, int) or self.train_size < 1:
+            raise ConfigError(f"train size {self.train_size!r} is not valid; allowed: a positive "
+                              "integer")
+        object.__setattr__(self, "calibration", str(self.calibration))
+        if self.eval_data is None:
+            object.__setattr__(self, "eval_data", self.calibration)
+        if self.train_data is None:
+            object.__setattr__(self, "train_data", self.calibration)
         if isinstance(self.recover_steps, bool) or not isinstance(self.recover_steps, int) \
                 or self.recover_steps < 0:
             raise ConfigError(f"recover steps {self.recover_steps!r} is not valid; allowed: an "
@@ -85,18 +96,6 @@ class RunConfig:
         return d
 
 
-def check_output_folder(out: str | Path, force: bool) -> Path:
-    """``out`` must not be a file, nor a non-empty folder unless ``force``."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"--out {str(p)!r} is an existing file; allowed: a new or empty folder")
-    if p.is_dir() and any(p.iterdir()) and not force:
-        raise OutputError(f"--out {str(p)!r} is a non-empty folder; pass --force to replace it")
-    if not p.parent.exists():
-        raise OutputError(f"--out {str(p)!r}: parent folder {str(p.parent)!r} does not exist")
-    return p
-
-
 def check_engine(engine: str, device: str) -> None:
     """Fail before any work when the engine or device cannot run here."""
     from . import _deps
@@ -111,13 +110,73 @@ def check_engine(engine: str, device: str) -> None:
             _deps.require_onnxruntime_provider("CUDAExecutionProvider")
 
 
+def _describe(data) -> str:
+    return f"{getattr(data, 'source', '') or 'pairs'} (n={len(data)})"
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Every combination the run involves, checked before any data or weights are loaded:
+    method x pattern (RunConfig did), x the model's family (from its config alone), x data."""
+    from .methods.registry import check_family
+    from .models import peek_model
+
+    info = peek_model(cfg.model, tower=cfg.tower)
+    method = get_method(cfg.method)
+    check_family(method, cfg.prune_config.pattern, info)
+    if cfg.prune_config.scope is not None:
+        bad = [m for m in cfg.prune_config.scope if m not in info.towers]
+        if bad:
+            raise ConfigError(f"scope {','.join(bad)} is not a modality of {cfg.model} "
+                              f"({info.family}); allowed: {', '.join(info.towers)}")
+    check_data_sources(cfg, info)
+
+
+def check_data_sources(cfg: RunConfig, info) -> None:
+    """Each data source exists and holds what the model reads (images for a vision tower)."""
+    from .data import source_kind
+
+    needs_images = "vision" in info.towers
+    for option, src in (("--calibration", cfg.calibration), ("--eval-data", cfg.eval_data),
+                        ("--train-data", cfg.train_data)):
+        kind = source_kind(src)  # raises DataError for a missing or unreadable source
+        if needs_images and kind == "text":
+            raise ConfigError(f"{option} {src!r} holds text only, but {cfg.model} "
+                              f"({info.family}, towers: {', '.join(info.towers)}) needs images; "
+                              "allowed: image-caption pairs (a folder with captions.jsonl)")
+
+
+def data_notes(cfg: RunConfig, is_preset: bool) -> list[str]:
+    """What the report says about data the user did not choose explicitly."""
+    notes = []
+    if cfg.eval_data == cfg.calibration and cfg.calibration != "shapes":
+        notes.append(f"evaluated on the calibration source {cfg.calibration!r} (no --eval-data "
+                     "given): the first pairs overlap the calibration pairs")
+    if is_preset:
+        notes.append("preset with random weights: accuracy is fidelity to the dense model only")
+    return notes
+
+
+def export_examples(calib):
+    """(export batch of 3 pairs, validation batch of 2) from the first calibration pairs (the
+    pairs are repeated when there are fewer than 5)."""
+    from .runtime.latency import resize_batch
+
+    first = next(iter(calib.batches()))
+    five = resize_batch(first, 5) if len(first) < 5 else first
+    return resize_batch(five, 3), _slice_batch(five, 3, 5)
+
+
+def _slice_batch(batch, a: int, b: int):
+    return type(batch)(*(None if v is None else v[a:b] for v in vars(batch).values()))
+
+
 def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     """Run the whole pipeline and return the report (also written to ``config.out``).
 
     load -> evaluate dense -> export dense -> calibrate/score/mask/apply -> evaluate pruned
     -> export pruned -> save pruned model -> latency dense vs pruned -> report.
     """
-    from .data import load_calibration, load_eval
+    from .data import load_calibration, load_eval, load_training
     from .envinfo import env_info
     from .eval import embed_eval, fidelity, metrics_from_embeddings
     from .exporters.onnx import export_model
@@ -129,6 +188,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     cfg = config or RunConfig(**kw)
     out = check_output_folder(cfg.out, cfg.force)
     check_engine(cfg.engine, cfg.device)
+    check_run(cfg)  # method x pattern x family x data, from the model's config alone
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=32, seed=cfg.seed)
     vlm = load_model(cfg.model, tower=cfg.tower)
@@ -137,14 +197,21 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
 
         check_structured(vlm, cfg.prune_config)
     is_preset = vlm.source.startswith("preset:")
-    # A preset has random weights: no accuracy to measure, only fidelity to the dense model on
-    # a few calibration-like pairs.
-    eval_data = (load_calibration("shapes", n=min(32, cfg.eval_size), batch_size=16,
-                                  seed=cfg.seed + 2)
-                 if is_preset else load_eval(cfg.eval_data, n=cfg.eval_size))
-    # Export examples: the export batch and a validation batch of another size (and text length).
-    batches = iter(load_calibration("shapes", n=5, batch_size=3, seed=cfg.seed + 1).batches())
-    example, check = next(batches), next(batches)
+    # A preset has random weights: no accuracy to measure, only fidelity to the dense model.
+    eval_data = load_eval(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset else cfg.eval_size)
+    train = None
+    if cfg.recover_steps or get_method(cfg.method).retrain is not None:
+        train = load_training(cfg.train_data, n=cfg.train_size, seed=cfg.seed)
+    # Export examples (and latency inputs): the first calibration pairs, an export batch of 3
+    # and a validation batch of 2 (another batch size and text length).
+    example, check = export_examples(calib)
+    data_section = {
+        "calibration": _describe(calib), "eval": _describe(eval_data),
+        "train": _describe(train) if train is not None else None,
+        "export_examples": f"the first {len(example) + len(check)} calibration pairs",
+        "latency_inputs": "the first calibration pairs, repeated to each batch size",
+        "notes": data_notes(cfg, is_preset),
+    }
 
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_emb = embed_eval(vlm, eval_data, progress) if eval_data is not None else None
@@ -160,14 +227,15 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
 
             teacher = dense_copy(vlm)
         result = prune(vlm, cfg.method, pc.sparsity, str(pc.pattern),
-                       calibration=calib, scope=cfg.scope, skip_incompatible=cfg.skip_incompatible,
-                       seed=cfg.seed, units=pc.units, round_to=pc.round_to, depth=pc.depth,
-                       progress=progress)
+                       calibration=calib, train=train, scope=cfg.scope,
+                       skip_incompatible=cfg.skip_incompatible, seed=cfg.seed, units=pc.units,
+                       round_to=pc.round_to, depth=pc.depth, progress=progress)
         if teacher is not None:  # distil the dense model into the pruned one, pattern kept
             from .recover import recover
 
             result.details["recover"] = recover(vlm, steps=cfg.recover_steps, teacher=teacher,
-                                                seed=cfg.seed, progress=progress).to_dict()
+                                                data=train, seed=cfg.seed,
+                                                progress=progress).to_dict()
             teacher = None
         accuracy = None
         if dense_emb is not None:
@@ -200,6 +268,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
             accuracy=accuracy, latency=latency, env=env_info(),
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
+        report["data"] = data_section
         write_report(report, tmp)
     return report
 

@@ -2,10 +2,23 @@
 
     result = prune(vlm, "multiflow", pattern="2:4", calibration=calib)
 
-Steps: validate a :class:`PruneConfig`; pick the prunable layers in ``scope``; check N:M
-compatibility up front (before spending time on calibration); collect activation statistics
-when the scorer needs them; score every layer; turn scores into masks (N:M per layer, or the
-scorer's allocation then an exact unstructured mask); zero the masked weights in place.
+The orchestrator over the method registry (:mod:`vlcompress.methods.registry`). Steps:
+validate a :class:`PruneConfig` (method x pattern); check the method against the model's
+family (:func:`~vlcompress.methods.registry.check_family`); pick the prunable layers in
+``scope``; check N:M compatibility up front (before spending time on calibration); then run
+the method by its declared kind:
+
+- ``score`` / ``prepare+score``: activation statistics when the method needs calibration, an
+  optional model-level ``prepare`` pass, a score per weight, the allocation, the pattern's
+  masks, applied in place;
+- ``solve``: the method masks (and may update) the weights itself;
+- pattern ``structured`` (any kind that supports it): group scores (from weight scores, or the
+  method's ``group_importance``, or its ``search``), keep counts, the masked model, slicing,
+  verification, ``retrain`` for search+retrain methods, and ``depth``.
+
+The data a method uses is the data it is given: ``calibration`` (and ``train`` for methods that
+retrain; the calibration data when None). Where prune() has to use the bundled shapes set
+because nothing was given, :attr:`PruneResult.calibration` says so.
 """
 
 from __future__ import annotations
@@ -13,20 +26,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from .config import PruneConfig
-from .errors import ConfigError
-from .models.base import VLM, PrunableLayer
+from .methods.registry import Context, Method, check_family, get_method
+from .models import family_info
+from .models.base import VLM
 from .progress import NULL, Progress
-from .scoring import get_scorer
 from .sparsity import (
     allocate,
     apply_masks,
     check_nm,
     nm_mask,
     per_row_mask,
+    select_layers,
     sparsity_of,
     sparsity_per_layer,
     sparsity_per_modality,
@@ -60,6 +75,7 @@ class PruneResult:
     scope: list[str] | None = None
     calibration: str | None = None  # source and size of the calibration data, when used
     details: dict = field(default_factory=dict)  # method-specific (auto's pick, ecoflap's blocks)
+    kind: str = ""  # the method's declared kind
 
     @property
     def sparsity(self) -> float:
@@ -69,6 +85,7 @@ class PruneResult:
         """JSON-able summary (no masks), for ``report.json``'s ``prune`` section."""
         return {
             "method": self.method,
+            "kind": self.kind,
             "pattern": self.pattern,
             "sparsity": self.target,
             "target": self.target,
@@ -93,67 +110,63 @@ def _scope_tuple(scope) -> tuple[str, ...] | None:
     return tuple(scope)
 
 
+def _describe(data) -> str:
+    return f"{getattr(data, 'source', '') or 'pairs'} (n={len(data)})"
+
+
 def _calibration_data(calibration):
+    """The calibration data as a PairData and its description for the result."""
     from .data import load_calibration
+    from .data.pairs import as_pair_data
 
     if calibration is None:
-        return load_calibration(**DEFAULT_CALIBRATION)
+        data = load_calibration(**DEFAULT_CALIBRATION)
+        return data, f"{_describe(data)}; bundled default: no calibration data was given"
     if isinstance(calibration, (str, Path)):
-        return load_calibration(calibration, n=DEFAULT_CALIBRATION["n"],
+        data = load_calibration(calibration, n=DEFAULT_CALIBRATION["n"],
                                 batch_size=DEFAULT_CALIBRATION["batch_size"])
-    return calibration
-
-
-def select_layers(vlm: VLM, scope: tuple[str, ...] | None) -> list[PrunableLayer]:
-    """``vlm``'s prunable layers whose modality is in ``scope`` (all when None)."""
-    layers = vlm.prunable_layers()
-    if scope is None:
-        return list(layers)
-    picked = [ly for ly in layers if ly.modality in scope]
-    if not picked:
-        have = sorted({ly.modality for ly in layers})
-        raise ConfigError(f"scope {','.join(scope)} selects no prunable layer of {vlm.name}; "
-                          f"its modalities: {', '.join(have)}")
-    return picked
+        return data, _describe(data)
+    data = as_pair_data(calibration)
+    return data, _describe(data)
 
 
 def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
-          pattern: str = "unstructured", calibration=None, scope=None, *,
+          pattern: str = "unstructured", calibration=None, scope=None, *, train=None,
           skip_incompatible: bool = False, seed: int = 0, layerwise: bool = False,
           units="heads,neurons", round_to: int = 8, depth: int = 0,
           progress: Progress = NULL) -> PruneResult:
     """Prune ``vlm`` in place and return a :class:`PruneResult`.
 
-    - ``method``: a registered scorer (``magnitude``, ``random``, ``wanda``, ``multiflow``,
-      ``lamp``, ``snip``, ``ecoflap``, ``sparsegpt``, ``auto``...). ``sparsegpt`` also updates
-      the surviving weights and ``auto`` picks among methods (the registry's ``solve``
-      extension); method-specific facts land in ``PruneResult.details``.
+    - ``method``: a registered method (``vlcompress models --methods``: ``magnitude``,
+      ``random``, ``wanda``, ``multiflow``, ``lamp``, ``snip``, ``ecoflap``, ``sparsegpt``,
+      ``auto``, ``mope``, ``upop``, ``efficientvlm``). The method declares its patterns,
+      families and needs; an unsupported combination is a one-line :class:`ConfigError`
+      before any work.
     - ``sparsity``: fraction to prune in [0, 1); None means 0.5 for ``unstructured`` and the
       implied value for ``N:M`` (a conflicting value is a :class:`ConfigError`).
-    - ``pattern``: ``unstructured`` or ``N:M`` (e.g. ``2:4``: in each output row keep the 2
-      highest-scored of every 4 consecutive input columns; allocation does not apply).
+    - ``pattern``: ``unstructured``, ``N:M`` (e.g. ``2:4``: in each output row keep the 2
+      highest-scored of every 4 consecutive input columns) or ``structured`` (whole heads and
+      MLP neurons, layers physically sliced; ``units``, ``round_to``, ``depth``).
     - ``calibration``: a ``PairData`` (or a source accepted by ``load_calibration``); when the
-      scorer needs data and none is given, 256 pairs of the bundled shapes set.
+      method needs data and none is given, 256 pairs of the bundled shapes set, and the
+      result's ``calibration`` says so.
+    - ``train``: training pairs for methods that retrain (upop, efficientvlm); default: the
+      calibration data.
     - ``scope``: modalities to prune (``("vision",)``, ``"vision,text"``); None = all.
     - ``skip_incompatible``: leave layers whose input width is not a multiple of M dense and
       list them in ``skipped``, instead of raising :class:`PatternError`.
-    - ``layerwise``: uniform per-layer allocation (each layer loses ``floor(s * n_l)``)
-      instead of the method's default (global for magnitude, per-modality for multiflow,
-      per-row for wanda).
-    - ``pattern="structured"``: remove whole attention heads and MLP neurons (``units``) and
-      physically slice the layers, kept widths rounded to ``round_to``; ``depth`` removes that
-      many whole layers per tower (mope). See :mod:`vlcompress.sparsity.structured`.
+    - ``layerwise``: uniform per-layer allocation instead of the method's default.
     """
     t0 = time.perf_counter()
     cfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
                       scope=_scope_tuple(scope), skip_incompatible=skip_incompatible,
                       seed=int(seed), layerwise=bool(layerwise), units=units,
                       round_to=round_to, depth=depth)
-    scorer = get_scorer(cfg.method)
+    m = get_method(cfg.method)
+    check_family(m, cfg.pattern, family_info(vlm))
+    ctx = Context(vlm=vlm, cfg=cfg, progress=progress, prune=prune)
     if cfg.pattern.is_structured:
-        from .sparsity.structured import prune_structured
-
-        return prune_structured(vlm, cfg, scorer, calibration, progress, t0)
+        return _prune_structured(ctx, m, calibration, train, t0)
     pat = cfg.pattern
     target = float(cfg.sparsity)
     scope_layers = select_layers(vlm, cfg.scope)
@@ -172,48 +185,42 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
                 check_nm(ly.weight.shape[1], pat.n, pat.m, ly.name)  # raises PatternError
 
     stats: dict = {}
-    data = None
     details: dict = {}
     calib_seconds = 0.0
     calib_desc = None
-    if scorer.needs_calibration and layers and target > 0:
+    if m.needs_calibration and layers and target > 0:
         from .calibrate import collect_stats
-        from .data.pairs import as_pair_data
 
         tc = time.perf_counter()
-        data = as_pair_data(_calibration_data(calibration))
-        if scorer.solve is None:  # a solver collects what it needs itself
-            stats = collect_stats(vlm, data, layers, progress=progress)
+        ctx.data, calib_desc = _calibration_data(calibration)
+        if m.kind != "solve":  # a solver collects what it needs itself
+            stats = collect_stats(vlm, ctx.data, layers, progress=progress)
         calib_seconds = time.perf_counter() - tc
-        calib_desc = f"{getattr(data, 'source', '') or 'pairs'} (n={len(data)})"
 
-    allocation = "nm" if pat.is_nm else ("layerwise" if cfg.layerwise else scorer.allocation)
+    allocation = "nm" if pat.is_nm else ("layerwise" if cfg.layerwise else m.allocation)
     masks: dict[str, torch.Tensor] = {}
     if target == 0:
         masks = {ly.name: torch.ones(ly.weight.shape, dtype=torch.bool, device=ly.weight.device)
                  for ly in layers}
-    elif scorer.solve is not None and layers:  # updates weights / meta-method: see scoring doc
-        solved = scorer.solve(vlm, layers, data, cfg, progress=progress)
+    elif m.kind == "solve" and layers:  # updates weights / chooses among methods
+        solved = m.solve(ctx, layers)
         masks, details = solved.masks, dict(solved.details)
         allocation = solved.allocation or allocation
         calib_seconds += solved.calibration_seconds
-    else:
+    elif layers:
         extra: dict = {}
         ratios = None
-        if scorer.prepare is not None and layers:
-            prep = scorer.prepare(vlm, layers, data, stats, cfg, progress=progress)
+        if m.prepare is not None:
+            prep = m.prepare(ctx, layers, stats)
             extra, ratios, details = prep.extra, prep.ratios, dict(prep.details)
-        kw = {"extra": None} if scorer.prepare is not None else {}
         if allocation == "per_block" and ratios is None:
             allocation = "per_row"
         scores: dict[str, torch.Tensor] = {}
         with progress.task("score", total=len(layers)) as task:
             for ly in layers:
-                if kw:
-                    kw["extra"] = extra.pop(ly.name, None)
-                scores[ly.name] = scorer.fn(ly, stats.get(ly.name), seed=cfg.seed, **kw)
+                kw = {"extra": extra.pop(ly.name, None)} if m.prepare is not None else {}
+                scores[ly.name] = m.score(ly, stats.get(ly.name), seed=cfg.seed, **kw)
                 task.advance()
-        kw.clear()
         counts = None
         if allocation not in ("nm", "per_row", "per_block"):
             counts = allocate(allocation, layers, scores, target)
@@ -224,7 +231,7 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
                     masks[ly.name] = nm_mask(s, pat.n, pat.m, ly.name)
                 elif allocation == "per_row":
                     masks[ly.name] = per_row_mask(s, target)
-                elif allocation == "per_block":  # the scorer's per-layer ratios, per row
+                elif allocation == "per_block":  # the method's per-layer ratios, per row
                     masks[ly.name] = per_row_mask(s, ratios[ly.name])
                 else:
                     masks[ly.name] = unstructured_mask(s, counts[ly.name])
@@ -232,18 +239,167 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         apply_masks(layers, masks)
 
     return PruneResult(
-        masks=masks,
-        method=cfg.method,
-        pattern=str(pat),
-        target=target,
+        masks=masks, method=cfg.method, kind=m.kind, pattern=str(pat), target=target,
         achieved=sparsity_of(masks, scope_layers),
         per_modality=sparsity_per_modality(masks, scope_layers),
         per_layer=sparsity_per_layer(masks, scope_layers),
-        skipped=skipped,
-        seconds=time.perf_counter() - t0,
-        calibration_seconds=calib_seconds,
-        allocation=allocation,
-        scope=None if cfg.scope is None else list(cfg.scope),
+        skipped=skipped, seconds=time.perf_counter() - t0, calibration_seconds=calib_seconds,
+        allocation=allocation, scope=None if cfg.scope is None else list(cfg.scope),
+        calibration=calib_desc, details=details,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# pattern structured
+# --------------------------------------------------------------------------------------------
+def _structured_allocation(m: Method, cfg) -> str:
+    if m.structured_allocation:
+        return m.structured_allocation
+    if m.group_importance is not None:
+        return "per_tower"
+    if cfg.layerwise:
+        return "uniform"
+    if m.allocation in ("global", "per_tower"):
+        return "per_tower"
+    return "per_modality" if m.allocation == "per_modality" else "uniform"
+
+
+def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) -> PruneResult:
+    """Structured prune of ``ctx.vlm`` in place (see :mod:`vlcompress.sparsity.structured`);
+    the result's masks are shaped like the original (unsliced) weights."""
+    from .models.surgery import STRUCTURED_FLAG, find_blocks, remove_layers, slice_block
+    from .sparsity.structured import (
+        HEAD_ROUNDING_RULE,
+        check_structured,
+        compare_outputs,
+        group_scores_from_weights,
+        keep_counts,
+        probe_inputs,
+        top_k,
+        tower_outputs,
+        weight_masks,
+    )
+
+    vlm, cfg, progress = ctx.vlm, ctx.cfg, ctx.progress
+    scope_layers = select_layers(vlm, cfg.scope)
+    blocks = check_structured(vlm, cfg, find_blocks(vlm, scope_layers))
+    target = float(cfg.sparsity)
+    units = tuple(cfg.units)
+    allocation = _structured_allocation(m, cfg)
+
+    calib_seconds = 0.0
+    calib_desc = None
+    if (m.needs_calibration and target > 0) or cfg.depth:
+        ctx.data, calib_desc = _calibration_data(calibration)
+    if m.retrain is not None and target > 0:
+        ctx.train = ctx.data if train is None else _calibration_data(train)[0]
+
+    head_s: dict[str, torch.Tensor] = {}
+    neur_s: dict[str, torch.Tensor] = {}
+    counts = None
+    method_details: dict = {}
+    dense = None
+    if target > 0 and m.retrain is not None:
+        from .recover import dense_copy
+
+        dense = dense_copy(vlm)
+    if target > 0:
+        tc = time.perf_counter()
+        if m.search is not None:
+            head_s, neur_s, counts, method_details = m.search(ctx, blocks)
+        elif m.group_importance is not None:
+            head_s, neur_s = m.group_importance(ctx, blocks)
+        else:
+            lys = [ly for b in blocks for ly in b.linears.values()]
+            stats: dict = {}
+            if m.needs_calibration:
+                from .calibrate import collect_stats
+
+                stats = collect_stats(vlm, ctx.data, lys, progress=progress)
+            with progress.task("score", total=len(blocks)) as task:
+                for b in blocks:
+                    sc = {ly.name: m.score(ly, stats.get(ly.name), seed=cfg.seed)
+                          for ly in b.linears.values()}
+                    head_s[b.prefix], neur_s[b.prefix] = group_scores_from_weights(b, sc)
+                    task.advance()
+        if m.needs_calibration:
+            calib_seconds = time.perf_counter() - tc
+    if counts is None:
+        counts = keep_counts(blocks, head_s, neur_s, allocation, target, units, cfg.round_to)
+
+    keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for b in blocks:
+        h, f = counts[b.prefix]
+        hk = torch.arange(b.num_heads) if h == b.num_heads else top_k(head_s[b.prefix], h)
+        fk = torch.arange(b.mlp_width) if f == b.mlp_width else top_k(neur_s[b.prefix], f)
+        keep[b.prefix] = (hk, fk)
+        masks.update(weight_masks(b, hk, fk))
+
+    shapes_before = {b.prefix: (b.num_heads, b.mlp_width) for b in blocks}
+    # Sparsity is measured against the original shapes: stand-ins that outlive the slicing.
+    orig_layers = [SimpleNamespace(name=ly.name, modality=ly.modality,
+                                   weight=torch.empty(tuple(ly.weight.shape), device="meta"))
+                   for ly in scope_layers]
+    changed = [b for b in blocks if counts[b.prefix] != shapes_before[b.prefix]]
+    verify: dict[str, float] = {}
+    if changed:
+        probe = probe_inputs(vlm, ctx.data)
+        apply_masks(scope_layers, masks)
+        ref = tower_outputs(vlm, probe)
+        with progress.task("slice", total=len(changed)) as task:
+            for b in changed:
+                hk, fk = keep[b.prefix]
+                slice_block(b, hk if len(hk) != b.num_heads else None,
+                            fk if len(fk) != b.mlp_width else None)
+                task.advance()
+        setattr(vlm.model, STRUCTURED_FLAG, True)
+        verify = compare_outputs(ref, tower_outputs(vlm, probe))
+    if dense is not None:
+        method_details["retrain"] = m.retrain(ctx, dense)
+        dense = None
+
+    removed: dict[str, list[int]] = {}
+    layer_scores: dict[str, list[float]] = {}
+    if cfg.depth:
+        sliced_blocks = find_blocks(vlm, select_layers(vlm, cfg.scope))
+        tc = time.perf_counter()
+        imp = m.layer_importance(ctx, sliced_blocks)
+        calib_seconds += time.perf_counter() - tc
+        by_prefix = {b.prefix: b for b in blocks}
+        for stack, scores in imp.items():
+            drop = top_k(-scores, cfg.depth).tolist()
+            layer_scores[stack] = [float(x) for x in scores]
+            remove_layers(vlm.model, stack, drop)
+            removed[stack] = drop
+            for i in drop:
+                b = by_prefix[f"{stack}.{i}"]
+                for ly in b.linears.values():
+                    masks[ly.name] = torch.zeros_like(masks[ly.name])  # original shape
+    structure = {
+        "units": list(units),
+        "round_to": cfg.round_to,
+        "depth": cfg.depth,
+        "allocation": allocation,
+        "rounding": HEAD_ROUNDING_RULE,
+        "layers": {b.prefix: {"modality": b.modality,
+                              "heads": [int(counts[b.prefix][0]), shapes_before[b.prefix][0]],
+                              "mlp": [int(counts[b.prefix][1]), shapes_before[b.prefix][1]],
+                              "removed": b.index in removed.get(b.stack, [])}
+                   for b in blocks},
+        "removed_layers": removed,
+        "layer_importance": layer_scores,
+        "verify_max_abs_diff": verify,
+    }
+    if ctx.train is not None:
+        structure["train_data"] = _describe(ctx.train)
+    return PruneResult(
+        masks=masks, method=cfg.method, kind=m.kind, pattern="structured", target=target,
+        achieved=sparsity_of(masks, orig_layers),
+        per_modality=sparsity_per_modality(masks, orig_layers),
+        per_layer=sparsity_per_layer(masks, orig_layers),
+        seconds=time.perf_counter() - t0, calibration_seconds=calib_seconds,
+        allocation=allocation, scope=None if cfg.scope is None else list(cfg.scope),
         calibration=calib_desc,
-        details=details,
+        details={"structured": structure, **({cfg.method: method_details} if method_details else {})},
     )

@@ -27,5 +27,15 @@ def load_eval(source: str | Path = "shapes", n: int = 720, batch_size: int = 64)
     return folder_pairs(source, n, batch_size)
 
 
+def source_kind(source) -> str:  # TEMP until the data branch lands
+    return "pairs"
+
+
+def load_training(source, n: int = 4096, batch_size: int = 32, seed: int = 0) -> PairData:  # TEMP
+    if str(source) == "shapes":
+        return shapes_pairs("train", n, batch_size, seed)
+    return folder_pairs(source, n, batch_size)
+
+
 __all__ = ["PairBatch", "PairData", "load_calibration", "load_eval", "folder_pairs",
            "shapes_pairs"]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .base import VLM, PrunableLayer
-from .registry import bundled_models, families, family_for, presets, register_family
+from .registry import bundled_models, families, family_for, family_info, presets, register_family
 
-__all__ = ["VLM", "PrunableLayer", "load_model", "list_models", "families", "register_family"]
+__all__ = ["VLM", "PrunableLayer", "load_model", "list_models", "families", "register_family",
+           "family_info", "peek_model"]
 
 
 def list_models():
@@ -101,11 +102,11 @@ def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
     model_cls = fam.hf_class()
     manifest = None
     if Path(path).is_dir():
-        from ..sparsity.surgery import read_manifest
+        from .surgery import read_manifest
 
         manifest = read_manifest(path)
     if manifest is not None:  # structurally pruned: per-layer widths the config cannot hold
-        from ..sparsity.surgery import load_sliced
+        from .surgery import load_sliced
 
         model = load_sliced(path, model_cls, cfg, manifest, random_init=random_init)
     elif random_init:
@@ -127,3 +128,49 @@ def _load_preset(entry) -> VLM:
     model = fam.hf_class()(cfg)
     tok, img = fam.default_processors(cfg)
     return fam(model, tok, img, name=entry.name, source=f"preset:{entry.name}")
+
+
+def peek_model(name_or_path: str | Path, *, tower: str | None = None):
+    """What the checks need to know of a model (:class:`FamilyInfo`), read from its config
+    alone: no weights are loaded, so a bad method x pattern x family combination fails in
+    well under a second. Raises ModelError for what ``load_model`` would refuse."""
+    import transformers
+
+    _quiet_transformers()
+    name = str(name_or_path)
+    by_name = {e.name: e for e in list_models()}
+    if name in by_name and by_name[name].kind == "preset":
+        cfg_dict = json.loads(by_name[name].path.read_text())
+        model_type = cfg_dict.get("model_type")
+        fam = family_for(model_type)
+    else:
+        if name in by_name:
+            path = str(by_name[name].path)
+        else:
+            p = Path(name).expanduser()
+            if p.exists() and not (p / "config.json").is_file():
+                raise ModelError(f"model folder {name!r} has no config.json (not an HF model folder)")
+            if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+                raise ModelError(f"model {name!r} is not a bundled name or preset "
+                                 f"({', '.join(by_name)}), an HF id like org/name, or a model folder")
+            path = str(p) if p.exists() else name
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"cannot load model {name!r}: not a bundled name ({', '.join(by_name)}), "
+                f"nor a local folder, nor an HF id reachable offline ({exc.__class__.__name__})"
+            ) from None
+        if tower == "vision" and cfg.model_type not in families():
+            from .towers import NESTED_VISION
+
+            vcfg = getattr(cfg, "vision_config", None)
+            if vcfg is None or vcfg.model_type not in NESTED_VISION:
+                raise ModelError(f"model_type {cfg.model_type!r} has no CLIP or SigLIP vision tower "
+                                 f"(vision_config: {getattr(vcfg, 'model_type', None)}); --tower "
+                                 "vision needs one")
+            return family_info(NESTED_VISION[vcfg.model_type])
+        fam = family_for(cfg.model_type)
+    if tower is not None and tower not in fam.towers:
+        raise ModelError(f"{fam.family} model has no tower {tower}; towers: {', '.join(fam.towers)}")
+    return family_info(fam, towers=(tower,) if tower else None)

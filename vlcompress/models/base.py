@@ -40,6 +40,9 @@ class VLM:
 
     family: str = "?"
     towers: tuple[str, ...] = ()
+    #: whether its encoder layers can be sliced (pattern structured): CLIP-style q/k/v/out
+    #: projections and fc1/fc2 (see :mod:`vlcompress.models.surgery`)
+    structured: bool = False
 
     def __init__(self, model: nn.Module, tokenizer=None, image_processor=None, name: str = "",
                  source: str = ""):

@@ -52,6 +52,7 @@ def encoder_linears(encoder_layers, prefix: str, modality: str) -> list[Prunable
 @register_family("clip")
 class CLIP(VLM):
     family = "clip"
+    structured = True
     towers = ("vision", "text")
 
     @property
@@ -107,7 +108,7 @@ class CLIP(VLM):
     def save(self, path) -> None:
         """Save as HF does; a structurally pruned model also gets its per-layer shapes
         (``vlcompress_manifest.json``) and a README on how to load it."""
-        from ..sparsity.surgery import write_manifest
+        from .surgery import write_manifest
 
         super().save(path)
         write_manifest(self, path)

@@ -87,3 +87,23 @@ def family_for(model_type: str):
             f"{', '.join(sorted(fams))}"
         )
     return fams[model_type]
+
+
+def family_info(vlm_or_cls, towers=None):
+    """A :class:`~vlcompress.methods.registry.FamilyInfo` of an adapter class or instance
+    (``towers``: the towers kept, when fewer than the family's)."""
+    from ..methods.registry import FamilyInfo
+    from .base import VLM
+
+    cls = vlm_or_cls if isinstance(vlm_or_cls, type) else type(vlm_or_cls)
+    all_towers = tuple(cls.towers)
+    if towers is None:
+        towers = all_towers if isinstance(vlm_or_cls, type) else tuple(vlm_or_cls.towers)
+    towers = tuple(towers)
+    whole = towers == all_towers
+    return FamilyInfo(family=cls.family, towers=towers,
+                      has_loss=whole and cls.loss is not VLM.loss,
+                      structured=bool(getattr(cls, "structured", False)),
+                      image_text=whole and "vision" in towers and "text" in towers,
+                      structured_families=tuple(sorted(
+                          n for n, c in families().items() if getattr(c, "structured", False))))

@@ -33,6 +33,7 @@ class _SiglipTextTower(nn.Module):
 @register_family("siglip")
 class SigLIP(CLIP):
     family = "siglip"
+    structured = True
     towers = ("vision", "text")
 
     def prunable_layers(self):

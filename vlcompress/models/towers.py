@@ -53,6 +53,7 @@ class _TextFeatures(nn.Module):
 
 class _VisionTowerBase(VLM):
     towers = ("vision",)
+    structured = True
     feature_layer = -1
 
     @property

@@ -14,6 +14,7 @@ from .allocation import (
 )
 from .apply import (
     apply_masks,
+    select_layers,
     sparsity_of,
     sparsity_per_layer,
     sparsity_per_modality,
@@ -25,5 +26,5 @@ __all__ = [
     "ALLOCATIONS", "allocate", "global_counts", "layerwise_counts", "per_modality_counts",
     "per_row_counts", "prune_count", "threshold_counts", "apply_masks", "sparsity_of",
     "sparsity_per_layer", "sparsity_per_modality", "weight_sparsity", "check_nm", "nm_mask",
-    "per_row_mask", "unstructured_mask",
+    "per_row_mask", "unstructured_mask", "select_layers",
 ]

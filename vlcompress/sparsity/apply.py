@@ -104,3 +104,18 @@ def weight_sparsity(layers: Iterable[PrunableLayer]) -> float:
         total += w.numel()
         zeros += int(w.numel() - torch.count_nonzero(w))
     return zeros / total if total else 0.0
+
+
+def select_layers(vlm, scope: tuple[str, ...] | None) -> list:
+    """``vlm``'s prunable layers whose modality is in ``scope`` (all when None)."""
+    from ..errors import ConfigError
+
+    layers = vlm.prunable_layers()
+    if scope is None:
+        return list(layers)
+    picked = [ly for ly in layers if ly.modality in scope]
+    if not picked:
+        have = sorted({ly.modality for ly in layers})
+        raise ConfigError(f"scope {','.join(scope)} selects no prunable layer of {vlm.name}; "
+                          f"its modalities: {', '.join(have)}")
+    return picked

@@ -42,16 +42,14 @@ model's to float tolerance; with ``depth`` it finally removes whole layers.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import torch
 
 from ..errors import ConfigError, PatternError
+from ..models.surgery import Block, find_blocks
 from .allocation import per_modality_counts, prune_count, threshold_counts
-from .apply import apply_masks, sparsity_of, sparsity_per_layer, sparsity_per_modality
-from .surgery import Block, find_blocks, remove_layers, slice_block
+from .apply import select_layers
 
 HEAD_ROUNDING_RULE = ("kept heads rounded to the nearest multiple of round_to/gcd(round_to, "
                       "head_dim) (kept attention width a multiple of round_to), at least that "
@@ -103,8 +101,6 @@ def check_structured(vlm, cfg, blocks: Sequence[Block] | None = None) -> list[Bl
     - :class:`ConfigError` when ``depth`` is not below every tower's layer count.
     Returns the blocks in scope.
     """
-    from ..prune import select_layers
-
     if blocks is None:
         blocks = find_blocks(vlm, select_layers(vlm, cfg.scope))
     if not blocks:
@@ -231,7 +227,7 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def weight_masks(block: Block, heads_keep: torch.Tensor, neurons_keep: torch.Tensor
                  ) -> dict[str, torch.Tensor]:
     """Bool masks (True = kept) shaped like each of ``block``'s six weights."""
-    from .surgery import head_rows
+    from ..models.surgery import head_rows
 
     out = {}
     rows = torch.zeros(block.lin("attn.q").out_features, dtype=torch.bool)
@@ -255,11 +251,14 @@ def weight_masks(block: Block, heads_keep: torch.Tensor, neurons_keep: torch.Ten
 # --------------------------------------------------------------------------------------------
 # verification
 # --------------------------------------------------------------------------------------------
-def probe_inputs(vlm) -> dict[str, dict[str, torch.Tensor]]:
-    """Small real inputs for every tower (2 pairs of the bundled shapes data)."""
+def probe_inputs(vlm, data=None) -> dict[str, dict[str, torch.Tensor]]:
+    """Small real inputs for every tower: the first 2 pairs of ``data`` (the calibration
+    data), or of the bundled shapes data when there is none."""
     from ..data import load_calibration
 
-    batch = next(iter(load_calibration("shapes", n=2, batch_size=2, seed=0).batches()))
+    src = data if data is not None else load_calibration("shapes", n=2, batch_size=2, seed=0)
+    batch = next(iter(src.batches()))
+    batch = type(batch)(*(None if v is None else v[:2] for v in vars(batch).values()))
     return {t: vlm.tower_inputs(t, batch) for t in vlm.towers}
 
 
@@ -279,169 +278,3 @@ def compare_outputs(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) 
             raise RuntimeError(f"structured slicing changed the {t} tower's outputs: max abs diff "
                                f"{d:.3g} vs the masked model")
     return diffs
-
-
-# --------------------------------------------------------------------------------------------
-# the whole structured prune
-# --------------------------------------------------------------------------------------------
-def _uniform_allocation(scorer, cfg) -> str:
-    if cfg.layerwise:
-        return "uniform"
-    if scorer.allocation in ("global", "per_tower"):
-        return "per_tower"
-    return "per_modality" if scorer.allocation == "per_modality" else "uniform"
-
-
-def prune_structured(vlm, cfg, scorer, calibration=None, progress=None, t0: float | None = None):
-    """Structured prune of ``vlm`` in place (see the module doc); returns a ``PruneResult``
-    whose masks are shaped like the original (unsliced) weights."""
-    from ..progress import NULL
-    from ..prune import PruneResult, _calibration_data, select_layers
-
-    progress = progress or NULL
-    t0 = time.perf_counter() if t0 is None else t0
-    scope_layers = select_layers(vlm, cfg.scope)
-    blocks = check_structured(vlm, cfg, find_blocks(vlm, scope_layers))
-    target = float(cfg.sparsity)
-    units = tuple(cfg.units)
-    group_fn = getattr(scorer.fn, "group_importance", None)
-    layer_fn = getattr(scorer.fn, "layer_importance", None)
-    # A training-based method (upop, efficientvlm) may search the kept groups itself and
-    # retrain after slicing: fn.structured_search(vlm, blocks, data, cfg, progress=) ->
-    # (head scores, neuron scores, {prefix: (heads, neurons) kept}, details), and
-    # fn.after_slice(vlm, dense, data, cfg, progress=) -> details (dense: a copy of the
-    # model before the search).
-    search_fn = getattr(scorer.fn, "structured_search", None)
-    after_fn = getattr(scorer.fn, "after_slice", None)
-    allocation = "per_tower" if group_fn else _uniform_allocation(scorer, cfg)
-    allocation = getattr(scorer.fn, "structured_allocation", allocation)
-
-    data = None
-    calib_seconds = 0.0
-    calib_desc = None
-    needs_data = (scorer.needs_calibration and target > 0) or (cfg.depth and layer_fn)
-    if needs_data:
-        from ..data.pairs import as_pair_data
-
-        data = as_pair_data(_calibration_data(calibration))
-        calib_desc = f"{getattr(data, 'source', '') or 'pairs'} (n={len(data)})"
-
-    head_s: dict[str, torch.Tensor] = {}
-    neur_s: dict[str, torch.Tensor] = {}
-    counts = None
-    method_details: dict = {}
-    dense = None
-    if target > 0 and after_fn is not None:
-        from ..recover import dense_copy
-
-        dense = dense_copy(vlm)
-    if target > 0:
-        if search_fn is not None:
-            tc = time.perf_counter()
-            head_s, neur_s, counts, method_details = search_fn(vlm, blocks, data, cfg,
-                                                               progress=progress)
-            calib_seconds = time.perf_counter() - tc
-        elif group_fn is not None:
-            tc = time.perf_counter()
-            head_s, neur_s = group_fn(vlm, blocks, data, units=units, round_to=cfg.round_to,
-                                      progress=progress)
-            calib_seconds = time.perf_counter() - tc
-        else:
-            lys = [ly for b in blocks for ly in b.linears.values()]
-            stats: dict = {}
-            if scorer.needs_calibration:
-                from ..calibrate import collect_stats
-
-                tc = time.perf_counter()
-                stats = collect_stats(vlm, data, lys, progress=progress)
-                calib_seconds = time.perf_counter() - tc
-            with progress.task("score", total=len(blocks)) as task:
-                for b in blocks:
-                    sc = {ly.name: scorer.fn(ly, stats.get(ly.name), seed=cfg.seed)
-                          for ly in b.linears.values()}
-                    head_s[b.prefix], neur_s[b.prefix] = group_scores_from_weights(b, sc)
-                    task.advance()
-    if counts is None:
-        counts = keep_counts(blocks, head_s, neur_s, allocation, target, units, cfg.round_to)
-
-    keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    masks: dict[str, torch.Tensor] = {}
-    for b in blocks:
-        h, f = counts[b.prefix]
-        hk = torch.arange(b.num_heads) if h == b.num_heads else top_k(head_s[b.prefix], h)
-        fk = torch.arange(b.mlp_width) if f == b.mlp_width else top_k(neur_s[b.prefix], f)
-        keep[b.prefix] = (hk, fk)
-        masks.update(weight_masks(b, hk, fk))
-
-    shapes_before = {b.prefix: (b.num_heads, b.mlp_width) for b in blocks}
-    # Sparsity is measured against the original shapes: stand-ins that outlive the slicing.
-    orig_layers = [SimpleNamespace(name=ly.name, modality=ly.modality,
-                                   weight=torch.empty(tuple(ly.weight.shape), device="meta"))
-                   for ly in scope_layers]
-    changed = [b for b in blocks if counts[b.prefix] != shapes_before[b.prefix]]
-    verify: dict[str, float] = {}
-    if changed:
-        probe = probe_inputs(vlm)
-        apply_masks(scope_layers, masks)
-        ref = tower_outputs(vlm, probe)
-        with progress.task("slice", total=len(changed)) as task:
-            for b in changed:
-                hk, fk = keep[b.prefix]
-                slice_block(b, hk if len(hk) != b.num_heads else None,
-                            fk if len(fk) != b.mlp_width else None)
-                task.advance()
-        from .surgery import STRUCTURED_FLAG
-
-        setattr(vlm.model, STRUCTURED_FLAG, True)
-        verify = compare_outputs(ref, tower_outputs(vlm, probe))
-    if dense is not None:
-        method_details["after_slice"] = after_fn(vlm, dense, data, cfg, progress=progress)
-        dense = None
-
-    removed: dict[str, list[int]] = {}
-    layer_scores: dict[str, list[float]] = {}
-    if cfg.depth:
-        sliced_blocks = find_blocks(vlm, select_layers(vlm, cfg.scope))
-        tc = time.perf_counter()
-        imp = layer_fn(vlm, sliced_blocks, data, progress=progress)
-        calib_seconds += time.perf_counter() - tc
-        by_prefix = {b.prefix: b for b in blocks}
-        for stack, scores in imp.items():
-            drop = top_k(-scores, cfg.depth).tolist()
-            layer_scores[stack] = [float(x) for x in scores]
-            remove_layers(vlm.model, stack, drop)
-            removed[stack] = drop
-            for i in drop:
-                b = by_prefix[f"{stack}.{i}"]
-                for ly in b.linears.values():
-                    masks[ly.name] = torch.zeros_like(masks[ly.name])  # original shape
-    structure = {
-        "units": list(units),
-        "round_to": cfg.round_to,
-        "depth": cfg.depth,
-        "allocation": allocation,
-        "rounding": HEAD_ROUNDING_RULE,
-        "layers": {b.prefix: {"modality": b.modality,
-                              "heads": [int(counts[b.prefix][0]), shapes_before[b.prefix][0]],
-                              "mlp": [int(counts[b.prefix][1]), shapes_before[b.prefix][1]],
-                              "removed": b.index in removed.get(b.stack, [])}
-                   for b in blocks},
-        "removed_layers": removed,
-        "layer_importance": layer_scores,
-        "verify_max_abs_diff": verify,
-    }
-    return PruneResult(
-        masks=masks,
-        method=cfg.method,
-        pattern="structured",
-        target=target,
-        achieved=sparsity_of(masks, orig_layers),
-        per_modality=sparsity_per_modality(masks, orig_layers),
-        per_layer=sparsity_per_layer(masks, orig_layers),
-        seconds=time.perf_counter() - t0,
-        calibration_seconds=calib_seconds,
-        allocation=allocation,
-        scope=None if cfg.scope is None else list(cfg.scope),
-        calibration=calib_desc,
-        details={"structured": structure, **({cfg.method: method_details} if method_details else {})},
-    )

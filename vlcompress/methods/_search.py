@@ -1,30 +1,7 @@
-"""UPop: unified and progressive structured pruning (Shi, Chen, Lin, Huang, Liu, Zhang, Wang,
-"UPop: Unified and Progressive Pruning for Compressing Vision-Language Transformers",
-ICML 2023).
-
-Our own implementation of the paper's recipe, sized to run on a CPU for tiny-clip:
-
-1. **unified search space**: a learnable mask value ``zeta`` per attention head (it scales
-   the head's output before the out-projection, i.e. the head's ``head_dim`` columns of
-   ``out_proj``) and per MLP neuron (its fc2 input) in every encoder layer of every modality;
-2. **importance**: the gradient magnitude ``|dL/dzeta|`` of a distillation loss (contrastive
-   + embedding + logit distillation from the dense model, :func:`vlcompress.recover.distill_loss`),
-   accumulated over the search steps; standardised per modality and unit type (z-scores), so
-   the towers compare, then **ranked together** across all layers and modalities (heads in one
-   pool, neurons in another);
-3. **progressive**: at search step t the pruned ratio follows the cosine ramp
-   ``p_t = s * (1 - cos(pi * t / T)) / 2`` to the target ``s``; the mask values of the units
-   currently ranked in the lowest ``p_t`` are pulled to ``1 - t / T`` (0 at the end), so
-   the model gets used to losing them gradually while the importance keeps being measured;
-4. **slicing** with the structured surgery (kept widths rounded as every structured method),
-   then **distillation retraining** (:func:`vlcompress.recover.train_student`) with the
-   pattern kept.
-
-Simplifications (to keep it affordable): the search learns the mask values only (the paper
-also trains the weights during the search; here the weights are trained in the retraining
-phase), and runs ``SEARCH_STEPS`` steps on the calibration pairs, then ``RETRAIN_STEPS``
-distillation steps on the bundled training split.
-"""
+"""What the training-based structured searches (UPop, EfficientVLM) share: mask values on
+heads and neurons applied through forward hooks, the encoded search batches, global ranking
+into keep counts, and distillation retraining after slicing on the training data prune() was
+given."""
 
 from __future__ import annotations
 
@@ -33,13 +10,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from . import register_scorer
 
-#: Search steps (mask-value updates) and distillation steps after slicing.
-SEARCH_STEPS = 24
-RETRAIN_STEPS = 40
-SEARCH_LR = 0.05
-RETRAIN_LR = 1e-4
 #: Pairs per search step.
 SEARCH_BATCH = 32
 
@@ -127,12 +98,12 @@ def search_batches(vlm, data, batch_size: int = SEARCH_BATCH) -> list[dict]:
     return out
 
 
-def search_setup(vlm, data, cfg, method: str):
+def search_setup(ctx):
     """Shared preamble of the training-based searches: ``(units, target, batches, teacher)``."""
     from ..recover import dense_copy
 
-    check_family(vlm, method)
-    return tuple(cfg.units), float(cfg.sparsity), search_batches(vlm, data), dense_copy(vlm)
+    vlm, cfg = ctx.vlm, ctx.cfg
+    return tuple(cfg.units), float(cfg.sparsity), search_batches(vlm, ctx.data), dense_copy(vlm)
 
 
 def fill_untouched(blocks, head_s: dict, neur_s: dict) -> None:
@@ -140,12 +111,6 @@ def fill_untouched(blocks, head_s: dict, neur_s: dict) -> None:
     for b in blocks:
         head_s.setdefault(b.prefix, torch.zeros(b.num_heads))
         neur_s.setdefault(b.prefix, torch.zeros(b.mlp_width))
-
-
-def check_family(vlm, method: str) -> None:
-    if len(getattr(vlm, "towers", ())) < 2:
-        raise ConfigError(f"method {method!r} distils image-text models with two towers; "
-                          f"{vlm.name} has {', '.join(vlm.towers)}")
 
 
 def standardise(scores: dict[str, torch.Tensor], modality: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -212,94 +177,17 @@ def counts_from_scores(blocks, head_s, neur_s, target: float, units, round_to: i
     return out
 
 
-def retrain(vlm, dense, cfg, *, steps: int, lr: float, progress) -> dict:
-    """Distillation retraining of the sliced model (pattern kept), as :mod:`vlcompress.recover`."""
-    from ..recover import DEFAULTS, _train_data, train_student
+def retrain(ctx, dense, *, steps: int, lr: float) -> dict:
+    """Distillation retraining of the sliced model (pattern kept) on ``ctx.train``, the
+    training data prune() was given (the user's; its source is recorded)."""
+    from ..recover import train_student
 
     if steps <= 0:
         return {"steps": 0}
-    data = _train_data("shapes", DEFAULTS["n"], DEFAULTS["batch_size"], cfg.seed)
-    _, losses = train_student(vlm, dense, data, steps=steps, lr=lr, seed=cfg.seed,
-                              progress=progress)
-    return {"steps": steps, "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]}
-
-
-# --------------------------------------------------------------------------------------------
-# the scorer
-# --------------------------------------------------------------------------------------------
-@register_scorer("upop", needs_calibration=True, allocation="global",
-                 description="UPop: unified progressive search of heads / neurons across "
-                             "modalities by standardised gradient importance, then slicing and "
-                             "distillation retraining (structured only)")
-def upop(layer, stats=None, *, seed: int = 0) -> torch.Tensor:
-    """UPop searches whole heads and neurons: it only runs with pattern ``structured``."""
-    raise ConfigError("method 'upop' removes whole heads and neurons; use --pattern structured")
-
-
-def _search(vlm, blocks, data, cfg, *, progress):
-    from ..recover import _outputs, distill_loss
-
-    units, target, batches, teacher = search_setup(vlm, data, cfg, "upop")
-    model = vlm.model
-    req = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gates = GroupGates(blocks, units)
-    opt = torch.optim.Adam(gates.parameters(), lr=SEARCH_LR)
-    imp = {("h", k): torch.zeros_like(v) for k, v in gates.heads.items()}
-    imp.update({("f", k): torch.zeros_like(v) for k, v in gates.neurons.items()})
-    modality = {b.prefix: b.modality for b in blocks}
-    T = SEARCH_STEPS
-    ratios = []
-    try:
-        with gates, progress.task("upop search", total=T) as task:
-            for t in range(1, T + 1):
-                enc = batches[(t - 1) % len(batches)]
-                with torch.no_grad():
-                    t_out = _outputs(teacher, enc)
-                loss = distill_loss(_outputs(vlm, enc), t_out)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for k, v in gates.heads.items():
-                    imp[("h", k)] += v.grad.detach().abs()
-                for k, v in gates.neurons.items():
-                    imp[("f", k)] += v.grad.detach().abs()
-                opt.step()
-                p_t = target * (1 - math.cos(math.pi * t / T)) / 2
-                ratios.append(round(p_t, 4))
-                h_s, f_s = _standardised(imp, modality)
-                with torch.no_grad():
-                    for sc, vals in ((h_s, gates.heads), (f_s, gates.neurons)):
-                        if not sc:
-                            continue
-                        pr = global_prune_sets(sc, p_t, {})
-                        for k, v in vals.items():
-                            v.clamp_(0.0, 1.0)
-                            v[pr[k]] = v[pr[k]].clamp(max=1.0 - t / T)
-                task.advance()
-                task.update(description=f"upop search (loss {loss.item():.4f})")
-    finally:
-        for p, r in req.items():
-            p.requires_grad_(r)
-    head_s, neur_s = _standardised(imp, modality)
-    counts = counts_from_scores(blocks, head_s, neur_s, target, units, cfg.round_to)
-    fill_untouched(blocks, head_s, neur_s)
-    details = {"search_steps": T, "ratio_schedule": "cosine", "ratios": ratios,
-               "standardised": "per modality and unit type", "ranking": "global"}
-    return head_s, neur_s, counts, details
-
-
-def _standardised(imp, modality):
-    h = standardise({k: v for (kind, k), v in imp.items() if kind == "h"}, modality)
-    f = standardise({k: v for (kind, k), v in imp.items() if kind == "f"}, modality)
-    return h, f
-
-
-def _after_slice(vlm, dense, data, cfg, *, progress) -> dict:
-    return retrain(vlm, dense, cfg, steps=RETRAIN_STEPS, lr=RETRAIN_LR, progress=progress)
-
-
-upop.structured_search = _search
-upop.structured_only = True
-upop.after_slice = _after_slice
-upop.structured_allocation = "upop-global"
+    data = ctx.train
+    if data is None:
+        raise ConfigError("retraining after slicing needs training pairs; pass train= to prune()")
+    _, losses = train_student(ctx.vlm, dense, data, steps=steps, lr=lr, seed=ctx.cfg.seed,
+                              progress=ctx.progress)
+    return {"steps": steps, "lr": lr, "data": f"{getattr(data, 'source', '') or 'pairs'} "
+            f"(n={len(data)})", "loss_first": losses[0], "loss_last": losses[-1]}

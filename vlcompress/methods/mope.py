@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from . import register_scorer
+from ..progress import NULL
+from .registry import Method, register_method
 
 #: Calibration pairs MoPE evaluates on (the first ones of the calibration data).
 MAX_PAIRS = 64
@@ -44,14 +45,6 @@ MAX_PAIRS = 64
 NEURON_GROUPS = 16
 #: Elements per stacked activation chunk ([variants * batch, tokens, width]).
 CHUNK_ELEMENTS = 2**24
-
-
-@register_scorer("mope", needs_calibration=True, allocation="per_tower",
-                 description="MoPE-CLIP: contrastive-loss increase when a head / neuron group / "
-                             "layer is removed (structured only; --depth for layers)")
-def mope(layer, stats=None, *, seed: int = 0) -> torch.Tensor:
-    """MoPE scores groups, not weights: it only runs with pattern ``structured``."""
-    raise ConfigError("method 'mope' scores whole heads, neurons and layers; use --pattern structured")
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,13 +190,11 @@ def _layer_parts(ctx: _Context, block):
 # the importance functions prune_structured calls
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def group_importance(vlm, blocks: Sequence, data, *, units=("heads", "neurons"), round_to: int = 8,
-                     neuron_groups: int = NEURON_GROUPS, max_pairs: int = MAX_PAIRS, progress=None
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def group_importance(ctx, blocks: Sequence, *, neuron_groups: int = NEURON_GROUPS,
+                     max_pairs: int = MAX_PAIRS) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """MoPE scores ``({prefix: heads [H]}, {prefix: neurons [F]})`` for every block."""
-    from ..progress import NULL
-
-    progress = progress or NULL
+    vlm, data, progress = ctx.vlm, ctx.data, ctx.progress or NULL
+    units, round_to = tuple(ctx.cfg.units), int(ctx.cfg.round_to)
     ctx = _Context(vlm, blocks, data, max_pairs)
     heads_out: dict[str, torch.Tensor] = {}
     neur_out: dict[str, torch.Tensor] = {}
@@ -250,12 +241,9 @@ def group_importance(vlm, blocks: Sequence, data, *, units=("heads", "neurons"),
 
 
 @torch.no_grad()
-def layer_importance(vlm, blocks: Sequence, data, *, max_pairs: int = MAX_PAIRS, progress=None
-                     ) -> dict[str, torch.Tensor]:
+def layer_importance(ctx, blocks: Sequence, *, max_pairs: int = MAX_PAIRS) -> dict[str, torch.Tensor]:
     """MoPE score of every whole layer: ``{stack: [L]}`` (loss increase when skipped)."""
-    from ..progress import NULL
-
-    progress = progress or NULL
+    vlm, data, progress = ctx.vlm, ctx.data, ctx.progress or NULL
     ctx = _Context(vlm, blocks, data, max_pairs)
     out: dict[str, list[float]] = {}
     with progress.task("mope depth", total=len(blocks)) as task:
@@ -267,6 +255,9 @@ def layer_importance(vlm, blocks: Sequence, data, *, max_pairs: int = MAX_PAIRS,
     return {k: torch.tensor(v) for k, v in out.items()}
 
 
-mope.structured_only = True
-mope.group_importance = group_importance
-mope.layer_importance = layer_importance
+register_method(Method(
+    name="mope", kind="group", allocation="per_tower", group_importance=group_importance,
+    layer_importance=layer_importance, patterns=("structured",), families=("clip",),
+    needs=("calibration", "image_text"),
+    description="MoPE-CLIP: contrastive-loss increase when a head / neuron group / layer is "
+                "removed (structured only; --depth for layers)"))

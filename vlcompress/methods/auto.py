@@ -18,7 +18,8 @@ are kept (exactly what was measured, not a re-run) and :class:`~vlcompress.prune
 ``runner_up`` and every candidate's metrics and seconds. Memory: two extra copies of the
 prunable weights (dense, and best so far).
 
-Registered as the scorer ``auto`` through the ``solve`` extension of the scorer registry.
+Registered as the method ``auto`` of kind ``solve`` (it runs prune() for each candidate
+through ``Context.prune``, so it never imports the orchestrator above it).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .progress import NULL
-from .scoring import Solved, register_scorer
+from ..errors import ConfigError
+from ..progress import NULL
+from .registry import Method, Solved, register_method
 
 CANDIDATES = ("magnitude", "lamp", "wanda", "multiflow", "snip", "ecoflap", "sparsegpt")
 HELDOUT_FRACTION = 0.25
@@ -39,7 +40,7 @@ HELDOUT_FRACTION = 0.25
 def split_heldout(data, fraction: float = HELDOUT_FRACTION):
     """(fit, held-out) :class:`PairData` from ``data``: the last ``fraction`` is held out (at
     least one pair). With a single pair both are that pair."""
-    from .data.pairs import PairData
+    from ..data.pairs import PairData
 
     n = len(data)
     n_held = min(n - 1, max(1, round(n * fraction))) if n > 1 else n
@@ -56,40 +57,54 @@ def split_heldout(data, fraction: float = HELDOUT_FRACTION):
 
 
 @torch.no_grad()
-def embed_pairs(vlm, data) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised (image, caption) embeddings of every pair of ``data``, float32 on the CPU."""
+def embed_pairs(vlm, data) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Normalised (image, caption) embeddings of every pair of ``data``, float32 on the CPU;
+    None for the side a one-tower model does not have (token features are flattened)."""
     ims, txt = [], []
+    has_image, has_text = "vision" in vlm.towers, "text" in vlm.towers
     for b in data.batches():
-        ims.append(vlm.embed_images(b.images).float().cpu())
-        txt.append(vlm.embed_texts(list(b.captions)).float().cpu())
-    return F.normalize(torch.cat(ims), dim=-1), F.normalize(torch.cat(txt), dim=-1)
+        if has_image:
+            ims.append(vlm.embed_images(b.images).float().cpu())
+        if has_text:
+            txt.append(vlm.embed_texts(list(b.captions)).float().cpu())
+
+    def norm(xs):
+        if not xs:
+            return None
+        x = torch.cat(xs)
+        return F.normalize(x.flatten(0, -2) if x.dim() > 2 else x, dim=-1)
+
+    return norm(ims), norm(txt)
 
 
-def fidelity_to_dense(dense: tuple[torch.Tensor, torch.Tensor],
-                      pruned: tuple[torch.Tensor, torch.Tensor],
-                      captions: list[str] | None = None) -> dict[str, float]:
-    """The four fidelity metrics above and their mean ``score``."""
+def fidelity_to_dense(dense, pruned, captions: list[str] | None = None) -> dict[str, float]:
+    """The fidelity metrics above and their mean ``score`` (a one-tower model: the cosine of
+    its side alone)."""
     di, dt = dense
     pi, pt = pruned
-    if captions is not None:
-        ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-        cid = torch.tensor([ids[c] for c in captions])
-    else:
-        cid = torch.arange(dt.shape[0])
-    i2t = (cid[(di @ dt.t()).argmax(1)] == cid[(pi @ pt.t()).argmax(1)]).float().mean().item()
-    t2i = ((dt @ di.t()).argmax(1) == (pt @ pi.t()).argmax(1)).float().mean().item()
-    out = {"image_cosine": (di * pi).sum(-1).mean().item(),
-           "text_cosine": (dt * pt).sum(-1).mean().item(),
-           "i2t_agreement": i2t, "t2i_agreement": t2i}
-    out["score"] = sum(out.values()) / 4
+    out = {}
+    if di is not None:
+        out["image_cosine"] = (di * pi).sum(-1).mean().item()
+    if dt is not None:
+        out["text_cosine"] = (dt * pt).sum(-1).mean().item()
+    if di is not None and dt is not None and di.shape[0] == dt.shape[0]:
+        if captions is not None:
+            ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+            cid = torch.tensor([ids[c] for c in captions])
+        else:
+            cid = torch.arange(dt.shape[0])
+        out["i2t_agreement"] = (cid[(di @ dt.t()).argmax(1)] == cid[(pi @ pt.t()).argmax(1)]
+                                ).float().mean().item()
+        out["t2i_agreement"] = ((dt @ di.t()).argmax(1) == (pt @ pi.t()).argmax(1)).float().mean().item()
+    out["score"] = sum(out.values()) / len(out)
     return out
 
 
-def auto_select(vlm, layers, data, cfg, *, candidates=CANDIDATES, progress=NULL) -> Solved:
-    """Prune ``vlm`` in place with the candidate most faithful to the dense model (see the
-    module doc); ``layers`` are the layers :func:`prune` selected, ``cfg`` its config."""
-    from .prune import prune
-
+def auto_select(ctx, layers, *, candidates=CANDIDATES) -> Solved:
+    """Prune ``ctx.vlm`` in place with the candidate most faithful to the dense model (see the
+    module doc); ``layers`` are the layers :func:`prune` selected, ``ctx.cfg`` its config and
+    ``ctx.prune`` prune() itself (it runs each candidate)."""
+    vlm, data, cfg, progress, prune = ctx.vlm, ctx.data, ctx.cfg, ctx.progress or NULL, ctx.prune
     if data is None:
         raise ConfigError("method 'auto' needs calibration pairs to hold some out")
     fit, held = split_heldout(data)
@@ -153,16 +168,12 @@ def auto_select(vlm, layers, data, cfg, *, candidates=CANDIDATES, progress=NULL)
     return Solved(best[3], details, allocation=f"auto:{best[4]}", calibration_seconds=calib)
 
 
-def solve(vlm, layers, data, cfg, *, progress=NULL) -> Solved:
-    return auto_select(vlm, layers, data, cfg, progress=progress)
+def solve(ctx, layers) -> Solved:
+    return auto_select(ctx, layers)
 
 
-@register_scorer("auto", needs_calibration=True, allocation="auto", solve=solve,
-                 description="tries " + ", ".join(CANDIDATES) + "; keeps the most faithful "
-                             "to the dense model on held-out calibration pairs")
-def auto_score(layer, stats=None, *, seed: int = 0, extra=None) -> torch.Tensor:
-    """``auto`` chooses among whole methods in :func:`prune` (its ``solve``); it has no
-    per-weight score, so calling it directly (or with a pattern that only scores, such as
-    ``structured``) is a :class:`ConfigError` rather than a silent magnitude prune."""
-    raise ConfigError("method 'auto' picks among methods inside prune() (unstructured or N:M); "
-                      "it has no per-weight score to use here")
+register_method(Method(
+    name="auto", kind="solve", allocation="auto", solve=solve, needs=("calibration",),
+    patterns=("unstructured", "nm"),
+    description="tries " + ", ".join(CANDIDATES) + "; keeps the most faithful to the dense "
+                "model on held-out calibration pairs"))

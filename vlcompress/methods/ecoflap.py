@@ -35,7 +35,7 @@ import torch
 
 from ..calibrate import activation_norm
 from ..progress import NULL
-from . import Prepared, register_scorer
+from .registry import Method, Prepared, register_method
 from .snip import model_loss
 
 EPS = 1e-3
@@ -176,8 +176,9 @@ def row_ratios(layers, block_sparsity: dict, sparsity: float, cap: float) -> dic
     return {ly.name: k[ly.name] / ly.weight.shape[1] for ly in layers}
 
 
-def prepare(vlm, layers, data, stats, cfg, *, progress=NULL) -> Prepared:
+def prepare(ctx, layers, stats) -> Prepared:
     """The coarse step (skipped under N:M or ``layerwise``, where no per-block ratio applies)."""
+    vlm, data, cfg, progress = ctx.vlm, ctx.data, ctx.cfg, ctx.progress or NULL
     if cfg.pattern.is_nm or cfg.layerwise:
         return Prepared()
     s = float(cfg.sparsity)
@@ -194,9 +195,13 @@ def prepare(vlm, layers, data, stats, cfg, *, progress=NULL) -> Prepared:
     return Prepared(ratios=ratios, details=details)
 
 
-@register_scorer("ecoflap", needs_calibration=True, allocation="per_block", prepare=prepare,
-                 description="zeroth-order block budget (capped), then wanda inside each layer")
 def ecoflap(layer, stats, *, seed: int = 0, extra=None) -> torch.Tensor:
     """The fine step's score: wanda's ``|W| * a_j`` (float32)."""
     w = layer.weight.detach().float().abs()
     return w * activation_norm(layer, stats, "ecoflap").unsqueeze(0)
+
+
+register_method(Method(
+    name="ecoflap", kind="prepare+score", allocation="per_block", prepare=prepare, score=ecoflap,
+    needs=("calibration", "loss"), patterns=("unstructured", "nm"),
+    description="zeroth-order block budget (capped), then wanda inside each layer"))

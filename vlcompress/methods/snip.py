@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import NULL
-from . import Prepared, register_scorer
+from .registry import Method, Prepared, register_method
 
 
 def model_loss(vlm, encoded, method: str) -> torch.Tensor:
@@ -57,13 +57,11 @@ def loss_gradients(vlm, layers, data, progress=NULL) -> tuple[dict[str, torch.Te
     return grads, (sum(losses) / len(losses) if losses else float("nan"))
 
 
-def prepare(vlm, layers, data, stats, cfg, *, progress=NULL) -> Prepared:
-    grads, loss = loss_gradients(vlm, layers, data, progress)
-    return Prepared(extra=grads, details={"loss": loss, "batches": data.num_batches})
+def prepare(ctx, layers, stats) -> Prepared:
+    grads, loss = loss_gradients(ctx.vlm, layers, ctx.data, ctx.progress or NULL)
+    return Prepared(extra=grads, details={"loss": loss, "batches": ctx.data.num_batches})
 
 
-@register_scorer("snip", needs_calibration=True, allocation="global", prepare=prepare,
-                 description="|dL/dW * W| with the model's own (contrastive) loss, global")
 def snip(layer, stats=None, *, seed: int = 0, extra=None) -> torch.Tensor:
     """``|g * W|`` as float32; ``extra`` is the layer's accumulated loss gradient ``g``."""
     if extra is None:
@@ -74,3 +72,9 @@ def snip(layer, stats=None, *, seed: int = 0, extra=None) -> torch.Tensor:
         raise ConfigError(f"gradient for layer {layer.name} has shape {tuple(extra.shape)}; "
                           f"the weight has {tuple(w.shape)}")
     return (extra.to(w.device).float() * w).abs()
+
+
+register_method(Method(
+    name="snip", kind="prepare+score", allocation="global", prepare=prepare, score=snip,
+    needs=("calibration", "loss"), patterns=("unstructured", "nm"),
+    description="|dL/dW * W| with the model's own (contrastive) loss, global"))

@@ -31,7 +31,7 @@ import torch
 from ..errors import ConfigError
 from ..progress import NULL
 from ..sparsity.obs import inverse_hessian_cholesky, obs_prune, reconstruction_error
-from . import Solved, register_scorer
+from .registry import Method, Solved, register_method
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01
@@ -95,16 +95,15 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
     return Solved(masks, details, allocation="nm" if m else "layerwise", calibration_seconds=calib)
 
 
-def solve(vlm, layers, data, cfg, *, progress=NULL) -> Solved:
+def solve(ctx, layers) -> Solved:
     """The registry's entry point: :func:`sparsegpt_prune` with the default options."""
-    pat = cfg.pattern
+    pat, progress = ctx.cfg.pattern, ctx.progress or NULL
     if pat.is_nm:
-        return sparsegpt_prune(vlm, layers, data, n=pat.n, m=pat.m, progress=progress)
-    return sparsegpt_prune(vlm, layers, data, sparsity=float(cfg.sparsity), progress=progress)
+        return sparsegpt_prune(ctx.vlm, layers, ctx.data, n=pat.n, m=pat.m, progress=progress)
+    return sparsegpt_prune(ctx.vlm, layers, ctx.data, sparsity=float(ctx.cfg.sparsity),
+                           progress=progress)
 
 
-@register_scorer("sparsegpt", needs_calibration=True, allocation="layerwise", solve=solve,
-                 description="OBS column sweep with weight updates (sequential, X^T X Hessian)")
 def sparsegpt_score(layer, stats, *, seed: int = 0, extra=None) -> torch.Tensor:
     """The OBS saliency ``w_ij^2 / [H^-1]_jj`` (dampened ``H = X^T X``), float32; no updates."""
     g = _gram(layer, stats)
@@ -114,3 +113,9 @@ def sparsegpt_score(layer, stats, *, seed: int = 0, extra=None) -> torch.Tensor:
     s = w.square() / hinv_diag.unsqueeze(0)
     s[:, dead] = 0.0
     return s.float()
+
+
+register_method(Method(
+    name="sparsegpt", kind="solve", allocation="layerwise", solve=solve,
+    needs=("calibration",), patterns=("unstructured", "nm"),
+    description="OBS column sweep with weight updates (sequential, X^T X Hessian)"))

@@ -27,9 +27,9 @@ import math
 
 import torch
 
-from ..errors import ConfigError
-from . import register_scorer
-from .upop import GroupGates, counts_from_scores, fill_untouched, retrain, search_setup
+from ..progress import NULL
+from ._search import GroupGates, counts_from_scores, fill_untouched, retrain, search_setup
+from .registry import Method, register_method
 
 TRAIN_STEPS = 30
 RETRAIN_STEPS = 20
@@ -84,19 +84,11 @@ def _expected_sparsity(gates: HardConcreteGates, blocks) -> torch.Tensor:
     return 1.0 - kept / total
 
 
-@register_scorer("efficientvlm", needs_calibration=True, allocation="global",
-                 description="EfficientVLM: hard-concrete (L0) gates on heads / neurons under one "
-                             "global expected-sparsity Lagrangian, trained with distillation, "
-                             "then slicing (structured only)")
-def efficientvlm(layer, stats=None, *, seed: int = 0) -> torch.Tensor:
-    """EfficientVLM gates whole heads and neurons: it only runs with pattern ``structured``."""
-    raise ConfigError("method 'efficientvlm' removes whole heads and neurons; use --pattern structured")
-
-
-def _search(vlm, blocks, data, cfg, *, progress):
+def _search(ctx, blocks):
     from ..recover import _outputs, distill_loss
 
-    units, target, batches, teacher = search_setup(vlm, data, cfg, "efficientvlm")
+    vlm, cfg, progress = ctx.vlm, ctx.cfg, ctx.progress or NULL
+    units, target, batches, teacher = search_setup(ctx)
     torch.manual_seed(cfg.seed)
     gates = HardConcreteGates(blocks, units)
     lam = torch.zeros(2, requires_grad=True)
@@ -155,11 +147,13 @@ def _search(vlm, blocks, data, cfg, *, progress):
     return head_s, neur_s, counts, details
 
 
-def _after_slice(vlm, dense, data, cfg, *, progress) -> dict:
-    return retrain(vlm, dense, cfg, steps=RETRAIN_STEPS, lr=RETRAIN_LR, progress=progress)
+def _retrain(ctx, dense) -> dict:
+    return retrain(ctx, dense, steps=RETRAIN_STEPS, lr=RETRAIN_LR)
 
 
-efficientvlm.structured_search = _search
-efficientvlm.structured_only = True
-efficientvlm.after_slice = _after_slice
-efficientvlm.structured_allocation = "l0-global"
+register_method(Method(
+    name="efficientvlm", kind="search+retrain", allocation="global", search=_search,
+    retrain=_retrain, structured_allocation="l0-global", patterns=("structured",),
+    needs=("calibration", "image_text", "training"),
+    description="EfficientVLM: hard-concrete (L0) gates on heads / neurons under one global "
+                "expected-sparsity Lagrangian, trained with distillation, then slicing"))

@@ -1,0 +1,231 @@
+"""The method registry: every pruning method is a declaration, checked before any work.
+
+A :class:`Method` says what the method *is* (its ``kind``), which patterns and families it
+supports and what it *needs*; :func:`check_method` checks a method x pattern x family x data
+combination and fails with one line naming the allowed values. The callables are plain
+functions, called by :func:`vlcompress.prune.prune` with a :class:`Context`:
+
+=================  =========================================================================
+kind               what prune() calls
+=================  =========================================================================
+``score``          ``score(layer, stats, *, seed, extra=None) -> Tensor`` per prunable weight
+                   (pure; ``scoring/``), then the method's allocation and the pattern
+``prepare+score``  ``prepare(ctx, layers, stats) -> Prepared`` once (a model-level pass:
+                   SNIP's gradients, ECoFLaP's block budget), then ``score`` per layer
+``solve``          ``solve(ctx, layers) -> Solved``: masks the weights itself and may update
+                   the surviving ones (SparseGPT), or chooses among methods (``auto``)
+``group``          ``group_importance(ctx, blocks) -> (head scores, neuron scores)`` for the
+                   structured pattern (MoPE); ``layer_importance(ctx, blocks)`` for ``depth``
+``search+retrain`` ``search(ctx, blocks) -> (head scores, neuron scores, keep counts,
+                   details)``, then slicing, then ``retrain(ctx, dense) -> details``
+=================  =========================================================================
+
+This module is a leaf: it imports nothing of vlcompress but :mod:`vlcompress.errors`. The
+methods themselves live in ``scoring/`` (pure per-weight scorers, registered through
+:func:`vlcompress.scoring.register_scorer`) and ``methods/`` (everything else); both packages
+are discovered on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, PatternError
+
+KINDS = ("score", "prepare+score", "solve", "group", "search+retrain")
+PATTERN_KINDS = ("unstructured", "nm", "structured")
+#: What a method may need. ``calibration``: calibration pairs (or sentences); ``loss``: the
+#: model's own training loss (gradients or loss probes); ``image_text``: an image-text model
+#: with two towers (contrastive distillation / metrics); ``training``: training pairs.
+NEEDS = ("calibration", "loss", "image_text", "training")
+_PATTERN_NAMES = {"unstructured": "unstructured", "nm": "N:M", "structured": "structured"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method's declaration (see the module doc)."""
+
+    name: str
+    kind: str
+    description: str
+    patterns: tuple[str, ...] = ("unstructured", "nm")
+    needs: tuple[str, ...] = ()
+    families: tuple[str, ...] | None = None  # None: every family the pattern supports
+    allocation: str = "layerwise"  # default weight allocation for score-based kinds
+    score: Callable | None = None
+    prepare: Callable | None = None
+    solve: Callable | None = None
+    group_importance: Callable | None = None
+    layer_importance: Callable | None = None  # makes ``depth`` available
+    search: Callable | None = None
+    retrain: Callable | None = None
+    structured_allocation: str | None = None  # the label a search reports
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        bad = [p for p in self.patterns if p not in PATTERN_KINDS]
+        bad += [n for n in self.needs if n not in NEEDS]
+        if bad:
+            raise ValueError(f"method {self.name!r}: unknown pattern/need {bad}")
+        required = {"score": ("score",), "prepare+score": ("prepare", "score"), "solve": ("solve",),
+                    "group": ("group_importance",), "search+retrain": ("search",)}[self.kind]
+        missing = [r for r in required if getattr(self, r) is None]
+        if missing:
+            raise ValueError(f"method {self.name!r} of kind {self.kind!r} lacks {missing}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return "calibration" in self.needs
+
+    @property
+    def updates_weights(self) -> bool:
+        return self.kind in ("solve", "search+retrain")
+
+    @property
+    def pattern_names(self) -> str:
+        return ", ".join(_PATTERN_NAMES[p] for p in self.patterns)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "patterns": list(self.patterns),
+                "needs": list(self.needs), "families": None if self.families is None
+                else list(self.families), "allocation": self.allocation,
+                "description": self.description}
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` returns: per-layer inputs to ``score`` (``extra``), optional per-layer
+    sparsity ratios applied per output row, and JSON-able details for the result."""
+
+    extra: dict = field(default_factory=dict)
+    ratios: dict[str, float] | None = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class Solved:
+    """What ``solve`` returns: ``masks`` (True = kept) for every layer it pruned, JSON-able
+    ``details``, the allocation label and the seconds spent collecting calibration data."""
+
+    masks: dict
+    details: dict = field(default_factory=dict)
+    allocation: str = ""
+    calibration_seconds: float = 0.0
+
+
+@dataclass
+class Context:
+    """What prune() hands a method: the model, the validated ``PruneConfig``, the calibration
+    data (None when the method needs none), the training data (search+retrain), progress,
+    and ``prune``: prune() itself, for methods that run other methods (``auto``)."""
+
+    vlm: object
+    cfg: object
+    data: object = None
+    train: object = None
+    progress: object = None
+    prune: Callable | None = None
+
+
+_METHODS: dict[str, Method] = {}
+_DISCOVERED = False
+#: Packages whose modules register methods when imported.
+PACKAGES = ("vlcompress.scoring", "vlcompress.methods")
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry (a second registration of a name replaces the first)."""
+    _METHODS[method.name] = method
+    return method
+
+
+def _discover() -> None:
+    """Import every module of the method packages once (each registers what it defines)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for pkg_name in PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_") and mod.name != "registry":
+                importlib.import_module(f"{pkg_name}.{mod.name}")
+
+
+def available_methods() -> list[str]:
+    _discover()
+    return sorted(_METHODS)
+
+
+def methods() -> list[Method]:
+    _discover()
+    return [_METHODS[n] for n in sorted(_METHODS)]
+
+
+def get_method(name: str) -> Method:
+    _discover()
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; allowed: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def _pattern_kind(pattern) -> str:
+    kind = getattr(pattern, "kind", None) or str(pattern)
+    return "nm" if kind not in ("unstructured", "structured") else kind
+
+
+def methods_for(pattern_kind: str) -> list[str]:
+    return [m.name for m in methods() if pattern_kind in m.patterns]
+
+
+def check_method(name: str, pattern, *, depth: int = 0) -> Method:
+    """The method ``name``, checked against ``pattern`` (a Pattern or its text) and ``depth``;
+    a one-line ConfigError naming what is allowed otherwise."""
+    m = get_method(name)
+    pk = _pattern_kind(pattern)
+    if pk not in m.patterns:
+        raise ConfigError(f"method {name!r} does not support pattern {pattern}; {name} supports "
+                          f"{m.pattern_names}; methods for {_PATTERN_NAMES[pk]}: "
+                          f"{', '.join(methods_for(pk))}")
+    if depth and m.layer_importance is None:
+        with_depth = [x.name for x in methods() if x.layer_importance is not None]
+        raise ConfigError(f"--depth {depth} needs a method that scores whole layers "
+                          f"({', '.join(with_depth)}), not {name!r}")
+    return m
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """What the checks need to know of a model before loading its weights."""
+
+    family: str
+    towers: tuple[str, ...]
+    has_loss: bool  # the adapter defines the model's own training loss
+    structured: bool  # its encoder layers can be sliced (pattern structured)
+    image_text: bool  # an image-text model with contrastive image and text embeddings
+    structured_families: tuple[str, ...] = ()  # every registered family that ``structured`` fits
+
+
+def check_family(method: Method, pattern, info: FamilyInfo) -> None:
+    """Fail with one line when ``method`` x ``pattern`` cannot run on a model like ``info``."""
+    pk = _pattern_kind(pattern)
+    if pk == "structured" and not info.structured:
+        raise PatternError(f"pattern structured is not supported for family {info.family!r} (it "
+                          "slices CLIP-style encoder layers: q/k/v/out projections and fc1/fc2); "
+                          f"supported: {', '.join(info.structured_families)}; use unstructured "
+                          "or N:M")
+    if method.families is not None and info.family not in method.families:
+        raise ConfigError(f"method {method.name!r} supports the families "
+                          f"{', '.join(method.families)}, not {info.family!r}")
+    if "loss" in method.needs and not info.has_loss:
+        ok = [m.name for m in methods() if "loss" not in m.needs and pk in m.patterns]
+        raise ConfigError(f"method {method.name!r} needs the model's own training loss, which "
+                          f"family {info.family!r} (towers: {', '.join(info.towers)}) does not "
+                          f"have; methods for it: {', '.join(ok)}")
+    if "image_text" in method.needs and not info.image_text:
+        raise ConfigError(f"method {method.name!r} distils image-text models with two towers; "
+                          f"this model has {', '.join(info.towers)}")
