@@ -1,6 +1,6 @@
 import pytest
 
-from vlcompress.config import LatencyConfig, Pattern, PruneConfig, check_sparsity, parse_batch_sizes
+from vlcompress.config import Pattern, PruneConfig, check_sparsity, parse_batch_sizes
 from vlcompress.errors import ConfigError
 
 
@@ -37,5 +37,7 @@ def test_batch_sizes():
     for bad in ("", "0", "1,-2", "a"):
         with pytest.raises(ConfigError):
             parse_batch_sizes(bad)
+    from vlcompress.runtime.registry import LatencyConfig
+
     with pytest.raises(ConfigError):
         LatencyConfig(runtime="tvm")

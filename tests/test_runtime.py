@@ -10,7 +10,6 @@ import torch
 from conftest import RecordingProgress, make_tiny_random_clip
 from onnx import TensorProto, helper, numpy_helper
 
-from vlcompress.config import LatencyConfig
 from vlcompress.data import load_calibration
 from vlcompress.errors import ConfigError, MissingDependencyError, ModelError
 from vlcompress.runtime import (
@@ -26,6 +25,7 @@ from vlcompress.runtime import (
     summary,
     tower_input_names,
 )
+from vlcompress.runtime.registry import LatencyConfig
 
 
 class Recording(Runner):

@@ -391,9 +391,9 @@ def test_check_engine_trt_paths(monkeypatch):
 
     monkeypatch.setattr(_deps, "require_tensorrt", no_trt)
     with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
-        check_engine("trt", "cpu")
+        check_engine("trt")
     monkeypatch.setattr(_deps, "require_tensorrt", lambda: fake_trt())
-    assert check_engine("trt", "cpu") is None  # the real path: no "not part of this release"
+    assert check_engine("trt") is None  # the real path: no "not part of this release"
 
 
 # --------------------------------------------------------------------------------------------

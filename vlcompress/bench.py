@@ -10,9 +10,16 @@ What is re-measured, from the folder alone:
   ``eval_size`` of its report unless overridden): the dense model is loaded by the name in
   the report's ``model`` section (its ``source`` as a fallback), the pruned one from
   ``pruned/model``;
-- latency of the dense and pruned ONNX files (``export.paths``) on onnxruntime, or of the
-  two PyTorch models with ``runtime="torch"``, interleaved in this process, at the batch
-  sizes of the baseline (else of the run), with raw per-iteration samples kept for the gate.
+- latency of dense vs pruned on the runtime the run was made with (its latency rows, else its
+  config: ``(runtime, device, precision)`` of :mod:`vlcompress.runtime.registry`) or the one
+  given (``runtime=``/``device=``/``precision=``, checked against the registry): the ONNX
+  files (``export.paths``), the TensorRT engines ``dense|pruned/<tower>.engine`` (rebuilt
+  from the fp16 ONNX when absent) or the two PyTorch models, every tower the run exported,
+  interleaved in this process, at the batch sizes of the baseline (else of the run), with
+  raw per-iteration samples kept for the gate (:func:`vlcompress.runtime.time_models`).
+
+A runtime that cannot run here (no GPU, no TensorRT) stops the bench with one sentence before
+anything is measured.
 
 The baseline is read and checked before anything is measured, so unusable input fails in
 well under a second (:class:`~vlcompress.errors.BaselineError`, exit code 2).
@@ -26,10 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .config import LatencyConfig, parse_batch_sizes
+from .config import parse_batch_sizes
 from .errors import ConfigError, ModelError
 from .gate import GateConfig, GateResult, check_compatible, compare_reports, load_report
 from .progress import NULL
+from .runtime.registry import ONNX, LatencyConfig, canonical, get_runtime
 
 REPORT_NAME = "bench-report.json"
 
@@ -41,8 +49,9 @@ class BenchConfig:
     run_dir: str = "vlcompress-out"
     baseline: str | None = None
     report: str | None = None  # default: RUN_DIR/bench-report.json (+ .md beside it)
-    runtime: str | None = None  # onnxruntime | torch
+    runtime: str | None = None  # a registry name (onnxruntime, torch, torch-2:4, trt, ...)
     device: str | None = None
+    precision: str | None = None  # fp32 | fp16
     batch_sizes: tuple[int, ...] | str | None = None
     warmup: int = 10
     iterations: int = 100
@@ -57,8 +66,8 @@ class BenchConfig:
     def __post_init__(self):
         if self.batch_sizes is not None:
             object.__setattr__(self, "batch_sizes", parse_batch_sizes(self.batch_sizes))
-        if self.runtime is not None and self.runtime not in ("onnxruntime", "torch"):
-            raise ConfigError(f"unknown runtime {self.runtime!r}; allowed: onnxruntime, torch")
+        if self.runtime is not None or self.device is not None or self.precision is not None:
+            get_runtime(self.runtime or "onnxruntime", self.device, self.precision)  # ConfigError
         if self.iterations < 1 or self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup}, iterations={self.iterations}; need "
                               "warmup >= 0, iterations >= 1")
@@ -128,13 +137,51 @@ def _load_dense(model: dict):
                      "from report.json's 'model' section)")
 
 
+def export_precision(run: dict, variant: str = "pruned") -> str:
+    """``fp16``/``fp32`` of a run's ONNX files (``export.precision``, else the old ``fp16``)."""
+    ex = run.get("export") or {}
+    prec = (ex.get("precision") or {}).get(variant)
+    return prec or ("fp16" if ex.get("fp16") else "fp32")
+
+
+def run_runtime_key(run: dict) -> tuple[str, str | None, str | None]:
+    """The ``(runtime, device, precision)`` a run was timed on: its first latency row, else its
+    config (``engine``/``device``/``precision``); a missing precision of an ONNX runtime is the
+    precision of the run's ONNX files."""
+    rows = run.get("latency") or []
+    rc = run.get("config") or {}
+    if rows:
+        name, device, prec = rows[0]["runtime"], rows[0].get("device"), rows[0].get("precision")
+    else:
+        name, device, prec = rc.get("engine", "onnxruntime"), rc.get("device"), rc.get("precision")
+    name = canonical(name)
+    if prec is None and get_runtime(name, device).consumes == ONNX:
+        prec = export_precision(run)
+    return name, device, prec
+
+
+def _resolve(name: str, device: str | None, precision: str | None, run: dict):
+    """An override: the run's ONNX precision when the user gave none and the runtime has it."""
+    if precision is None and get_runtime(name, device).consumes == ONNX:
+        try:
+            return get_runtime(name, device, export_precision(run))
+        except ConfigError:
+            pass
+    return get_runtime(name, device, precision)
+
+
 def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
     rc = run.get("config") or {}
     base_rows = (baseline or {}).get("latency") or []
-    engine = rc.get("engine", "onnxruntime")
-    runtime = cfg.runtime or (base_rows[0]["runtime"] if base_rows else
-                              ("torch" if engine == "torch" else "onnxruntime"))
-    device = cfg.device or (base_rows[0]["device"] if base_rows else rc.get("device", "cpu"))
+    if cfg.runtime is not None or cfg.device is not None or cfg.precision is not None:
+        name = cfg.runtime or run_runtime_key(run)[0]
+        rt = _resolve(name, cfg.device, cfg.precision, run)
+    elif base_rows:
+        b = base_rows[0]
+        rt = _resolve(canonical(b["runtime"]), b.get("device"), b.get("precision"), run)
+    else:
+        rt = get_runtime(*run_runtime_key(run))
+    rt.check_pattern((run.get("prune") or {}).get("pattern"))
     if cfg.batch_sizes:
         bs = cfg.batch_sizes
     elif base_rows:
@@ -142,9 +189,10 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
     else:
         bs = parse_batch_sizes(rc.get("batch_sizes", (1, 8)))
     paths = (run["export"].get("paths") or {}).get("pruned") or {}
-    towers = tuple(t for t in ("vision", "text", "fusion") if t in paths) or ("vision", "text")
+    towers = tuple(t for t in paths if t != "model") or None
     return LatencyConfig(batch_sizes=bs, warmup=cfg.warmup, iterations=cfg.iterations,
-                         runtime=runtime, device=device, threads=cfg.threads, towers=towers)
+                         runtime=rt.name, device=rt.device, precision=rt.precision,
+                         threads=cfg.threads, towers=towers)
 
 
 def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **kw) -> BenchResult:
@@ -172,6 +220,8 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     if rp.is_dir():
         raise ConfigError(f"--report {str(rp)!r} is a folder; allowed: a .json file path")
     lc = _plan(cfg, run, baseline) if cfg.latency else None
+    if lc is not None:  # no GPU, no TensorRT: one sentence, before anything is measured
+        lc.runtime_entry.check()
     rc = run.get("config") or {}
 
     from .models import load_model
@@ -230,8 +280,9 @@ def _precheck(baseline: dict | None, data, lc: LatencyConfig | None) -> None:
                                 f"{len(data)} evaluation pairs (--eval-size)")
     if lc is not None:
         for i, row in enumerate(baseline.get("latency") or []):
-            cell = (row["runtime"], row["device"], row["tower"], int(row["batch"]))
-            if (cell[0], cell[1]) != (lc.runtime, lc.device) or cell[2] not in lc.towers \
+            cell = (canonical(row["runtime"]), row["device"], row["tower"], int(row["batch"]))
+            if (cell[0], cell[1]) != (lc.runtime, lc.device) \
+                    or (lc.towers is not None and cell[2] not in lc.towers) \
                     or cell[3] not in lc.batch_sizes:
                 raise BaselineError(
                     f"baseline field 'latency[{i}]' is {cell[0]}/{cell[1]} {cell[2]}@{cell[3]}, "
@@ -252,30 +303,56 @@ def _accuracy(data, run: dict, pruned, progress):
     return acc, dense
 
 
+def run_artefacts(run_dir: Path, run: dict, variant: str, vlm=None, *, need_onnx: bool):
+    """One variant of a run folder as :class:`~vlcompress.runtime.registry.Artefacts`: its
+    ONNX files (``export.paths``), its engines ``<variant>/<tower>.engine`` where present."""
+    from .runtime.registry import Artefacts
+
+    files = ((run["export"].get("paths") or {}).get(variant)) or {}
+    onnx = {t: run_dir / f for t, f in files.items()}
+    if need_onnx:
+        if not onnx:
+            raise ConfigError(f"report.json of {str(run_dir)!r} lists no {variant} ONNX files "
+                              f"(field 'export.paths.{variant}')")
+        for f in onnx.values():
+            if not f.is_file():
+                raise ConfigError(f"run folder {str(run_dir)!r} lacks {variant} ONNX file {str(f)!r}")
+    folder = run_dir / variant
+    engines = {p.name[: -len(".engine")]: p for p in sorted(folder.glob("*.engine"))} \
+        if folder.is_dir() else {}
+    layers = None
+    if vlm is not None and variant == "pruned":
+        layers = [ly.name for ly in vlm.prunable_layers() if bool((ly.module.weight == 0).any())]
+    return Artefacts(variant, vlm=vlm, onnx=onnx, engines=engines, folder=folder,
+                     pruned_layers=layers)
+
+
 def _latency(lc: LatencyConfig, run_dir: Path, run: dict, pruned, dense, seed: int, progress):
     from .data import load_calibration
-    from .runtime.latency import build_runners, compare_latency, make_feeds
+    from .pipeline import export_examples
+    from .runtime.latency import make_feeds
+    from .runtime.registry import MODEL, BuildOptions
+    from .runtime.timing import time_models
 
-    towers = list(lc.towers)
-    # The same example pairs as prune-export's latency inputs.
-    example = next(iter(load_calibration("shapes", n=5, batch_size=3, seed=seed + 1).batches()))
-    feeds = make_feeds(pruned, [t for t in towers if t in pruned.towers], lc.batch_sizes, example)
-    if lc.runtime == "torch":
+    rt = lc.runtime_entry
+    towers = [t for t in (lc.towers or pruned.towers) if t in pruned.towers]
+    # The same example pairs as prune-export's latency inputs: the run's first calibration pairs.
+    rc = run.get("config") or {}
+    example = export_examples(load_calibration(rc.get("calibration", "shapes"), n=5,
+                                               batch_size=5, seed=int(rc.get("seed", 0))))[0]
+    feeds = make_feeds(pruned, towers, lc.batch_sizes, example)
+    if rt.consumes == MODEL:
         dense = dense or _load_dense(run["model"])
-        d = build_runners(lc, vlm=dense, towers=towers)
-        p = build_runners(lc, vlm=pruned, towers=towers)
-    else:
-        paths = run["export"].get("paths") or {}
-        onnx = {}
-        for variant in ("dense", "pruned"):
-            files = paths.get(variant) or {}
-            if not files:
-                raise ConfigError(f"report.json of {str(run_dir)!r} lists no {variant} ONNX files "
-                                  f"(field 'export.paths.{variant}')")
-            onnx[variant] = {t: run_dir / f for t, f in files.items()}
-            for f in onnx[variant].values():
-                if not f.is_file():
-                    raise ConfigError(f"run folder {str(run_dir)!r} lacks {variant} ONNX file {str(f)!r}")
-        d = build_runners(lc, onnx_paths=onnx["dense"], towers=towers)
-        p = build_runners(lc, onnx_paths=onnx["pruned"], towers=towers)
-    return compare_latency(d, p, feeds, lc, progress=progress)
+    need_onnx = rt.consumes == ONNX
+    d = run_artefacts(run_dir, run, "dense", dense if rt.consumes == MODEL else None,
+                      need_onnx=need_onnx)
+    p = run_artefacts(run_dir, run, "pruned", pruned, need_onnx=need_onnx)
+    if rt.consumes != MODEL:
+        d.vlm = p.vlm = None
+    first = min(lc.batch_sizes)
+    opts = BuildOptions(threads=lc.threads, batch_sizes=lc.batch_sizes,
+                        pattern=(run.get("prune") or {}).get("pattern"),
+                        seq_len=getattr(pruned, "text_max_length", None),
+                        check_feeds={t: feeds[(t, first)] for t in towers},
+                        timing_cache=run_dir / "timing.cache")
+    return time_models(rt, d, p, feeds, lc, towers=towers, options=opts, progress=progress)

@@ -54,6 +54,13 @@ RoundToOpt = Annotated[str, typer.Option(
     "--round-to", help="Pattern structured: kept widths are multiples of this (positive integer).")]
 DepthOpt = Annotated[str, typer.Option(
     "--depth", help="Pattern structured, method mope: whole layers to remove per tower.")]
+# The runtime (vlcompress.runtime.registry): a name, a device and a precision.
+_RUNTIMES = "onnxruntime, onnxruntime-trt, torch, torch-2:4 or trt (tensorrt)"
+EngineOpt = Annotated[str, typer.Option("--engine", "--runtime", help=f"Runtime: {_RUNTIMES}.")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="cpu or cuda (default: the runtime's first; cuda for trt and torch-2:4).")]
+Fp16Opt = Annotated[bool, typer.Option(
+    "--fp16", help="fp16 ONNX and runtime precision (trt and torch-2:4 always run fp16).")]
 
 
 def _errors(fn):
@@ -106,11 +113,11 @@ def prune_export_cmd(
     pattern: PatternOpt = "2:4",
     calibration: CalibOpt = "shapes",
     calibration_size: CalibSizeOpt = 256,
-    engine: Annotated[str, typer.Option("--engine", help="onnxruntime, torch or trt.")] = "onnxruntime",
+    engine: EngineOpt = "onnxruntime",
     out_dir: OutOpt = Path("vlcompress-out"),
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Latency batch sizes, e.g. 1,8.")] = "1,8",
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    fp16: Annotated[bool, typer.Option("--fp16", help="Export fp16 ONNX.")] = False,
+    device: DeviceOpt = None,
+    fp16: Fp16Opt = False,
     eval_data: Annotated[str | None, typer.Option(
         "--eval-data", help="Evaluation data (default: the --calibration source).")] = None,
     eval_size: Annotated[int, typer.Option("--eval-size", help="Evaluation pairs.")] = 720,
@@ -239,7 +246,12 @@ def bench_cmd(
     summary: Annotated[Path | None, typer.Option(
         "--summary", help="Write the Markdown summary here (also appended to $GITHUB_STEP_SUMMARY).")] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (needs --baseline).")] = None,
-    runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime or torch.")] = None,
+    runtime: Annotated[str | None, typer.Option(
+        "--runtime", "--engine",
+        help=f"Re-measure on another runtime ({_RUNTIMES}); default: the run's.")] = None,
+    device: DeviceOpt = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="fp32 or fp16 (default: the run's).")] = None,
     batch_sizes: Annotated[str | None, typer.Option(
         "--batch-sizes", help="Latency batch sizes (default: the baseline's, else the run's).")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Timed iterations per latency cell.")] = 100,
@@ -272,8 +284,9 @@ def bench_cmd(
                           max_accuracy_drop=max_accuracy_drop, basis=latency_basis,
                           quantile=latency_quantile, confidence=confidence, metrics=metrics)
     cfg = BenchConfig(run_dir=str(run_dir), baseline=str(baseline) if baseline else None,
-                      report=str(report) if report else None, runtime=runtime,
-                      batch_sizes=batch_sizes, iterations=iterations, warmup=warmup, threads=threads,
+                      report=str(report) if report else None, runtime=runtime, device=device,
+                      precision=precision, batch_sizes=batch_sizes, iterations=iterations,
+                      warmup=warmup, threads=threads,
                       eval_size=eval_size, accuracy=not no_accuracy, latency=not no_latency,
                       gate=gate_cfg)
     with _progress() as prog:
@@ -322,10 +335,15 @@ def sweep_cmd(
         "unstructured,2:4",
     calibration: CalibOpt = "shapes",
     calibration_size: CalibSizeOpt = 256,
-    eval_data: Annotated[str, typer.Option("--eval-data", help="'shapes' or a pairs folder.")] = "shapes",
+    eval_data: Annotated[str | None, typer.Option(
+        "--eval-data", help="Evaluation data (default: the --calibration source).")] = None,
     eval_size: Annotated[int, typer.Option("--eval-size", help="Evaluation pairs.")] = 720,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Latency batch sizes, e.g. 1,8.")] = "1,8",
-    runtime: Annotated[str, typer.Option("--runtime", help="onnxruntime or torch.")] = "onnxruntime",
+    runtime: EngineOpt = "onnxruntime",
+    device: DeviceOpt = None,
+    fp16: Fp16Opt = False,
+    metric: Annotated[str | None, typer.Option(
+        "--metric", help="Metric plotted (default zeroshot_top1, i2t_r1, else text/image_cosine).")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Timed iterations per latency cell.")] = 30,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Accuracy only.")] = False,
     out_dir: OutOpt = Path("vlcompress-sweep"),
@@ -340,15 +358,21 @@ def sweep_cmd(
     with _progress() as prog:
         res = sweep(model, methods, sparsities, patterns, out=out_dir, calibration=calibration,
                     calibration_size=calibration_size, eval_data=eval_data, eval_size=eval_size,
-                    batch_sizes=batch_sizes, runtime=runtime, iterations=iterations,
+                    batch_sizes=batch_sizes, runtime=runtime, device=device,
+                    precision="fp16" if fp16 else None, metric=metric, iterations=iterations,
                     latency=not no_latency, force=force, progress=prog)
-    keys = [k for k in ("zeroshot_top1", "i2t_r1", "t2i_r1") if k in res["dense"]]
+    fid = ("text_cosine", "image_cosine")
+    keys = [k for k in ("zeroshot_top1", "i2t_r1", "t2i_r1", *fid) if k in res["dense"]]
     t = Table("method", "setting", "achieved", *[METRIC_NAMES.get(k, k) for k in keys],
               title=f"{res['model']} on {res['eval']['dataset']}")
-    t.add_row("dense", "-", "0.0%", *[f"{100 * res['dense'][k]:.1f}%" for k in keys])
+
+    def fmt(k, v):
+        return f"{v:.3f}" if k in fid else f"{100 * v:.1f}%"
+
+    t.add_row("dense", "-", "0.0%", *[fmt(k, res["dense"][k]) for k in keys])
     for r in res["rows"]:
         t.add_row(r["method"], r["setting"], f"{100 * r['achieved']:.1f}%",
-                  *[f"{100 * r[k]:.1f}%" for k in keys])
+                  *[fmt(k, r[k]) for k in keys])
     out.print(t)
     out.print(f"wrote {out_dir}/sweep.json, sweep.md, accuracy_vs_sparsity.png"
               + (", latency_vs_batch.png" if res["latency"] else ""), soft_wrap=True)

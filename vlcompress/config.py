@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -155,33 +155,6 @@ class PruneConfig:
                     f"scope {','.join(scope) or '(empty)'} is not valid; allowed: vision, text, fusion"
                 )
             object.__setattr__(self, "scope", scope)
-
-
-@dataclass(frozen=True)
-class LatencyConfig:
-    """How latency is measured: batch sizes, warm-up and timed iterations, runtime."""
-
-    batch_sizes: tuple[int, ...] = (1, 8)
-    warmup: int = 5
-    iterations: int = 30
-    runtime: str = "onnxruntime"
-    device: str = "cpu"
-    threads: int | None = None
-    towers: tuple[str, ...] = field(default=("vision", "text"))
-
-    def __post_init__(self):
-        bs = tuple(self.batch_sizes)
-        if not bs or any((not isinstance(b, int)) or b < 1 for b in bs):
-            raise ConfigError(f"batch sizes {bs!r} are not valid; allowed: positive integers")
-        object.__setattr__(self, "batch_sizes", bs)
-        if self.warmup < 0 or self.iterations < 1:
-            raise ConfigError(
-                f"warmup={self.warmup}, iterations={self.iterations}; need warmup >= 0, iterations >= 1"
-            )
-        if self.runtime not in ("onnxruntime", "torch"):
-            raise ConfigError(f"unknown runtime {self.runtime!r}; allowed: onnxruntime, torch")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"unknown device {self.device!r}; allowed: cpu, cuda")
 
 
 def parse_batch_sizes(text: str | tuple | list) -> tuple[int, ...]:

@@ -201,6 +201,28 @@ def run_statistic(dense: np.ndarray, pruned: np.ndarray | None, quantile: float,
     return qp / np.maximum(np.quantile(dense, quantile, axis=axis), 1e-12)
 
 
+def paired_bootstrap(dense, pruned, *, quantile: float, n: int, rng,
+                     relative: bool = True) -> tuple[float, np.ndarray]:
+    """:func:`run_statistic` of one run's samples and ``n`` bootstrap replicates of it: the
+    iterations are resampled with replacement, an iteration's dense and pruned times together
+    (they were timed back to back, interleaved)."""
+    d, p = np.asarray(dense, dtype=np.float64), np.asarray(pruned, dtype=np.float64)
+    idx = rng.integers(0, p.size, (n, p.size))
+    point = run_statistic(d if relative else None, p, quantile)
+    boot = run_statistic(d[idx] if relative else None, p[idx], quantile, axis=1)
+    return float(point), boot
+
+
+def bootstrap_speedup(dense, pruned, *, quantile: float = 0.5, confidence: float = 0.95,
+                      n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """In-run speedup ``Q(dense) / Q(pruned)`` of one latency row's paired samples and its
+    two-sided bootstrap interval ``(lo, hi)`` at ``confidence`` (:func:`paired_bootstrap`)."""
+    point, boot = paired_bootstrap(dense, pruned, quantile=quantile, n=n,
+                                   rng=np.random.default_rng(seed))
+    lo, hi = np.quantile(1.0 / boot, [(1.0 - confidence) / 2, (1.0 + confidence) / 2])
+    return 1.0 / point, float(lo), float(hi)
+
+
 def bootstrap_regression(cur: tuple, base: tuple, *, quantile: float = 0.25,
                          confidence: float = 0.95, n: int = 2000, seed: int = 0,
                          relative: bool = True) -> tuple[float, float, float]:
@@ -215,11 +237,7 @@ def bootstrap_regression(cur: tuple, base: tuple, *, quantile: float = 0.25,
     rng = np.random.default_rng(seed)
 
     def stats(d, p):
-        d, p = np.asarray(d, dtype=np.float64), np.asarray(p, dtype=np.float64)
-        idx = rng.integers(0, p.size, (n, p.size))
-        point = run_statistic(d if relative else None, p, quantile)
-        boot = run_statistic(d[idx] if relative else None, p[idx], quantile, axis=1)
-        return float(point), boot
+        return paired_bootstrap(d, p, quantile=quantile, n=n, rng=rng, relative=relative)
 
     pc, bc = stats(*cur)
     pb, bb = stats(*base)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .atomic import atomic_dir, check_output_folder  # noqa: F401 (re-exported)
-from .config import LatencyConfig, PruneConfig, parse_batch_sizes
+from .config import PruneConfig, parse_batch_sizes
 from .errors import ConfigError
 from .methods.registry import get_method
 from .progress import NULL
-
-ENGINES = ("onnxruntime", "torch", "trt")
+from .runtime.registry import ENGINE, MODEL, ONNX, LatencyConfig, get_runtime, runtime_names
 
 
 @dataclass(frozen=True)
@@ -35,11 +33,11 @@ class RunConfig:
     eval_size: int = 720
     train_data: str | None = None  # recovery / retraining; default: the calibration source
     train_size: int = 4096
-    engine: str = "onnxruntime"
+    engine: str = "onnxruntime"  # a runtime of the registry (onnxruntime, torch, torch-2:4, trt, ...)
     out: str = "vlcompress-out"
     batch_sizes: tuple[int, ...] | str = (1, 8)
-    device: str = "cpu"
-    fp16: bool = False
+    device: str | None = None  # None: the runtime's first device (cpu; cuda for trt, torch-2:4)
+    fp16: bool = False  # fp16 ONNX and runtime precision (trt and torch-2:4 are always fp16)
     force: bool = False
     skip_incompatible: bool = False
     scope: tuple[str, ...] | None = None
@@ -63,8 +61,9 @@ class RunConfig:
         object.__setattr__(self, "round_to", pc.round_to)
         object.__setattr__(self, "depth", pc.depth)
         object.__setattr__(self, "sparsity", pc.sparsity)
-        if self.engine not in ENGINES:
-            raise ConfigError(f"unknown engine {self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if str(self.engine).strip().lower() not in runtime_names() + ["trt", "ort"]:
+            raise ConfigError(f"unknown engine {self.engine!r}; allowed: "
+                              f"{', '.join(runtime_names())} (trt = tensorrt)")
         if not isinstance(self.calibration_size, int) or self.calibration_size < 1:
             raise ConfigError(f"calibration size {self.calibration_size!r} is not valid; "
                               "allowed: a positive integer")
@@ -84,30 +83,33 @@ class RunConfig:
                               "integer >= 0")
         bs = parse_batch_sizes(self.batch_sizes)
         object.__setattr__(self, "batch_sizes", bs)
-        runtime = "torch" if self.engine == "torch" else "onnxruntime"
         lc = LatencyConfig(batch_sizes=bs, warmup=self.warmup, iterations=self.iterations,
-                           runtime=runtime, device=self.device)
+                           runtime=self.engine, device=self.device,
+                           precision="fp16" if self.fp16 else None)
+        lc.runtime_entry.check_pattern(pc.pattern)
+        object.__setattr__(self, "device", lc.device)
         object.__setattr__(self, "latency_config", lc)
 
+    @property
+    def onnx_fp16(self) -> bool:
+        """Whether the ONNX files are fp16: ``--fp16``, or a runtime that runs fp16 ONNX or
+        engines built from it (TensorRT engines are built from fp16 ONNX, strongly typed)."""
+        rt = self.latency_config.runtime_entry
+        return self.fp16 or (rt.consumes in (ONNX, ENGINE) and rt.precision == "fp16")
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("prune_config", "latency_config")}
         d["pattern"] = str(self.prune_config.pattern)
         d["batch_sizes"] = list(self.batch_sizes)
+        lc = self.latency_config
+        d["runtime"] = {"name": lc.runtime, "device": lc.device, "precision": lc.precision}
+        d["precision"] = lc.precision
         return d
 
 
-def check_engine(engine: str, device: str) -> None:
-    """Fail before any work when the engine or device cannot run here."""
-    from . import _deps
-
-    if engine == "trt":  # a GPU, then TensorRT: each missing one is one sentence, exit 2
-        _deps.require_cuda()
-        _deps.require_tensorrt()
-        return
-    if device == "cuda":
-        _deps.require_cuda()
-        if engine == "onnxruntime":
-            _deps.require_onnxruntime_provider("CUDAExecutionProvider")
+def check_engine(engine: str, device: str | None = None, precision: str | None = None) -> None:
+    """Fail before any work when the runtime ``(engine, device, precision)`` does not exist
+    (ConfigError) or cannot run here (MissingDependencyError: one sentence, exit 2)."""
+    get_runtime(engine, device, precision).check()
 
 
 def _describe(data) -> str:
@@ -187,7 +189,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
 
     cfg = config or RunConfig(**kw)
     out = check_output_folder(cfg.out, cfg.force)
-    check_engine(cfg.engine, cfg.device)
+    check_engine(cfg.engine, cfg.device, cfg.latency_config.precision)
     check_run(cfg)  # method x pattern x family x data, from the model's config alone
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=32, seed=cfg.seed)
@@ -216,9 +218,9 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_emb = embed_eval(vlm, eval_data, progress) if eval_data is not None else None
         dense_export = export_model(vlm, tmp / "dense", example, check,
-                                    fp16=cfg.fp16 or cfg.engine == "trt",  # TRT: strongly typed
-                                    progress=progress)
-        dense_model = copy.deepcopy(vlm.model) if cfg.engine == "torch" else None
+                                    fp16=cfg.onnx_fp16, progress=progress)
+        rt = cfg.latency_config.runtime_entry
+        dense_model = copy.deepcopy(vlm.model) if rt.consumes == MODEL else None
         dense_size = tower_size(vlm)
         pc = cfg.prune_config
         teacher = None
@@ -249,17 +251,21 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
                                             metrics_from_embeddings(pruned_emb),
                                             fidelity(dense_emb, pruned_emb))
         pruned_export = export_model(vlm, tmp / "pruned", example, check,
-                                     fp16=cfg.fp16 or cfg.engine == "trt",
-                                     progress=progress)
+                                     fp16=cfg.onnx_fp16, progress=progress)
         vlm.save(tmp / "pruned" / "model")
-        latency = _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress)
+        latency = _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress,
+                           tmp)
         total, nonzero = vlm.num_parameters()
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
                    "params_total": total, "params_nonzero": nonzero,
                    "towers": size_section(dense_size, tower_size(vlm))},
             prune=result.to_dict(),
-            export={"format": "onnx", "fp16": cfg.fp16,
+            export={"format": "onnx",
+                    # what was written, not the flag: fp16 when both variants are fp16
+                    "fp16": bool(dense_export.fp16 and pruned_export.fp16),
+                    "precision": {"dense": "fp16" if dense_export.fp16 else "fp32",
+                                  "pruned": "fp16" if pruned_export.fp16 else "fp32"},
                     "paths": {"dense": {t: f"dense/{t}.onnx" for t in dense_export.paths},
                               "pruned": {t: f"pruned/{t}.onnx" for t in pruned_export.paths},
                               "model": "pruned/model"},
@@ -273,61 +279,31 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     return report
 
 
-def _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress):
-    """Dense vs pruned latency on the chosen runtime, interleaved in one process."""
-    from .runtime.latency import build_runners, compare_latency, make_feeds
+def _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress, root):
+    """Dense vs pruned latency of every tower on the run's runtime, interleaved in one
+    process (:func:`vlcompress.runtime.time_models`). TensorRT engines are built from the
+    fp16 ONNX next to it (``<dense|pruned>/<tower>.engine``, one timing cache; 2:4 sparse
+    weights for a 2:4 pattern), each validated against its ONNX."""
+    from .runtime.latency import make_feeds
+    from .runtime.registry import Artefacts, BuildOptions
+    from .runtime.timing import time_models
 
     lc = cfg.latency_config
-    towers = list(vlm.towers)
+    rt = lc.runtime_entry
+    towers = [t for t in vlm.towers if t in pruned_export.paths or rt.consumes == MODEL]
     feeds = make_feeds(vlm, towers, lc.batch_sizes, example)
-    if cfg.engine == "trt":
-        return _trt_latency(cfg, vlm, dense_export, pruned_export, feeds, towers, progress)
-    if lc.runtime == "torch":
-        dense_vlm = type(vlm)(dense_model, vlm.tokenizer, vlm.image_processor, name=vlm.name)
-        dense = build_runners(lc, vlm=dense_vlm, towers=towers)
-        pruned = build_runners(lc, vlm=vlm, towers=towers)
-    else:
-        dense = build_runners(lc, onnx_paths=dense_export.paths, towers=towers)
-        pruned = build_runners(lc, onnx_paths=pruned_export.paths, towers=towers)
-    return compare_latency(dense, pruned, feeds, lc, progress=progress)
-
-
-def _trt_latency(cfg, vlm, dense_export, pruned_export, feeds, towers, progress):
-    """``--engine trt``: TensorRT engines from the dense and pruned fp16 ONNX (2:4 sparse
-    weights for a 2:4 pattern), each validated against its ONNX, timed with TrtRunner (CUDA
-    events). The engines go next to the ONNX (``<dense|pruned>/<tower>.engine``), with one
-    timing cache; each latency row carries what TensorRT said about sparse layers."""
-    import dataclasses
-    import logging
-
-    from .exporters.tensorrt import build_tower_engines
-    from .runtime.latency import compare_latency
-    from .runtime.trt_runner import TrtRunner
-
-    lc = dataclasses.replace(cfg.latency_config, device="cuda")
-    sparse = str(cfg.prune_config.pattern) == "2:4"
-    root = Path(pruned_export.paths[towers[0]]).parent.parent
-    common = {"batch_sizes": lc.batch_sizes, "seq_len": getattr(vlm, "text_max_length", None),
-              "timing_cache": root / "timing.cache"}
-    first = min(lc.batch_sizes)
-    check = {t: feeds[(t, first)] for t in towers}
+    dense_vlm = (type(vlm)(dense_model, vlm.tokenizer, vlm.image_processor, name=vlm.name)
+                 if dense_model is not None else None)
     pruned_names = [ly.name for ly in vlm.prunable_layers() if bool((ly.module.weight == 0).any())]
-    with progress.task("build tensorrt engines", total=2) as task:
-        dense_b = build_tower_engines(dense_export.paths, root / "dense", sparse=False,
-                                      check_feeds=check, **common)
-        task.advance()
-        pruned_b = build_tower_engines(pruned_export.paths, root / "pruned", sparse=sparse,
-                                       pruned=pruned_names, check_feeds=check, **common)
-        task.advance()
-    dense = {t: TrtRunner(r.engine_path, copy_outputs=False) for t, r in dense_b.items()}
-    pruned = {t: TrtRunner(r.engine_path, copy_outputs=False) for t, r in pruned_b.items()}
-    rows = compare_latency(dense, pruned, feeds, lc, progress=progress)
-    for row in rows:
-        p = pruned_b[row["tower"]]
-        row["engine"] = {"trt_version": p.trt_version, "sparse_weights": sparse,
-                         "eligible_layers": p.sparsity.n_eligible,
-                         "sparse_layers": p.sparsity.n_sparse, "warnings": list(p.warnings)}
-    for t, p in pruned_b.items():
-        for w in p.warnings:
-            logging.getLogger(__name__).warning("%s tower: %s", t, w)
-    return rows
+    dense = Artefacts("dense", vlm=dense_vlm, onnx=dict(dense_export.paths), folder=root / "dense")
+    pruned = Artefacts("pruned", vlm=vlm if rt.consumes == MODEL else None,
+                       onnx=dict(pruned_export.paths), folder=root / "pruned",
+                       pruned_layers=pruned_names)
+    first = min(lc.batch_sizes)
+    opts = BuildOptions(threads=lc.threads, batch_sizes=lc.batch_sizes,
+                        pattern=str(cfg.prune_config.pattern),
+                        seq_len=getattr(vlm, "text_max_length", None),
+                        check_feeds={t: feeds[(t, first)] for t in towers},
+                        timing_cache=root / "timing.cache")
+    return time_models(rt, dense, pruned, feeds, lc, towers=towers, options=opts,
+                       progress=progress)

@@ -106,21 +106,25 @@ def to_markdown(r: dict) -> str:
         lines.append("")
     if r.get("latency"):
         lines += ["## Latency (p50, ms; dense and pruned interleaved in one process)", "",
-                  "| runtime | device | tower | batch | dense p50 | pruned p50 | dense p90 | "
-                  "pruned p90 | speedup |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| runtime | device | precision | provider | tower | batch | dense p50 | "
+                  "pruned p50 | dense p90 | pruned p90 | speedup |",
+                  "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in r["latency"]:
             d, q = row["dense_ms"], row["pruned_ms"]
-            lines.append(f"| {row['runtime']} | {row['device']} | {row['tower']} | {row['batch']} | "
+            lines.append(f"| {row['runtime']} | {row['device']} | {row.get('precision', '?')} | "
+                         f"{row.get('provider', '?')} | {row['tower']} | {row['batch']} | "
                          f"{d['p50']:.3f} | {q['p50']:.3f} | {d['p90']:.3f} | {q['p90']:.3f} | "
                          f"{row['speedup']:.2f}x |")
         lines.append("")
     ex = r.get("export") or {}
     if ex.get("max_abs_diff"):
-        lines += ["## Export (ONNX vs PyTorch, max abs diff)", "", "| model | tower | max abs diff |",
-                  "|---|---|---:|"]
+        prec = ex.get("precision") or {}
+        lines += ["## Export (ONNX vs PyTorch, max abs diff)", "",
+                  "| model | precision | tower | max abs diff |", "|---|---|---|---:|"]
         for variant, diffs in ex["max_abs_diff"].items():
+            p_ = prec.get(variant) or ("fp16" if ex.get("fp16") else "fp32")
             for tower, d in diffs.items():
-                lines.append(f"| {variant} | {tower} | {d:.2e} |")
+                lines.append(f"| {variant} | {p_} | {tower} | {d:.2e} |")
         lines.append("")
     env = r.get("env", {})
     pk = env.get("packages", {})
@@ -151,7 +155,8 @@ def console_tables(r: dict):
         for c in ("runtime", "tower", "batch", "dense", "pruned", "speedup"):
             t.add_column(c, justify="right" if c in ("batch", "dense", "pruned", "speedup") else "left")
         for row in r["latency"]:
-            t.add_row(f"{row['runtime']} ({row['device']})", row["tower"], str(row["batch"]),
+            prec = f", {row['precision']}" if row.get("precision") else ""
+            t.add_row(f"{row['runtime']} ({row['device']}{prec})", row["tower"], str(row["batch"]),
                       f"{row['dense_ms']['p50']:.3f}", f"{row['pruned_ms']['p50']:.3f}",
                       f"{row['speedup']:.2f}x")
         out.append(t)

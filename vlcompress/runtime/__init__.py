@@ -1,16 +1,36 @@
-"""Runners (torch, onnxruntime) and the one latency harness.
+"""Runners (torch, onnxruntime, TensorRT), the runtime registry and the one latency harness.
 
     with OrtRunner("out/vision.onnx") as r:
         out = r.infer(feed)
-    rows = compare_latency(dense_runners, pruned_runners, feeds, LatencyConfig())
+    rows = time_models(get_runtime("onnxruntime"), dense, pruned, feeds, LatencyConfig())
 
-Backends beyond torch and onnxruntime-CPU are imported lazily (``vlcompress._deps``).
+Every module of this package is imported here, so each runtime file registers its entries
+(:mod:`vlcompress.runtime.registry`): a new runtime is one new file. Backends beyond torch
+and onnxruntime-CPU are imported lazily (``vlcompress._deps``).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from .base import InactiveRunnerError, Runner
-from .latency import (
+from .registry import (
+    Artefacts,
+    BuildOptions,
+    Built,
+    LatencyConfig,
+    Runtime,
+    get_runtime,
+    register,
+    runtime_names,
+    runtimes,
+)
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+from .latency import (  # noqa: E402
     build_runners,
     compare_latency,
     interleaved_order,
@@ -20,9 +40,11 @@ from .latency import (
     summary,
     tower_input_names,
 )
-from .ort_runner import OrtRunner
-from .torch_runner import TorchRunner
+from .ort_runner import OrtRunner  # noqa: E402
+from .timing import time_models  # noqa: E402
+from .torch_runner import TorchRunner  # noqa: E402
 
 __all__ = ["Runner", "InactiveRunnerError", "TorchRunner", "OrtRunner", "measure", "summary",
            "compare_latency", "make_feeds", "resize_batch", "interleaved_order",
-           "build_runners", "tower_input_names"]
+           "build_runners", "tower_input_names", "Runtime", "Artefacts", "BuildOptions", "Built",
+           "LatencyConfig", "get_runtime", "register", "runtimes", "runtime_names", "time_models"]

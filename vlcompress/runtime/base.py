@@ -72,6 +72,11 @@ class Runner:
 
             torch.cuda.synchronize()
 
+    def describe(self) -> dict:
+        """What actually ran, for the latency rows: at least ``provider`` (the backend used)
+        and ``precision``; subclasses add what they know (call after the runner has run)."""
+        return {"provider": self.runtime, "precision": getattr(self, "precision", None)}
+
     # --- to implement ------------------------------------------------------------------------
     def _activate(self) -> None:
         pass

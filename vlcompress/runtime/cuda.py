@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._deps import require_cuda
-from .torch_runner import TorchRunner
+from .registry import MODEL, Built, register
+from .registry import Runtime as _Runtime
+from .torch_runner import TorchRunner, tower_input_names
 
 __all__ = ["CudaEventTimer", "gpu_info", "semi_structured_reason", "backend_constraints",
            "sparsify_linears", "TorchCudaRunner", "MIN_SEMI_STRUCTURED_CAPABILITY"]
@@ -222,6 +224,22 @@ class TorchCudaRunner(TorchRunner):
         self.semi_structured_report: SemiStructuredReport | None = None
         self._cache: dict[int, tuple[object, object]] = {}
 
+    @property
+    def precision(self) -> str:
+        return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(self.dtype_name,
+                                                                               self.dtype_name)
+
+    def describe(self) -> dict:
+        import torch
+
+        d = {"provider": f"torch {torch.__version__} ({self.device})", "precision": self.precision}
+        if self.semi_structured_report is not None:
+            rep = self.semi_structured_report
+            d["provider"] += f", semi-structured 2:4 ({rep.backend})"
+            d["semi_structured"] = {"backend": rep.backend, "swapped": len(rep.swapped),
+                                    "skipped": len(rep.skipped), "reason": rep.reason}
+        return d
+
     def _activate(self) -> None:
         torch = require_cuda()
         self._torch_device = torch.device(self.device)
@@ -266,3 +284,46 @@ class TorchCudaRunner(TorchRunner):
         torch.cuda.synchronize(self._torch_device)
         res = self._name_outputs(out)
         return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in res.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# registry entries: torch on CUDA in fp16, with and without 2:4 semi-structured weights
+# --------------------------------------------------------------------------------------------
+def _cuda_factory(semi_structured: bool):
+    def factory(art, towers, opts):
+        vlm = art.vlm
+        # the dense model keeps dense weights: only the pruned one is swapped
+        semi = semi_structured and art.variant != "dense"
+        return Built({t: TorchCudaRunner(vlm.tower_module(t), tower_input_names(vlm, t),
+                                         semi_structured=semi, copy_outputs=False,
+                                         name=f"torch-cuda-fp16-{art.variant}")
+                      for t in towers})
+
+    return factory
+
+
+def _check_cuda():
+    from .. import _deps
+
+    return _deps.require_cuda()
+
+
+def _check_semi_structured():
+    torch = _check_cuda()
+    from ..errors import MissingDependencyError
+
+    if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        raise MissingDependencyError(f"torch {torch.__version__} has no semi-structured sparse "
+                                     "tensors: the torch-2:4 runtime needs PyTorch >= 2.1.")
+    cap = torch.cuda.get_device_capability()
+    if tuple(cap) < MIN_SEMI_STRUCTURED_CAPABILITY:
+        raise MissingDependencyError(f"the GPU has compute capability {cap[0]}.{cap[1]}: the "
+                                     "torch-2:4 runtime needs sparse tensor cores (8.0 or newer).")
+    return torch
+
+
+register(_Runtime("torch", "cuda", "fp16", MODEL, _cuda_factory(False), _check_cuda,
+                  description="PyTorch eager, CUDA, fp16"))
+register(_Runtime("torch-2:4", "cuda", "fp16", MODEL, _cuda_factory(True), _check_semi_structured,
+                  patterns=("2:4",),
+                  description="PyTorch CUDA fp16, 2:4 weights as semi-structured sparse tensors"))

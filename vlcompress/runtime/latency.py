@@ -11,7 +11,6 @@ hits both alike. Each call is timed alone, between device synchronisations on GP
 from __future__ import annotations
 
 import gc
-import inspect
 import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -19,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import LatencyConfig
 from ..data.pairs import PairBatch
 from ..errors import ConfigError
 from ..progress import NULL, Progress
 from .base import Runner
+from .registry import Artefacts, BuildOptions, LatencyConfig, get_runtime
+from .torch_runner import tower_input_names  # noqa: F401 - re-exported
 
 Feed = dict[str, np.ndarray]
 
@@ -123,7 +123,8 @@ def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
                     progress: Progress = NULL) -> list[dict]:
     """Dense vs pruned latency, per tower and batch size, interleaved in this process.
 
-    Towers of ``config.towers`` that neither dict has are skipped. Each tower's two runners
+    Towers of ``config.towers`` (None: every tower of ``dense``) that neither dict has are
+    skipped. Each tower's two runners
     are activated once for all its batch sizes. Returns one row per (tower, batch):
     ``{"runtime", "device", "tower", "batch", "dense_ms", "pruned_ms", "speedup"}`` with
     ``dense_ms``/``pruned_ms`` as :func:`summary` dicts and ``speedup`` = dense p50 /
@@ -131,7 +132,7 @@ def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
     index i of both timed back to back in iteration i (what the CI gate bootstraps).
     """
     towers = []
-    for t in config.towers:
+    for t in (config.towers if config.towers is not None else list(dense)):
         if (t in dense) != (t in pruned):
             have = "dense" if t in dense else "pruned"
             raise ConfigError(f"tower {t!r} has a {have} runner but no "
@@ -139,7 +140,7 @@ def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
         if t in dense:
             towers.append(t)
     if not towers:
-        raise ConfigError(f"no runners for the towers to time ({', '.join(config.towers)})")
+        raise ConfigError(f"no runners for the towers to time ({', '.join(config.towers or [])})")
     missing = [f"{t}@{b}" for t in towers for b in config.batch_sizes if (t, b) not in feeds]
     if missing:
         raise ConfigError(f"no input feed for {', '.join(missing)}")
@@ -199,35 +200,18 @@ def make_feeds(vlm, towers: Iterable[str], batch_sizes: Iterable[int], batch: Pa
     return feeds
 
 
-def tower_input_names(vlm, tower: str) -> list[str]:
-    """The keyword arguments of ``vlm.tower_module(tower).forward``, in order."""
-    sig = inspect.signature(vlm.tower_module(tower).forward)
-    return [n for n, p in sig.parameters.items()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
 def build_runners(config: LatencyConfig, *, onnx_paths: dict[str, str | Path] | None = None,
-                  vlm=None, towers: Iterable[str] | None = None) -> dict[str, Runner]:
-    """One runner per tower for ``config.runtime`` and ``config.device``.
-
-    ``onnxruntime`` needs ``onnx_paths`` (tower -> file) and uses ``config.threads``;
-    ``torch`` needs ``vlm`` and runs its tower modules.
-    """
-    towers = list(towers) if towers is not None else list(config.towers)
-    if config.runtime == "onnxruntime":
-        if onnx_paths is None:
-            raise ConfigError("the onnxruntime runtime needs ONNX files")
-        from .ort_runner import OrtRunner
-
-        providers = (("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if config.device == "cuda" else ("CPUExecutionProvider",))
-        return {t: OrtRunner(onnx_paths[t], providers=providers, threads=config.threads)
-                for t in towers if t in onnx_paths}
-    if config.runtime == "torch":
-        if vlm is None:
-            raise ConfigError("the torch runtime needs the model")
-        from .torch_runner import TorchRunner
-
-        return {t: TorchRunner(vlm.tower_module(t), tower_input_names(vlm, t),
-                               device=config.device) for t in towers if t in vlm.towers}
-    raise ConfigError(f"unknown runtime {config.runtime!r}; allowed: onnxruntime, torch")
+                  vlm=None, towers: Iterable[str] | None = None, variant: str = "pruned",
+                  options: BuildOptions | None = None) -> dict[str, Runner]:
+    """One runner per tower for the runtime of ``config`` (see the registry): ``onnx_paths``
+    (tower -> file) for ONNX runtimes, ``vlm`` for torch ones. Towers the artefacts lack are
+    skipped."""
+    rt = get_runtime(config.runtime, config.device, config.precision)
+    art = Artefacts(variant, vlm=vlm, onnx={t: Path(p) for t, p in (onnx_paths or {}).items()})
+    want = list(towers) if towers is not None else list(config.towers or ())
+    if not want:
+        want = list(art.onnx) or list(getattr(vlm, "towers", ()))
+    have = set(art.onnx) if rt.consumes != "model" else set(getattr(vlm, "towers", ()))
+    opts = options or BuildOptions(threads=config.threads, batch_sizes=config.batch_sizes)
+    # no artefacts at all: build() says what this runtime needs (ConfigError)
+    return rt.build(art, [t for t in want if t in have] or want, opts).runners

@@ -9,6 +9,8 @@ import numpy as np
 from .._deps import require_onnxruntime_provider
 from ..errors import ModelError
 from .base import Runner
+from .registry import ONNX, Built, register
+from .registry import Runtime as _Runtime
 
 #: numpy dtype of each ONNX Runtime input type string (shared with export validation)
 ORT_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -53,6 +55,8 @@ class OrtRunner(Runner):
         self.io_binding = (device == "cuda") if io_binding is None else bool(io_binding)
         self.copy_outputs = copy_outputs
         self.provider_options = provider_options
+        self.active_providers: list[str] = []  # what the session really uses (after activation)
+        self.precision: str | None = None  # the graph's, read on activation
 
     def _activate(self) -> None:
         ort = None
@@ -73,10 +77,18 @@ class OrtRunner(Runner):
             msg = " ".join(str(exc).split())[:300]
             raise ModelError(f"onnxruntime cannot load {str(self.path)!r}: {msg}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.active_providers = list(self.session.get_providers())
+        meta = self.session.get_modelmeta().custom_metadata_map or {}
+        self.precision = meta.get("vlcompress.precision", "fp32")
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}
         self._bound: dict[int, tuple[object, object]] = {}
+
+    def describe(self) -> dict:
+        """The provider the session actually ran on (its first), and the graph's precision."""
+        prov = self.active_providers[0] if self.active_providers else self.providers[0]
+        return {"provider": prov, "precision": self.precision or onnx_precision(self.path)}
 
     def _deactivate(self) -> None:
         self.session = None
@@ -120,3 +132,59 @@ class OrtRunner(Runner):
             return dict(zip(self.output_names, io.get_outputs(), strict=True))
         outs = io.copy_outputs_to_cpu()
         return dict(zip(self.output_names, (np.asarray(o) for o in outs), strict=True))
+
+
+def onnx_precision(path: str | Path) -> str:
+    """``fp16`` or ``fp32``: what :func:`vlcompress.exporters.onnx.export_tower` recorded in
+    the model metadata (``vlcompress.precision``), else ``fp32``."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable file fails later, with onnxruntime's words
+        return "fp32"
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return meta.get("vlcompress.precision", "fp32")
+
+
+def check_onnx_precision(label: str, precision: str, artefacts, towers) -> None:
+    """ConfigError when an ONNX file is not of the runtime's precision (what ran must be
+    what the row says)."""
+    from ..errors import ConfigError
+
+    for t in towers:
+        got = onnx_precision(artefacts.onnx[t])
+        if got != precision:
+            raise ConfigError(f"runtime {label} needs {precision} ONNX; {artefacts.variant} "
+                              f"{Path(artefacts.onnx[t]).name} is {got} (export with"
+                              f"{'' if precision == 'fp16' else 'out'} --fp16)")
+
+
+_PROVIDERS = {"cpu": ("CPUExecutionProvider",),
+              "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+              "trt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")}
+
+
+def _ort_entry(name: str, device: str, precision: str, providers: tuple[str, ...], what: str):
+    label = f"{name}/{device}/{precision}"
+
+    def check():
+        from .. import _deps
+
+        _deps.require_onnxruntime_provider(providers[0])
+
+    def factory(art, towers, opts):
+        check_onnx_precision(label, precision, art, towers)
+        return Built({t: OrtRunner(art.onnx[t], providers=providers, threads=opts.threads,
+                                   name=f"{name}-{device}-{art.variant}") for t in towers})
+
+    register(_Runtime(name, device, precision, ONNX, factory, check, description=what))
+
+
+for _prec in ("fp32", "fp16"):
+    _ort_entry("onnxruntime", "cpu", _prec, _PROVIDERS["cpu"], "ONNX Runtime, CPU provider")
+for _prec in ("fp32", "fp16"):
+    _ort_entry("onnxruntime", "cuda", _prec, _PROVIDERS["cuda"], "ONNX Runtime, CUDA provider")
+for _prec in ("fp16", "fp32"):
+    _ort_entry("onnxruntime-trt", "cuda", _prec, _PROVIDERS["trt"],
+               "ONNX Runtime, TensorRT execution provider")

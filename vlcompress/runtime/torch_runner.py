@@ -7,6 +7,8 @@ import torch
 
 from .._deps import require_cuda
 from .base import Runner
+from .registry import MODEL, Built, register
+from .registry import Runtime as _Runtime
 
 
 class TorchRunner(Runner):
@@ -29,6 +31,12 @@ class TorchRunner(Runner):
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self._home: torch.device | None = None
+
+    precision = "fp32"
+
+    def describe(self) -> dict:
+        return {"provider": f"torch {torch.__version__} ({self.device})",
+                "precision": self.precision}
 
     def _activate(self) -> None:
         if self.device.startswith("cuda"):
@@ -74,3 +82,37 @@ class TorchRunner(Runner):
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
+
+
+def tower_input_names(vlm, tower: str) -> list[str]:
+    """The keyword arguments of ``vlm.tower_module(tower).forward``, in order."""
+    import inspect
+
+    sig = inspect.signature(vlm.tower_module(tower).forward)
+    return [n for n, p in sig.parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _torch_factory(device: str):
+    def factory(art, towers, opts):
+        vlm = art.vlm
+        return Built({t: TorchRunner(vlm.tower_module(t), tower_input_names(vlm, t), device=device,
+                                     name=f"torch-{device}-{art.variant}") for t in towers})
+
+    return factory
+
+
+def _no_check():
+    return None
+
+
+def _check_cuda():
+    from .. import _deps
+
+    return _deps.require_cuda()
+
+
+register(_Runtime("torch", "cpu", "fp32", MODEL, _torch_factory("cpu"), _no_check,
+                  description="PyTorch eager, CPU"))
+register(_Runtime("torch", "cuda", "fp32", MODEL, _torch_factory("cuda"), _check_cuda,
+                  description="PyTorch eager, CUDA, fp32"))

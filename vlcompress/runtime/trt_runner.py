@@ -26,6 +26,8 @@ import numpy as np
 from .._deps import require_cuda, require_tensorrt
 from ..errors import ModelError
 from .base import Runner
+from .registry import ENGINE, Built, register
+from .registry import Runtime as _Runtime
 
 __all__ = ["TrtRunner", "torch_dtype"]
 
@@ -52,6 +54,12 @@ class TrtRunner(Runner):
     """
 
     runtime = "tensorrt"
+    precision = "fp16"
+
+    def describe(self) -> dict:
+        import tensorrt as trt  # activated: it imported
+
+        return {"provider": f"TensorRT {trt.__version__}", "precision": self.precision}
 
     def __init__(self, engine_path: str | Path, name: str | None = None, device: str = "cuda",
                  copy_outputs: bool = True):
@@ -149,3 +157,79 @@ class TrtRunner(Runner):
             a = t.detach().cpu().numpy()
             res[n] = a.astype(np.float32) if a.dtype == np.float16 else a
         return res
+
+
+# --------------------------------------------------------------------------------------------
+# registry entry: TensorRT engines (fp16, strongly typed; 2:4 sparse weights for 2:4 models)
+# --------------------------------------------------------------------------------------------
+ENGINE_INFO_SUFFIX = ".engine.json"
+
+
+def check_tensorrt():
+    """A GPU, then TensorRT: each missing one is one sentence (MissingDependencyError)."""
+    from .. import _deps
+
+    _deps.require_cuda()
+    return _deps.require_tensorrt()
+
+
+def _engine_info(res, sparse: bool) -> dict:
+    return {"trt_version": res.trt_version, "sparse_weights": sparse,
+            "eligible_layers": res.sparsity.n_eligible, "sparse_layers": res.sparsity.n_sparse,
+            "warnings": list(res.warnings)}
+
+
+def _read_info(path: Path) -> dict | None:
+    import json
+
+    p = path.with_name(path.name[: -len(".engine")] + ENGINE_INFO_SUFFIX)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _trt_factory(art, towers, opts):
+    """Engines ``<folder>/<tower>.engine`` when present; else built from the variant's fp16
+    ONNX (:func:`vlcompress.exporters.tensorrt.build_tower_engines`) next to it, with what
+    TensorRT said about sparse layers saved beside each as ``<tower>.engine.json``."""
+    import json
+    import logging
+
+    from ..atomic import atomic_write_text
+    from ..errors import ConfigError
+    from .ort_runner import check_onnx_precision
+
+    sparse = art.variant != "dense" and str(opts.pattern) == "2:4"
+    engines = {t: Path(art.engines[t]) for t in towers if t in art.engines}
+    engines.update({t: art.folder / f"{t}.engine" for t in towers if t not in engines
+                    and art.folder is not None and (art.folder / f"{t}.engine").is_file()})
+    missing = [t for t in towers if t not in engines]
+    info = {t: _read_info(p) for t, p in engines.items()}
+    if missing:
+        lacking = [t for t in missing if t not in art.onnx]
+        if lacking or art.folder is None:
+            raise ConfigError(f"runtime tensorrt/cuda/fp16 needs {art.variant} engines or fp16 "
+                              f"ONNX to build them from; none for tower(s) {', '.join(missing)}")
+        check_onnx_precision("tensorrt/cuda/fp16", "fp16", art, missing)
+        from ..exporters.tensorrt import build_tower_engines
+
+        built = build_tower_engines({t: Path(art.onnx[t]) for t in missing}, art.folder,
+                                    sparse=sparse, batch_sizes=opts.batch_sizes,
+                                    seq_len=opts.seq_len, timing_cache=opts.timing_cache,
+                                    pruned=art.pruned_layers if sparse else None,
+                                    check_feeds=opts.check_feeds)
+        for t, res in built.items():
+            engines[t] = res.engine_path
+            info[t] = _engine_info(res, sparse)
+            atomic_write_text(res.engine_path.with_name(f"{t}{ENGINE_INFO_SUFFIX}"),
+                              json.dumps(info[t], indent=2) + "\n")
+            for w in res.warnings:
+                logging.getLogger(__name__).warning("%s %s tower: %s", art.variant, t, w)
+    runners = {t: TrtRunner(engines[t], name=f"tensorrt-{art.variant}-{t}", copy_outputs=False)
+               for t in towers}
+    return Built(runners, {t: {"engine": v} for t, v in info.items() if v})
+
+
+register(_Runtime("tensorrt", "cuda", "fp16", ENGINE, _trt_factory, check_tensorrt,
+                  description="TensorRT engines from fp16 ONNX (2:4 sparse weights for 2:4)"))
