@@ -45,14 +45,14 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_eval(vlm, data: PairData, progress=NULL) -> EvalEmbeddings:
+def embed_eval(vlm, data: PairData, progress=NULL, *, itm: bool = True) -> EvalEmbeddings:
     """Embed every image (once: a model with ITM re-ranking keeps each image's token
     embeddings from that one pass), every retrieval caption and every class prompt of
     ``data`` that the model can embed (a one-tower model embeds only its own side;
-    text-only data has no images)."""
+    text-only data has no images). ``itm=False`` skips ITM re-ranking (contrastive only)."""
     captions = data.retrieval_captions or data.captions
     image = caption = classes = labels = tokens = None
-    itm = hasattr(vlm, "itm_scores_from_embeds") and hasattr(vlm, "embed_images_with_tokens")
+    itm = itm and hasattr(vlm, "itm_scores_from_embeds") and hasattr(vlm, "embed_images_with_tokens")
     if _supports(vlm, "embed_images") and data.images is not None:
         ims, toks = [], []
         with progress.task("evaluate", total=data.num_batches) as t:

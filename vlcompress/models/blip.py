@@ -243,28 +243,43 @@ class BLIP(VLM):
 
 @contextmanager
 def shared_cross_attention_kv(model):
-    """Inside, a cross-attention key/value projection whose input is one image broadcast over
-    the batch (``expand``: batch stride 0) projects that image once and broadcasts the result,
-    so scoring k texts against one image costs one image's keys/values, not k."""
+    """Inside, a cross-attention whose image input is one image broadcast over the batch
+    (``expand``: batch stride 0) runs as one sequence: the B texts' L queries become 1 x B*L
+    queries against that one image's keys/values. Exact (cross-attention treats each query
+    row on its own, the image mask is all ones) and the image's keys/values are projected
+    once, not B times, with no broadcast copies: scoring k texts against one image costs
+    one image's keys/values plus the texts."""
     hooks, pending = [], {}
 
-    def pre(mod, args):
-        x = args[0]
-        if x.dim() == 3 and x.shape[0] > 1 and x.stride(0) == 0:
-            pending[mod] = x.shape[0]
-            return (x[:1],) + tuple(args[1:])
-        return None
+    def pre(mod, args, kwargs):
+        ehs = kwargs.get("encoder_hidden_states")
+        hs = args[0] if args else kwargs.get("hidden_states")
+        if ehs is None or hs is None or ehs.dim() != 3 or ehs.shape[0] < 2 or ehs.stride(0) != 0:
+            return None
+        b, length, d = hs.shape
+        pending[mod] = (b, length)
+        kwargs = dict(kwargs, encoder_hidden_states=ehs[:1])
+        am = kwargs.get("attention_mask")
+        if am is not None and am.shape[0] == b:
+            kwargs["attention_mask"] = am[:1]
+        flat = hs.reshape(1, b * length, d)
+        if args:
+            return (flat, *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=flat)
 
-    def post(mod, args, out):
-        n = pending.pop(mod, None)
-        return None if n is None else out.expand(n, *out.shape[1:])
+    def post(mod, args, kwargs, out):
+        shape = pending.pop(mod, None)
+        if shape is None:
+            return None
+        ctx, *rest = out
+        return (ctx.reshape(*shape, ctx.shape[-1]), *rest)
 
     for layer in model.text_encoder.encoder.layer:
         xattn = getattr(layer, "crossattention", None)
         if xattn is None:
             continue
-        for lin in (xattn.self.key, xattn.self.value):
-            hooks += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post)]
+        hooks += [xattn.self.register_forward_pre_hook(pre, with_kwargs=True),
+                  xattn.self.register_forward_hook(post, with_kwargs=True)]
     try:
         yield
     finally:
