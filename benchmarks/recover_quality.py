@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 from vlcompress import evaluate, load_calibration, load_eval, load_model, prune  # noqa: E402
-from vlcompress.recover import dense_copy, recover  # noqa: E402
+from vlcompress.distill import dense_copy
+from vlcompress.recover import recover  # noqa: E402
 
 METHODS = ["multiflow", "mope", "upop", "efficientvlm"]
 KEYS = ("zeroshot_top1", "i2t_r1", "t2i_r1")
@@ -33,7 +34,7 @@ def run(model: str, methods: list[str], sparsity: float, steps: int, lr: float, 
         eval_n: int, train_n: int = 4096) -> dict:
     import vlcompress.methods.efficientvlm as E
     import vlcompress.methods.upop as U
-    from vlcompress.recover import DEFAULTS
+    from vlcompress.distill import DEFAULTS
 
     DEFAULTS["n"] = train_n  # distillation pairs (bundled train split) for every method
 

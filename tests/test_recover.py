@@ -9,9 +9,10 @@ import torch
 from conftest import make_tiny_random_clip, make_tiny_random_siglip
 
 from vlcompress.data import shapes_pairs
+from vlcompress.distill import dense_copy
 from vlcompress.errors import ConfigError, ModelError
 from vlcompress.prune import prune
-from vlcompress.recover import dense_copy, recover
+from vlcompress.recover import recover
 
 
 def _data(n=8, bs=8):

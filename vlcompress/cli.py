@@ -385,9 +385,13 @@ def recover_cmd(
     steps: Annotated[int, typer.Option("--steps", help="Distillation steps (positive).")] = 200,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 5e-5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per step.")] = 32,
-    data: Annotated[str, typer.Option(
-        "--data", help="'shapes' (bundled train split) or a pairs folder.")] = "shapes",
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Training data: 'shapes' (bundled train split), a pairs folder, or for a "
+        "text encoder a .txt / image-less captions.jsonl. Default: the run's calibration "
+        "data.")] = None,
     size: Annotated[int, typer.Option("--size", help="Training pairs.")] = 256,
+    eval_data: Annotated[str | None, typer.Option(
+        "--eval-data", help="Evaluation data (as --data). Default: the run's eval data.")] = None,
     eval_size: Annotated[int, typer.Option("--eval-size", help="Evaluation pairs.")] = 720,
     resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                          help="Continue from RUN_DIR/recover/last.pt.")] = True,
@@ -398,7 +402,7 @@ def recover_cmd(
     try:
         with _progress() as prog:
             res = recover(run_dir, steps=steps, lr=lr, batch_size=batch_size, data=data, n=size,
-                          eval_size=eval_size, resume=resume, progress=prog)
+                          eval_data=eval_data, eval_size=eval_size, resume=resume, progress=prog)
     except KeyboardInterrupt:
         err.print(f"interrupted; the last checkpoint is in {run_dir}/recover/ (run again to resume)")
         raise typer.Exit(130) from None
@@ -407,6 +411,11 @@ def recover_cmd(
         if k in m.get("dense", {}):
             out.print(f"{k}: dense {100 * m['dense'][k]:.1f}%, pruned {100 * m['pruned'][k]:.1f}%, "
                       f"recovered {100 * m['recovered'][k]:.1f}%")
+    for side, fid in (m.get("fidelity") or {}).get("recovered", {}).items():
+        out.print(f"{side} fidelity to dense: pruned {m['fidelity']['pruned'][side]:.4f}, "
+                  f"recovered {fid:.4f}")
+    out.print(f"trained on {res.data['source']} ({res.data['kind']}, n={res.data['n']})",
+              soft_wrap=True)
     out.print(f"recovered {res.steps - res.start_step} steps"
               + (f" (resumed at {res.start_step})" if res.start_step else "")
               + f" in {res.seconds:.1f}s -> {run_dir}/recovered/model, recover.json", soft_wrap=True)

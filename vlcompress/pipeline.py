@@ -134,17 +134,21 @@ def check_run(cfg: RunConfig) -> None:
 
 
 def check_data_sources(cfg: RunConfig, info) -> None:
-    """Each data source exists and holds what the model reads (images for a vision tower)."""
+    """Each data source exists and holds what the model reads (images for a vision or fusion
+    tower): one line naming the option and what is allowed, before any data is loaded."""
     from .data import source_kind
 
-    needs_images = "vision" in info.towers
-    for option, src in (("--calibration", cfg.calibration), ("--eval-data", cfg.eval_data),
-                        ("--train-data", cfg.train_data)):
+    needs_images = any(t in ("vision", "fusion") for t in info.towers)
+    sources = [("--calibration", cfg.calibration), ("--eval-data", cfg.eval_data)]
+    if cfg.recover_steps or get_method(cfg.method).retrain is not None:
+        sources.append(("--train-data", cfg.train_data))
+    for option, src in sources:
         kind = source_kind(src)  # raises DataError for a missing or unreadable source
         if needs_images and kind == "text":
             raise ConfigError(f"{option} {src!r} holds text only, but {cfg.model} "
                               f"({info.family}, towers: {', '.join(info.towers)}) needs images; "
-                              "allowed: image-caption pairs (a folder with captions.jsonl)")
+                              "allowed: image-caption pairs (a folder with captions.jsonl), or "
+                              "text only with --tower text")
 
 
 def data_notes(cfg: RunConfig, is_preset: bool) -> list[str]:
@@ -178,7 +182,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     load -> evaluate dense -> export dense -> calibrate/score/mask/apply -> evaluate pruned
     -> export pruned -> save pruned model -> latency dense vs pruned -> report.
     """
-    from .data import load_calibration, load_eval, load_training
+    from .data import load_calibration, load_eval, load_train
     from .envinfo import env_info
     from .eval import embed_eval, fidelity, metrics_from_embeddings
     from .exporters.onnx import export_model
@@ -203,7 +207,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     eval_data = load_eval(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset else cfg.eval_size)
     train = None
     if cfg.recover_steps or get_method(cfg.method).retrain is not None:
-        train = load_training(cfg.train_data, n=cfg.train_size, seed=cfg.seed)
+        train = load_train(cfg.train_data, n=cfg.train_size, seed=cfg.seed)
     # Export examples (and latency inputs): the first calibration pairs, an export batch of 3
     # and a validation batch of 2 (another batch size and text length).
     example, check = export_examples(calib)
@@ -225,7 +229,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         pc = cfg.prune_config
         teacher = None
         if cfg.recover_steps:
-            from .recover import dense_copy
+            from .distill import dense_copy
 
             teacher = dense_copy(vlm)
         result = prune(vlm, cfg.method, pc.sparsity, str(pc.pattern),

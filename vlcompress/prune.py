@@ -300,7 +300,7 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
     method_details: dict = {}
     dense = None
     if target > 0 and m.retrain is not None:
-        from .recover import dense_copy
+        from .distill import dense_copy
 
         dense = dense_copy(vlm)
     if target > 0:

@@ -1,8 +1,12 @@
-"""Image-caption pairs: the one data shape every model adapter consumes.
+"""Image-caption pairs (or text alone): the one data shape every model adapter consumes.
 
 A :class:`PairBatch` holds PIL images and caption strings; a model adapter turns it into
 tensors with its own processor (``VLM.encode``). A :class:`PairData` is a sequence of
-batches, built from the bundled shapes data or a user folder (images + ``captions.jsonl``).
+batches, built from the bundled shapes data, a user folder (images + ``captions.jsonl``) or
+text-only data (``images is None``): a ``captions.jsonl`` whose lines have a ``caption`` and
+no ``image``, or a ``.txt`` file with one sentence a line. Text-only data feeds text encoders
+(family ``bert``, or ``--tower text``); :func:`source_kind` tells which a source holds without
+opening any image.
 """
 
 from __future__ import annotations
@@ -20,19 +24,20 @@ from . import shapes
 
 @dataclass
 class PairBatch:
-    images: list[Image.Image]
+    images: list[Image.Image] | None  # None: text-only data
     captions: list[str]
     labels: list[int] | None = None  # class index per image, where the source has classes
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.captions)
 
 
 @dataclass
 class PairData:
-    """Image-caption pairs in batches, plus the class prompts where the source has classes."""
+    """Image-caption pairs in batches, plus the class prompts where the source has classes.
+    ``images is None`` for text-only data (``captions`` are then the sentences)."""
 
-    images: list[Image.Image]
+    images: list[Image.Image] | None
     captions: list[str]
     batch_size: int = 32
     labels: list[int] | None = None
@@ -42,13 +47,22 @@ class PairData:
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.captions)
+
+    @property
+    def text_only(self) -> bool:
+        return self.images is None
+
+    @property
+    def kind(self) -> str:
+        """``"text"`` for text-only data, else ``"pairs"`` (as :func:`source_kind`)."""
+        return "text" if self.images is None else "pairs"
 
     def batches(self) -> Iterator[PairBatch]:
-        for i in range(0, len(self.images), self.batch_size):
+        for i in range(0, len(self.captions), self.batch_size):
             sl = slice(i, i + self.batch_size)
             yield PairBatch(
-                self.images[sl],
+                None if self.images is None else self.images[sl],
                 self.captions[sl],
                 None if self.labels is None else self.labels[sl],
             )
@@ -58,7 +72,7 @@ class PairData:
 
     @property
     def num_batches(self) -> int:
-        return (len(self.images) + self.batch_size - 1) // self.batch_size
+        return (len(self.captions) + self.batch_size - 1) // self.batch_size
 
 
 def _check_counts(n: int, batch_size: int) -> None:
@@ -87,7 +101,8 @@ def shapes_pairs(split: str, n: int, batch_size: int = 32, seed: int = 0) -> Pai
 
 
 def folder_pairs(path: str | Path, n: int | None = None, batch_size: int = 32) -> PairData:
-    """Pairs from a folder holding images and ``captions.jsonl`` lines ``{"image", "caption"}``.
+    """Pairs from a folder holding images and ``captions.jsonl`` lines ``{"image", "caption"}``
+    (or from that ``.jsonl`` file itself; image paths are relative to its folder).
 
     Optional ``"label"`` (int) on every line and a ``classes.json`` list of prompts enable
     zero-shot evaluation. Every referenced image is opened and verified up front, so a corrupt
@@ -96,10 +111,13 @@ def folder_pairs(path: str | Path, n: int | None = None, batch_size: int = 32) -
     root = Path(path)
     if not root.exists():
         raise DataError(f"calibration folder {str(root)!r} does not exist")
-    if not root.is_dir():
+    if root.is_file() and root.suffix == ".jsonl":
+        root, index = root.parent, root
+    elif not root.is_dir():
         raise DataError(f"calibration path {str(root)!r} is not a folder; allowed: a folder "
-                        "with images and captions.jsonl, or 'shapes'")
-    index = root / "captions.jsonl"
+                        "with images and captions.jsonl, a .jsonl, a .txt, or 'shapes'")
+    else:
+        index = root / "captions.jsonl"
     if not index.is_file():
         raise DataError(f"calibration folder {str(root)!r} has no captions.jsonl "
                         '(one {"image": ..., "caption": ...} object per line)')
@@ -147,8 +165,96 @@ def folder_pairs(path: str | Path, n: int | None = None, batch_size: int = 32) -
             raise DataError(f"{cls_file} is not valid JSON (a list of class prompts)") from None
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise DataError(f"{cls_file} must be a JSON list of class prompt strings")
+    source = str(root) if index.name == "captions.jsonl" else str(index)
     return PairData(imgs, caps, batch_size, labels if has_labels else None,
-                    class_prompts=prompts if has_labels else None, source=str(root))
+                    class_prompts=prompts if has_labels else None, source=source)
+
+
+def _text_index(source: str | Path) -> Path:
+    """The file that lists a source's captions (``.txt``, ``.jsonl``, folder/captions.jsonl)."""
+    p = Path(source)
+    if not p.exists():
+        raise DataError(f"data source {str(source)!r} does not exist; allowed: 'shapes', a folder "
+                        "with images and captions.jsonl, a captions .jsonl, or a .txt file")
+    if p.is_dir():
+        index = p / "captions.jsonl"
+        if not index.is_file():
+            raise DataError(f"data folder {str(p)!r} has no captions.jsonl "
+                            '(one {"image": ..., "caption": ...} object per line)')
+        return index
+    if p.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"data file {str(p)!r} is not valid; allowed: a .txt (one sentence a "
+                        "line), a .jsonl (captions), or a folder with captions.jsonl")
+    return p
+
+
+def source_kind(source) -> str:
+    """What a data source holds, without loading any image: ``"pairs"`` (image-caption
+    pairs: ``shapes``, a folder or ``.jsonl`` whose lines name an ``image``) or ``"text"``
+    (a ``.txt`` file, or a ``captions.jsonl`` whose lines have a ``caption`` and no ``image``).
+    Decided by the first non-blank line; the loaders check every line."""
+    if isinstance(source, PairData):
+        return source.kind
+    if str(source) == "shapes":
+        return "pairs"
+    index = _text_index(source)
+    if index.suffix == ".txt":
+        return "text"
+    lineno = 0
+    try:
+        with index.open(encoding="utf-8") as f:
+            for line in f:
+                lineno += 1
+                if line.strip():
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise TypeError
+                    return "pairs" if "image" in rec else "text"
+    except (json.JSONDecodeError, TypeError):
+        raise DataError(f"{index}:{lineno} is not a JSON object with a string field "
+                        '"caption"') from None
+    except UnicodeDecodeError:
+        raise DataError(f"{index} is not UTF-8 text") from None
+    raise DataError(f"data file {str(index)!r} is empty: it lists no captions")
+
+
+def text_data(source: str | Path, n: int | None = None, batch_size: int = 32) -> PairData:
+    """Text-only data (``images=None``): a ``.txt`` file, one sentence a line (blank lines
+    skipped), or a ``.jsonl`` / folder ``captions.jsonl`` whose lines are ``{"caption": ...}``
+    with no ``image``. Errors name the file and line."""
+    if n is not None:
+        _check_counts(n, batch_size)
+    elif not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch size {batch_size!r} is not valid; allowed: a positive integer")
+    index = _text_index(source)
+    caps: list[str] = []
+    try:
+        lines = index.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        lineno = index.read_bytes()[:exc.start].count(b"\n") + 1
+        raise DataError(f"{index}:{lineno} is not UTF-8 text") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if index.suffix == ".txt":
+            caps.append(line.strip())
+        else:
+            try:
+                rec = json.loads(line)
+                cap = rec["caption"]
+                if not isinstance(cap, str) or "image" in rec:
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f'{index}:{lineno} is not a JSON object with a string "caption" '
+                                'and no "image" (text-only data: every line or none names an '
+                                "image)") from None
+            caps.append(cap)
+        if n is not None and len(caps) >= n:
+            break
+    if not caps:
+        raise DataError(f"data file {str(index)!r} is empty: it lists no sentences")
+    source_name = str(source if Path(source).is_dir() else index)
+    return PairData(None, caps, batch_size, source=source_name, meta={"kind": "text"})
 
 
 def as_pair_data(data: PairData | Sequence[PairBatch]) -> PairData:
@@ -156,6 +262,9 @@ def as_pair_data(data: PairData | Sequence[PairBatch]) -> PairData:
         return data
     imgs, caps = [], []
     for b in data:
-        imgs.extend(b.images)
+        if b.images is None:
+            imgs = None
+        elif imgs is not None:
+            imgs.extend(b.images)
         caps.extend(b.captions)
     return PairData(imgs, caps, batch_size=max(1, len(data[0]) if data else 1))

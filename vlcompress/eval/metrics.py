@@ -45,18 +45,27 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_eval(vlm, data: PairData, progress=NULL) -> EvalEmbeddings:
-    """Embed every image, every retrieval caption and every class prompt of ``data`` that the
-    model can embed (a one-tower model embeds only its own side)."""
+def embed_eval(vlm, data: PairData, progress=NULL, *, itm: bool = True) -> EvalEmbeddings:
+    """Embed every image (once: a model with ITM re-ranking keeps each image's token
+    embeddings from that one pass), every retrieval caption and every class prompt of
+    ``data`` that the model can embed (a one-tower model embeds only its own side;
+    text-only data has no images). ``itm=False`` skips ITM re-ranking (contrastive only)."""
     captions = data.retrieval_captions or data.captions
-    image = caption = classes = labels = None
-    if _supports(vlm, "embed_images"):
-        ims = []
+    image = caption = classes = labels = tokens = None
+    itm = itm and hasattr(vlm, "itm_scores_from_embeds") and hasattr(vlm, "embed_images_with_tokens")
+    if _supports(vlm, "embed_images") and data.images is not None:
+        ims, toks = [], []
         with progress.task("evaluate", total=data.num_batches) as t:
             for b in data.batches():
-                ims.append(vlm.embed_images(b.images))
+                if itm:
+                    feats, tok = vlm.embed_images_with_tokens(b.images)
+                    toks.append(tok)
+                else:
+                    feats = vlm.embed_images(b.images)
+                ims.append(feats)
                 t.advance()
         image = _flat(torch.cat(ims))
+        tokens = torch.cat(toks) if toks else None
     if _supports(vlm, "embed_texts"):
         caption = _flat(torch.cat([vlm.embed_texts(captions[i:i + data.batch_size])
                                    for i in range(0, len(captions), data.batch_size)]))
@@ -64,8 +73,8 @@ def embed_eval(vlm, data: PairData, progress=NULL) -> EvalEmbeddings:
         classes = _embed_texts(vlm, data.class_prompts, data.batch_size)
         labels = torch.tensor(data.labels)
     emb = EvalEmbeddings(image, caption, classes, labels, list(captions))
-    if hasattr(vlm, "itm_scores") and image is not None and caption is not None:
-        emb.extra = itm_rerank(vlm, data, emb)
+    if tokens is not None and caption is not None:
+        emb.extra = itm_rerank(vlm, tokens, emb)
     return emb
 
 
@@ -73,28 +82,45 @@ ITM_CANDIDATES = 8
 
 
 @torch.no_grad()
-def itm_rerank(vlm, data: PairData, e: EvalEmbeddings, k: int = ITM_CANDIDATES) -> dict[str, float]:
+def itm_rerank(vlm, image_tokens: torch.Tensor, e: EvalEmbeddings,
+               k: int = ITM_CANDIDATES) -> dict[str, float]:
     """Image-text matching re-ranking (BLIP's retrieval protocol): the top ``k`` candidates of
-    the contrastive similarity are re-scored by the model's ITM head; R@1 of the new order."""
-    captions = data.retrieval_captions or data.captions
+    the contrastive similarity are re-scored by the model's ITM head; R@1 of the new order.
+
+    ``image_tokens`` are the cached vision token embeddings ([N, T, D], from the one vision
+    pass of :func:`embed_eval`); no image is encoded again. Each (image, caption text) pair is
+    scored once, even when both directions (and duplicate captions) ask for it, and all the
+    texts of one image go in one call (its cross-attention keys/values computed once)."""
+    captions = e.caption_text
     k = min(k, len(captions))
     sim = e.image @ e.caption.t()
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     cid = torch.tensor([ids[c] for c in captions])
-    out = {}
-    for name, s, query_is_image in (("i2t_r1_itm", sim, True), ("t2i_r1_itm", sim.t(), False)):
-        top = s.topk(k, dim=1).indices  # [N, k]
-        hits = 0
-        for q in range(len(top)):
-            cands = top[q].tolist()
-            if query_is_image:
-                scores = vlm.itm_scores([data.images[q]] * k, [captions[c] for c in cands])
-            else:
-                scores = vlm.itm_scores([data.images[c] for c in cands], [captions[q]] * k)
-            best = cands[int(scores.argmax())]
-            hits += int(cid[best] == cid[q])
-        out[name] = hits / len(top)
-    return out
+    i2t = sim.topk(k, dim=1).indices  # [N images, k caption indices]
+    t2i = sim.t().topk(k, dim=1).indices  # [N captions, k image indices]
+    wanted: dict[int, dict[str, None]] = {}
+    for q in range(len(i2t)):
+        for c in i2t[q].tolist():
+            wanted.setdefault(q, {})[captions[c]] = None
+    for q in range(len(t2i)):
+        for i in t2i[q].tolist():
+            wanted.setdefault(i, {})[captions[q]] = None
+    score: dict[tuple[int, str], float] = {}
+    for i, texts in wanted.items():
+        texts = list(texts)
+        for s, t in zip(vlm.itm_scores_from_embeds(image_tokens[i], texts).tolist(), texts,
+                        strict=True):
+            score[(i, t)] = s
+    hits_i2t = hits_t2i = 0
+    for q in range(len(i2t)):
+        cands = i2t[q].tolist()
+        best = max(cands, key=lambda c: (score[(q, captions[c])], -cands.index(c)))
+        hits_i2t += int(cid[best] == cid[q])
+    for q in range(len(t2i)):
+        cands = t2i[q].tolist()
+        best = max(cands, key=lambda i: (score[(i, captions[q])], -cands.index(i)))
+        hits_t2i += int(cid[best] == cid[q])
+    return {"i2t_r1_itm": hits_i2t / len(i2t), "t2i_r1_itm": hits_t2i / len(t2i)}
 
 
 def _recall(sim: torch.Tensor, relevant: torch.Tensor, k: int) -> float:

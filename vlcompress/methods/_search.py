@@ -100,7 +100,7 @@ def search_batches(vlm, data, batch_size: int = SEARCH_BATCH) -> list[dict]:
 
 def search_setup(ctx):
     """Shared preamble of the training-based searches: ``(units, target, batches, teacher)``."""
-    from ..recover import dense_copy
+    from ..distill import dense_copy
 
     vlm, cfg = ctx.vlm, ctx.cfg
     return tuple(cfg.units), float(cfg.sparsity), search_batches(vlm, ctx.data), dense_copy(vlm)
@@ -180,7 +180,7 @@ def counts_from_scores(blocks, head_s, neur_s, target: float, units, round_to: i
 def retrain(ctx, dense, *, steps: int, lr: float) -> dict:
     """Distillation retraining of the sliced model (pattern kept) on ``ctx.train``, the
     training data prune() was given (the user's; its source is recorded)."""
-    from ..recover import train_student
+    from ..distill import train_student
 
     if steps <= 0:
         return {"steps": 0}

@@ -85,7 +85,7 @@ def _expected_sparsity(gates: HardConcreteGates, blocks) -> torch.Tensor:
 
 
 def _search(ctx, blocks):
-    from ..recover import _outputs, distill_loss
+    from ..distill import distill_loss, features
 
     vlm, cfg, progress = ctx.vlm, ctx.cfg, ctx.progress or NULL
     units, target, batches, teacher = search_setup(ctx)
@@ -105,8 +105,8 @@ def _search(ctx, blocks):
             for t in range(1, T + 1):
                 enc = batches[(t - 1) % len(batches)]
                 with torch.no_grad():
-                    t_out = _outputs(teacher, enc)
-                dist = distill_loss(_outputs(vlm, enc), t_out)
+                    t_out = features(teacher, enc)
+                dist = distill_loss(features(vlm, enc), t_out)
                 s_hat = _expected_sparsity(gates, blocks)
                 s_t = target * min(1.0, t / max(1, T // 2))
                 gap = s_hat - s_t

@@ -52,7 +52,7 @@ RETRAIN_LR = 1e-4
 
 
 def _search(ctx, blocks):
-    from ..recover import _outputs, distill_loss
+    from ..distill import distill_loss, features
 
     vlm, cfg, progress = ctx.vlm, ctx.cfg, ctx.progress or NULL
     units, target, batches, teacher = search_setup(ctx)
@@ -72,8 +72,8 @@ def _search(ctx, blocks):
             for t in range(1, T + 1):
                 enc = batches[(t - 1) % len(batches)]
                 with torch.no_grad():
-                    t_out = _outputs(teacher, enc)
-                loss = distill_loss(_outputs(vlm, enc), t_out)
+                    t_out = features(teacher, enc)
+                loss = distill_loss(features(vlm, enc), t_out)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for k, v in gates.heads.items():

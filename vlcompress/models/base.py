@@ -7,13 +7,14 @@ Families subclass it in one file each and register themselves (see ``registry.py
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..data.pairs import PairBatch
+from ..data.pairs import PairBatch, PairData
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,33 @@ class VLM:
         raise NotImplementedError
 
     # --- data ----------------------------------------------------------------------------
+    #: the towers that consume images (every other tower reads text only)
+    image_towers: tuple[str, ...] = ("vision", "fusion")
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether this model (its selected towers) needs images: False for text encoders
+        (``bert``, ``--tower text``), which also take text-only data."""
+        return any(t in self.image_towers for t in self.towers)
+
+    def check_data(self, source, role: str = "data") -> str:
+        """The kind of ``source`` (``"pairs"`` / ``"text"``, see ``data.source_kind``); a
+        one-line DataError when it is text-only and this model needs images. Cheap: reads
+        no image, so callers check every source before any work."""
+        from ..data import source_kind
+        from ..errors import DataError
+
+        kind = source_kind(source)
+        if kind == "text" and self.needs_images:
+            name = source.source if isinstance(source, PairData) else str(source)
+            need = [t for t in self.towers if t in self.image_towers]
+            raise DataError(f"{role} {name!r} is text-only, but the {self.family} towers "
+                            f"{', '.join(need)} need images; allowed: image-caption pairs "
+                            "('shapes', a folder with images and captions.jsonl) - text-only "
+                            "data (.txt, captions.jsonl without images) fits text encoders "
+                            "(bert, --tower text)")
+        return kind
+
     def encode(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         """Turn a batch of PIL images and captions into the model's input tensors."""
         raise NotImplementedError
@@ -117,6 +145,21 @@ class VLM:
     def loss(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's own training loss on a batch (contrastive for CLIP)."""
         raise NotImplementedError
+
+    def features(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Differentiable outputs for distillation (gradients on): one entry per tower named
+        after it (``vision``: [B, T, D] tokens or [B, D], ``text``: [B, D]), and optionally
+        ``logits`` ([B, B] image-text similarity logits), ``itm`` ([B, 2] matching logits of the
+        aligned pairs) and ``loss`` (the model's own contrastive loss). The default runs each
+        selected tower's ``tower_module`` on the ``encoded`` tensors it takes, which suits
+        one-tower models; a two-tower family overrides it to add logits and loss.
+        ``vlcompress.distill`` turns the teacher's and student's features into a loss."""
+        out = {}
+        for tower in self.towers:
+            mod = self.tower_module(tower)
+            names = inspect.signature(mod.forward).parameters
+            out[tower] = mod(**{k: encoded[k] for k in names if k in encoded})
+        return out
 
     # --- io ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

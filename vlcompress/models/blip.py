@@ -15,6 +15,8 @@ cross-attention, image embeddings as an input -> ITM logits).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +110,8 @@ class BLIP(VLM):
                 "attention_mask": enc["attention_mask"].to(self.device)}
 
     def encode(self, batch: PairBatch) -> dict[str, torch.Tensor]:
+        if batch.images is None:  # text-only data: the text tower alone (--tower text)
+            return self.encode_texts(batch.captions)
         return {"pixel_values": self.encode_images(batch.images), **self.encode_texts(batch.captions)}
 
     def token_mask(self, modality, encoded):
@@ -148,6 +152,47 @@ class BLIP(VLM):
         emb = self.model.vision_model(pixel_values=px).last_hidden_state
         logits = _FusionTower(self.model)(enc["input_ids"], enc["attention_mask"], emb)
         return logits.float().softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def embed_images_with_tokens(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vision pass: (ITC image features [N, D], image token embeddings [N, T, D]), the
+        tokens being what :meth:`itm_scores_from_embeds` takes (evaluation encodes each image
+        once and re-ranks from the cached tokens)."""
+        px = images if isinstance(images, torch.Tensor) else self.encode_images(images)
+        h = self.model.vision_model(pixel_values=px).last_hidden_state
+        return self.model.vision_proj(h[:, 0, :]), h
+
+    @torch.no_grad()
+    def itm_scores_from_embeds(self, image_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """ITM match probability of ``texts`` against already-encoded images: ``image_embeds``
+        is [N, T, D] aligned with ``texts`` or [T, D], one image for every text. With one image
+        its cross-attention keys/values are computed once for all texts (not per text)."""
+        enc = self.encode_texts(texts)
+        fusion = _FusionTower(self.model)
+        if image_embeds.dim() == 2:
+            emb = image_embeds.unsqueeze(0).expand(len(texts), -1, -1)
+            with shared_cross_attention_kv(self.model):
+                logits = fusion(enc["input_ids"], enc["attention_mask"], emb)
+        else:
+            logits = fusion(enc["input_ids"], enc["attention_mask"], image_embeds)
+        return logits.float().softmax(-1)[:, 1]
+
+    def features(self, encoded):
+        """All towers: ITC image/text features, their similarity logits (temperature 0.07),
+        the ITC loss, and the ITM logits of the aligned pairs; selected towers without
+        fusion: each tower's output (the base default)."""
+        if "fusion" not in self.towers and set(self.towers) != {"vision", "text"}:
+            return super().features(encoded)
+        h = self.model.vision_model(pixel_values=encoded["pixel_values"]).last_hidden_state
+        img = self.model.vision_proj(h[:, 0, :])
+        txt = _TextTower(self.model)(encoded["input_ids"], encoded["attention_mask"])
+        logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t() / ITC_TEMPERATURE
+        target = torch.arange(len(img), device=img.device)
+        itc = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        out = {"vision": img, "text": txt, "logits": logits, "loss": itc}
+        if "fusion" in self.towers:
+            out["itm"] = _FusionTower(self.model)(encoded["input_ids"], encoded["attention_mask"], h)
+        return out
 
     def loss(self, encoded):
         """ITC (InfoNCE at temperature 0.07) plus ITM (matched vs in-batch shifted pairs)."""
@@ -194,6 +239,52 @@ class BLIP(VLM):
         if tower == "text":
             return {**text, "embeds": {0: "batch"}}
         return {**text, "image_embeds": {0: "batch"}, "embeds": {0: "batch"}}
+
+
+@contextmanager
+def shared_cross_attention_kv(model):
+    """Inside, a cross-attention whose image input is one image broadcast over the batch
+    (``expand``: batch stride 0) runs as one sequence: the B texts' L queries become 1 x B*L
+    queries against that one image's keys/values. Exact (cross-attention treats each query
+    row on its own, the image mask is all ones) and the image's keys/values are projected
+    once, not B times, with no broadcast copies: scoring k texts against one image costs
+    one image's keys/values plus the texts."""
+    hooks, pending = [], {}
+
+    def pre(mod, args, kwargs):
+        ehs = kwargs.get("encoder_hidden_states")
+        hs = args[0] if args else kwargs.get("hidden_states")
+        if ehs is None or hs is None or ehs.dim() != 3 or ehs.shape[0] < 2 or ehs.stride(0) != 0:
+            return None
+        b, length, d = hs.shape
+        pending[mod] = (b, length)
+        kwargs = dict(kwargs, encoder_hidden_states=ehs[:1])
+        am = kwargs.get("attention_mask")
+        if am is not None and am.shape[0] == b:
+            kwargs["attention_mask"] = am[:1]
+        flat = hs.reshape(1, b * length, d)
+        if args:
+            return (flat, *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=flat)
+
+    def post(mod, args, kwargs, out):
+        shape = pending.pop(mod, None)
+        if shape is None:
+            return None
+        ctx, *rest = out
+        return (ctx.reshape(*shape, ctx.shape[-1]), *rest)
+
+    for layer in model.text_encoder.encoder.layer:
+        xattn = getattr(layer, "crossattention", None)
+        if xattn is None:
+            continue
+        hooks += [xattn.self.register_forward_pre_hook(pre, with_kwargs=True),
+                  xattn.self.register_forward_hook(post, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _hf_class():

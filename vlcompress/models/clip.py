@@ -81,12 +81,23 @@ class CLIP(VLM):
                 "attention_mask": enc["attention_mask"].to(self.device)}
 
     def encode(self, batch: PairBatch) -> dict[str, torch.Tensor]:
+        if batch.images is None:  # text-only data: the text tower alone (--tower text)
+            return self.encode_texts(batch.captions)
         return {"pixel_values": self.encode_images(batch.images), **self.encode_texts(batch.captions)}
 
     def token_mask(self, modality, encoded):
         if modality == "text":
             return encoded["attention_mask"].bool()
         return None
+
+    def features(self, encoded):
+        """Both towers: embeddings, image-text logits and the model's own contrastive loss;
+        one selected tower: that tower's output (the base default)."""
+        if set(self.towers) != {"vision", "text"}:
+            return super().features(encoded)
+        out = self.model(**self.model_inputs(encoded), return_loss=True)
+        return {"vision": out.image_embeds, "text": out.text_embeds,
+                "logits": out.logits_per_image, "loss": out.loss}
 
     @property
     def device(self) -> torch.device:

@@ -51,6 +51,8 @@ class SigLIP(CLIP):
                 "real_tokens": enc["attention_mask"].bool().to(self.device)}
 
     def encode(self, batch):
+        if batch.images is None:  # text-only data: the text tower alone (--tower text)
+            return self.encode_texts(batch.captions)
         return {"pixel_values": self.encode_images(batch.images), **self.encode_texts(batch.captions)}
 
     def token_mask(self, modality, encoded):
