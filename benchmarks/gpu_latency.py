@@ -244,7 +244,7 @@ def make_runners(runtime: str, models: dict, workdir: Path, args, notes: dict) -
                                workspace_gb=args.workspace_gb, pruned=pruned)
             feed = {"pixel_values": np.random.default_rng(1).standard_normal(
                 (min(args.batch_sizes), 3, 224, 224), dtype=np.float32)}
-            val = validate_engine(res.engine_path, onnx_path, feed)
+            val = validate_engine(res.engine_path, onnx_path, feed, engine_runner=TrtRunner)
             notes.setdefault("tensorrt", {})[v] = {
                 "build_seconds": round(res.seconds, 1), "sparsity": res.sparsity.to_dict(),
                 "warnings": res.warnings, "validation": val, "trt_version": res.trt_version}

@@ -403,6 +403,7 @@ def test_check_engine_trt_paths(monkeypatch):
 @pytest.mark.skipif(not (HAS_GPU and HAS_TRT), reason="needs a CUDA GPU and TensorRT")
 def test_build_and_run_engine_gpu(tiny_fp16_vision, tmp_path):
     from vlcompress.exporters.tensorrt import validate_engine
+    from vlcompress.runtime.trt_runner import TrtRunner
 
     vlm, path, check = tiny_fp16_vision
     cache = tmp_path / "timing.cache"
@@ -411,7 +412,7 @@ def test_build_and_run_engine_gpu(tiny_fp16_vision, tmp_path):
     assert res.engine_path.is_file() and cache.is_file()
     assert res.sparsity.found  # the (Sparsity) lines were captured
     feed = {k: v.numpy() for k, v in vlm.tower_inputs("vision", check).items()}
-    v = validate_engine(res.engine_path, path, feed)
+    v = validate_engine(res.engine_path, path, feed, engine_runner=TrtRunner)
     assert v["ok"], v
     again = build_engine(path, tmp_path / "v2.engine", sparse=False, batch_sizes=(1, 8),
                          timing_cache=cache)

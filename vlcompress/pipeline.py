@@ -239,9 +239,12 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         if teacher is not None:  # distil the dense model into the pruned one, pattern kept
             from .recover import recover
 
-            result.details["recover"] = recover(vlm, steps=cfg.recover_steps, teacher=teacher,
-                                                data=train, seed=cfg.seed,
-                                                progress=progress).to_dict()
+            before = (fidelity(dense_emb, embed_eval(vlm, eval_data, progress))
+                      if dense_emb is not None else None)
+            rec = recover(vlm, steps=cfg.recover_steps, teacher=teacher, data=train,
+                          seed=cfg.seed, progress=progress).to_dict()
+            rec["fidelity_before"] = before  # the report's accuracy is after recovery
+            result.details["recover"] = rec
             teacher = None
         accuracy = None
         if dense_emb is not None:

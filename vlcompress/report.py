@@ -82,6 +82,12 @@ def to_markdown(r: dict) -> str:
         lines.append(f"- **auto** chose `{auto}` (fidelity {d['winner_score']:.3f}"
                      + (f", +{d['margin']:.3f} over `{d['runner_up']}`" if d.get("runner_up") else "")
                      + ", on held-out calibration pairs)")
+    data = r.get("data") or {}
+    if data:
+        used = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in data.items()
+                         if k != "notes" and v)
+        lines.append(f"- **data** {used}")
+        lines += [f"- **note** {n}" for n in data.get("notes") or []]
     lines.append("")
     towers = mdl.get("towers") or {}
     if towers:

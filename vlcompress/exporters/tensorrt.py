@@ -543,17 +543,18 @@ def log_warning(msg: str) -> None:
 
 
 def validate_engine(engine_path: str | Path, onnx_path: str | Path, feed: dict, *,
-                    atol: float = 2e-2, rtol: float = 2e-2, min_cosine: float | None = 0.99
-                    ) -> dict:
-    """Run the engine (GPU) and its fp16 ONNX (onnxruntime, CPU) on ``feed``; compare their
-    first outputs with :func:`embedding_agreement` (the ONNX itself was validated against
-    fp32 PyTorch at export, with the same fp16 tolerance and cosine floor)."""
+                    engine_runner, atol: float = 2e-2, rtol: float = 2e-2,
+                    min_cosine: float | None = 0.99) -> dict:
+    """Run the engine (GPU) with ``engine_runner(engine_path)`` (the TensorRT runtime's
+    ``TrtRunner``, passed in: the runtime builds engines with this module, so this module
+    does not import it) and its fp16 ONNX (onnxruntime, CPU) on ``feed``; compare their first
+    outputs with :func:`embedding_agreement` (the ONNX itself was validated against fp32
+    PyTorch at export, with the same fp16 tolerance and cosine floor)."""
     from ..runtime.ort_runner import OrtRunner
-    from ..runtime.trt_runner import TrtRunner
 
     with OrtRunner(onnx_path, threads=2) as ref_runner:
         ref = next(iter(ref_runner.infer(feed).values()))
-    with TrtRunner(engine_path) as runner:
+    with engine_runner(engine_path) as runner:
         out = next(iter(runner.infer(feed).values()))
     return embedding_agreement(out, ref, atol=atol, rtol=rtol, min_cosine=min_cosine)
 
@@ -562,7 +563,7 @@ def build_tower_engines(onnx_paths: dict[str, Path], out_dir: str | Path, *, spa
                         batch_sizes: Sequence[int], seq_len: int | None,
                         timing_cache: str | Path | None, pruned: Iterable[str] | None = None,
                         workspace_gb: float = DEFAULT_WORKSPACE_GB,
-                        check_feeds: dict[str, dict] | None = None
+                        check_feeds: dict[str, dict] | None = None, engine_runner=None
                         ) -> dict[str, EngineBuildResult]:
     """:func:`build_engine` for every tower's ONNX into ``out_dir/<tower>.engine``; with
     ``check_feeds`` (tower -> feed) each engine is validated (:func:`validate_engine`) and a
@@ -574,7 +575,8 @@ def build_tower_engines(onnx_paths: dict[str, Path], out_dir: str | Path, *, spa
                            batch_sizes=batch_sizes, seq_len=seq_len, timing_cache=timing_cache,
                            pruned=pruned, workspace_gb=workspace_gb)
         if check_feeds and tower in check_feeds:
-            v = validate_engine(res.engine_path, path, check_feeds[tower])
+            v = validate_engine(res.engine_path, path, check_feeds[tower],
+                                engine_runner=engine_runner)
             res.validation = v
             if not v["ok"]:
                 bad.append(f"{tower}: max abs diff {v['max_abs_diff']:.3g}, min cosine "

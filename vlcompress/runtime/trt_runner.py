@@ -218,7 +218,7 @@ def _trt_factory(art, towers, opts):
                                     sparse=sparse, batch_sizes=opts.batch_sizes,
                                     seq_len=opts.seq_len, timing_cache=opts.timing_cache,
                                     pruned=art.pruned_layers if sparse else None,
-                                    check_feeds=opts.check_feeds)
+                                    check_feeds=opts.check_feeds, engine_runner=TrtRunner)
         for t, res in built.items():
             engines[t] = res.engine_path
             info[t] = _engine_info(res, sparse)
