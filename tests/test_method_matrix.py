@@ -153,3 +153,17 @@ def test_family_refusals_from_the_config_alone(tmp_path, monkeypatch, args, word
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and all(w in lines[0] for w in words), res.output
+
+
+def test_readme_methods_table_is_the_registry():
+    """The README's table is what `vlcompress models --methods` declares, row for row."""
+    from pathlib import Path
+
+    from vlcompress.methods import methods
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    want = [f"| `{m.name}` | {m.kind} | {m.pattern_names} | {', '.join(m.needs) or '-'} | "
+            f"{', '.join(m.families) if m.families else 'any'} |" for m in methods()]
+    got = [ln for ln in readme.splitlines() if ln.startswith("| `") and " | " in ln
+           and ln.split("`")[1] in {m.name for m in methods()} and ln.count("|") == 6]
+    assert got == want
