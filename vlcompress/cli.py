@@ -61,6 +61,11 @@ DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="cpu or cuda (default: the runtime's first; cuda for trt and torch-2:4).")]
 Fp16Opt = Annotated[bool, typer.Option(
     "--fp16", help="fp16 ONNX and runtime precision (trt and torch-2:4 always run fp16).")]
+# quantization on top of sparsity (vlcompress.exporters.quantize)
+QuantizeOpt = Annotated[str, typer.Option(
+    "--quantize", help="Also quantize: none, int8, fp16 or fp8 (fp8: onnxruntime-trt).")]
+QuantMethodOpt = Annotated[str, typer.Option(
+    "--quantize-method", help="int8: static (QDQ, calibrated on --calibration) or dynamic.")]
 
 
 def _errors(fn):
@@ -133,6 +138,11 @@ def prune_export_cmd(
     recover_steps: Annotated[int, typer.Option(
         "--recover-steps", help="Distil the dense model into the pruned one for N steps.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
+    quantize: QuantizeOpt = "none",
+    quantize_method: QuantMethodOpt = "static",
+    target_speedup: Annotated[str | None, typer.Option(
+        "--target-speedup", help="Prune to the lowest structured sparsity that reaches this "
+        "speedup over dense (measured).")] = None,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
     from .pipeline import RunConfig, prune_export
@@ -144,7 +154,8 @@ def prune_export_cmd(
                     eval_data=eval_data, eval_size=eval_size, train_data=train_data,
                     train_size=train_size, iterations=iterations, force=force,
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
-                    tower=tower, recover_steps=recover_steps)
+                    tower=tower, recover_steps=recover_steps, quantize=quantize,
+                    quantize_method=quantize_method, target_speedup=target_speedup)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:

@@ -49,6 +49,10 @@ class RunConfig:
     round_to: int | str = 8
     depth: int | str = 0
     recover_steps: int = 0  # distillation steps after pruning (vlcompress.recover), 0 = none
+    # quantization on top of sparsity (vlcompress.exporters.quantize, vlcompress.quantstack)
+    quantize: str = "none"  # none | int8 | fp16 | fp8: adds dense_<q> and pruned_<q> variants
+    quantize_method: str = "static"  # int8: static QDQ (calibrated) or dynamic
+    target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
@@ -89,6 +93,25 @@ class RunConfig:
         lc.runtime_entry.check_pattern(pc.pattern)
         object.__setattr__(self, "device", lc.device)
         object.__setattr__(self, "latency_config", lc)
+        self._check_quantize()
+
+    def _check_quantize(self):
+        """--quantize / --quantize-method / --target-speedup, with the runtime (one line each)."""
+        from .exporters.quantize import check_quantize, check_quantize_runtime
+        from .quantstack import check_target_speedup
+
+        q = check_quantize(self.quantize, self.quantize_method)
+        object.__setattr__(self, "quantize", q)
+        check_quantize_runtime(q, self.latency_config.runtime_entry, self.quantize_method)
+        if q != "none" and self.fp16:
+            raise ConfigError(f"--quantize {q} quantizes the fp32 export; drop --fp16 (the "
+                              "report times fp32 and quantized variants side by side)")
+        ts = check_target_speedup(self.target_speedup)
+        object.__setattr__(self, "target_speedup", ts)
+        if ts is not None and not self.prune_config.pattern.is_structured:
+            raise ConfigError(f"--target-speedup searches structured sparsities; pattern "
+                              f"{self.prune_config.pattern} is not allowed with it (allowed: "
+                              "--pattern structured)")
 
     @property
     def onnx_fp16(self) -> bool:
@@ -232,7 +255,14 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
             from .distill import dense_copy
 
             teacher = dense_copy(vlm)
-        result = prune(vlm, cfg.method, pc.sparsity, str(pc.pattern),
+        sparsity, search = pc.sparsity, None
+        if cfg.target_speedup is not None:  # measured: lowest structured sparsity meeting it
+            from .quantstack import run_search
+
+            search = run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data,
+                                example, check, tmp / ".search", progress)
+            sparsity = search.sparsity
+        result = prune(vlm, cfg.method, sparsity, str(pc.pattern),
                        calibration=calib, train=train, scope=cfg.scope,
                        skip_incompatible=cfg.skip_incompatible, seed=cfg.seed, units=pc.units,
                        round_to=pc.round_to, depth=pc.depth, progress=progress)
@@ -260,8 +290,15 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         pruned_export = export_model(vlm, tmp / "pruned", example, check,
                                      fp16=cfg.onnx_fp16, progress=progress)
         vlm.save(tmp / "pruned" / "model")
-        latency = _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress,
-                           tmp)
+        quant = None
+        if cfg.quantize != "none":  # dense_<q>/ and pruned_<q>/, their accuracy and latency
+            from .quantstack import quantized_section
+
+            quant, latency = quantized_section(cfg, vlm, calib, dense_export, pruned_export,
+                                               dense_emb, eval_data, example, tmp, progress)
+        else:
+            latency = _latency(cfg, vlm, dense_model, dense_export, pruned_export, example,
+                               progress, tmp)
         total, nonzero = vlm.num_parameters()
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
@@ -282,6 +319,10 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
         report["data"] = data_section
+        if quant is not None:
+            report["quantize"] = quant
+        if search is not None:
+            report["target_speedup"] = search.to_dict()
         write_report(report, tmp)
     return report
 

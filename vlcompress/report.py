@@ -122,6 +122,7 @@ def to_markdown(r: dict) -> str:
                          f"{d['p50']:.3f} | {q['p50']:.3f} | {d['p90']:.3f} | {q['p90']:.3f} | "
                          f"{row['speedup']:.2f}x |")
         lines.append("")
+    lines += _quantize_markdown(r)
     ex = r.get("export") or {}
     if ex.get("max_abs_diff"):
         prec = ex.get("precision") or {}
@@ -138,6 +139,58 @@ def to_markdown(r: dict) -> str:
                  f"{pk.get('torch')}, onnxruntime {pk.get('onnxruntime')}, transformers "
                  f"{pk.get('transformers')}_")
     return "\n".join(lines) + "\n"
+
+
+def _quantize_markdown(r: dict) -> list[str]:
+    """The four variants (dense, dense quantized, pruned, pruned quantized) per tower and
+    batch, timed interleaved in one run, their accuracy, and what pruning buys over
+    quantization alone; the --target-speedup search."""
+    lines = []
+    rows = [row for row in r.get("latency") or [] if row.get("variants")]
+    quant = r.get("quantize") or {}
+    if rows:
+        q = rows[0].get("quantize", "?")
+        names = list(rows[0]["variants"])
+        lines += [f"## Quantization on top of pruning ({q}; p50 ms, speedup over dense; "
+                  "all four interleaved in one process)", "",
+                  "| tower | batch | " + " | ".join(names) + " | pruning over quantization "
+                  "alone |", "|---|---:|" + "---:|" * (len(names) + 1)]
+        for row in rows:
+            cells = [f"{v['ms']['p50']:.3f} ({v['speedup']:.2f}x)" for v in row["variants"].values()]
+            lines.append(f"| {row['tower']} | {row['batch']} | " + " | ".join(cells)
+                         + f" | {row.get('gain_over_quantized', float('nan')):.2f}x |")
+        lines += ["", f"Pruning buys the last column on top of {q} alone: pruned {q} vs dense {q}, "
+                  "same runtime, same run.", ""]
+    acc = (quant.get("accuracy") or {}).get("variants")
+    if acc:
+        metric_names = list(next(iter(acc.values()))["metrics"])
+        fid_names = list(next(iter(acc.values()))["fidelity"])
+        lines += [f"### Accuracy of the exported files ({quant['accuracy'].get('dataset', '')}, "
+                  "ONNX Runtime CPU)", "",
+                  "| variant | " + " | ".join([METRIC_NAMES.get(k, k) for k in metric_names]
+                                               + [f"fidelity {k.replace('_', ' ')}"
+                                                  for k in fid_names]) + " |",
+                  "|---|" + "---:|" * (len(metric_names) + len(fid_names))]
+        for k, v in acc.items():
+            lines.append(f"| {k} | " + " | ".join([_pct(v["metrics"][m]) for m in metric_names]
+                                                   + [f"{v['fidelity'].get(f, float('nan')):.4f}"
+                                                      for f in fid_names]) + " |")
+        lines.append("")
+    if quant.get("nm_survives"):
+        bad = sum(len(v) for v in quant["nm_survives"].values())
+        kept = "kept in every weight" if not bad else f"{bad} weights lost it"
+        lines += [f"- N:M pattern after quantization: {kept} (read from the quantized "
+                  "initialisers)", ""]
+    ts = r.get("target_speedup")
+    if ts:
+        lines += [f"## --target-speedup {ts['target_speedup']:g}: chose structured sparsity "
+                  f"{ts['chosen_sparsity']:g}", "", "| sparsity | speedup (brief) | fidelity |",
+                  "|---:|---:|---:|"]
+        for c in ts["candidates"]:
+            fid = "" if c.get("fidelity") is None else f"{c['fidelity']:.4f}"
+            lines.append(f"| {c['sparsity']:g} | {c['speedup']:.2f}x | {fid} |")
+        lines.append("")
+    return lines
 
 
 def console_tables(r: dict):

@@ -80,4 +80,79 @@ def time_models(runtime: Runtime | str | tuple | None, dense: Artefacts, pruned:
     return rows
 
 
-__all__ = ["time_models", "artefact_towers", "resolve"]
+def onnx_quantize(path) -> str:
+    """``vlcompress.quantize`` of an ONNX file's metadata (int8, fp16, fp8), else ``none``."""
+    if path is None:
+        return "none"
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable: the runner has already said why
+        return "none"
+    return {p.key: p.value for p in proto.metadata_props}.get("vlcompress.quantize", "none")
+
+
+def time_variants(variants: dict[str, tuple[Runtime, Artefacts]], feeds: dict[tuple[str, int], Feed],
+                  config: LatencyConfig, *, towers, options: BuildOptions | None = None,
+                  progress=NULL, check: bool = True) -> list[dict]:
+    """Several variants (e.g. ``dense``, ``dense_int8``, ``pruned``, ``pruned_int8``) of every
+    tower timed in ONE interleaved measurement per (tower, batch), each on its own registry
+    entry (an fp16-quantized variant runs on the runtime's fp16 entry). The first variant is
+    the reference. One row per (tower, batch), shaped like :func:`time_models`' rows for the
+    first two variants (``dense_ms``, ``pruned_ms``, ``speedup``, samples) when they are named
+    ``dense`` and ``pruned``, plus ``variants``: label -> ``{"ms": summary, "speedup": ref p50
+    / p50, "precision", "quantize", "provider", "samples_ms"}``."""
+    from contextlib import ExitStack
+
+    from .latency import _use_cuda_events, measure, summary
+
+    labels = list(variants)
+    built = {}
+    for label, (rt, art) in variants.items():
+        if check:
+            rt.check()
+        opts = options or BuildOptions(threads=config.threads, batch_sizes=config.batch_sizes)
+        built[label] = rt.build(art, list(towers), opts)
+    rows = []
+    ref = labels[0]
+    with progress.task("latency", total=len(towers) * len(config.batch_sizes)) as task:
+        for tower in towers:
+            runners = {k: built[k].runners[tower] for k in labels}
+            with ExitStack() as stack:
+                for r in runners.values():
+                    if not r.is_active:
+                        stack.enter_context(r)
+                for b in config.batch_sizes:
+                    feed = feeds[(tower, b)]
+                    times = measure({k: (runners[k], feed) for k in labels},
+                                    warmup=config.warmup, iterations=config.iterations,
+                                    cuda_events=_use_cuda_events(*runners.values()))
+                    sm = {k: summary(times[k]) for k in labels}
+                    rt0 = variants[ref][0]
+                    row = {"runtime": rt0.name, "device": rt0.device, "tower": tower, "batch": b,
+                           "variants": {}}
+                    for k in labels:
+                        desc = runners[k].describe()
+                        art = variants[k][1]
+                        row["variants"][k] = {
+                            "ms": sm[k],
+                            "speedup": sm[ref]["p50"] / sm[k]["p50"] if sm[k]["p50"] > 0
+                            else float("nan"),
+                            "precision": desc.get("precision") or variants[k][0].precision,
+                            "quantize": onnx_quantize(art.onnx.get(tower)),
+                            "provider": desc.get("provider"),
+                            "samples_ms": [round(t, 4) for t in times[k]]}
+                    if "dense" in sm and "pruned" in sm:
+                        row.update({"dense_ms": sm["dense"], "pruned_ms": sm["pruned"],
+                                    "speedup": sm["dense"]["p50"] / sm["pruned"]["p50"],
+                                    "precision": row["variants"]["pruned"]["precision"],
+                                    "provider": row["variants"]["pruned"]["provider"],
+                                    "dense_samples_ms": row["variants"]["dense"]["samples_ms"],
+                                    "pruned_samples_ms": row["variants"]["pruned"]["samples_ms"]})
+                    rows.append(row)
+                    task.advance()
+    return rows
+
+
+__all__ = ["time_models", "time_variants", "artefact_towers", "resolve"]

@@ -1,0 +1,237 @@
+"""Quantization on top of sparsity: QDQ placement, per-channel scales, 2:4 survival, parity
+with a fake-quantized PyTorch reference, the --target-speedup search, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from vlcompress.errors import ConfigError
+from vlcompress.exporters.onnx import check_nm
+from vlcompress.exporters.quantize import (
+    check_nm_quantized,
+    check_quantize_runtime,
+    quantize_onnx,
+    quantized_weights,
+)
+from vlcompress.quantstack import (
+    Candidate,
+    TargetUnreachableError,
+    check_target_speedup,
+    search_sparsity,
+)
+from vlcompress.runtime.registry import get_runtime
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _two_four(w: torch.Tensor) -> torch.Tensor:
+    """Zero the 2 smallest of every 4 consecutive input columns."""
+    g = w.reshape(w.shape[0], -1, 4)
+    idx = g.abs().argsort(-1)[..., :2]
+    return g.scatter(-1, idx, 0.0).reshape_as(w)
+
+
+@pytest.fixture
+def mlp_onnx(tmp_path):
+    m = MLP().eval()
+    with torch.no_grad():
+        m.fc1.weight.copy_(_two_four(m.fc1.weight))
+        m.fc2.weight.copy_(_two_four(m.fc2.weight))
+    x = torch.randn(4, 6, 16)
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(m, (x,), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((4, 6, 16)).astype(np.float32)} for _ in range(4)]
+    return m, path, feeds
+
+
+def test_qdq_placement_and_per_channel_scales(mlp_onnx, tmp_path):
+    _, path, feeds = mlp_onnx
+    res = quantize_onnx(path, tmp_path / "q.onnx", "int8", calibration=feeds)
+    model = onnx.load(str(res.path))
+    w = quantized_weights(model)
+    assert len(w) == 2  # both Linear weights, nothing else
+    for name, info in w.items():
+        assert info["array"].dtype == np.int8
+        d_out = info["array"].shape[1 - info["input_axis"]]
+        assert info["scale"].shape == (d_out,), name  # one scale per output channel
+        assert info["axis"] == 1 - info["input_axis"]
+        assert not np.any(info["zero_point"])  # symmetric weights: 0 stays 0
+    # activations: Q/DQ pairs, uint8 for ORT CPU, in front of both weight MatMuls
+    q_nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert q_nodes and all(numpy_helper.to_array(next(
+        t for t in model.graph.initializer if t.name == n.input[2])).dtype == np.uint8
+        for n in q_nodes)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type == "MatMul":
+            assert all(producer[i].op_type == "DequantizeLinear" for i in n.input)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["vlcompress.quantize"] == "int8"
+    assert {n.op_type for n in model.graph.node} >= {"Relu"}  # ReLU stays in float
+
+
+def test_two_four_survives_quantization(mlp_onnx, tmp_path):
+    _, path, feeds = mlp_onnx
+    assert check_nm(path) == []
+    for method, kw in (("static", {"calibration": feeds}), ("dynamic", {})):
+        res = quantize_onnx(path, tmp_path / f"{method}.onnx", "int8", method=method, **kw)
+        assert check_nm_quantized(res.path) == [], method
+        assert len(quantized_weights(onnx.load(str(res.path)))) == 2
+    # and the check can fail: a dense weight is reported
+    model = onnx.load(str(tmp_path / "static.onnx"))
+    t = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8
+             and len(t.dims) == 2)
+    arr = numpy_helper.to_array(t).copy()
+    arr[arr == 0] = 1
+    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    assert len(check_nm_quantized(tmp_path / "broken.onnx")) == 1
+
+
+def _torch_qdq_reference(model, feed):
+    """Run a QDQ graph in PyTorch: QuantizeLinear -> DequantizeLinear pairs become
+    ``torch.fake_quantize_per_tensor_affine`` (activations, uint8) and per-channel int8
+    weights are dequantized with their scales; float ops run in torch (float64)."""
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    env = {k: torch.from_numpy(np.array(v)) for k, v in init.items()}
+    env.update({k: torch.from_numpy(v) for k, v in feed.items()})
+    for n in model.graph.node:
+        ins = [env[i] for i in n.input if i]
+        if n.op_type == "QuantizeLinear":
+            s, z = float(ins[1]), int(ins[2])
+            out = torch.fake_quantize_per_tensor_affine(ins[0].float(), s, z, 0, 255)
+            env[n.output[0]] = ("fq", out)
+            continue
+        ins = [i[1] if isinstance(i, tuple) else i for i in ins]
+        if n.op_type == "DequantizeLinear":
+            x = ins[0]
+            if x.dtype == torch.int8:  # a weight, per channel
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                shape = [1] * x.dim()
+                shape[axis] = -1
+                out = (x.double() - ins[2].double().reshape(shape)) * ins[1].double().reshape(shape)
+            else:
+                out = x.double()  # already fake-quantized
+        elif n.op_type == "MatMul":
+            out = ins[0].double() @ ins[1].double()
+        elif n.op_type == "Add":
+            out = ins[0].double() + ins[1].double()
+        elif n.op_type == "Relu":
+            out = torch.relu(ins[0])
+        else:
+            raise AssertionError(f"reference lacks op {n.op_type}")
+        env[n.output[0]] = out
+    y = env[model.graph.output[0].name]
+    return (y[1] if isinstance(y, tuple) else y).double().numpy()
+
+
+def test_parity_with_fake_quantized_reference(mlp_onnx, tmp_path):
+    """ONNX Runtime's int8 graph vs the same graph fake-quantized in PyTorch: within two
+    output quantization steps (ORT requantizes in integer arithmetic, rounding differs), and
+    much closer than the int8 graph is to the float model."""
+    import onnxruntime as ort
+
+    m, path, feeds = mlp_onnx
+    res = quantize_onnx(path, tmp_path / "q.onnx", "int8", calibration=feeds)
+    model = onnx.load(str(res.path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out_step = max(float(init[n.input[1]]) for n in model.graph.node
+                   if n.op_type == "QuantizeLinear")
+    for feed in feeds[:2]:
+        ref = _torch_qdq_reference(model, feed)
+        got = ort.InferenceSession(str(res.path)).run(None, feed)[0]
+        dense = m(torch.from_numpy(feed["x"])).detach().numpy()
+        err = np.abs(got - ref).max()
+        assert err <= 2 * out_step, (err, out_step)
+        assert err < np.abs(got - dense).max()
+
+
+def test_tensorrt_qdq_is_symmetric_int8(mlp_onnx, tmp_path):
+    """TensorRT explicit quantization: int8 activations with zero points 0, dedicated Q/DQ
+    pairs (the GPU boundary: building the engine needs a GPU)."""
+    _, path, feeds = mlp_onnx
+    res = quantize_onnx(path, tmp_path / "trt.onnx", "int8", calibration=feeds, target="tensorrt")
+    model = onnx.load(str(res.path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            zp = init[n.input[2]]
+            assert zp.dtype == np.int8 and not np.any(zp)
+    assert check_nm_quantized(res.path) == []
+
+
+def _fake_latency(ms_at):
+    """A fake runtime: known latency per sparsity (dense 100 ms)."""
+    calls = []
+
+    def measure(s):
+        calls.append(s)
+        return Candidate(s, 100.0 / ms_at(s), 1.0 - s / 2)
+
+    return measure, calls
+
+
+def test_search_finds_lowest_sparsity_reaching_target():
+    measure, calls = _fake_latency(lambda s: 100.0 * (1 - s))  # speedup 1 / (1 - s)
+    res = search_sparsity(2.5, measure)  # 1/(1-0.6) = 2.5
+    assert res.sparsity == pytest.approx(0.6)
+    assert len(calls) <= 6 and calls[0] == 0.8  # the highest first, then bisection
+    assert {c.sparsity for c in res.candidates} == set(calls)
+
+
+def test_search_stops_when_out_of_reach():
+    measure, calls = _fake_latency(lambda s: 100.0 * (1 - s / 2))  # at most 1.67x
+    with pytest.raises(TargetUnreachableError, match=r"best reached is 1\.67x at .* 0\.8"):
+        search_sparsity(2.5, measure)
+    assert calls == [0.8]
+
+
+@pytest.mark.parametrize("bad", ["fast", "1", "0.5", "-2", "nan", True])
+def test_target_speedup_bad_values(bad):
+    with pytest.raises(ConfigError, match="--target-speedup"):
+        check_target_speedup(bad)
+
+
+def test_quantize_bad_input():
+    from vlcompress.pipeline import RunConfig
+
+    with pytest.raises(ConfigError, match="unknown --quantize 'int4'; allowed: none, int8"):
+        RunConfig(quantize="int4")
+    with pytest.raises(ConfigError, match="cannot run on runtime torch/cpu/fp32"):
+        RunConfig(quantize="int8", engine="torch")
+    with pytest.raises(ConfigError, match="fp8 cannot run on runtime onnxruntime/cpu"):
+        RunConfig(quantize="fp8")
+    with pytest.raises(ConfigError, match="--target-speedup"):
+        RunConfig(pattern="structured", target_speedup="fast")
+    with pytest.raises(ConfigError, match="allowed: --pattern structured"):
+        RunConfig(pattern="2:4", target_speedup=2.0)
+    check_quantize_runtime("int8", get_runtime("onnxruntime"))  # fine
+
+
+def test_cli_refuses_bad_quantize(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+
+    r = CliRunner().invoke(app, ["prune-export", "--quantize", "int4", "--out",
+                                 str(tmp_path / "o")])
+    assert r.exit_code == 2 and "unknown --quantize 'int4'" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+    r = CliRunner().invoke(app, ["prune-export", "--pattern", "structured", "--target-speedup",
+                                 "0.9", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--target-speedup '0.9'" in r.output

@@ -1,0 +1,378 @@
+"""Quantization on top of sparsity, inside a run: the quantized variants, their accuracy, their
+latency, and the search for the lowest structured sparsity that meets a latency budget.
+
+    q = quantize_variants(vlm, {"dense": dense_export.paths, "pruned": pruned_export.paths},
+                          calib, "int8", "static", root)        # dense_int8/, pruned_int8/
+    emb = onnx_embed_eval(vlm, q["pruned"], eval_data)           # accuracy of what ships
+    best = search_sparsity(2.5, measure)                          # --target-speedup
+
+The quantized files are what a user deploys, so their accuracy is measured on them (ONNX
+Runtime CPU over the eval pairs), not on a PyTorch stand-in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, VlcError
+
+#: structured sparsities ``--target-speedup`` may choose from (kept counts are rounded anyway)
+SEARCH_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: most candidates one search measures (the final pruning is timed fully afterwards)
+MAX_CANDIDATES = 6
+#: calibration pairs for static quantization (activation ranges), at most
+QUANT_CALIBRATION_PAIRS = 64
+
+
+class TargetUnreachableError(VlcError):
+    """``--target-speedup`` cannot be met on this runtime (the message says the best reached)."""
+
+
+def check_target_speedup(value) -> float | None:
+    """``None`` or a float > 1 (ConfigError naming the value otherwise)."""
+    if value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--target-speedup {value!r} is not a number; allowed: a number > 1, "
+                          "e.g. 2.5") from None
+    if isinstance(value, bool) or not math.isfinite(x) or x <= 1:
+        raise ConfigError(f"--target-speedup {value!r} is not valid; allowed: a number > 1 "
+                          "(a speedup over the dense model), e.g. 2.5")
+    return x
+
+
+def calibration_feeds(vlm, tower: str, calib, max_pairs: int = QUANT_CALIBRATION_PAIRS,
+                      batch: int = 8) -> list[dict]:
+    """The first ``max_pairs`` calibration pairs as ``tower`` feeds of ``batch`` pairs."""
+    from .data.pairs import PairBatch
+    from .runtime.latency import make_feeds
+
+    feeds, n = [], 0
+    for b in calib.batches():
+        for i in range(0, len(b), batch):
+            if n >= max_pairs:
+                return feeds
+            labels = None if b.labels is None else b.labels[i:i + batch]
+            sub = PairBatch(b.images[i:i + batch] if b.images is not None else None,
+                            b.captions[i:i + batch], labels)
+            feeds.append(make_feeds(vlm, [tower], [len(sub)], sub)[(tower, len(sub))])
+            n += len(sub)
+    return feeds
+
+
+def quantize_variants(vlm, exports: dict[str, dict[str, Path]], calib, quantize: str,
+                      method: str, root: Path, progress=None) -> tuple[dict, dict]:
+    """Quantize each variant's ONNX towers into ``root/<variant>_<quantize>/<tower>.onnx``.
+
+    Static int8 is calibrated on the run's calibration pairs (each tower on its own inputs).
+    Returns (variant -> tower -> path, variant -> tower -> QuantizeResult dict)."""
+    from .exporters.quantize import quantize_onnx
+
+    paths, info = {}, {}
+    feeds_cache: dict[str, list] = {}
+    for variant, towers in exports.items():
+        paths[variant], info[variant] = {}, {}
+        for tower, src in towers.items():
+            feeds = None
+            if quantize in ("int8", "fp8") and method == "static":
+                if tower not in feeds_cache:
+                    feeds_cache[tower] = calibration_feeds(vlm, tower, calib)
+                feeds = feeds_cache[tower]
+            dst = Path(root) / f"{variant}_{quantize}" / f"{tower}.onnx"
+            res = quantize_onnx(src, dst, quantize, calibration=feeds, method=method)
+            paths[variant][tower] = dst
+            info[variant][tower] = {**res.to_dict(), "path": f"{variant}_{quantize}/{tower}.onnx"}
+    return paths, info
+
+
+class _OnnxSession:
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.sess.get_inputs()]
+
+    def __call__(self, inputs: dict):
+        import torch
+
+        feed = {n: np.ascontiguousarray(inputs[n].detach().cpu().numpy()) for n in self.names}
+        return torch.from_numpy(np.asarray(self.sess.run(None, feed)[0], dtype=np.float32))
+
+
+def onnx_vlm(vlm, paths: dict[str, Path]):
+    """A view of ``vlm`` whose ``embed_images`` / ``embed_texts`` run the ONNX towers in
+    ``paths`` (ONNX Runtime CPU); None when the family's evaluation needs more than the
+    vision and text towers (BLIP's ITM fusion tower)."""
+    if set(getattr(vlm, "towers", ())) - {"vision", "text"}:
+        return None
+    sessions = {t: _OnnxSession(p) for t, p in paths.items()}
+    base = type(vlm)
+
+    class _Onnx(base):  # same tokenizer / processor; only the towers run in ONNX Runtime
+        def embed_images(self, images):
+            if "vision" not in sessions:
+                return base.embed_images(vlm, images)
+            return sessions["vision"](self.tower_inputs("vision", _batch(images, None)))
+
+        def embed_texts(self, texts):
+            if "text" not in sessions:
+                return base.embed_texts(vlm, texts)
+            return sessions["text"](self.tower_inputs("text", _batch(None, texts)))
+
+    view = object.__new__(_Onnx)
+    view.__dict__.update(vlm.__dict__)
+    return view
+
+
+def _batch(images, texts):
+    from .data.pairs import PairBatch
+
+    n = len(images) if images is not None else len(texts)
+    return PairBatch(list(images) if images is not None else [None] * n,
+                     list(texts) if texts is not None else [""] * n)
+
+
+def onnx_embed_eval(vlm, paths: dict[str, Path], data, progress=None):
+    """:func:`vlcompress.eval.embed_eval` with the towers run from ``paths``; None when the
+    family cannot be evaluated that way (see :func:`onnx_vlm`)."""
+    from .eval import embed_eval
+    from .progress import NULL
+
+    view = onnx_vlm(vlm, paths)
+    if view is None:
+        return None
+    return embed_eval(view, data, progress or NULL, itm=False)
+
+
+# --------------------------------------------------------------------------------------------
+# --target-speedup: the measured search
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    sparsity: float
+    speedup: float
+    fidelity: float | None = None
+    detail: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"sparsity": self.sparsity, "speedup": round(self.speedup, 4),
+                "fidelity": None if self.fidelity is None else round(self.fidelity, 5),
+                **self.detail}
+
+
+@dataclass
+class SearchResult:
+    target: float
+    sparsity: float
+    candidates: list[Candidate]
+
+    def to_dict(self) -> dict:
+        return {"target_speedup": self.target, "chosen_sparsity": self.sparsity,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def search_sparsity(target: float, measure: Callable[[float], Candidate],
+                    grid: Sequence[float] = SEARCH_GRID, max_candidates: int = MAX_CANDIDATES
+                    ) -> SearchResult:
+    """The lowest sparsity of ``grid`` whose measured speedup reaches ``target``.
+
+    ``measure(s)`` prunes a copy to ``s`` and times it briefly against dense. The highest
+    grid point is measured first: when even it misses the target the search stops with
+    :class:`TargetUnreachableError` naming the best speedup reached. Then a bisection over the
+    grid (speedup assumed to grow with sparsity), at most ``max_candidates`` measurements in
+    all; timing noise can make it non-monotone, in which case the lowest sparsity measured to
+    reach the target wins."""
+    target = check_target_speedup(target)
+    grid = sorted(set(float(g) for g in grid))
+    if not grid or max_candidates < 1:
+        raise ConfigError("the sparsity search needs a grid and at least one candidate")
+    seen: dict[float, Candidate] = {}
+
+    def run(s: float) -> Candidate:
+        if s not in seen:
+            seen[s] = measure(s)
+        return seen[s]
+
+    top = run(grid[-1])
+    if top.speedup < target:
+        best = max(seen.values(), key=lambda c: c.speedup)
+        raise TargetUnreachableError(
+            f"--target-speedup {target:g} is out of reach: the best reached is "
+            f"{best.speedup:.2f}x at structured sparsity {best.sparsity:g} (the highest tried); "
+            "allowed: a target up to about that speedup on this runtime and batch size")
+    lo, hi = -1, len(grid) - 1  # grid[hi] reaches the target; grid[lo] (if >= 0) does not
+    while hi - lo > 1 and len(seen) < max_candidates:
+        mid = (lo + hi) // 2
+        if run(grid[mid]).speedup >= target:
+            hi = mid
+        else:
+            lo = mid
+    ok = [c for c in seen.values() if c.speedup >= target]
+    chosen = min(ok, key=lambda c: c.sparsity)
+    return SearchResult(target, chosen.sparsity, sorted(seen.values(), key=lambda c: c.sparsity))
+
+
+# --------------------------------------------------------------------------------------------
+# inside prune_export
+# --------------------------------------------------------------------------------------------
+def _feeds(cfg, vlm, towers, example, batch_sizes=None):
+    from .runtime.latency import make_feeds
+
+    return make_feeds(vlm, towers, batch_sizes or cfg.latency_config.batch_sizes, example)
+
+
+def _fidelity(dense_emb, emb) -> dict:
+    from .eval import fidelity
+
+    return fidelity(dense_emb, emb) if (dense_emb is not None and emb is not None) else {}
+
+
+def quantized_section(cfg, vlm, calib, dense_export, pruned_export, dense_emb, eval_data,
+                      example, root: Path, progress):
+    """Quantize dense and pruned, evaluate the four variants from their ONNX files, time them
+    interleaved on the run's runtime. Returns (report["quantize"], latency rows)."""
+    from dataclasses import replace
+
+    from .eval import metrics_from_embeddings
+    from .progress import NULL
+    from .runtime.registry import Artefacts, BuildOptions, get_runtime
+    from .runtime.timing import time_variants
+
+    progress = progress or NULL
+    q = cfg.quantize
+    exports = {"dense": dict(dense_export.paths), "pruned": dict(pruned_export.paths)}
+    paths, info = quantize_variants(vlm, exports, calib, q, cfg.quantize_method, root, progress)
+    acc = None
+    if eval_data is not None:
+        embs = {}
+        for variant, ps in [("dense", exports["dense"]), ("pruned", exports["pruned"]),
+                            (f"dense_{q}", paths["dense"]), (f"pruned_{q}", paths["pruned"])]:
+            embs[variant] = onnx_embed_eval(vlm, ps, eval_data)
+        if all(e is not None for e in embs.values()):
+            preset = vlm.source.startswith("preset:")
+            # fidelity: to the dense PyTorch model's embeddings
+            acc = {"dataset": getattr(eval_data, "source", ""), "measured_on": "ONNX Runtime CPU",
+                   "variants": {k: {"metrics": {} if preset else metrics_from_embeddings(e),
+                                    "fidelity": _fidelity(dense_emb, e)}
+                                for k, e in embs.items()}}
+        else:
+            acc = {"note": f"{vlm.family}: accuracy of quantized files needs the ITM fusion "
+                           "tower; not measured"}
+    lc = cfg.latency_config
+    rt = lc.runtime_entry
+    qrt = get_runtime(rt.name, rt.device, "fp16") if q == "fp16" else rt
+    towers = [t for t in vlm.towers if t in pruned_export.paths]
+    feeds = _feeds(cfg, vlm, towers, example)
+    variants = {
+        "dense": (rt, Artefacts("dense", onnx=exports["dense"], folder=root / "dense")),
+        f"dense_{q}": (qrt, Artefacts(f"dense_{q}", onnx=paths["dense"],
+                                      folder=root / f"dense_{q}")),
+        "pruned": (rt, Artefacts("pruned", onnx=exports["pruned"], folder=root / "pruned")),
+        f"pruned_{q}": (qrt, Artefacts(f"pruned_{q}", onnx=paths["pruned"],
+                                       folder=root / f"pruned_{q}")),
+    }
+    opts = BuildOptions(threads=lc.threads, batch_sizes=lc.batch_sizes,
+                        pattern=str(cfg.prune_config.pattern))
+    rows = time_variants(variants, feeds, replace(lc, towers=tuple(towers)), towers=towers,
+                         options=opts, progress=progress)
+    for row in rows:
+        v = row["variants"]
+        row["quantize"] = q
+        row["gain_over_quantized"] = v[f"dense_{q}"]["ms"]["p50"] / v[f"pruned_{q}"]["ms"]["p50"]
+    return {"quantize": q, "method": cfg.quantize_method, "files": info,
+            "nm_survives": _nm_check(cfg, exports["pruned"], paths["pruned"]),
+            "accuracy": acc}, rows
+
+
+def _nm_check(cfg, float_paths, quant_paths):
+    """For an N:M run: the weights that are N:M in the float file but not in the quantized
+    one (empty = the pattern survived), per tower."""
+    pat = cfg.prune_config.pattern
+    if not getattr(pat, "is_nm", False) or cfg.quantize not in ("int8", "fp8"):
+        return None
+    from .exporters.onnx import check_nm
+    from .exporters.quantize import check_nm_quantized
+
+    n, m = pat.n, pat.m
+    return {t: sorted(set(check_nm_quantized(quant_paths[t], n, m)) - set(check_nm(p, n, m)))
+            for t, p in float_paths.items()}
+
+
+def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, example, check,
+               work: Path, progress) -> SearchResult:
+    """``--target-speedup``: prune copies of the dense model to grid sparsities, export (and
+    quantize) each, time it briefly against dense at the largest batch size on the run's
+    runtime (all towers summed), and bisect (:func:`search_sparsity`)."""
+    import copy
+    import shutil
+    from dataclasses import replace
+
+    from .exporters.onnx import export_model
+    from .prune import prune
+    from .runtime.registry import MODEL, Artefacts, BuildOptions, get_runtime
+    from .runtime.timing import time_variants
+
+    lc = cfg.latency_config
+    rt = lc.runtime_entry
+    q = cfg.quantize
+    qrt = get_runtime(rt.name, rt.device, "fp16") if q == "fp16" else rt
+    batch = max(lc.batch_sizes)
+    towers = [t for t in vlm.towers if t in dense_export.paths or rt.consumes == MODEL]
+    feeds = _feeds(cfg, vlm, towers, example, (batch,))
+    brief = replace(lc, batch_sizes=(batch,), warmup=1, iterations=max(3, lc.iterations // 5),
+                    towers=tuple(towers))
+    dense_art = Artefacts("dense", vlm=copy.deepcopy(vlm) if rt.consumes == MODEL else None,
+                          onnx=dict(dense_export.paths))
+    pc = cfg.prune_config
+
+    def measure(s: float) -> Candidate:
+        v = copy.deepcopy(vlm)
+        prune(v, cfg.method, s, "structured", calibration=calib, train=train, scope=cfg.scope,
+              seed=cfg.seed, units=pc.units, round_to=pc.round_to, depth=pc.depth)
+        folder = Path(work) / f"s{s:g}"
+        paths = {}
+        if rt.consumes != MODEL:
+            paths = dict(export_model(v, folder, example, check, towers=towers).paths)
+            if q != "none":
+                paths, _ = quantize_variants(v, {"c": paths}, calib, q, cfg.quantize_method,
+                                             folder)
+                paths = paths["c"]
+        art = Artefacts("candidate", vlm=v if rt.consumes == MODEL else None, onnx=paths)
+        rows = time_variants({"dense": (rt, dense_art), "candidate": (qrt if q != "none" else rt,
+                                                                        art)},
+                             feeds, brief, towers=towers,
+                             options=BuildOptions(threads=lc.threads, batch_sizes=(batch,)))
+        d = sum(r["variants"]["dense"]["ms"]["p50"] for r in rows)
+        c = sum(r["variants"]["candidate"]["ms"]["p50"] for r in rows)
+        fid = None
+        if dense_emb is not None and eval_data is not None:
+            emb = onnx_embed_eval(v, paths, eval_data) if paths else None
+            if emb is None:
+                from .eval import embed_eval
+
+                emb = embed_eval(v, eval_data)
+            f = _fidelity(dense_emb, emb)
+            fid = min(f.values()) if f else None
+        shutil.rmtree(folder, ignore_errors=True)
+        return Candidate(s, d / c if c > 0 else float("nan"), fid,
+                         {"batch": batch, "dense_ms": round(d, 3), "candidate_ms": round(c, 3),
+                          "quantize": q, "iterations": brief.iterations})
+
+    try:
+        return search_sparsity(cfg.target_speedup, measure)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["SEARCH_GRID", "MAX_CANDIDATES", "TargetUnreachableError", "check_target_speedup",
+           "calibration_feeds", "quantize_variants", "onnx_vlm", "onnx_embed_eval", "Candidate",
+           "SearchResult", "search_sparsity", "quantized_section", "run_search"]
