@@ -95,7 +95,8 @@ def _git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "vlcompress", "benchmarks"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "vlcompress",
+                                "benchmarks"],
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
