@@ -15,6 +15,19 @@ In one process, alternating, ``--repeats`` times each:
 
 Writes medians, the ratio prune / forward (target <= 1.5), the breakdown of the prune time
 (calibration vs the rest) and ``env_info()`` as JSON.
+
+Per method and depth (``--methods``; issue 17, the block-sequential engine):
+
+    python benchmarks/prune_cost.py --models clip-vit-b16,clip-vit-l14 \
+        --methods multiflow,sparsegpt --n 32 --batch-size 8 --threads 2 \
+        [--out benchmarks/results/prune_cost_methods.json]
+
+For each model x method a fresh process (so its peak RSS is its own) loads the model, runs
+one warm-up no-grad forward over the calibration pairs (peak RSS after it: the dense
+forward's), then, timed: forward, ``prune(method, pattern)``, forward (interleaved; the
+ratio is prune over the mean of the two forwards), and reports the peak RSS after pruning.
+Targets (issue 17): sparsegpt <= 3x one calibration pass, and peak RSS within 1.2x of the
+dense forward's.
 """
 
 from __future__ import annotations
@@ -22,7 +35,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,12 +45,111 @@ from pathlib import Path
 import torch
 
 TARGET_RATIO = 1.5
+TARGET_SOLVER_RATIO = 3.0  # sparsegpt prune / one calibration pass (issue 17)
+TARGET_RSS_RATIO = 1.2  # peak RSS while pruning / peak RSS of the dense forward
 
 
 def forward_pass(vlm, data) -> None:
     with torch.no_grad():
         for batch in data.batches():
             vlm.model(**vlm.encode(batch))
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child(model: str, method: str, pattern: str, n: int, batch_size: int) -> dict:
+    """One model x method in this (fresh) process: see the module doc."""
+    from vlcompress.data import load_calibration
+    from vlcompress.models import load_model
+    from vlcompress.prune import prune
+
+    vlm = load_model(model)
+    rss_loaded = _peak_rss_mib()
+    data = load_calibration("shapes", n=n, batch_size=batch_size)
+    forward_pass(vlm, data)  # warm-up; its peak is the dense forward's
+    rss_forward = _peak_rss_mib()
+    t = time.perf_counter()
+    forward_pass(vlm, data)
+    f1 = time.perf_counter() - t
+    t = time.perf_counter()
+    res = prune(vlm, method, pattern=pattern, calibration=data)
+    p = time.perf_counter() - t
+    rss_prune = _peak_rss_mib()
+    t = time.perf_counter()
+    forward_pass(vlm, data)
+    f2 = time.perf_counter() - t
+    f = (f1 + f2) / 2
+    blocks = sorted({(ly.modality, ly.block) for ly in vlm.prunable_layers()})
+    return {"model": model, "method": method, "pattern": pattern,
+            "blocks": len(blocks), "forward_s": [f1, f2], "prune_s": p,
+            "prune_calibration_s": res.calibration_seconds, "ratio": p / f,
+            "peak_rss_mib": {"loaded": rss_loaded, "dense_forward": rss_forward,
+                             "after_prune": rss_prune},
+            "rss_ratio": rss_prune / rss_forward, "achieved": res.achieved,
+            "details": {k: v for k, v in res.details.items() if not isinstance(v, list)}}
+
+
+def _git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "vlcompress",
+                                "benchmarks"],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def per_method(args) -> int:
+    """Every model x method in its own process; one JSON with the ratios and peak RSS."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    rows = []
+    for model in args.models.split(","):
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--child", model, method, "--pattern", args.pattern,
+                   "--n", str(args.n), "--batch-size", str(args.batch_size)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.stderr.write(out.stderr)
+                raise SystemExit(f"{model} {method}: the child process failed")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{model:14s} {method:10s} blocks {row['blocks']:3d}  prune {row['prune_s']:8.1f}s"
+                  f"  forward {sum(row['forward_s']) / 2:6.1f}s  ratio {row['ratio']:6.2f}"
+                  f"  peak RSS {row['peak_rss_mib']['after_prune']:7.0f} MiB"
+                  f" / dense forward {row['peak_rss_mib']['dense_forward']:7.0f} MiB"
+                  f" = {row['rss_ratio']:.2f}", flush=True)
+            _write_methods(args, rows, complete=False)  # a partial result survives a kill
+    path = _write_methods(args, rows, complete=True)
+    print(f"-> {path}")
+    return 0 if _methods_ok(rows) else 1
+
+
+def _methods_ok(rows) -> bool:
+    return all(r["ratio"] <= TARGET_SOLVER_RATIO and r["rss_ratio"] <= TARGET_RSS_RATIO
+               for r in rows if r["method"] == "sparsegpt")
+
+
+def _write_methods(args, rows, *, complete: bool):
+    from _common import write_result
+
+    payload = {"command": "python " + " ".join(sys.argv), "git_commit": _git_commit(),
+               "n_pairs": args.n, "batch_size": args.batch_size, "pattern": args.pattern,
+               "threads": args.threads or torch.get_num_threads(),
+               "forward_includes_encoding": True,
+               "targets": {"sparsegpt_ratio": TARGET_SOLVER_RATIO,
+                           "sparsegpt_rss_ratio": TARGET_RSS_RATIO},
+               "complete": complete, "ok": _methods_ok(rows), "rows": rows}
+    return write_result("prune_cost_methods", payload,
+                        None if args.out == DEFAULT_OUT else args.out)
+
+
+DEFAULT_OUT = "benchmarks/results/prune_cost.json"
 
 
 def main(argv=None) -> int:
@@ -46,12 +160,22 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--method", default="multiflow")
     ap.add_argument("--pattern", default="2:4")
-    ap.add_argument("--out", default="benchmarks/results/prune_cost.json")
+    ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's own choice)")
+    ap.add_argument("--models", default=None,
+                    help="comma list: per-method mode (with --methods), one process each")
+    ap.add_argument("--methods", default=None, help="comma list of methods (per-method mode)")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(*args.child, args.pattern, args.n, args.batch_size)))
+        return 0
+    if args.methods:
+        args.models = args.models or args.model
+        return per_method(args)
 
     from vlcompress.data import load_calibration
     from vlcompress.envinfo import env_info

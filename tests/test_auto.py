@@ -83,3 +83,31 @@ def test_auto_is_declared_a_solver_without_a_weight_score():
 
     m = get_method("auto")
     assert m.kind == "solve" and m.score is None and "structured" not in m.patterns
+
+
+def test_auto_shares_one_calibration_capture(calib, monkeypatch):
+    """wanda and multiflow inside auto score from one dense capture of the fit pairs (one
+    collect_stats call), and the winner's masks are those of the method run alone."""
+    import vlcompress.calibrate as cal
+
+    calls = []
+    real = cal.collect_stats
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cal, "collect_stats", counting)
+    vlm = make_tiny_random_clip()
+    ref = make_tiny_random_clip()
+    cfg = PruneConfig(method="auto", sparsity=0.5, pattern="2:4")
+    from vlcompress.methods.registry import Context
+
+    solved = auto_select(Context(vlm=vlm, cfg=cfg, data=calib, prune=prune),
+                         vlm.prunable_layers(), candidates=("wanda", "multiflow"))
+    assert len(calls) == 1
+    fit, _ = split_heldout(calib)
+    alone = prune(ref, solved.details["winner"], pattern="2:4", calibration=fit)
+    assert len(calls) == 2  # run alone, it collects its own
+    for k, keep in alone.masks.items():
+        assert torch.equal(solved.masks[k], keep), k

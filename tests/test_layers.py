@@ -17,7 +17,7 @@ LAYERS = [
      "runtime.registry"),
     ("data",),
     ("models",),
-    ("calibrate", "scoring", "sparsity", "distill", "flops"),
+    ("calibrate", "blockwise", "scoring", "sparsity", "distill", "flops"),
     ("methods", "exporters", "runtime", "eval"),
     ("prune",),
     ("report", "gate"),

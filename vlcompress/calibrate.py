@@ -74,6 +74,89 @@ def _masked_gram(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x2 * mask.reshape(-1, 1).to(x2.device)).t() @ x2
 
 
+class StatsAccumulator:
+    """Forward hooks that accumulate :class:`LayerStats` for a set of layers, batch by batch.
+
+    The one implementation behind :func:`collect_stats` (whole-model passes) and
+    :mod:`vlcompress.blockwise` (one encoder block at a time on cached inputs), so both give
+    the same numbers. Use as a context manager (hooks are removed on exit, even on error);
+    call :meth:`set_masks` before each batch with that batch's token masks per modality.
+    """
+
+    def __init__(self, layers: Sequence[PrunableLayer], *, gram: bool = False):
+        self.layers = list(layers)
+        self.gram = gram
+        self.sums = {ly.name: torch.zeros(ly.weight.shape[1], dtype=torch.float64,
+                                          device=ly.weight.device) for ly in self.layers}
+        self.tokens = dict.fromkeys(self.sums, 0)
+        self.grams = ({ly.name: torch.zeros(ly.weight.shape[1], ly.weight.shape[1],
+                                            dtype=torch.float64, device=ly.weight.device)
+                       for ly in self.layers} if gram else {})
+        # Per-batch state shared by the hooks: each modality's token mask (float, on the
+        # model's device) and real-token count, and a one-entry cache so that q/k/v
+        # projections, which read the same tensor, square and sum it only once.
+        self.masks: dict[str, tuple[torch.Tensor | None, int | None]] = {}
+        self.cache: dict[str, object] = {"x": None, "modality": None, "sq": None, "n": 0, "g": None}
+        self.handles: list = []
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted({ly.modality for ly in self.layers})
+
+    def set_masks(self, masks: dict[str, tuple[torch.Tensor | None, int | None]]) -> None:
+        """This batch's ``{modality: (float mask or None, real-token count or None)}``."""
+        self.masks = dict(masks)
+        self.cache.update(x=None, modality=None, sq=None, n=0, g=None)
+
+    def _hook(self, layer: PrunableLayer):
+        name, modality, cache, gram = layer.name, layer.modality, self.cache, self.gram
+
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if cache["x"] is x and cache["modality"] == modality:
+                sq, n = cache["sq"], cache["n"]
+            else:
+                mask, n_real = self.masks.get(modality, (None, None))
+                sq, masked = _masked_sq_sum(x, mask)
+                sq = sq.to(torch.float64)
+                n = n_real if masked else x[..., 0].numel()
+                g = _masked_gram(x, mask).to(torch.float64) if gram else None
+                cache.update(x=x, modality=modality, sq=sq, n=n, g=g)
+            self.sums[name] += sq.to(self.sums[name].device)
+            self.tokens[name] += n
+            if gram:
+                self.grams[name] += cache["g"].to(self.grams[name].device)
+
+        return hook
+
+    def __enter__(self) -> StatsAccumulator:
+        for ly in self.layers:
+            self.handles.append(ly.module.register_forward_hook(self._hook(ly)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.cache.update(x=None, modality=None, sq=None, n=0, g=None)
+        self.masks.clear()
+
+    def result(self) -> dict[str, LayerStats]:
+        """``{layer.name: LayerStats}`` on the CPU."""
+        return {n: LayerStats(s.cpu(), self.tokens[n], self.grams[n].cpu() if self.gram else None)
+                for n, s in self.sums.items()}
+
+
+def batch_masks(vlm: VLM, encoded, modalities) -> dict[str, tuple[torch.Tensor | None, int | None]]:
+    """``{modality: (float token mask, real-token count)}`` of one encoded batch (None, None
+    where every token counts): what :meth:`StatsAccumulator.set_masks` takes."""
+    out = {}
+    for m in modalities:
+        mk = vlm.token_mask(m, encoded)
+        out[m] = (None, None) if mk is None else (mk.float(), int(mk.bool().sum()))
+    return out
+
+
 def collect_stats(vlm: VLM, data, layers: Sequence[PrunableLayer] | None = None,
                   progress: Progress = NULL, *, gram: bool = False) -> dict[str, LayerStats]:
     """Input statistics of ``layers`` (default: every prunable layer) over ``data``.
@@ -89,61 +172,14 @@ def collect_stats(vlm: VLM, data, layers: Sequence[PrunableLayer] | None = None,
 
     data = as_pair_data(data)
     layers = list(vlm.prunable_layers() if layers is None else layers)
-    sums = {ly.name: torch.zeros(ly.weight.shape[1], dtype=torch.float64, device=ly.weight.device)
-            for ly in layers}
-    tokens = dict.fromkeys(sums, 0)
-    grams = ({ly.name: torch.zeros(ly.weight.shape[1], ly.weight.shape[1], dtype=torch.float64,
-                                   device=ly.weight.device) for ly in layers} if gram else {})
-    # Per-batch state shared by the hooks: each modality's token mask (float, on the model's
-    # device) and real-token count, and a one-entry cache so that q/k/v projections, which
-    # read the same tensor, square and sum it only once.
-    masks: dict[str, tuple[torch.Tensor | None, int | None]] = {}
-    cache: dict[str, object] = {"x": None, "modality": None, "sq": None, "n": 0, "g": None}
-
-    def make_hook(layer: PrunableLayer):
-        name, modality = layer.name, layer.modality
-
-        def hook(module, inputs, output):
-            x = inputs[0]
-            if cache["x"] is x and cache["modality"] == modality:
-                sq, n = cache["sq"], cache["n"]
-            else:
-                mask, n_real = masks.get(modality, (None, None))
-                sq, masked = _masked_sq_sum(x, mask)
-                sq = sq.to(torch.float64)
-                n = n_real if masked else x[..., 0].numel()
-                g = _masked_gram(x, mask).to(torch.float64) if gram else None
-                cache.update(x=x, modality=modality, sq=sq, n=n, g=g)
-            sums[name] += sq.to(sums[name].device)
-            tokens[name] += n
-            if gram:
-                grams[name] += cache["g"].to(grams[name].device)
-
-        return hook
-
-    handles = []
-    try:
-        for ly in layers:
-            handles.append(ly.module.register_forward_hook(make_hook(ly)))
-        modalities = sorted({ly.modality for ly in layers})
-        with progress.task("calibrate", total=data.num_batches) as task, torch.no_grad():
-            for batch in data.batches():
-                encoded = vlm.encode(batch)
-                masks.clear()
-                for m in modalities:
-                    mk = vlm.token_mask(m, encoded)
-                    masks[m] = (None, None) if mk is None else (mk.float(), int(mk.bool().sum()))
-                vlm.model(**vlm.model_inputs(encoded))
-                cache.update(x=None, modality=None, sq=None, n=0, g=None)
-                task.advance()
-    finally:
-        for h in handles:
-            h.remove()
-        cache.clear()
-        masks.clear()
-    stats = {n: LayerStats(s.cpu(), tokens[n], grams[n].cpu() if gram else None)
-             for n, s in sums.items()}
-    return stats
+    acc = StatsAccumulator(layers, gram=gram)
+    with acc, progress.task("calibrate", total=data.num_batches) as task, torch.no_grad():
+        for batch in data.batches():
+            encoded = vlm.encode(batch)
+            acc.set_masks(batch_masks(vlm, encoded, acc.modalities))
+            vlm.model(**vlm.model_inputs(encoded))
+            task.advance()
+    return acc.result()
 
 
 def activation_norm(layer: PrunableLayer, stats: LayerStats | None, method: str) -> torch.Tensor:

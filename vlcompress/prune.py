@@ -134,7 +134,7 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
           pattern: str = "unstructured", calibration=None, scope=None, *, train=None,
           skip_incompatible: bool = False, seed: int = 0, layerwise: bool = False,
           units="heads,neurons", round_to: int = 8, depth: int = 0,
-          progress: Progress = NULL) -> PruneResult:
+          progress: Progress = NULL, stats: dict | None = None) -> PruneResult:
     """Prune ``vlm`` in place and return a :class:`PruneResult`.
 
     - ``method``: a registered method (``vlcompress models --methods``: ``magnitude``,
@@ -156,6 +156,9 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
     - ``skip_incompatible``: leave layers whose input width is not a multiple of M dense and
       list them in ``skipped``, instead of raising :class:`PatternError`.
     - ``layerwise``: uniform per-layer allocation instead of the method's default.
+    - ``stats``: activation statistics already collected over ``calibration`` on this model
+      (``calibrate.collect_stats``; ``auto`` shares one capture among its candidates); layers
+      it lacks are collected as usual. Solvers collect their own (block by block).
     """
     t0 = time.perf_counter()
     cfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
@@ -184,7 +187,7 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
             else:
                 check_nm(ly.weight.shape[1], pat.n, pat.m, ly.name)  # raises PatternError
 
-    stats: dict = {}
+    given, stats = stats or {}, {}
     details: dict = {}
     calib_seconds = 0.0
     calib_desc = None
@@ -194,7 +197,10 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         tc = time.perf_counter()
         ctx.data, calib_desc = _calibration_data(calibration)
         if m.kind != "solve":  # a solver collects what it needs itself
-            stats = collect_stats(vlm, ctx.data, layers, progress=progress)
+            missing = [ly for ly in layers if ly.name not in given]
+            stats = {ly.name: given[ly.name] for ly in layers if ly.name in given}
+            if missing:
+                stats.update(collect_stats(vlm, ctx.data, missing, progress=progress))
         calib_seconds = time.perf_counter() - tc
 
     allocation = "nm" if pat.is_nm else ("layerwise" if cfg.layerwise else m.allocation)

@@ -16,7 +16,8 @@ The candidate's ``score`` is the mean of the four (higher is better); the best o
 are kept (exactly what was measured, not a re-run) and :class:`~vlcompress.prune.PruneResult`
 ``details`` (so the report's ``prune.details``) record the ``winner``, its ``margin`` over the
 ``runner_up`` and every candidate's metrics and seconds. Memory: two extra copies of the
-prunable weights (dense, and best so far).
+prunable weights (dense, and best so far). The activation statistics of the fit pairs are
+collected once, on the dense model, and shared by every candidate that scores from them.
 
 Registered as the method ``auto`` of kind ``solve`` (it runs prune() for each candidate
 through ``Context.prune``, so it never imports the orchestrator above it).
@@ -118,9 +119,21 @@ def auto_select(ctx, layers, *, candidates=CANDIDATES) -> Solved:
                 if ly.name in weights:
                     ly.weight.copy_(weights[ly.name])
 
+    # One calibration capture shared by the candidates that score from activation statistics
+    # (wanda, multiflow, ecoflap's inner wanda): the dense model's, over the fit pairs, which
+    # is what each would collect itself after restore(original). Solvers (sparsegpt) capture
+    # block by block on the weights they prune; snip and ecoflap add their own gradient /
+    # loss passes.
+    from ..calibrate import collect_stats
+    from .registry import get_method
+
+    t = time.perf_counter()
+    shared = (collect_stats(vlm, fit, layers)
+              if any(get_method(c).needs_calibration and get_method(c).kind != "solve"
+                     for c in candidates) else None)
+    calib = time.perf_counter() - t
     rows: list[dict] = []
     best = None  # (score, name, weights, masks, allocation)
-    calib = 0.0
     try:
         with progress.task("auto", total=len(candidates)) as task:
             for name in candidates:
@@ -129,7 +142,7 @@ def auto_select(ctx, layers, *, candidates=CANDIDATES) -> Solved:
                 try:
                     res = prune(vlm, name, cfg.sparsity, cfg.pattern, calibration=fit,
                                 scope=cfg.scope, skip_incompatible=cfg.skip_incompatible,
-                                seed=cfg.seed, layerwise=cfg.layerwise)
+                                seed=cfg.seed, layerwise=cfg.layerwise, stats=shared)
                 except ConfigError as exc:  # e.g. a family without a loss for snip/ecoflap
                     rows.append({"method": name, "error": str(exc)})
                     task.advance()

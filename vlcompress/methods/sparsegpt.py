@@ -3,15 +3,19 @@ Accurately Pruned in One-Shot"): prune each layer by an OBS column sweep that up
 surviving weights to compensate, with the layer Hessian ``H = X^T X`` from calibration inputs.
 
 The sweep itself is :func:`vlcompress.sparsity.obs.obs_prune`. This module drives it over a
-model, **sequentially** as the paper does: the prunable layers are taken one encoder block
-index at a time (vision block b and text block b together: the towers are independent); for
-block b the Gram matrices of its layers are collected with forward hooks over the calibration
-pairs (padding tokens excluded, :func:`vlcompress.calibrate.collect_stats` with ``gram=True``)
-on the model whose blocks ``< b`` are already pruned and compensated, so each layer sees the
-inputs it will see at inference. Within a block every layer sees the block's dense inputs (as
-in the paper's reference loop). Memory: the Gram matrices of one block index at a time
-(``d_in^2`` float64 per layer); cost: one calibration pass per block index. In a family with
-cross-attention (fusion) the other tower's tokens are those of the model as pruned so far.
+model **block-sequentially** as the reference does (IST-DASLab/sparsegpt ``opt.py``), on the
+engine :func:`vlcompress.blockwise.run_blockwise`: each tower's block-0 inputs are captured
+once, then each encoder block alone runs on the cached inputs with hooks collecting its
+layers' Gram matrices (padding tokens excluded), its layers are pruned and compensated, and
+the block runs again so that the next block sees **pruned** inputs (the reference's choice:
+each layer is calibrated on the inputs it will see at inference). Within a block every layer
+sees the block's dense inputs (as in the reference loop). Cost: about two block forwards per
+block over the calibration data, linear in depth (it was one whole-model pass per block
+index, quadratic); memory: the model, one tower's cached hidden states (two copies), and the
+Gram matrices of one block (``d_in^2`` float64 per layer). In a family with cross-attention
+(BLIP) the fusion tower is calibrated after the vision tower is fully pruned, so its
+cross-attention reads the vision tower as it will be at inference (the old per-block-index
+loop gave it the vision tower pruned up to the same block index only).
 
 Unstructured: every layer loses exactly ``floor(s * numel)`` weights (uniform per layer, the
 paper's setting), the mask chosen block by block during the sweep by OBS saliency. N:M: in
@@ -23,8 +27,6 @@ its ``fn`` is the pure OBS saliency ``w^2 / [H^-1]_jj`` (no updates), for inspec
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -51,48 +53,51 @@ def _gram(layer, stats):
 
 def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int = 0, m: int = 0,
                     blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
+                    max_cache_bytes: int | None = None, cache_dir=None,
                     progress=NULL) -> Solved:
-    """Prune ``layers`` of ``vlm`` in place with SparseGPT, block index by block index.
+    """Prune ``layers`` of ``vlm`` in place with SparseGPT, block by block on cached inputs.
 
-    ``sparsity`` (unstructured, uniform per layer) or ``n``/``m`` (N:M). Returns
-    :class:`~vlcompress.scoring.Solved` whose ``details`` hold the options, the number of
-    calibration passes and ``error_ratio``: the mean over layers of the layer's reconstruction
-    error ``||(W - W')X^T||^2`` with the updates, divided by that of plain masking with the same
-    mask (below 1 when the compensation helps).
+    ``sparsity`` (unstructured, uniform per layer) or ``n``/``m`` (N:M). ``max_cache_bytes``
+    and ``cache_dir``: cached hidden states beyond that many bytes go to disk (see
+    :mod:`vlcompress.blockwise`). Returns :class:`~vlcompress.scoring.Solved` whose
+    ``details`` hold the options, the engine's counts (``captures``, ``block_runs``) and
+    ``error_ratio``: the mean over layers of the layer's reconstruction error
+    ``||(W - W')X^T||^2`` with the updates, divided by that of plain masking with the same
+    mask (below 1 when the compensation helps). ``calibration_seconds`` is the time spent
+    running blocks (captures included), the rest is the OBS sweeps.
     """
-    from ..calibrate import collect_stats
+    from ..blockwise import run_blockwise
 
-    by_block: dict[int, list] = {}
-    for ly in layers:
-        by_block.setdefault(int(ly.block), []).append(ly)
     masks: dict[str, torch.Tensor] = {}
     ratios: list[float] = []
-    calib = 0.0
+
     with progress.task("sparsegpt", total=len(layers)) as task:
-        for b in sorted(by_block):
-            group = by_block[b]
-            t = time.perf_counter()
-            stats = collect_stats(vlm, data, group, gram=True)
-            calib += time.perf_counter() - t
-            for ly in group:
+        def visit(block, stats):
+            for ly in block.layers:
                 g = stats.pop(ly.name).gram
                 w = ly.weight
                 old = w.detach().clone()
-                new, keep = obs_prune(old, g.to(w.device), sparsity=sparsity, n=n, m=m,
+                gd = g.to(w.device)
+                new, keep = obs_prune(old, gd, sparsity=sparsity, n=n, m=m,
                                       blocksize=blocksize, percdamp=percdamp)
                 with torch.no_grad():
                     w.copy_(new)
                 masks[ly.name] = keep
-                gd = g.to(w.device)
                 plain = reconstruction_error(old, old * keep, gd)
                 if plain > 0:
                     ratios.append(reconstruction_error(old, new, gd) / plain)
                 del g, gd
                 task.advance()
+
+        run = run_blockwise(vlm, data, layers, visit, gram=True, inputs="pruned",
+                            max_cache_bytes=max_cache_bytes, cache_dir=cache_dir)
     details = {"blocksize": int(blocksize), "percdamp": float(percdamp), "sequential": True,
-               "calibration_passes": len(by_block),
+               "engine": "blockwise", "next_block_inputs": "pruned",
+               "captures": run.captures, "block_runs": run.block_runs,
+               "spilled_bytes": run.spilled_bytes,
                "error_ratio": (sum(ratios) / len(ratios)) if ratios else None}
-    return Solved(masks, details, allocation="nm" if m else "layerwise", calibration_seconds=calib)
+    return Solved(masks, details, allocation="nm" if m else "layerwise",
+                  calibration_seconds=run.forward_seconds)
 
 
 def solve(ctx, layers) -> Solved:

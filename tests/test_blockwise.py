@@ -1,0 +1,154 @@
+"""The block-sequential engine (vlcompress.blockwise) and SparseGPT on it: same statistics as
+a whole-model pass, same masks as the old per-block-index loop, linear cost, disk spill."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_random_blip, make_tiny_random_clip
+
+from vlcompress.blockwise import group_blocks, run_blockwise
+from vlcompress.calibrate import collect_stats
+from vlcompress.errors import ConfigError
+from vlcompress.methods.sparsegpt import sparsegpt_prune
+from vlcompress.sparsity.obs import obs_prune
+
+
+@pytest.fixture(scope="module")
+def calib():
+    from vlcompress.data import load_calibration
+
+    return load_calibration("shapes", n=12, batch_size=4)
+
+
+def _sequential_reference(vlm, layers, data, **kw):
+    """Yesterday's SparseGPT loop: one whole-model calibration pass per block index (vision
+    and text block b together, Gram matrices by hooks), prune, next index."""
+    masks = {}
+    by_block = {}
+    for ly in layers:
+        by_block.setdefault(int(ly.block), []).append(ly)
+    for b in sorted(by_block):
+        stats = collect_stats(vlm, data, by_block[b], gram=True)
+        for ly in by_block[b]:
+            new, keep = obs_prune(ly.weight.detach().clone(), stats[ly.name].gram, **kw)
+            with torch.no_grad():
+                ly.weight.copy_(new)
+            masks[ly.name] = keep
+    return masks
+
+
+def _tiny_clip():
+    from vlcompress.models import load_model
+
+    return load_model("tiny-clip")
+
+
+@pytest.mark.parametrize("kw", [dict(n=2, m=4), dict(sparsity=0.5)])
+def test_sparsegpt_blockwise_matches_sequential_on_tiny_clip(calib, kw):
+    """The masks are those of the old whole-model loop (bit for bit here), the updated
+    weights equal within float tolerance, and the engine ran each block twice (stats, then
+    the pruned run for the next block's inputs; the last block once) after one capture."""
+    ref = _tiny_clip()
+    new = copy.deepcopy(ref)
+    want = _sequential_reference(ref, ref.prunable_layers(), calib, **kw)
+    res = sparsegpt_prune(new, new.prunable_layers(), calib, **kw)
+    assert res.masks.keys() == want.keys()
+    differ = [k for k in want if not torch.equal(res.masks[k], want[k])]
+    assert not differ, differ
+    for a, b in zip(ref.prunable_layers(), new.prunable_layers(), strict=True):
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+    n_blocks = len({(ly.name.split(".")[0], ly.block) for ly in new.prunable_layers()})
+    assert res.details["captures"] == 1
+    assert res.details["block_runs"] == 2 * n_blocks - 2  # two stacks, last block once each
+
+
+def test_stats_on_cached_inputs_equal_whole_model_pass(calib):
+    """With ``inputs='dense'`` and a visit that changes nothing, every block's statistics
+    (sums, token counts with padding excluded, Gram matrices) are those of collect_stats."""
+    vlm = make_tiny_random_clip(layers=3)
+    layers = vlm.prunable_layers()
+    want = collect_stats(vlm, calib, layers, gram=True)
+    got = {}
+    run = run_blockwise(vlm, calib, layers, lambda b, s: got.update(s), gram=True, inputs="dense")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].tokens == want[k].tokens, k
+        torch.testing.assert_close(got[k].sq_sum, want[k].sq_sum, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[k].gram, want[k].gram, rtol=1e-5, atol=1e-6)
+    assert run.block_runs == 6  # dense: one run per block
+    assert run.order == [f"vision_model.encoder.layers.{i}" for i in range(3)] + \
+        [f"text_model.encoder.layers.{i}" for i in range(3)]
+
+
+def test_spill_to_disk_gives_the_same_result(calib, tmp_path):
+    a = make_tiny_random_clip()
+    b = copy.deepcopy(a)
+    ra = sparsegpt_prune(a, a.prunable_layers(), calib, n=2, m=4)
+    rb = sparsegpt_prune(b, b.prunable_layers(), calib, n=2, m=4, max_cache_bytes=0,
+                         cache_dir=tmp_path)
+    assert ra.details["spilled_bytes"] == 0 and rb.details["spilled_bytes"] > 0
+    for k in ra.masks:
+        assert torch.equal(ra.masks[k], rb.masks[k]), k
+    assert list(tmp_path.iterdir()) == []  # the spilled files are gone
+
+
+def test_scope_and_partial_stacks(calib):
+    """Only the vision tower's last block: the earlier blocks just carry the data through."""
+    vlm = make_tiny_random_clip(layers=3)
+    layers = [ly for ly in vlm.prunable_layers() if ly.modality == "vision" and ly.block == 2]
+    seen = []
+    run = run_blockwise(vlm, calib, layers, lambda b, s: seen.append((b.index, sorted(s))))
+    assert seen == [(2, sorted(ly.name for ly in layers))]
+    assert run.block_runs == 3
+    want = collect_stats(vlm, calib, layers)
+    got = {}
+    run_blockwise(vlm, calib, layers, lambda b, s: got.update(s))
+    for k in want:
+        torch.testing.assert_close(got[k].sq_sum, want[k].sq_sum, rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_tower_reads_the_pruned_vision_tower(calib):
+    """BLIP: the text encoder with cross-attention is captured after the vision tower is
+    done (a second capture), so its statistics are those of a whole-model pass over the model
+    whose vision tower is already pruned."""
+    vlm = make_tiny_random_blip()
+    layers = vlm.prunable_layers()
+    vision = [ly for ly in layers if ly.modality == "vision"]
+    other = [ly for ly in layers if ly.modality != "vision"]
+
+    def visit(block, stats):  # "prune" the vision tower: zero half of each weight
+        for ly in block.layers:
+            if ly.modality == "vision":
+                with torch.no_grad():
+                    ly.weight[:, ::2] = 0
+            got.update(stats)
+
+    got = {}
+    ref = copy.deepcopy(vlm)
+    run = run_blockwise(vlm, calib, layers, visit, gram=True)
+    assert run.captures == 2
+    for ly in ref.prunable_layers():
+        if ly.modality == "vision":
+            with torch.no_grad():
+                ly.weight[:, ::2] = 0
+    names = {ly.name for ly in other}
+    want = collect_stats(ref, calib, [ly for ly in ref.prunable_layers() if ly.name in names],
+                         gram=True)
+    assert want.keys() == names
+    for k in want:  # every text / fusion layer (self- and cross-attention, MLP)
+        assert got[k].tokens == want[k].tokens, k
+        torch.testing.assert_close(got[k].gram, want[k].gram, rtol=1e-4, atol=1e-5)
+    assert {ly.name for ly in vision} <= got.keys()
+
+
+def test_group_blocks_and_refusals(calib):
+    vlm = make_tiny_random_clip()
+    groups = group_blocks(vlm, vlm.prunable_layers())
+    assert list(groups) == ["vision_model.encoder.layers", "text_model.encoder.layers"]
+    assert [len(b.layers) for b in groups["vision_model.encoder.layers"]] == [6, 6]
+    with pytest.raises(ConfigError, match="inputs='bogus'; allowed: pruned, dense"):
+        run_blockwise(vlm, calib, vlm.prunable_layers(), lambda b, s: None, inputs="bogus")
+    assert run_blockwise(vlm, calib, [], lambda b, s: None).block_runs == 0

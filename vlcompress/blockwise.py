@@ -1,0 +1,367 @@
+"""Block-sequential calibration: run one encoder block at a time on cached inputs.
+
+The structure of SparseGPT's reference loop (IST-DASLab/sparsegpt ``opt.py``: ``Catcher`` on
+layer 0, then per layer: hooks, run, prune, run again, the outputs become the next inputs),
+for every tower a family has. Cost is linear in depth: the calibration pairs go through the
+embeddings once per capture and through each block once (twice when the next block must see
+pruned inputs), instead of one whole-model pass per block index.
+
+:func:`run_blockwise` does, for the ``layers`` given (any subset of ``vlm.prunable_layers()``):
+
+1. **group** them by encoder stack (the ``nn.ModuleList`` that holds their block: vision
+   ``...encoder.layers``, text ``...encoder.layer`` ...) and block index;
+2. **capture** each stack's block-0 inputs: every batch is encoded once, token masks per
+   modality are kept, and the model runs with every block of the stacks still to do replaced
+   by a stand-in that records its first call's ``(args, kwargs)`` (hidden states, attention
+   mask, ...) and passes the hidden states through unchanged, so one capture costs about the
+   embeddings. Each call of a stack's layer 0 within one batch is one *stream* (BLIP's text
+   encoder could be called in several modes). A stream whose layer reads another tower
+   (``encoder_hidden_states`` not None: BLIP's cross-attention reads the vision tower's
+   output) is captured in a second round, after the stacks it may read are done, with those
+   stacks running for real (their pruned weights): the fusion tower sees the vision tower as
+   it will be at inference;
+3. per stack, per block in order: hooks (:class:`~vlcompress.calibrate.StatsAccumulator`, the
+   same accumulation as :func:`~vlcompress.calibrate.collect_stats`, padding excluded) on the
+   block's prunable layers while the block alone runs on every cached batch; then
+   ``visit(block, stats)`` (the method prunes, may update weights); then the block's outputs
+   become the next block's inputs: ``inputs="pruned"`` runs the block again after ``visit``
+   (the reference's choice: each block is calibrated on the inputs it will see at
+   inference), ``inputs="dense"`` keeps the outputs of the first run (the dense model's
+   activations throughout; one run per block).
+
+The kwargs a stack's layer 0 received (attention masks, position embeddings, cross-attention
+inputs) are reused for every block of that stack, as the HF encoders pass the same ones to
+each layer. Memory: the model, one stream's cached hidden states for the current block and
+the next (``2 x pairs x tokens x width`` floats), and the statistics of one block's layers. Hidden
+states beyond ``max_cache_bytes`` (default: unlimited) are streamed to ``cache_dir`` (default:
+a temporary folder, removed at the end) and read back one batch at a time.
+
+Methods built on it: ``sparsegpt`` (``inputs="pruned"``, Gram matrices). Any per-block
+method (ECoFLaP's block scores, a sequential Wanda) can call :func:`run_blockwise` with its own
+``visit``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibrate import LayerStats, StatsAccumulator, batch_masks
+from .errors import ConfigError
+from .models.base import VLM, PrunableLayer
+from .progress import NULL, Progress
+
+INPUTS = ("pruned", "dense")
+
+
+@dataclass
+class BlockRef:
+    """One encoder block seen by the engine: its stack path, index, module and the
+    prunable layers of ``layers`` inside it (in the adapter's order)."""
+
+    stack: str
+    index: int
+    module: nn.Module
+    layers: list[PrunableLayer]
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted({ly.modality for ly in self.layers})
+
+
+@dataclass
+class BlockwiseRun:
+    """What :func:`run_blockwise` did: ``forward_seconds`` (capture and block runs, the
+    calibration part), ``visit_seconds`` (inside ``visit``), ``captures`` (capture rounds),
+    ``block_runs`` (block forwards over the cached data), ``spilled_bytes`` (hidden states
+    written to disk) and ``order`` (``stack.index`` of each visited block)."""
+
+    forward_seconds: float = 0.0
+    visit_seconds: float = 0.0
+    captures: int = 0
+    block_runs: int = 0
+    spilled_bytes: int = 0
+    order: list[str] = field(default_factory=list)
+
+
+class ActivationCache:
+    """Per-batch tensors kept in memory up to ``max_bytes``, the rest on disk (one file per
+    batch under ``folder``). ``len``, ``[i]`` and ``append``; :meth:`close` deletes files."""
+
+    def __init__(self, max_bytes: int | None, folder: Path, run: BlockwiseRun):
+        self.max_bytes, self.folder, self.run = max_bytes, folder, run
+        self.items: list[torch.Tensor | Path] = []
+        self.bytes = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        size = x.numel() * x.element_size()
+        if self.max_bytes is None or self.bytes + size <= self.max_bytes:
+            self.items.append(x)
+            self.bytes += size
+            return
+        path = Path(tempfile.mkstemp(suffix=".pt", dir=self.folder)[1])
+        torch.save(x.cpu(), path)
+        self.items.append(path)
+        self.run.spilled_bytes += size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        it = self.items[i]
+        return torch.load(it, weights_only=True) if isinstance(it, Path) else it
+
+    def close(self) -> None:
+        for it in self.items:
+            if isinstance(it, Path):
+                it.unlink(missing_ok=True)
+        self.items.clear()
+        self.bytes = 0
+
+
+@dataclass
+class _Stream:
+    """One stream of a stack: per batch, the hidden states and the other call arguments."""
+
+    hidden: ActivationCache
+    rest: list[tuple[tuple, dict]] = field(default_factory=list)  # (args[1:], kwargs) per batch
+    masks: list[dict] = field(default_factory=list)  # per batch, StatsAccumulator.set_masks
+    positional: bool = True  # hidden states passed positionally (else as hidden_states=)
+
+
+class _Skip(nn.Module):
+    """Stand-in for a block during capture: records the call (layer 0 only) and returns the
+    hidden states unchanged."""
+
+    def __init__(self, record: Callable | None):
+        super().__init__()
+        self.record = record
+
+    def forward(self, *args, **kwargs):
+        if self.record is not None:
+            self.record(args, kwargs)
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _stack_of(model: nn.Module, ly: PrunableLayer) -> str:
+    parts = ly.name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == str(ly.block) and i > 0:
+            path = ".".join(parts[:i])
+            if isinstance(model.get_submodule(path), nn.ModuleList):
+                return path
+    raise ConfigError(f"layer {ly.name}: no encoder stack (nn.ModuleList) holds its block "
+                      f"{ly.block}; block-sequential calibration needs one")
+
+
+def group_blocks(vlm: VLM, layers: Sequence[PrunableLayer]) -> dict[str, list[BlockRef]]:
+    """``{stack path: [BlockRef, ...]}`` of ``layers``, stacks in first-seen order, blocks in
+    index order (blocks with no layer of ``layers`` in between are run but not visited)."""
+    stacks: dict[str, dict[int, list[PrunableLayer]]] = {}
+    for ly in layers:
+        stacks.setdefault(_stack_of(vlm.model, ly), {}).setdefault(int(ly.block), []).append(ly)
+    out = {}
+    for path, blocks in stacks.items():
+        mods = vlm.model.get_submodule(path)
+        out[path] = [BlockRef(path, b, mods[b], blocks[b]) for b in sorted(blocks)]
+    return out
+
+
+def _reads_other_tower(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+    try:
+        bound = inspect.signature(layer.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = dict(kwargs)
+    return bound.get("encoder_hidden_states") is not None
+
+
+def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]],
+             cache: Callable[[], ActivationCache], run: BlockwiseRun
+             ) -> tuple[dict[str, list[_Stream]], set[str]]:
+    """One capture round for ``stacks``: ``({stack: streams}, stacks that read another
+    tower)``. Every block of ``stacks`` is a :class:`_Skip` during the pass."""
+    saved: dict[str, list[nn.Module]] = {}
+    streams: dict[str, list[_Stream]] = {s: [] for s in stacks}
+    dependent: set[str] = set()
+    state = {"calls": {}, "masks": None}
+
+    def recorder(stack: str, layer0: nn.Module):
+        def record(args, kwargs):
+            k = state["calls"].get(stack, 0)
+            state["calls"][stack] = k + 1
+            st = streams[stack]
+            if k == len(st):
+                st.append(_Stream(cache()))
+            s = st[k]
+            kwargs = dict(kwargs)
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                hidden, rest, s.positional = kwargs.pop("hidden_states"), (), False
+            s.hidden.append(hidden)
+            s.rest.append((rest, kwargs))
+            s.masks.append(state["masks"][stack])
+            if _reads_other_tower(layer0, (hidden, *rest) if s.positional else rest,
+                                  kwargs if s.positional else {"hidden_states": hidden, **kwargs}):
+                dependent.add(stack)
+        return record
+
+    try:
+        for s in stacks:
+            mods = vlm.model.get_submodule(s)
+            saved[s] = list(mods)
+            for i in range(len(mods)):
+                mods[i] = _Skip(recorder(s, saved[s][0]) if i == 0 else None)
+        expected: dict[str, int] = {}
+        with torch.no_grad():
+            for batch in data.batches():
+                encoded = vlm.encode(batch)
+                state["calls"] = {}
+                state["masks"] = {s: batch_masks(vlm, encoded, modalities[s]) for s in stacks}
+                vlm.model(**vlm.model_inputs(encoded))
+                for s in stacks:  # every batch must call each stack the same number of times
+                    n = state["calls"].get(s, 0)
+                    if expected.setdefault(s, n) != n:
+                        raise RuntimeError(f"stack {s}: layer 0 ran {n} times in one batch, "
+                                           f"{expected[s]} in the first")
+    finally:
+        for s, mods in saved.items():
+            stack = vlm.model.get_submodule(s)
+            for i, m in enumerate(mods):
+                stack[i] = m
+    run.captures += 1
+    missing = [s for s in stacks if not streams[s]]
+    if missing:
+        raise ConfigError(f"block-sequential calibration: the model's forward never ran "
+                          f"{', '.join(missing)} on this data")
+    return streams, dependent
+
+
+def _run_block(module: nn.Module, stream: _Stream, out: ActivationCache | None,
+               acc: StatsAccumulator | None, run: BlockwiseRun) -> None:
+    with torch.no_grad():
+        for i in range(len(stream.hidden)):
+            if acc is not None:
+                acc.set_masks(stream.masks[i])
+            rest, kwargs = stream.rest[i]
+            h = stream.hidden[i]
+            y = module(h, *rest, **kwargs) if stream.positional else module(
+                *rest, hidden_states=h, **kwargs)
+            if isinstance(y, tuple):
+                y = y[0]
+            if out is not None:
+                out.append(y)
+    run.block_runs += 1
+
+
+def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
+                  visit: Callable[[BlockRef, dict[str, LayerStats]], None], *,
+                  gram: bool = False, inputs: str = "pruned", max_cache_bytes: int | None = None,
+                  cache_dir: str | Path | None = None, progress: Progress = NULL) -> BlockwiseRun:
+    """Visit every block holding ``layers``, in order, with its layers' input statistics.
+
+    ``visit(block, stats)`` gets a :class:`BlockRef` and ``{layer.name: LayerStats}`` (with
+    ``gram`` if asked) of the block's layers in ``layers``, over the whole calibration
+    ``data``, computed on the block's cached inputs; it may change the block's weights.
+    ``inputs``: ``"pruned"`` (the next block sees this block's output after ``visit``) or
+    ``"dense"`` (its output before). See the module doc for memory and ``max_cache_bytes``.
+    """
+    from .data.pairs import as_pair_data
+
+    if inputs not in INPUTS:
+        raise ConfigError(f"inputs={inputs!r}; allowed: {', '.join(INPUTS)}")
+    if max_cache_bytes is not None and max_cache_bytes < 0:
+        raise ConfigError(f"max_cache_bytes={max_cache_bytes}; allowed: None or >= 0")
+    data = as_pair_data(data)
+    run = BlockwiseRun()
+    groups = group_blocks(vlm, layers)
+    if not groups:
+        return run
+    own_dir = cache_dir is None
+    folder = Path(tempfile.mkdtemp(prefix="vlc-blockwise-")) if own_dir else Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def new_cache() -> ActivationCache:
+        return ActivationCache(max_cache_bytes, folder, run)
+
+    modalities = {s: sorted({m for b in bl for m in b.modalities}) for s, bl in groups.items()}
+    pending = list(groups)
+    try:
+        with progress.task("blockwise", total=sum(len(b) for b in groups.values())) as task:
+            while pending:
+                t = time.perf_counter()
+                streams, dependent = _capture(vlm, data, pending, modalities, new_cache, run)
+                run.forward_seconds += time.perf_counter() - t
+                # A stack that reads another tower waits for the stacks it may read; when
+                # every pending stack does, they go ahead (nothing left to wait for).
+                ready = [s for s in pending if s not in dependent] or list(pending)
+                for s in pending:
+                    if s not in ready:
+                        for st in streams[s]:
+                            st.hidden.close()
+                for s in ready:
+                    _run_stack(vlm, groups[s], streams[s], visit, gram, inputs, new_cache,
+                               run, task)
+                pending = [s for s in pending if s not in ready]
+    finally:
+        if own_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    return run
+
+
+def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram: bool,
+               inputs: str, new_cache, run: BlockwiseRun, task) -> None:
+    stack = vlm.model.get_submodule(blocks[0].stack)
+    by_index = {b.index: b for b in blocks}
+    last = blocks[-1].index
+    try:
+        for i in range(last + 1):
+            module = stack[i]
+            ref = by_index.get(i)
+            t = time.perf_counter()
+            if ref is None:  # a block with nothing to prune: just carry the data through
+                for st in streams:
+                    out = new_cache()
+                    _run_block(module, st, out, None, run)
+                    st.hidden.close()
+                    st.hidden = out
+                run.forward_seconds += time.perf_counter() - t
+                continue
+            keep_dense = inputs == "dense" and i < last
+            acc = StatsAccumulator(ref.layers, gram=gram)
+            outs = []
+            with acc:
+                for st in streams:
+                    out = new_cache() if keep_dense else None
+                    _run_block(module, st, out, acc, run)
+                    outs.append(out)
+            stats = acc.result()
+            del acc
+            run.forward_seconds += time.perf_counter() - t
+            t = time.perf_counter()
+            visit(ref, stats)
+            del stats
+            run.visit_seconds += time.perf_counter() - t
+            run.order.append(f"{ref.stack}.{ref.index}")
+            if i < last:
+                t = time.perf_counter()
+                for st, out in zip(streams, outs, strict=True):
+                    if out is None:
+                        out = new_cache()
+                        _run_block(module, st, out, None, run)
+                    st.hidden.close()
+                    st.hidden = out
+                run.forward_seconds += time.perf_counter() - t
+            task.advance()
+    finally:
+        for st in streams:
+            st.hidden.close()
