@@ -49,6 +49,7 @@ class RunConfig:
     round_to: int | str = 8
     depth: int | str = 0
     recover_steps: int = 0  # distillation steps after pruning (vlcompress.recover), 0 = none
+    triton: str | None = None  # also write OUT/triton with this backend (exporters.triton)
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
@@ -87,6 +88,15 @@ class RunConfig:
                            runtime=self.engine, device=self.device,
                            precision="fp16" if self.fp16 else None)
         lc.runtime_entry.check_pattern(pc.pattern)
+        if self.triton is not None:  # --triton BACKEND: checked before any work
+            from .exporters.triton import check_triton_options
+
+            tb, _ = check_triton_options(self.triton)
+            if tb == "tensorrt" and lc.runtime_entry.consumes != ENGINE:
+                raise ConfigError(f"--triton tensorrt needs the run's TensorRT engines, and engine "
+                                  f"{self.engine!r} builds none; allowed: --engine trt, or --triton "
+                                  "onnxruntime|python")
+            object.__setattr__(self, "triton", tb)
         object.__setattr__(self, "device", lc.device)
         object.__setattr__(self, "latency_config", lc)
 
@@ -279,6 +289,14 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
         report["data"] = data_section
+        if cfg.triton is not None:  # a Triton model repository of this run: OUT/triton
+            from .exporters.triton import export_triton
+
+            write_report(report, tmp)  # export_triton reads the latency table from it
+            repo = export_triton(tmp, tmp / "triton", backend=cfg.triton)
+            report["export"]["triton"] = {"path": "triton", "backend": repo.backend,
+                                          "device": repo.device,
+                                          "models": [m.name for m in repo.models]}
         write_report(report, tmp)
     return report
 

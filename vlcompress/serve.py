@@ -243,8 +243,8 @@ def serve_check(repo: str | Path, *, port: int | None = None, atol: float = 1e-4
         try:
             for m in rep.models:
                 onnx_path = rep.path / m.name / "1" / "model.onnx"
-                if not onnx_path.is_file():
-                    onnx_path = Path(m.reference_onnx)
+                if not onnx_path.is_file():  # tensorrt: the run's ONNX the engine came from
+                    onnx_path = rep.path / rep.run_dir / m.reference_onnx
                 feeds = example_inputs(m)
                 t0 = time.perf_counter()
                 try:

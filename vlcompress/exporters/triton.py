@@ -82,8 +82,8 @@ class TritonModel:
     name: str
     variant: str
     tower: str
-    source: str                 # the run file it came from (ONNX or engine), absolute
-    reference_onnx: str         # the ONNX whose outputs the served model must reproduce
+    source: str                 # the run file it came from (ONNX or engine), relative to the run
+    reference_onnx: str         # the run's ONNX the served model must reproduce, relative to the run
     max_batch_size: int
     inputs: list[Tensor]
     outputs: list[Tensor]
@@ -96,7 +96,7 @@ class TritonModel:
 @dataclass
 class TritonRepo:
     path: Path
-    run_dir: str
+    run_dir: str  # relative to the repository when the repository lies inside the run
     backend: str
     device: str
     models: list[TritonModel]
@@ -229,8 +229,8 @@ def _plan(run: Path, backend: str, device: str | None, variants) -> tuple[list[T
                 pref, rule = [], rule + "; the ONNX has a fixed batch axis: no batching"
             models.append(TritonModel(
                 name=f"{variant}_{tower}", variant=variant, tower=tower,
-                source=str((engine if backend == "tensorrt" else onnx_path).resolve()),
-                reference_onnx=str(onnx_path.resolve()), max_batch_size=max_batch,
+                source=f"{variant}/{(engine if backend == 'tensorrt' else onnx_path).name}",
+                reference_onnx=f"{variant}/{onnx_path.name}", max_batch_size=max_batch,
                 inputs=_tensors(ins, batched), outputs=_tensors(outs, batched),
                 preferred_batch_size=pref, max_queue_delay_microseconds=delay, rule=rule,
                 vocab_size=_vocab_size(run, tower)))
@@ -301,7 +301,7 @@ def _client_snippet(m: TritonModel) -> str:
 
 def _readme(repo: TritonRepo) -> str:
     head = [f"# Triton model repository ({repo.backend} backend, {repo.device})", "",
-            f"Written by `vlcompress export-triton {repo.run_dir} --backend {repo.backend}`. One "
+            f"Written from the run `{repo.run_dir}` (`--backend {repo.backend}`). One "
             "model per variant (dense, pruned) and tower; inputs and outputs are the run's ONNX.", "",
             "```bash", f"tritonserver --model-repository {repo.path.name}", "```", "",
             "`vlcompress serve-check REPO` starts the `tritonserver` of the `[serve]` extra on "
@@ -325,11 +325,13 @@ def export_triton(run_dir: str | Path, out: str | Path, *, backend: str = "onnxr
         raise ConfigError(f"variant {bad[0]!r} is not known; allowed: {', '.join(VARIANTS)}")
     run = Path(run_dir)
     models, device = _plan(run, backend, device, variants)
+    out_abs, run_abs = Path(out).resolve(), run.resolve()
+    run_rec = os.path.relpath(run_abs, out_abs) if run_abs in out_abs.parents else str(run_abs)
     with atomic_dir(out, overwrite=force) as tmp:
         for m in models:
             folder = tmp / m.name / "1"
             folder.mkdir(parents=True)
-            src = Path(m.source)
+            src = run / m.source
             if backend == "tensorrt":
                 _link_or_copy(src, folder / "model.plan")
             else:
@@ -341,7 +343,7 @@ def export_triton(run_dir: str | Path, out: str | Path, *, backend: str = "onnxr
                     shutil.copyfile(Path(__file__).with_name("_triton_model.py"), folder / "model.py")
             (tmp / m.name / "config.pbtxt").write_text(
                 model_config_text(m, backend, device, threads=threads), encoding="utf-8")
-        repo = TritonRepo(Path(out), str(run), backend, device, models)
+        repo = TritonRepo(Path(out), run_rec, backend, device, models)
         (tmp / "README.md").write_text(_readme(repo), encoding="utf-8")
         (tmp / MANIFEST).write_text(json.dumps(repo.to_dict(), indent=2) + "\n", encoding="utf-8")
     return repo
