@@ -266,7 +266,7 @@ def serve_check(repo: str | Path, *, port: int | None = None, atol: float = 1e-4
 
 
 def drive_load(url: str, m: TritonModel, feeds: dict, *, concurrency: int, seconds: float,
-               max_requests: int = 100_000, warmup: int = 2) -> dict:
+               max_requests: int = 100_000, warmup: int = 1) -> dict:
     """``concurrency`` closed-loop clients (one thread and connection each) send ``feeds`` to
     model ``m`` until ``seconds`` pass or ``max_requests`` are sent: requests per second,
     p50 / p99 latency (ms) and failed requests."""
