@@ -242,3 +242,18 @@ def test_other_backends_load_up_to_the_missing_backend(run_dir, tmp_path, backen
             f.unlink()
     with pytest.raises(ServeError, match=f"unable to find backend library for backend '{backend}'"):
         serve_check(tmp_path / "repo", ready_timeout=60)
+
+
+@needs_server
+@pytest.mark.slow  # a real tiny-clip prune-export (pruning, two exports, latency): minutes here
+def test_prune_export_triton_serves_the_run(tmp_path):
+    from vlcompress import prune_export
+    from vlcompress.serve import serve_check
+
+    report = prune_export(model="tiny-clip", method="magnitude", pattern="structured",
+                          sparsity=0.5, out=str(tmp_path / "run"), iterations=3, eval_size=32,
+                          calibration_size=32, triton="python")
+    assert report["export"]["triton"]["models"] == ["dense_vision", "dense_text", "pruned_vision",
+                                                    "pruned_text"]
+    res = serve_check(tmp_path / "run" / "triton")
+    assert res.passed and all(r["max_abs_diff"] <= 1e-5 for r in res.rows)
