@@ -129,13 +129,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     levels = [int(x) for x in a.concurrency.split(",")]
+    git = _git()  # the code that measured: taken before the run, not after
     results = {}
     for item in a.runs.split(","):
         name, path = item.split("=", 1)
         info = ensure_run(name, Path(path))
         results[name] = {"run": info, **measure(Path(path), a.tower, levels, a.seconds,
                                                 a.max_requests, a.rounds)}
-    payload = {"command": "python " + " ".join(sys.argv), "git": _git(), "serve": _versions(),
+    payload = {"command": "python " + " ".join(sys.argv), "git": git, "serve": _versions(),
                "tower": a.tower, "request_batch": 1, "concurrency": levels,
                "seconds_per_level_and_variant": a.seconds, "rounds": a.rounds,
                "loopback_only": True, "results": results}
