@@ -21,7 +21,7 @@ LAYERS = [
     ("methods", "exporters", "runtime", "eval"),
     ("prune",),
     ("report", "gate"),
-    ("recover", "api", "pipeline", "bench", "sweep", "quantstack"),
+    ("recover", "api", "pipeline", "bench", "sweep", "quantstack", "serve"),
     ("cli", "__main__", ""),  # "" = the package's __init__ (the public API)
 ]
 LEAVES = {"errors", "progress", "atomic", "_deps", "methods.registry", "runtime.registry"}

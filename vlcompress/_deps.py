@@ -40,3 +40,51 @@ def require_onnxruntime_provider(provider: str):
             "install it with `pip install vlcompress[gpu]`."
         )
     return ort
+
+
+_SERVE_HINT = "install it with `pip install vlcompress[serve]` (nvidia-pytriton, tritonclient[http])"
+
+
+def require_tritonserver():
+    """The ``tritonserver`` binary of the ``nvidia-pytriton`` wheel: (its ``tritonserver``
+    folder, the wheel's shared-library folder). The wheel is not imported (its Python API is
+    not used, and it pins numpy < 2); only its files are located."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("pytriton")
+    root = Path(next(iter(spec.submodule_search_locations))) if spec and \
+        spec.submodule_search_locations else None
+    if root is None or not (root / "tritonserver" / "bin" / "tritonserver").is_file():
+        raise MissingDependencyError(f"The Triton server (nvidia-pytriton) is not installed: {_SERVE_HINT}.")
+    return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def require_tritonclient_http():
+    try:
+        import tritonclient.http as httpclient  # noqa: PLC0415
+    except ImportError as exc:
+        raise MissingDependencyError(f"tritonclient[http] is not installed: {_SERVE_HINT}.") from exc
+    return httpclient
+
+
+def triton_model_config_pb2():
+    """Triton's own ModelConfig protobuf module (shipped in the tritonclient wheel), loaded
+    from its file so that the grpc extra is not needed."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(f"tritonclient is not installed: {_SERVE_HINT}.")
+    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
+    name = "_vlcompress_triton_model_config_pb2"
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    mspec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    sys.modules[name] = mod
+    return mod

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import VlcError
@@ -78,7 +79,8 @@ def _errors(fn):
         except VlcError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            # escaped: a message may name an extra, e.g. `pip install vlcompress[serve]`
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
@@ -143,6 +145,9 @@ def prune_export_cmd(
     target_speedup: Annotated[str | None, typer.Option(
         "--target-speedup", help="Prune to the lowest structured sparsity that reaches this "
         "speedup over dense (measured).")] = None,
+    triton: Annotated[str | None, typer.Option(
+        "--triton", help="Also write OUT/triton, a Triton model repository with this backend: "
+        "onnxruntime, tensorrt (needs --engine trt) or python.")] = None,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
     from .pipeline import RunConfig, prune_export
@@ -155,7 +160,7 @@ def prune_export_cmd(
                     train_size=train_size, iterations=iterations, force=force,
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
                     tower=tower, recover_steps=recover_steps, quantize=quantize,
-                    quantize_method=quantize_method, target_speedup=target_speedup)
+                    quantize_method=quantize_method, target_speedup=target_speedup, triton=triton)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -168,8 +173,8 @@ def prune_export_cmd(
               + f", pruned in {p['seconds']:.2f}s", soft_wrap=True)
     for t in console_tables(report):
         out.print(t)
-    out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model",
-              soft_wrap=True)
+    out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
+              + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
 
 
 @app.command("prune")
@@ -430,6 +435,61 @@ def recover_cmd(
     out.print(f"recovered {res.steps - res.start_step} steps"
               + (f" (resumed at {res.start_step})" if res.start_step else "")
               + f" in {res.seconds:.1f}s -> {run_dir}/recovered/model, recover.json", soft_wrap=True)
+
+
+# Serving: a Triton model repository from a run, checked on the real tritonserver.
+TritonBackendOpt = Annotated[str, typer.Option(
+    "--backend", help="onnxruntime (CPU or GPU), tensorrt (the run's engines) or python "
+    "(onnxruntime inside Triton's Python backend: runs on any Triton).")]
+
+
+@app.command("export-triton")
+@_errors
+def export_triton_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A `vlcompress prune-export --out` folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Repository folder (new or empty).")],
+    backend: TritonBackendOpt = "onnxruntime",
+    device: Annotated[str | None, typer.Option(
+        "--device", help="cpu or gpu instances (default: the run's device; gpu for tensorrt).")] = None,
+    force: ForceOpt = False,
+):
+    """Write a Triton model repository (one model per variant and tower) from a run."""
+    from .exporters.triton import export_triton
+
+    repo = export_triton(run_dir, out_dir, backend=backend, device=device, force=force)
+    for m in repo.models:
+        out.print(f"{m.name}: max_batch_size {m.max_batch_size}, preferred "
+                  f"{m.preferred_batch_size or '-'}, queue delay {m.max_queue_delay_microseconds} us",
+                  soft_wrap=True)
+    out.print(f"wrote {out_dir} ({repo.backend} backend, {repo.device}): config.pbtxt per model, "
+              "README.md with the tritonclient calls", soft_wrap=True)
+
+
+@app.command("serve-check")
+@_errors
+def serve_check_cmd(
+    repo: Annotated[Path, typer.Argument(help="An `export-triton --out` folder.")],
+    port: Annotated[int | None, typer.Option(
+        "--port", help="HTTP port on 127.0.0.1 (default: a free one; if taken, another is used).")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for readiness.")] = 120.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Start tritonserver on REPO (loopback), send one request per model, compare with onnxruntime."""
+    from .serve import serve_check
+
+    res = serve_check(repo, port=port, ready_timeout=timeout)
+    if as_json:
+        out.print_json(json.dumps(res.to_dict()))
+    else:
+        out.print(f"tritonserver ready on {res.url} in {res.start_seconds:.1f}s", soft_wrap=True)
+        for r in res.rows:
+            mark = "[green]ok[/]" if r["passed"] else "[bold red]MISMATCH[/]"
+            out.print(f"{mark} {r['model']}: batch {r['batch']}, max abs diff vs onnxruntime "
+                      f"{r['max_abs_diff']:.2e}, {r['ms']:.1f} ms", markup=True, soft_wrap=True)
+        for n in res.notes:
+            out.print(f"note: {n}", soft_wrap=True)
+    if not res.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

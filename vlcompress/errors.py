@@ -47,3 +47,8 @@ class BaselineError(VlcError):
     threshold is not an error (exit code 1, see :mod:`vlcompress.gate`)."""
 
     exit_code = 2
+
+
+class ServeError(VlcError):
+    """A serving check that could not run: the server did not start, a model did not load,
+    or a request failed (the message quotes the server's own error line)."""

@@ -53,6 +53,7 @@ class RunConfig:
     quantize: str = "none"  # none | int8 | fp16 | fp8: adds dense_<q> and pruned_<q> variants
     quantize_method: str = "static"  # int8: static QDQ (calibrated) or dynamic
     target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
+    triton: str | None = None  # also write OUT/triton with this backend (exporters.triton)
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
@@ -91,6 +92,15 @@ class RunConfig:
                            runtime=self.engine, device=self.device,
                            precision="fp16" if self.fp16 else None)
         lc.runtime_entry.check_pattern(pc.pattern)
+        if self.triton is not None:  # --triton BACKEND: checked before any work
+            from .exporters.triton import check_triton_options
+
+            tb, _ = check_triton_options(self.triton)
+            if tb == "tensorrt" and lc.runtime_entry.consumes != ENGINE:
+                raise ConfigError(f"--triton tensorrt needs the run's TensorRT engines, and engine "
+                                  f"{self.engine!r} builds none; allowed: --engine trt, or --triton "
+                                  "onnxruntime|python")
+            object.__setattr__(self, "triton", tb)
         object.__setattr__(self, "device", lc.device)
         object.__setattr__(self, "latency_config", lc)
         self._check_quantize()
@@ -323,6 +333,14 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
             report["quantize"] = quant
         if search is not None:
             report["target_speedup"] = search.to_dict()
+        if cfg.triton is not None:  # a Triton model repository of this run: OUT/triton
+            from .exporters.triton import export_triton
+
+            write_report(report, tmp)  # export_triton reads the latency table from it
+            repo = export_triton(tmp, tmp / "triton", backend=cfg.triton)
+            report["export"]["triton"] = {"path": "triton", "backend": repo.backend,
+                                          "device": repo.device,
+                                          "models": [m.name for m in repo.models]}
         write_report(report, tmp)
     return report
 

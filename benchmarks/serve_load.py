@@ -1,0 +1,155 @@
+"""Serving under load: the python-backend Triton repository of a run, on the real tritonserver.
+
+For each run (tiny-clip, and clip-vit-b16 structured 50%), `vlcompress export-triton RUN
+--backend python` is served by the `tritonserver` of the `[serve]` extra (127.0.0.1 only) and
+driven with `tritonclient` (HTTP), one request = one image (batch 1; Triton's dynamic batching
+forms the batches), closed loop, at each concurrency for a bounded time and request count.
+Dense and pruned models are served by the same server and measured interleaved in rounds
+(dense, pruned, pruned, dense, ...), so their ratio comes from one run: requests per second,
+p50 / p99 latency, failed requests, and pruned / dense throughput at each concurrency.
+
+    python benchmarks/serve_load.py                       # builds the runs if absent
+    python benchmarks/serve_load.py --runs tiny=runs/tiny --concurrency 1,4,16 --seconds 8
+
+A run given as NAME=PATH that does not exist is built with `vlcompress.prune_export` (magnitude
+scores, structured 50%, the settings printed in the result under `runs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from vlcompress.exporters.triton import export_triton  # noqa: E402
+from vlcompress.serve import TritonServer, drive_load, example_inputs  # noqa: E402
+
+RUN_SETTINGS = {"method": "magnitude", "pattern": "structured", "sparsity": 0.5,
+                "calibration_size": 32, "eval_size": 16, "iterations": 10, "batch_sizes": "1,4,16"}
+MODELS = {"tiny": "tiny-clip", "b16": "clip-vit-b16"}
+
+
+def _git() -> dict:
+    def run(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+
+    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "-uno"))}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in ("nvidia-pytriton", "tritonclient"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def _run_summary(path: Path) -> dict:
+    import json
+
+    r = json.loads((path / "report.json").read_text())
+    c, p = r.get("config", {}), r.get("prune", {})
+    return {"model": c.get("model"), "method": c.get("method"), "pattern": c.get("pattern"),
+            "sparsity": c.get("sparsity"), "achieved": p.get("achieved"),
+            "params_total": r.get("model", {}).get("params_total"),
+            "towers": r.get("model", {}).get("towers")}
+
+
+def ensure_run(name: str, path: Path) -> dict:
+    if (path / "report.json").is_file():
+        return {"path": str(path), "built": False, **_run_summary(path)}
+    from vlcompress import prune_export
+
+    t = time.perf_counter()
+    prune_export(model=MODELS.get(name, name), out=str(path), **RUN_SETTINGS)
+    return {"path": str(path), "built": True, "settings": RUN_SETTINGS, **_run_summary(path),
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
+def measure(run: Path, tower: str, levels: list[int], seconds: float, max_requests: int,
+            rounds: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = export_triton(run, Path(tmp) / "repo", backend="python")
+        models = {m.variant: m for m in repo.models if m.tower == tower}
+        with TritonServer(repo.path) as srv:
+            rows = []
+            for c in levels:
+                acc = {v: [] for v in models}
+                order = list(models)
+                for r in range(rounds):  # interleaved: dense, pruned, pruned, dense, ...
+                    for v in (order if r % 2 == 0 else order[::-1]):
+                        m = models[v]
+                        res = drive_load(srv.url, m, example_inputs(m, batch=1, seed=r),
+                                         concurrency=c, seconds=seconds / rounds,
+                                         max_requests=max_requests // rounds)
+                        acc[v].append(res)
+                        print(f"{run.name} c={c} {v}: {res['rps']:.1f} req/s p50 {res['p50_ms']:.1f} ms "
+                              f"p99 {res['p99_ms']:.1f} ms failed {res['failed']}", flush=True)
+                row = {"concurrency": c}
+                for v, parts in acc.items():
+                    n = sum(p["requests"] for p in parts)
+                    wall = sum(p["seconds"] for p in parts)
+                    row[v] = {"requests": n, "failed": sum(p["failed"] for p in parts),
+                              "seconds": round(wall, 2), "rps": n / wall if wall else 0.0,
+                              # per-round percentiles: the median of rounds is reported
+                              "p50_ms": sorted(p["p50_ms"] for p in parts)[len(parts) // 2],
+                              "p99_ms": max(p["p99_ms"] for p in parts),
+                              "errors": [e for p in parts for e in p["errors"]][:3]}
+                if "dense" in row and "pruned" in row and row["dense"]["rps"]:
+                    row["pruned_over_dense_rps"] = row["pruned"]["rps"] / row["dense"]["rps"]
+                rows.append(row)
+        return {"start_seconds": round(srv.start_seconds or 0.0, 2), "notes": srv.notes,
+                "batching": {v: {"max_batch_size": m.max_batch_size,
+                                 "preferred_batch_size": m.preferred_batch_size,
+                                 "max_queue_delay_microseconds": m.max_queue_delay_microseconds,
+                                 "rule": m.rule} for v, m in models.items()},
+                "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="tiny=runs/serve-tiny-s50,b16=runs/serve-b16-s50",
+                    help="NAME=RUN_DIR,... (built when absent; NAME tiny or b16 picks the model)")
+    ap.add_argument("--tower", default="vision")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--seconds", type=float, default=12.0, help="per concurrency and variant")
+    ap.add_argument("--max-requests", type=int, default=5000, help="per concurrency and variant")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    levels = [int(x) for x in a.concurrency.split(",")]
+    git = _git()  # the code that measured: taken before the run, not after
+    results = {}
+    for item in a.runs.split(","):
+        name, path = item.split("=", 1)
+        info = ensure_run(name, Path(path))
+        results[name] = {"run": info, **measure(Path(path), a.tower, levels, a.seconds,
+                                                a.max_requests, a.rounds)}
+    payload = {"command": "python " + " ".join(sys.argv), "git": git, "serve": _versions(),
+               "tower": a.tower, "request_batch": 1, "concurrency": levels,
+               "seconds_per_level_and_variant": a.seconds, "rounds": a.rounds,
+               "loopback_only": True, "results": results}
+    path = write_result("serve_load", payload, a.out)
+    for name, r in results.items():
+        for row in r["rows"]:
+            ratio = row.get("pruned_over_dense_rps")
+            print(f"{name} c={row['concurrency']}: dense {row['dense']['rps']:.1f} req/s, pruned "
+                  f"{row['pruned']['rps']:.1f} req/s, ratio {ratio:.2f}x, failed "
+                  f"{row['dense']['failed'] + row['pruned']['failed']}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,349 @@
+"""A Triton Inference Server model repository from a ``prune-export`` run folder.
+
+    export_triton("runs/clip-s50", "runs/clip-s50-triton", backend="python")
+
+One model per variant and tower, named ``<variant>_<tower>`` (``dense_vision``,
+``pruned_vision``, ``dense_text``, ``pruned_text``, BLIP's ``*_fusion``), each with a
+``config.pbtxt`` whose inputs and outputs are read from the run's ONNX (names, dtypes, dims;
+a symbolic first dimension is the batch axis, so ``max_batch_size`` > 0 and dims leave it
+out), a version folder ``1/``, and a ``README.md`` with the ``tritonclient`` call of each model.
+``vlcompress_triton.json`` records what was written and why (the batching rule below).
+
+Backends:
+
+- ``onnxruntime`` (default): ``backend: "onnxruntime"``, ``1/model.onnx``; CPU or GPU.
+- ``tensorrt``: ``platform: "tensorrt_plan"``, ``1/model.plan`` = the run's
+  ``<variant>/<tower>.engine`` (a run made with ``--engine trt``); GPU only.
+- ``python``: our own Python-backend model (:mod:`._triton_model`) that runs
+  ``1/model.onnx`` with onnxruntime inside Triton, so the repository runs on any Triton,
+  including the CPU-only ``tritonserver`` of the ``nvidia-pytriton`` wheel.
+
+Dynamic batching, from the run's measured latency table (``report.json`` ``latency``, rows of
+this tower and variant on the run's runtime):
+
+- ``max_batch_size`` = the largest batch size the run measured (for ``tensorrt`` that is the
+  engine's optimisation-profile maximum, so Triton never sends a batch the engine refuses);
+- ``preferred_batch_size`` = each measured batch b > b0 (b0 = the smallest measured) whose
+  per-item p50 beats b0's (p50_b / b < p50_b0 / b0): sizes where batching pays on this model;
+- ``max_queue_delay_microseconds`` = the p50 of one batch-b0 inference, clamped to
+  [50 us, 100 ms]: a request waits at most one service time for company, so at low load
+  latency at most doubles, and under load batches form.
+
+A run without a latency table gets ``max_queue_delay_microseconds: 100`` and no preferred
+sizes; the manifest says so (``rule``).
+
+No ensemble is written: the towers of a two-tower model take disjoint inputs (pixels, token
+ids) and return separate embeddings, so an ensemble would only bundle two independent calls;
+a BLIP fusion tower needs the vision output plus tokens, which a client composes as easily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..atomic import atomic_dir, check_output_folder
+from ..errors import ConfigError
+
+__all__ = ["BACKENDS", "TritonModel", "TritonRepo", "export_triton", "check_triton_options",
+           "model_config_text", "batching_rule"]
+
+BACKENDS = ("onnxruntime", "tensorrt", "python")
+DEVICES = ("cpu", "gpu")
+VARIANTS = ("dense", "pruned")
+TOWERS = ("vision", "text", "fusion")
+MANIFEST = "vlcompress_triton.json"
+MIN_DELAY_US, MAX_DELAY_US, DEFAULT_DELAY_US = 50, 100_000, 100
+
+# ONNX TensorProto elem_type -> (Triton data type, numpy dtype name, KServe datatype)
+_DTYPES = {
+    1: ("TYPE_FP32", "float32", "FP32"), 10: ("TYPE_FP16", "float16", "FP16"),
+    11: ("TYPE_FP64", "float64", "FP64"), 16: ("TYPE_BF16", "bfloat16", "BF16"),
+    7: ("TYPE_INT64", "int64", "INT64"), 6: ("TYPE_INT32", "int32", "INT32"),
+    5: ("TYPE_INT16", "int16", "INT16"), 3: ("TYPE_INT8", "int8", "INT8"),
+    2: ("TYPE_UINT8", "uint8", "UINT8"), 9: ("TYPE_BOOL", "bool", "BOOL"),
+}
+
+
+@dataclass
+class Tensor:
+    name: str
+    data_type: str   # Triton TYPE_*
+    numpy: str       # numpy dtype name
+    datatype: str    # KServe / tritonclient datatype (FP32, INT64, ...)
+    dims: list[int]  # without the batch axis when batched; -1 = dynamic
+
+
+@dataclass
+class TritonModel:
+    name: str
+    variant: str
+    tower: str
+    source: str                 # the run file it came from (ONNX or engine), relative to the run
+    reference_onnx: str         # the run's ONNX the served model must reproduce, relative to the run
+    max_batch_size: int
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    preferred_batch_size: list[int] = field(default_factory=list)
+    max_queue_delay_microseconds: int = DEFAULT_DELAY_US
+    rule: str = ""
+    vocab_size: int | None = None  # token-id inputs: ids must stay below it
+
+
+@dataclass
+class TritonRepo:
+    path: Path
+    run_dir: str  # relative to the repository when the repository lies inside the run
+    backend: str
+    device: str
+    models: list[TritonModel]
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "run_dir": self.run_dir, "backend": self.backend,
+                "device": self.device, "models": [asdict(m) for m in self.models]}
+
+    @classmethod
+    def load(cls, repo: str | Path) -> TritonRepo:
+        p = Path(repo)
+        f = p / MANIFEST
+        if not f.is_file():
+            raise ConfigError(f"{str(p)!r} is not a repository written by `vlcompress export-triton` "
+                              f"(no {MANIFEST}); allowed: an export-triton --out folder")
+        d = json.loads(f.read_text(encoding="utf-8"))
+        models = []
+        for m in d["models"]:
+            m = dict(m)
+            m["inputs"] = [Tensor(**t) for t in m["inputs"]]
+            m["outputs"] = [Tensor(**t) for t in m["outputs"]]
+            models.append(TritonModel(**m))
+        return cls(p, d["run_dir"], d["backend"], d["device"], models)
+
+
+def check_triton_options(backend: str, device: str | None = None) -> tuple[str, str | None]:
+    """Normalise and check ``backend`` and ``device`` (one ConfigError line)."""
+    b = str(backend).strip().lower()
+    if b == "trt":
+        b = "tensorrt"
+    if b not in BACKENDS:
+        raise ConfigError(f"Triton backend {backend!r} is not known; allowed: {', '.join(BACKENDS)}")
+    d = None if device is None else str(device).strip().lower()
+    if d == "cuda":
+        d = "gpu"
+    if d is not None and d not in DEVICES:
+        raise ConfigError(f"Triton device {device!r} is not known; allowed: {', '.join(DEVICES)}")
+    if b == "tensorrt" and d == "cpu":
+        raise ConfigError("Triton backend tensorrt runs on GPU only; allowed devices: gpu")
+    return b, d
+
+
+def _tensors(values, batched: bool) -> list[Tensor]:
+    out = []
+    for v in values:
+        tt = v.type.tensor_type
+        if tt.elem_type not in _DTYPES:
+            raise ConfigError(f"ONNX tensor {v.name!r} has element type {tt.elem_type}, which this "
+                              f"exporter does not map; allowed: {sorted(_DTYPES)}")
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
+                for d in tt.shape.dim]
+        t, np_name, kserve = _DTYPES[tt.elem_type]
+        out.append(Tensor(v.name, t, np_name, kserve, dims[1:] if batched else dims))
+    return out
+
+
+def _onnx_io(path: Path) -> tuple[list, list, bool]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    first = [i.type.tensor_type.shape.dim[0] if i.type.tensor_type.shape.dim else None
+             for i in m.graph.input]
+    batched = bool(first) and all(d is not None and not (d.HasField("dim_value") and d.dim_value > 0)
+                                  for d in first)
+    return m.graph.input, m.graph.output, batched
+
+
+def batching_rule(rows: list[dict], key: str) -> tuple[int | None, list[int], int, str]:
+    """(max batch, preferred sizes, queue delay in us, the rule as a sentence) from latency
+    rows of one tower (``key`` = ``dense_ms`` or ``pruned_ms``). See the module docstring."""
+    p50 = {int(r["batch"]): float(r[key]["p50"]) for r in rows if r.get(key)}
+    if not p50:
+        return (None, [], DEFAULT_DELAY_US,
+                f"no latency rows in the run: queue delay {DEFAULT_DELAY_US} us, no preferred sizes")
+    b0 = min(p50)
+    per0 = p50[b0] / b0
+    preferred = [b for b in sorted(p50) if b > b0 and p50[b] / b < per0]
+    delay = int(round(min(max(p50[b0] * 1000.0, MIN_DELAY_US), MAX_DELAY_US)))
+    runtime = rows[0].get("runtime", "?")
+    detail = ", ".join(f"b{b}: {p50[b]:.3f} ms" for b in sorted(p50))
+    rule = (f"{runtime} p50 ({detail}); preferred = batches whose per-item p50 beats batch {b0}'s; "
+            f"queue delay = batch-{b0} p50 clamped to [{MIN_DELAY_US}, {MAX_DELAY_US}] us")
+    return max(p50), preferred, delay, rule
+
+
+def _vocab_size(run: Path, tower: str) -> int | None:
+    """The text vocabulary of the run's model (token ids must stay below it)."""
+    if tower == "vision":
+        return None
+    for cfg in (run / "pruned" / "model" / "config.json", run / "dense" / "model" / "config.json"):
+        if cfg.is_file():
+            c = json.loads(cfg.read_text(encoding="utf-8"))
+            for sub in ("text_config", None):
+                d = c.get(sub) if sub else c
+                if isinstance(d, dict) and isinstance(d.get("vocab_size"), int):
+                    return d["vocab_size"]
+    return None
+
+
+def _plan(run: Path, backend: str, device: str | None, variants) -> tuple[list[TritonModel], str]:
+    if not run.is_dir():
+        raise ConfigError(f"run folder {str(run)!r} does not exist; allowed: a `vlcompress "
+                          "prune-export --out` folder")
+    report = {}
+    if (run / "report.json").is_file():
+        report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    run_device = (report.get("config", {}).get("runtime") or {}).get("device", "cpu")
+    if device is None:
+        device = "gpu" if backend == "tensorrt" or (backend == "onnxruntime" and run_device == "cuda") \
+            else "cpu"
+    rows = report.get("latency") or []
+    models, missing = [], []
+    for variant in variants:
+        for tower in TOWERS:
+            onnx_path = run / variant / f"{tower}.onnx"
+            engine = run / variant / f"{tower}.engine"
+            if not onnx_path.is_file():
+                if engine.is_file() or (run / variant / f"{tower}.onnx.data").is_file():
+                    missing.append(str(onnx_path))
+                continue
+            if backend == "tensorrt" and not engine.is_file():
+                raise ConfigError(f"--backend tensorrt needs the run's TensorRT engines, and "
+                                  f"{str(engine)!r} does not exist; allowed: a run made with "
+                                  "--engine trt, or --backend onnxruntime|python")
+            ins, outs, batched = _onnx_io(onnx_path)
+            mb, pref, delay, rule = batching_rule([r for r in rows if r.get("tower") == tower],
+                                                  f"{variant}_ms")
+            max_batch = (mb or 8) if batched else 0
+            if not batched:
+                pref, rule = [], rule + "; the ONNX has a fixed batch axis: no batching"
+            models.append(TritonModel(
+                name=f"{variant}_{tower}", variant=variant, tower=tower,
+                source=f"{variant}/{(engine if backend == 'tensorrt' else onnx_path).name}",
+                reference_onnx=f"{variant}/{onnx_path.name}", max_batch_size=max_batch,
+                inputs=_tensors(ins, batched), outputs=_tensors(outs, batched),
+                preferred_batch_size=pref, max_queue_delay_microseconds=delay, rule=rule,
+                vocab_size=_vocab_size(run, tower)))
+    if missing:
+        raise ConfigError(f"run folder {str(run)!r} lacks {', '.join(missing)}; allowed: a "
+                          "prune-export folder with <dense|pruned>/<tower>.onnx")
+    if not models:
+        raise ConfigError(f"run folder {str(run)!r} has no ONNX files (dense/<tower>.onnx, "
+                          "pruned/<tower>.onnx); allowed: a `vlcompress prune-export --out` folder")
+    return models, device
+
+
+def model_config_text(m: TritonModel, backend: str, device: str, *, threads: int = 0) -> str:
+    """``config.pbtxt`` of one model (protobuf text format of Triton's ModelConfig)."""
+    def tensors(kind, ts):
+        body = ",\n".join(f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ '
+                          f'{", ".join(str(d) for d in t.dims)} ] }}' for t in ts)
+        return f"{kind} [\n{body}\n]"
+
+    lines = [f'name: "{m.name}"']
+    if backend == "tensorrt":
+        lines.append('platform: "tensorrt_plan"')
+    else:
+        lines.append(f'backend: "{backend}"')
+    lines += [f"max_batch_size: {m.max_batch_size}", tensors("input", m.inputs),
+              tensors("output", m.outputs)]
+    if m.max_batch_size > 0:
+        pref = "".join(f"\n  preferred_batch_size: {b}" for b in m.preferred_batch_size)
+        lines.append(f"dynamic_batching {{{pref}\n  max_queue_delay_microseconds: "
+                     f"{m.max_queue_delay_microseconds}\n}}")
+    kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
+    lines.append(f"instance_group [ {{ kind: {kind} count: 1 }} ]")
+    if backend == "python":
+        lines.append('parameters { key: "onnx_file" value: { string_value: "model.onnx" } }')
+        lines.append(f'parameters {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # same file system: no copy of a large ONNX
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _client_snippet(m: TritonModel) -> str:
+    shape = lambda t: [1] + [8 if d == -1 else d for d in t.dims] if m.max_batch_size else \
+        [8 if d == -1 else d for d in t.dims]  # noqa: E731
+    lines = [f"### `{m.name}`", "", "```python", "import numpy as np",
+             "import tritonclient.http as httpclient", "",
+             'client = httpclient.InferenceServerClient("127.0.0.1:8000")', "inputs = []"]
+    for t in m.inputs:
+        if t.numpy.startswith("int"):
+            hi = m.vocab_size or 2
+            data = f"np.random.randint(0, {hi}, size={shape(t)}).astype(np.{t.numpy})"
+            if "mask" in t.name:
+                data = f"np.ones({shape(t)}, dtype=np.{t.numpy})"
+        else:
+            data = f"np.random.rand(*{shape(t)}).astype(np.{t.numpy})"
+        lines += [f'x = httpclient.InferInput("{t.name}", {shape(t)}, "{t.datatype}")',
+                  f"x.set_data_from_numpy({data})", "inputs.append(x)"]
+    outs = ", ".join(f'httpclient.InferRequestedOutput("{o.name}")' for o in m.outputs)
+    lines += [f'res = client.infer("{m.name}", inputs, outputs=[{outs}])']
+    lines += [f'{o.name} = res.as_numpy("{o.name}")  # {o.numpy}, shape {shape(o)}' for o in m.outputs]
+    lines += ["```", "", f"Batching: {m.rule}.", ""]
+    return "\n".join(lines)
+
+
+def _readme(repo: TritonRepo) -> str:
+    head = [f"# Triton model repository ({repo.backend} backend, {repo.device})", "",
+            f"Written from the run `{repo.run_dir}` (`--backend {repo.backend}`). One "
+            "model per variant (dense, pruned) and tower; inputs and outputs are the run's ONNX.", "",
+            "```bash", f"tritonserver --model-repository {repo.path.name}", "```", "",
+            "`vlcompress serve-check REPO` starts the `tritonserver` of the `[serve]` extra on "
+            "free loopback ports, sends one request per model and compares it with onnxruntime.", ""]
+    if repo.backend == "python":
+        head += ["The Python backend runs `1/model.onnx` with onnxruntime: the server's Python "
+                 "needs numpy and onnxruntime.", ""]
+    return "\n".join(head + [_client_snippet(m) for m in repo.models])
+
+
+def export_triton(run_dir: str | Path, out: str | Path, *, backend: str = "onnxruntime",
+                  device: str | None = None, variants=VARIANTS, threads: int = 0,
+                  force: bool = False) -> TritonRepo:
+    """Write a Triton model repository for ``run_dir`` into ``out`` (new, or empty, or
+    ``force``); every check runs before anything is written, and ``out`` appears complete or
+    not at all."""
+    backend, device = check_triton_options(backend, device)
+    out = check_output_folder(out, force)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"variant {bad[0]!r} is not known; allowed: {', '.join(VARIANTS)}")
+    run = Path(run_dir)
+    models, device = _plan(run, backend, device, variants)
+    out_abs, run_abs = Path(out).resolve(), run.resolve()
+    run_rec = os.path.relpath(run_abs, out_abs) if run_abs in out_abs.parents else str(run_abs)
+    with atomic_dir(out, overwrite=force) as tmp:
+        for m in models:
+            folder = tmp / m.name / "1"
+            folder.mkdir(parents=True)
+            src = run / m.source
+            if backend == "tensorrt":
+                _link_or_copy(src, folder / "model.plan")
+            else:
+                _link_or_copy(src, folder / "model.onnx")
+                data = src.with_name(src.name + ".data")
+                if data.is_file():
+                    _link_or_copy(data, folder / data.name)
+                if backend == "python":
+                    shutil.copyfile(Path(__file__).with_name("_triton_model.py"), folder / "model.py")
+            (tmp / m.name / "config.pbtxt").write_text(
+                model_config_text(m, backend, device, threads=threads), encoding="utf-8")
+        repo = TritonRepo(Path(out), run_rec, backend, device, models)
+        (tmp / "README.md").write_text(_readme(repo), encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(repo.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return repo
