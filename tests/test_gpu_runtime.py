@@ -54,9 +54,13 @@ def test_ort_io_binding_matches_plain_run(tmp_path):
     with OrtRunner(p, threads=1, io_binding=True) as bound:
         out = bound.infer({"x": x})["embeds"]
         np.testing.assert_allclose(out, ref, rtol=1e-6)
-        first = bound._bound[id(x)][1]
-        bound.infer({"x": x})
-        assert bound._bound[id(x)][1] is first  # the input is copied once per feed array
+        (entry,) = [e for _, e in bound._bound.values()]
+        assert entry["outputs_fixed"]  # the first run's output buffers are re-bound
+        out_buf = entry["io"].get_outputs()[0].data_ptr()
+        again = bound.infer({"x": x})["embeds"]
+        assert len(bound._bound) == 1  # one IOBinding per feed: inputs copied once
+        assert entry["io"].get_outputs()[0].data_ptr() == out_buf  # no output allocation
+        np.testing.assert_allclose(again, ref, rtol=1e-6)
         x64 = x.astype(np.float64)  # cast to the model's input type on binding
         np.testing.assert_allclose(bound.infer({"x": x64})["embeds"], ref, rtol=1e-6)
     with OrtRunner(p, threads=1, io_binding=True, copy_outputs=False) as dev:
@@ -73,6 +77,38 @@ def test_ort_gpu_provider_defaults_to_io_binding(tmp_path):
             r.activate()
     trt_ep = OrtRunner(_onnx(tmp_path), providers=("TensorrtExecutionProvider",))
     assert trt_ep.device == "cuda" and trt_ep.name == "onnxruntime-tensorrt"
+
+
+def test_ort_silent_provider_fallback_is_refused(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from vlcompress.runtime import ort_runner
+    from vlcompress.runtime.ort_runner import check_active_provider
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA EP: no fallback to provoke")
+    # skip the availability check: onnxruntime itself then falls back to the CPU provider
+    # with a warning only, which is what a CUDA EP failing to load looks like
+    monkeypatch.setattr(ort_runner, "require_onnxruntime_provider", lambda p: ort)
+    r = OrtRunner(_onnx(tmp_path), providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    with pytest.raises(MissingDependencyError) as ei:
+        r.activate()
+    msg = str(ei.value)
+    assert "CUDAExecutionProvider" in msg and "runs on CPUExecutionProvider" in msg
+    assert "\n" not in msg and not r.is_active
+    check_active_provider("CPUExecutionProvider", ["CPUExecutionProvider"], "m.onnx")  # fine
+    with pytest.raises(MissingDependencyError, match="no provider"):
+        check_active_provider("CUDAExecutionProvider", [], "m.onnx")
+
+
+def test_ort_describe_labels_gpu_timing(tmp_path):
+    r = OrtRunner(_onnx(tmp_path), providers=("CUDAExecutionProvider",))
+    assert r._session_provider_options() is None or HAS_GPU  # no CUDA torch: no stream
+    if not HAS_GPU:
+        assert r.stream is None
+        assert r.describe()["timing"].startswith("host wall time")
+    with OrtRunner(_onnx(tmp_path), threads=1) as cpu:
+        assert "timing" not in cpu.describe() and cpu.stream is None
 
 
 # --------------------------------------------------------------------------------------------
