@@ -234,8 +234,8 @@ def make_runners(runtime: str, models: dict, workdir: Path, args, notes: dict) -
         if not onnx_path.is_file():
             export_tower(m, "vision", onnx_path, example, fp16=True)
         if runtime == "tensorrt":
-            from vlcompress.exporters.tensorrt import build_engine, validate_engine
-            from vlcompress.runtime.trt_runner import TrtRunner
+            from vlcompress.exporters.tensorrt import build_engine
+            from vlcompress.runtime.trt_runner import TrtRunner, validate_engine
 
             pruned = ([ly.name for ly in m.prunable_layers() if ly.modality == "vision"]
                       if v == "2:4" else None)

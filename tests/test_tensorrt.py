@@ -161,15 +161,17 @@ def test_plan_build_profiles_and_flags(tmp_path):
     p = _save(_linear_model(_w24(np.random.default_rng(0)), fp16=True, seq=True), tmp_path / "t.onnx")
     plan = plan_build(p, sparse=True, batch_sizes=(8, 1, 64), seq_len=77, workspace_gb=2)
     assert isinstance(plan, BuildPlan)
-    assert plan.profile["x"] == ((1, 1, 8), (64, 77, 8), (64, 77, 8))
-    assert plan.profile["attention_mask"] == ((1, 1), (64, 77), (64, 77))
+    # one profile per batch size, opt = that batch, each spanning every batch size
+    assert [p["x"] for p in plan.profiles] == [((1, 1, 8), (b, 77, 8), (64, 77, 8))
+                                               for b in (1, 8, 64)]
+    assert plan.profiles[1]["attention_mask"] == ((1, 1), (8, 77), (64, 77))
     assert plan.builder_flags == ("SPARSE_WEIGHTS",)  # strongly typed: no FP16 flag
     assert plan.strongly_typed and plan.workspace_bytes == 2 << 30
     assert plan.batch_sizes == (1, 8, 64)
     d = plan.to_dict()
-    assert d["builder_flags"] == ["SPARSE_WEIGHTS"] and d["profile"]["x"][0] == [1, 1, 8]
-    dense = plan_build(p, sparse=False, batch_sizes=(1, 8), seq_len=16, opt_batch=8)
-    assert dense.builder_flags == () and dense.profile["x"][1] == (8, 16, 8)
+    assert d["builder_flags"] == ["SPARSE_WEIGHTS"] and d["profiles"][0]["x"][0] == [1, 1, 8]
+    one = plan_build(p, sparse=False, batch_sizes=(1, 8), seq_len=16, per_batch_profiles=False)
+    assert one.builder_flags == () and [q["x"][1] for q in one.profiles] == [(8, 16, 8)]
     weak = plan_build(p, sparse=False, batch_sizes=(4,), seq_len=16, strongly_typed=False)
     assert weak.builder_flags == ("FP16",)
 
@@ -184,8 +186,6 @@ def test_plan_build_errors(tmp_path):
         plan_build(pseq, sparse=False, batch_sizes=(1, 8))
     with pytest.raises(ConfigError, match="batch"):
         plan_build(pseq, sparse=False, batch_sizes=(0,), seq_len=8)
-    with pytest.raises(ConfigError, match="outside"):
-        plan_build(pseq, sparse=False, batch_sizes=(1, 8), seq_len=8, opt_batch=64)
     with pytest.raises(ConfigError, match="workspace"):
         plan_build(pseq, sparse=False, batch_sizes=(1,), seq_len=8, workspace_gb=0)
 
@@ -241,8 +241,16 @@ def test_apply_plan_on_fake_builder(tmp_path):
     assert ("config", "set_memory_pool_limit", ("WORKSPACE", 1 << 30)) in calls
     assert ("config", "set_flag", ("SPARSE_WEIGHTS",)) in calls
     assert ("config", "set_flag", ("FP16",)) not in calls
-    assert ("profile", "set_shape", ("x", (1, 1, 8), (8, 16, 8), (8, 16, 8))) in calls
-    assert ("profile", "set_shape", ("attention_mask", (1, 1), (8, 16), (8, 16))) in calls
+    shapes = [c[2] for c in calls if c[:2] == ("profile", "set_shape")]
+    assert shapes == [("x", (1, 1, 8), (1, 16, 8), (8, 16, 8)),
+                      ("attention_mask", (1, 1), (1, 16), (8, 16)),
+                      ("x", (1, 1, 8), (8, 16, 8), (8, 16, 8)),
+                      ("attention_mask", (1, 1), (8, 16), (8, 16))]
+    # each profile is created, filled and added in turn: two profiles, in batch order
+    kinds = [c[:2] for c in calls if c[1] in ("create_optimization_profile",
+                                              "add_optimization_profile")]
+    assert kinds == [("builder", "create_optimization_profile"),
+                     ("config", "add_optimization_profile")] * 2
     assert calls[-1][:2] == ("config", "add_optimization_profile")
     # dense: no flags at all
     calls.clear()
@@ -252,10 +260,32 @@ def test_apply_plan_on_fake_builder(tmp_path):
 
 
 def test_apply_plan_missing_flag():
-    plan = BuildPlan("m.onnx", (), {}, sparse=False, strongly_typed=False, fp16_flag=True,
+    plan = BuildPlan("m.onnx", (), ({},), sparse=False, strongly_typed=False, fp16_flag=True,
                      workspace_bytes=1, precision="fp32", batch_sizes=(1,))
     with pytest.raises(ExportError, match="FP16"):  # TensorRT 11 removed BuilderFlag.FP16
         apply_plan(plan, fake_trt("11.0.0", fp16=False), Recorder("b", []), Recorder("c", []))
+
+
+def test_select_profile_runs_each_batch_on_its_own():
+    from vlcompress.runtime.trt_runner import profile_opt_batches, select_profile
+
+    opts = [1, 8, 64, 256]
+    assert [select_profile(opts, b) for b in (1, 8, 64, 256)] == [0, 1, 2, 3]
+    assert select_profile(opts, 32) == 2  # between profiles: the next larger opt
+    assert select_profile(opts, 512) == 3 and select_profile([256], 1) == 0
+    with pytest.raises(ValueError):
+        select_profile([], 1)
+
+    class Engine:  # what profile_opt_batches reads of an ICudaEngine
+        num_optimization_profiles = 3
+
+        def get_tensor_profile_shape(self, name, i):
+            assert name == "pixel_values"
+            b = (1, 8, 64)[i]
+            return [(1, 3, 224, 224), (b, 3, 224, 224), (64, 3, 224, 224)]
+
+    assert profile_opt_batches(Engine(), ["pixel_values"]) == [1, 8, 64]
+    assert profile_opt_batches(Engine(), []) == []
 
 
 def test_network_flags_by_version():
@@ -402,7 +432,7 @@ def test_check_engine_trt_paths(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_GPU and HAS_TRT), reason="needs a CUDA GPU and TensorRT")
 def test_build_and_run_engine_gpu(tiny_fp16_vision, tmp_path):
-    from vlcompress.exporters.tensorrt import validate_engine
+    from vlcompress.runtime.trt_runner import validate_engine
 
     vlm, path, check = tiny_fp16_vision
     cache = tmp_path / "timing.cache"
