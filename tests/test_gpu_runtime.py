@@ -132,6 +132,37 @@ def test_semi_structured_reasons():
     assert "2-D" in semi_structured_reason(torch.zeros(2, 64, 128), (9, 0))
 
 
+def test_choose_backend_cutlass_only_on_sm8x():
+    from vlcompress.runtime.cuda import choose_backend
+
+    assert choose_backend(True, (9, 0)) == ("cusparselt", None)
+    assert choose_backend(True, (8, 0)) == ("cusparselt", None)
+    assert choose_backend(False, (8, 6)) == ("cutlass", None)
+    assert choose_backend(True, (8, 9), force_cutlass=True) == ("cutlass", None)
+    for cusparselt, force in ((False, False), (True, True)):
+        backend, why = choose_backend(cusparselt, (9, 0), force_cutlass=force)
+        assert backend is None and "sm8x" in why and "sm90" in why
+    assert choose_backend(True, (7, 5))[0] is None
+    assert choose_backend(True, None) == (None, "no CUDA GPU")
+
+
+def test_no_swapped_layer_is_an_error():
+    from vlcompress.errors import ModelError
+    from vlcompress.runtime.cuda import SemiStructuredReport, sparsify_linears
+
+    mod = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    rep = sparsify_linears(mod)  # CPU weights: nothing can be swapped
+    assert not rep.swapped and set(rep.skipped) == {"0", "1"}
+    with pytest.raises(ModelError) as ei:
+        rep.require_swaps("the 2:4 model")
+    assert "no Linear layer of the 2:4 model" in str(ei.value) and "\n" not in str(ei.value)
+    assert isinstance(mod[0].weight, torch.nn.Parameter) and mod[0].weight.layout == torch.strided
+    assert not torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS
+    SemiStructuredReport("cusparselt", swapped=["0"]).require_swaps()  # one swap: fine
+    with pytest.raises(ModelError, match="e.g. fc"):
+        SemiStructuredReport("cusparselt", skipped={"fc": "shape"}).require_swaps()
+
+
 def test_backend_constraints_follow_torch():
     assert backend_constraints("cutlass", torch.float16) == (32, 64)
     assert backend_constraints("cusparselt", torch.float16) == (16, 16)
@@ -230,23 +261,44 @@ def test_bench_without_gpu_writes_nothing(bench, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 @gpu
 @needs_gpu
-def test_torch_cuda_runner_semi_structured_gpu(tiny_random_clip):
+def test_torch_cuda_runner_semi_structured_gpu():
+    from conftest import make_tiny_random_clip
+
     from vlcompress import prune
+    from vlcompress.exporters.tensorrt import embedding_agreement
     from vlcompress.runtime.latency import tower_input_names
 
-    vlm = tiny_random_clip
+    # widths that meet both backends' minimums (cuSPARSELt 16x16, CUTLASS 32x64): every
+    # pruned vision Linear (2 layers x q, k, v, o, fc1, fc2) must be swapped
+    vlm = make_tiny_random_clip(hidden=64, mlp=256, heads=4)
     prune(vlm, "magnitude", None, "2:4", scope="vision")
+    n_pruned = sum(ly.modality == "vision" for ly in vlm.prunable_layers())
     mod = vlm.tower_module("vision")
     feed = {"pixel_values": np.random.default_rng(0).standard_normal((4, 3, 32, 32), np.float32)}
     with torch.no_grad():
         ref = mod(pixel_values=torch.as_tensor(feed["pixel_values"])).numpy()
+    forced = torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS
     with TorchCudaRunner(mod, tower_input_names(vlm, "vision"), semi_structured=True) as r:
         out = r.infer(feed)["embeds"]
         rep = r.semi_structured_report
-    assert rep is not None and (rep.swapped or rep.skipped)  # tiny widths may be skipped
-    from vlcompress.exporters.tensorrt import embedding_agreement
-
+        assert r.describe()["semi_structured"]["swapped"] == n_pruned
+    assert torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS == forced  # restored
+    assert rep.backend in ("cusparselt", "cutlass") and len(rep.swapped) == n_pruned == 12, rep
     assert embedding_agreement(out, ref, atol=2e-2, rtol=2e-2, min_cosine=0.99)["ok"]
+
+
+@gpu
+@needs_gpu
+def test_torch_cuda_runner_refuses_a_24_model_with_no_swap(tiny_random_clip):
+    from vlcompress.errors import ModelError
+    from vlcompress.runtime.latency import tower_input_names
+
+    vlm = tiny_random_clip  # dense weights: nothing is 2:4, nothing can be swapped
+    r = TorchCudaRunner(vlm.tower_module("vision"), tower_input_names(vlm, "vision"),
+                        semi_structured=True)
+    with pytest.raises(ModelError, match="no Linear layer"):
+        r.activate()
+    assert not r.is_active
 
 
 @gpu
