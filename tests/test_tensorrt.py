@@ -446,3 +446,39 @@ def test_build_and_run_engine_gpu(tiny_fp16_vision, tmp_path):
     again = build_engine(path, tmp_path / "v2.engine", sparse=False, batch_sizes=(1, 8),
                          timing_cache=cache)
     assert again.timing_cache_reused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_GPU and HAS_TRT), reason="needs a CUDA GPU and TensorRT")
+def test_wide_24_model_gets_sparse_kernels_gpu(tmp_path):
+    """At 4096 x 4096 and 2048 rows, sparse tensor cores beat dense ones on every GPU that
+    has them: TensorRT must pick a sparse implementation, not only log its (Sparsity) lines.
+    The engine holds one profile per batch size and runs each batch on its own."""
+    from vlcompress.runtime.ort_runner import OrtRunner
+    from vlcompress.runtime.trt_runner import TrtRunner
+
+    rng = np.random.default_rng(0)
+    d = 4096
+    w1, w2 = (_w24(rng, d, d) * 0.02 for _ in range(2))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])
+    y = helper.make_tensor_value_info("embeds", TensorProto.FLOAT, ["batch", d])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                           helper.make_node("Relu", ["h"], ["r"]),
+                           helper.make_node("MatMul", ["r", "w2"], ["embeds"], name="mm2")],
+                          "wide", [x], [y], [numpy_helper.from_array(w1, "layers.0.fc1.weight"),
+                                             numpy_helper.from_array(w2, "layers.0.fc2.weight")])
+    p = _save(convert_fp16(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])),
+              tmp_path / "wide.onnx")
+    res = build_engine(p, tmp_path / "wide.engine", sparse=True, batch_sizes=(8, 2048))
+    assert res.sparsity.n_eligible >= 1, res.log_tail
+    assert res.sparsity.n_sparse >= 1, res.sparsity.to_dict()  # sparse kernels were picked
+    assert res.warnings == []
+    with TrtRunner(res.engine_path) as r, OrtRunner(p, threads=2) as ref:
+        assert r.profile_batches == [8, 2048]
+        for b in (8, 2048, 8):
+            feed = {"x": rng.standard_normal((b, d), dtype=np.float32)}
+            out = r.infer(feed)["embeds"]
+            assert r.profile_index == [8, 2048].index(b)
+            agree = embedding_agreement(out, ref.infer(feed)["embeds"], atol=5e-2, rtol=5e-2,
+                                        min_cosine=0.99)
+            assert agree["cosine_ok"], agree
