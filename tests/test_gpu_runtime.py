@@ -322,3 +322,32 @@ def test_ort_cuda_io_binding_gpu(tmp_path):
         ref = cpu.infer({"x": x})["embeds"]
     with OrtRunner(p, providers=("CUDAExecutionProvider",)) as r:
         np.testing.assert_allclose(r.infer({"x": x})["embeds"], ref, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the onnxruntime GPU install (one package, checked)
+# --------------------------------------------------------------------------------------------
+def test_onnxruntime_clash_is_named():
+    from vlcompress._deps import ORT_GPU_STEPS, onnxruntime_clash
+
+    assert onnxruntime_clash(["onnxruntime"]) is None
+    assert onnxruntime_clash(["onnxruntime-gpu"]) is None
+    msg = onnxruntime_clash(["onnxruntime", "onnxruntime-gpu"])
+    assert "onnxruntime and onnxruntime-gpu are both installed" in msg and ORT_GPU_STEPS in msg
+    assert "\n" not in msg
+
+
+def test_check_onnxruntime_gpu(monkeypatch):
+    import onnxruntime as ort
+
+    from vlcompress import _deps
+
+    # the session part for real, on a provider this machine has
+    assert _deps.check_onnxruntime_gpu("CPUExecutionProvider").endswith("CPUExecutionProvider runs")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(MissingDependencyError, match="uninstall -y onnxruntime"):
+            _deps.check_onnxruntime_gpu()
+    monkeypatch.setattr(_deps, "onnxruntime_distributions",
+                        lambda: ["onnxruntime", "onnxruntime-gpu"])
+    with pytest.raises(MissingDependencyError, match="both installed"):
+        _deps.check_onnxruntime_gpu()
