@@ -215,22 +215,103 @@ def bench():
 def test_bench_args(bench):
     a = bench.parse_args([])
     assert a.batch_sizes == (1, 8, 64, 256) and a.variants == ("dense", "2:4", "structured50")
-    assert a.runtimes is None and a.iterations >= 100
+    assert a.runtimes is None and a.iterations >= 100 and a.models == ("clip-vit-b16",)
+    assert a.modes == ("eager",) and not a.dry_run
     b = bench.parse_args(["--batch-sizes", "1,64", "--variants", "2:4", "--runtimes",
-                          "torch,tensorrt", "--iterations", "7"])
+                          "torch,tensorrt", "--iterations", "7", "--models",
+                          "clip-vit-b16,clip-vit-l14", "--modes", "eager,compile"])
     assert b.batch_sizes == (1, 64) and b.variants == ("dense", "2:4")
     assert b.runtimes == ("torch", "tensorrt") and b.iterations == 7
+    assert b.models == ("clip-vit-b16", "clip-vit-l14") and b.modes == ("eager", "compile")
+    d = bench.parse_args(["--dry-run", "--out", "x.json"])
+    assert d.models == tuple(bench.DRY_MODELS) and d.batch_sizes == (1, 2) and d.iterations < 5
     for bad in (["--batch-sizes", "0"], ["--batch-sizes", "x"], ["--variants", "3:4"],
-                ["--runtimes", "openvino"], ["--iterations", "0"]):
+                ["--runtimes", "openvino"], ["--iterations", "0"], ["--modes", "jit"],
+                ["--dry-run"], ["--dry-run", "--out", "x", "--runtimes", "tensorrt"],
+                ["--dry-run", "--out", "x", "--models", "clip-vit-b16"],
+                ["--deadline-s", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
 
 
 def test_bench_plan_cells(bench):
-    cells = bench.plan_cells((1, 8), ("dense", "2:4"), ("torch", "tensorrt"))
-    assert [(c["runtime"], c["batch"]) for c in cells] == [
-        ("torch", 1), ("torch", 8), ("tensorrt", 1), ("tensorrt", 8)]
+    cells = bench.plan_cells((1, 8), ("dense", "2:4"), ("torch", "tensorrt"),
+                             ("eager", "compile"))
+    assert [(c["runtime"], c["mode"], c["batch"]) for c in cells] == [
+        ("torch", "eager", 1), ("torch", "eager", 8), ("torch", "compile", 8),
+        ("torch", "compile", 1), ("tensorrt", "engine", 1), ("tensorrt", "engine", 8)]
     assert all(c["variants"] == ["dense", "2:4"] for c in cells)
+
+
+def test_bench_deadline_lists_every_cell_not_run(bench, tmp_path):
+    args = bench.parse_args(["--dry-run", "--out", str(tmp_path / "r.json"),
+                             "--deadline-s", "1e-9", "--modes", "eager,compile"])
+    seen = []
+    payload = bench.run(args, write=lambda p: seen.append(dict(p)))
+    assert not payload["complete"] and payload["rows"] == [] and seen
+    assert len(payload["not_run"]) == 2 * 2 * 2  # models x modes x batch sizes
+    assert all("deadline" in c["why"] for c in payload["not_run"])
+    text = bench.summarize(payload)
+    assert text.startswith("DRY RUN") and "INCOMPLETE: 8 cells not run" in text
+
+
+def test_bench_summarize_names_missed_targets(bench):
+    def row(model, mode, b, s24, s50):
+        return {"model": model, "runtime": "torch", "mode": mode, "batch": b,
+                "ms": {"dense": {"p50": 10.0}}, "speedup_p50": {"2:4": s24, "structured50": s50}}
+
+    payload = {"complete": True, "dry_run": False, "gpu": {"gpu": "NVIDIA H200"},
+               "versions": {"torch": "2.11.0"}, "warmup": 10, "iterations": 50,
+               "timer": "cuda events", "git_commit": "abc", "targets": {"2:4": ">= 1.2x"},
+               "rows": [row("clip-vit-b16", "eager", 8, 1.0, 1.9),
+                        row("clip-vit-b16", "eager", 64, 1.1, 1.7),
+                        row("clip-vit-b16", "compile", 256, 1.3, 2.0)],
+               "notes": {"torch_semi_structured": {"clip-vit-b16/eager": {
+                   "backend": "cusparselt", "swapped": ["a"] * 72, "skipped": {}}}}}
+    text = bench.summarize(payload)
+    assert "| clip-vit-b16 | torch | eager | 64 | 10.000 | 1.10x | 1.70x |" in text
+    missed = text.split("missed: ")[1].splitlines()[0]
+    assert "eager b64 2:4 1.10x < 1.2x" in missed and "eager b64 structured50 1.70x" in missed
+    assert "b8 2:4" not in missed  # the 2:4 target is for batch >= 64
+    assert "72 layers on cusparselt" in text and "INCOMPLETE" not in text
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    """scripts/gpu_check.sh --dry-run: the same steps as on the GPU machine, on CPU with tiny
+    shapes (GPU tests collected and skipped with their reasons, then the benchmark loop)."""
+    import json
+    import os
+    import subprocess
+
+    root = BENCH.parent
+    committed = root / "benchmarks" / "results" / "gpu_torch.json"
+    before = committed.stat().st_mtime if committed.exists() else None
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--dry-run"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_torch_dryrun.json").read_text())
+    assert res["dry_run"] and res["complete"] and res["device"] == "cpu"
+    assert {(r["model"], r["mode"], r["batch"]) for r in res["rows"]} == {
+        (m, mode, b) for m in bench_dry_models() for mode in ("eager", "compile")
+        for b in (1, 2)}
+    assert all(set(r["speedup_p50"]) == {"2:4", "structured50"} for r in res["rows"])
+    assert res["versions"]["torch"] and "env" in res and "command" in res
+    assert (tmp_path / "gpu_tests.log").exists()
+    assert "DRY RUN" in (tmp_path / "gpu_summary.md").read_text()
+    after = committed.stat().st_mtime if committed.exists() else None
+    assert after == before  # a dry run never replaces a result
+
+
+def bench_dry_models():
+    spec = importlib.util.spec_from_file_location("gpu_latency_dry", BENCH / "gpu_latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return tuple(mod.DRY_MODELS)
 
 
 def test_bench_hand_slice_tiny(bench, tiny_random_clip):
