@@ -403,6 +403,11 @@ def test_ort_cuda_io_binding_gpu(tmp_path):
         ref = cpu.infer({"x": x})["embeds"]
     with OrtRunner(p, providers=("CUDAExecutionProvider",)) as r:
         np.testing.assert_allclose(r.infer({"x": x})["embeds"], ref, rtol=1e-4)
+        assert r.active_providers[0] == "CUDAExecutionProvider"  # no silent CPU fallback
+        assert r.stream is not None  # computes on our stream: CUDA events time the GPU
+        assert r.describe()["timing"].startswith("cuda events")
+        t = measure({"a": (r, {"x": x})}, warmup=1, iterations=3, cuda_events=True)
+        assert len(t["a"]) == 3 and all(v > 0 for v in t["a"])
 
 
 # --------------------------------------------------------------------------------------------

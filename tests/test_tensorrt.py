@@ -482,3 +482,12 @@ def test_wide_24_model_gets_sparse_kernels_gpu(tmp_path):
             agree = embedding_agreement(out, ref.infer(feed)["embeds"], atol=5e-2, rtol=5e-2,
                                         min_cosine=0.99)
             assert agree["cosine_ok"], agree
+    # copy_outputs=False: GPU tensors, and work the caller queues next sees them finished
+    with TrtRunner(res.engine_path, copy_outputs=False) as r:
+        feed = {"x": rng.standard_normal((2048, d), dtype=np.float32)}
+        dev = r.infer(feed)["embeds"]
+        assert dev.is_cuda
+        host = dev.float().cpu().numpy()  # ordered on the caller's stream only
+        with OrtRunner(p, threads=2) as ref:
+            assert embedding_agreement(host, ref.infer(feed)["embeds"], atol=5e-2, rtol=5e-2,
+                                       min_cosine=0.99)["cosine_ok"]
