@@ -381,6 +381,10 @@ def _check_semi_structured():
     if tuple(cap) < MIN_SEMI_STRUCTURED_CAPABILITY:
         raise MissingDependencyError(f"the GPU has compute capability {cap[0]}.{cap[1]}: the "
                                      "torch-2:4 runtime needs sparse tensor cores (8.0 or newer).")
+    forced = bool(getattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", False))
+    backend, why = choose_backend(_has_cusparselt(torch), tuple(cap), forced)
+    if backend is None:  # refused before any work, not after pruning
+        raise MissingDependencyError(f"the torch-2:4 runtime has no 2:4 kernels here: {why}.")
     return torch
 
 
