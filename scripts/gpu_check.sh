@@ -17,6 +17,8 @@
 # A deadline (VLC_CHECK_BUDGET_S, default 450 s) bounds the whole: each step gets what is
 # left, the benchmark starts no cell after its own deadline and rewrites its JSON after every
 # cell, so a cut-short run still leaves what it measured and lists what it did not.
+# Where the tree is a copy without .git, name its commit: VLC_COMMIT=<hash> bash scripts/...
+# (the results JSON records it). Logs, the JSON and a Markdown summary also go to $OUT if set.
 # Exit status: 0 all passed and measured; 1 tests failed; 3 benchmark incomplete; 2 usage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $a (allowed: --dry-run)" >&2; exit 2 ;;
   esac
 done
