@@ -120,3 +120,14 @@ def make_tiny_random_blip(seed: int = 0, layers: int = 2, hidden: int = 32, head
     model = BlipForImageTextRetrieval(cfg).eval()
     img = BlipImageProcessor(size={"height": image_size, "width": image_size})
     return BLIP(model, tok, img, name="tiny-random-blip", source="test")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run wherever torch sees a CUDA GPU and skip, with the reason, where it
+    does not (a marker deselected in addopts would skip them silently on a GPU machine too)."""
+    if torch.cuda.is_available():
+        return
+    why = pytest.mark.skip(reason=f"needs a CUDA GPU; torch {torch.__version__} sees none here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(why)

@@ -161,15 +161,17 @@ def test_plan_build_profiles_and_flags(tmp_path):
     p = _save(_linear_model(_w24(np.random.default_rng(0)), fp16=True, seq=True), tmp_path / "t.onnx")
     plan = plan_build(p, sparse=True, batch_sizes=(8, 1, 64), seq_len=77, workspace_gb=2)
     assert isinstance(plan, BuildPlan)
-    assert plan.profile["x"] == ((1, 1, 8), (64, 77, 8), (64, 77, 8))
-    assert plan.profile["attention_mask"] == ((1, 1), (64, 77), (64, 77))
+    # one profile per batch size, opt = that batch, each spanning every batch size
+    assert [p["x"] for p in plan.profiles] == [((1, 1, 8), (b, 77, 8), (64, 77, 8))
+                                               for b in (1, 8, 64)]
+    assert plan.profiles[1]["attention_mask"] == ((1, 1), (8, 77), (64, 77))
     assert plan.builder_flags == ("SPARSE_WEIGHTS",)  # strongly typed: no FP16 flag
     assert plan.strongly_typed and plan.workspace_bytes == 2 << 30
     assert plan.batch_sizes == (1, 8, 64)
     d = plan.to_dict()
-    assert d["builder_flags"] == ["SPARSE_WEIGHTS"] and d["profile"]["x"][0] == [1, 1, 8]
-    dense = plan_build(p, sparse=False, batch_sizes=(1, 8), seq_len=16, opt_batch=8)
-    assert dense.builder_flags == () and dense.profile["x"][1] == (8, 16, 8)
+    assert d["builder_flags"] == ["SPARSE_WEIGHTS"] and d["profiles"][0]["x"][0] == [1, 1, 8]
+    one = plan_build(p, sparse=False, batch_sizes=(1, 8), seq_len=16, per_batch_profiles=False)
+    assert one.builder_flags == () and [q["x"][1] for q in one.profiles] == [(8, 16, 8)]
     weak = plan_build(p, sparse=False, batch_sizes=(4,), seq_len=16, strongly_typed=False)
     assert weak.builder_flags == ("FP16",)
 
@@ -184,8 +186,6 @@ def test_plan_build_errors(tmp_path):
         plan_build(pseq, sparse=False, batch_sizes=(1, 8))
     with pytest.raises(ConfigError, match="batch"):
         plan_build(pseq, sparse=False, batch_sizes=(0,), seq_len=8)
-    with pytest.raises(ConfigError, match="outside"):
-        plan_build(pseq, sparse=False, batch_sizes=(1, 8), seq_len=8, opt_batch=64)
     with pytest.raises(ConfigError, match="workspace"):
         plan_build(pseq, sparse=False, batch_sizes=(1,), seq_len=8, workspace_gb=0)
 
@@ -241,8 +241,16 @@ def test_apply_plan_on_fake_builder(tmp_path):
     assert ("config", "set_memory_pool_limit", ("WORKSPACE", 1 << 30)) in calls
     assert ("config", "set_flag", ("SPARSE_WEIGHTS",)) in calls
     assert ("config", "set_flag", ("FP16",)) not in calls
-    assert ("profile", "set_shape", ("x", (1, 1, 8), (8, 16, 8), (8, 16, 8))) in calls
-    assert ("profile", "set_shape", ("attention_mask", (1, 1), (8, 16), (8, 16))) in calls
+    shapes = [c[2] for c in calls if c[:2] == ("profile", "set_shape")]
+    assert shapes == [("x", (1, 1, 8), (1, 16, 8), (8, 16, 8)),
+                      ("attention_mask", (1, 1), (1, 16), (8, 16)),
+                      ("x", (1, 1, 8), (8, 16, 8), (8, 16, 8)),
+                      ("attention_mask", (1, 1), (8, 16), (8, 16))]
+    # each profile is created, filled and added in turn: two profiles, in batch order
+    kinds = [c[:2] for c in calls if c[1] in ("create_optimization_profile",
+                                              "add_optimization_profile")]
+    assert kinds == [("builder", "create_optimization_profile"),
+                     ("config", "add_optimization_profile")] * 2
     assert calls[-1][:2] == ("config", "add_optimization_profile")
     # dense: no flags at all
     calls.clear()
@@ -252,10 +260,32 @@ def test_apply_plan_on_fake_builder(tmp_path):
 
 
 def test_apply_plan_missing_flag():
-    plan = BuildPlan("m.onnx", (), {}, sparse=False, strongly_typed=False, fp16_flag=True,
+    plan = BuildPlan("m.onnx", (), ({},), sparse=False, strongly_typed=False, fp16_flag=True,
                      workspace_bytes=1, precision="fp32", batch_sizes=(1,))
     with pytest.raises(ExportError, match="FP16"):  # TensorRT 11 removed BuilderFlag.FP16
         apply_plan(plan, fake_trt("11.0.0", fp16=False), Recorder("b", []), Recorder("c", []))
+
+
+def test_select_profile_runs_each_batch_on_its_own():
+    from vlcompress.runtime.trt_runner import profile_opt_batches, select_profile
+
+    opts = [1, 8, 64, 256]
+    assert [select_profile(opts, b) for b in (1, 8, 64, 256)] == [0, 1, 2, 3]
+    assert select_profile(opts, 32) == 2  # between profiles: the next larger opt
+    assert select_profile(opts, 512) == 3 and select_profile([256], 1) == 0
+    with pytest.raises(ValueError):
+        select_profile([], 1)
+
+    class Engine:  # what profile_opt_batches reads of an ICudaEngine
+        num_optimization_profiles = 3
+
+        def get_tensor_profile_shape(self, name, i):
+            assert name == "pixel_values"
+            b = (1, 8, 64)[i]
+            return [(1, 3, 224, 224), (b, 3, 224, 224), (64, 3, 224, 224)]
+
+    assert profile_opt_batches(Engine(), ["pixel_values"]) == [1, 8, 64]
+    assert profile_opt_batches(Engine(), []) == []
 
 
 def test_network_flags_by_version():
@@ -402,8 +432,7 @@ def test_check_engine_trt_paths(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_GPU and HAS_TRT), reason="needs a CUDA GPU and TensorRT")
 def test_build_and_run_engine_gpu(tiny_fp16_vision, tmp_path):
-    from vlcompress.exporters.tensorrt import validate_engine
-    from vlcompress.runtime.trt_runner import TrtRunner
+    from vlcompress.runtime.trt_runner import validate_engine
 
     vlm, path, check = tiny_fp16_vision
     cache = tmp_path / "timing.cache"
@@ -412,8 +441,53 @@ def test_build_and_run_engine_gpu(tiny_fp16_vision, tmp_path):
     assert res.engine_path.is_file() and cache.is_file()
     assert res.sparsity.found  # the (Sparsity) lines were captured
     feed = {k: v.numpy() for k, v in vlm.tower_inputs("vision", check).items()}
-    v = validate_engine(res.engine_path, path, feed, engine_runner=TrtRunner)
+    v = validate_engine(res.engine_path, path, feed)
     assert v["ok"], v
     again = build_engine(path, tmp_path / "v2.engine", sparse=False, batch_sizes=(1, 8),
                          timing_cache=cache)
     assert again.timing_cache_reused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_GPU and HAS_TRT), reason="needs a CUDA GPU and TensorRT")
+def test_wide_24_model_gets_sparse_kernels_gpu(tmp_path):
+    """At 4096 x 4096 and 2048 rows, sparse tensor cores beat dense ones on every GPU that
+    has them: TensorRT must pick a sparse implementation, not only log its (Sparsity) lines.
+    The engine holds one profile per batch size and runs each batch on its own."""
+    from vlcompress.runtime.ort_runner import OrtRunner
+    from vlcompress.runtime.trt_runner import TrtRunner
+
+    rng = np.random.default_rng(0)
+    d = 4096
+    w1, w2 = (_w24(rng, d, d) * 0.02 for _ in range(2))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])
+    y = helper.make_tensor_value_info("embeds", TensorProto.FLOAT, ["batch", d])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                           helper.make_node("Relu", ["h"], ["r"]),
+                           helper.make_node("MatMul", ["r", "w2"], ["embeds"], name="mm2")],
+                          "wide", [x], [y], [numpy_helper.from_array(w1, "layers.0.fc1.weight"),
+                                             numpy_helper.from_array(w2, "layers.0.fc2.weight")])
+    p = _save(convert_fp16(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])),
+              tmp_path / "wide.onnx")
+    res = build_engine(p, tmp_path / "wide.engine", sparse=True, batch_sizes=(8, 2048))
+    assert res.sparsity.n_eligible >= 1, res.log_tail
+    assert res.sparsity.n_sparse >= 1, res.sparsity.to_dict()  # sparse kernels were picked
+    assert res.warnings == []
+    with TrtRunner(res.engine_path) as r, OrtRunner(p, threads=2) as ref:
+        assert r.profile_batches == [8, 2048]
+        for b in (8, 2048, 8):
+            feed = {"x": rng.standard_normal((b, d), dtype=np.float32)}
+            out = r.infer(feed)["embeds"]
+            assert r.profile_index == [8, 2048].index(b)
+            agree = embedding_agreement(out, ref.infer(feed)["embeds"], atol=5e-2, rtol=5e-2,
+                                        min_cosine=0.99)
+            assert agree["cosine_ok"], agree
+    # copy_outputs=False: GPU tensors, and work the caller queues next sees them finished
+    with TrtRunner(res.engine_path, copy_outputs=False) as r:
+        feed = {"x": rng.standard_normal((2048, d), dtype=np.float32)}
+        dev = r.infer(feed)["embeds"]
+        assert dev.is_cuda
+        host = dev.float().cpu().numpy()  # ordered on the caller's stream only
+        with OrtRunner(p, threads=2) as ref:
+            assert embedding_agreement(host, ref.infer(feed)["embeds"], atol=5e-2, rtol=5e-2,
+                                       min_cosine=0.99)["cosine_ok"]

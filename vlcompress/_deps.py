@@ -30,15 +30,48 @@ def require_cuda():
     return torch
 
 
+#: how to get the CUDA execution provider (README "GPU install"; scripts/install_ort_gpu.sh)
+ORT_GPU_STEPS = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.18' "
+                 "(one package: onnxruntime and onnxruntime-gpu both install the module "
+                 "`onnxruntime`, and together the CPU build wins)")
+
+
+def onnxruntime_distributions() -> list[str]:
+    """The installed distributions that provide the ``onnxruntime`` module."""
+    from importlib import metadata
+
+    names = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+             "ort-nightly", "ort-nightly-gpu")
+    found = []
+    for n in names:
+        try:
+            metadata.version(n)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(n)
+    return found
+
+
+def onnxruntime_clash(dists: list[str] | None = None) -> str | None:
+    """One sentence when several onnxruntime packages share the ``onnxruntime`` module (the
+    CPU wheel then shadows the GPU one and only the CPU provider remains), else None."""
+    dists = onnxruntime_distributions() if dists is None else dists
+    if len(dists) < 2:
+        return None
+    return (f"{' and '.join(dists)} are both installed and share the module `onnxruntime`, so "
+            f"only one build's providers remain; keep one: {ORT_GPU_STEPS}.")
+
+
 def require_onnxruntime_provider(provider: str):
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if provider not in available:
+        clash = onnxruntime_clash()
+        how = clash or f"for the CUDA and TensorRT providers: {ORT_GPU_STEPS}."
         raise MissingDependencyError(
             f"ONNX Runtime provider {provider} is not available (have: {', '.join(available)}); "
-            "install it with `pip install vlcompress[gpu]`."
-        )
+            + how)
     return ort
 
 
@@ -88,3 +121,38 @@ def triton_model_config_pb2():
     mspec.loader.exec_module(mod)
     sys.modules[name] = mod
     return mod
+
+
+def check_onnxruntime_gpu(provider: str = "CUDAExecutionProvider") -> str:
+    """The GPU install check (scripts/install_ort_gpu.sh runs it): one onnxruntime package, the
+    provider available, and a session on it that really runs there (onnxruntime falls back
+    to CPU when the provider's libraries fail to load). Returns a one-line summary; raises
+    :class:`MissingDependencyError` (one sentence) otherwise."""
+    clash = onnxruntime_clash()
+    if clash:
+        raise MissingDependencyError(clash)
+    ort = require_onnxruntime_provider(provider)
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "check",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=[provider, "CPUExecutionProvider"])
+    got = sess.get_providers()[0]
+    if got != provider:
+        raise MissingDependencyError(
+            f"onnxruntime {ort.__version__} lists {provider} but a session runs on {got}: the "
+            "provider's CUDA/cuDNN libraries failed to load (see onnxruntime's requirements "
+            "for this version).")
+    y = sess.run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0]
+    if y.tolist() != [0.0, 2.0]:
+        raise MissingDependencyError(f"onnxruntime {provider} computed {y.tolist()} for "
+                                     "Relu([-1, 2])")
+    return (f"onnxruntime {ort.__version__} ({', '.join(onnxruntime_distributions())}): "
+            f"{provider} runs")
+

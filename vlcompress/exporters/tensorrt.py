@@ -10,7 +10,9 @@ everything that does not need it is pure and tested on CPU:
 
 - :func:`plan_build` reads the ONNX inputs and computes a :class:`BuildPlan`: network flags
   (strongly typed), builder flags (``SPARSE_WEIGHTS`` for 2:4), the workspace limit and one
-  optimisation profile with ``(min, opt, max)`` shapes for every dynamic input;
+  optimisation profile per batch size, ``(min, opt = that batch, max)`` for every dynamic
+  input, so each batch runs tactics chosen for it (the runner picks the profile:
+  :func:`vlcompress.runtime.trt_runner.select_profile`);
 - :func:`apply_plan` applies a plan to a builder config (tested on a recording fake);
 - :func:`parse_sparsity_log` reads the two ``(Sparsity)`` lines TensorRT logs at INFO level;
 - :func:`nm_violations` is the 2:4 check of the fp16 initialisers TensorRT will see;
@@ -30,7 +32,10 @@ docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/):
 - ``config.set_flag(BuilderFlag.SPARSE_WEIGHTS)`` == ``trtexec --sparsity=enable``
   (NVIDIA/TensorRT#4030); ``config.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)``.
 - ``profile = builder.create_optimization_profile(); profile.set_shape(name, min, opt, max);
-  config.add_optimization_profile(profile)`` - needed for every input with a -1 dimension.
+  config.add_optimization_profile(profile)`` - needed for every input with a -1 dimension;
+  several profiles are allowed, TensorRT tunes tactics (the sparse-or-dense choice included)
+  for each profile's ``opt`` shapes; at run time ``context.set_optimization_profile_async(i,
+  stream)`` selects one and ``engine.get_tensor_profile_shape(name, i)`` reads it back.
 - ``config.create_timing_cache(bytes)`` + ``config.set_timing_cache(cache, ignore_mismatch)``;
   after the build ``config.get_timing_cache().serialize()`` (TimingCache.html).
 - ``builder.build_serialized_network(network, config)`` returns ``IHostMemory`` or None.
@@ -60,8 +65,8 @@ from ..errors import ConfigError, ExportError, OutputError
 __all__ = [
     "SparsityReport", "parse_sparsity_log", "InputSpec", "BuildPlan", "plan_build",
     "onnx_inputs", "apply_plan", "network_flags", "EngineBuildResult", "build_engine",
-    "nm_violations", "embedding_agreement", "trt_major", "make_logger", "validate_engine",
-    "build_tower_engines", "sparsity_warnings",
+    "nm_violations", "embedding_agreement", "trt_major", "make_logger",
+    "sparsity_warnings",
 ]
 
 log = logging.getLogger(__name__)
@@ -204,7 +209,8 @@ class BuildPlan:
 
     onnx_path: str
     inputs: tuple[InputSpec, ...]
-    profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+    #: one optimisation profile per batch size (input name -> (min, opt, max) shapes)
+    profiles: tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]], ...]
     sparse: bool
     strongly_typed: bool
     fp16_flag: bool
@@ -224,7 +230,7 @@ class BuildPlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["inputs"] = [asdict(i) for i in self.inputs]
-        d["profile"] = {k: [list(s) for s in v] for k, v in self.profile.items()}
+        d["profiles"] = [{k: [list(s) for s in v] for k, v in p.items()} for p in self.profiles]
         d["builder_flags"] = list(self.builder_flags)
         return d
 
@@ -277,31 +283,30 @@ def onnx_inputs(path: str | Path) -> tuple[list[InputSpec], str]:
     return specs, precision
 
 
-def _batch_profile(batch_sizes: Sequence[int], opt: int | str) -> tuple[int, int, int]:
+def _batch_ranges(batch_sizes: Sequence[int], per_batch: bool) -> list[tuple[int, int, int]]:
+    """``(min, opt, max)`` batch of each profile: one per batch size with opt = that batch
+    (every profile spans all batch sizes, so any of them runs any batch), or one with opt =
+    the largest batch."""
     bs = sorted(set(int(b) for b in batch_sizes))
     if not bs or bs[0] < 1:
         raise ConfigError(f"batch sizes {tuple(batch_sizes)!r} are not valid; need positive integers")
-    if opt == "max":
-        o = bs[-1]
-    elif opt == "min":
-        o = bs[0]
-    else:
-        o = int(opt)
-        if not bs[0] <= o <= bs[-1]:
-            raise ConfigError(f"opt batch {o} is outside the batch sizes {bs[0]}..{bs[-1]}")
-    return bs[0], o, bs[-1]
+    opts = bs if per_batch else [bs[-1]]
+    return [(bs[0], o, bs[-1]) for o in opts]
 
 
 def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int],
                seq_len: int | None = None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
-               strongly_typed: bool = True, opt_batch: int | str = "max",
+               strongly_typed: bool = True, per_batch_profiles: bool = True,
                inputs: Sequence[InputSpec] | None = None, precision: str | None = None
                ) -> BuildPlan:
     """The :class:`BuildPlan` for ``onnx_path``.
 
-    Dynamic dimension 0 (or any named ``batch``) gets ``(min, opt, max)`` =
-    ``(min(batch_sizes), opt_batch, max(batch_sizes))`` (``opt_batch`` ``"max"`` by default:
-    TensorRT tunes its kernels for ``opt``; they stay valid over the whole range). Any other
+    One optimisation profile per batch size ``b``: dynamic dimension 0 (or any named
+    ``batch``) gets ``(min, opt, max)`` = ``(min(batch_sizes), b, max(batch_sizes))``.
+    TensorRT chooses its tactics (and, for 2:4, sparse or dense kernels) for ``opt``, so a
+    single profile tuned for the largest batch would run every other batch on tactics chosen
+    for that one; the price is build time, which grows with the number of profiles
+    (``per_batch_profiles=False``: one profile, opt = the largest batch). Any other
     dynamic dimension is a text sequence: ``(1, seq_len, seq_len)`` with ``seq_len`` the
     tokenizer's maximum length; without ``seq_len`` it is a :class:`ConfigError`.
     ``strongly_typed`` needs fp16 weights in the ONNX (else :class:`ConfigError`: convert it
@@ -317,7 +322,18 @@ def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int
         raise ConfigError(
             f"{Path(onnx_path).name} has {precision} weights; a strongly typed TensorRT network "
             "runs them in that precision: export with fp16=True (or convert_fp16) first")
-    b = _batch_profile(batch_sizes, opt_batch)
+    ranges = _batch_ranges(batch_sizes, per_batch_profiles)
+    profiles = tuple(_profile(inputs, b, seq_len) for b in ranges)
+    return BuildPlan(
+        onnx_path=str(onnx_path), inputs=tuple(inputs), profiles=profiles, sparse=bool(sparse),
+        strongly_typed=bool(strongly_typed), fp16_flag=not strongly_typed,
+        workspace_bytes=int(workspace_gb * (1 << 30)), precision=precision,
+        batch_sizes=tuple(sorted(set(int(x) for x in batch_sizes))),
+    )
+
+
+def _profile(inputs: Sequence[InputSpec], b: tuple[int, int, int], seq_len: int | None) -> dict:
+    """One profile: ``(min, opt, max)`` shapes of every dynamic input for batch range ``b``."""
     profile: dict = {}
     for spec in inputs:
         if not spec.dynamic:
@@ -342,12 +358,7 @@ def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int
                 op.append(int(seq_len))
                 hi.append(int(seq_len))
         profile[spec.name] = (tuple(lo), tuple(op), tuple(hi))
-    return BuildPlan(
-        onnx_path=str(onnx_path), inputs=tuple(inputs), profile=profile, sparse=bool(sparse),
-        strongly_typed=bool(strongly_typed), fp16_flag=not strongly_typed,
-        workspace_bytes=int(workspace_gb * (1 << 30)), precision=precision,
-        batch_sizes=tuple(sorted(set(int(x) for x in batch_sizes))),
-    )
+    return profile
 
 
 def trt_major(trt) -> int:
@@ -371,7 +382,7 @@ def network_flags(trt, strongly_typed: bool) -> int:
 
 def apply_plan(plan: BuildPlan, trt, builder, config) -> None:
     """Configure ``config`` (an ``IBuilderConfig`` of ``builder``) from ``plan``: workspace
-    limit, builder flags, one optimisation profile holding every dynamic input."""
+    limit, builder flags, the optimisation profiles (one per batch size) in plan order."""
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
     for name in plan.builder_flags:
         flag = getattr(trt.BuilderFlag, name, None)
@@ -379,9 +390,11 @@ def apply_plan(plan: BuildPlan, trt, builder, config) -> None:
             raise ExportError(f"TensorRT {getattr(trt, '__version__', '?')} has no builder flag "
                               f"{name}")
         config.set_flag(flag)
-    if plan.profile:
+    for shapes in plan.profiles:
+        if not shapes:
+            continue
         profile = builder.create_optimization_profile()
-        for name, (lo, op, hi) in plan.profile.items():
+        for name, (lo, op, hi) in shapes.items():
             profile.set_shape(name, lo, op, hi)
         config.add_optimization_profile(profile)
 
@@ -465,7 +478,7 @@ class EngineBuildResult:
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool,
                  batch_sizes: Sequence[int], timing_cache: str | Path | None = None,
                  workspace_gb: float = DEFAULT_WORKSPACE_GB, seq_len: int | None = None,
-                 pruned: Iterable[str] | None = None, opt_batch: int | str = "max",
+                 pruned: Iterable[str] | None = None, per_batch_profiles: bool = True,
                  log: Callable[[str, str], None] | None = None) -> EngineBuildResult:
     """Build a TensorRT engine from the fp16 ONNX at ``onnx_path``; write it atomically.
 
@@ -481,7 +494,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     require_cuda()
     trt = require_tensorrt()
     plan = plan_build(onnx_path, sparse=sparse, batch_sizes=batch_sizes, seq_len=seq_len,
-                      workspace_gb=workspace_gb, strongly_typed=True, opt_batch=opt_batch)
+                      workspace_gb=workspace_gb, strongly_typed=True,
+                      per_batch_profiles=per_batch_profiles)
     engine_path = Path(engine_path)
     if engine_path.is_dir():
         raise OutputError(f"cannot write engine {str(engine_path)!r}: a folder of that name exists")
@@ -540,49 +554,3 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
 
 def log_warning(msg: str) -> None:
     log.warning(msg)
-
-
-def validate_engine(engine_path: str | Path, onnx_path: str | Path, feed: dict, *,
-                    engine_runner, atol: float = 2e-2, rtol: float = 2e-2,
-                    min_cosine: float | None = 0.99) -> dict:
-    """Run the engine (GPU) with ``engine_runner(engine_path)`` (the TensorRT runtime's
-    ``TrtRunner``, passed in: the runtime builds engines with this module, so this module
-    does not import it) and its fp16 ONNX (onnxruntime, CPU) on ``feed``; compare their first
-    outputs with :func:`embedding_agreement` (the ONNX itself was validated against fp32
-    PyTorch at export, with the same fp16 tolerance and cosine floor)."""
-    from ..runtime.ort_runner import OrtRunner
-
-    with OrtRunner(onnx_path, threads=2) as ref_runner:
-        ref = next(iter(ref_runner.infer(feed).values()))
-    with engine_runner(engine_path) as runner:
-        out = next(iter(runner.infer(feed).values()))
-    return embedding_agreement(out, ref, atol=atol, rtol=rtol, min_cosine=min_cosine)
-
-
-def build_tower_engines(onnx_paths: dict[str, Path], out_dir: str | Path, *, sparse: bool,
-                        batch_sizes: Sequence[int], seq_len: int | None,
-                        timing_cache: str | Path | None, pruned: Iterable[str] | None = None,
-                        workspace_gb: float = DEFAULT_WORKSPACE_GB,
-                        check_feeds: dict[str, dict] | None = None, engine_runner=None
-                        ) -> dict[str, EngineBuildResult]:
-    """:func:`build_engine` for every tower's ONNX into ``out_dir/<tower>.engine``; with
-    ``check_feeds`` (tower -> feed) each engine is validated (:func:`validate_engine`) and a
-    drifting engine raises one :class:`ExportError` naming it."""
-    out_dir = Path(out_dir)
-    results, bad = {}, []
-    for tower, path in onnx_paths.items():
-        res = build_engine(path, out_dir / f"{tower}.engine", sparse=sparse,
-                           batch_sizes=batch_sizes, seq_len=seq_len, timing_cache=timing_cache,
-                           pruned=pruned, workspace_gb=workspace_gb)
-        if check_feeds and tower in check_feeds:
-            v = validate_engine(res.engine_path, path, check_feeds[tower],
-                                engine_runner=engine_runner)
-            res.validation = v
-            if not v["ok"]:
-                bad.append(f"{tower}: max abs diff {v['max_abs_diff']:.3g}, min cosine "
-                           f"{v['min_cosine']:.4f} (need >= {v['min_cosine_required']})")
-        results[tower] = res
-    if bad:
-        raise ExportError("TensorRT fp16 engine disagrees with its ONNX for "
-                          f"{len(bad)} tower(s): " + "; ".join(bad))
-    return results

@@ -15,7 +15,8 @@ needs a CUDA build of torch and a GPU (``vlcompress._deps.require_cuda``).
 
 ``torch.sparse.to_sparse_semi_structured`` (PyTorch >= 2.1) compresses a 2-D fp16/bf16 CUDA
 tensor that is 2:4 along its last (input) dimension; ``F.linear`` then runs on sparse tensor
-cores (cuSPARSELt by default, CUTLASS when ``SparseSemiStructuredTensor._FORCE_CUTLASS``). It
+cores (cuSPARSELt by default; CUTLASS when ``SparseSemiStructuredTensor._FORCE_CUTLASS`` or
+without cuSPARSELt, and then only on sm8x: those kernels raise on sm90). It
 needs compute capability >= 8.0 and shapes that are multiples of the backend's minimum (read
 from ``_DTYPE_SHAPE_CONSTRAINTS`` at run time: cuSPARSELt fp16 16x16, CUTLASS fp16 32x64).
 """
@@ -36,7 +37,8 @@ from .registry import Runtime as _Runtime
 from .torch_runner import TorchRunner, tower_input_names
 
 __all__ = ["CudaEventTimer", "gpu_info", "semi_structured_reason", "backend_constraints",
-           "sparsify_linears", "TorchCudaRunner", "MIN_SEMI_STRUCTURED_CAPABILITY"]
+           "sparsify_linears", "choose_backend", "SemiStructuredReport", "TorchCudaRunner",
+           "MIN_SEMI_STRUCTURED_CAPABILITY"]
 
 MIN_SEMI_STRUCTURED_CAPABILITY = (8, 0)
 #: Fallback shape minimums (rows, cols) per backend for fp16/bf16, as in PyTorch 2.4-2.13.
@@ -151,49 +153,96 @@ class SemiStructuredReport:
         return {"backend": self.backend, "swapped": list(self.swapped),
                 "skipped": dict(self.skipped), "reason": self.reason}
 
+    def require_swaps(self, what: str = "the 2:4 model") -> None:
+        """:class:`ModelError` (one line) when no layer was swapped: a "2:4" time measured on
+        dense kernels would be reported as a sparse speedup of ~1.0x."""
+        from ..errors import ModelError
 
-def _backend(torch) -> str:
+        if self.swapped:
+            return
+        first = next(iter(self.skipped.items()), None)
+        why = self.reason or (f"{len(self.skipped)} Linear layers skipped, e.g. {first[0]}: "
+                              f"{first[1]}" if first else "it has no Linear layer")
+        raise ModelError(f"no Linear layer of {what} became a semi-structured 2:4 tensor "
+                         f"({why}); nothing would run on sparse kernels")
+
+
+def choose_backend(cusparselt: bool, capability: tuple[int, int] | None, force_cutlass: bool = False
+                   ) -> tuple[str | None, str | None]:
+    """``(backend, None)`` for the semi-structured kernels to use on a GPU of ``capability``,
+    or ``(None, why not)``. cuSPARSELt where PyTorch has it (unless CUTLASS is forced); the
+    CUTLASS kernels only on sm8x: PyTorch builds them for Ampere/Ada and they raise on Hopper
+    (sm90) and later. Pure."""
+    if capability is None:
+        return None, "no CUDA GPU"
+    if tuple(capability) < MIN_SEMI_STRUCTURED_CAPABILITY:
+        return None, (f"compute capability {capability[0]}.{capability[1]} < 8.0 (no sparse "
+                      "tensor cores)")
+    if cusparselt and not force_cutlass:
+        return "cusparselt", None
+    if capability[0] == 8:
+        return "cutlass", None
+    why = "CUTLASS is forced" if cusparselt else "this PyTorch has no cuSPARSELt"
+    return None, (f"{why} and PyTorch's CUTLASS 2:4 kernels run only on sm8x, not on "
+                  f"sm{capability[0]}{capability[1]}")
+
+
+def _has_cusparselt(torch) -> bool:
     try:
-        if getattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", False):
-            return "cutlass"
-        return "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+        return bool(torch.backends.cusparselt.is_available())
     except AttributeError:
-        return "cutlass"
+        return False
 
 
 def sparsify_linears(module, names=None) -> SemiStructuredReport:
     """Replace the weight of every 2:4 ``nn.Linear`` of ``module`` (on a CUDA GPU, in
     fp16/bf16) by ``torch.sparse.to_sparse_semi_structured(weight)``; ``names`` limits it to
-    those module names. Layers that cannot are listed with the reason; nothing fails."""
+    those module names. Each swapped weight is tried once with ``F.linear`` before it is kept
+    (a kernel that fails here would fail in the timed call). Layers that cannot are listed
+    with the reason; the report's :meth:`~SemiStructuredReport.require_swaps` turns "none
+    swapped" into an error. ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set only while
+    CUTLASS tensors are made (the subclass is fixed at creation) and restored after."""
     import torch
 
     if not hasattr(torch.sparse, "to_sparse_semi_structured"):
         return SemiStructuredReport(None, reason=f"torch {torch.__version__} has no "
                                                  "to_sparse_semi_structured")
-    backend = _backend(torch)
-    if backend == "cutlass":
-        torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS = True
-    rep = SemiStructuredReport(backend)
-    wanted = set(names) if names is not None else None
-    for name, mod in module.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or (wanted is not None and name not in wanted):
-            continue
-        w = mod.weight
-        if not w.is_cuda:
-            rep.skipped[name] = "weight is not on a CUDA device"
-            continue
-        cap = torch.cuda.get_device_capability(w.device)
-        why = semi_structured_reason(w.detach(), cap, backend)
-        if why is not None:
-            rep.skipped[name] = why
-            continue
-        try:
-            sparse = torch.sparse.to_sparse_semi_structured(w.detach().contiguous())
-        except (RuntimeError, ValueError, NotImplementedError) as exc:
-            rep.skipped[name] = " ".join(str(exc).split())[:200]
-            continue
-        mod.weight = torch.nn.Parameter(sparse, requires_grad=False)
-        rep.swapped.append(name)
+    cls = torch.sparse.SparseSemiStructuredTensor
+    forced = bool(getattr(cls, "_FORCE_CUTLASS", False))
+    wanted = None if names is None else set(names)
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+               and (wanted is None or n in wanted)]
+    dev = next((m.weight.device for _, m in linears if m.weight.is_cuda), None)
+    cap = tuple(torch.cuda.get_device_capability(dev)) if dev is not None else None
+    backend, why_not = choose_backend(_has_cusparselt(torch), cap, forced)
+    rep = SemiStructuredReport(backend, reason=why_not)
+    if backend is None:
+        rep.skipped.update({n: why_not for n, _ in linears})
+        return rep
+    try:
+        cls._FORCE_CUTLASS = backend == "cutlass"
+        for name, mod in linears:
+            w = mod.weight
+            if not w.is_cuda:
+                rep.skipped[name] = "weight is not on a CUDA device"
+                continue
+            why = semi_structured_reason(w.detach(), cap, backend)
+            if why is not None:
+                rep.skipped[name] = why
+                continue
+            try:
+                sparse = torch.sparse.to_sparse_semi_structured(w.detach().contiguous())
+                x = torch.zeros(backend_constraints(backend, w.dtype)[0], w.shape[1],
+                                dtype=w.dtype, device=w.device)
+                torch.nn.functional.linear(x, sparse)  # the kernel runs here, or not at all
+                torch.cuda.synchronize(w.device)
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                rep.skipped[name] = " ".join(str(exc).split())[:200]
+                continue
+            mod.weight = torch.nn.Parameter(sparse, requires_grad=False)
+            rep.swapped.append(name)
+    finally:
+        cls._FORCE_CUTLASS = forced
     return rep
 
 
@@ -203,7 +252,8 @@ def sparsify_linears(module, names=None) -> SemiStructuredReport:
 class TorchCudaRunner(TorchRunner):
     """A private fp16 (or ``dtype``) copy of ``module`` on the GPU, optionally with 2:4 Linear
     weights as semi-structured sparse tensors (``semi_structured=True``; layers that cannot be
-    swapped are recorded in :attr:`semi_structured_report`, never fatal).
+    swapped are recorded in :attr:`semi_structured_report`; none swapped at all is a
+    :class:`ModelError` on activation). ``compile=True`` wraps the module in ``torch.compile``.
 
     Input arrays are copied to the GPU once per feed array (cached), so host-to-device copies
     stay out of timed calls; ``copy_outputs=False`` returns the output tensors on the GPU
@@ -214,7 +264,7 @@ class TorchCudaRunner(TorchRunner):
 
     def __init__(self, module, input_names, device: str = "cuda", name: str | None = None,
                  output_names=("embeds",), dtype: str = "float16", semi_structured: bool = False,
-                 copy_outputs: bool = True):
+                 copy_outputs: bool = True, compile: bool = False):
         label = name or f"torch-cuda-{dtype}{'-2:4' if semi_structured else ''}"
         super().__init__(module, input_names, device=device, name=label,
                          output_names=output_names)
@@ -222,6 +272,7 @@ class TorchCudaRunner(TorchRunner):
         self.semi_structured = semi_structured
         self.copy_outputs = copy_outputs
         self.semi_structured_report: SemiStructuredReport | None = None
+        self.compile = bool(compile)
         self._cache: dict[int, tuple[object, object]] = {}
 
     @property
@@ -232,7 +283,9 @@ class TorchCudaRunner(TorchRunner):
     def describe(self) -> dict:
         import torch
 
-        d = {"provider": f"torch {torch.__version__} ({self.device})", "precision": self.precision}
+        d = {"provider": f"torch {torch.__version__} ({self.device}"
+                         f"{', torch.compile' if self.compile else ''})",
+             "precision": self.precision}
         if self.semi_structured_report is not None:
             rep = self.semi_structured_report
             d["provider"] += f", semi-structured 2:4 ({rep.backend})"
@@ -245,8 +298,17 @@ class TorchCudaRunner(TorchRunner):
         self._torch_device = torch.device(self.device)
         self._dtype = getattr(torch, self.dtype_name)
         self._module = copy.deepcopy(self.module).to(self._torch_device, self._dtype).eval()
-        self.semi_structured_report = (sparsify_linears(self._module) if self.semi_structured
-                                       else None)
+        self.semi_structured_report = None
+        if self.semi_structured:
+            rep = sparsify_linears(self._module)
+            self.semi_structured_report = rep
+            try:
+                rep.require_swaps(f"runner {self.name!r}")
+            except Exception:
+                self._module = None
+                raise
+        if self.compile:  # torch.compile (inductor, default mode); compiles on first call
+            self._module = torch.compile(self._module)
         self._home = None  # the caller's module is never moved
 
     def _deactivate(self) -> None:
@@ -319,6 +381,10 @@ def _check_semi_structured():
     if tuple(cap) < MIN_SEMI_STRUCTURED_CAPABILITY:
         raise MissingDependencyError(f"the GPU has compute capability {cap[0]}.{cap[1]}: the "
                                      "torch-2:4 runtime needs sparse tensor cores (8.0 or newer).")
+    forced = bool(getattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", False))
+    backend, why = choose_backend(_has_cusparselt(torch), tuple(cap), forced)
+    if backend is None:  # refused before any work, not after pruning
+        raise MissingDependencyError(f"the torch-2:4 runtime has no 2:4 kernels here: {why}.")
     return torch
 
 

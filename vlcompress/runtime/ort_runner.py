@@ -29,11 +29,22 @@ class OrtRunner(Runner):
     onnxruntime's default, one per physical core). ``device`` is ``"cuda"`` when the first
     provider is a GPU one. ``infer`` passes only the model's own inputs from the feed.
 
-    On a GPU provider (CUDA / TensorRT EP) ``io_binding`` (default on there) binds inputs as
-    device ``OrtValue`` s, copied once per feed array and cached, and binds outputs to the
-    device, so timed calls hold no host<->device copies; ``copy_outputs=False`` then returns
-    the outputs as device ``OrtValue`` s. ``provider_options`` (one dict per provider) go to
-    the session as they are.
+    On a GPU provider (CUDA / TensorRT EP) ``io_binding`` (default on there) builds one
+    ``IOBinding`` per feed (inputs copied to the device once, outputs bound on the first run
+    to the buffers that run allocated and re-bound to them after), so a timed call is
+    ``run_with_iobinding`` and nothing else: no copies, no allocation. ``copy_outputs=False``
+    then returns those device ``OrtValue`` s (overwritten by the next call on the same feed).
+    ``provider_options`` (one dict per provider) go to the session as they are.
+
+    The session must run on the provider asked for first: onnxruntime falls back to the next
+    one (CPU) when a GPU provider fails to load, so activation checks ``get_providers()`` and
+    raises one line (:class:`MissingDependencyError`) instead of timing the CPU.
+
+    On a GPU provider, when torch sees the GPU, the session computes on a CUDA stream of our
+    own (the ``user_compute_stream`` provider option, onnxruntime >= 1.17), exposed as
+    :attr:`stream`: the latency harness records its CUDA events on it, so the time is the
+    GPU's. Without a CUDA build of torch there is no stream; :meth:`describe` then labels the
+    timing for what it is, host wall time around a synchronous ``run``.
     """
 
     runtime = "onnxruntime"
@@ -57,6 +68,7 @@ class OrtRunner(Runner):
         self.provider_options = provider_options
         self.active_providers: list[str] = []  # what the session really uses (after activation)
         self.precision: str | None = None  # the graph's, read on activation
+        self.stream = None  # a torch CUDA stream the session computes on (GPU providers)
 
     def _activate(self) -> None:
         ort = None
@@ -69,8 +81,9 @@ class OrtRunner(Runner):
         so.log_severity_level = 3  # errors only: keep the CLI output clean
         if self.threads:
             so.intra_op_num_threads = int(self.threads)
+        options = self._session_provider_options()
         try:
-            kw = {"provider_options": self.provider_options} if self.provider_options else {}
+            kw = {"provider_options": options} if options else {}
             self.session = ort.InferenceSession(str(self.path), so, providers=list(self.providers),
                                                 **kw)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -78,6 +91,7 @@ class OrtRunner(Runner):
             raise ModelError(f"onnxruntime cannot load {str(self.path)!r}: {msg}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.active_providers = list(self.session.get_providers())
+        check_active_provider(self.providers[0], self.active_providers, self.path)
         meta = self.session.get_modelmeta().custom_metadata_map or {}
         self.precision = meta.get("vlcompress.precision", "fp32")
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -85,18 +99,48 @@ class OrtRunner(Runner):
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}
         self._bound: dict[int, tuple[object, object]] = {}
 
+    def _session_provider_options(self) -> list[dict] | None:
+        """The provider options, with ``user_compute_stream`` (a torch stream of our own) for
+        a CUDA / TensorRT EP when torch has CUDA; None when there is nothing to pass."""
+        opts = [dict(o) for o in self.provider_options] if self.provider_options else None
+        self.stream = None
+        if self.device != "cuda" or self.providers[0] not in _STREAM_PROVIDERS:
+            return opts
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return opts
+            self.stream = torch.cuda.Stream()  # non-default: onnxruntime ignores stream 0
+        except Exception:  # noqa: BLE001 - no usable torch CUDA: host timing, labelled
+            self.stream = None
+            return opts
+        if opts is None:
+            opts = [{} for _ in self.providers]
+        opts[0] = {**opts[0], "has_user_compute_stream": "1",
+                   "user_compute_stream": str(self.stream.cuda_stream)}
+        return opts
+
     def describe(self) -> dict:
-        """The provider the session actually ran on (its first), and the graph's precision."""
+        """The provider the session actually ran on (its first), and the graph's precision;
+        on a GPU provider also how a call is timed (``timing``)."""
         prov = self.active_providers[0] if self.active_providers else self.providers[0]
-        return {"provider": prov, "precision": self.precision or onnx_precision(self.path)}
+        d = {"provider": prov, "precision": self.precision or onnx_precision(self.path)}
+        if self.device == "cuda":
+            d["timing"] = ("cuda events on the session's compute stream" if self.stream is not None
+                           else "host wall time around a synchronous run (no CUDA torch)")
+        return d
 
     def _deactivate(self) -> None:
         self.session = None
         self._bound = {}
+        self.stream = None
 
     def synchronize(self) -> None:
-        """Nothing to wait for: ``session.run`` returns host arrays, so it has finished (and
-        a CUDA provider must not need a CUDA build of torch to be timed)."""
+        """Wait for the session's stream (GPU providers); ``run`` itself returns only when
+        its work has finished, so on CPU there is nothing to wait for."""
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def _infer(self, feed):
         try:
@@ -110,28 +154,57 @@ class OrtRunner(Runner):
         return dict(zip(self.output_names, (np.asarray(o) for o in outs), strict=True))
 
     def _device_value(self, name: str, arr):
-        hit = self._bound.get(id(arr))
-        if hit is not None and hit[0] is arr:
-            return hit[1]
         want = ORT_NP_TYPES.get(self._input_types.get(name, ""))
         host = np.ascontiguousarray(arr if want is None else np.asarray(arr, dtype=want))
         dev = "cuda" if self.device == "cuda" else "cpu"
-        val = self._ort.OrtValue.ortvalue_from_numpy(host, dev, 0)
-        self._bound[id(arr)] = (arr, val)  # keeps arr alive, so its id is not reused
-        return val
+        return self._ort.OrtValue.ortvalue_from_numpy(host, dev, 0)
 
-    def _infer_bound(self, sub):
+    def _binding(self, sub):
+        """The IOBinding of this feed: built (inputs copied to the device) on first use."""
+        key = tuple(id(a) for a in sub.values())
+        hit = self._bound.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], sub.values(), strict=True)):
+            return hit[1]
         io = self.session.io_binding()
-        for n, arr in sub.items():
-            io.bind_ortvalue_input(n, self._device_value(n, arr))
+        values = {n: self._device_value(n, arr) for n, arr in sub.items()}
+        for n, val in values.items():
+            io.bind_ortvalue_input(n, val)
         dev = "cuda" if self.device == "cuda" else "cpu"
         for n in self.output_names:
-            io.bind_output(n, dev)
-        self.session.run_with_iobinding(io)  # the CUDA EP synchronises its stream at the end
+            io.bind_output(n, dev)  # first run allocates; _infer_bound re-binds those buffers
+        entry = {"io": io, "inputs": values, "outputs_fixed": False}
+        self._bound[key] = (tuple(sub.values()), entry)  # holds the arrays: ids stay unique
+        return entry
+
+    def _infer_bound(self, sub):
+        entry = self._binding(sub)
+        io = entry["io"]
+        self.session.run_with_iobinding(io)  # returns once the provider's stream is done
+        outs = io.get_outputs()
+        if not entry["outputs_fixed"]:  # later runs write into these buffers: no allocation
+            for n, val in zip(self.output_names, outs, strict=True):
+                io.bind_ortvalue_output(n, val)
+            entry["outputs_fixed"] = True
         if not self.copy_outputs:
-            return dict(zip(self.output_names, io.get_outputs(), strict=True))
-        outs = io.copy_outputs_to_cpu()
-        return dict(zip(self.output_names, (np.asarray(o) for o in outs), strict=True))
+            return dict(zip(self.output_names, outs, strict=True))
+        return {n: np.asarray(v.numpy()) for n, v in zip(self.output_names, outs, strict=True)}
+
+
+#: providers that take a ``user_compute_stream`` option
+_STREAM_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def check_active_provider(asked: str, active, path) -> None:
+    """One-line :class:`MissingDependencyError` when the session's first provider is not the
+    one asked for (onnxruntime's silent fallback when a GPU provider fails to load)."""
+    from ..errors import MissingDependencyError
+
+    got = list(active)[0] if list(active) else "no provider"
+    if got != asked:
+        raise MissingDependencyError(
+            f"onnxruntime was asked for {asked} but the session for {Path(path).name} runs on "
+            f"{got}: {asked} failed to load (CUDA/cuDNN/TensorRT libraries missing or not "
+            "matching this onnxruntime build); nothing is timed on a provider not asked for.")
 
 
 def onnx_precision(path: str | Path) -> str:

@@ -6,7 +6,14 @@
 Device memory comes from torch CUDA tensors (no pycuda, no cuda-python): inputs are copied to
 the GPU once per feed array and cached, outputs are allocated per input shape and cached, so a
 timed call is ``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on a torch
-CUDA stream and nothing else. ``copy_outputs=False`` returns the output tensors on the GPU.
+CUDA stream and nothing else. ``copy_outputs=False`` returns the output tensors on the GPU,
+with the caller's current stream made to wait for the engine's (so work queued on it after
+the call sees finished outputs, with no host synchronisation).
+
+An engine holds one optimisation profile per batch size (opt = that batch,
+:func:`vlcompress.exporters.tensorrt.plan_build`); each call runs on the profile tuned for its
+batch (:func:`select_profile`), switched with
+``set_optimization_profile_async`` only when the batch changes.
 
 API used (TensorRT Python reference, ICudaEngine / IExecutionContext pages):
 ``Runtime(logger).deserialize_cuda_engine(bytes)``; ``engine.num_io_tensors``,
@@ -14,22 +21,32 @@ API used (TensorRT Python reference, ICudaEngine / IExecutionContext pages):
 ``get_tensor_dtype(name)``; ``engine.create_execution_context()``;
 ``context.set_input_shape(name, shape)``, then ``context.get_tensor_shape(name)`` gives the
 output shapes for those inputs; ``context.set_tensor_address(name, int pointer)``;
-``context.execute_async_v3(stream_handle)`` returns False on failure.
+``context.execute_async_v3(stream_handle)`` returns False on failure;
+``engine.num_optimization_profiles``, ``engine.get_tensor_profile_shape(name, i)`` (min, opt,
+max), ``context.set_optimization_profile_async(i, stream_handle)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .._deps import require_cuda, require_tensorrt
-from ..errors import ModelError
+from ..errors import ExportError, ModelError
+from ..exporters.tensorrt import (
+    DEFAULT_WORKSPACE_GB,
+    EngineBuildResult,
+    build_engine,
+    embedding_agreement,
+)
 from .base import Runner
 from .registry import ENGINE, Built, register
 from .registry import Runtime as _Runtime
 
-__all__ = ["TrtRunner", "torch_dtype"]
+__all__ = ["TrtRunner", "torch_dtype", "profile_opt_batches", "select_profile",
+           "validate_engine", "build_tower_engines"]
 
 
 def torch_dtype(trt, dtype):
@@ -95,6 +112,8 @@ class TrtRunner(Runner):
                              if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._dtypes = {n: torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         self.stream = torch.cuda.Stream(device=self._dev)
+        self.profile_batches = profile_opt_batches(engine, self.input_names)
+        self.profile_index = 0  # a fresh context starts on profile 0
         self._inputs: dict[int, tuple[object, object]] = {}
         self._outputs: dict[tuple, dict[str, object]] = {}
 
@@ -133,6 +152,16 @@ class TrtRunner(Runner):
                            f"(inputs: {', '.join(self.input_names)})") from None
         ctx = self.context
         shape_key = tuple(tuple(t.shape) for t in tensors.values())
+        # inputs were written on torch's current stream: order the engine after them
+        caller = torch.cuda.current_stream(self._dev)
+        self.stream.wait_stream(caller)
+        if len(self.profile_batches) > 1 and tensors:
+            want = select_profile(self.profile_batches, int(next(iter(tensors.values())).shape[0]))
+            if want != self.profile_index:
+                if not ctx.set_optimization_profile_async(want, self.stream.cuda_stream):
+                    raise ModelError(f"{self.engine_path.name}: cannot select optimisation "
+                                     f"profile {want}")
+                self.profile_index = want
         for n, t in tensors.items():
             if not ctx.set_input_shape(n, tuple(t.shape)):
                 raise ModelError(f"{self.engine_path.name}: input {n} shape {tuple(t.shape)} is "
@@ -145,11 +174,10 @@ class TrtRunner(Runner):
             self._outputs[shape_key] = outs
         for n, t in outs.items():
             ctx.set_tensor_address(n, t.data_ptr())
-        # inputs were written on torch's current stream: order the engine after them
-        self.stream.wait_stream(torch.cuda.current_stream(self._dev))
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise ModelError(f"TensorRT failed to run {self.engine_path.name}")
         if not self.copy_outputs:
+            caller.wait_stream(self.stream)  # the caller's later work sees finished outputs
             return dict(outs)
         self.stream.synchronize()
         res = {}
@@ -157,6 +185,78 @@ class TrtRunner(Runner):
             a = t.detach().cpu().numpy()
             res[n] = a.astype(np.float32) if a.dtype == np.float16 else a
         return res
+
+
+def select_profile(opt_batches: Sequence[int], batch: int) -> int:
+    """Index of the profile to run ``batch`` on: the one tuned for it (opt == batch), else
+    the one with the smallest opt above it, else the one with the largest opt."""
+    if not opt_batches:
+        raise ValueError("an engine has at least one optimisation profile")
+    exact = [i for i, o in enumerate(opt_batches) if o == batch]
+    if exact:
+        return exact[0]
+    above = [(o, i) for i, o in enumerate(opt_batches) if o > batch]
+    return min(above)[1] if above else max((o, i) for i, o in enumerate(opt_batches))[1]
+
+
+def profile_opt_batches(engine, input_names) -> list[int]:
+    """The opt batch of each optimisation profile of ``engine`` (dimension 0 of its first
+    input's opt shape); ``[]`` for an engine without inputs."""
+    if not input_names:
+        return []
+    n = int(getattr(engine, "num_optimization_profiles", 1) or 1)
+    out = []
+    for i in range(n):
+        _lo, opt, _hi = engine.get_tensor_profile_shape(input_names[0], i)
+        out.append(int(tuple(opt)[0]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# engines checked against their ONNX (here, not in exporters/: running an engine is the
+# runtime's job, and exporters must not import the runtime that imports them)
+# --------------------------------------------------------------------------------------------
+def validate_engine(engine_path: str | Path, onnx_path: str | Path, feed: dict, *,
+                    atol: float = 2e-2, rtol: float = 2e-2, min_cosine: float | None = 0.99
+                    ) -> dict:
+    """Run the engine (GPU) and its fp16 ONNX (onnxruntime, CPU) on ``feed``; compare their
+    first outputs with :func:`embedding_agreement` (the ONNX itself was validated against
+    fp32 PyTorch at export, with the same fp16 tolerance and cosine floor)."""
+    from .ort_runner import OrtRunner
+
+    with OrtRunner(onnx_path, threads=2) as ref_runner:
+        ref = next(iter(ref_runner.infer(feed).values()))
+    with TrtRunner(engine_path) as runner:
+        out = next(iter(runner.infer(feed).values()))
+    return embedding_agreement(out, ref, atol=atol, rtol=rtol, min_cosine=min_cosine)
+
+
+def build_tower_engines(onnx_paths: dict[str, Path], out_dir: str | Path, *, sparse: bool,
+                        batch_sizes: Sequence[int], seq_len: int | None,
+                        timing_cache: str | Path | None, pruned: Iterable[str] | None = None,
+                        workspace_gb: float = DEFAULT_WORKSPACE_GB,
+                        check_feeds: dict[str, dict] | None = None
+                        ) -> dict[str, EngineBuildResult]:
+    """:func:`build_engine` for every tower's ONNX into ``out_dir/<tower>.engine``; with
+    ``check_feeds`` (tower -> feed) each engine is validated (:func:`validate_engine`) and a
+    drifting engine raises one :class:`ExportError` naming it."""
+    out_dir = Path(out_dir)
+    results, bad = {}, []
+    for tower, path in onnx_paths.items():
+        res = build_engine(path, out_dir / f"{tower}.engine", sparse=sparse,
+                           batch_sizes=batch_sizes, seq_len=seq_len, timing_cache=timing_cache,
+                           pruned=pruned, workspace_gb=workspace_gb)
+        if check_feeds and tower in check_feeds:
+            v = validate_engine(res.engine_path, path, check_feeds[tower])
+            res.validation = v
+            if not v["ok"]:
+                bad.append(f"{tower}: max abs diff {v['max_abs_diff']:.3g}, min cosine "
+                           f"{v['min_cosine']:.4f} (need >= {v['min_cosine_required']})")
+        results[tower] = res
+    if bad:
+        raise ExportError("TensorRT fp16 engine disagrees with its ONNX for "
+                          f"{len(bad)} tower(s): " + "; ".join(bad))
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +291,7 @@ def _read_info(path: Path) -> dict | None:
 
 def _trt_factory(art, towers, opts):
     """Engines ``<folder>/<tower>.engine`` when present; else built from the variant's fp16
-    ONNX (:func:`vlcompress.exporters.tensorrt.build_tower_engines`) next to it, with what
+    ONNX (:func:`build_tower_engines`) next to it, with what
     TensorRT said about sparse layers saved beside each as ``<tower>.engine.json``."""
     import json
     import logging
@@ -212,13 +312,11 @@ def _trt_factory(art, towers, opts):
             raise ConfigError(f"runtime tensorrt/cuda/fp16 needs {art.variant} engines or fp16 "
                               f"ONNX to build them from; none for tower(s) {', '.join(missing)}")
         check_onnx_precision("tensorrt/cuda/fp16", "fp16", art, missing)
-        from ..exporters.tensorrt import build_tower_engines
-
         built = build_tower_engines({t: Path(art.onnx[t]) for t in missing}, art.folder,
                                     sparse=sparse, batch_sizes=opts.batch_sizes,
                                     seq_len=opts.seq_len, timing_cache=opts.timing_cache,
                                     pruned=art.pruned_layers if sparse else None,
-                                    check_feeds=opts.check_feeds, engine_runner=TrtRunner)
+                                    check_feeds=opts.check_feeds)
         for t, res in built.items():
             engines[t] = res.engine_path
             info[t] = _engine_info(res, sparse)

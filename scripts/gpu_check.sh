@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The ready GPU check: one command, under 8 minutes on one H200, with only what that machine
+# has (PyTorch CUDA with cuSPARSELt, transformers, onnx, onnxruntime CPU, typer, rich,
+# matplotlib; no TensorRT, no onnxruntime-gpu, no network).
+#
+#   bash scripts/gpu_check.sh              # on the GPU machine, from the repository root
+#   bash scripts/gpu_check.sh --dry-run    # anywhere: CPU, tiny shapes (the fast suite runs it)
+#
+# 1. installs the project without touching its dependencies (pip --no-deps
+#    --no-build-isolation -e .; skipped by --dry-run, which imports the tree in place);
+# 2. runs the GPU tests (pytest -m gpu): they run where a GPU is and skip, each with its
+#    reason, where not (TensorRT and ORT-CUDA tests skip on that machine: not installed);
+# 3. times the clip-vit-b16 and clip-vit-l14 vision towers, fp16, dense vs 2:4 (cuSPARSELt)
+#    vs structured 50%, batch 1/8/64/256, eager and torch.compile, interleaved, CUDA events
+#    (benchmarks/gpu_latency.py), into benchmarks/results/gpu_torch.json (and $OUT).
+#
+# A deadline (VLC_CHECK_BUDGET_S, default 450 s) bounds the whole: each step gets what is
+# left, the benchmark starts no cell after its own deadline and rewrites its JSON after every
+# cell, so a cut-short run still leaves what it measured and lists what it did not.
+# Where the tree is a copy without .git, name its commit: VLC_COMMIT=<hash> bash scripts/...
+# (the results JSON records it). Logs, the JSON and a Markdown summary also go to $OUT if set.
+# Exit status: 0 all passed and measured; 1 tests failed; 3 benchmark incomplete; 2 usage.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null 2>&1 || PY=python
+DRY=0
+for a in "$@"; do
+  case "$a" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $a (allowed: --dry-run)" >&2; exit 2 ;;
+  esac
+done
+BUDGET=${VLC_CHECK_BUDGET_S:-450}
+END=$((SECONDS + BUDGET))
+left() { echo $((END - SECONDS)); }
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; LOGS=$OUT; else LOGS=$(mktemp -d); fi
+export VLC_COMMIT=${VLC_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
+status=0
+
+if [ "$DRY" = 1 ]; then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  RESULT=$LOGS/gpu_torch_dryrun.json
+  BENCH=(--dry-run --modes eager,compile --out "$RESULT")
+  TESTS=(tests/test_gpu_runtime.py)
+else
+  "$PY" -m pip install --no-deps --no-build-isolation -q -e . || { echo "install failed" >&2; exit 1; }
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  RESULT=benchmarks/results/gpu_torch.json
+  BENCH=(--models clip-vit-b16,clip-vit-l14 --modes eager,compile --runtimes torch
+         --batch-sizes 1,8,64,256 --warmup 10 --iterations 50 --out "$RESULT")
+  TESTS=(tests/test_gpu_runtime.py tests/test_tensorrt.py tests/test_runtime.py)
+fi
+"$PY" - <<'PY'
+import torch, sys
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.version.cuda}, "
+      f"gpu {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+PY
+
+echo "== GPU tests (pytest -m gpu), $(left) s left"
+timeout "$(( $(left) > 150 ? 150 : $(left) ))" "$PY" -m pytest -m gpu "${TESTS[@]}" -q -rs \
+  -p no:cacheprovider 2>&1 | tee "$LOGS/gpu_tests.log"
+rc=${PIPESTATUS[0]}
+if [ "$rc" != 0 ] && [ "$rc" != 5 ]; then echo "GPU tests failed (rc $rc)" >&2; status=1; fi
+
+LEFT=$(left)
+echo "== latency benchmark, $LEFT s left"
+if [ "$LEFT" -lt 30 ]; then
+  echo "no time left for the benchmark" >&2; exit 3
+fi
+# the benchmark starts no cell after LEFT-40 s; timeout is the backstop (SIGTERM: it saves)
+timeout -k 10 "$LEFT" "$PY" benchmarks/gpu_latency.py "${BENCH[@]}" --deadline-s $((LEFT - 40)) \
+  2>&1 | tee "$LOGS/gpu_latency.log"
+brc=${PIPESTATUS[0]}
+if [ -f "$RESULT" ]; then
+  [ "$DRY" = 1 ] || cp "$RESULT" "$LOGS/" 2>/dev/null || true
+  "$PY" benchmarks/gpu_latency.py --summarize "$RESULT" | tee "$LOGS/gpu_summary.md"
+fi
+if [ "$brc" != 0 ]; then echo "benchmark incomplete or failed (rc $brc)" >&2; [ "$status" = 0 ] && status=3; fi
+echo "== done in $SECONDS s (budget $BUDGET s), status $status"
+exit "$status"
