@@ -14,20 +14,23 @@ In one process, alternating, ``--repeats`` times each:
   of the dense model (the copy is made outside the timed region).
 
 Writes medians, the ratio prune / forward (target <= 1.5), the breakdown of the prune time
-(calibration vs the rest) and ``env_info()`` as JSON.
+(calibration vs the rest) and the provenance of the run (``_common.write_result``) as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_result  # noqa: E402
 
 TARGET_RATIO = 1.5
 
@@ -54,7 +57,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from vlcompress.data import load_calibration
-    from vlcompress.envinfo import env_info
     from vlcompress.models import load_model
     from vlcompress.prune import prune
 
@@ -93,11 +95,8 @@ def main(argv=None) -> int:
         "target_ratio": TARGET_RATIO,
         "ok": p / f <= TARGET_RATIO,
         "achieved": res.achieved,
-        "env": env_info(),
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path = write_result("prune_cost", out, args.out)
     print(f"forward {f:.3f}s  prune {p:.3f}s (calibration {c:.3f}s, rest {p - c:.3f}s)  "
           f"ratio {p / f:.2f} (target <= {TARGET_RATIO})  -> {path}")
     return 0 if out["ok"] else 1

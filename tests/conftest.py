@@ -120,3 +120,14 @@ def make_tiny_random_blip(seed: int = 0, layers: int = 2, hidden: int = 32, head
     model = BlipForImageTextRetrieval(cfg).eval()
     img = BlipImageProcessor(size={"height": image_size, "width": image_size})
     return BLIP(model, tok, img, name="tiny-random-blip", source="test")
+
+
+def set_option_defaults(monkeypatch, method: str, **defaults) -> None:
+    """Make ``method``'s declared option defaults ``defaults`` for one test (few steps)."""
+    import dataclasses
+
+    from vlcompress.methods.registry import _METHODS, get_method
+
+    m = get_method(method)
+    opts = tuple(dataclasses.replace(o, default=defaults.get(o.name, o.default)) for o in m.options)
+    monkeypatch.setitem(_METHODS, method, dataclasses.replace(m, options=opts))
