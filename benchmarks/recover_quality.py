@@ -55,7 +55,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def run(model: str, methods: list[str], sparsity: float, recover_steps: int, recover_lr: float,
-        calib_n: int, eval_n: int, train_n: int, overrides: dict) -> dict:
+        calib_n: int, eval_n: int, train_n: int, overrides: dict,
+        weights: dict | None = None) -> dict:
     calib = load_calibration("shapes", n=calib_n, batch_size=32, seed=0)
     train = load_train("shapes", n=train_n, seed=0)
     data = load_eval("shapes", n=eval_n)
@@ -87,8 +88,10 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int, rec
         else:
             row["pruned"] = evaluate(vlm, data)
             rec = recover(vlm, steps=recover_steps, teacher=teacher, lr=recover_lr, data=train,
-                          seed=0)
-            row["recipe"] = f"{method} structured + recover ({recover_steps} steps, lr {recover_lr:g})"
+                          seed=0, weights=weights)
+            extra = "".join(f", {k}={v:g}" for k, v in (weights or {}).items())
+            row["recipe"] = (f"{method} structured + recover ({recover_steps} steps, "
+                             f"lr {recover_lr:g}{extra})")
             row["command"] = (f"{base} --method {method}{flags} --out RUN && vlcompress recover RUN "
                               f"--steps {recover_steps} --lr {recover_lr:g} --data shapes "
                               f"--size {train_n}")
@@ -106,7 +109,8 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int, rec
     return {"model": model, "pattern": "structured", "sparsity": sparsity,
             "recover_steps": recover_steps, "recover_lr": recover_lr, "batch_size": 32,
             "calibration_pairs": calib_n, "eval_pairs": eval_n, "train_pairs": train_n,
-            "method_option_overrides": overrides, "dense": dense, "rows": rows}
+            "method_option_overrides": overrides, "distill_weights": weights or {},
+            "dense": dense, "rows": rows}
 
 
 def markdown(res: dict) -> str:
@@ -135,11 +139,16 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=720)
     ap.add_argument("--method-option", action="append", default=[],
                     help="METHOD:KEY=VALUE, e.g. upop:retrain_steps=1200 (repeatable)")
+    ap.add_argument("--distill-weight", action="append", default=[],
+                    help="KEY=VALUE loss weight of the recover rows (vlcompress.distill.DEFAULTS), "
+                         "e.g. w_relation=1 (API only: recover(weights=...))")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    weights = {k: float(v) for k, v in (w.split("=", 1) for w in a.distill_weight)}
     t0 = time.perf_counter()
     res = run(a.model, a.methods.split(","), a.sparsity, a.recover_steps, a.recover_lr,
-              a.calibration_size, a.eval_size, a.train_size, parse_overrides(a.method_option))
+              a.calibration_size, a.eval_size, a.train_size, parse_overrides(a.method_option),
+              weights)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     path = write_result("recover_quality", res, a.out)
     print(markdown(res))
