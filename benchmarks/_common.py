@@ -1,21 +1,63 @@
-"""Shared bits of the benchmark scripts: result files with the machine named."""
+"""Shared bits of the benchmark scripts: every results JSON says where it came from.
+
+:func:`write_result` adds, to every payload, ``provenance``: the git commit of the checkout
+(and whether it had uncommitted changes), the exact command that produced it (re-runnable
+from the repository root), the machine, the library versions (:func:`vlcompress.envinfo.env_info`)
+and when it ran (UTC). ``env`` and ``created`` stay for the readers of older files.
+"""
 
 from __future__ import annotations
 
 import json
+import platform
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from vlcompress.envinfo import env_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as run, the script path relative to the repository root when it is inside."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv:
+        try:
+            argv[0] = str(Path(argv[0]).resolve().relative_to(ROOT))
+        except ValueError:
+            pass
+    return shlex.join(["python", *argv])
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """Commit, command, machine, versions and time of this run."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status),
+            "command": command_line(argv),
+            "machine": {"node": platform.node(), "cpu": env_info()["cpu"],
+                        "cpu_count": env_info()["cpu_count"], "platform": platform.platform()},
+            "versions": env_info()["packages"],
+            "ran_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def write_result(name: str, payload: dict, out: str | Path | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload,
-           "env": env_info()}
+           "provenance": provenance(), "env": env_info()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)

@@ -1,17 +1,23 @@
 """How reliable is the CI gate? False fails on an unchanged model, detection of real regressions.
 
-    python benchmarks/gate_reliability.py          # ~5-8 minutes on 2 cores
+    python benchmarks/gate_reliability.py          # ~25-35 minutes on 2 idle cores
     python benchmarks/gate_reliability.py --trials 5 --out /tmp/gr.json   # a quick look
+    python benchmarks/gate_reliability.py --slowdowns 0.2 --no-accuracy-drop   # 20% only
 
 Setup (all real, nothing simulated):
 
 1. ``prune_export`` tiny-clip with multiflow, unstructured ``--base-sparsity`` (0.30): the
    deployed model. ``benchmark`` on that folder gives the cached baseline report.
-2. **2x slower**: a copy of the folder whose pruned ONNX graphs do the work twice: every
-   node and weight of the graph is duplicated under new names (``onnx.compose.add_prefix``)
-   and the copy's output is an extra graph output, so onnxruntime runs both (distinct
-   weight tensors: no common-subexpression elimination can merge them). Dense ONNX and the
-   pruned PyTorch model are untouched, so accuracy is unchanged and only latency regresses.
+2. **slower by a fraction f** (``--slowdowns``, default ``1.0,0.2``: 2x and +20%): a copy of
+   the folder whose pruned ONNX graphs do extra work: for f = 1 every node and weight of the
+   graph is duplicated under new names (``onnx.compose.add_prefix``); for f < 1 only the
+   subgraph from the inputs to the output of the MatMul/Gemm at fraction f of them (in graph
+   order) is duplicated (``onnx.utils.Extractor``), so about f of the matmul work is added.
+   The copy's output is an extra graph output, so onnxruntime runs it (distinct weight
+   tensors: no common-subexpression elimination can merge them). Dense ONNX and the pruned
+   PyTorch model are untouched, so accuracy is unchanged and only latency regresses. The
+   *measured* slowdown of each variant (median change over trials) is reported beside its
+   detection count, since f is work added, not time.
 3. **accuracy drop**: a fresh ``prune_export`` at a higher sparsity, the lowest of
    base + 0.04, 0.08, ... whose zero-shot top-1 is at least 5 points below the base model's
    on the same eval data (the measured drop is recorded).
@@ -19,7 +25,7 @@ Setup (all real, nothing simulated):
 Each trial round runs ``benchmark(folder, baseline=...)`` (the same call as
 ``vlcompress bench``) once per variant, interleaved, so machine-load drift hits all three
 alike. Counted: unchanged passes (target 20/20), slow runs failed by a latency check
-(20/20), drop runs failed by an accuracy check (20/20). Result:
+(20/20) per slowdown, drop runs failed by an accuracy check (20/20). Result:
 ``benchmarks/results/gate_reliability.json``.
 """
 
@@ -57,6 +63,34 @@ def double_graph(src: Path, dst: Path) -> None:
     onnx.save(m, str(dst))
 
 
+def partial_twin(src: Path, dst: Path, fraction: float) -> None:
+    """``dst``: the graph of ``src`` plus a renamed copy of its subgraph up to the output of
+    the MatMul/Gemm at ``fraction`` of them (``fraction >= 1``: the whole graph)."""
+    import onnx
+    import onnx.compose
+    import onnx.utils
+
+    if fraction >= 1:
+        double_graph(src, dst)
+        return
+    m = onnx.load(str(src))
+    mm = [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm")]
+    cut = mm[max(0, round(fraction * len(mm)) - 1)].output[0]
+    inputs = [i.name for i in m.graph.input]
+    sub = onnx.utils.Extractor(m).extract_model(inputs, [cut])
+    twin = onnx.compose.add_prefix(sub, "extra_", rename_inputs=False, rename_outputs=True).graph
+    shared = {f"extra_{n}": n for n in inputs}  # the copy reads the graph's own inputs
+    for node in twin.node:
+        for i, name in enumerate(node.input):
+            if name in shared:
+                node.input[i] = shared[name]
+    m.graph.node.extend(twin.node)
+    m.graph.initializer.extend(twin.initializer)
+    m.graph.output.extend(twin.output)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(dst))
+
+
 def find_drop_sparsity(model: str, base: float, calib_n: int, eval_n: int, target: float = 0.05):
     calib = load_calibration("shapes", n=calib_n)
     data = load_eval("shapes", n=eval_n)
@@ -75,6 +109,11 @@ def find_drop_sparsity(model: str, base: float, calib_n: int, eval_n: int, targe
     raise RuntimeError("no sparsity below 0.9 drops accuracy by 5 points")
 
 
+def slow_name(frac: float) -> str:
+    """``slow_2x`` for the whole graph twice (the older files' name), ``slow_+20pct`` else."""
+    return "slow_2x" if frac >= 1 else f"slow_+{round(100 * frac)}pct"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
@@ -85,9 +124,13 @@ def main(argv=None) -> int:
     ap.add_argument("--base-sparsity", type=float, default=0.3)
     ap.add_argument("--max-latency-regression", type=float, default=0.10)
     ap.add_argument("--max-accuracy-drop", type=float, default=0.01)
+    ap.add_argument("--slowdowns", default="1.0,0.2",
+                    help="extra work added to the pruned graphs, fractions (1.0 = 2x)")
+    ap.add_argument("--no-accuracy-drop", action="store_true", help="skip the accuracy-drop variant")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/...)")
     ap.add_argument("--keep", default=None, help="keep the run folders here")
     a = ap.parse_args(argv)
+    fractions = [float(x) for x in a.slowdowns.split(",") if x.strip()]
     t_start = time.perf_counter()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="vlc-gate-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -95,22 +138,29 @@ def main(argv=None) -> int:
                   calibration_size=a.calibration_size, eval_size=a.eval_size,
                   batch_sizes=a.batch_sizes, iterations=30, force=True)
     try:
-        print("building the base run, the 2x-slower copy and the accuracy-drop run", flush=True)
+        print("building the base run, the slower copies and the accuracy-drop run", flush=True)
         prune_export(out=str(work / "base"), sparsity=a.base_sparsity, **common)
-        shutil.copytree(work / "base", work / "slow", dirs_exist_ok=True)
-        for tower in ("vision", "text"):
-            f = Path("pruned") / f"{tower}.onnx"
-            double_graph(work / "base" / f, work / "slow" / f)
-        s_drop, drop_probe = find_drop_sparsity("tiny-clip", a.base_sparsity, a.calibration_size,
-                                                a.eval_size)
-        prune_export(out=str(work / "drop"), sparsity=s_drop, **common)
+        slow_kinds = {}
+        for frac in fractions:
+            name = slow_name(frac)
+            slow_kinds[name] = name
+            shutil.copytree(work / "base", work / name, dirs_exist_ok=True)
+            for tower in ("vision", "text"):
+                f = Path("pruned") / f"{tower}.onnx"
+                partial_twin(work / "base" / f, work / name / f, frac)
+        s_drop = drop_probe = None
+        if not a.no_accuracy_drop:
+            s_drop, drop_probe = find_drop_sparsity("tiny-clip", a.base_sparsity,
+                                                    a.calibration_size, a.eval_size)
+            prune_export(out=str(work / "drop"), sparsity=s_drop, **common)
         gate = GateConfig(max_latency_regression=a.max_latency_regression,
                           max_accuracy_drop=a.max_accuracy_drop)
         bench_kw = dict(iterations=a.iterations, warmup=10, gate=gate)
         baseline = benchmark(BenchConfig(run_dir=str(work / "base"), report=str(work / "baseline.json"),
                                          **bench_kw))
         print(f"baseline written ({baseline.report['config']['seconds_total']} s)", flush=True)
-        kinds = {"unchanged": "base", "slow_2x": "slow", "accuracy_drop": "drop"}
+        kinds = {"unchanged": "base", **slow_kinds,
+                 **({} if a.no_accuracy_drop else {"accuracy_drop": "drop"})}
         trials = {k: [] for k in kinds}
         for i in range(a.trials):
             for kind, folder in kinds.items():
@@ -142,11 +192,20 @@ def main(argv=None) -> int:
         return [v[key] if key == "change" else v["ci"][0]
                 for t in trials[kind] for v in t["latency"].values()]
 
-    un, slow, drop = trials["unchanged"], trials["slow_2x"], trials["accuracy_drop"]
+    un = trials["unchanged"]
+    slowed = {}
+    for frac in fractions:
+        slow = trials[slow_name(frac)]
+        slowed[slow_name(frac)] = {
+            "work_added": frac, "detected": sum(lat_failed(t) for t in slow), "of": len(slow),
+            "failed_exit_1": sum(t["exit_code"] == 1 for t in slow),
+            "accuracy_checks_failed": sum(acc_failed(t) for t in slow),
+            "latency_change_median": statistics.median(changes(slow_name(frac), "change")),
+            "min_ci_lower_bound": min(changes(slow_name(frac), "lo"))}
     payload = {
         "setup": {"model": "tiny-clip", "method": "multiflow", "base_sparsity": a.base_sparsity,
                   "drop_sparsity": s_drop, "trials": a.trials, "iterations": a.iterations,
-                  "batch_sizes": a.batch_sizes, "eval_size": a.eval_size,
+                  "batch_sizes": a.batch_sizes, "eval_size": a.eval_size, "slowdowns": fractions,
                   "max_latency_regression": a.max_latency_regression,
                   "max_accuracy_drop": a.max_accuracy_drop, "latency_basis": gate.basis,
                   "quantile": gate.quantile, "confidence": gate.confidence, "bootstrap": gate.bootstrap},
@@ -155,23 +214,29 @@ def main(argv=None) -> int:
                       "latency_change_range": [min(changes("unchanged", "change")),
                                                max(changes("unchanged", "change"))],
                       "max_ci_lower_bound": max(changes("unchanged", "lo"))},
-        "slow_2x": {"detected": sum(lat_failed(t) for t in slow), "of": len(slow),
-                    "failed_exit_1": sum(t["exit_code"] == 1 for t in slow),
-                    "accuracy_checks_failed": sum(acc_failed(t) for t in slow),
-                    "latency_change_median": statistics.median(changes("slow_2x", "change")),
-                    "min_ci_lower_bound": min(changes("slow_2x", "lo"))},
-        "accuracy_drop": {"detected": sum(acc_failed(t) for t in drop), "of": len(drop),
-                          "failed_exit_1": sum(t["exit_code"] == 1 for t in drop),
-                          "zeroshot_top1_drop": drop[0]["accuracy_drop"].get("accuracy zeroshot_top1"),
-                          "zeroshot_top1_drop_probe": round(drop_probe, 4)},
+        **slowed,
+    }
+    if not a.no_accuracy_drop:
+        drop = trials["accuracy_drop"]
+        payload["accuracy_drop"] = {
+            "detected": sum(acc_failed(t) for t in drop), "of": len(drop),
+            "failed_exit_1": sum(t["exit_code"] == 1 for t in drop),
+            "zeroshot_top1_drop": drop[0]["accuracy_drop"].get("accuracy zeroshot_top1"),
+            "zeroshot_top1_drop_probe": round(drop_probe, 4)}
+    payload.update({
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "trials": trials,
-    }
+    })
     path = write_result("gate_reliability", payload, a.out)
-    print(f"unchanged: {payload['unchanged']['passed']}/{len(un)} passed; 2x slower: "
-          f"{payload['slow_2x']['detected']}/{len(slow)} failed on latency; accuracy drop "
-          f"({100 * (payload['accuracy_drop']['zeroshot_top1_drop'] or 0):.1f} pt): "
-          f"{payload['accuracy_drop']['detected']}/{len(drop)} failed on accuracy -> {path}")
+    msg = [f"unchanged: {payload['unchanged']['passed']}/{len(un)} passed"]
+    for name, v in slowed.items():
+        msg.append(f"{name} (measured {100 * v['latency_change_median']:+.0f}%): "
+                   f"{v['detected']}/{v['of']} failed on latency")
+    if "accuracy_drop" in payload:
+        d = payload["accuracy_drop"]
+        msg.append(f"accuracy drop ({100 * (d['zeroshot_top1_drop'] or 0):.1f} pt): "
+                   f"{d['detected']}/{d['of']} failed on accuracy")
+    print("; ".join(msg) + f" -> {path}")
     return 0
 
 

@@ -14,7 +14,7 @@ In one process, alternating, ``--repeats`` times each:
   of the dense model (the copy is made outside the timed region).
 
 Writes medians, the ratio prune / forward (target <= 1.5), the breakdown of the prune time
-(calibration vs the rest) and ``env_info()`` as JSON.
+(calibration vs the rest) and the provenance of the run (``_common.write_result``) as JSON.
 
 Per method and depth (``--methods``; issue 17, the block-sequential engine):
 
@@ -43,6 +43,10 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_result  # noqa: E402
 
 TARGET_RATIO = 1.5
 TARGET_SOLVER_RATIO = 3.0  # sparsegpt prune / one calibration pass (issue 17)
@@ -178,7 +182,6 @@ def main(argv=None) -> int:
         return per_method(args)
 
     from vlcompress.data import load_calibration
-    from vlcompress.envinfo import env_info
     from vlcompress.models import load_model
     from vlcompress.prune import prune
 
@@ -217,11 +220,8 @@ def main(argv=None) -> int:
         "target_ratio": TARGET_RATIO,
         "ok": p / f <= TARGET_RATIO,
         "achieved": res.achieved,
-        "env": env_info(),
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path = write_result("prune_cost", out, args.out)
     print(f"forward {f:.3f}s  prune {p:.3f}s (calibration {c:.3f}s, rest {p - c:.3f}s)  "
           f"ratio {p / f:.2f} (target <= {TARGET_RATIO})  -> {path}")
     return 0 if out["ok"] else 1

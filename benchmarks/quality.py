@@ -5,14 +5,20 @@
 
 Every cell: load the dense model, prune it with the method at the setting (calibration: 256
 bundled calibration pairs), evaluate on the bundled eval split (720 pairs, 36 classes).
-Random is the floor every method must beat. Each cell records ``prune_seconds`` (the whole
-``prune()`` call, calibration included); the table's last column is the mean over settings.
-For ``auto`` each row also records which candidate won and by how much.
+Random is the floor every method must beat. For ``auto`` each row also records which
+candidate won and by how much. A method may carry its options, ``name:key=value;key=value``
+(e.g. ``--methods ecoflap,ecoflap:estimator=block-spsa``), as ``--method-option`` on the CLI.
+
+Prune time: with ``--timing-repeats N`` (N >= 3) each cell is pruned once untimed (warm-up:
+first-call costs, lazy imports) and then N more times, and the table's last column is the
+median of those N ``prune()`` calls (calibration included), averaged over settings. By default
+(0) no time is reported: one timed call mixes the warm-up into the first cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,44 +35,63 @@ METHODS = ["random", "magnitude", "wanda", "multiflow", "lamp", "snip", "ecoflap
            "auto"]
 
 
-def run(model: str, methods: list[str], calib_n: int, eval_n: int) -> dict:
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"ecoflap:estimator=block-spsa;num_noise=2"`` -> ``("ecoflap", {...})``."""
+    name, _, rest = spec.partition(":")
+    opts = dict(kv.split("=", 1) for kv in rest.split(";") if kv.strip())
+    return name, opts
+
+
+def run(model: str, methods: list[str], calib_n: int, eval_n: int, repeats: int = 0) -> dict:
     calib = load_calibration("shapes", n=calib_n)
     data = load_eval("shapes", n=eval_n)
     dense = evaluate(load_model(model), data)
     rows = []
-    for method in methods:
+    for spec in methods:
+        method, opts = parse_spec(spec)
         for label, pattern, sparsity in SETTINGS:
+            times = []
+            for _ in range(repeats + 1 if repeats else 0):  # the first call is the warm-up
+                vlm = load_model(model)
+                t = time.perf_counter()
+                prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts)
+                times.append(time.perf_counter() - t)
             vlm = load_model(model)
-            t = time.perf_counter()
-            res = prune(vlm, method, sparsity, pattern, calibration=calib)
-            secs = time.perf_counter() - t
+            res = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts)
             m = evaluate(vlm, data)
-            rows.append({"method": method, "setting": label, "pattern": pattern,
+            rows.append({"method": spec, "setting": label, "pattern": pattern,
                          "achieved": res.achieved, "per_modality": res.per_modality,
-                         "prune_seconds": round(secs, 3), **m})
+                         "method_options": res.details.get("method_options", {}), **m})
+            if repeats:
+                rows[-1]["prune_seconds_median"] = round(statistics.median(times[1:]), 3)
+                rows[-1]["prune_seconds_all"] = [round(x, 3) for x in times[1:]]
             if method == "auto":
                 d = res.details
                 rows[-1]["auto"] = {k: d.get(k) for k in ("winner", "runner_up", "margin")}
-            print(f"{method:10s} {label:4s} zs={m['zeroshot_top1']:.3f} i2t@1={m['i2t_r1']:.3f} "
-                  f"t2i@1={m['t2i_r1']:.3f} ({secs:.1f}s)", flush=True)
+            print(f"{spec:10s} {label:4s} zs={m['zeroshot_top1']:.3f} i2t@1={m['i2t_r1']:.3f} "
+                  f"t2i@1={m['t2i_r1']:.3f}", flush=True)
     return {"model": model, "calibration_pairs": calib_n, "eval_pairs": eval_n, "dense": dense,
-            "rows": rows}
+            "timing_repeats": repeats, "rows": rows}
 
 
 def markdown(res: dict) -> str:
     labels = [s[0] for s in SETTINGS]
     d = res["dense"]
-    lines = ["| method | " + " | ".join(labels) + " | prune s |",
-             "|---|" + "---:|" * (len(labels) + 1),
+    timed = bool(res.get("timing_repeats"))
+    lines = ["| method | " + " | ".join(labels) + (" | prune s (median) |" if timed else " |"),
+             "|---|" + "---:|" * (len(labels) + int(timed)),
              "| dense | " + " | ".join(f"{100 * d['zeroshot_top1']:.1f} / {100 * d['i2t_r1']:.1f}"
-                                       for _ in labels) + " | |"]
+                                       for _ in labels) + (" | |" if timed else " |")]
     methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
     for m in methods:
         cells = {r["setting"]: r for r in res["rows"] if r["method"] == m}
-        secs = [c["prune_seconds"] for c in cells.values()]
+        tail = " |"
+        if timed:
+            secs = [c["prune_seconds_median"] for c in cells.values()]
+            tail = f" | {sum(secs) / len(secs):.2f} |"
         lines.append(f"| {m} | " + " | ".join(
             f"{100 * cells[s]['zeroshot_top1']:.1f} / {100 * cells[s]['i2t_r1']:.1f}" for s in labels)
-            + f" | {sum(secs) / len(secs):.1f} |")
+            + tail)
     auto = [r for r in res["rows"] if r["method"] == "auto" and r.get("auto")]
     if auto:
         lines += ["", "auto's picks (fidelity margin over the runner-up): " + "; ".join(
@@ -81,9 +106,13 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--calibration-size", type=int, default=256)
     ap.add_argument("--eval-size", type=int, default=720)
+    ap.add_argument("--timing-repeats", type=int, default=0,
+                    help="timed prune() calls per cell after one warm-up (0: no time; else >= 3)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    res = run(a.model, a.methods.split(","), a.calibration_size, a.eval_size)
+    if a.timing_repeats and a.timing_repeats < 3:
+        ap.error("--timing-repeats must be 0 or at least 3")
+    res = run(a.model, a.methods.split(","), a.calibration_size, a.eval_size, a.timing_repeats)
     res["table_markdown"] = markdown(res)
     path = write_result("quality", res, a.out)
     print(res["table_markdown"])

@@ -3,8 +3,14 @@
     python scripts/train_tiny_clip.py --steps 2500 --out vlcompress/assets/models/tiny-clip
 
 The result is a real HF ``CLIPModel`` (plus its word-level tokenizer and image processor)
-saved as safetensors; ``metrics.json`` beside it records the dense metrics it reached on the
-eval split (zero-shot top-1 over the 36 colour x shape classes, retrieval R@1/R@5).
+saved as safetensors; ``vlcompress.json`` beside it records the training history and the
+dense metrics (zero-shot top-1 over the 36 colour x shape classes, retrieval R@1/R@5).
+
+Checkpoint selection never looks at the eval split: every ``--eval-every`` steps the model is
+measured on a held-out **validation** set, ``--val-size`` samples of the train generator at
+indices ``[pool, pool + val-size)`` (their own seeds; training draws only indices below
+``--pool``), and the checkpoint with the best validation ``(zero-shot top-1 + i2t R@1) / 2``
+is kept. The eval split (720) is measured once, on that checkpoint, at the end.
 Deterministic given ``--seed`` (up to PyTorch's CPU kernel nondeterminism).
 """
 
@@ -96,7 +102,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pool", type=int, default=24000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=250, help="validation every N steps")
+    ap.add_argument("--val-size", type=int, default=720, help="held-out validation samples")
     ap.add_argument("--out", default="vlcompress/assets/models/tiny-clip")
     args = ap.parse_args()
 
@@ -108,6 +115,7 @@ def main():
     print(f"params: {sum(p.numel() for p in model.parameters()):,}")
     t0 = time.time()
     px, caps, _, _ = make_pool("train", args.pool)
+    vpx, _, vlabels, vfull = make_pool("train", args.val_size, start=args.pool)  # held out
     epx, _, elabels, efull = make_pool("eval", 720)
     print(f"data: {time.time() - t0:.1f}s")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -121,7 +129,7 @@ def main():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     g = torch.Generator().manual_seed(args.seed)
     model.train()
-    best, best_state, history = -1.0, None, []
+    best, best_state, history, best_step = -1.0, None, [], 0
     for step in range(args.steps):
         idx = torch.randint(0, len(px), (args.batch,), generator=g)
         bcaps = [caps[i] for i in idx.tolist()]
@@ -137,12 +145,13 @@ def main():
         opt.step()
         sched.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            m = evaluate(model, tok, epx, elabels, efull)
+            m = {f"val_{k}": v for k, v in evaluate(model, tok, vpx, vlabels, vfull).items()}
             m.update(step=step + 1, loss=round(loss.item(), 4), seconds=round(time.time() - t0, 1))
             history.append(m)
             print(json.dumps(m), flush=True)
-            if m["zeroshot_top1"] >= best:
-                best = m["zeroshot_top1"]
+            score = (m["val_zeroshot_top1"] + m["val_i2t_r1"]) / 2
+            if score >= best:
+                best, best_step = score, step + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     model.eval()
@@ -162,6 +171,9 @@ def main():
         "description": "CLIP trained by vlcompress on the bundled shapes data (48px, 4+4 layers)",
         "training": {"script": "scripts/train_tiny_clip.py", **vars(args),
                      "seconds": round(time.time() - t0, 1)},
+        "selection": {"on": f"validation: train generator indices [{args.pool}, "
+                      f"{args.pool + args.val_size})", "score": "(zeroshot_top1 + i2t_r1) / 2",
+                      "step": best_step, "value": best},
         "dense_metrics_eval_720": final,
         "history": history,
     }, indent=2))

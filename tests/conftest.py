@@ -131,3 +131,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(why)
+
+
+def set_option_defaults(monkeypatch, method: str, **defaults) -> None:
+    """Make ``method``'s declared option defaults ``defaults`` for one test (few steps)."""
+    import dataclasses
+
+    from vlcompress.methods.registry import _METHODS, get_method
+
+    m = get_method(method)
+    opts = tuple(dataclasses.replace(o, default=defaults.get(o.name, o.default)) for o in m.options)
+    monkeypatch.setitem(_METHODS, method, dataclasses.replace(m, options=opts))

@@ -150,3 +150,28 @@ def test_trt_engine_fails_before_work_on_cpu(tmp_path):
     res = run("prune-export", "--out", str(tmp_path / "run"), "--engine", "trt")
     assert_one_line_error(res, "CUDA")
     assert not (tmp_path / "run").exists()
+
+
+def test_method_option_is_checked_before_any_work(tmp_path):
+    out = tmp_path / "o"
+    res = run("prune-export", "--method", "upop", "--pattern", "structured", "--sparsity", "0.5",
+              "--method-option", "search_steps=2", "--method-option", "warp=9", "--out", str(out))
+    assert res.exit_code == 2
+    assert_one_line_error(res, "method 'upop' has no option 'warp'", "search_steps=")
+    assert not out.exists()
+    res = run("prune", "--method", "ecoflap", "--pattern", "unstructured", "--sparsity", "0.5",
+              "--method-option", "num_noise=0", "--out", str(out))
+    assert_one_line_error(res, "ecoflap.num_noise='0' is not valid", "int >= 1")
+    res = run("models", "--methods")
+    assert "retrain_steps=" in res.stdout and "estimator=tensor" in res.stdout
+
+
+def test_method_option_reaches_the_method(tmp_path):
+    out = tmp_path / "p"
+    res = run("prune", "--method", "ecoflap", "--pattern", "unstructured", "--sparsity", "0.5",
+              "--calibration-size", "16", "--method-option", "zo_pairs=16",
+              "--method-option", "estimator=block-spsa", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "prune.json").read_text())
+    assert info["details"]["method_options"]["estimator"] == "block-spsa"
+    assert info["details"]["zo_pairs"] == 16

@@ -159,3 +159,24 @@ def test_blip_eval_encodes_each_image_once_and_matches_reference():
     m = metrics_from_embeddings(emb)
     assert m["i2t_r1_itm"] == pytest.approx(ref["i2t_r1_itm"])
     assert m["t2i_r1_itm"] == pytest.approx(ref["t2i_r1_itm"])
+
+
+def test_relation_loss_is_zero_for_the_same_geometry_and_off_by_default():
+    import torch
+
+    from vlcompress.distill import distill_loss, relation_loss
+
+    torch.manual_seed(0)
+    t = torch.randn(6, 8)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    assert float(relation_loss(3.0 * t @ q, t)) == pytest.approx(0.0, abs=1e-6)  # rotated, scaled
+    s = torch.randn(6, 8)
+    assert float(relation_loss(s, t)) > 0.01
+    # by hand for two vectors: cosines [[1, c], [c, 1]] vs [[1, 0], [0, 1]] -> 2 c^2 / 4
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(relation_loss(a, b)) == pytest.approx(2 * 0.5 / 4)
+    out_s, out_t = {"vision": s, "text": s}, {"vision": t, "text": t}
+    base = distill_loss(out_s, out_t, w_logits=0, w_contrastive=0)
+    more = distill_loss(out_s, out_t, w_logits=0, w_contrastive=0, w_relation=1.0)
+    assert float(more - base) == pytest.approx(2 * float(relation_loss(s, t)), rel=1e-5)

@@ -295,3 +295,53 @@ def test_sparsegpt_skip_incompatible(calib):
     res = prune(vlm, "sparsegpt", pattern="2:4", calibration=calib, skip_incompatible=True)
     assert set(res.masks) == {ly.name for ly in vlm.prunable_layers() if ly.name.endswith("fc2")}
     assert res.skipped and all(res.per_layer[n] == 0.0 for n in res.skipped)
+
+
+def test_ecoflap_tensor_estimator_is_the_references_on_a_linear_loss():
+    """Loss = sum_l c_l * sum(W_l): (L(W+eps z) - L(W-eps z)) / 2eps = c_l * sum(z) exactly,
+    so each tensor's score is sum over batches and draws of |c_l sum z| (the reference's
+    ``olmezo-gradient``), with no |W| factor, and a block's score is the sum of its tensors'."""
+    from types import SimpleNamespace
+
+    from vlcompress.data.pairs import PairData
+    from vlcompress.methods.ecoflap import _noise, _seed, block_importance, tensor_importance
+
+    torch.manual_seed(0)
+    lys = [SimpleNamespace(name=f"l{i}", modality="vision", block=i // 2,
+                           weight=torch.nn.Parameter(torch.randn(3, 4))) for i in range(4)]
+    c = [0.0, 2.0, -1.0, 0.5]
+
+    class Linear:
+        def encode(self, batch):
+            return {"n": len(batch)}
+
+        def loss(self, enc):
+            return sum(ci * ly.weight.sum() for ci, ly in zip(c, lys, strict=True))
+
+    data = PairData(None, [f"s{i}" for i in range(10)], batch_size=4)  # batches of 4, 4, 2
+    got = tensor_importance(Linear(), lys, data, eps=1e-2, seed=3, num_noise=2, zo_pairs=6)
+
+    def expect(i):  # batch 0: draws 0, 1 (4 + 4 pairs >= 6): then the budget is spent
+        total = 0.0
+        for k in range(2):
+            z = _noise(torch.Generator().manual_seed(_seed(3, (f"l{i}", k), 0)), lys[i])
+            total += abs(c[i] * float(z.sum()))
+        return total
+
+    for i in range(4):
+        assert got[f"l{i}"] == pytest.approx(expect(i), rel=1e-3, abs=1e-4)
+    assert got["l0"] == pytest.approx(0.0, abs=1e-4)
+    with torch.no_grad():  # no |W| factor: scaling the weights leaves the scores alone
+        for ly in lys:
+            ly.weight.mul_(10.0)
+    again = tensor_importance(Linear(), lys, data, eps=1e-2, seed=3, num_noise=2, zo_pairs=6)
+    assert again == pytest.approx(got, rel=1e-3, abs=1e-3)
+    blocks = block_importance(Linear(), lys, data, eps=1e-2, seed=3, num_noise=2, zo_pairs=6)
+    assert blocks[("vision", 0)] == pytest.approx(again["l0"] + again["l1"], rel=1e-6)
+
+
+def test_ecoflap_estimator_option_reaches_the_result(tiny_random_clip, calib):
+    res = prune(tiny_random_clip, "ecoflap", 0.5, calibration=calib,
+                method_options={"estimator": "block-spsa", "num_noise": "2", "zo_pairs": "8"})
+    assert res.details["estimator"] == "block-spsa" and res.details["num_noise"] == 2
+    assert res.details["method_options"]["zo_pairs"] == 8

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .config import parse_method_options
 from .errors import VlcError
 
 app = typer.Typer(
@@ -55,6 +56,9 @@ RoundToOpt = Annotated[str, typer.Option(
     "--round-to", help="Pattern structured: kept widths are multiples of this (positive integer).")]
 DepthOpt = Annotated[str, typer.Option(
     "--depth", help="Pattern structured, method mope: whole layers to remove per tower.")]
+MethodOptionOpt = Annotated[list[str] | None, typer.Option(
+    "--method-option", help="The method's own option KEY=VALUE (repeatable; "
+    "`vlcompress models --methods` lists them), e.g. retrain_steps=400.")]
 # The runtime (vlcompress.runtime.registry): a name, a device and a precision.
 _RUNTIMES = "onnxruntime, onnxruntime-trt, torch, torch-2:4 or trt (tensorrt)"
 EngineOpt = Annotated[str, typer.Option("--engine", "--runtime", help=f"Runtime: {_RUNTIMES}.")]
@@ -137,6 +141,7 @@ def prune_export_cmd(
     units: UnitsOpt = "heads,neurons",
     round_to: RoundToOpt = "8",
     depth: DepthOpt = "0",
+    method_option: MethodOptionOpt = None,
     recover_steps: Annotated[int, typer.Option(
         "--recover-steps", help="Distil the dense model into the pruned one for N steps.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
@@ -160,7 +165,8 @@ def prune_export_cmd(
                     train_size=train_size, iterations=iterations, force=force,
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
                     tower=tower, recover_steps=recover_steps, quantize=quantize,
-                    quantize_method=quantize_method, target_speedup=target_speedup, triton=triton)
+                    quantize_method=quantize_method, target_speedup=target_speedup, triton=triton,
+                    method_options=parse_method_options(method_option))
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -192,6 +198,7 @@ def prune_cmd(
     units: UnitsOpt = "heads,neurons",
     round_to: RoundToOpt = "8",
     depth: DepthOpt = "0",
+    method_option: MethodOptionOpt = None,
 ):
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save
@@ -199,7 +206,8 @@ def prune_cmd(
     res = prune_and_save(model, out_dir, method=method, sparsity=sparsity, pattern=pattern,
                          calibration=calibration, calibration_size=calibration_size, force=force,
                          skip_incompatible=skip_incompatible, progress_factory=_progress,
-                         units=units, round_to=round_to, depth=depth)
+                         units=units, round_to=round_to, depth=depth,
+                         method_options=parse_method_options(method_option))
     out.print(f"pruned {model} with {res['method']} {res['pattern']}: achieved "
               f"{100 * res['achieved']:.1f}% sparsity in {res['seconds']:.2f}s -> {out_dir}")
 
@@ -238,6 +246,12 @@ def models_cmd(
             t.add_row(m.name, m.kind, m.pattern_names, ", ".join(m.needs) or "-",
                       ", ".join(m.families) if m.families else "any", m.description)
         out.print(t)
+        opts = Table("method", "--method-option", "help", title="method options (defaults)")
+        for m in all_methods():
+            for o in m.options:
+                opts.add_row(m.name, o.describe(), o.help)
+        if opts.row_count:
+            out.print(opts)
         return
     from .models import list_models
 

@@ -100,6 +100,26 @@ def check_positive_int(value, name: str, *, zero_ok: bool = False) -> int:
     return v
 
 
+def parse_method_options(value) -> dict:
+    """``["k=v", ...]``, ``"k=v,k2=v2"`` or a mapping -> ``{k: v}`` (values still text from
+    the CLI; the method's declaration casts and checks them)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: dict = {}
+    for it in items:
+        text = str(it).strip()
+        if not text:
+            continue
+        key, sep, val = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"method option {text!r} is not KEY=VALUE (e.g. search_steps=40)")
+        out[key.strip()] = val.strip()
+    return out
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how.
@@ -121,6 +141,8 @@ class PruneConfig:
     units: tuple[str, ...] | str = STRUCTURED_UNITS
     round_to: int | str = 8
     depth: int | str = 0
+    # the method's own options (its Method.options), checked and completed with defaults
+    method_options: dict | None = None
 
     def __post_init__(self):
         from .methods.registry import check_method  # a leaf registry
@@ -133,7 +155,9 @@ class PruneConfig:
         if self.depth and not pat.is_structured:
             raise ConfigError(f"--depth {self.depth} removes whole layers: it needs pattern "
                               f"structured, not {pat}")
-        check_method(self.method, pat, depth=self.depth)
+        m = check_method(self.method, pat, depth=self.depth)
+        object.__setattr__(self, "method_options",
+                           m.check_options(parse_method_options(self.method_options)))
         if pat.is_nm:
             implied = pat.implied_sparsity
             if self.sparsity is not None:

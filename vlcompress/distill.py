@@ -10,6 +10,9 @@ family provides:
            token for [B, T, D] vision-tower features, per sentence for a text encoder)
          + w_logits * T^2 * KL(teacher || student) of the image-text logits, both directions
            (``logits``), and of the ITM match logits (``itm``: BLIP)
+         + w_relation * mean squared difference of the in-batch cosine-similarity matrices,
+           image-image and text-text (``vision``, ``text`` embeddings of shape [B, D]; off by
+           default): relation distillation, the batch's geometry rather than each embedding
 
 so a one-tower model (a vision tower, a BERT text encoder) distils its embeddings, and a new
 family gets recovery by implementing ``features`` in its one file. Nothing here reads the
@@ -43,8 +46,9 @@ from .progress import NULL, Progress
 CHECKPOINT = "last.pt"
 CHECKPOINT_FORMAT = "vlcompress-recover"
 DEFAULTS = {"n": 4096, "batch_size": 32, "lr": 5e-5, "checkpoint_every": 25,
-            "w_contrastive": 1.0, "w_embed": 1.0, "w_logits": 1.0, "temperature": 1.0}
-LOSS_WEIGHTS = ("w_contrastive", "w_embed", "w_logits", "temperature")
+            "w_contrastive": 1.0, "w_embed": 1.0, "w_logits": 1.0, "temperature": 1.0,
+            "w_relation": 0.0}
+LOSS_WEIGHTS = ("w_contrastive", "w_embed", "w_logits", "temperature", "w_relation")
 EMBEDDINGS = ("vision", "text")
 
 
@@ -91,10 +95,19 @@ def _kl(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
                     log_target=True, reduction="batchmean")
 
 
+def relation_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the in-batch cosine-similarity matrices of ``s`` and ``t``
+    (both [B, D])."""
+    sn, tn = F.normalize(s.float(), dim=-1), F.normalize(t.float(), dim=-1)
+    return ((sn @ sn.t() - tn @ tn.t()) ** 2).mean()
+
+
 def distill_loss(s_out: dict, t_out: dict, *, w_contrastive: float = 1.0, w_embed: float = 1.0,
-                 w_logits: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
-    """Student's own contrastive loss + embedding cosine distance + logit KL, over whichever
-    of ``loss``, ``vision``, ``text``, ``logits``, ``itm`` both feature dicts hold."""
+                 w_logits: float = 1.0, temperature: float = 1.0,
+                 w_relation: float = 0.0) -> torch.Tensor:
+    """Student's own contrastive loss + embedding cosine distance + logit KL (+ relation
+    distillation with ``w_relation``), over whichever of ``loss``, ``vision``, ``text``,
+    ``logits``, ``itm`` both feature dicts hold."""
     terms = []
     if w_contrastive and s_out.get("loss") is not None:
         terms.append(w_contrastive * s_out["loss"])
@@ -103,6 +116,10 @@ def distill_loss(s_out: dict, t_out: dict, *, w_contrastive: float = 1.0, w_embe
             if k in s_out and k in t_out:
                 cos = F.cosine_similarity(s_out[k].float(), t_out[k].float(), dim=-1)
                 terms.append(w_embed * (1 - cos).mean())
+    if w_relation:
+        for k in EMBEDDINGS:
+            if k in s_out and k in t_out and s_out[k].dim() == 2 and s_out[k].shape[0] > 1:
+                terms.append(w_relation * relation_loss(s_out[k], t_out[k]))
     if w_logits:
         T = float(temperature)
         if "logits" in s_out and "logits" in t_out:
@@ -254,4 +271,5 @@ def distill_gap(student, teacher, data, weights: dict | None = None) -> float:
 
 
 __all__ = ["CHECKPOINT", "DEFAULTS", "check_pattern", "dense_copy", "distill_gap", "distill_loss",
-           "features", "load_checkpoint", "save_checkpoint", "train_student", "zero_masks"]
+           "features", "load_checkpoint", "relation_loss", "save_checkpoint", "train_student",
+           "zero_masks"]

@@ -54,14 +54,17 @@ class RunConfig:
     quantize_method: str = "static"  # int8: static QDQ (calibrated) or dynamic
     target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
     triton: str | None = None  # also write OUT/triton with this backend (exporters.triton)
+    method_options: dict | None = None  # the method's own options (Method.options), checked
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
     def __post_init__(self):
         pc = PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern,
                          scope=self.scope, skip_incompatible=self.skip_incompatible, seed=self.seed,
-                         units=self.units, round_to=self.round_to, depth=self.depth)
+                         units=self.units, round_to=self.round_to, depth=self.depth,
+                         method_options=self.method_options)
         object.__setattr__(self, "prune_config", pc)
+        object.__setattr__(self, "method_options", dict(pc.method_options))
         object.__setattr__(self, "units", ",".join(pc.units))
         object.__setattr__(self, "round_to", pc.round_to)
         object.__setattr__(self, "depth", pc.depth)
@@ -275,7 +278,8 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         result = prune(vlm, cfg.method, sparsity, str(pc.pattern),
                        calibration=calib, train=train, scope=cfg.scope,
                        skip_incompatible=cfg.skip_incompatible, seed=cfg.seed, units=pc.units,
-                       round_to=pc.round_to, depth=pc.depth, progress=progress)
+                       round_to=pc.round_to, depth=pc.depth, method_options=pc.method_options,
+                       progress=progress)
         if teacher is not None:  # distil the dense model into the pruned one, pattern kept
             from .recover import recover
 

@@ -134,7 +134,8 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
           pattern: str = "unstructured", calibration=None, scope=None, *, train=None,
           skip_incompatible: bool = False, seed: int = 0, layerwise: bool = False,
           units="heads,neurons", round_to: int = 8, depth: int = 0,
-          progress: Progress = NULL, stats: dict | None = None) -> PruneResult:
+          method_options: dict | None = None, progress: Progress = NULL,
+          stats: dict | None = None) -> PruneResult:
     """Prune ``vlm`` in place and return a :class:`PruneResult`.
 
     - ``method``: a registered method (``vlcompress models --methods``: ``magnitude``,
@@ -156,6 +157,10 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
     - ``skip_incompatible``: leave layers whose input width is not a multiple of M dense and
       list them in ``skipped``, instead of raising :class:`PatternError`.
     - ``layerwise``: uniform per-layer allocation instead of the method's default.
+    - ``method_options``: the method's own options (``Method.options``: e.g. upop's
+      ``search_steps``, ``retrain_steps``, ``retrain_lr``); unset ones take their defaults, an
+      unknown name or bad value is a one-line :class:`ConfigError`. The result's ``details``
+      record the values used under ``method_options``.
     - ``stats``: activation statistics already collected over ``calibration`` on this model
       (``calibrate.collect_stats``; ``auto`` shares one capture among its candidates); layers
       it lacks are collected as usual. Solvers collect their own (block by block).
@@ -164,7 +169,7 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
     cfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
                       scope=_scope_tuple(scope), skip_incompatible=skip_incompatible,
                       seed=int(seed), layerwise=bool(layerwise), units=units,
-                      round_to=round_to, depth=depth)
+                      round_to=round_to, depth=depth, method_options=method_options)
     m = get_method(cfg.method)
     check_family(m, cfg.pattern, family_info(vlm))
     ctx = Context(vlm=vlm, cfg=cfg, progress=progress, prune=prune)
@@ -251,7 +256,8 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         per_layer=sparsity_per_layer(masks, scope_layers),
         skipped=skipped, seconds=time.perf_counter() - t0, calibration_seconds=calib_seconds,
         allocation=allocation, scope=None if cfg.scope is None else list(cfg.scope),
-        calibration=calib_desc, details=details,
+        calibration=calib_desc, details={**details, **({"method_options": cfg.method_options}
+                                                        if cfg.method_options else {})},
     )
 
 
@@ -363,6 +369,8 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
         verify = compare_outputs(ref, tower_outputs(vlm, probe))
     if dense is not None:
         method_details["retrain"] = m.retrain(ctx, dense)
+    if cfg.method_options:
+        method_details["method_options"] = dict(cfg.method_options)
         dense = None
 
     removed: dict[str, list[int]] = {}

@@ -5,8 +5,6 @@ given."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import ConfigError
@@ -113,68 +111,48 @@ def fill_untouched(blocks, head_s: dict, neur_s: dict) -> None:
         neur_s.setdefault(b.prefix, torch.zeros(b.mlp_width))
 
 
-def standardise(scores: dict[str, torch.Tensor], modality: dict[str, str]) -> dict[str, torch.Tensor]:
-    """z-score the scores of each modality (pooled over its layers)."""
-    out = {}
-    for m in set(modality.values()):
-        keys = [k for k in scores if modality[k] == m]
-        if not keys:
-            continue
-        allv = torch.cat([scores[k].double() for k in keys])
-        mu, sd = allv.mean(), allv.std(unbiased=False)
-        for k in keys:
-            out[k] = ((scores[k].double() - mu) / (sd if sd > 0 else 1.0)).float()
-    return out
+def zscore_pooled(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """z-score every tensor of ``values`` with one mean and one standard deviation pooled over
+    all of them (UPop: one pool per unit type over both modalities; the sample std, as
+    ``torch.std``)."""
+    if not values:
+        return {}
+    allv = torch.cat([v.double().flatten() for v in values.values()])
+    mu = allv.mean()
+    sd = allv.std() if allv.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+    sd = sd if float(sd) > 0 else torch.tensor(1.0, dtype=torch.float64)
+    return {k: ((v.double() - mu) / sd).float() for k, v in values.items()}
 
 
-def global_prune_sets(scores: dict[str, torch.Tensor], ratio: float, protect: dict[str, int]
-                      ) -> dict[str, torch.Tensor]:
-    """Bool ``pruned`` per key: the lowest ``ratio`` of all scores pooled together; the top
-    ``protect[key]`` of each key are never pruned."""
-    keys = list(scores)
-    adj = []
-    for k in keys:
-        s = scores[k].double().clone()
-        n = min(int(protect.get(k, 0)), s.numel())
-        if n:
-            s[torch.argsort(s, descending=True, stable=True)[:n]] = float("inf")
-        adj.append(s)
-    flat = torch.cat(adj)
-    k = int(math.floor(ratio * flat.numel()))
-    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k > 0:
-        pruned[torch.argsort(flat, stable=True)[:k]] = True
-    out, i = {}, 0
-    for key, s in zip(keys, adj, strict=True):
-        out[key] = pruned[i:i + s.numel()]
-        i += s.numel()
-    return out
+def round_counts(blocks, raw_h: dict[str, float], raw_f: dict[str, float], units, round_to: int
+                 ) -> dict[str, tuple[int, int]]:
+    """Per-block ``(heads, neurons)`` kept, each raw count rounded as every structured method
+    (:mod:`vlcompress.sparsity.structured`: multiples of ``round_to``; ``round_to=1`` keeps the
+    raw counts), at least one head."""
+    from ..sparsity.structured import round_heads, round_neurons
 
-
-def counts_from_scores(blocks, head_s, neur_s, target: float, units, round_to: int
-                       ) -> dict[str, tuple[int, int]]:
-    """Keep counts from one global ranking per unit type (heads, neurons) over all blocks,
-    rounded as every structured method (:mod:`vlcompress.sparsity.structured`)."""
-    from ..sparsity.structured import head_step, round_heads, round_neurons
-
-    raw_h = {b.prefix: float(b.num_heads) for b in blocks}
-    raw_f = {b.prefix: float(b.mlp_width) for b in blocks}
-    if "heads" in units and head_s:
-        protect = {b.prefix: min(b.num_heads, head_step(b.head_dim, round_to)) for b in blocks}
-        pr = global_prune_sets(head_s, target, protect)
-        raw_h = {p: float((~m).sum()) for p, m in pr.items()}
-    if "neurons" in units and neur_s:
-        protect = {b.prefix: min(b.mlp_width, round_to) for b in blocks}
-        pr = global_prune_sets(neur_s, target, protect)
-        raw_f = {p: float((~m).sum()) for p, m in pr.items()}
     out = {}
     for b in blocks:
-        h = round_heads(raw_h[b.prefix], b.num_heads, b.head_dim, round_to) \
+        h = round_heads(raw_h.get(b.prefix, b.num_heads), b.num_heads, b.head_dim, round_to) \
             if "heads" in units else b.num_heads
-        f = round_neurons(raw_f[b.prefix], b.mlp_width, round_to) if "neurons" in units \
-            else b.mlp_width
+        f = round_neurons(raw_f.get(b.prefix, b.mlp_width), b.mlp_width, round_to) \
+            if "neurons" in units else b.mlp_width
         out[b.prefix] = (max(1, h), f)
     return out
+
+
+def kept_per_modality(blocks, counts) -> dict[str, dict[str, float]]:
+    """Fraction of heads and of neurons kept per modality (what the search decided)."""
+    acc: dict[str, list[float]] = {}
+    for b in blocks:
+        h, f = counts[b.prefix]
+        a = acc.setdefault(b.modality, [0, 0, 0, 0])
+        a[0] += h
+        a[1] += b.num_heads
+        a[2] += f
+        a[3] += b.mlp_width
+    return {m: {"heads": round(a[0] / a[1], 4), "neurons": round(a[2] / a[3], 4)}
+            for m, a in acc.items()}
 
 
 def retrain(ctx, dense, *, steps: int, lr: float) -> dict:

@@ -45,6 +45,60 @@ _PATTERN_NAMES = {"unstructured": "unstructured", "nm": "N:M", "structured": "st
 
 
 @dataclass(frozen=True)
+class Option:
+    """One option a method exposes (``--method-option NAME=VALUE``; ``method_options`` in the
+    API): its type (int, float, str or bool), default, the allowed ``choices`` (str) or the
+    smallest allowed value (numbers) and one line of help."""
+
+    name: str
+    type: type
+    default: object
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+
+    def describe(self) -> str:
+        allowed = "|".join(self.choices) if self.choices else self.type.__name__
+        if self.minimum is not None:
+            allowed += f" >= {self.minimum:g}"
+        return f"{self.name}={self.default} ({allowed})"
+
+    def check(self, method: str, value) -> object:
+        """``value`` (a str from the CLI or a Python value) cast and checked; one line else."""
+        bad = f"method option {method}.{self.name}={value!r} is not valid; allowed: {self.describe()}"
+        try:
+            if self.type is bool:
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError
+                    v = low in ("1", "true", "yes")
+                elif isinstance(value, bool):
+                    v = value
+                else:
+                    raise ValueError
+            elif self.type is int:
+                if isinstance(value, bool) or (isinstance(value, float) and value != int(value)):
+                    raise ValueError
+                v = int(str(value).strip()) if isinstance(value, str) else int(value)
+            elif self.type is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                v = float(value)
+                if v != v or v in (float("inf"), float("-inf")):
+                    raise ValueError
+            else:
+                v = str(value).strip()
+        except (TypeError, ValueError):
+            raise ConfigError(bad) from None
+        if self.choices is not None and v not in self.choices:
+            raise ConfigError(bad)
+        if self.minimum is not None and v < self.minimum:
+            raise ConfigError(bad)
+        return v
+
+
+@dataclass(frozen=True)
 class Method:
     """A pruning method's declaration (see the module doc)."""
 
@@ -63,6 +117,7 @@ class Method:
     search: Callable | None = None
     retrain: Callable | None = None
     structured_allocation: str | None = None  # the label a search reports
+    options: tuple[Option, ...] = ()  # what the method exposes (its reference's knobs)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -93,7 +148,22 @@ class Method:
         return {"name": self.name, "kind": self.kind, "patterns": list(self.patterns),
                 "needs": list(self.needs), "families": None if self.families is None
                 else list(self.families), "allocation": self.allocation,
-                "description": self.description}
+                "description": self.description,
+                "options": {o.name: {"type": o.type.__name__, "default": o.default,
+                                     "help": o.help} for o in self.options}}
+
+    def check_options(self, given: dict | None) -> dict:
+        """Every option of this method, ``given`` ones checked and cast, the rest defaulted;
+        an unknown name or a bad value is one ConfigError line naming what is allowed."""
+        known = {o.name: o for o in self.options}
+        given = dict(given or {})
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            allowed = ", ".join(o.describe() for o in self.options) or "none"
+            raise ConfigError(f"method {self.name!r} has no option {unknown[0]!r}; its options: "
+                              f"{allowed}")
+        return {name: (o.check(self.name, given[name]) if name in given else o.default)
+                for name, o in known.items()}
 
 
 @dataclass
