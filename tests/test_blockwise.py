@@ -220,3 +220,15 @@ def test_group_blocks_and_refusals(calib):
     with pytest.raises(ConfigError, match="inputs='bogus'; allowed: pruned, dense"):
         run_blockwise(vlm, calib, vlm.prunable_layers(), lambda b, s: None, inputs="bogus")
     assert run_blockwise(vlm, calib, [], lambda b, s: None).block_runs == 0
+
+
+@pytest.mark.parametrize("d", [1030, 2048])
+def test_gram_from_the_upper_block_triangle_equals_the_full_product(d):
+    from vlcompress.calibrate import _masked_gram
+
+    x = torch.randn(2, 40, d, generator=torch.Generator().manual_seed(d))
+    mask = (torch.arange(40) < 31).float().expand(2, 40)
+    want = x[:, :31].reshape(-1, d).t() @ x[:, :31].reshape(-1, d)
+    torch.testing.assert_close(_masked_gram(x, mask), want, rtol=1e-5, atol=1e-4)
+    g = _masked_gram(x, None)
+    assert torch.equal(g, g.t())
