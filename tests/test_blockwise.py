@@ -232,3 +232,27 @@ def test_gram_from_the_upper_block_triangle_equals_the_full_product(d):
     torch.testing.assert_close(_masked_gram(x, mask), want, rtol=1e-5, atol=1e-4)
     g = _masked_gram(x, None)
     assert torch.equal(g, g.t())
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_wanda_sequential(calib, pattern):
+    """On dense inputs the block-by-block Wanda gives one-shot wanda's masks exactly; on pruned
+    inputs (the reference's loop, ``--method wanda-seq``) block 0 still does, later blocks are
+    measured on the pruned model and their masks move, at the same per-row counts."""
+    from vlcompress.methods.wanda_seq import wanda_sequential
+    from vlcompress.prune import prune
+
+    base = make_tiny_random_clip(layers=3)
+    one, dense, seq = (copy.deepcopy(base) for _ in range(3))
+    want = prune(one, "wanda", 0.5, pattern=pattern, calibration=calib).masks
+    kw = dict(n=2, m=4) if pattern == "2:4" else dict(sparsity=0.5)
+    got = wanda_sequential(dense, dense.prunable_layers(), calib, inputs="dense", **kw)
+    assert got.masks.keys() == want.keys()
+    assert all(torch.equal(got.masks[k], want[k]) for k in want)
+    res = prune(seq, "wanda-seq", 0.5, pattern=pattern, calibration=calib)
+    assert res.details["next_block_inputs"] == "pruned" and res.details["captures"] == 1
+    moved = {k for k in want if not torch.equal(res.masks[k], want[k])}
+    assert moved and all(".layers.0." not in k for k in moved)
+    assert res.achieved == pytest.approx(0.5)
+    for ly in seq.prunable_layers():
+        assert (ly.weight.detach()[~res.masks[ly.name]] == 0).all(), ly.name
