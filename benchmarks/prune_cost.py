@@ -107,6 +107,7 @@ def _git_commit() -> str:
 def per_method(args) -> int:
     """Every model x method in its own process; one JSON with the ratios and peak RSS."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    args.git_commit = _git_commit()  # the code the children run, not HEAD when they finish
     cmds = []
     for model in args.models.split(","):
         for method in args.methods.split(","):
@@ -160,7 +161,7 @@ def _methods_ok(rows) -> bool:
 def _write_methods(args, rows, *, complete: bool):
     from _common import write_result
 
-    payload = {"command": "python " + " ".join(sys.argv), "git_commit": _git_commit(),
+    payload = {"command": "python " + " ".join(sys.argv), "git_commit": args.git_commit,
                "n_pairs": args.n, "batch_size": args.batch_size, "pattern": args.pattern,
                "threads": args.threads or torch.get_num_threads(),
                "forward_includes_encoding": True,
