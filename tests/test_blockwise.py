@@ -13,8 +13,7 @@ from vlcompress.blockwise import group_blocks, run_blockwise
 from vlcompress.calibrate import collect_stats
 from vlcompress.errors import ConfigError
 from vlcompress.methods.sparsegpt import sparsegpt_prune
-from vlcompress.sparsity.allocation import prune_count
-from vlcompress.sparsity.obs import obs_prune
+from vlcompress.sparsity.obs import obs_prune, obs_prune_columns
 
 
 @pytest.fixture(scope="module")
@@ -41,45 +40,6 @@ def _sequential_reference(vlm, layers, data, **kw):
     return masks
 
 
-def _column_loop_float64(weight, gram, *, sparsity=None, n=0, m=0, blocksize=128,
-                         percdamp=0.01):
-    """The reference's ``fasterprune`` column by column in float64: the obs_prune that gave
-    the committed masks before the float32 group sweep (kept here as the yardstick)."""
-    w = weight.detach().double().clone()
-    d_out, d_in = w.shape
-    h = gram.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(percdamp * torch.diag(h).mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    w[:, dead] = 0.0
-    pruned = torch.zeros(d_out, d_in, dtype=torch.bool)
-    total, done = (0 if m else prune_count(sparsity, d_out * d_in)), 0
-    for i1 in range(0, d_in, blocksize):
-        i2 = min(i1 + blocksize, d_in)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        d1 = torch.diagonal(u1)
-        err1, p1 = torch.zeros_like(w1), torch.zeros_like(w1, dtype=torch.bool)
-        if not m:
-            k = (total * i2) // d_in - done
-            done += k
-            p1.view(-1)[(w1.square() / d1.square()).reshape(-1).topk(k, largest=False).indices] = True
-        for i in range(i2 - i1):
-            if m and i % m == 0:
-                sal = w1[:, i:i + m].square() / d1[i:i + m].square()
-                p1[:, i:i + m].scatter_(1, sal.topk(m - n, dim=1, largest=False).indices, True)
-            q = w1[:, i].masked_fill(p1[:, i], 0.0)
-            err = (w1[:, i] - q) / u1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        pruned[:, i1:i2] = p1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    w[pruned] = 0.0
-    return w.to(weight.dtype), ~pruned
-
-
 @pytest.mark.parametrize("kw", [dict(n=2, m=4), dict(sparsity=0.5), dict(n=1, m=4, blocksize=8)])
 def test_obs_sweep_matches_float64_column_loop_on_tiny_clip(calib, kw):
     """On tiny-clip's block-0 layers (both towers, real Gram matrices): obs_prune in float64
@@ -94,7 +54,7 @@ def test_obs_sweep_matches_float64_column_loop_on_tiny_clip(calib, kw):
     flips = total = 0
     for ly in layers:
         g = stats[ly.name].gram
-        want_w, want_keep = _column_loop_float64(ly.weight, g, **kw)
+        want_w, want_keep = obs_prune_columns(ly.weight, g, **kw)
         u = inverse_hessian_cholesky(g, 0.01, torch.float64)
         w64, keep64 = obs_prune(ly.weight, None, hinv=u, dtype=torch.float64, **kw)
         assert torch.equal(keep64, want_keep), ly.name

@@ -170,6 +170,47 @@ def _sweep_nm(w1, u1, d1, err1, p1, n: int, m: int) -> None:
         w1[:, g0:] -= e @ u1[g0:g1, g0:]
 
 
+def obs_prune_columns(weight: torch.Tensor, gram: torch.Tensor, *, sparsity: float | None = None,
+                      n: int = 0, m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The yardstick: the reference's ``fasterprune`` loop, one column at a time, in float64
+    (what :func:`obs_prune` was before the float32 group sweep). For tests and
+    ``benchmarks/obs_sweep.py``; ``blocksize`` must be a multiple of ``m``."""
+    w = weight.detach().double().clone()
+    d_out, d_in = w.shape
+    h = gram.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(percdamp * torch.diag(h).mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w[:, dead] = 0.0
+    pruned = torch.zeros(d_out, d_in, dtype=torch.bool)
+    total, done = (0 if m else prune_count(sparsity, d_out * d_in)), 0
+    for i1 in range(0, d_in, blocksize):
+        i2 = min(i1 + blocksize, d_in)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        d1 = torch.diagonal(u1)
+        err1, p1 = torch.zeros_like(w1), torch.zeros_like(w1, dtype=torch.bool)
+        if not m:
+            k = (total * i2) // d_in - done
+            done += k
+            p1.view(-1)[(w1.square() / d1.square()).reshape(-1).topk(k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if m and i % m == 0:
+                sal = w1[:, i:i + m].square() / d1[i:i + m].square()
+                p1[:, i:i + m].scatter_(1, sal.topk(m - n, dim=1, largest=False).indices, True)
+            q = w1[:, i].masked_fill(p1[:, i], 0.0)
+            err = (w1[:, i] - q) / u1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        pruned[:, i1:i2] = p1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    w[pruned] = 0.0
+    return w.to(weight.dtype), ~pruned
+
+
 def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor,
                          dtype: torch.dtype = torch.float64) -> float:
     """``||(W - W') X^T||_F^2 = tr((W - W') G (W - W')^T)`` from the Gram matrix ``G = X^T X``."""
