@@ -19,7 +19,7 @@ Writes medians, the ratio prune / forward (target <= 1.5), the breakdown of the 
 Per method and depth (``--methods``; issue 17, the block-sequential engine):
 
     python benchmarks/prune_cost.py --models clip-vit-b16,clip-vit-l14 \
-        --methods multiflow,sparsegpt --n 32 --batch-size 8 --threads 2 \
+        --methods multiflow,sparsegpt --n 32 --batch-size 8 --threads 1 [--jobs 4] \
         [--out benchmarks/results/prune_cost_methods.json]
 
 For each model x method a fresh process (so its peak RSS is its own) loads the model, runs
@@ -39,6 +39,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,25 +111,47 @@ def _git_commit() -> str:
 def per_method(args) -> int:
     """Every model x method in its own process; one JSON with the ratios and peak RSS."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    rows = []
+    args.git_commit = _git_commit()  # the code the children run, not HEAD when they finish
+    cmds = []
     for model in args.models.split(","):
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--child", model, method, "--pattern", args.pattern,
                    "--n", str(args.n), "--batch-size", str(args.batch_size)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.stderr.write(out.stderr)
-                raise SystemExit(f"{model} {method}: the child process failed")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"{model:14s} {method:10s} blocks {row['blocks']:3d}  prune {row['prune_s']:8.1f}s"
-                  f"  forward {sum(row['forward_s']) / 2:6.1f}s  ratio {row['ratio']:6.2f}"
-                  f"  peak RSS {row['peak_rss_mib']['after_prune']:7.0f} MiB"
-                  f" / dense forward {row['peak_rss_mib']['dense_forward']:7.0f} MiB"
-                  f" = {row['rss_ratio']:.2f}", flush=True)
-            _write_methods(args, rows, complete=False)  # a partial result survives a kill
+            cmds.append((model, method, cmd))
+    # --jobs > 1 runs that many children at once (each times its own forward and prune,
+    # interleaved, so the ratios stay within one process; on a loaded machine this only
+    # shortens the wall time).
+    rows: list = [None] * len(cmds)
+    running: list = []
+    todo = list(enumerate(cmds))
+    while todo or running:
+        while todo and len(running) < max(1, args.jobs):
+            i, (model, method, cmd) = todo.pop(0)
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            running.append((i, model, method, out, err,
+                            subprocess.Popen(cmd, stdout=out, stderr=err, text=True)))
+        i, model, method, out, err, proc = running.pop(0)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+        out.close()
+        err.close()
+        if proc.returncode:
+            sys.stderr.write(stderr)
+            raise SystemExit(f"{model} {method}: the child process failed")
+        row = json.loads(stdout.strip().splitlines()[-1])
+        rows[i] = row
+        print(f"{model:14s} {method:10s} blocks {row['blocks']:3d}  prune {row['prune_s']:8.1f}s"
+              f"  forward {sum(row['forward_s']) / 2:6.1f}s  ratio {row['ratio']:6.2f}"
+              f"  peak RSS {row['peak_rss_mib']['after_prune']:7.0f} MiB"
+              f" / dense forward {row['peak_rss_mib']['dense_forward']:7.0f} MiB"
+              f" = {row['rss_ratio']:.2f}", flush=True)
+        # a partial result survives a kill
+        _write_methods(args, [r for r in rows if r is not None], complete=False)
+    rows = [r for r in rows if r is not None]
     path = _write_methods(args, rows, complete=True)
     print(f"-> {path}")
     return 0 if _methods_ok(rows) else 1
@@ -142,7 +165,7 @@ def _methods_ok(rows) -> bool:
 def _write_methods(args, rows, *, complete: bool):
     from _common import write_result
 
-    payload = {"command": "python " + " ".join(sys.argv), "git_commit": _git_commit(),
+    payload = {"command": "python " + " ".join(sys.argv), "git_commit": args.git_commit,
                "n_pairs": args.n, "batch_size": args.batch_size, "pattern": args.pattern,
                "threads": args.threads or torch.get_num_threads(),
                "forward_includes_encoding": True,
@@ -170,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None,
                     help="comma list: per-method mode (with --methods), one process each")
     ap.add_argument("--methods", default=None, help="comma list of methods (per-method mode)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="per-method mode: children run at once (default 1)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:

@@ -36,9 +36,12 @@ the next (``2 x pairs x tokens x width`` floats), and the statistics of one bloc
 states beyond ``max_cache_bytes`` (default: unlimited) are streamed to ``cache_dir`` (default:
 a temporary folder, removed at the end) and read back one batch at a time.
 
-Methods built on it: ``sparsegpt`` (``inputs="pruned"``, Gram matrices). Any per-block
-method (ECoFLaP's block scores, a sequential Wanda) can call :func:`run_blockwise` with its own
-``visit``.
+Methods built on it: ``sparsegpt`` (``inputs="pruned"``, Gram matrices) and ``wanda-seq``
+(``inputs="pruned"``, Wanda's reference loop; ``"dense"`` gives one-shot ``wanda``). Any
+per-block method (ECoFLaP's block scores) can call :func:`run_blockwise` with its own
+``visit``. Offload of idle blocks (accelerate ``device_map`` / disk) is designed in
+design.md §5 "Block-sequential calibration", not built: the engine touches one block at a
+time through ``stack[i]``, the seam where a block would be loaded before and released after.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ each layer is calibrated on the inputs it will see at inference). Within a block
 sees the block's dense inputs (as in the reference loop). Cost: about two block forwards per
 block over the calibration data, linear in depth (it was one whole-model pass per block
 index, quadratic); memory: the model, one tower's cached hidden states (two copies), and the
-Gram matrices of one block (``d_in^2`` float64 per layer). In a family with cross-attention
+Gram matrices of one block (``d_in^2`` float32 per layer) plus one inverse-Hessian factor.
+The OBS math is float32 as in the reference (``fasterprune``); layers of a block that read
+the same input (q, k, v: equal Gram matrices) share one factorisation (``details``:
+``factorizations``). In a family with cross-attention
 (BLIP) the fusion tower is calibrated after the vision tower is fully pruned, so its
 cross-attention reads the vision tower as it will be at inference (the old per-block-index
 loop gave it the vision tower pruned up to the same block index only).
@@ -70,29 +73,39 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
 
     masks: dict[str, torch.Tensor] = {}
     ratios: list[float] = []
+    factorizations: list[str] = []
 
     with progress.task("sparsegpt", total=len(layers)) as task:
         def visit(block, stats):
+            last = None  # (gram, U) of the previous layer: q/k/v read one input, factor once
             for ly in block.layers:
                 g = stats.pop(ly.name).gram
                 w = ly.weight
-                old = w.detach().clone()
                 gd = g.to(w.device)
-                new, keep = obs_prune(old, gd, sparsity=sparsity, n=n, m=m,
-                                      blocksize=blocksize, percdamp=percdamp)
+                if last is not None and last[0].shape == gd.shape and torch.equal(last[0], gd):
+                    hinv = last[1]
+                else:
+                    last = None  # free the previous factor before making the next one
+                    hinv = inverse_hessian_cholesky(gd, percdamp)
+                    factorizations.append(ly.name)
+                last = (gd, hinv)
+                old = w.detach().clone()
+                new, keep = obs_prune(old, None, sparsity=sparsity, n=n, m=m,
+                                      blocksize=blocksize, hinv=hinv)
                 with torch.no_grad():
                     w.copy_(new)
                 masks[ly.name] = keep
-                plain = reconstruction_error(old, old * keep, gd)
+                plain = reconstruction_error(old, old * keep, gd, dtype=torch.float32)
                 if plain > 0:
-                    ratios.append(reconstruction_error(old, new, gd) / plain)
-                del g, gd
+                    ratios.append(reconstruction_error(old, new, gd, dtype=torch.float32) / plain)
+                del g, gd, old, new
                 task.advance()
 
         run = run_blockwise(vlm, data, layers, visit, gram=True, inputs="pruned",
                             max_cache_bytes=max_cache_bytes, cache_dir=cache_dir)
     details = {"blocksize": int(blocksize), "percdamp": float(percdamp), "sequential": True,
                "engine": "blockwise", "next_block_inputs": "pruned",
+               "factorizations": len(factorizations),
                "captures": run.captures, "block_runs": run.block_runs,
                "spilled_bytes": run.spilled_bytes,
                "error_ratio": (sum(ratios) / len(ratios)) if ratios else None}

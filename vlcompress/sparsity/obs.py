@@ -31,39 +31,65 @@ from ..errors import PatternError
 from .allocation import prune_count
 
 
-def inverse_hessian_cholesky(gram: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of the dampened inverse Hessian, dead-column mask)."""
-    h = gram.detach().to(torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    damp = float(percdamp) * torch.diag(h).mean()
-    h.diagonal().add_(damp)
-    for attempt in range(6):  # a numerically singular H gets more damping, not a crash
-        try:
-            low = torch.linalg.cholesky(h)
+def inverse_hessian_cholesky(gram: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float32
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor ``U`` of the dampened inverse Hessian, dead-column mask).
+
+    The reference's sequence (``fasterprune``: ``cholesky``, ``cholesky_inverse``,
+    ``cholesky(upper=True)``) in ``dtype`` (float32 as the reference), each result replacing
+    the last, so at most two ``d_in x d_in`` matrices are alive besides ``gram``. A matrix that
+    is not numerically positive definite gets more damping (``damp * (1 + 10 + 100 ...)``).
+    """
+    dead = torch.diag(gram) == 0
+    base = float(percdamp) * float(torch.diag(gram).masked_fill(dead, 1.0).to(torch.float64).mean())
+    extra = 1.0
+    for attempt in range(6):
+        h = gram.detach().to(dtype=dtype, copy=True)
+        h[dead, dead] = 1.0
+        h.diagonal().add_(base * extra)
+        low, info = torch.linalg.cholesky_ex(h)
+        del h
+        if int(info) == 0:
             hinv = torch.cholesky_inverse(low)
-            return torch.linalg.cholesky(hinv, upper=True), dead
-        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
-            h.diagonal().add_(damp * 10 ** (attempt + 1))
+            del low
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
+            if int(info) == 0:
+                return u, dead
+        extra += 10.0 ** (attempt + 1)
     raise RuntimeError("the layer's Hessian is not positive definite even after damping")
 
 
-def obs_prune(weight: torch.Tensor, gram: torch.Tensor, *, sparsity: float | None = None,
+def obs_prune(weight: torch.Tensor, gram: torch.Tensor | None, *, sparsity: float | None = None,
               n: int = 0, m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              hinv: tuple[torch.Tensor, torch.Tensor] | None = None,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one layer: ``(new_weight, keep)`` for ``weight`` [d_out, d_in].
 
     ``gram`` is ``X^T X`` [d_in, d_in] over calibration tokens. Give ``sparsity``
     (unstructured, the layer loses exactly ``floor(sparsity * numel)``) or ``n`` and ``m``
     (N:M: in each row keep ``n`` of every ``m`` consecutive columns). ``blocksize`` is the lazy
     update block (rounded up to a multiple of ``m``); ``percdamp`` the dampening as a fraction
-    of the mean Hessian diagonal. Pure: ``weight`` is not modified; the result has the
-    weight's dtype, with zeros exactly where ``keep`` is False. Computed in float64.
+    of the mean Hessian diagonal. ``hinv``: ``inverse_hessian_cholesky(gram, percdamp, dtype)``
+    already computed (layers reading the same input, q/k/v, share it; ``gram`` may then be
+    None). Pure: ``weight`` is not modified; the result has the weight's dtype, with zeros
+    exactly where ``keep`` is False. Computed in ``dtype``: float32 as the reference
+    (float64 gives the same masks on our tests, twice the time).
+
+    N:M sweeps one group of ``m`` columns at a time instead of one column: with the group's
+    pruned set ``S`` of a row chosen (at the group's start, as the reference does), the
+    reference's column-by-column errors satisfy ``e_S U_SS = w_S`` (``U_SS`` upper
+    triangular), solved by forward substitution over the ``m - n`` pruned positions for all
+    rows at once; then one product ``W[:, g:] -= E_g U[g, g:]`` applies them. The same
+    arithmetic as the column loop, in other order: masks equal, weights within float rounding
+    (``tests/test_blockwise.py`` checks both against the column loop), 2.5x to 8x faster.
     """
     if weight.dim() != 2:
         raise ValueError(f"obs_prune needs a 2-D weight, got shape {tuple(weight.shape)}")
     d_out, d_in = weight.shape
-    if tuple(gram.shape) != (d_in, d_in):
+    if gram is None and hinv is None:
+        raise ValueError("give gram or hinv")
+    if gram is not None and tuple(gram.shape) != (d_in, d_in):
         raise ValueError(f"gram has shape {tuple(gram.shape)}; expected {(d_in, d_in)}")
     nm = m > 0
     if nm:
@@ -76,8 +102,11 @@ def obs_prune(weight: torch.Tensor, gram: torch.Tensor, *, sparsity: float | Non
         raise ValueError("give sparsity (unstructured) or n and m (N:M)")
     blocksize = max(1, int(blocksize))
 
-    w = weight.detach().to(torch.float64).clone()
-    u, dead = inverse_hessian_cholesky(gram, percdamp)
+    u, dead = hinv if hinv is not None else inverse_hessian_cholesky(gram, percdamp, dtype)
+    u = u.to(dtype)
+    if tuple(u.shape) != (d_in, d_in):
+        raise ValueError(f"hinv has shape {tuple(u.shape)}; expected {(d_in, d_in)}")
+    w = weight.detach().to(dtype=dtype, copy=True)
     w[:, dead] = 0.0
     pruned = torch.zeros(d_out, d_in, dtype=torch.bool, device=w.device)
     total = 0 if nm else prune_count(float(sparsity), d_out * d_in)
@@ -86,40 +115,104 @@ def obs_prune(weight: torch.Tensor, gram: torch.Tensor, *, sparsity: float | Non
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
         cols = i2 - i1
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2]  # a view: updated in place
         u1 = u[i1:i2, i1:i2]
         d1 = torch.diagonal(u1)
         err1 = torch.zeros_like(w1)
-        p1 = torch.zeros_like(w1, dtype=torch.bool)
-        if not nm:
+        p1 = pruned[:, i1:i2]
+        if nm:
+            _sweep_nm(w1, u1, d1, err1, p1, n, m)
+        else:
             # this block's share: floor(s * numel * i2 / d_in) minus what earlier blocks took
             k = (total * i2) // d_in - done
             done += k
             if k > 0:
                 sal = (w1.square() / d1.square()).reshape(-1)
                 idx = sal.topk(k, largest=False, sorted=False).indices
-                p1.view(-1)[idx] = True
-        for i in range(cols):
-            if nm and i % m == 0:
+                chosen = torch.zeros(d_out * cols, dtype=torch.bool, device=w.device)
+                chosen[idx] = True
+                p1.copy_(chosen.view(d_out, cols))
+            _sweep_columns(w1, u1, err1, p1)
+        if i2 < d_in:
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    w[pruned] = 0.0
+    return w.to(weight.dtype), ~pruned
+
+
+def _sweep_columns(w1, u1, err1, p1) -> None:
+    """The reference's column loop over one block with its mask ``p1`` fixed (unstructured)."""
+    for i in range(w1.shape[1]):
+        col = w1[:, i]
+        err = col.masked_fill(~p1[:, i], 0.0) / u1[i, i]  # (w - q) / U_ii
+        w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+        err1[:, i] = err
+
+
+def _sweep_nm(w1, u1, d1, err1, p1, n: int, m: int) -> None:
+    """One block, N:M: per group of ``m`` columns, choose, solve ``e_S U_SS = w_S``, update."""
+    k = m - n
+    for g0 in range(0, w1.shape[1], m):
+        g1 = g0 + m
+        wg = w1[:, g0:g1]
+        sal = wg.square() / d1[g0:g1].square()
+        idx = sal.topk(k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+        p1[:, g0:g1].scatter_(1, idx, True)
+        ws = wg.gather(1, idx)
+        uss = u1[g0:g1, g0:g1][idx.unsqueeze(2), idx.unsqueeze(1)]  # [d_out, k, k]
+        es = []
+        for a in range(k):
+            num = ws[:, a]
+            for b in range(a):
+                num = num - es[b] * uss[:, b, a]
+            es.append(num / uss[:, a, a])
+        e = err1[:, g0:g1]
+        e.scatter_(1, idx, torch.stack(es, 1))
+        w1[:, g0:] -= e @ u1[g0:g1, g0:]
+
+
+def obs_prune_columns(weight: torch.Tensor, gram: torch.Tensor, *, sparsity: float | None = None,
+                      n: int = 0, m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The yardstick: the reference's ``fasterprune`` loop, one column at a time, in float64
+    (what :func:`obs_prune` was before the float32 group sweep). For tests and
+    ``benchmarks/obs_sweep.py``; ``blocksize`` must be a multiple of ``m``."""
+    w = weight.detach().double().clone()
+    d_out, d_in = w.shape
+    h = gram.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(percdamp * torch.diag(h).mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w[:, dead] = 0.0
+    pruned = torch.zeros(d_out, d_in, dtype=torch.bool)
+    total, done = (0 if m else prune_count(sparsity, d_out * d_in)), 0
+    for i1 in range(0, d_in, blocksize):
+        i2 = min(i1 + blocksize, d_in)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        d1 = torch.diagonal(u1)
+        err1, p1 = torch.zeros_like(w1), torch.zeros_like(w1, dtype=torch.bool)
+        if not m:
+            k = (total * i2) // d_in - done
+            done += k
+            p1.view(-1)[(w1.square() / d1.square()).reshape(-1).topk(k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if m and i % m == 0:
                 sal = w1[:, i:i + m].square() / d1[i:i + m].square()
-                idx = sal.topk(m - n, dim=1, largest=False, sorted=False).indices
-                p1[:, i:i + m].scatter_(1, idx, True)
-            col = w1[:, i]
-            q = col.masked_fill(p1[:, i], 0.0)
-            err = (col - q) / u1[i, i]
+                p1[:, i:i + m].scatter_(1, sal.topk(m - n, dim=1, largest=False).indices, True)
+            q = w1[:, i].masked_fill(p1[:, i], 0.0)
+            err = (w1[:, i] - q) / u1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             w1[:, i] = q
             err1[:, i] = err
         w[:, i1:i2] = w1
         pruned[:, i1:i2] = p1
-        if i2 < d_in:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
     w[pruned] = 0.0
-    keep = ~pruned
-    return w.to(weight.dtype), keep
+    return w.to(weight.dtype), ~pruned
 
 
-def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor,
+                         dtype: torch.dtype = torch.float64) -> float:
     """``||(W - W') X^T||_F^2 = tr((W - W') G (W - W')^T)`` from the Gram matrix ``G = X^T X``."""
-    delta = (weight.detach().double() - new_weight.detach().double())
-    return float(((delta @ gram.double()) * delta).sum())
+    delta = (weight.detach().to(dtype) - new_weight.detach().to(dtype))
+    return float(((delta @ gram.to(dtype)) * delta).sum())
