@@ -277,6 +277,33 @@ def test_blip_vocab_txt_folder(tmp_path, images):
     assert res.exit_code == 0, res.output
 
 
+def test_bert_folder_prune_export_on_sentences(tmp_path):
+    """A BERT text encoder in the hub's layout (as all-MiniLM-L6-v2 ships: vocab.txt,
+    tokenizer.json, no image processor) pruned and exported on a .txt of sentences."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path / "bert"
+    make_blip_folder(folder)  # only for its vocab.txt + tokenizer files
+    for f in folder.iterdir():
+        if f.name not in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                          "special_tokens_map.json"):
+            f.unlink()
+    tok = BertTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
+              ).save_pretrained(str(folder))
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(CAPTIONS * 3) + "\n", encoding="utf-8")
+    res = run("prune-export", "--model", folder, "--calibration", sentences, "--calibration-size", 16,
+              "--eval-size", 16, "--batch-sizes", "1", "--iterations", 2, "--out", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data"]["calibration"] == f"{sentences} (n=16)"
+    assert list((tmp_path / "run" / "pruned").rglob("*.onnx"))
+    assert leftovers(tmp_path) == []
+
+
 def test_sharded_safetensors_and_pytorch_bin(clip_dir, tmp_path):
     from vlcompress.models import load_model
 
