@@ -111,3 +111,19 @@ def test_auto_shares_one_calibration_capture(calib, monkeypatch):
     assert len(calls) == 2  # run alone, it collects its own
     for k, keep in alone.masks.items():
         assert torch.equal(solved.masks[k], keep), k
+
+
+def test_auto_on_a_text_encoder_with_sentences(tmp_path):
+    """Text-only data (a .txt of sentences) reaches auto's held-out split and its fidelity."""
+    from test_method_matrix import make_tiny_bert
+
+    from vlcompress.data import load_calibration
+    from vlcompress.prune import prune
+
+    f = tmp_path / "s.txt"
+    f.write_text("\n".join(f"a {c} {s} at the top" for c in ("red", "blue", "green")
+                           for s in ("circle", "square", "star")) + "\n")
+    data = load_calibration(f, n=9, batch_size=4)
+    res = prune(make_tiny_bert(), "auto", 0.5, "unstructured", calibration=data)
+    assert res.details["winner"] and res.details["heldout_pairs"] == 2
+    assert all("text_cosine" in r for r in res.details["candidates"] if "error" not in r)

@@ -53,16 +53,14 @@ def test_prune_export_recovers_on_the_users_folder(pairs_folder, tmp_path):
     assert after["image_cosine"] > before["image_cosine"] + 0.05, (before, after)
 
 
-def test_retraining_methods_train_on_the_data_they_are_given(pairs_folder, monkeypatch):
+def test_retraining_methods_train_on_the_data_they_are_given(pairs_folder):
     from conftest import make_tiny_random_clip
 
-    import vlcompress.methods.upop as U
     from vlcompress.data import load_calibration
     from vlcompress.prune import prune
 
-    monkeypatch.setattr(U, "SEARCH_STEPS", 2)
-    monkeypatch.setattr(U, "RETRAIN_STEPS", 2)
     calib = load_calibration(pairs_folder, n=16, batch_size=8)
-    res = prune(make_tiny_random_clip(), "upop", 0.5, "structured", calibration=calib)
+    res = prune(make_tiny_random_clip(), "upop", 0.5, "structured", calibration=calib,
+                method_options={"search_steps": 2, "retrain_steps": 2})
     assert res.details["upop"]["retrain"]["data"] == f"{pairs_folder} (n=16)"
     assert res.details["structured"]["train_data"] == f"{pairs_folder} (n=16)"

@@ -15,12 +15,68 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from . import __version__
 from .config import parse_method_options
 from .errors import VlcError
 
+try:  # typer >= 0.20 vendors click; its parse errors are typer._click's classes
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - typer on top of click
+    from click import exceptions as _cx
+
+
+class _OneLineErrors(TyperGroup):
+    """Parse errors (``--calibration-size many``, an unknown option or command) as one line
+    on stderr naming the value and what is allowed, exit 2; not Typer's multi-line usage box.
+    ``--help`` and a bare ``vlcompress`` still print the help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _cx.NoArgsIsHelpError as exc:
+            _cx.echo(exc.format_message(), err=True)
+            sys.exit(exc.exit_code)
+        except _cx.UsageError as exc:
+            err.print(f"[bold red]error:[/] {escape(_usage_line(exc))}", markup=True, soft_wrap=True)
+            sys.exit(2)
+        except _cx.ClickException as exc:
+            err.print(f"[bold red]error:[/] {escape(exc.format_message())}", markup=True,
+                      soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("interrupted; nothing was written")
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _usage_line(exc) -> str:
+    """One line: the command, the option, the value given and what is allowed."""
+    cmd = exc.ctx.command_path if exc.ctx is not None else "vlcompress"
+    param = getattr(exc, "param", None)
+    cause = exc.__cause__
+    if isinstance(exc, _cx.BadParameter) and param is not None and hasattr(cause, "errors"):
+        try:  # pydantic's ValidationError knows the value given and the type wanted
+            e0 = cause.errors()[0]
+            value, kind = e0.get("input"), str(e0.get("type", "")).split("_")[0]
+        except Exception:  # noqa: BLE001 - fall back to the message as it is
+            value = kind = None
+        if value is not None:
+            name = "/".join(getattr(param, "opts", None) or [param.name or "?"])
+            allowed = _KINDS.get(kind, kind or "another value")
+            return f"{cmd}: {name} {value!r} is not valid; allowed: {allowed}"
+    msg = " ".join(exc.format_message().split())
+    return f"{cmd}: {msg} (see {cmd} --help)"
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="vlcompress",
     help="Prune, export and benchmark sparse vision-language models.",
     add_completion=False,
@@ -78,12 +134,18 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **k):
+        from .atomic import Interrupted, signals_interrupt
+
         try:
-            return fn(*a, **k)
+            with signals_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: temporaries removed
+                return fn(*a, **k)
+        except Interrupted as exc:
+            err.print(f"interrupted ({exc}); nothing was written")
+            raise typer.Exit(128 + exc.signum) from None
         except VlcError as exc:
             if _state["debug"]:
                 raise
-            # escaped: a message may name an extra, e.g. `pip install vlcompress[serve]`
+            # the message is the user's text (paths, values): printed literally, never as markup
             err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
@@ -310,6 +372,11 @@ def bench_cmd(
 
     if junit is not None and baseline is None:
         raise ConfigError("--junit needs --baseline (the JUnit test cases are the gate's checks)")
+    from .atomic import check_output_file
+
+    for opt, path in (("--summary", summary), ("--junit", junit), ("--report", report)):
+        if path is not None:  # checked before any work: nothing measured is lost at the end
+            check_output_file(path, opt)
     gate_cfg = GateConfig(max_latency_regression=max_latency_regression,
                           max_accuracy_drop=max_accuracy_drop, basis=latency_basis,
                           quantile=latency_quantile, confidence=confidence, metrics=metrics)

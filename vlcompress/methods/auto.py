@@ -48,7 +48,8 @@ def split_heldout(data, fraction: float = HELDOUT_FRACTION):
     cut = n - n_held if n > 1 else n
 
     def part(sl: slice) -> PairData:
-        return PairData(data.images[sl], data.captions[sl], data.batch_size,
+        return PairData(None if data.images is None else data.images[sl], data.captions[sl],
+                        data.batch_size,
                         None if data.labels is None else data.labels[sl],
                         source=f"{getattr(data, 'source', '') or 'pairs'}[{sl.start}:{sl.stop}]")
 

@@ -49,6 +49,107 @@ def _load_processors(path: str):
     return tok, img
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.model",
+                   "sentencepiece.bpe.model")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _needs(towers) -> dict[str, tuple[str, ...]]:
+    """What each kept tower needs from a model folder: a tokenizer, an image processor."""
+    out = {}
+    if "text" in towers:
+        out["tokenizer"] = TOKENIZER_FILES
+    if "vision" in towers:
+        out["image processor"] = IMAGE_PROCESSOR_FILES
+    return out
+
+
+def check_folder_files(folder: Path, towers, *, weights: bool = True) -> None:
+    """Refuse a local model folder that lacks the tokenizer / image-processor files its
+    towers need, or whose weight files are missing, truncated or corrupt: one line naming the
+    file and what is allowed. Reads file headers only (milliseconds)."""
+    name = str(folder)
+    for what, files in _needs(towers).items():
+        if not any((folder / f).is_file() for f in files):
+            raise ModelError(f"model folder {name!r} has no {what} files (one of {', '.join(files)}); "
+                             f"add the {what} the model was trained with (save_pretrained writes it)")
+    if weights:
+        check_weight_files(folder)
+
+
+def check_weight_files(folder: Path) -> None:
+    """The weight files of ``folder`` exist and are whole: safetensors headers parse and the
+    file is as long as its header says; every shard an index names exists; a
+    ``pytorch_model.bin`` is a readable zip archive (torch.save's format)."""
+    import struct
+    import zipfile
+
+    name = str(folder)
+    index = next((folder / f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (folder / f).is_file()), None)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ModelError(f"weights index {str(index)!r} is corrupt (not JSON with a "
+                             '"weight_map")') from None
+        files = [folder / f for f in shards]
+    else:
+        files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+    if not files:
+        raise ModelError(f"model folder {name!r} has no weights; allowed: {', '.join(WEIGHT_FILES)}")
+    for f in files:
+        if not f.is_file():
+            raise ModelError(f"weight file {str(f)!r} named by {index.name} does not exist")
+        size = f.stat().st_size
+        if f.suffix == ".safetensors":
+            try:
+                with f.open("rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    if n > size - 8:
+                        raise ValueError
+                    header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                          default=0)
+            except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+                raise ModelError(f"weight file {str(f)!r} is corrupt (no valid safetensors "
+                                 "header)") from None
+            if 8 + n + end > size:
+                raise ModelError(f"weight file {str(f)!r} is truncated: {size} bytes, its header "
+                                 f"needs {8 + n + end}")
+        elif not zipfile.is_zipfile(f):
+            raise ModelError(f"weight file {str(f)!r} is truncated or corrupt (not a torch.save "
+                             "zip archive)")
+
+
+def _from_pretrained(model_cls, path: str, name: str):
+    """``from_pretrained`` that refuses, in one line, weights that do not fit the config
+    (missing or mismatched tensors would otherwise stay randomly initialised)."""
+    try:
+        # ignore_mismatched_sizes: report mismatched tensors ourselves, in one line, below
+        model, info = model_cls.from_pretrained(path, output_loading_info=True,
+                                                ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        raise ModelError(f"cannot load the weights of model {name!r} ({exc.__class__.__name__}: "
+                         f"{first}); allowed: weights saved for this config") from None
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
+    if mismatched or missing:
+        keys = [k[0] if isinstance(k, tuple) else k for k in (mismatched or missing)]
+        kind = "have shapes that do not match" if mismatched else "are missing from"
+        raise ModelError(f"weights of model {name!r} do not match its config "
+                         f"({cfg_name(model)}): {len(keys)} tensors {kind} the weights, e.g. "
+                         f"{keys[0]}; allowed: weights saved for this config")
+    return model
+
+
+def cfg_name(model) -> str:
+    return f"{model.config.model_type}, {type(model).__name__}"
+
+
 def load_model(name_or_path: str | Path, *, random_init: bool = False,
                tower: str | None = None) -> VLM:
     """Load a model by bundled name (``tiny-clip``), preset, HF hub id or local folder.
@@ -112,8 +213,17 @@ def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
     elif random_init:
         model = model_cls(cfg)
     else:
-        model = model_cls.from_pretrained(path)
+        if Path(path).is_dir():
+            check_weight_files(Path(path))
+        model = _from_pretrained(model_cls, path, name)
+    towers = fam.towers if tower is None else (tower,)
+    if Path(path).is_dir():
+        check_folder_files(Path(path), towers, weights=False)
     tok, img = _load_processors(path)
+    for what, obj in (("tokenizer", tok), ("image processor", img)):
+        if what in _needs(towers) and obj is None:
+            raise ModelError(f"model {name!r}: its {what} cannot be loaded; allowed: a folder "
+                             f"with one of {', '.join(_needs(towers)[what])}")
     return fam(model, tok, img, name=name, source=path)
 
 
@@ -173,4 +283,9 @@ def peek_model(name_or_path: str | Path, *, tower: str | None = None):
         fam = family_for(cfg.model_type)
     if tower is not None and tower not in fam.towers:
         raise ModelError(f"{fam.family} model has no tower {tower}; towers: {', '.join(fam.towers)}")
+    if name not in by_name and Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        # missing processors, missing / truncated weights: refused before any work
+        check_folder_files(folder, fam.towers if tower is None else (tower,),
+                           weights=True)
     return family_info(fam, towers=(tower,) if tower else None)

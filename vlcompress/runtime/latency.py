@@ -181,7 +181,8 @@ def resize_batch(batch: PairBatch, size: int) -> PairBatch:
         raise ConfigError("cannot build latency inputs from an empty batch")
     idx = [i % len(batch) for i in range(size)]
     labels = None if batch.labels is None else [batch.labels[i] for i in idx]
-    return PairBatch([batch.images[i] for i in idx], [batch.captions[i] for i in idx], labels)
+    images = None if batch.images is None else [batch.images[i] for i in idx]  # text-only data
+    return PairBatch(images, [batch.captions[i] for i in idx], labels)
 
 
 def make_feeds(vlm, towers: Iterable[str], batch_sizes: Iterable[int], batch: PairBatch
