@@ -166,14 +166,16 @@ def load_model(name_or_path: str | Path, *, random_init: bool = False,
     return vlm
 
 
-def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
+def _resolve(name: str):
+    """What ``load_model`` and ``peek_model`` both start from: ``(preset entry, None, None)``
+    for a preset, else ``(None, path, config)``; a one-line ModelError for a name that is no
+    bundled model, preset, model folder or HF id reachable offline."""
     import transformers
 
     _quiet_transformers()
-    name = str(name_or_path)
     by_name = {e.name: e for e in list_models()}
     if name in by_name and by_name[name].kind == "preset":
-        return _load_preset(by_name[name])
+        return by_name[name], None, None
     if name in by_name:
         path = str(by_name[name].path)
     else:
@@ -195,6 +197,14 @@ def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
             f"cannot load model {name!r}: not a bundled name ({', '.join(by_name)}), "
             f"nor a local folder, nor an HF id reachable offline ({exc.__class__.__name__})"
         ) from None
+    return None, path, cfg
+
+
+def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
+    name = str(name_or_path)
+    preset, path, cfg = _resolve(name)
+    if preset is not None:
+        return _load_preset(preset)
     if tower == "vision" and cfg.model_type not in families():
         from .towers import load_nested_vision_tower
 
@@ -244,33 +254,11 @@ def peek_model(name_or_path: str | Path, *, tower: str | None = None):
     """What the checks need to know of a model (:class:`FamilyInfo`), read from its config
     alone: no weights are loaded, so a bad method x pattern x family combination fails in
     well under a second. Raises ModelError for what ``load_model`` would refuse."""
-    import transformers
-
-    _quiet_transformers()
     name = str(name_or_path)
-    by_name = {e.name: e for e in list_models()}
-    if name in by_name and by_name[name].kind == "preset":
-        cfg_dict = json.loads(by_name[name].path.read_text())
-        model_type = cfg_dict.get("model_type")
-        fam = family_for(model_type)
+    preset, path, cfg = _resolve(name)
+    if preset is not None:
+        fam = family_for(json.loads(preset.path.read_text()).get("model_type"))
     else:
-        if name in by_name:
-            path = str(by_name[name].path)
-        else:
-            p = Path(name).expanduser()
-            if p.exists() and not (p / "config.json").is_file():
-                raise ModelError(f"model folder {name!r} has no config.json (not an HF model folder)")
-            if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-                raise ModelError(f"model {name!r} is not a bundled name or preset "
-                                 f"({', '.join(by_name)}), an HF id like org/name, or a model folder")
-            path = str(p) if p.exists() else name
-        try:
-            cfg = transformers.AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ModelError(
-                f"cannot load model {name!r}: not a bundled name ({', '.join(by_name)}), "
-                f"nor a local folder, nor an HF id reachable offline ({exc.__class__.__name__})"
-            ) from None
         if tower == "vision" and cfg.model_type not in families():
             from .towers import NESTED_VISION
 
@@ -283,7 +271,7 @@ def peek_model(name_or_path: str | Path, *, tower: str | None = None):
         fam = family_for(cfg.model_type)
     if tower is not None and tower not in fam.towers:
         raise ModelError(f"{fam.family} model has no tower {tower}; towers: {', '.join(fam.towers)}")
-    if name not in by_name and Path(name).expanduser().is_dir():
+    if all(e.name != name for e in list_models()) and Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
         # missing processors, missing / truncated weights: refused before any work
         check_folder_files(folder, fam.towers if tower is None else (tower,),
