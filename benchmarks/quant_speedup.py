@@ -14,9 +14,11 @@ and >= 1.7x dense int8. The CLI equivalent is printed into the JSON (``command``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,15 +40,21 @@ def main():
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ONNX Runtime intra-op threads for every variant (default: its own)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     t0 = time.perf_counter()
+    load0 = list(os.getloadavg())  # the machine is shared: say how loaded it was
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(model=a.model, tower="vision", method=a.method, sparsity=a.sparsity,
                         pattern="structured", calibration_size=a.calibration_size, eval_size=16,
                         batch_sizes=a.batch_sizes, iterations=a.iterations, warmup=a.warmup,
                         quantize=a.quantize, quantize_method=a.quantize_method,
                         out=str(Path(tmp) / "run"))
+        if a.threads:  # RunConfig has no --threads; the latency config carries it
+            object.__setattr__(cfg, "latency_config",
+                               replace(cfg.latency_config, threads=a.threads))
         report = prune_export(cfg)
     q = a.quantize
     rows = []
@@ -68,7 +76,8 @@ def main():
         "command": "python benchmarks/quant_speedup.py " + " ".join(sys.argv[1:]),
         "cli_equivalent": cmd, "rows": rows,
         "accuracy": report["quantize"]["accuracy"], "quantize": report["quantize"]["files"],
-        "iterations": a.iterations, "warmup": a.warmup,
+        "iterations": a.iterations, "warmup": a.warmup, "threads": a.threads,
+        "loadavg_before": load0, "loadavg_after": list(os.getloadavg()),
         "seconds": round(time.perf_counter() - t0, 1)}, a.out)
     print(f"wrote {path}")
 
