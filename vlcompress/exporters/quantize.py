@@ -92,6 +92,21 @@ def check_quantize_runtime(quantize: str, runtime, method: str = "static") -> No
                           "use --quantize-method static")
 
 
+def check_quantize_target(quantize, method: str = "static", target: str = "onnxruntime") -> str:
+    """``check_quantize`` for a file meant for ``target`` (onnxruntime | tensorrt): the
+    canonical value, or ConfigError naming what that target takes."""
+    q = check_quantize(quantize, method)
+    if target not in TARGETS:
+        raise ConfigError(f"unknown quantization target {target!r}; allowed: {', '.join(TARGETS)}")
+    if q == "fp8" and target != "tensorrt":
+        raise ConfigError("--quantize fp8 is for TensorRT only; allowed with target onnxruntime: "
+                          "none, int8, fp16 (or --quantize-target tensorrt)")
+    if method == "dynamic" and target != "onnxruntime":
+        raise ConfigError(f"dynamic int8 runs on onnxruntime only, not {target}; use "
+                          "--quantize-method static (explicit QDQ)")
+    return q
+
+
 @dataclass
 class QuantizeResult:
     path: Path
@@ -345,5 +360,6 @@ def check_nm_quantized(path: str | Path, n: int = 2, m: int = 4) -> list[str]:
 
 
 __all__ = ["QUANTIZE", "QUANT_METHODS", "TARGETS", "INT8_OPS", "RUNTIME_QUANTIZE",
-           "QuantizeResult", "check_quantize", "check_quantize_runtime", "quantize_onnx",
+           "QuantizeResult", "check_quantize", "check_quantize_runtime", "check_quantize_target",
+           "quantize_onnx",
            "quantized_weights", "check_nm_quantized", "weight_matmuls"]
