@@ -1,15 +1,15 @@
-"""Shared bits of the benchmark scripts: result files that say where they came from.
+"""Shared bits of the benchmark scripts: every results JSON says where it came from.
 
-Every result JSON written through :func:`write_result` names the git commit of the tree that
-ran (``-dirty`` when tracked files under ``vlcompress/`` or ``benchmarks/`` were modified),
-the exact command, when it ran (``created``), and the machine and library versions (``env``,
-:func:`vlcompress.envinfo.env_info`). A script may pass its own ``command`` (e.g. with the
-defaults it filled in); it overrides the one read from ``sys.argv``.
+:func:`write_result` adds, to every payload, ``provenance``: the git commit of the checkout
+(and whether it had uncommitted changes), the exact command that produced it (re-runnable
+from the repository root), the machine, the library versions (:func:`vlcompress.envinfo.env_info`)
+and when it ran (UTC). ``env`` and ``created`` stay for the readers of older files.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shlex
 import subprocess
 import sys
@@ -22,30 +22,42 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def git_commit() -> str | None:
-    """HEAD of the repository the benchmark runs from, ``-dirty`` when tracked code changed;
-    None outside a git checkout."""
+def _git(*args: str) -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=ROOT, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
-                                "vlcompress", "benchmarks"], capture_output=True, text=True,
-                               cwd=ROOT, check=True, timeout=10).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
-    return sha + ("-dirty" if dirty else "") if sha else None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
-def command_line() -> str:
-    """The command that is running, as a shell would take it back."""
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as run, the script path relative to the repository root when it is inside."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv:
+        try:
+            argv[0] = str(Path(argv[0]).resolve().relative_to(ROOT))
+        except ValueError:
+            pass
+    return shlex.join(["python", *argv])
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """Commit, command, machine, versions and time of this run."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status),
+            "command": command_line(argv),
+            "machine": {"node": platform.node(), "cpu": env_info()["cpu"],
+                        "cpu_count": env_info()["cpu_count"], "platform": platform.platform()},
+            "versions": env_info()["packages"],
+            "ran_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def write_result(name: str, payload: dict, out: str | Path | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "git_commit": git_commit(), "command": command_line(), **payload, "env": env_info()}
+    doc = {"benchmark": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload,
+           "provenance": provenance(), "env": env_info()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)

@@ -201,8 +201,6 @@ def main(argv=None) -> int:
 
     f, p, c = statistics.median(fwd), statistics.median(prn), statistics.median(calib)
     out = {
-        "command": "python " + " ".join(sys.argv), "git_commit": _git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": args.model,
         "n_pairs": args.n,
         "batch_size": args.batch_size,
