@@ -322,3 +322,28 @@ def test_sweep_quantized_variants(tmp_path):
     assert "over dense int8" in md and "| dense + int8 | vision | 1 |" in md
     for png in ("accuracy_vs_sparsity.png", "latency_vs_batch.png"):
         assert (tmp_path / "s" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_copies_are_independent_after_select_towers(tiny_random_clip, calib_small):
+    """--tower vision: pruning a search candidate must not slice the dense model (deepcopy
+    alone keeps the original's prunable_layers closure)."""
+    from vlcompress.prune import prune
+    from vlcompress.quantstack import copy_vlm
+
+    vlm = tiny_random_clip.select_towers("vision")
+    before = [tuple(ly.module.weight.shape) for ly in vlm.prunable_layers()]
+    v = copy_vlm(vlm)
+    assert v.towers == ("vision",)
+    prune(v, "magnitude", 0.5, "structured", calibration=calib_small)
+    assert [tuple(ly.module.weight.shape) for ly in vlm.prunable_layers()] == before
+    assert [tuple(ly.module.weight.shape) for ly in v.prunable_layers()] != before
+    assert {ly.modality for ly in v.prunable_layers()} == {"vision"}
+
+
+def test_search_grid_drops_sparsities_the_model_cannot_take(tiny_random_clip):
+    from vlcompress.pipeline import RunConfig
+    from vlcompress.quantstack import allowed_grid
+
+    cfg = RunConfig(pattern="structured", sparsity=0.5, target_speedup=2.0)
+    grid = allowed_grid(tiny_random_clip, cfg)  # 4 heads: 0.8 would remove every head
+    assert grid and max(grid) <= 0.75 and 0.5 in grid
