@@ -16,8 +16,12 @@ MLP fc1/fc2, projections) and ``Conv`` (the patch embedding). Activation-activat
 (``Q K^T`` and ``softmax V`` in attention), Softmax, LayerNorm, GELU, residual adds stay fp32:
 they hold almost none of the FLOPs at these sequence lengths, and the attention probabilities
 and the pre-LayerNorm residual stream have outliers that a per-tensor uint8 scale crushes.
-Measured on tiny-clip (``benchmarks/quant_quality.py``, ``quant_ops`` rows): quantizing the
-attention MatMuls as well costs fidelity and zero-shot accuracy for no speed (see the README).
+The comparison that decides it is ``benchmarks/quant_quality.py``'s ``quant_ops`` part (the
+dense and the recovered structured tiny-clip, weights-only int8 vs int8 with the attention
+MatMuls too: accuracy, fidelity and interleaved latency on ONNX Runtime CPU). Not yet measured
+to completion: a short smoke run (32 eval pairs) showed no accuracy difference and fidelity
+0.9996 vs 0.9994 (image cosine, dense); until the full run lands the default keeps the
+conservative choice above (``quantize_activation_matmuls`` turns it on).
 
 **int8, dynamic.** ``quantize_dynamic``: weights int8 per channel, activations quantized on the
 fly per call (no calibration); ONNX Runtime CPU only.
