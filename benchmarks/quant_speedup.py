@@ -14,9 +14,11 @@ and >= 1.7x dense int8. The CLI equivalent is printed into the JSON (``command``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 from vlcompress.pipeline import RunConfig, prune_export  # noqa: E402
+from vlcompress.quantstack import TargetUnreachableError  # noqa: E402
 
 
 def main():
@@ -38,16 +41,35 @@ def main():
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ONNX Runtime intra-op threads for every variant (default: its own)")
+    ap.add_argument("--target-speedup", type=float, default=None,
+                    help="search the lowest structured sparsity reaching it (--sparsity ignored; "
+                         "writes quant_target_speedup.json)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     t0 = time.perf_counter()
+    load0 = list(os.getloadavg())  # the machine is shared: say how loaded it was
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(model=a.model, tower="vision", method=a.method, sparsity=a.sparsity,
                         pattern="structured", calibration_size=a.calibration_size, eval_size=16,
                         batch_sizes=a.batch_sizes, iterations=a.iterations, warmup=a.warmup,
                         quantize=a.quantize, quantize_method=a.quantize_method,
-                        out=str(Path(tmp) / "run"))
-        report = prune_export(cfg)
+                        target_speedup=a.target_speedup, out=str(Path(tmp) / "run"))
+        if a.threads:  # RunConfig has no --threads; the latency config carries it
+            object.__setattr__(cfg, "latency_config",
+                               replace(cfg.latency_config, threads=a.threads))
+        try:
+            report = prune_export(cfg)
+        except TargetUnreachableError as exc:  # the search's one line, recorded as the result
+            print(exc, flush=True)
+            path = write_result("quant_target_speedup", {
+                "target_speedup": a.target_speedup, "reached": False, "message": str(exc),
+                "threads": a.threads, "iterations": a.iterations,
+                "loadavg_before": load0, "loadavg_after": list(os.getloadavg()),
+                "seconds": round(time.perf_counter() - t0, 1)}, a.out)
+            print(f"wrote {path}")
+            return
     q = a.quantize
     rows = []
     for r in report["latency"]:
@@ -64,11 +86,16 @@ def main():
            f"--pattern structured --sparsity {a.sparsity} --quantize {q} --quantize-method "
            f"{a.quantize_method} --calibration-size {a.calibration_size} --eval-size 16 "
            f"--batch-sizes {a.batch_sizes} --iterations {a.iterations}")
-    path = write_result("quant_speedup", {
+    if a.target_speedup:
+        cmd += f" --target-speedup {a.target_speedup}"
+    name = "quant_target_speedup" if a.target_speedup else "quant_speedup"
+    path = write_result(name, {
+        "target_speedup": report.get("target_speedup"), "achieved": report["prune"]["achieved"],
         "command": "python benchmarks/quant_speedup.py " + " ".join(sys.argv[1:]),
         "cli_equivalent": cmd, "rows": rows,
         "accuracy": report["quantize"]["accuracy"], "quantize": report["quantize"]["files"],
-        "iterations": a.iterations, "warmup": a.warmup,
+        "iterations": a.iterations, "warmup": a.warmup, "threads": a.threads,
+        "loadavg_before": load0, "loadavg_after": list(os.getloadavg()),
         "seconds": round(time.perf_counter() - t0, 1)}, a.out)
     print(f"wrote {path}")
 

@@ -235,3 +235,115 @@ def test_cli_refuses_bad_quantize(tmp_path):
     r = CliRunner().invoke(app, ["prune-export", "--pattern", "structured", "--target-speedup",
                                  "0.9", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--target-speedup '0.9'" in r.output
+
+
+# --------------------------------------------------------------------------------------------
+# --quantize on `export` and `sweep`
+# --------------------------------------------------------------------------------------------
+def test_export_writes_quantized_beside_fp32(tiny_random_clip, tmp_path):
+    import json
+
+    from vlcompress.api import export
+
+    res = export(tiny_random_clip, tmp_path / "o", quantize="int8")
+    out = tmp_path / "o"
+    assert set(res.quantized) == {"vision", "text"}
+    for tower, q in res.quantized.items():
+        assert (out / f"{tower}.onnx").is_file() and (out / f"{tower}.int8.onnx").is_file()
+        assert q["path"] == str(out / f"{tower}.int8.onnx")
+        assert q["method"] == "static" and q["quantized_nodes"]["DequantizeLinear"] > 0
+        assert q["vs_pytorch"]["min_cosine"] > 0.99  # int8 differs, but not by much
+        w = quantized_weights(onnx.load(q["path"]))
+        assert w and all(np.asarray(x["scale"]).size > 1 for x in w.values()
+                         if x["array"].ndim == 2)  # per channel
+    assert json.loads((out / "quantize.json").read_text()).keys() == res.quantized.keys()
+    assert res.to_dict()["quantized"]["vision"]["quantize"] == "int8"
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"quantize": "int4"}, "unknown --quantize 'int4'"),
+    ({"quantize": "fp8"}, "fp8 is for TensorRT only"),
+    ({"quantize": "int8", "fp16": True}, "drop --fp16"),
+    ({"quantize": "int8", "quantize_method": "dynamic", "quantize_target": "tensorrt"},
+     "dynamic int8 runs on onnxruntime only"),
+    ({"quantize": "int8", "quantize_target": "openvino"}, "unknown quantization target"),
+])
+def test_export_refuses_bad_quantize(kw, needle, tmp_path):
+    from vlcompress.api import export
+
+    with pytest.raises(ConfigError, match=needle):
+        export("tiny-clip", tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_export_and_sweep_refuse_bad_quantize(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+
+    r = CliRunner().invoke(app, ["export", "tiny-clip", "--quantize", "fp8", "--out",
+                                 str(tmp_path / "o")])
+    assert r.exit_code == 2 and "fp8 is for TensorRT only" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+    r = CliRunner().invoke(app, ["sweep", "--quantize", "int8", "--engine", "torch", "--out",
+                                 str(tmp_path / "s")])
+    assert r.exit_code == 2 and "--quantize int8 cannot run on runtime torch/cpu/fp32" in r.output
+    assert not (tmp_path / "s").exists()
+    r = CliRunner().invoke(app, ["sweep", "--quantize", "fp8", "--no-latency", "--out",
+                                 str(tmp_path / "s")])
+    assert r.exit_code == 2 and "allowed: none, int8, fp16" in r.output
+
+
+def test_sweep_quantized_variants(tmp_path):
+    from conftest import make_tiny_random_clip
+
+    from vlcompress.sweep import sweep
+
+    make_tiny_random_clip().save(tmp_path / "m")
+    res = sweep(str(tmp_path / "m"), "magnitude", "0.5", "structured", out=tmp_path / "s",
+                calibration_size=16, eval_size=16, batch_sizes="1", warmup=1, iterations=2,
+                quantize="int8")
+    assert [(r["setting"], r["quantize"]) for r in res["rows"]] == [
+        ("structured 50%", "none"), ("structured 50% + int8", "int8")]
+    f, q = res["rows"]  # int8 on top moves fidelity to the dense model little
+    assert abs(q["image_cosine"] - f["image_cosine"]) < 0.02 and q["achieved"] == f["achieved"]
+    assert res["quantize"]["quantize"] == "int8" and "image_cosine" in res["quantize"]["dense"]
+    lat = {(r["setting"], r["tower"]): r for r in res["latency"]}
+    assert set(lat) == {(s, t) for s in ("structured 50%", "structured 50% + int8",
+                                         "dense + int8") for t in ("vision", "text")}
+    for t in ("vision", "text"):  # one interleaved run: the same dense fp32 timing
+        a, b = lat[("structured 50%", t)], lat[("structured 50% + int8", t)]
+        assert a["dense_ms"] == b["dense_ms"] == lat[("dense + int8", t)]["dense_ms"]
+        assert b["gain_over_quantized"] == pytest.approx(
+            a["variants"]["dense_int8"]["ms"]["p50"] / a["variants"]["pruned_int8"]["ms"]["p50"])
+        assert "samples_ms" not in a["variants"]["dense"]
+    md = (tmp_path / "s" / "sweep.md").read_text()
+    assert "| dense | int8 |" in md and "| magnitude | structured 50% + int8 |" in md
+    assert "over dense int8" in md and "| dense + int8 | vision | 1 |" in md
+    for png in ("accuracy_vs_sparsity.png", "latency_vs_batch.png"):
+        assert (tmp_path / "s" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_copies_are_independent_after_select_towers(tiny_random_clip, calib_small):
+    """--tower vision: pruning a search candidate must not slice the dense model (deepcopy
+    alone keeps the original's prunable_layers closure)."""
+    from vlcompress.prune import prune
+    from vlcompress.quantstack import copy_vlm
+
+    vlm = tiny_random_clip.select_towers("vision")
+    before = [tuple(ly.module.weight.shape) for ly in vlm.prunable_layers()]
+    v = copy_vlm(vlm)
+    assert v.towers == ("vision",)
+    prune(v, "magnitude", 0.5, "structured", calibration=calib_small)
+    assert [tuple(ly.module.weight.shape) for ly in vlm.prunable_layers()] == before
+    assert [tuple(ly.module.weight.shape) for ly in v.prunable_layers()] != before
+    assert {ly.modality for ly in v.prunable_layers()} == {"vision"}
+
+
+def test_search_grid_drops_sparsities_the_model_cannot_take(tiny_random_clip):
+    from vlcompress.pipeline import RunConfig
+    from vlcompress.quantstack import allowed_grid
+
+    cfg = RunConfig(pattern="structured", sparsity=0.5, target_speedup=2.0)
+    grid = allowed_grid(tiny_random_clip, cfg)  # 4 heads: 0.8 would remove every head
+    assert grid and max(grid) <= 0.75 and 0.5 in grid

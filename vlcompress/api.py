@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from .atomic import atomic_dir
+from .errors import ConfigError
 from .progress import NULL
 
 
@@ -49,21 +50,59 @@ def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:
     return info
 
 
-def export(model, out, *, fp16=False, force=False, calibration="shapes", progress_factory=None):
+def export(model, out, *, fp16=False, force=False, calibration="shapes", progress_factory=None,
+           quantize="none", quantize_method="static", quantize_target="onnxruntime"):
     """Export every tower of ``model`` (a VLM, a name or a folder) to ``out/<tower>.onnx``,
     traced on the first pairs of ``calibration`` (a source for ``load_calibration``) and
-    validated against PyTorch on a batch of another size; returns the ExportResult."""
+    validated against PyTorch on a batch of another size; returns the ExportResult.
+
+    ``quantize`` (int8 | fp16 | fp8, :mod:`vlcompress.exporters.quantize`) also writes
+    ``out/<tower>.<quantize>.onnx`` beside the fp32 file: static int8 (QDQ, per-channel weights)
+    calibrated on the first pairs of ``calibration`` (the same source), or dynamic; for
+    ``quantize_target="tensorrt"`` explicit symmetric QDQ (int8, fp8). Each quantized file is
+    compared with PyTorch on the validation batch; ``result.quantized[tower]`` holds its path,
+    its quantized nodes and that comparison (reported, not a pass/fail: int8 differs by design).
+    """
     from .atomic import check_output_folder
     from .data import load_calibration
-    from .exporters.onnx import export_model
+    from .exporters.onnx import export_model, validate_tower
+    from .exporters.quantize import check_quantize_target, quantize_onnx
     from .models import VLM, load_model
     from .pipeline import export_examples
+    from .quantstack import QUANT_CALIBRATION_PAIRS, calibration_feeds
 
+    q = check_quantize_target(quantize, quantize_method, quantize_target)
+    if q != "none" and fp16:
+        raise ConfigError(f"--quantize {q} quantizes the fp32 export (written beside it); drop "
+                          "--fp16" + (" (--quantize fp16 writes the fp16 file)" if q == "fp16"
+                                      else ""))
     out = check_output_folder(out, force)
     vlm = model if isinstance(model, VLM) else load_model(model)
-    example, check = export_examples(load_calibration(calibration, n=5, batch_size=5))
+    static = q in ("int8", "fp8") and quantize_method == "static"
+    calib = load_calibration(calibration, n=QUANT_CALIBRATION_PAIRS if static else 5,
+                             batch_size=QUANT_CALIBRATION_PAIRS if static else 5)
+    example, check = export_examples(calib)
+    quantized = {}
     with atomic_dir(out, overwrite=force) as tmp, \
             (progress_factory() if progress_factory else nullcontext(NULL)) as prog:
         res = export_model(vlm, tmp, example, check, fp16=fp16, progress=prog)
+        if q != "none":
+            with prog.task(f"quantize {q}", total=len(res.paths)) as task:
+                for tower, src in res.paths.items():
+                    feeds = calibration_feeds(vlm, tower, calib) if static else None
+                    dst = tmp / f"{tower}.{q}.onnx"
+                    qr = quantize_onnx(src, dst, q, calibration=feeds, method=quantize_method,
+                                       target=quantize_target)
+                    info = qr.to_dict()
+                    if quantize_target == "onnxruntime":  # ORT CPU runs it; TensorRT QDQ may not
+                        v = validate_tower(vlm, tower, dst, check)
+                        info["vs_pytorch"] = {"max_abs_diff": v["max_abs_diff"],
+                                              "min_cosine": v["min_cosine"], "batch": v["batch"]}
+                    info["path"] = str(out / dst.name)
+                    quantized[tower] = info
+                    task.advance()
+            (tmp / "quantize.json").write_text(json.dumps(quantized, indent=2) + "\n")
     res.paths = {t: out / Path(p).name for t, p in res.paths.items()}
+    res.quantized = quantized
     return res
+

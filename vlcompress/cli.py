@@ -282,14 +282,25 @@ def export_cmd(
     fp16: Annotated[bool, typer.Option("--fp16", help="Export fp16 ONNX.")] = False,
     calibration: CalibOpt = "shapes",
     force: ForceOpt = False,
+    quantize: QuantizeOpt = "none",
+    quantize_method: QuantMethodOpt = "static",
+    quantize_target: Annotated[str, typer.Option(
+        "--quantize-target", help="Who runs the quantized ONNX: onnxruntime, or tensorrt "
+        "(explicit symmetric QDQ; fp8 needs it).")] = "onnxruntime",
 ):
     """Export each tower of a model to ONNX and validate it against PyTorch."""
     from .api import export
 
     res = export(model, out_dir, fp16=fp16, force=force, calibration=calibration,
-                 progress_factory=_progress)
+                 progress_factory=_progress, quantize=quantize, quantize_method=quantize_method,
+                 quantize_target=quantize_target)
     for tower, path in res.paths.items():
         out.print(f"{tower}: {path} (max abs diff vs PyTorch {res.max_abs_diff[tower]:.2e})")
+    for tower, q in res.quantized.items():  # --quantize: the file written beside the fp32 one
+        vs = q.get("vs_pytorch")
+        out.print(f"{tower} {q['quantize']} ({q['method']}, {q['target']}): {q['path']}"
+                  + (f" (min cosine vs PyTorch {vs['min_cosine']:.4f})" if vs else ""),
+                  soft_wrap=True)
 
 
 @app.command("models")
@@ -445,6 +456,8 @@ def sweep_cmd(
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Accuracy only.")] = False,
     out_dir: OutOpt = Path("vlcompress-sweep"),
     force: ForceOpt = False,
+    quantize: QuantizeOpt = "none",
+    quantize_method: QuantMethodOpt = "static",
 ):
     """Prune one model with every method x pattern x sparsity: a table and PNG plots."""
     from rich.table import Table
@@ -457,7 +470,8 @@ def sweep_cmd(
                     calibration_size=calibration_size, eval_data=eval_data, eval_size=eval_size,
                     batch_sizes=batch_sizes, runtime=runtime, device=device,
                     precision="fp16" if fp16 else None, metric=metric, iterations=iterations,
-                    latency=not no_latency, force=force, progress=prog)
+                    latency=not no_latency, force=force, progress=prog, quantize=quantize,
+                    quantize_method=quantize_method)
     fid = ("text_cosine", "image_cosine")
     keys = [k for k in ("zeroshot_top1", "i2t_r1", "t2i_r1", *fid) if k in res["dense"]]
     t = Table("method", "setting", "achieved", *[METRIC_NAMES.get(k, k) for k in keys],
@@ -467,6 +481,9 @@ def sweep_cmd(
         return f"{v:.3f}" if k in fid else f"{100 * v:.1f}%"
 
     t.add_row("dense", "-", "0.0%", *[fmt(k, res["dense"][k]) for k in keys])
+    if res.get("quantize"):  # --quantize: the dense model quantized
+        qd = res["quantize"]
+        t.add_row("dense", qd["quantize"], "0.0%", *[fmt(k, qd["dense"][k]) for k in keys])
     for r in res["rows"]:
         t.add_row(r["method"], r["setting"], f"{100 * r['achieved']:.1f}%",
                   *[fmt(k, r[k]) for k in keys])

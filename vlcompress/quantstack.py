@@ -307,12 +307,55 @@ def _nm_check(cfg, float_paths, quant_paths):
             for t, p in float_paths.items()}
 
 
+def copy_vlm(vlm):
+    """An independent copy of ``vlm`` to prune. ``copy.deepcopy`` alone is not one after
+    ``select_towers`` (``--tower``): the copy's ``prunable_layers`` is still the original's
+    closure, so pruning the copy would slice the original's layers (measured: the second
+    candidate of a ``--tower vision`` search failed on the first one's slices). The tower
+    selection is re-applied on the copy's own layers."""
+    import copy
+
+    v = copy.deepcopy(vlm)
+    if "prunable_layers" in vars(v):  # select_towers was applied: rebind it to the copy
+        del v.__dict__["prunable_layers"]
+        towers = v.__dict__.pop("towers", None)
+        if towers is not None and tuple(towers) != tuple(getattr(v, "towers", ())):
+            v.select_towers(towers)
+        else:
+            v.towers = towers
+    return v
+
+
+def allowed_grid(vlm, cfg, grid: Sequence[float] = SEARCH_GRID) -> list[float]:
+    """The sparsities of ``grid`` this model can take structurally with the run's units,
+    rounding and depth (a grid point that would remove every head of a layer is dropped:
+    e.g. 0.8 of a 4-head layer); ConfigError when none is left."""
+    from .config import PruneConfig
+    from .errors import PatternError
+    from .sparsity.structured import check_structured
+
+    pc = cfg.prune_config
+    ok = []
+    for s in grid:
+        try:
+            check_structured(vlm, PruneConfig(method=pc.method, sparsity=s, pattern="structured",
+                                              scope=pc.scope, units=pc.units,
+                                              round_to=pc.round_to, depth=pc.depth))
+        except (PatternError, ConfigError):
+            continue
+        ok.append(s)
+    if not ok:
+        raise ConfigError(f"--target-speedup: no structured sparsity of {list(grid)} fits "
+                          f"{vlm.family} with --units {','.join(pc.units)}; allowed: another "
+                          "--units or --depth")
+    return ok
+
+
 def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, example, check,
                work: Path, progress) -> SearchResult:
     """``--target-speedup``: prune copies of the dense model to grid sparsities, export (and
     quantize) each, time it briefly against dense at the largest batch size on the run's
     runtime (all towers summed), and bisect (:func:`search_sparsity`)."""
-    import copy
     import shutil
     from dataclasses import replace
 
@@ -330,12 +373,12 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
     feeds = _feeds(cfg, vlm, towers, example, (batch,))
     brief = replace(lc, batch_sizes=(batch,), warmup=1, iterations=max(3, lc.iterations // 5),
                     towers=tuple(towers))
-    dense_art = Artefacts("dense", vlm=copy.deepcopy(vlm) if rt.consumes == MODEL else None,
+    dense_art = Artefacts("dense", vlm=copy_vlm(vlm) if rt.consumes == MODEL else None,
                           onnx=dict(dense_export.paths))
     pc = cfg.prune_config
 
     def measure(s: float) -> Candidate:
-        v = copy.deepcopy(vlm)
+        v = copy_vlm(vlm)
         prune(v, cfg.method, s, "structured", calibration=calib, train=train, scope=cfg.scope,
               seed=cfg.seed, units=pc.units, round_to=pc.round_to, depth=pc.depth)
         folder = Path(work) / f"s{s:g}"
@@ -367,12 +410,13 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
                          {"batch": batch, "dense_ms": round(d, 3), "candidate_ms": round(c, 3),
                           "quantize": q, "iterations": brief.iterations})
 
+    grid = allowed_grid(vlm, cfg)
     try:
-        return search_sparsity(cfg.target_speedup, measure)
+        return search_sparsity(cfg.target_speedup, measure, grid)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 __all__ = ["SEARCH_GRID", "MAX_CANDIDATES", "TargetUnreachableError", "check_target_speedup",
            "calibration_feeds", "quantize_variants", "onnx_vlm", "onnx_embed_eval", "Candidate",
-           "SearchResult", "search_sparsity", "quantized_section", "run_search"]
+           "SearchResult", "search_sparsity", "allowed_grid", "copy_vlm", "quantized_section", "run_search"]

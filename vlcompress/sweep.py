@@ -13,6 +13,14 @@ measured once per (pattern, sparsity): the first method's pruned model is export
 :func:`vlcompress.runtime.time_models`) and timed against the dense one, interleaved, at
 each batch size, every tower of the model.
 
+``quantize`` (int8 | fp16, :mod:`vlcompress.exporters.quantize`) adds the quantized variants:
+each cell's pruned model is exported, quantized (static int8 calibrated on the run's
+calibration pairs, or dynamic) and evaluated from the quantized ONNX on ONNX Runtime CPU (a
+``<setting> + int8`` row beside the float one), the dense model likewise once (``dense + int8``);
+each timed structure is timed as four variants interleaved in one run (dense, dense quantized,
+pruned, pruned quantized; :func:`vlcompress.runtime.timing.time_variants`), so the table says
+what pruning buys over quantization alone (``over dense int8``).
+
 A one-tower model (e.g. a BERT text encoder) has no zero-shot or retrieval metric: it sweeps
 on fidelity to the dense model (``text_cosine`` / ``image_cosine``, dense = 1.0).
 
@@ -100,13 +108,14 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
           device: str | None = None, precision: str | None = None, warmup: int = 5,
           iterations: int = 30, latency: bool = True,
           metric: str | None = None, force: bool = False, seed: int = 0,
-          progress=NULL) -> dict:
+          progress=NULL, quantize: str = "none", quantize_method: str = "static") -> dict:
     """Run the sweep, write the folder ``out`` and return ``sweep.json``'s content."""
     from .data import load_calibration, load_eval
     from .eval import embed_eval, fidelity, metrics_from_embeddings
     from .models import load_model
     from .pipeline import check_output_folder, export_examples
     from .prune import prune
+    from .quantstack import onnx_vlm
 
     cells = plan_cells(methods, sparsities, patterns)
     lc = LatencyConfig(batch_sizes=parse_batch_sizes(batch_sizes), warmup=warmup,
@@ -117,6 +126,7 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
         for c in cells:
             rt.check_pattern(c.pattern)
         rt.check()
+    q = check_sweep_quantize(quantize, quantize_method, lc)
     out = check_output_folder(out, force)
     t0 = time.perf_counter()
     calib = load_calibration(calibration, n=calibration_size, batch_size=32, seed=seed)
@@ -126,6 +136,10 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
     dense_emb = embed_eval(dense_vlm, data)
     dense_fid = fidelity(dense_emb, dense_emb)
     dense = {**metrics_from_embeddings(dense_emb), **{k: 1.0 for k in dense_fid}}
+    if q != "none" and onnx_vlm(dense_vlm, {}) is None:
+        raise ConfigError(f"--quantize {q}: the quantized files are evaluated on ONNX Runtime "
+                          f"from the vision and text towers; {dense_vlm.family} needs more "
+                          "(its ITM fusion tower); allowed: --quantize none")
     metric = metric or next((k for k in ("zeroshot_top1", "i2t_r1", *FIDELITY_METRICS)
                              if k in dense), "i2t_r1")
     if metric not in dense:
@@ -138,28 +152,48 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
             progress.task("sweep", total=len(cells) + len(structures)) as task:
         dense_art = _artefacts(lc, dense_vlm, Path(td) / "dense", "dense", examples) if lc else None
         feeds = _feeds(dense_vlm, lc, examples[0]) if lc else None
+        dense_q = None
+        if q != "none":
+            dense_q = _quantized(dense_vlm, dense_art, calib, q, quantize_method, examples,
+                                 Path(td) / "dense")
+            dense_q["metrics"] = _quantized_metrics(dense_vlm, dense_q["onnx"], data, dense_emb)
         timed = set()
         for c in cells:
             vlm = load_model(model)
             res = prune(vlm, c.method, c.sparsity, c.pattern, calibration=calib, seed=seed)
             pe = embed_eval(vlm, data)
             m = {**metrics_from_embeddings(pe), **fidelity(dense_emb, pe)}
-            rows.append({"method": c.method, "pattern": c.pattern, "target": c.sparsity,
-                         "setting": c.setting, "achieved": res.achieved,
-                         "per_modality": res.per_modality,
-                         "prune_seconds": round(res.seconds, 3), **m})
-            task.advance()
+            row = {"method": c.method, "pattern": c.pattern, "target": c.sparsity,
+                   "setting": c.setting, "achieved": res.achieved,
+                   "per_modality": res.per_modality,
+                   "prune_seconds": round(res.seconds, 3), **m}
+            rows.append({**row, "quantize": "none"} if q != "none" else row)
             key = (c.pattern, c.sparsity)
-            if lc and key not in timed:  # the first method's model stands for this structure
+            first = lc is not None and key not in timed  # its model stands for this structure
+            art = (_artefacts(lc, vlm, Path(td) / f"pruned{len(timed) + 1}", "pruned", examples)
+                   if first else None)
+            pq = None
+            if q != "none":
+                pq = _quantized(vlm, art, calib, q, quantize_method, examples,
+                                Path(td) / f"cell{len(rows)}")
+                rows.append({**row, "setting": f"{c.setting} + {q}", "quantize": q,
+                             **_quantized_metrics(vlm, pq["onnx"], data, dense_emb)})
+            task.advance()
+            if first:
                 timed.add(key)
-                art = _artefacts(lc, vlm, Path(td) / f"pruned{len(timed)}", "pruned", examples)
-                for r in _time(lc, dense_art, art, feeds, c.pattern, vlm, Path(td)):
+                for r in _time(lc, dense_art, art, feeds, c.pattern, vlm, Path(td),
+                               quantized=(q, dense_q, pq) if q != "none" else None,
+                               dense_q_row=len(timed) == 1):
+                    sfx = r.pop("setting_suffix", "")
                     lat_rows.append({"pattern": c.pattern, "target": c.sparsity,
-                                     "setting": c.setting, "method": c.method, **r})
+                                     "setting": c.setting + sfx, "method": c.method, **r})
                 task.advance()
         result = {"model": model, "metric": metric, "eval": {"dataset": data.source, "n": len(data)},
                   "calibration": {"source": calibration, "n": calibration_size},
                   "dense": dense, "rows": rows, "latency": lat_rows,
+                  "quantize": {"quantize": q, "method": quantize_method,
+                               "dense": dense_q["metrics"], "measured_on": "ONNX Runtime CPU",
+                               "files": dense_q["info"]} if q != "none" else None,
                   "latency_config": {"runtime": lc.runtime, "device": lc.device,
                                      "precision": lc.precision,
                                      "batch_sizes": list(lc.batch_sizes),
@@ -190,10 +224,53 @@ def _artefacts(lc: LatencyConfig, vlm, folder: Path, variant: str, examples):
     return Artefacts(variant, onnx=dict(res.paths), folder=folder, pruned_layers=layers)
 
 
-def _time(lc: LatencyConfig, dense, pruned, feeds, pattern: str, vlm, td: Path) -> list[dict]:
+def check_sweep_quantize(quantize, method: str, lc: LatencyConfig | None) -> str:
+    """``--quantize`` for a sweep: the canonical value, or one ConfigError line. The quantized
+    files are evaluated on ONNX Runtime CPU (int8, fp16; fp8 needs TensorRT) and, with latency,
+    timed on the sweep's runtime, which must run them from an fp32 export."""
+    from .exporters.quantize import check_quantize, check_quantize_runtime
+
+    q = check_quantize(quantize, method)
+    if q == "fp8":
+        raise ConfigError("--quantize fp8 cannot be evaluated by a sweep (ONNX Runtime CPU runs "
+                          "no fp8); allowed: none, int8, fp16")
+    if q != "none" and lc is not None:
+        check_quantize_runtime(q, lc.runtime_entry, method)
+        if lc.runtime_entry.precision != "fp32":
+            raise ConfigError(f"--quantize {q} quantizes the fp32 export; drop --fp16 (the sweep "
+                              "times fp32 and quantized variants side by side)")
+    return q
+
+
+def _quantized(vlm, art, calib, q: str, method: str, examples, folder: Path) -> dict:
+    """Quantize ``vlm``'s fp32 ONNX towers (``art``'s when it holds them, else a fresh export
+    into ``folder``) into ``folder/v_<q>/``: ``{"onnx": tower -> path, "info": ...}``."""
+    from .exporters.onnx import export_model
+    from .quantstack import quantize_variants
+
+    paths = dict(art.onnx) if art is not None and art.onnx else {}
+    if not paths:
+        example, check = examples
+        paths = dict(export_model(vlm, folder / "fp32", example, check).paths)
+    qpaths, info = quantize_variants(vlm, {"v": paths}, calib, q, method, folder)
+    return {"onnx": qpaths["v"], "info": info["v"]}
+
+
+def _quantized_metrics(vlm, paths: dict, data, dense_emb) -> dict:
+    """Accuracy and fidelity (to the dense PyTorch model) of the ONNX towers in ``paths``."""
+    from .eval import fidelity, metrics_from_embeddings
+    from .quantstack import onnx_embed_eval
+
+    emb = onnx_embed_eval(vlm, paths, data)
+    return {**metrics_from_embeddings(emb), **fidelity(dense_emb, emb)}
+
+
+def _time(lc: LatencyConfig, dense, pruned, feeds, pattern: str, vlm, td: Path,
+          quantized=None, dense_q_row: bool = False) -> list[dict]:
     """One setting's latency rows (:func:`vlcompress.runtime.time_models`), each with its
     in-run speedup's bootstrap interval (:func:`vlcompress.gate.bootstrap_speedup`) in place
-    of the raw samples."""
+    of the raw samples. ``quantized`` = ``(q, dense_q, pruned_q)``: four variants timed
+    interleaved instead (:func:`_time_quantized`)."""
     from .gate import bootstrap_speedup
     from .runtime.registry import BuildOptions
     from .runtime.timing import time_models
@@ -204,12 +281,61 @@ def _time(lc: LatencyConfig, dense, pruned, feeds, pattern: str, vlm, td: Path) 
                         seq_len=getattr(vlm, "text_max_length", None),
                         check_feeds={t: feeds[(t, first)] for t in towers},
                         timing_cache=td / "timing.cache")
+    if quantized is not None:
+        return _time_quantized(lc, dense, pruned, feeds, towers, opts, quantized, dense_q_row)
     rows = time_models(lc.runtime_entry, dense, pruned, feeds, lc, towers=towers, options=opts,
                        check=False)
     for i, r in enumerate(rows):
         d, p = r.pop("dense_samples_ms"), r.pop("pruned_samples_ms")
         _, lo, hi = bootstrap_speedup(d, p, quantile=0.5, seed=i)
         r["speedup_ci"] = [lo, hi]
+    return rows
+
+
+def _time_quantized(lc, dense, pruned, feeds, towers, opts, quantized, dense_q_row) -> list[dict]:
+    """dense, dense_<q>, pruned, pruned_<q> timed in one interleaved run per (tower, batch)
+    (:func:`vlcompress.runtime.timing.time_variants`). Per row of that run: the float row
+    (``quantize`` none, as without quantization), the ``<setting> + <q>`` row (pruned_<q> vs
+    dense fp32, and ``gain_over_quantized`` = dense_<q> p50 / pruned_<q> p50: what pruning
+    buys over quantization alone) and, when ``dense_q_row``, the ``dense + <q>`` row."""
+    from .gate import bootstrap_speedup
+    from .runtime.registry import Artefacts, get_runtime
+    from .runtime.timing import time_variants
+
+    q, dense_q, pruned_q = quantized
+    rt = lc.runtime_entry
+    qrt = get_runtime(rt.name, rt.device, "fp16") if q == "fp16" else rt
+    variants = {"dense": (rt, dense),
+                f"dense_{q}": (qrt, Artefacts(f"dense_{q}", onnx=dense_q["onnx"])),
+                "pruned": (rt, pruned),
+                f"pruned_{q}": (qrt, Artefacts(f"pruned_{q}", onnx=pruned_q["onnx"]))}
+    raw = time_variants(variants, feeds, lc, towers=towers, options=opts, check=False)
+    rows = []
+    for i, r in enumerate(raw):
+        v = r["variants"]
+        samples = {k: x.pop("samples_ms") for k, x in v.items()}
+        r.pop("dense_samples_ms", None)
+        r.pop("pruned_samples_ms", None)
+
+        def ci(label, seed, samples=samples):
+            _, lo, hi = bootstrap_speedup(samples["dense"], samples[label], quantile=0.5,
+                                          seed=seed)
+            return [lo, hi]
+
+        gain = v[f"dense_{q}"]["ms"]["p50"] / v[f"pruned_{q}"]["ms"]["p50"]
+        rows.append({**r, "quantize": "none", "speedup_ci": ci("pruned", 3 * i)})
+        qrow = {k: r[k] for k in ("runtime", "device", "tower", "batch")}
+        pq = v[f"pruned_{q}"]
+        rows.append({**qrow, "setting_suffix": f" + {q}", "quantize": q,
+                     "dense_ms": v["dense"]["ms"], "pruned_ms": pq["ms"], "speedup": pq["speedup"],
+                     "speedup_ci": ci(f"pruned_{q}", 3 * i + 1), "gain_over_quantized": gain,
+                     "precision": pq["precision"], "provider": pq["provider"]})
+        if dense_q_row:
+            dq = v[f"dense_{q}"]
+            rows.append({**qrow, "setting": f"dense + {q}", "method": "-", "quantize": q,
+                         "dense_ms": v["dense"]["ms"], "pruned_ms": dq["ms"],
+                         "speedup": dq["speedup"], "speedup_ci": ci(f"dense_{q}", 3 * i + 2),
+                         "precision": dq["precision"], "provider": dq["provider"]})
     return rows
 
 
@@ -241,25 +367,43 @@ def sweep_markdown(res: dict) -> str:
              "| method | setting | achieved | " + " | ".join(METRIC_NAMES.get(k, k) for k in keys)
              + " | prune s |", "|---|---|---:|" + "---:|" * len(keys) + "---:|",
              "| dense | – | 0.0% | " + " | ".join(_fmt(k, d[k]) for k in keys) + " | – |"]
+    qd = res.get("quantize")
+    if qd:  # the dense model quantized, evaluated from its quantized ONNX files
+        lines.append(f"| dense | {qd['quantize']} | 0.0% | "
+                     + " | ".join(_fmt(k, qd["dense"][k]) for k in keys) + " | – |")
     for r in res["rows"]:
         lines.append(f"| {r['method']} | {r['setting']} | {100 * r['achieved']:.1f}% | "
                      + " | ".join(_fmt(k, r[k]) for k in keys) + f" | {r['prune_seconds']:.2f} |")
     lines.append("")
+    if qd:
+        lines += [f"`+ {qd['quantize']}` rows: {qd['quantize']} ({qd['method']}) ONNX of the row's "
+                  f"model, evaluated on {qd['measured_on']}; fidelity is to the dense fp32 "
+                  "PyTorch model.", ""]
     if res.get("latency"):
         lc = res["latency_config"]
         lines += [f"Latency p50 (ms), {lc['runtime']} on {lc['device']} "
                   f"({lc.get('precision') or '?'}), dense and pruned interleaved "
                   f"({lc['iterations']} iterations); speedup = dense p50 / pruned p50 of the "
                   "same row, 95% bootstrap interval.", "",
-                  "| setting | tower | batch | provider | dense | pruned | speedup | interval |",
-                  "|---|---|---:|---|---:|---:|---:|---|"]
+                  "| setting | tower | batch | provider | dense | pruned | speedup | interval |"
+                  + (f" over dense {qd['quantize']} |" if qd else ""),
+                  "|---|---|---:|---|---:|---:|---:|---|" + ("---:|" if qd else "")]
         for r in res["latency"]:
             ci = r.get("speedup_ci")
+            gain = r.get("gain_over_quantized")
             lines.append(f"| {r['setting']} | {r['tower']} | {r['batch']} | "
                          f"{r.get('provider', r['runtime'])} | {r['dense_ms']['p50']:.3f} | "
                          f"{r['pruned_ms']['p50']:.3f} | {r['speedup']:.2f}x | "
-                         + (f"{ci[0]:.2f}-{ci[1]:.2f}x |" if ci else "– |"))
+                         + (f"{ci[0]:.2f}-{ci[1]:.2f}x |" if ci else "– |")
+                         + ((f" {gain:.2f}x |" if gain is not None else " – |") if qd else ""))
         lines.append("")
+        if qd:
+            q = qd["quantize"]
+            lines += [f"With --quantize {q} each structure was timed as four variants interleaved "
+                      f"in one run (dense, dense {q}, pruned, pruned {q}); `dense + {q}` is "
+                      f"quantization alone (from the first structure's run), `over dense {q}` "
+                      f"= dense {q} p50 / pruned {q} p50: what pruning buys over quantization "
+                      "alone.", ""]
     return "\n".join(lines)
 
 
@@ -281,19 +425,29 @@ def plot_accuracy(res: dict, path: Path) -> Path:
     metric = res["metric"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     ax.axhline(100 * res["dense"][metric], color="black", ls="--", lw=1, label="dense")
+    qd = res.get("quantize")
+    if qd:
+        ax.axhline(100 * qd["dense"][metric], color="gray", ls=":", lw=1,
+                   label=f"dense {qd['quantize']}")
     methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     patterns = list(dict.fromkeys(r["pattern"] for r in res["rows"]))
+    quants = list(dict.fromkeys(r.get("quantize", "none") for r in res["rows"]))
     for m in methods:
         for j, p in enumerate(patterns):
-            pts = sorted((r["achieved"], r[metric]) for r in res["rows"]
-                         if r["method"] == m and r["pattern"] == p)
-            if not pts:
-                continue
-            xs, ys = [100 * x for x, _ in pts], [100 * y for _, y in pts]
-            ax.plot(xs, ys, marker=markers[j % len(markers)], color=colors[m],
-                    ls="-" if len(pts) > 1 else "none", label=f"{m} ({p})")
+            for qz in quants:  # quantized variants: the same color and marker, dotted, hollow
+                pts = sorted((r["achieved"], r[metric]) for r in res["rows"]
+                             if r["method"] == m and r["pattern"] == p
+                             and r.get("quantize", "none") == qz)
+                if not pts:
+                    continue
+                xs, ys = [100 * x for x, _ in pts], [100 * y for _, y in pts]
+                plain = qz == "none"
+                ax.plot(xs, ys, marker=markers[j % len(markers)], color=colors[m],
+                        ls=("-" if plain else ":") if len(pts) > 1 else "none",
+                        mfc=None if plain else "none",
+                        label=f"{m} ({p})" if plain else f"{m} ({p} + {qz})")
     ax.set_xlabel("achieved sparsity (%)")
     ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (%)")
     ax.set_title(f"{res['model']}: accuracy vs sparsity")
@@ -318,12 +472,20 @@ def plot_latency(res: dict, path: Path) -> Path:
         settings = list(dict.fromkeys(r["setting"] for r in tr))
         bs = sorted({r["batch"] for r in tr})
         ax.axhline(1.0, color="black", ls="--", lw=1, label="dense (1x)")
-        for i, s in enumerate(settings):
+        plain = [s for s in settings if not any(r.get("quantize", "none") != "none"
+                                                for r in tr if r["setting"] == s)]
+        for s in settings:
             xs, ys, ci = speedup_series(tr, s)
             err = [[max(0.0, y - lo) for y, (lo, _) in zip(ys, ci, strict=True)],
                    [max(0.0, hi - y) for y, (_, hi) in zip(ys, ci, strict=True)]]
-            ax.errorbar(xs, ys, yerr=err, marker="s", color=f"C{i}", capsize=3,
-                        label=f"pruned {s}")
+            base = next((p for p in plain if s.startswith(p + " + ")), None)
+            if s in plain:  # a float setting
+                ax.errorbar(xs, ys, yerr=err, marker="s", color=f"C{plain.index(s)}",
+                            capsize=3, label=f"pruned {s}")
+            else:  # quantized: its float setting's color, dotted; quantization alone in gray
+                ax.errorbar(xs, ys, yerr=err, marker="o", mfc="none", ls=":", capsize=3,
+                            color=f"C{plain.index(base)}" if base else "gray",
+                            label=s if s.startswith("dense") else f"pruned {s}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(bs, [str(b) for b in bs])
         ax.set_xlabel("batch size")

@@ -107,6 +107,8 @@ class ExportResult:
     seconds: float
     exporter: dict[str, str] = field(default_factory=dict)  # tower -> "dynamo" | "torchscript"
     validation: dict[str, dict] = field(default_factory=dict)  # tower -> validate_tower() dict
+    # tower -> the quantized file written beside it (vlcompress.api.export(quantize=...))
+    quantized: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -117,6 +119,7 @@ class ExportResult:
             "seconds": self.seconds,
             "exporter": dict(self.exporter),
             "validation": {k: dict(v) for k, v in self.validation.items()},
+            "quantized": {k: dict(v) for k, v in self.quantized.items()},
         }
 
 

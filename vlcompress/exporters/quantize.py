@@ -16,8 +16,12 @@ MLP fc1/fc2, projections) and ``Conv`` (the patch embedding). Activation-activat
 (``Q K^T`` and ``softmax V`` in attention), Softmax, LayerNorm, GELU, residual adds stay fp32:
 they hold almost none of the FLOPs at these sequence lengths, and the attention probabilities
 and the pre-LayerNorm residual stream have outliers that a per-tensor uint8 scale crushes.
-Measured on tiny-clip (``benchmarks/quant_quality.py``, ``quant_ops`` rows): quantizing the
-attention MatMuls as well costs fidelity and zero-shot accuracy for no speed (see the README).
+The comparison that decides it is ``benchmarks/quant_quality.py``'s ``quant_ops`` part (the
+dense and the recovered structured tiny-clip, weights-only int8 vs int8 with the attention
+MatMuls too: accuracy, fidelity and interleaved latency on ONNX Runtime CPU). Not yet measured
+to completion: a short smoke run (32 eval pairs) showed no accuracy difference and fidelity
+0.9996 vs 0.9994 (image cosine, dense); until the full run lands the default keeps the
+conservative choice above (``quantize_activation_matmuls`` turns it on).
 
 **int8, dynamic.** ``quantize_dynamic``: weights int8 per channel, activations quantized on the
 fly per call (no calibration); ONNX Runtime CPU only.
@@ -90,6 +94,21 @@ def check_quantize_runtime(quantize: str, runtime, method: str = "static") -> No
     if method == "dynamic" and (runtime.name != "onnxruntime" or runtime.device != "cpu"):
         raise ConfigError(f"dynamic int8 runs on onnxruntime/cpu only, not {runtime.label}; "
                           "use --quantize-method static")
+
+
+def check_quantize_target(quantize, method: str = "static", target: str = "onnxruntime") -> str:
+    """``check_quantize`` for a file meant for ``target`` (onnxruntime | tensorrt): the
+    canonical value, or ConfigError naming what that target takes."""
+    q = check_quantize(quantize, method)
+    if target not in TARGETS:
+        raise ConfigError(f"unknown quantization target {target!r}; allowed: {', '.join(TARGETS)}")
+    if q == "fp8" and target != "tensorrt":
+        raise ConfigError("--quantize fp8 is for TensorRT only; allowed with target onnxruntime: "
+                          "none, int8, fp16 (or --quantize-target tensorrt)")
+    if method == "dynamic" and target != "onnxruntime":
+        raise ConfigError(f"dynamic int8 runs on onnxruntime only, not {target}; use "
+                          "--quantize-method static (explicit QDQ)")
+    return q
 
 
 @dataclass
@@ -345,5 +364,6 @@ def check_nm_quantized(path: str | Path, n: int = 2, m: int = 4) -> list[str]:
 
 
 __all__ = ["QUANTIZE", "QUANT_METHODS", "TARGETS", "INT8_OPS", "RUNTIME_QUANTIZE",
-           "QuantizeResult", "check_quantize", "check_quantize_runtime", "quantize_onnx",
+           "QuantizeResult", "check_quantize", "check_quantize_runtime", "check_quantize_target",
+           "quantize_onnx",
            "quantized_weights", "check_nm_quantized", "weight_matmuls"]
