@@ -324,15 +324,18 @@ def test_sweep_quantized_variants(tmp_path):
         assert (tmp_path / "s" / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_search_copies_are_independent_after_select_towers(tiny_random_clip, calib_small):
-    """--tower vision: pruning a search candidate must not slice the dense model (deepcopy
-    alone keeps the original's prunable_layers closure)."""
+@pytest.mark.parametrize("how", ["deepcopy", "dense_copy"])
+def test_search_copies_are_independent_after_select_towers(tiny_random_clip, calib_small, how):
+    """--tower vision: pruning a copy must not slice the dense model (the tower selection
+    used to be a closure over the original, which copies kept)."""
+    import copy
+
+    from vlcompress.distill import dense_copy
     from vlcompress.prune import prune
-    from vlcompress.quantstack import copy_vlm
 
     vlm = tiny_random_clip.select_towers("vision")
     before = [tuple(ly.module.weight.shape) for ly in vlm.prunable_layers()]
-    v = copy_vlm(vlm)
+    v = copy.deepcopy(vlm) if how == "deepcopy" else dense_copy(vlm)
     assert v.towers == ("vision",)
     prune(v, "magnitude", 0.5, "structured", calibration=calib_small)
     assert [tuple(ly.module.weight.shape) for ly in vlm.prunable_layers()] == before

@@ -12,6 +12,7 @@ Runtime CPU over the eval pairs), not on a PyTorch stand-in.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -307,25 +308,6 @@ def _nm_check(cfg, float_paths, quant_paths):
             for t, p in float_paths.items()}
 
 
-def copy_vlm(vlm):
-    """An independent copy of ``vlm`` to prune. ``copy.deepcopy`` alone is not one after
-    ``select_towers`` (``--tower``): the copy's ``prunable_layers`` is still the original's
-    closure, so pruning the copy would slice the original's layers (measured: the second
-    candidate of a ``--tower vision`` search failed on the first one's slices). The tower
-    selection is re-applied on the copy's own layers."""
-    import copy
-
-    v = copy.deepcopy(vlm)
-    if "prunable_layers" in vars(v):  # select_towers was applied: rebind it to the copy
-        del v.__dict__["prunable_layers"]
-        towers = v.__dict__.pop("towers", None)
-        if towers is not None and tuple(towers) != tuple(getattr(v, "towers", ())):
-            v.select_towers(towers)
-        else:
-            v.towers = towers
-    return v
-
-
 def allowed_grid(vlm, cfg, grid: Sequence[float] = SEARCH_GRID) -> list[float]:
     """The sparsities of ``grid`` this model can take structurally with the run's units,
     rounding and depth (a grid point that would remove every head of a layer is dropped:
@@ -373,12 +355,12 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
     feeds = _feeds(cfg, vlm, towers, example, (batch,))
     brief = replace(lc, batch_sizes=(batch,), warmup=1, iterations=max(3, lc.iterations // 5),
                     towers=tuple(towers))
-    dense_art = Artefacts("dense", vlm=copy_vlm(vlm) if rt.consumes == MODEL else None,
+    dense_art = Artefacts("dense", vlm=copy.deepcopy(vlm) if rt.consumes == MODEL else None,
                           onnx=dict(dense_export.paths))
     pc = cfg.prune_config
 
     def measure(s: float) -> Candidate:
-        v = copy_vlm(vlm)
+        v = copy.deepcopy(vlm)
         prune(v, cfg.method, s, "structured", calibration=calib, train=train, scope=cfg.scope,
               seed=cfg.seed, units=pc.units, round_to=pc.round_to, depth=pc.depth)
         folder = Path(work) / f"s{s:g}"
@@ -419,4 +401,4 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
 
 __all__ = ["SEARCH_GRID", "MAX_CANDIDATES", "TargetUnreachableError", "check_target_speedup",
            "calibration_feeds", "quantize_variants", "onnx_vlm", "onnx_embed_eval", "Candidate",
-           "SearchResult", "search_sparsity", "allowed_grid", "copy_vlm", "quantized_section", "run_search"]
+           "SearchResult", "search_sparsity", "allowed_grid", "quantized_section", "run_search"]

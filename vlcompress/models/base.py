@@ -7,6 +7,7 @@ Families subclass it in one file each and register themselves (see ``registry.py
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +72,27 @@ class VLM:
         if bad or not towers:
             raise ModelError(f"{self.family} model has no tower {', '.join(bad) or '(none)'}; "
                              f"towers: {', '.join(self.towers)}")
-        keep = {m for t in towers for m in self.tower_modalities[t]}
-        every = self.prunable_layers
-        self.prunable_layers = lambda: [ly for ly in every() if ly.modality in keep]
+        # an attribute, not a closure over self: a copy (copy.copy, deepcopy) of a selected
+        # model then filters its own layers, not the original's
+        self._kept_modalities = frozenset(m for t in towers for m in self.tower_modalities[t])
         self.towers = towers
         return self
+
+    def __init_subclass__(cls, **kw):
+        """Every family's ``prunable_layers`` honours :meth:`select_towers`."""
+        super().__init_subclass__(**kw)
+        impl = cls.__dict__.get("prunable_layers")
+        if impl is None or getattr(impl, "_honours_towers", False):
+            return
+
+        @functools.wraps(impl)
+        def prunable_layers(self):
+            layers = impl(self)
+            keep = self.__dict__.get("_kept_modalities")
+            return layers if keep is None else [ly for ly in layers if ly.modality in keep]
+
+        prunable_layers._honours_towers = True
+        cls.prunable_layers = prunable_layers
 
     def tower_module(self, tower: str) -> nn.Module:
         """An ``nn.Module`` computing one tower's embedding, for export and latency."""
