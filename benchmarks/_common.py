@@ -41,9 +41,18 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(["python", *argv])
 
 
-def provenance(argv: list[str] | None = None) -> dict:
-    """Commit, command, machine, versions and time of this run."""
+def provenance(argv: list[str] | None = None, ignore: Path | None = None) -> dict:
+    """Commit, command, machine, versions and time of this run.
+
+    ``ignore``: the results file being written; a run that rewrites its own committed JSON
+    (after its first row, say) does not make the code it ran "dirty"."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    if status and ignore is not None:
+        try:
+            rel = Path(ignore).resolve().relative_to(ROOT).as_posix()
+        except ValueError:
+            rel = None
+        status = "\n".join(ln for ln in status.splitlines() if ln[3:].strip() != rel)
     return {"git_commit": _git("rev-parse", "HEAD"),
             "git_dirty": None if status is None else bool(status),
             "command": command_line(argv),
@@ -57,7 +66,7 @@ def write_result(name: str, payload: dict, out: str | Path | None = None) -> Pat
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload,
-           "provenance": provenance(), "env": env_info()}
+           "provenance": provenance(ignore=path), "env": env_info()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
