@@ -41,20 +41,35 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(["python", *argv])
 
 
+_GIT_AT_START: dict | None = None
+
+
+def _git_state(ignore: Path | None) -> dict:
+    """Commit and dirty flag, taken once per process (at the first results write, or earlier
+    through :func:`provenance`): a long run names the code it started from, even when commits
+    land in the checkout while it runs."""
+    global _GIT_AT_START
+    if _GIT_AT_START is None:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        if status and ignore is not None:
+            try:
+                rel = Path(ignore).resolve().relative_to(ROOT).as_posix()
+            except ValueError:
+                rel = None
+            # "XY path" (``_git`` strips the first line's leading blank): the path is the last field
+            status = "\n".join(ln for ln in status.splitlines()
+                               if ln.strip().split(maxsplit=1)[-1] != rel)
+        _GIT_AT_START = {"git_commit": _git("rev-parse", "HEAD"),
+                         "git_dirty": None if status is None else bool(status)}
+    return _GIT_AT_START
+
+
 def provenance(argv: list[str] | None = None, ignore: Path | None = None) -> dict:
     """Commit, command, machine, versions and time of this run.
 
     ``ignore``: the results file being written; a run that rewrites its own committed JSON
-    (after its first row, say) does not make the code it ran "dirty"."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    if status and ignore is not None:
-        try:
-            rel = Path(ignore).resolve().relative_to(ROOT).as_posix()
-        except ValueError:
-            rel = None
-        status = "\n".join(ln for ln in status.splitlines() if ln[3:].strip() != rel)
-    return {"git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty": None if status is None else bool(status),
+    does not make the code it ran "dirty". The git state is the one at the first call."""
+    return {**_git_state(ignore),
             "command": command_line(argv),
             "machine": {"node": platform.node(), "cpu": env_info()["cpu"],
                         "cpu_count": env_info()["cpu_count"], "platform": platform.platform()},
