@@ -41,11 +41,35 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(["python", *argv])
 
 
-def provenance(argv: list[str] | None = None) -> dict:
-    """Commit, command, machine, versions and time of this run."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty": None if status is None else bool(status),
+_GIT_AT_START: dict | None = None
+
+
+def _git_state(ignore: Path | None) -> dict:
+    """Commit and dirty flag, taken once per process (at the first results write, or earlier
+    through :func:`provenance`): a long run names the code it started from, even when commits
+    land in the checkout while it runs."""
+    global _GIT_AT_START
+    if _GIT_AT_START is None:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        if status and ignore is not None:
+            try:
+                rel = Path(ignore).resolve().relative_to(ROOT).as_posix()
+            except ValueError:
+                rel = None
+            # "XY path" (``_git`` strips the first line's leading blank): the path is the last field
+            status = "\n".join(ln for ln in status.splitlines()
+                               if ln.strip().split(maxsplit=1)[-1] != rel)
+        _GIT_AT_START = {"git_commit": _git("rev-parse", "HEAD"),
+                         "git_dirty": None if status is None else bool(status)}
+    return _GIT_AT_START
+
+
+def provenance(argv: list[str] | None = None, ignore: Path | None = None) -> dict:
+    """Commit, command, machine, versions and time of this run.
+
+    ``ignore``: the results file being written; a run that rewrites its own committed JSON
+    does not make the code it ran "dirty". The git state is the one at the first call."""
+    return {**_git_state(ignore),
             "command": command_line(argv),
             "machine": {"node": platform.node(), "cpu": env_info()["cpu"],
                         "cpu_count": env_info()["cpu_count"], "platform": platform.platform()},
@@ -57,7 +81,7 @@ def write_result(name: str, payload: dict, out: str | Path | None = None) -> Pat
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload,
-           "provenance": provenance(), "env": env_info()}
+           "provenance": provenance(ignore=path), "env": env_info()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)

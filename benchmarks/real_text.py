@@ -50,17 +50,12 @@ DEFAULT = ["magnitude", "wanda", "sparsegpt", "multiflow"]
 
 
 def git_state() -> dict:
-    """The commit this ran from, and whether the tree had uncommitted changes."""
-    import subprocess
+    """The commit this ran from, and whether the tree had uncommitted changes (taken once, at
+    the start: the run's own results file changes after its first row)."""
+    from _common import provenance
 
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
-                                  capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    p = provenance()
+    return {"commit": p["git_commit"], "dirty": p["git_dirty"]}
 
 
 def model_path() -> str:
@@ -179,9 +174,10 @@ def main() -> None:
     names = a.methods.split(",") if a.methods else [m for m in DEFAULT if m in allowed]
     skipped.update({k: v for k, v in EXCLUDED.items() if k not in names})
     t0 = time.perf_counter()
+    git = git_state()
 
     def save(res):
-        res["git"] = git_state()
+        res["git"] = git
         res["skipped_methods"] = {k: v for k, v in skipped.items() if k not in names}
         res["command"] = "python " + " ".join(sys.argv)
         res["total_seconds"] = round(time.perf_counter() - t0, 1)

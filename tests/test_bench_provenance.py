@@ -28,3 +28,24 @@ def test_every_benchmark_writes_through_write_result():
             continue
         text = f.read_text()
         assert "write_result(" in text, f"{f.name} writes results without provenance"
+
+
+def test_git_state_taken_once_and_own_results_file_not_dirty(monkeypatch):
+    """A long run names the commit it started from, and rewriting its own committed results
+    JSON does not make it "dirty"; any other modified tracked file does."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common
+
+    git = {"head": "a" * 40, "status": "M benchmarks/results/x.json"}  # as _git strips it
+    monkeypatch.setattr(_common, "_git", lambda *a: git["head"] if a[0] == "rev-parse"
+                        else git["status"])
+    monkeypatch.setattr(_common, "_GIT_AT_START", None)
+    own = _common.ROOT / "benchmarks" / "results" / "x.json"
+    p = _common.provenance(ignore=own)
+    assert (p["git_commit"], p["git_dirty"]) == ("a" * 40, False)
+    git.update(head="b" * 40, status="M benchmarks/results/x.json\n M vlcompress/a.py")
+    p = _common.provenance(ignore=own)
+    assert (p["git_commit"], p["git_dirty"]) == ("a" * 40, False)  # the state at the start
+    monkeypatch.setattr(_common, "_GIT_AT_START", None)
+    p = _common.provenance(ignore=own)
+    assert (p["git_commit"], p["git_dirty"]) == ("b" * 40, True)

@@ -466,3 +466,75 @@ def test_signal_during_prune_export_removes_temporary(tmp_path, sig):
     assert proc.returncode in (130, 128 + int(sig)), (proc.returncode, stderr)
     assert "Traceback" not in stderr and "interrupted" in stderr
     assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def _wait_for(proc, ready, what: str, timeout: float = 300.0) -> None:
+    """Poll until ``ready()`` (the child is inside the command, its handlers installed); on
+    failure the child is killed (never left running)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"finished before the signal: {proc.returncode} {proc.stderr.read()}")
+            time.sleep(0.05)
+        assert ready(), f"{what} never happened in {timeout:.0f}s"
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
+def _cli(tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "vlcompress", *map(str, args)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _maps(pid: int, needle: str) -> bool:
+    try:
+        return needle in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_sigterm_during_bench_writes_nothing(tmp_path):
+    """SIGTERM while ``bench`` measures a real run folder: exit 143, one 'interrupted' line,
+    no report, no temporary file. The signal is sent once onnxruntime is loaded (bench imports
+    it lazily, inside the command: the handlers are in place)."""
+    run_dir = tmp_path / "run"
+    res = run("prune-export", "--method", "magnitude", "--calibration-size", "8", "--eval-size",
+              "16", "--batch-sizes", "1", "--iterations", "2", "--out", run_dir)
+    assert res.exit_code == 0, res.output
+    before = sorted(p.name for p in run_dir.iterdir())
+    proc = _cli(tmp_path, "bench", run_dir, "--no-accuracy", "--batch-sizes", "1",
+                "--iterations", "1000000", "--summary", tmp_path / "s.md")
+    _wait_for(proc, lambda: _maps(proc.pid, "onnxruntime_pybind11_state"), "onnxruntime load")
+    time.sleep(0.5)  # into the timing loop
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # no bench-report.json
+    assert not (tmp_path / "s.md").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_sigterm_during_recover_keeps_checkpoint_only(tmp_path):
+    """SIGTERM while ``recover`` trains: exit 143, one 'interrupted' line naming the
+    checkpoint, no recovered/ model and no temporary file; the checkpoint it keeps resumes."""
+    from test_recover import _run_dir
+
+    run_dir = _run_dir(tmp_path)
+    ck = run_dir / "recover" / "last.pt"
+    proc = _cli(tmp_path, "recover", run_dir, "--steps", "1000000", "--size", "8",
+                "--batch-size", "4", "--eval-size", "16")
+    _wait_for(proc, ck.is_file, "the first checkpoint (step 25)")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
+    assert "Traceback" not in stderr and "interrupted" in stderr and "recover/" in stderr
+    assert not (run_dir / "recovered").exists() and not (run_dir / "recover.json").exists()
+    assert leftovers(tmp_path) == []
+    ckpt = torch.load(ck, weights_only=False)
+    assert ckpt["step"] >= 25

@@ -517,9 +517,10 @@ def recover_cmd(
         with _progress() as prog:
             res = recover(run_dir, steps=steps, lr=lr, batch_size=batch_size, data=data, n=size,
                           eval_data=eval_data, eval_size=eval_size, resume=resume, progress=prog)
-    except KeyboardInterrupt:
-        err.print(f"interrupted; the last checkpoint is in {run_dir}/recover/ (run again to resume)")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (atomic.Interrupted): 128+signal
+        err.print(f"interrupted; the last checkpoint is in {run_dir}/recover/ (run again to resume)",
+                  markup=False, soft_wrap=True)
+        raise typer.Exit(128 + getattr(exc, "signum", 2)) from None
     m = res.metrics
     for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
         if k in m.get("dense", {}):
