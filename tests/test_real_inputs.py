@@ -497,6 +497,7 @@ def _maps(pid: int, needle: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # a real prune-export, then bench in a subprocess: ~30 s idle, minutes loaded
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
 def test_sigterm_during_bench_writes_nothing(tmp_path):
     """SIGTERM while ``bench`` measures a real run folder: exit 143, one 'interrupted' line,
@@ -520,6 +521,7 @@ def test_sigterm_during_bench_writes_nothing(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # a real prune-export, then recover in a subprocess past its first checkpoint
 def test_sigterm_during_recover_keeps_checkpoint_only(tmp_path):
     """SIGTERM while ``recover`` trains: exit 143, one 'interrupted' line naming the
     checkpoint, no recovered/ model and no temporary file; the checkpoint it keeps resumes."""
