@@ -169,3 +169,9 @@ def retrain(ctx, dense, *, steps: int, lr: float) -> dict:
                               progress=ctx.progress)
     return {"steps": steps, "lr": lr, "data": f"{getattr(data, 'source', '') or 'pairs'} "
             f"(n={len(data)})", "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def retrain_with_options(ctx, dense) -> dict:
+    """:func:`retrain` with the method's declared ``retrain_steps`` and ``retrain_lr``."""
+    o = ctx.cfg.method_options
+    return retrain(ctx, dense, steps=o["retrain_steps"], lr=o["retrain_lr"])

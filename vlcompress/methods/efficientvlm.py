@@ -45,7 +45,7 @@ from ._search import (
     GroupGates,
     fill_untouched,
     kept_per_modality,
-    retrain,
+    retrain_with_options,
     round_counts,
     search_setup,
 )
@@ -205,14 +205,9 @@ def _search(ctx, blocks):
     return head_s, neur_s, counts, details
 
 
-def _retrain(ctx, dense) -> dict:
-    o = ctx.cfg.method_options
-    return retrain(ctx, dense, steps=o["retrain_steps"], lr=o["retrain_lr"])
-
-
 register_method(Method(
     name="efficientvlm", kind="search+retrain", allocation="global", search=_search,
-    retrain=_retrain, structured_allocation="l0-global", patterns=("structured",),
+    retrain=retrain_with_options, structured_allocation="l0-global", patterns=("structured",),
     needs=("calibration", "image_text", "training"), options=OPTIONS,
     description="EfficientVLM: hard-concrete (L0) gates on heads / neurons under one global "
                 "expected-sparsity Lagrangian, trained with distillation, per-layer "

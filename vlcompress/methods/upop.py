@@ -46,7 +46,7 @@ from ._search import (
     GroupGates,
     fill_untouched,
     kept_per_modality,
-    retrain,
+    retrain_with_options,
     round_counts,
     search_setup,
     zscore_pooled,
@@ -168,13 +168,9 @@ def _search(ctx, blocks):
     return head_s, neur_s, counts, details
 
 
-def _retrain(ctx, dense) -> dict:
-    o = ctx.cfg.method_options
-    return retrain(ctx, dense, steps=o["retrain_steps"], lr=o["retrain_lr"])
-
-
 register_method(Method(
-    name="upop", kind="search+retrain", allocation="global", search=_search, retrain=_retrain,
+    name="upop", kind="search+retrain", allocation="global", search=_search,
+    retrain=retrain_with_options,
     structured_allocation="upop-global", patterns=("structured",),
     needs=("calibration", "image_text", "training"), options=OPTIONS,
     description="UPop: progressive search of heads / neurons in one cost-weighted pool by "
