@@ -91,6 +91,32 @@ def test_sparsegpt_blockwise_matches_sequential_on_tiny_clip(calib, kw):
     assert res.details["factorizations"] == 4 * n_blocks  # q/k/v share one; out, fc1, fc2
     assert res.details["captures"] == 1
     assert res.details["block_runs"] == 2 * n_blocks - 2  # two stacks, last block once each
+    # the hooked runs of every block stop at fc2's input after the first (watched) batch
+    assert res.details["cut_runs"] == n_blocks * (calib.num_batches - 1)
+
+
+def test_sparsegpt_options_reach_the_solver(calib):
+    """``method_options`` reach sparsegpt: dense next-block inputs run each block once (and
+    change the result), and the options are recorded."""
+    from vlcompress.prune import prune
+
+    a = _tiny_clip()
+    b = copy.deepcopy(a)
+    ra = prune(a, method="sparsegpt", pattern="2:4", calibration=calib)
+    rb = prune(b, method="sparsegpt", pattern="2:4", calibration=calib,
+               method_options={"next_block_inputs": "dense", "blocksize": 64})
+    n_blocks = len({(ly.name.split(".")[0], ly.block) for ly in b.prunable_layers()})
+    assert ra.details["block_runs"] == 2 * n_blocks - 2
+    assert rb.details["block_runs"] == n_blocks
+    assert rb.details["next_block_inputs"] == "dense" and rb.details["blocksize"] == 64
+    assert rb.details["method_options"] == {"blocksize": 64, "percdamp": 0.01,
+                                            "next_block_inputs": "dense"}
+    wa = a.prunable_layers()[-1].weight
+    wb = b.prunable_layers()[-1].weight
+    assert not torch.equal(wa, wb)  # the last text block saw different inputs
+    with pytest.raises(ConfigError, match="next_block_inputs"):
+        prune(copy.deepcopy(a), method="sparsegpt", pattern="2:4", calibration=calib,
+              method_options={"next_block_inputs": "sideways"})
 
 
 def test_stats_on_cached_inputs_equal_whole_model_pass(calib):
@@ -131,6 +157,7 @@ def test_scope_and_partial_stacks(calib):
     run = run_blockwise(vlm, calib, layers, lambda b, s: seen.append((b.index, sorted(s))))
     assert seen == [(2, sorted(ly.name for ly in layers))]
     assert run.block_runs == 3
+    assert run.cut_runs == calib.num_batches - 1  # the hooked run's output is not needed
     want = collect_stats(vlm, calib, layers)
     got = {}
     run_blockwise(vlm, calib, layers, lambda b, s: got.update(s))

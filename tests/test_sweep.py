@@ -76,3 +76,27 @@ def test_sweep_cli_accuracy_only(model_dir, tmp_path):
     res = CliRunner().invoke(app, ["sweep", "--methods", "nope", "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and "unknown method" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "t").exists()
+
+
+def test_sweep_method_options_reach_each_method(model_dir, tmp_path):
+    """``--method-option METHOD.KEY=VALUE`` reaches that method's cells (recorded per row),
+    and a bad one is refused before any work: unknown method, no method, unknown key."""
+    res = CliRunner().invoke(app, [
+        "sweep", "--model", str(model_dir), "--methods", "magnitude,sparsegpt",
+        "--patterns", "2:4", "--calibration-size", "8", "--eval-size", "16", "--no-latency",
+        "--method-option", "sparsegpt.next_block_inputs=dense",
+        "--method-option", "sparsegpt.blocksize=64", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
+    by = {r["method"]: r for r in rows}
+    assert by["sparsegpt"]["method_options"] == {"blocksize": 64, "percdamp": 0.01,
+                                                 "next_block_inputs": "dense"}
+    assert "method_options" not in by["magnitude"]
+    for opt, needle in (("wanda.x=1", "not in --methods"), ("blocksize=64", "names no method"),
+                        ("sparsegpt.nope=1", "no option 'nope'"),
+                        ("sparsegpt.blocksize=0", "blocksize")):
+        r = CliRunner().invoke(app, ["sweep", "--model", str(model_dir), "--methods",
+                                     "magnitude,sparsegpt", "--patterns", "2:4",
+                                     "--method-option", opt, "--out", str(tmp_path / "t")])
+        assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.output, opt
+        assert not (tmp_path / "t").exists()

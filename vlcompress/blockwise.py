@@ -27,7 +27,9 @@ pruned inputs), instead of one whole-model pass per block index.
    become the next block's inputs: ``inputs="pruned"`` runs the block again after ``visit``
    (the reference's choice: each block is calibrated on the inputs it will see at
    inference), ``inputs="dense"`` keeps the outputs of the first run (the dense model's
-   activations throughout; one run per block).
+   activations throughout; one run per block). When the first run's output is not kept,
+   it stops at the last hooked layer's input (:class:`_StopAfterLast`: a ViT block's MLP
+   output product, a third of its matmul work, is not computed for nothing).
 
 The kwargs a stack's layer 0 received (attention masks, position embeddings, cross-attention
 inputs) are reused for every block of that stack, as the HF encoders pass the same ones to
@@ -84,13 +86,15 @@ class BlockRef:
 class BlockwiseRun:
     """What :func:`run_blockwise` did: ``forward_seconds`` (capture and block runs, the
     calibration part), ``visit_seconds`` (inside ``visit``), ``captures`` (capture rounds),
-    ``block_runs`` (block forwards over the cached data), ``spilled_bytes`` (hidden states
+    ``block_runs`` (block forwards over the cached data), ``cut_runs`` (batches of a hooked
+    run ended early, :class:`_StopAfterLast`), ``spilled_bytes`` (hidden states
     written to disk) and ``order`` (``stack.index`` of each visited block)."""
 
     forward_seconds: float = 0.0
     visit_seconds: float = 0.0
     captures: int = 0
     block_runs: int = 0
+    cut_runs: int = 0  # batches whose hooked run ended at the last hooked layer's input
     spilled_bytes: int = 0
     order: list[str] = field(default_factory=list)
 
@@ -249,16 +253,60 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
     return streams, dependent
 
 
+class _BlockDone(Exception):
+    """Raised by :class:`_StopAfterLast` to end a block's forward early (nothing lost)."""
+
+
+class _StopAfterLast:
+    """Ends a hooked block run as soon as its last hooked layer has had its input recorded,
+    when the run's output is not needed (``inputs="pruned"``: the block runs again after
+    ``visit``): the rest of the block (a ViT MLP's second product, a third of the block's
+    matmul work) would be computed for nothing. The first batch runs whole and is watched:
+    only when every hooked layer was called exactly once does it learn the last one, and
+    later batches stop at that layer's pre-hook (registered after the statistics' pre-hooks,
+    so it runs after them). A block whose layers run more than once is never cut."""
+
+    def __init__(self, layers: Sequence[PrunableLayer]):
+        self.names = {ly.module: ly.name for ly in layers}
+        self.calls: list[str] = []
+        self.last: nn.Module | None = None
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in self.names]
+
+    def _hook(self, module, args):
+        if self.last is None:
+            self.calls.append(self.names[module])
+        elif module is self.last:
+            raise _BlockDone
+
+    def batch_done(self) -> None:
+        if self.last is None and self.calls is not None:
+            if sorted(self.calls) == sorted(self.names.values()):
+                self.last = next(m for m, n in self.names.items() if n == self.calls[-1])
+            self.calls = None  # decided after one batch: cut from now on, or never
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
 def _run_block(module: nn.Module, stream: _Stream, out: ActivationCache | None,
-               acc: StatsAccumulator | None, run: BlockwiseRun) -> None:
+               acc: StatsAccumulator | None, run: BlockwiseRun,
+               stop: _StopAfterLast | None = None) -> None:
     with torch.no_grad():
         for i in range(len(stream.hidden)):
             if acc is not None:
                 acc.set_masks(stream.masks[i])
             rest, kwargs = stream.rest[i]
             h = stream.hidden[i]
-            y = module(h, *rest, **kwargs) if stream.positional else module(
-                *rest, hidden_states=h, **kwargs)
+            try:
+                y = module(h, *rest, **kwargs) if stream.positional else module(
+                    *rest, hidden_states=h, **kwargs)
+            except _BlockDone:
+                run.cut_runs += 1
+                continue
+            if stop is not None:
+                stop.batch_done()
             if isinstance(y, tuple):
                 y = y[0]
             if out is not None:
@@ -343,9 +391,16 @@ def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram:
             acc = StatsAccumulator(ref.layers, gram=gram)
             outs = []
             with acc:
+                # the output of this run is thrown away unless it feeds the next block
+                # (one watcher per stream: BLIP's streams call different layers)
                 for st in streams:
                     out = new_cache() if keep_dense else None
-                    _run_block(module, st, out, acc, run)
+                    stop = None if keep_dense else _StopAfterLast(ref.layers)
+                    try:
+                        _run_block(module, st, out, acc, run, stop)
+                    finally:
+                        if stop is not None:
+                            stop.close()
                     outs.append(out)
             stats = acc.result()
             del acc

@@ -131,8 +131,8 @@ class StatsAccumulator:
     def _hook(self, layer: PrunableLayer):
         name, modality, cache, gram = layer.name, layer.modality, self.cache, self.gram
 
-        def hook(module, inputs, output):
-            x = inputs[0]
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
             if cache["x"] is x and cache["modality"] == modality:
                 sq, n = cache["sq"], cache["n"]
             else:
@@ -150,8 +150,11 @@ class StatsAccumulator:
         return hook
 
     def __enter__(self) -> StatsAccumulator:
+        # Pre-hooks: the statistics are of the layer's input, so they are taken before the
+        # layer runs (a caller may stop the forward right after the last one, see blockwise).
         for ly in self.layers:
-            self.handles.append(ly.module.register_forward_hook(self._hook(ly)))
+            self.handles.append(ly.module.register_forward_pre_hook(self._hook(ly),
+                                                                    with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -458,6 +458,9 @@ def sweep_cmd(
     force: ForceOpt = False,
     quantize: QuantizeOpt = "none",
     quantize_method: QuantMethodOpt = "static",
+    method_option: Annotated[list[str] | None, typer.Option(
+        "--method-option", help="A method's own option METHOD.KEY=VALUE (repeatable; "
+        "`vlcompress models --methods` lists them), e.g. ecoflap.estimator=block-spsa.")] = None,
 ):
     """Prune one model with every method x pattern x sparsity: a table and PNG plots."""
     from rich.table import Table
@@ -471,7 +474,7 @@ def sweep_cmd(
                     batch_sizes=batch_sizes, runtime=runtime, device=device,
                     precision="fp16" if fp16 else None, metric=metric, iterations=iterations,
                     latency=not no_latency, force=force, progress=prog, quantize=quantize,
-                    quantize_method=quantize_method)
+                    quantize_method=quantize_method, method_options=method_option)
     fid = ("text_cosine", "image_cosine")
     keys = [k for k in ("zeroshot_top1", "i2t_r1", "t2i_r1", *fid) if k in res["dense"]]
     t = Table("method", "setting", "achieved", *[METRIC_NAMES.get(k, k) for k in keys],

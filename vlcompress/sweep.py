@@ -78,8 +78,38 @@ def _split(v, cast=str) -> list:
     return list(dict.fromkeys(out))
 
 
-def plan_cells(methods, sparsities, patterns) -> list[SweepCell]:
-    """The cells of the sweep, validated (unknown method, bad pattern or sparsity: ConfigError)."""
+def parse_sweep_method_options(value, methods) -> dict[str, dict]:
+    """``--method-option METHOD.KEY=VALUE`` (repeatable; or ``{method: {key: value}}``) ->
+    ``{method: {key: value}}``, each method one of ``methods`` (the options themselves are
+    cast and checked by the method's declaration, in :func:`plan_cells`)."""
+    from .config import parse_method_options
+
+    methods = _split(methods)
+    if value is None:
+        return {}
+    if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+        pairs = [(m, k, v) for m, opts in value.items() for k, v in opts.items()]
+    else:
+        pairs = []
+        for key, v in parse_method_options(value).items():
+            method, dot, k = str(key).partition(".")
+            if not dot or not k:
+                raise ConfigError(f"sweep method option {key}={v} names no method; allowed: "
+                                  f"METHOD.KEY=VALUE with METHOD one of {', '.join(methods)}")
+            pairs.append((method, k, v))
+    out: dict[str, dict] = {}
+    for method, k, v in pairs:
+        if method not in methods:
+            raise ConfigError(f"sweep method option {method}.{k}: method {method!r} is not in "
+                              f"--methods; allowed: {', '.join(methods)}")
+        out.setdefault(method, {})[k] = v
+    return out
+
+
+def plan_cells(methods, sparsities, patterns, method_options=None) -> list[SweepCell]:
+    """The cells of the sweep, validated (unknown method, bad pattern or sparsity, a method
+    option the method does not have: ConfigError). ``method_options``: ``{method: {k: v}}``."""
+    opts = method_options or {}
     methods, patterns = _split(methods), _split(patterns)
     sparsities = _split(sparsities, float)
     if not methods:
@@ -89,14 +119,16 @@ def plan_cells(methods, sparsities, patterns) -> list[SweepCell]:
     cells = []
     for pattern in patterns:
         for method in methods:
-            pc = PruneConfig(method=method, sparsity=None, pattern=pattern)
+            pc = PruneConfig(method=method, sparsity=None, pattern=pattern,
+                             method_options=opts.get(method))
             if pc.pattern.is_nm:
                 cells.append(SweepCell(method, str(pc.pattern), pc.sparsity))
                 continue
             if not sparsities:
                 raise ConfigError(f"pattern {pattern!r} needs --sparsities (e.g. 0.3,0.5,0.7)")
             for s in sparsities:
-                pc = PruneConfig(method=method, sparsity=s, pattern=pattern)
+                pc = PruneConfig(method=method, sparsity=s, pattern=pattern,
+                                 method_options=opts.get(method))
                 cells.append(SweepCell(method, str(pc.pattern), pc.sparsity))
     return cells
 
@@ -108,8 +140,13 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
           device: str | None = None, precision: str | None = None, warmup: int = 5,
           iterations: int = 30, latency: bool = True,
           metric: str | None = None, force: bool = False, seed: int = 0,
-          progress=NULL, quantize: str = "none", quantize_method: str = "static") -> dict:
-    """Run the sweep, write the folder ``out`` and return ``sweep.json``'s content."""
+          progress=NULL, quantize: str = "none", quantize_method: str = "static",
+          method_options=None) -> dict:
+    """Run the sweep, write the folder ``out`` and return ``sweep.json``'s content.
+
+    ``method_options``: per-method options, ``["upop.search_steps=60", ...]`` (the CLI's
+    repeatable ``--method-option METHOD.KEY=VALUE``) or ``{"upop": {"search_steps": 60}}``;
+    each cell of that method is pruned with them and its row records them."""
     from .data import load_calibration, load_eval
     from .eval import embed_eval, fidelity, metrics_from_embeddings
     from .models import load_model
@@ -117,7 +154,8 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
     from .prune import prune
     from .quantstack import onnx_vlm
 
-    cells = plan_cells(methods, sparsities, patterns)
+    mopts = parse_sweep_method_options(method_options, methods)
+    cells = plan_cells(methods, sparsities, patterns, mopts)
     lc = LatencyConfig(batch_sizes=parse_batch_sizes(batch_sizes), warmup=warmup,
                        iterations=iterations, runtime=runtime, device=device,
                        precision=precision) if latency else None
@@ -160,13 +198,16 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
         timed = set()
         for c in cells:
             vlm = load_model(model)
-            res = prune(vlm, c.method, c.sparsity, c.pattern, calibration=calib, seed=seed)
+            res = prune(vlm, c.method, c.sparsity, c.pattern, calibration=calib, seed=seed,
+                        method_options=mopts.get(c.method))
             pe = embed_eval(vlm, data)
             m = {**metrics_from_embeddings(pe), **fidelity(dense_emb, pe)}
             row = {"method": c.method, "pattern": c.pattern, "target": c.sparsity,
                    "setting": c.setting, "achieved": res.achieved,
                    "per_modality": res.per_modality,
                    "prune_seconds": round(res.seconds, 3), **m}
+            if c.method in mopts:
+                row["method_options"] = res.details.get("method_options")
             rows.append({**row, "quantize": "none"} if q != "none" else row)
             key = (c.pattern, c.sparsity)
             first = lc is not None and key not in timed  # its model stands for this structure
@@ -188,7 +229,8 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
                     lat_rows.append({"pattern": c.pattern, "target": c.sparsity,
                                      "setting": c.setting + sfx, "method": c.method, **r})
                 task.advance()
-        result = {"model": model, "metric": metric, "eval": {"dataset": data.source, "n": len(data)},
+        result = {"model": model, "metric": metric, "method_options": mopts,
+                  "eval": {"dataset": data.source, "n": len(data)},
                   "calibration": {"source": calibration, "n": calibration_size},
                   "dense": dense, "rows": rows, "latency": lat_rows,
                   "quantize": {"quantize": q, "method": quantize_method,

@@ -36,10 +36,30 @@ import torch
 from ..errors import ConfigError
 from ..progress import NULL
 from ..sparsity.obs import inverse_hessian_cholesky, obs_prune, reconstruction_error
-from .registry import Method, Solved, register_method
+from .registry import Method, Option, Solved, register_method
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01
+ERROR_ROWS = 128  # rows per layer on which details["error_ratio"] is measured
+
+OPTIONS = (
+    Option("blocksize", int, BLOCKSIZE, "lazy-update block of the column sweep (the reference's "
+           "blocksize)", minimum=1),
+    Option("percdamp", float, PERCDAMP, "Hessian dampening, a fraction of its mean diagonal "
+           "(the reference's percdamp)", minimum=0.0),
+    Option("next_block_inputs", str, "pruned", "what the next block is calibrated on: the "
+           "pruned block's outputs (the reference) or the dense ones (one block run instead of "
+           "two)", choices=("pruned", "dense")),
+)
+
+
+def _error_rows(d_out: int) -> torch.Tensor | slice:
+    """``ERROR_ROWS`` evenly spaced rows (all when fewer): the reconstruction error is a sum
+    over rows of ``d G d^T``, so a fixed row sample estimates the updated/plain ratio at
+    ``ERROR_ROWS / d_out`` of the cost (the two full products cost as much as the sweep)."""
+    if d_out <= ERROR_ROWS:
+        return slice(None)
+    return torch.linspace(0, d_out - 1, ERROR_ROWS).round().long()
 
 
 def _gram(layer, stats):
@@ -56,7 +76,7 @@ def _gram(layer, stats):
 
 def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int = 0, m: int = 0,
                     blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
-                    max_cache_bytes: int | None = None, cache_dir=None,
+                    next_block_inputs: str = "pruned", max_cache_bytes: int | None = None, cache_dir=None,
                     progress=NULL) -> Solved:
     """Prune ``layers`` of ``vlm`` in place with SparseGPT, block by block on cached inputs.
 
@@ -66,8 +86,12 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
     ``details`` hold the options, the engine's counts (``captures``, ``block_runs``) and
     ``error_ratio``: the mean over layers of the layer's reconstruction error
     ``||(W - W')X^T||^2`` with the updates, divided by that of plain masking with the same
-    mask (below 1 when the compensation helps). ``calibration_seconds`` is the time spent
-    running blocks (captures included), the rest is the OBS sweeps.
+    mask (below 1 when the compensation helps), both measured on the same ``ERROR_ROWS``
+    evenly spaced output rows of each layer. ``next_block_inputs``: ``"pruned"`` (the
+    reference) or ``"dense"`` (every block calibrated on the dense model's activations; one
+    block run per block instead of two, a different and usually worse result).
+    ``calibration_seconds`` is the time spent running blocks (captures included), the rest
+    is the OBS sweeps.
     """
     from ..blockwise import run_blockwise
 
@@ -95,18 +119,22 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
                 with torch.no_grad():
                     w.copy_(new)
                 masks[ly.name] = keep
-                plain = reconstruction_error(old, old * keep, gd, dtype=torch.float32)
+                rows = _error_rows(old.shape[0])
+                o, k = old[rows], keep[rows]
+                plain = reconstruction_error(o, o * k, gd, dtype=torch.float32)
                 if plain > 0:
-                    ratios.append(reconstruction_error(old, new, gd, dtype=torch.float32) / plain)
+                    ratios.append(reconstruction_error(o, new[rows], gd, dtype=torch.float32)
+                                  / plain)
                 del g, gd, old, new
                 task.advance()
 
-        run = run_blockwise(vlm, data, layers, visit, gram=True, inputs="pruned",
+        run = run_blockwise(vlm, data, layers, visit, gram=True, inputs=next_block_inputs,
                             max_cache_bytes=max_cache_bytes, cache_dir=cache_dir)
     details = {"blocksize": int(blocksize), "percdamp": float(percdamp), "sequential": True,
-               "engine": "blockwise", "next_block_inputs": "pruned",
+               "engine": "blockwise", "next_block_inputs": next_block_inputs,
                "factorizations": len(factorizations),
                "captures": run.captures, "block_runs": run.block_runs,
+               "cut_runs": run.cut_runs,
                "spilled_bytes": run.spilled_bytes,
                "error_ratio": (sum(ratios) / len(ratios)) if ratios else None}
     return Solved(masks, details, allocation="nm" if m else "layerwise",
@@ -114,12 +142,13 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
 
 
 def solve(ctx, layers) -> Solved:
-    """The registry's entry point: :func:`sparsegpt_prune` with the default options."""
-    pat, progress = ctx.cfg.pattern, ctx.progress or NULL
+    """The registry's entry point: :func:`sparsegpt_prune` with the run's method options."""
+    pat, progress, o = ctx.cfg.pattern, ctx.progress or NULL, ctx.cfg.method_options
+    kw = dict(blocksize=o["blocksize"], percdamp=o["percdamp"],
+              next_block_inputs=o["next_block_inputs"], progress=progress)
     if pat.is_nm:
-        return sparsegpt_prune(ctx.vlm, layers, ctx.data, n=pat.n, m=pat.m, progress=progress)
-    return sparsegpt_prune(ctx.vlm, layers, ctx.data, sparsity=float(ctx.cfg.sparsity),
-                           progress=progress)
+        return sparsegpt_prune(ctx.vlm, layers, ctx.data, n=pat.n, m=pat.m, **kw)
+    return sparsegpt_prune(ctx.vlm, layers, ctx.data, sparsity=float(ctx.cfg.sparsity), **kw)
 
 
 def sparsegpt_score(layer, stats, *, seed: int = 0, extra=None) -> torch.Tensor:
@@ -135,5 +164,5 @@ def sparsegpt_score(layer, stats, *, seed: int = 0, extra=None) -> torch.Tensor:
 
 register_method(Method(
     name="sparsegpt", kind="solve", allocation="layerwise", solve=solve,
-    needs=("calibration",), patterns=("unstructured", "nm"),
+    needs=("calibration",), patterns=("unstructured", "nm"), options=OPTIONS,
     description="OBS column sweep with weight updates (sequential, X^T X Hessian)"))
