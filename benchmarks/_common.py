@@ -86,3 +86,11 @@ def write_result(name: str, payload: dict, out: str | Path | None = None) -> Pat
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """A method with options, as benchmarks take them in a comma list:
+    ``"ecoflap:estimator=block-spsa;num_noise=2"`` -> ``("ecoflap", {...})``."""
+    name, _, rest = spec.partition(":")
+    opts = dict(kv.split("=", 1) for kv in rest.split(";") if kv.strip())
+    return name, opts

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write_result  # noqa: E402
+from _common import parse_spec, write_result  # noqa: E402
 
 TARGET_RATIO = 1.5
 TARGET_SOLVER_RATIO = 3.0  # sparsegpt prune / one calibration pass (issue 17)
@@ -79,7 +79,8 @@ def child(model: str, method: str, pattern: str, n: int, batch_size: int) -> dic
     forward_pass(vlm, data)
     f1 = time.perf_counter() - t
     t = time.perf_counter()
-    res = prune(vlm, method, pattern=pattern, calibration=data)
+    name, opts = parse_spec(method)
+    res = prune(vlm, name, pattern=pattern, calibration=data, method_options=opts)
     p = time.perf_counter() - t
     rss_prune = _peak_rss_mib()
     t = time.perf_counter()
@@ -159,7 +160,7 @@ def per_method(args) -> int:
 
 def _methods_ok(rows) -> bool:
     return all(r["ratio"] <= TARGET_SOLVER_RATIO and r["rss_ratio"] <= TARGET_RSS_RATIO
-               for r in rows if r["method"] == "sparsegpt")
+               for r in rows if r["method"] == "sparsegpt")  # as shipped (no options)
 
 
 def _write_methods(args, rows, *, complete: bool):
@@ -192,7 +193,9 @@ def main(argv=None) -> int:
                     help="torch intra-op threads (default: torch's own choice)")
     ap.add_argument("--models", default=None,
                     help="comma list: per-method mode (with --methods), one process each")
-    ap.add_argument("--methods", default=None, help="comma list of methods (per-method mode)")
+    ap.add_argument("--methods", default=None,
+                    help="comma list of methods (per-method mode), each with its options as "
+                         "METHOD:KEY=VALUE;KEY=VALUE, e.g. sparsegpt:next_block_inputs=dense")
     ap.add_argument("--jobs", type=int, default=1,
                     help="per-method mode: children run at once (default 1)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write_result  # noqa: E402
+from _common import parse_spec, write_result  # noqa: E402
 
 from vlcompress import evaluate, load_calibration, load_eval, load_model, prune  # noqa: E402
 
@@ -33,13 +33,6 @@ SETTINGS = [("50%", "unstructured", 0.5), ("2:4", "2:4", None), ("63%", "unstruc
             ("75%", "unstructured", 0.75), ("90%", "unstructured", 0.9)]
 METHODS = ["random", "magnitude", "wanda", "multiflow", "lamp", "snip", "ecoflap", "sparsegpt",
            "auto"]
-
-
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """``"ecoflap:estimator=block-spsa;num_noise=2"`` -> ``("ecoflap", {...})``."""
-    name, _, rest = spec.partition(":")
-    opts = dict(kv.split("=", 1) for kv in rest.split(";") if kv.strip())
-    return name, opts
 
 
 def run(model: str, methods: list[str], calib_n: int, eval_n: int, repeats: int = 0) -> dict:
