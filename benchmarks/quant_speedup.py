@@ -73,13 +73,19 @@ def main():
     q = a.quantize
     rows = []
     for r in report["latency"]:
-        v = r["variants"]
-        row = {"tower": r["tower"], "batch": r["batch"],
-               **{f"{k}_p50_ms": round(x["ms"]["p50"], 3) for k, x in v.items()},
-               **{f"{k}_speedup": round(x["speedup"], 3) for k, x in v.items()},
-               "pruned_q_vs_dense_q": round(r["gain_over_quantized"], 3)}
-        row["goal_3x_over_dense"] = v[f"pruned_{q}"]["speedup"] >= 3.0
-        row["goal_1.7x_over_dense_q"] = r["gain_over_quantized"] >= 1.7
+        if q == "none":  # --target-speedup without quantization: dense vs pruned only
+            row = {"tower": r["tower"], "batch": r["batch"],
+                   "dense_p50_ms": round(r["dense_ms"]["p50"], 3),
+                   "pruned_p50_ms": round(r["pruned_ms"]["p50"], 3),
+                   "pruned_speedup": round(r["speedup"], 3)}
+        else:
+            v = r["variants"]
+            row = {"tower": r["tower"], "batch": r["batch"],
+                   **{f"{k}_p50_ms": round(x["ms"]["p50"], 3) for k, x in v.items()},
+                   **{f"{k}_speedup": round(x["speedup"], 3) for k, x in v.items()},
+                   "pruned_q_vs_dense_q": round(r["gain_over_quantized"], 3)}
+            row["goal_3x_over_dense"] = v[f"pruned_{q}"]["speedup"] >= 3.0
+            row["goal_1.7x_over_dense_q"] = r["gain_over_quantized"] >= 1.7
         rows.append(row)
         print(row, flush=True)
     cmd = (f"vlcompress prune-export --model {a.model} --tower vision --method {a.method} "
@@ -93,7 +99,9 @@ def main():
         "target_speedup": report.get("target_speedup"), "achieved": report["prune"]["achieved"],
         "command": "python benchmarks/quant_speedup.py " + " ".join(sys.argv[1:]),
         "cli_equivalent": cmd, "rows": rows,
-        "accuracy": report["quantize"]["accuracy"], "quantize": report["quantize"]["files"],
+        "accuracy": (report["quantize"]["accuracy"] if q != "none"
+                     else report.get("accuracy")),
+        "quantize": report["quantize"]["files"] if q != "none" else None,
         "iterations": a.iterations, "warmup": a.warmup, "threads": a.threads,
         "loadavg_before": load0, "loadavg_after": list(os.getloadavg()),
         "seconds": round(time.perf_counter() - t0, 1)}, a.out)
