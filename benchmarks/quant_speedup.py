@@ -88,8 +88,9 @@ def main():
             row["goal_1.7x_over_dense_q"] = r["gain_over_quantized"] >= 1.7
         rows.append(row)
         print(row, flush=True)
+    sp = "" if a.target_speedup else f" --sparsity {a.sparsity}"  # the search picks it
     cmd = (f"vlcompress prune-export --model {a.model} --tower vision --method {a.method} "
-           f"--pattern structured --sparsity {a.sparsity} --quantize {q} --quantize-method "
+           f"--pattern structured{sp} --quantize {q} --quantize-method "
            f"{a.quantize_method} --calibration-size {a.calibration_size} --eval-size 16 "
            f"--batch-sizes {a.batch_sizes} --iterations {a.iterations}")
     if a.target_speedup:
