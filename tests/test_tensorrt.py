@@ -491,3 +491,292 @@ def test_wide_24_model_gets_sparse_kernels_gpu(tmp_path):
         with OrtRunner(p, threads=2) as ref:
             assert embedding_agreement(host, ref.infer(feed)["embeds"], atol=5e-2, rtol=5e-2,
                                        min_cosine=0.99)["cosine_ok"]
+
+
+# --------------------------------------------------------------------------------------------
+# explicit QDQ int8 / fp8 ONNX (written by quantize_onnx(..., target="tensorrt"))
+# --------------------------------------------------------------------------------------------
+def _two_four_rows(w: torch.Tensor) -> torch.Tensor:
+    """Zero the 2 smallest of every 4 consecutive input columns of a Linear weight."""
+    g = w.reshape(w.shape[0], -1, 4)
+    return g.scatter(-1, g.abs().argsort(-1)[..., :2], 0.0).reshape_as(w)
+
+
+@pytest.fixture(scope="module")
+def qdq_files(tmp_path_factory):
+    """A tiny 2:4 pruned MLP (16 -> 32 -> 8): its fp32 and fp16 ONNX, and its explicit QDQ
+    int8 and fp8 ONNX for TensorRT (plus an int8 file quantized for ONNX Runtime)."""
+    from vlcompress.exporters.quantize import quantize_onnx
+
+    root = tmp_path_factory.mktemp("qdq")
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        for i in (0, 2):
+            m[i].weight.copy_(_two_four_rows(m[i].weight))
+    fp32 = root / "mlp.onnx"
+    torch.onnx.export(m, (torch.randn(4, 16),), str(fp32), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+    fp16 = _save(convert_fp16(onnx.load(str(fp32))), root / "mlp16.onnx")
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(4)]
+    files = {"model": m, "fp32": fp32, "fp16": fp16, "feeds": feeds}
+    for q in ("int8", "fp8"):
+        files[q] = quantize_onnx(fp32, root / f"mlp_{q}.onnx", q, calibration=feeds,
+                                 target="tensorrt").path
+    files["int8_ort"] = quantize_onnx(fp32, root / "mlp_int8_ort.onnx", "int8",
+                                      calibration=feeds).path
+    return files
+
+
+def test_onnx_inputs_reports_qdq_precision(qdq_files):
+    from vlcompress.exporters.tensorrt import onnx_quantization
+
+    for q in ("int8", "fp8"):
+        specs, prec = onnx_inputs(qdq_files[q])
+        assert prec == q and onnx_quantization(qdq_files[q]) == q
+        assert [(s.name, s.shape, s.dtype) for s in specs] == [("x", (None, 16), "float32")]
+    assert onnx_inputs(qdq_files["int8_ort"])[1] == "int8"  # weights int8 there too
+    assert onnx_inputs(qdq_files["fp32"])[1] == "fp32" and onnx_inputs(qdq_files["fp16"])[1] == "fp16"
+    assert onnx_quantization(qdq_files["fp16"]) == "none"
+
+
+@pytest.mark.parametrize("q", ["int8", "fp8"])
+def test_plan_build_qdq_is_strongly_typed_without_precision_flags(qdq_files, q):
+    plan = plan_build(qdq_files[q], sparse=True, batch_sizes=(1, 8))
+    assert plan.quantize == q and plan.precision == q and plan.strongly_typed
+    assert not plan.fp16_flag and plan.builder_flags == ("SPARSE_WEIGHTS",)
+    assert plan.to_dict()["quantize"] == q
+    assert [p["x"] for p in plan.profiles] == [((1, 16), (1, 16), (8, 16)), ((1, 16), (8, 16), (8, 16))]
+    calls = []
+    trt = fake_trt()
+    apply_plan(plan, trt, Recorder("builder", calls), Recorder("config", calls))
+    assert [c[2] for c in calls if c[1] == "set_flag"] == [("SPARSE_WEIGHTS",)]  # no INT8/FP8/FP16
+    assert network_flags(trt, plan.strongly_typed) == 1 << 1
+    dense = plan_build(qdq_files[q], sparse=False, batch_sizes=(4,))
+    assert dense.builder_flags == () and dense.quantize == q
+    with pytest.raises(ConfigError, match=f"explicit QDQ {q}.*strongly typed") as ei:
+        plan_build(qdq_files[q], sparse=True, batch_sizes=(1,), strongly_typed=False)
+    assert "\n" not in str(ei.value)
+    assert plan_build(qdq_files["fp16"], sparse=True, batch_sizes=(1,)).quantize == "none"
+
+
+def _plant_nonzero(src, dst, dtype):
+    """Copy ``src`` with one zero of its first 2-D quantized weight made nonzero; return the
+    float weight's name (as check_nm_quantized reports it)."""
+    model = onnx.load(str(src))
+    t = next(t for t in model.graph.initializer if t.data_type == dtype and len(t.dims) == 2)
+    arr = numpy_helper.to_array(t).copy()
+    flat = arr.reshape(-1)
+    flat[int(np.flatnonzero(flat.astype(np.float32) == 0)[0])] = flat[flat.astype(np.float32) != 0][0]
+    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    onnx.save(model, str(dst))
+    return t.name[: -len("_quantized")]
+
+
+@pytest.mark.parametrize("q, dtype", [("int8", TensorProto.INT8), ("fp8", TensorProto.FLOAT8E4M3FN)])
+def test_quantized_24_precheck_reads_the_quantized_weights(qdq_files, tmp_path, q, dtype):
+    assert nm_violations(qdq_files[q]) == []  # 2:4 survived quantization
+    name = _plant_nonzero(qdq_files[q], tmp_path / "bad.onnx", dtype)
+    assert nm_violations(tmp_path / "bad.onnx") == [name]
+    assert nm_violations(tmp_path / "bad.onnx", quantize=q) == [name]
+    assert nm_violations(tmp_path / "bad.onnx", [name]) == [name]
+    assert nm_violations(tmp_path / "bad.onnx", ["layers.9.fc1"]) == []  # not a pruned layer
+
+
+def test_registry_has_quantized_tensorrt_entries():
+    from vlcompress.runtime.registry import get_runtime
+
+    assert get_runtime("trt").key == ("tensorrt", "cuda", "fp16")  # still the default
+    for q in ("int8", "fp8"):
+        rt = get_runtime("trt", "cuda", q)
+        assert rt.key == ("tensorrt", "cuda", q) and rt.consumes == "engine"
+        assert f"QDQ {q}" in rt.description and "strongly typed" in rt.description
+
+
+@pytest.mark.parametrize("q, wrong, got", [("int8", "fp16", "is fp16"), ("int8", "fp32", "is fp32"),
+                                           ("fp8", "int8", "is int8"), ("int8", "fp8", "is fp8"),
+                                           ("int8", "int8_ort", "is int8 QDQ for onnxruntime")])
+def test_quantized_factories_refuse_the_wrong_onnx_in_one_line(qdq_files, tmp_path, q, wrong, got):
+    from vlcompress.runtime.registry import Artefacts, BuildOptions, get_runtime
+
+    art = Artefacts(f"pruned_{q}", onnx={"vision": qdq_files[wrong]}, folder=tmp_path)
+    with pytest.raises(ConfigError) as ei:
+        get_runtime("tensorrt", "cuda", q).build(art, ["vision"], BuildOptions(pattern="2:4"))
+    msg = str(ei.value)
+    assert f"tensorrt/cuda/{q} needs explicit QDQ {q} ONNX for TensorRT" in msg and got in msg
+    assert "\n" not in msg and not list(tmp_path.glob("*.engine"))
+
+
+def test_fp16_factory_refuses_qdq_onnx(qdq_files, tmp_path):
+    from vlcompress.runtime.registry import Artefacts, BuildOptions, get_runtime
+
+    art = Artefacts("pruned", onnx={"vision": qdq_files["int8"]}, folder=tmp_path)
+    with pytest.raises(ConfigError, match="tensorrt/cuda/fp16 needs fp16 ONNX"):
+        get_runtime("trt").build(art, ["vision"], BuildOptions())
+
+
+def test_fp8_qdq_reference_runs_as_written(qdq_files):
+    """ONNX Runtime CPU's QDQ fusions (optimisation EXTENDED/ALL) compute fp8 graphs wrongly;
+    the fp8 reference (engine validation, accuracy) runs at BASIC and equals the graph run op by
+    op (optimisations off), and stays close to the float model."""
+    import onnxruntime as ort
+
+    from vlcompress.runtime.ort_runner import OrtRunner, ort_optimization
+
+    assert ort_optimization(qdq_files["fp8"]) == "basic"
+    assert ort_optimization(qdq_files["int8"]) == ort_optimization(qdq_files["fp16"]) == "all"
+    feed = qdq_files["feeds"][0]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    op_by_op = ort.InferenceSession(str(qdq_files["fp8"]), so,
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    with OrtRunner(qdq_files["fp8"], threads=1,
+                   optimization=ort_optimization(qdq_files["fp8"])) as r:
+        got = r.infer(feed)["y"]
+    np.testing.assert_allclose(got, op_by_op, rtol=1e-6, atol=1e-6)
+    ref = qdq_files["model"](torch.from_numpy(feed["x"])).detach().numpy()
+    assert embedding_agreement(got, ref, atol=0.2, rtol=0.2, min_cosine=0.98)["ok"]
+
+
+def test_trt_quantize_config_checks():
+    from vlcompress.pipeline import RunConfig
+
+    with pytest.raises(ConfigError) as ei:
+        RunConfig(engine="trt", quantize="int8", quantize_method="dynamic")
+    assert "dynamic int8 runs on onnxruntime/cpu only, not tensorrt/cuda/fp16" in str(ei.value)
+    assert "--quantize-method static" in str(ei.value) and "\n" not in str(ei.value)
+    with pytest.raises(ConfigError, match="--quantize fp16 cannot run on runtime tensorrt/cuda/fp16; "
+                                          "allowed: .*tensorrt: int8, fp8"):
+        RunConfig(engine="trt", quantize="fp16")
+    for q in ("int8", "fp8"):
+        cfg = RunConfig(engine="trt", quantize=q)
+        assert cfg.onnx_fp16 and cfg.quantize_fp32_export  # float engines fp16, QDQ from fp32
+    assert not RunConfig(quantize="int8").quantize_fp32_export  # onnxruntime: fp32 run
+    from vlcompress.runtime.registry import LatencyConfig
+    from vlcompress.sweep import check_sweep_quantize
+
+    with pytest.raises(ConfigError, match="with --engine trt runs in prune-export, not in a sweep"):
+        check_sweep_quantize("int8", "static", LatencyConfig(runtime="trt"))
+
+
+def test_quantized_runtime_and_target_follow_the_run():
+    from vlcompress.exporters.quantize import quantize_target
+    from vlcompress.quantstack import quantized_runtime
+    from vlcompress.runtime.registry import get_runtime
+
+    trt, ort = get_runtime("trt"), get_runtime("onnxruntime")
+    assert quantized_runtime(trt, "int8").key == ("tensorrt", "cuda", "int8")
+    assert quantized_runtime(trt, "fp8").key == ("tensorrt", "cuda", "fp8")
+    assert quantized_runtime(ort, "int8") is ort and quantized_runtime(ort, "fp16").precision == "fp16"
+    assert quantize_target(trt) == "tensorrt" and quantize_target(ort) == "onnxruntime"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU refusal")
+def test_trt_quantized_run_without_gpu_is_refused_before_work(tmp_path):
+    from vlcompress.pipeline import prune_export
+
+    with pytest.raises(MissingDependencyError, match="CUDA") as ei:
+        prune_export(engine="trt", quantize="int8", out=str(tmp_path / "o"))
+    assert "\n" not in str(ei.value) and not (tmp_path / "o").exists()
+
+
+def test_fp8_check_refuses_gpus_without_fp8(monkeypatch):
+    from vlcompress import _deps
+    from vlcompress.runtime.registry import get_runtime
+
+    monkeypatch.setattr(_deps, "require_cuda", lambda: torch)
+    monkeypatch.setattr(_deps, "require_tensorrt", lambda: fake_trt())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    with pytest.raises(MissingDependencyError, match=r"compute capability >= 8\.9.*A100 is 8\.0"):
+        get_runtime("trt", "cuda", "fp8").check()
+    get_runtime("trt", "cuda", "int8").check()  # int8 runs there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    get_runtime("trt", "cuda", "fp8").check()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_GPU and HAS_TRT), reason="needs a CUDA GPU and TensorRT")
+@pytest.mark.parametrize("q", ["int8", "fp8"])
+def test_qdq_24_engine_build_reports_quantization_and_sparsity_gpu(tmp_path, q):
+    """A wide 2:4 MLP quantized to explicit QDQ for TensorRT builds strongly typed with sparse
+    weights; the build reports the quantization and the sparse layers, the engine agrees with
+    its QDQ ONNX on ONNX Runtime, and the registry entry builds and runs it."""
+    from vlcompress.exporters.quantize import quantize_onnx
+    from vlcompress.runtime.registry import Artefacts, BuildOptions, get_runtime
+    from vlcompress.runtime.trt_runner import validate_engine
+
+    if q == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    rng = np.random.default_rng(0)
+    d = 4096
+    w1, w2 = (_w24(rng, d, d) * 0.02 for _ in range(2))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])
+    y = helper.make_tensor_value_info("embeds", TensorProto.FLOAT, ["batch", d])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                           helper.make_node("Relu", ["h"], ["r"]),
+                           helper.make_node("MatMul", ["r", "w2"], ["embeds"], name="mm2")],
+                          "wide", [x], [y], [numpy_helper.from_array(w1, "layers.0.fc1.weight"),
+                                             numpy_helper.from_array(w2, "layers.0.fc2.weight")])
+    fp32 = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                 tmp_path / "wide.onnx")
+    feeds = [{"x": rng.standard_normal((64, d), dtype=np.float32)} for _ in range(2)]
+    qpath = quantize_onnx(fp32, tmp_path / f"wide_{q}.onnx", q, calibration=feeds,
+                          target="tensorrt").path
+    pruned = ["layers.0.fc1", "layers.0.fc2"]
+    res = build_engine(qpath, tmp_path / f"wide_{q}.engine", sparse=True, batch_sizes=(8, 2048),
+                       pruned=pruned)
+    assert res.quantize == q and res.to_dict()["quantize"] == q
+    assert res.plan.strongly_typed and res.plan.builder_flags == ("SPARSE_WEIGHTS",)
+    assert res.nm_violations == []  # read from the quantized initialisers
+    assert res.sparsity.found, res.log_tail
+    if q == "int8":  # sparse int8 tensor cores beat dense ones at this size
+        assert res.sparsity.n_sparse >= 1, res.sparsity.to_dict()
+    feed = {"x": rng.standard_normal((8, d), dtype=np.float32)}
+    v = validate_engine(res.engine_path, qpath, feed, precision=q)
+    assert v["ok"], v
+    folder = tmp_path / "reg"
+    folder.mkdir()
+    art = Artefacts(f"pruned_{q}", onnx={"wide": qpath}, folder=folder, pruned_layers=pruned)
+    built = get_runtime("trt", "cuda", q).build(
+        art, ["wide"], BuildOptions(batch_sizes=(8,), pattern="2:4", check_feeds={"wide": feed}))
+    info = built.info["wide"]["engine"]
+    assert info["quantize"] == q and info["sparse_weights"] is True
+    runner = built.runners["wide"]
+    assert runner.precision == q and (folder / "wide.engine").is_file()
+    with runner:
+        assert runner.describe()["precision"] == q
+        out = runner.infer(feed)["embeds"]
+        assert tuple(out.shape) == (8, d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_GPU and HAS_TRT), reason="needs a CUDA GPU and TensorRT")
+def test_prune_export_trt_int8_end_to_end_gpu(tmp_path):
+    """`prune-export --engine trt --quantize int8` on tiny CLIP: fp16 engines for dense and
+    pruned, QDQ int8 engines (from an fp32 export) for dense_int8 and pruned_int8 (2:4 sparse
+    weights), timed interleaved; accuracy of all four from their ONNX on ONNX Runtime CPU."""
+    import json
+
+    from vlcompress.pipeline import prune_export
+
+    out = tmp_path / "run"
+    rep = prune_export(out=str(out), engine="trt", quantize="int8", method="magnitude",
+                       pattern="2:4", calibration_size=16, eval_size=24, batch_sizes="1,2",
+                       iterations=3, warmup=1)
+    qd = rep["quantize"]
+    assert qd["target"] == "tensorrt" and qd["runtime"] == "tensorrt/cuda/int8"
+    assert "fp32 export" in qd["quantized_from"] and not (out / ".quantize-src").exists()
+    assert all(v == [] for v in qd["nm_survives"].values())
+    assert set(qd["accuracy"]["variants"]) == {"dense", "pruned", "dense_int8", "pruned_int8"}
+    for row in rep["latency"]:
+        v = row["variants"]
+        assert v["dense"]["precision"] == v["pruned"]["precision"] == "fp16"
+        assert v["dense_int8"]["precision"] == v["pruned_int8"]["precision"] == "int8"
+        assert v["pruned_int8"]["quantize"] == "int8"
+    for tower in ("vision", "text"):
+        info = json.loads((out / "pruned_int8" / f"{tower}.engine.json").read_text())
+        assert info["quantize"] == "int8" and info["sparse_weights"] is True
+        dense = json.loads((out / "dense_int8" / f"{tower}.engine.json").read_text())
+        assert dense["sparse_weights"] is False

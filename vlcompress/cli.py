@@ -124,7 +124,8 @@ Fp16Opt = Annotated[bool, typer.Option(
     "--fp16", help="fp16 ONNX and runtime precision (trt and torch-2:4 always run fp16).")]
 # quantization on top of sparsity (vlcompress.exporters.quantize)
 QuantizeOpt = Annotated[str, typer.Option(
-    "--quantize", help="Also quantize: none, int8, fp16 or fp8 (fp8: onnxruntime-trt).")]
+    "--quantize", help="Also quantize: none, int8, fp16 or fp8 (fp8: trt, onnxruntime-trt; "
+    "with --engine trt: int8/fp8 engines from explicit QDQ ONNX).")]
 QuantMethodOpt = Annotated[str, typer.Option(
     "--quantize-method", help="int8: static (QDQ, calibrated on --calibration) or dynamic.")]
 

@@ -8,6 +8,7 @@ sibling folder and renamed into place only when complete, so a failure leaves no
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -132,6 +133,15 @@ class RunConfig:
         engines built from it (TensorRT engines are built from fp16 ONNX, strongly typed)."""
         rt = self.latency_config.runtime_entry
         return self.fp16 or (rt.consumes in (ONNX, ENGINE) and rt.precision == "fp16")
+
+    @property
+    def quantize_fp32_export(self) -> bool:
+        """Whether ``--quantize`` needs an fp32 export of each variant beside the run's own:
+        int8 / fp8 quantize an fp32 graph, and the run's ONNX is fp16 (``--engine trt``: the
+        float engines are built from fp16 ONNX, the int8 / fp8 ones from QDQ ONNX quantized
+        from fp32)."""
+        return self.quantize in ("int8", "fp8") and self.onnx_fp16
+
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("prune_config", "latency_config")}
         d["pattern"] = str(self.prune_config.pattern)
@@ -230,6 +240,10 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     cfg = config or RunConfig(**kw)
     out = check_output_folder(cfg.out, cfg.force)
     check_engine(cfg.engine, cfg.device, cfg.latency_config.precision)
+    if cfg.quantize != "none":  # the entry the quantized variants run on (TensorRT int8 / fp8)
+        from .quantstack import quantized_runtime
+
+        quantized_runtime(cfg.latency_config.runtime_entry, cfg.quantize).check()
     check_run(cfg)  # method x pattern x family x data, from the model's config alone
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=32, seed=cfg.seed)
@@ -259,6 +273,11 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         dense_emb = embed_eval(vlm, eval_data, progress) if eval_data is not None else None
         dense_export = export_model(vlm, tmp / "dense", example, check,
                                     fp16=cfg.onnx_fp16, progress=progress)
+        quant_src = tmp / ".quantize-src"  # fp32 exports to quantize from (fp16 runs only)
+        quant_sources = None
+        if cfg.quantize_fp32_export:
+            quant_sources = {"dense": dict(export_model(vlm, quant_src / "dense", example, check,
+                                                        progress=progress).paths)}
         rt = cfg.latency_config.runtime_entry
         dense_model = copy.deepcopy(vlm.model) if rt.consumes == MODEL else None
         dense_size = tower_size(vlm)
@@ -304,12 +323,17 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         pruned_export = export_model(vlm, tmp / "pruned", example, check,
                                      fp16=cfg.onnx_fp16, progress=progress)
         vlm.save(tmp / "pruned" / "model")
+        if quant_sources is not None:
+            quant_sources["pruned"] = dict(export_model(vlm, quant_src / "pruned", example, check,
+                                                        progress=progress).paths)
         quant = None
         if cfg.quantize != "none":  # dense_<q>/ and pruned_<q>/, their accuracy and latency
             from .quantstack import quantized_section
 
             quant, latency = quantized_section(cfg, vlm, calib, dense_export, pruned_export,
-                                               dense_emb, eval_data, example, tmp, progress)
+                                               dense_emb, eval_data, example, tmp, progress,
+                                               sources=quant_sources)
+            shutil.rmtree(quant_src, ignore_errors=True)
         else:
             latency = _latency(cfg, vlm, dense_model, dense_export, pruned_export, example,
                                progress, tmp)

@@ -7,7 +7,12 @@ latency, and the search for the lowest structured sparsity that meets a latency 
     best = search_sparsity(2.5, measure)                          # --target-speedup
 
 The quantized files are what a user deploys, so their accuracy is measured on them (ONNX
-Runtime CPU over the eval pairs), not on a PyTorch stand-in.
+Runtime CPU over the eval pairs), not on a PyTorch stand-in. On a TensorRT run the files are
+explicit QDQ for TensorRT (``target="tensorrt"``: symmetric int8, or fp8 e4m3), quantized from
+an fp32 export (the run's own ONNX is fp16 there), and timed as TensorRT engines on the
+``tensorrt/cuda/<int8|fp8>`` entries; their accuracy is still measured on ONNX Runtime CPU from
+the same QDQ files (fp8 with graph optimisation BASIC:
+:func:`vlcompress.runtime.ort_runner.ort_optimization`).
 """
 
 from __future__ import annotations
@@ -69,10 +74,12 @@ def calibration_feeds(vlm, tower: str, calib, max_pairs: int = QUANT_CALIBRATION
 
 
 def quantize_variants(vlm, exports: dict[str, dict[str, Path]], calib, quantize: str,
-                      method: str, root: Path, progress=None) -> tuple[dict, dict]:
+                      method: str, root: Path, progress=None, target: str = "onnxruntime"
+                      ) -> tuple[dict, dict]:
     """Quantize each variant's ONNX towers into ``root/<variant>_<quantize>/<tower>.onnx``.
 
     Static int8 is calibrated on the run's calibration pairs (each tower on its own inputs).
+    ``target``: the runtime the files are for (:func:`..exporters.quantize.quantize_target`).
     Returns (variant -> tower -> path, variant -> tower -> QuantizeResult dict)."""
     from .exporters.quantize import quantize_onnx
 
@@ -87,18 +94,26 @@ def quantize_variants(vlm, exports: dict[str, dict[str, Path]], calib, quantize:
                     feeds_cache[tower] = calibration_feeds(vlm, tower, calib)
                 feeds = feeds_cache[tower]
             dst = Path(root) / f"{variant}_{quantize}" / f"{tower}.onnx"
-            res = quantize_onnx(src, dst, quantize, calibration=feeds, method=method)
+            res = quantize_onnx(src, dst, quantize, calibration=feeds, method=method,
+                                target=target)
             paths[variant][tower] = dst
             info[variant][tower] = {**res.to_dict(), "path": f"{variant}_{quantize}/{tower}.onnx"}
     return paths, info
 
 
 class _OnnxSession:
+    """One tower file on ONNX Runtime CPU (fp8 QDQ at graph optimisation BASIC: see
+    :func:`vlcompress.runtime.ort_runner.ort_optimization`)."""
+
     def __init__(self, path: Path):
         import onnxruntime as ort
 
+        from .runtime.ort_runner import ort_optimization
+
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if ort_optimization(path) == "basic":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.sess.get_inputs()]
 
@@ -237,27 +252,72 @@ def _fidelity(dense_emb, emb) -> dict:
     return fidelity(dense_emb, emb) if (dense_emb is not None and emb is not None) else {}
 
 
+def quantized_runtime(rt, quantize: str):
+    """The registry entry the ``<variant>_<quantize>`` files run on: ``tensorrt/cuda/<q>`` for a
+    TensorRT run (engines from the QDQ files), the runtime's fp16 entry for fp16, else the
+    run's own entry (ONNX Runtime runs QDQ int8 on its fp32 entry)."""
+    from .runtime.registry import get_runtime
+
+    if rt.name == "tensorrt":
+        return get_runtime(rt.name, rt.device, quantize)
+    return get_runtime(rt.name, rt.device, "fp16") if quantize == "fp16" else rt
+
+
+def pruned_layer_names(vlm) -> list[str]:
+    """Names of the prunable layers holding zeros (TensorRT's 2:4 pre-check reads these)."""
+    return [ly.name for ly in vlm.prunable_layers() if bool((ly.module.weight == 0).any())]
+
+
 def quantized_section(cfg, vlm, calib, dense_export, pruned_export, dense_emb, eval_data,
-                      example, root: Path, progress):
+                      example, root: Path, progress, sources: dict | None = None):
     """Quantize dense and pruned, evaluate the four variants from their ONNX files, time them
-    interleaved on the run's runtime. Returns (report["quantize"], latency rows)."""
+    interleaved on the run's runtime. Returns (report["quantize"], latency rows).
+
+    What each variant is built from:
+
+    - ``dense`` / ``pruned``: the run's exports (``dense/``, ``pruned/``; fp16 ONNX on a
+      TensorRT run, timed as fp16 engines built there);
+    - ``dense_<q>`` / ``pruned_<q>``: ``quantize_onnx`` of ``sources`` (variant -> tower ->
+      fp32 ONNX; default: the run's exports, which must then be fp32), written to
+      ``<variant>_<q>/`` for the run's runtime (:func:`..exporters.quantize.quantize_target`:
+      explicit QDQ for TensorRT) and timed on :func:`quantized_runtime` (TensorRT: engines
+      built from the QDQ files in ``<variant>_<q>/``, 2:4 sparse weights for ``pruned_<q>``
+      of a 2:4 run).
+
+    Accuracy of all four is measured from their ONNX files on ONNX Runtime CPU."""
     from dataclasses import replace
 
     from .eval import metrics_from_embeddings
+    from .exporters.quantize import quantize_target
     from .progress import NULL
-    from .runtime.registry import Artefacts, BuildOptions, get_runtime
+    from .runtime.registry import Artefacts, BuildOptions
     from .runtime.timing import time_variants
 
     progress = progress or NULL
     q = cfg.quantize
+    lc = cfg.latency_config
+    rt = lc.runtime_entry
+    target = quantize_target(rt)
     exports = {"dense": dict(dense_export.paths), "pruned": dict(pruned_export.paths)}
-    paths, info = quantize_variants(vlm, exports, calib, q, cfg.quantize_method, root, progress)
+    srcs = {k: dict(v) for k, v in (sources or exports).items()}
+    paths, info = quantize_variants(vlm, srcs, calib, q, cfg.quantize_method, root, progress,
+                                    target=target)
     acc = None
     if eval_data is not None:
-        embs = {}
+        embs, unmeasured = {}, {}
         for variant, ps in [("dense", exports["dense"]), ("pruned", exports["pruned"]),
                             (f"dense_{q}", paths["dense"]), (f"pruned_{q}", paths["pruned"])]:
-            embs[variant] = onnx_embed_eval(vlm, ps, eval_data)
+            try:
+                embs[variant] = onnx_embed_eval(vlm, ps, eval_data)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+                if q != "fp8" or variant in ("dense", "pruned"):
+                    raise
+                import onnxruntime
+
+                msg = " ".join(str(exc).split())[:200]
+                unmeasured[variant] = (f"fp8 accuracy not measured: onnxruntime "
+                                       f"{onnxruntime.__version__} CPU cannot run the fp8 QDQ "
+                                       f"files ({msg})")
         if all(e is not None for e in embs.values()):
             preset = vlm.source.startswith("preset:")
             # fidelity: to the dense PyTorch model's embeddings
@@ -265,32 +325,46 @@ def quantized_section(cfg, vlm, calib, dense_export, pruned_export, dense_emb, e
                    "variants": {k: {"metrics": {} if preset else metrics_from_embeddings(e),
                                     "fidelity": _fidelity(dense_emb, e)}
                                 for k, e in embs.items()}}
+            for k, why in unmeasured.items():  # said, not skipped
+                acc["variants"][k] = {"not_measured": why}
+            if q == "fp8" and not unmeasured:
+                acc["note"] = ("fp8 variants measured from their fp8 QDQ files on ONNX Runtime "
+                               "CPU at graph optimisation BASIC (each Q/DQ pair's e4m3 rounding "
+                               "computed as written), not on the TensorRT engine")
         else:
             acc = {"note": f"{vlm.family}: accuracy of quantized files needs the ITM fusion "
                            "tower; not measured"}
-    lc = cfg.latency_config
-    rt = lc.runtime_entry
-    qrt = get_runtime(rt.name, rt.device, "fp16") if q == "fp16" else rt
+    qrt = quantized_runtime(rt, q)
     towers = [t for t in vlm.towers if t in pruned_export.paths]
     feeds = _feeds(cfg, vlm, towers, example)
+    pruned_names = pruned_layer_names(vlm)
     variants = {
         "dense": (rt, Artefacts("dense", onnx=exports["dense"], folder=root / "dense")),
         f"dense_{q}": (qrt, Artefacts(f"dense_{q}", onnx=paths["dense"],
                                       folder=root / f"dense_{q}")),
-        "pruned": (rt, Artefacts("pruned", onnx=exports["pruned"], folder=root / "pruned")),
+        "pruned": (rt, Artefacts("pruned", onnx=exports["pruned"], folder=root / "pruned",
+                                 pruned_layers=pruned_names)),
         f"pruned_{q}": (qrt, Artefacts(f"pruned_{q}", onnx=paths["pruned"],
-                                       folder=root / f"pruned_{q}")),
+                                       folder=root / f"pruned_{q}", pruned_layers=pruned_names)),
     }
+    first = min(lc.batch_sizes)
     opts = BuildOptions(threads=lc.threads, batch_sizes=lc.batch_sizes,
-                        pattern=str(cfg.prune_config.pattern))
+                        pattern=str(cfg.prune_config.pattern),
+                        seq_len=getattr(vlm, "text_max_length", None),
+                        check_feeds={t: feeds[(t, first)] for t in towers},
+                        timing_cache=root / "timing.cache")
     rows = time_variants(variants, feeds, replace(lc, towers=tuple(towers)), towers=towers,
                          options=opts, progress=progress)
     for row in rows:
         v = row["variants"]
         row["quantize"] = q
         row["gain_over_quantized"] = v[f"dense_{q}"]["ms"]["p50"] / v[f"pruned_{q}"]["ms"]["p50"]
-    return {"quantize": q, "method": cfg.quantize_method, "files": info,
-            "nm_survives": _nm_check(cfg, exports["pruned"], paths["pruned"]),
+    built_from = ("the run's ONNX (dense/, pruned/)" if sources is None else
+                  "an fp32 export of each variant made for quantizing (not kept: the run's own "
+                  "ONNX is fp16)")
+    return {"quantize": q, "method": cfg.quantize_method, "target": target,
+            "runtime": qrt.label, "quantized_from": built_from, "files": info,
+            "nm_survives": _nm_check(cfg, srcs["pruned"], paths["pruned"]),
             "accuracy": acc}, rows
 
 
@@ -337,26 +411,38 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
                work: Path, progress) -> SearchResult:
     """``--target-speedup``: prune copies of the dense model to grid sparsities, export (and
     quantize) each, time it briefly against dense at the largest batch size on the run's
-    runtime (all towers summed), and bisect (:func:`search_sparsity`)."""
+    runtime (all towers summed), and bisect (:func:`search_sparsity`).
+
+    A candidate is exported like the run's own ONNX (fp16 where the run is, e.g. TensorRT),
+    or, with ``--quantize``, exported fp32 and quantized for the run's runtime
+    (:func:`..exporters.quantize.quantize_target`) and timed on :func:`quantized_runtime`
+    (TensorRT: engines built from its QDQ files); the dense reference is the run's dense
+    export, its TensorRT engines built in ``work/dense`` (one profile, for the search only)."""
     import shutil
     from dataclasses import replace
 
     from .exporters.onnx import export_model
+    from .exporters.quantize import quantize_target
     from .prune import prune
-    from .runtime.registry import MODEL, Artefacts, BuildOptions, get_runtime
+    from .runtime.registry import ENGINE, MODEL, Artefacts, BuildOptions
     from .runtime.timing import time_variants
 
     lc = cfg.latency_config
     rt = lc.runtime_entry
     q = cfg.quantize
-    qrt = get_runtime(rt.name, rt.device, "fp16") if q == "fp16" else rt
+    qrt = quantized_runtime(rt, q) if q != "none" else rt
     batch = max(lc.batch_sizes)
     towers = [t for t in vlm.towers if t in dense_export.paths or rt.consumes == MODEL]
     feeds = _feeds(cfg, vlm, towers, example, (batch,))
     brief = replace(lc, batch_sizes=(batch,), warmup=1, iterations=max(3, lc.iterations // 5),
                     towers=tuple(towers))
     dense_art = Artefacts("dense", vlm=copy.deepcopy(vlm) if rt.consumes == MODEL else None,
-                          onnx=dict(dense_export.paths))
+                          onnx=dict(dense_export.paths), folder=Path(work) / "dense")
+    if rt.consumes == ENGINE:  # engines are written into an existing folder
+        dense_art.folder.mkdir(parents=True, exist_ok=True)
+    opts = BuildOptions(threads=lc.threads, batch_sizes=(batch,),
+                        seq_len=getattr(vlm, "text_max_length", None),
+                        timing_cache=Path(work) / "timing.cache")
     pc = cfg.prune_config
 
     def measure(s: float) -> Candidate:
@@ -366,16 +452,16 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
         folder = Path(work) / f"s{s:g}"
         paths = {}
         if rt.consumes != MODEL:
-            paths = dict(export_model(v, folder, example, check, towers=towers).paths)
+            paths = dict(export_model(v, folder, example, check, towers=towers,
+                                      fp16=cfg.onnx_fp16 and q == "none").paths)
             if q != "none":
                 paths, _ = quantize_variants(v, {"c": paths}, calib, q, cfg.quantize_method,
-                                             folder)
+                                             folder, target=quantize_target(rt))
                 paths = paths["c"]
-        art = Artefacts("candidate", vlm=v if rt.consumes == MODEL else None, onnx=paths)
-        rows = time_variants({"dense": (rt, dense_art), "candidate": (qrt if q != "none" else rt,
-                                                                        art)},
-                             feeds, brief, towers=towers,
-                             options=BuildOptions(threads=lc.threads, batch_sizes=(batch,)))
+        art = Artefacts("candidate", vlm=v if rt.consumes == MODEL else None, onnx=paths,
+                        folder=folder)
+        rows = time_variants({"dense": (rt, dense_art), "candidate": (qrt, art)},
+                             feeds, brief, towers=towers, options=opts)
         d = sum(r["variants"]["dense"]["ms"]["p50"] for r in rows)
         c = sum(r["variants"]["candidate"]["ms"]["p50"] for r in rows)
         fid = None
@@ -401,4 +487,5 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
 
 __all__ = ["SEARCH_GRID", "MAX_CANDIDATES", "TargetUnreachableError", "check_target_speedup",
            "calibration_feeds", "quantize_variants", "onnx_vlm", "onnx_embed_eval", "Candidate",
-           "SearchResult", "search_sparsity", "allowed_grid", "quantized_section", "run_search"]
+           "SearchResult", "search_sparsity", "allowed_grid", "quantized_section", "run_search",
+           "quantized_runtime", "pruned_layer_names"]

@@ -278,6 +278,9 @@ def check_sweep_quantize(quantize, method: str, lc: LatencyConfig | None) -> str
                           "no fp8); allowed: none, int8, fp16")
     if q != "none" and lc is not None:
         check_quantize_runtime(q, lc.runtime_entry, method)
+        if lc.runtime_entry.name == "tensorrt":  # QDQ engines: prune-export only, for now
+            raise ConfigError(f"--quantize {q} with --engine trt runs in prune-export, not in a "
+                              "sweep; allowed in a sweep: --engine onnxruntime (or no --quantize)")
         if lc.runtime_entry.precision != "fp32":
             raise ConfigError(f"--quantize {q} quantizes the fp32 export; drop --fp16 (the sweep "
                               "times fp32 and quantized variants side by side)")

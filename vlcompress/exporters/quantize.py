@@ -60,11 +60,16 @@ QUANT_METHODS = ("static", "dynamic")
 TARGETS = ("onnxruntime", "tensorrt")
 #: op types quantized in int8/fp8 (everything else stays in float; see the module doc)
 INT8_OPS = ("MatMul", "Gemm", "Conv")
-#: which quantizations each runtime can run (runtimes not listed: none only)
+#: which quantizations each runtime can run (runtimes not listed: none only). tensorrt: engines
+#: built from explicit QDQ ONNX (target "tensorrt") on its tensorrt/cuda/int8 and /fp8 entries;
+#: its float engines are already fp16, so fp16 is not a quantization there
 RUNTIME_QUANTIZE = {
     "onnxruntime": ("int8", "fp16"),
     "onnxruntime-trt": ("int8", "fp16", "fp8"),
+    "tensorrt": ("int8", "fp8"),
 }
+#: the quantize_onnx target of a runtime's quantized files (runtimes not listed: onnxruntime)
+RUNTIME_TARGET = {"tensorrt": "tensorrt"}
 
 
 def check_quantize(value, method: str = "static") -> str:
@@ -89,11 +94,17 @@ def check_quantize_runtime(quantize: str, runtime, method: str = "static") -> No
     if q not in ok:
         allowed = "; ".join(f"{k}: {', '.join(v)}" for k, v in RUNTIME_QUANTIZE.items())
         raise ConfigError(f"--quantize {q} cannot run on runtime {runtime.label}; allowed: "
-                          f"{allowed} (tensorrt engines: export the QDQ ONNX with "
-                          "quantize_onnx(..., target='tensorrt'))")
+                          f"{allowed}")
     if method == "dynamic" and (runtime.name != "onnxruntime" or runtime.device != "cpu"):
         raise ConfigError(f"dynamic int8 runs on onnxruntime/cpu only, not {runtime.label}; "
                           "use --quantize-method static")
+
+
+def quantize_target(runtime) -> str:
+    """The :func:`quantize_onnx` target for files a runtime (a registry entry) will run:
+    ``"tensorrt"`` (symmetric int8 / fp8 explicit QDQ) for TensorRT engines, else
+    ``"onnxruntime"``."""
+    return RUNTIME_TARGET.get(runtime.name, "onnxruntime")
 
 
 def check_quantize_target(quantize, method: str = "static", target: str = "onnxruntime") -> str:
@@ -364,6 +375,7 @@ def check_nm_quantized(path: str | Path, n: int = 2, m: int = 4) -> list[str]:
 
 
 __all__ = ["QUANTIZE", "QUANT_METHODS", "TARGETS", "INT8_OPS", "RUNTIME_QUANTIZE",
-           "QuantizeResult", "check_quantize", "check_quantize_runtime", "check_quantize_target",
+           "RUNTIME_TARGET", "QuantizeResult", "check_quantize", "check_quantize_runtime",
+           "check_quantize_target", "quantize_target",
            "quantize_onnx",
            "quantized_weights", "check_nm_quantized", "weight_matmuls"]

@@ -1,4 +1,6 @@
-"""TensorRT engines from the fp16 ONNX of a tower, with 2:4 sparse weights where pruned so.
+"""TensorRT engines from the fp16 ONNX of a tower, or from its explicit QDQ int8 / fp8 ONNX
+(:func:`vlcompress.exporters.quantize.quantize_onnx` with ``target="tensorrt"``), with 2:4
+sparse weights where pruned so.
 
     result = build_engine("out/pruned/vision.onnx", "out/engines/pruned/vision.engine",
                           sparse=True, batch_sizes=(1, 8, 64), timing_cache="out/engines/timing.cache")
@@ -15,7 +17,11 @@ everything that does not need it is pure and tested on CPU:
   :func:`vlcompress.runtime.trt_runner.select_profile`);
 - :func:`apply_plan` applies a plan to a builder config (tested on a recording fake);
 - :func:`parse_sparsity_log` reads the two ``(Sparsity)`` lines TensorRT logs at INFO level;
-- :func:`nm_violations` is the 2:4 check of the fp16 initialisers TensorRT will see;
+- :func:`onnx_quantization` tells an explicit QDQ file (``"int8"`` / ``"fp8"``: every weight
+  of a MatMul/Gemm/Conv fed by a ``DequantizeLinear`` of an INT8 / FLOAT8E4M3FN initialiser);
+  :func:`onnx_inputs` reports that as the file's precision;
+- :func:`nm_violations` is the 2:4 check of the initialisers TensorRT will see: the fp16 ones,
+  or, for a QDQ file, the quantized ones (:func:`..quantize.check_nm_quantized`);
 - :func:`embedding_agreement` is the fp16 check: tolerance AND per-row cosine similarity.
 
 TensorRT API facts this module relies on (checked against NVIDIA's Python API reference,
@@ -46,6 +52,17 @@ docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/):
   layers: ...`` (trtexec prints them as ``[I] [TRT] (Sparsity) ...``; NVIDIA/TensorRT#1403,
   #2169, #2271, #4054, #4056, pytorch/TensorRT#1340). The second list may be empty: TensorRT
   times sparse and dense kernels and keeps the faster (NVIDIA/TensorRT#2169, a maintainer).
+- Explicit quantization ("Explicit Quantization" and "Working with Quantized Types" in the
+  TensorRT 10.x / 11.x developer guide): when the network holds Q/DQ layers TensorRT builds it
+  with explicit quantization, and "use explicit quantization with strong typing: precision
+  control build flags are not required and should not be specified". A strongly typed network
+  takes every tensor's type from the graph, so the int8 / fp8 layers are exactly those between
+  the Q/DQ nodes and everything else runs in the float type of the ONNX (fp32 for the QDQ files
+  :func:`..quantize.quantize_onnx` writes: LayerNorm, Softmax, the attention MatMuls). Weights
+  may be stored quantized (INT8 / FP8) with a ``DequantizeLinear`` between them and the layer;
+  quantization is symmetric (zero points 0), so a 2:4 weight stays 2:4 in its int8 / fp8
+  initialiser. ``SPARSE_WEIGHTS`` is not a precision flag and is set as for fp16.
+  FP8 GEMMs need compute capability >= 8.9 (Ada, Hopper and newer).
 """
 
 from __future__ import annotations
@@ -66,7 +83,7 @@ __all__ = [
     "SparsityReport", "parse_sparsity_log", "InputSpec", "BuildPlan", "plan_build",
     "onnx_inputs", "apply_plan", "network_flags", "EngineBuildResult", "build_engine",
     "nm_violations", "embedding_agreement", "trt_major", "make_logger",
-    "sparsity_warnings",
+    "sparsity_warnings", "onnx_quantization", "QUANTIZED_PRECISIONS",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +92,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKSPACE_GB = 4.0
 NO_SPARSE_WARNING = ("2:4 build in which no layer got a sparse implementation: SPARSE_WEIGHTS "
                      "bought nothing (TensorRT found dense kernels faster, or no weight was 2:4)")
+#: ONNX weight precisions of an explicit QDQ file (TensorRT builds them strongly typed)
+QUANTIZED_PRECISIONS = ("int8", "fp8")
 NOT_ELIGIBLE_WARNING = ("2:4 build in which TensorRT found no layer eligible for sparse math: "
                         "the weights it sees are not 2:4 along their input dimension")
 
@@ -215,8 +234,10 @@ class BuildPlan:
     strongly_typed: bool
     fp16_flag: bool
     workspace_bytes: int
-    precision: str  # of the ONNX weights: "fp16", "fp32", "mixed"
+    precision: str  # of the ONNX weights: "fp16", "fp32", "mixed", or QDQ "int8" / "fp8"
     batch_sizes: tuple[int, ...]
+    #: "int8" / "fp8" for explicit QDQ ONNX (types from its Q/DQ nodes), else "none"
+    quantize: str = "none"
 
     @property
     def builder_flags(self) -> tuple[str, ...]:
@@ -237,12 +258,50 @@ class BuildPlan:
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64",
                 6: "int32", 9: "bool"}
+#: quantized initialiser types of a QDQ weight (TensorProto.INT8, FLOAT8E4M3FN)
+_QDQ_WEIGHT_TYPES = {3: "int8", 17: "fp8"}
+
+
+def _qdq_weight_types(graph) -> set[str]:
+    """``"int8"`` / ``"fp8"`` for each MatMul/Gemm/Conv whose weight (second input) is the
+    output of a ``DequantizeLinear`` reading an INT8 / FLOAT8E4M3FN initialiser."""
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    found = set()
+    for n in graph.node:
+        if n.op_type not in ("MatMul", "Gemm", "Conv") or len(n.input) < 2:
+            continue
+        dq = producer.get(n.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or not dq.input:
+            continue
+        t = inits.get(dq.input[0])
+        if t is not None and t.data_type in _QDQ_WEIGHT_TYPES:
+            found.add(_QDQ_WEIGHT_TYPES[t.data_type])
+    return found
+
+
+def onnx_quantization(path: str | Path) -> str:
+    """``"int8"`` / ``"fp8"`` when the ONNX file at ``path`` is explicit QDQ (its weights are
+    INT8 / FLOAT8E4M3FN initialisers behind ``DequantizeLinear``), ``"mixed"`` when it holds
+    both, else ``"none"``. Read from the graph, not from the metadata."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise OutputError(f"ONNX file {str(path)!r} does not exist")
+    return _quantization(onnx.load(str(path), load_external_data=False).graph)
+
+
+def _quantization(graph) -> str:
+    kinds = _qdq_weight_types(graph)
+    return "none" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def onnx_inputs(path: str | Path) -> tuple[list[InputSpec], str]:
     """The graph inputs of the ONNX file at ``path`` (initialisers excluded) and the precision
-    of its float MatMul/Gemm/Conv weights (``"fp16"``, ``"fp32"``, ``"mixed"`` or ``"none"``).
-    External weight data is not read."""
+    of its MatMul/Gemm/Conv weights: ``"int8"`` / ``"fp8"`` for explicit QDQ weights
+    (:func:`onnx_quantization`; ``"mixed"`` for both), else of its float weights (``"fp16"``,
+    ``"fp32"``, ``"mixed"`` or ``"none"``). External weight data is not read."""
     import onnx
 
     path = Path(path)
@@ -266,6 +325,9 @@ def onnx_inputs(path: str | Path) -> tuple[list[InputSpec], str]:
                 dims.append(d.dim_param or None)
         specs.append(InputSpec(i.name, tuple(shape), _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)),
                                tuple(dims)))
+    quant = _quantization(g)
+    if quant != "none":
+        return specs, quant
     types = set()
     for n in g.node:
         if n.op_type in ("MatMul", "Gemm", "Conv"):
@@ -311,6 +373,11 @@ def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int
     tokenizer's maximum length; without ``seq_len`` it is a :class:`ConfigError`.
     ``strongly_typed`` needs fp16 weights in the ONNX (else :class:`ConfigError`: convert it
     with :func:`vlcompress.exporters.onnx.convert_fp16`); without it the ``FP16`` flag is set.
+
+    Explicit QDQ ONNX (precision ``"int8"`` / ``"fp8"``, :func:`onnx_quantization`) is built
+    strongly typed: the types come from its Q/DQ nodes, no precision flag is set (TensorRT
+    does not allow them with strong typing), ``SPARSE_WEIGHTS`` is, for 2:4; the plan records
+    ``quantize``. ``strongly_typed=False`` with QDQ ONNX is a :class:`ConfigError`.
     """
     if workspace_gb <= 0:
         raise ConfigError(f"workspace {workspace_gb!r} GiB is not valid; need a positive number")
@@ -318,6 +385,12 @@ def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int
         found, prec = onnx_inputs(onnx_path)
         inputs = found if inputs is None else inputs
         precision = prec if precision is None else precision
+    quantize = precision if precision in QUANTIZED_PRECISIONS else "none"
+    if quantize != "none" and not strongly_typed:
+        raise ConfigError(
+            f"{Path(onnx_path).name} is explicit QDQ {quantize}; TensorRT builds it strongly "
+            "typed (precisions from its Q/DQ nodes), not with precision flags: "
+            "strongly_typed=True")
     if strongly_typed and precision in ("fp32", "mixed"):
         raise ConfigError(
             f"{Path(onnx_path).name} has {precision} weights; a strongly typed TensorRT network "
@@ -328,7 +401,7 @@ def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int
         onnx_path=str(onnx_path), inputs=tuple(inputs), profiles=profiles, sparse=bool(sparse),
         strongly_typed=bool(strongly_typed), fp16_flag=not strongly_typed,
         workspace_bytes=int(workspace_gb * (1 << 30)), precision=precision,
-        batch_sizes=tuple(sorted(set(int(x) for x in batch_sizes))),
+        batch_sizes=tuple(sorted(set(int(x) for x in batch_sizes))), quantize=quantize,
     )
 
 
@@ -403,9 +476,13 @@ def apply_plan(plan: BuildPlan, trt, builder, config) -> None:
 # checks on the ONNX TensorRT will see (pure)
 # --------------------------------------------------------------------------------------------
 def nm_violations(onnx_path: str | Path, pruned: Iterable[str] | None = None, n: int = 2,
-                  m: int = 4) -> list[str]:
-    """Pruned weights of the (fp16) ONNX at ``onnx_path`` that are NOT ``n:m`` along their
-    input dimension, as TensorRT will see them.
+                  m: int = 4, quantize: str | None = None) -> list[str]:
+    """Pruned weights of the (fp16, or QDQ int8 / fp8) ONNX at ``onnx_path`` that are NOT
+    ``n:m`` along their input dimension, as TensorRT will see them.
+
+    ``quantize``: ``"int8"`` / ``"fp8"`` reads the quantized initialisers
+    (:func:`vlcompress.exporters.quantize.check_nm_quantized`: a weight is zero where it equals
+    its zero point); None: :func:`onnx_quantization` of the file decides.
 
     ``pruned``: the PyTorch parameter names of the pruned layers (``<layer>.weight``, or the
     layer names); None checks every MatMul/Gemm weight. fp16 rounding can turn tiny nonzeros
@@ -413,8 +490,11 @@ def nm_violations(onnx_path: str | Path, pruned: Iterable[str] | None = None, n:
     stays 2:4; a violation here means the export changed the weights (or they were not 2:4).
     """
     from .onnx import check_nm
+    from .quantize import check_nm_quantized
 
-    bad = check_nm(onnx_path, n, m)
+    if quantize is None:
+        quantize = onnx_quantization(onnx_path)
+    bad = check_nm_quantized(onnx_path, n, m) if quantize != "none" else check_nm(onnx_path, n, m)
     if pruned is None:
         return bad
     want = set()
@@ -466,8 +546,14 @@ class EngineBuildResult:
     log_tail: list[str] = field(default_factory=list)
     validation: dict | None = None
 
+    @property
+    def quantize(self) -> str:
+        """``"int8"`` / ``"fp8"`` for an engine built from explicit QDQ ONNX, else ``"none"``."""
+        return self.plan.quantize
+
     def to_dict(self) -> dict:
-        return {"engine_path": str(self.engine_path), "plan": self.plan.to_dict(),
+        return {"engine_path": str(self.engine_path), "quantize": self.quantize,
+                "plan": self.plan.to_dict(),
                 "sparsity": self.sparsity.to_dict(), "warnings": list(self.warnings),
                 "seconds": self.seconds, "trt_version": self.trt_version,
                 "timing_cache": str(self.timing_cache) if self.timing_cache else None,
@@ -480,10 +566,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
                  workspace_gb: float = DEFAULT_WORKSPACE_GB, seq_len: int | None = None,
                  pruned: Iterable[str] | None = None, per_batch_profiles: bool = True,
                  log: Callable[[str, str], None] | None = None) -> EngineBuildResult:
-    """Build a TensorRT engine from the fp16 ONNX at ``onnx_path``; write it atomically.
+    """Build a TensorRT engine from the fp16 ONNX at ``onnx_path``, or from its explicit QDQ
+    int8 / fp8 ONNX (strongly typed either way, :func:`plan_build`); write it atomically.
 
     ``sparse`` enables ``SPARSE_WEIGHTS`` (2:4) and first checks the pruned weights the ONNX
-    holds are 2:4 (:func:`nm_violations`, reported in the result, not fatal). The builder log
+    holds are 2:4 (:func:`nm_violations`: the quantized initialisers of a QDQ file; reported
+    in the result, not fatal). ``result.quantize`` says whether the engine is int8 / fp8. The builder log
     (INFO and above) goes to ``log(severity, message)`` if given and is parsed for the
     sparsity lines; a 2:4 build in which no layer got a sparse implementation is logged as a
     warning and listed in ``result.warnings``. ``timing_cache`` is read if it exists and
@@ -499,7 +587,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     engine_path = Path(engine_path)
     if engine_path.is_dir():
         raise OutputError(f"cannot write engine {str(engine_path)!r}: a folder of that name exists")
-    violations = nm_violations(onnx_path, pruned) if sparse else []
+    violations = nm_violations(onnx_path, pruned, quantize=plan.quantize) if sparse else []
     lines: list[str] = []
 
     def sink(sev: str, msg: str) -> None:
@@ -542,7 +630,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     report = parse_sparsity_log(lines)
     warns = sparsity_warnings(report, sparse)
     if violations:
-        warns.append(f"{len(violations)} pruned weight(s) are not 2:4 in the fp16 ONNX "
+        kind = "fp16" if plan.quantize == "none" else f"{plan.quantize} QDQ"
+        warns.append(f"{len(violations)} pruned weight(s) are not 2:4 in the {kind} ONNX "
                      f"(e.g. {violations[0]})")
     for w in warns:
         log_warning(f"{engine_path.name}: {w}")

@@ -24,7 +24,9 @@ from ..errors import ConfigError
 
 ONNX, MODEL, ENGINE = "onnx", "model", "engine"
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16")
+#: precisions a runtime entry runs, in the order ``get_runtime`` prefers them when none is
+#: given (int8 / fp8: TensorRT engines built from explicit QDQ ONNX)
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
 #: Other names a user (or an older report) may give a runtime.
 ALIASES = {"trt": "tensorrt", "ort": "onnxruntime", "torch-24": "torch-2:4",
@@ -150,7 +152,8 @@ def canonical(name: str) -> str:
 
 def get_runtime(name: str, device: str | None = None, precision: str | None = None) -> Runtime:
     """The runtime ``(name, device, precision)``; ``None`` device/precision: the first one
-    registered for the name, cpu before cuda, fp32 before fp16 (``trt`` -> tensorrt/cuda/fp16,
+    registered for the name, cpu before cuda, fp32 before fp16 before int8 / fp8 (``trt`` ->
+    tensorrt/cuda/fp16,
     ``torch`` -> torch/cpu/fp32, ``torch --device cuda`` -> torch/cuda/fp32).
 
     A combination that does not exist raises one-line :class:`ConfigError` naming the value
@@ -160,8 +163,8 @@ def get_runtime(name: str, device: str | None = None, precision: str | None = No
     prec = None if precision is None else str(precision).strip().lower()
     hits = [rt for rt in _REGISTRY.values()
             if rt.name == n and dev in (None, rt.device) and prec in (None, rt.precision)]
-    if hits:  # unspecified: cpu before cuda, fp32 before fp16
-        return min(hits, key=lambda rt: (rt.device != "cpu", rt.precision != "fp32"))
+    if hits:  # unspecified: cpu before cuda, then PRECISIONS order (fp32, fp16, int8, fp8)
+        return min(hits, key=lambda rt: (rt.device != "cpu", PRECISIONS.index(rt.precision)))
     asked = "/".join([name, dev or "*", prec or "*"])
     raise ConfigError(f"runtime {asked} is not a valid combination; allowed: {allowed()}")
 

@@ -37,16 +37,19 @@ from .._deps import require_cuda, require_tensorrt
 from ..errors import ExportError, ModelError
 from ..exporters.tensorrt import (
     DEFAULT_WORKSPACE_GB,
+    QUANTIZED_PRECISIONS,
     EngineBuildResult,
     build_engine,
     embedding_agreement,
+    onnx_inputs,
 )
 from .base import Runner
 from .registry import ENGINE, Built, register
 from .registry import Runtime as _Runtime
 
 __all__ = ["TrtRunner", "torch_dtype", "profile_opt_batches", "select_profile",
-           "validate_engine", "build_tower_engines"]
+           "validate_engine", "build_tower_engines", "check_qdq_onnx", "check_tensorrt_fp8",
+           "VALIDATION_TOLERANCES"]
 
 
 def torch_dtype(trt, dtype):
@@ -67,11 +70,11 @@ class TrtRunner(Runner):
 
     ``infer`` takes numpy arrays (or CUDA tensors), casts them to the engine's input types
     (so fp32 feeds work with fp16 inputs) and returns ``{output name: array}`` (fp16 outputs
-    as float32), or the GPU tensors with ``copy_outputs=False``.
+    as float32), or the GPU tensors with ``copy_outputs=False``. ``precision`` is what
+    :meth:`describe` reports: ``fp16``, or ``int8`` / ``fp8`` for an engine built from QDQ ONNX.
     """
 
     runtime = "tensorrt"
-    precision = "fp16"
 
     def describe(self) -> dict:
         import tensorrt as trt  # activated: it imported
@@ -79,9 +82,10 @@ class TrtRunner(Runner):
         return {"provider": f"TensorRT {trt.__version__}", "precision": self.precision}
 
     def __init__(self, engine_path: str | Path, name: str | None = None, device: str = "cuda",
-                 copy_outputs: bool = True):
+                 copy_outputs: bool = True, precision: str = "fp16"):
         super().__init__(name or f"tensorrt-{Path(engine_path).stem}", device)
         self.engine_path = Path(engine_path)
+        self.precision = precision
         self.copy_outputs = copy_outputs
         self.engine = None
         self.context = None
@@ -216,17 +220,31 @@ def profile_opt_batches(engine, input_names) -> list[int]:
 # engines checked against their ONNX (here, not in exporters/: running an engine is the
 # runtime's job, and exporters must not import the runtime that imports them)
 # --------------------------------------------------------------------------------------------
-def validate_engine(engine_path: str | Path, onnx_path: str | Path, feed: dict, *,
-                    atol: float = 2e-2, rtol: float = 2e-2, min_cosine: float | None = 0.99
-                    ) -> dict:
-    """Run the engine (GPU) and its fp16 ONNX (onnxruntime, CPU) on ``feed``; compare their
-    first outputs with :func:`embedding_agreement` (the ONNX itself was validated against
-    fp32 PyTorch at export, with the same fp16 tolerance and cosine floor)."""
-    from .ort_runner import OrtRunner
+#: (atol, rtol, min cosine) of an engine against its ONNX run by ONNX Runtime CPU, per
+#: precision. fp16: the export's own fp16 tolerance. int8 / fp8: both sides run the same
+#: Q/DQ graph, but a value that lands on another quantization step in one of them (other
+#: accumulation order, fused epilogues) moves everything after it by that step, a distance
+#: that scales with the embedding: the cosine floor is the check, the tolerance only a bound.
+VALIDATION_TOLERANCES = {"fp16": (2e-2, 2e-2, 0.99), "int8": (1e-1, 1e-1, 0.99),
+                         "fp8": (1e-1, 1e-1, 0.99)}
 
-    with OrtRunner(onnx_path, threads=2) as ref_runner:
+
+def validate_engine(engine_path: str | Path, onnx_path: str | Path, feed: dict, *,
+                    atol: float | None = None, rtol: float | None = None,
+                    min_cosine: float | None = 0.99, precision: str = "fp16") -> dict:
+    """Run the engine (GPU) and its ONNX (onnxruntime, CPU) on ``feed``; compare their first
+    outputs with :func:`embedding_agreement` (the fp16 ONNX itself was validated against fp32
+    PyTorch at export, with the same fp16 tolerance and cosine floor). ``precision`` (fp16,
+    int8, fp8) picks the default tolerances (:data:`VALIDATION_TOLERANCES`); an fp8 QDQ
+    reference runs with graph optimisation BASIC (:func:`.ort_runner.ort_optimization`)."""
+    from .ort_runner import OrtRunner, ort_optimization
+
+    d_atol, d_rtol, _ = VALIDATION_TOLERANCES.get(precision, VALIDATION_TOLERANCES["fp16"])
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    with OrtRunner(onnx_path, threads=2, optimization=ort_optimization(onnx_path)) as ref_runner:
         ref = next(iter(ref_runner.infer(feed).values()))
-    with TrtRunner(engine_path) as runner:
+    with TrtRunner(engine_path, precision=precision) as runner:
         out = next(iter(runner.infer(feed).values()))
     return embedding_agreement(out, ref, atol=atol, rtol=rtol, min_cosine=min_cosine)
 
@@ -235,11 +253,12 @@ def build_tower_engines(onnx_paths: dict[str, Path], out_dir: str | Path, *, spa
                         batch_sizes: Sequence[int], seq_len: int | None,
                         timing_cache: str | Path | None, pruned: Iterable[str] | None = None,
                         workspace_gb: float = DEFAULT_WORKSPACE_GB,
-                        check_feeds: dict[str, dict] | None = None
+                        check_feeds: dict[str, dict] | None = None, precision: str = "fp16"
                         ) -> dict[str, EngineBuildResult]:
-    """:func:`build_engine` for every tower's ONNX into ``out_dir/<tower>.engine``; with
-    ``check_feeds`` (tower -> feed) each engine is validated (:func:`validate_engine`) and a
-    drifting engine raises one :class:`ExportError` naming it."""
+    """:func:`build_engine` for every tower's ONNX (fp16, or QDQ int8 / fp8: ``precision``)
+    into ``out_dir/<tower>.engine``; with ``check_feeds`` (tower -> feed) each engine is
+    validated (:func:`validate_engine`) and a drifting engine raises one :class:`ExportError`
+    naming it."""
     out_dir = Path(out_dir)
     results, bad = {}, []
     for tower, path in onnx_paths.items():
@@ -247,22 +266,25 @@ def build_tower_engines(onnx_paths: dict[str, Path], out_dir: str | Path, *, spa
                            batch_sizes=batch_sizes, seq_len=seq_len, timing_cache=timing_cache,
                            pruned=pruned, workspace_gb=workspace_gb)
         if check_feeds and tower in check_feeds:
-            v = validate_engine(res.engine_path, path, check_feeds[tower])
+            v = validate_engine(res.engine_path, path, check_feeds[tower], precision=precision)
             res.validation = v
             if not v["ok"]:
                 bad.append(f"{tower}: max abs diff {v['max_abs_diff']:.3g}, min cosine "
                            f"{v['min_cosine']:.4f} (need >= {v['min_cosine_required']})")
         results[tower] = res
     if bad:
-        raise ExportError("TensorRT fp16 engine disagrees with its ONNX for "
+        raise ExportError(f"TensorRT {precision} engine disagrees with its ONNX for "
                           f"{len(bad)} tower(s): " + "; ".join(bad))
     return results
 
 
 # --------------------------------------------------------------------------------------------
-# registry entry: TensorRT engines (fp16, strongly typed; 2:4 sparse weights for 2:4 models)
+# registry entries: TensorRT engines, strongly typed, 2:4 sparse weights for 2:4 pruned models:
+# fp16 (from fp16 ONNX), int8 and fp8 (from explicit QDQ ONNX written for TensorRT)
 # --------------------------------------------------------------------------------------------
 ENGINE_INFO_SUFFIX = ".engine.json"
+#: compute capability fp8 GEMMs need (Ada, Hopper and newer)
+FP8_MIN_CAPABILITY = (8, 9)
 
 
 def check_tensorrt():
@@ -273,8 +295,46 @@ def check_tensorrt():
     return _deps.require_tensorrt()
 
 
+def check_tensorrt_fp8():
+    """:func:`check_tensorrt`, then a GPU with fp8 tensor cores (compute capability >= 8.9):
+    one sentence (MissingDependencyError) when it has none."""
+    from ..errors import MissingDependencyError
+
+    trt = check_tensorrt()
+    import torch
+
+    cc = tuple(torch.cuda.get_device_capability())
+    if cc < FP8_MIN_CAPABILITY:
+        raise MissingDependencyError(
+            f"fp8 TensorRT engines need a GPU with compute capability >= 8.9 (Ada, Hopper or "
+            f"newer); {torch.cuda.get_device_name()} is {cc[0]}.{cc[1]}: use --quantize int8.")
+    return trt
+
+
+def check_qdq_onnx(label: str, quantize: str, artefacts, towers) -> None:
+    """ConfigError (one line) unless every tower's ONNX is explicit QDQ ``quantize`` written
+    for TensorRT: its weights are ``quantize`` initialisers behind DequantizeLinear
+    (:func:`vlcompress.exporters.tensorrt.onnx_inputs`) and, when the file says which runtime
+    it was quantized for, that is tensorrt (ONNX Runtime's int8 has uint8 activations with
+    zero points, which TensorRT does not take)."""
+    from ..errors import ConfigError
+    from .ort_runner import onnx_metadata
+
+    for t in towers:
+        path = Path(artefacts.onnx[t])
+        _, got = onnx_inputs(path)
+        target = onnx_metadata(path).get("vlcompress.quantize_target", "tensorrt")
+        if got != quantize or target != "tensorrt":
+            what = got if target == "tensorrt" or got not in QUANTIZED_PRECISIONS else (
+                f"{got} QDQ for {target}")
+            raise ConfigError(
+                f"runtime {label} needs explicit QDQ {quantize} ONNX for TensorRT "
+                f"(quantize_onnx(..., '{quantize}', target='tensorrt')); {artefacts.variant} "
+                f"{path.name} is {what}")
+
+
 def _engine_info(res, sparse: bool) -> dict:
-    return {"trt_version": res.trt_version, "sparse_weights": sparse,
+    return {"trt_version": res.trt_version, "quantize": res.quantize, "sparse_weights": sparse,
             "eligible_layers": res.sparsity.n_eligible, "sparse_layers": res.sparsity.n_sparse,
             "warnings": list(res.warnings)}
 
@@ -289,45 +349,72 @@ def _read_info(path: Path) -> dict | None:
         return None
 
 
-def _trt_factory(art, towers, opts):
-    """Engines ``<folder>/<tower>.engine`` when present; else built from the variant's fp16
-    ONNX (:func:`build_tower_engines`) next to it, with what
+def _is_sparse(art, opts) -> bool:
+    """2:4 sparse weights for the pruned variants of a 2:4 run (``pruned``, ``pruned_int8``,
+    ...), never for the dense ones (``dense``, ``dense_int8``, ...)."""
+    return art.variant.split("_")[0] != "dense" and str(opts.pattern) == "2:4"
+
+
+def _trt_factory_for(precision: str):
+    """The factory of ``tensorrt/cuda/<precision>``: engines ``<folder>/<tower>.engine`` when
+    present; else built from the variant's ONNX (fp16 ONNX for fp16, explicit QDQ ONNX for
+    int8 / fp8; checked first, one line) by :func:`build_tower_engines` next to it, with what
     TensorRT said about sparse layers saved beside each as ``<tower>.engine.json``."""
-    import json
-    import logging
+    label = f"tensorrt/cuda/{precision}"
+    source = "fp16 ONNX" if precision == "fp16" else f"QDQ {precision} ONNX"
 
-    from ..atomic import atomic_write_text
-    from ..errors import ConfigError
-    from .ort_runner import check_onnx_precision
+    def factory(art, towers, opts):
+        import json
+        import logging
 
-    sparse = art.variant != "dense" and str(opts.pattern) == "2:4"
-    engines = {t: Path(art.engines[t]) for t in towers if t in art.engines}
-    engines.update({t: art.folder / f"{t}.engine" for t in towers if t not in engines
-                    and art.folder is not None and (art.folder / f"{t}.engine").is_file()})
-    missing = [t for t in towers if t not in engines]
-    info = {t: _read_info(p) for t, p in engines.items()}
-    if missing:
-        lacking = [t for t in missing if t not in art.onnx]
-        if lacking or art.folder is None:
-            raise ConfigError(f"runtime tensorrt/cuda/fp16 needs {art.variant} engines or fp16 "
-                              f"ONNX to build them from; none for tower(s) {', '.join(missing)}")
-        check_onnx_precision("tensorrt/cuda/fp16", "fp16", art, missing)
-        built = build_tower_engines({t: Path(art.onnx[t]) for t in missing}, art.folder,
-                                    sparse=sparse, batch_sizes=opts.batch_sizes,
-                                    seq_len=opts.seq_len, timing_cache=opts.timing_cache,
-                                    pruned=art.pruned_layers if sparse else None,
-                                    check_feeds=opts.check_feeds)
-        for t, res in built.items():
-            engines[t] = res.engine_path
-            info[t] = _engine_info(res, sparse)
-            atomic_write_text(res.engine_path.with_name(f"{t}{ENGINE_INFO_SUFFIX}"),
-                              json.dumps(info[t], indent=2) + "\n")
-            for w in res.warnings:
-                logging.getLogger(__name__).warning("%s %s tower: %s", art.variant, t, w)
-    runners = {t: TrtRunner(engines[t], name=f"tensorrt-{art.variant}-{t}", copy_outputs=False)
-               for t in towers}
-    return Built(runners, {t: {"engine": v} for t, v in info.items() if v})
+        from ..atomic import atomic_write_text
+        from ..errors import ConfigError
+        from .ort_runner import check_onnx_precision
+
+        sparse = _is_sparse(art, opts)
+        engines = {t: Path(art.engines[t]) for t in towers if t in art.engines}
+        engines.update({t: art.folder / f"{t}.engine" for t in towers if t not in engines
+                        and art.folder is not None and (art.folder / f"{t}.engine").is_file()})
+        missing = [t for t in towers if t not in engines]
+        info = {t: _read_info(p) for t, p in engines.items()}
+        if missing:
+            lacking = [t for t in missing if t not in art.onnx]
+            if lacking or art.folder is None:
+                raise ConfigError(f"runtime {label} needs {art.variant} engines or {source} "
+                                  f"to build them from; none for tower(s) {', '.join(missing)}")
+            if precision == "fp16":
+                check_onnx_precision(label, "fp16", art, missing)
+            else:
+                check_qdq_onnx(label, precision, art, missing)
+            built = build_tower_engines({t: Path(art.onnx[t]) for t in missing}, art.folder,
+                                        sparse=sparse, batch_sizes=opts.batch_sizes,
+                                        seq_len=opts.seq_len, timing_cache=opts.timing_cache,
+                                        pruned=art.pruned_layers if sparse else None,
+                                        check_feeds=opts.check_feeds, precision=precision)
+            for t, res in built.items():
+                engines[t] = res.engine_path
+                info[t] = _engine_info(res, sparse)
+                atomic_write_text(res.engine_path.with_name(f"{t}{ENGINE_INFO_SUFFIX}"),
+                                  json.dumps(info[t], indent=2) + "\n")
+                for w in res.warnings:
+                    logging.getLogger(__name__).warning("%s %s tower: %s", art.variant, t, w)
+        runners = {t: TrtRunner(engines[t], name=f"tensorrt-{art.variant}-{t}",
+                                copy_outputs=False, precision=precision) for t in towers}
+        return Built(runners, {t: {"engine": v} for t, v in info.items() if v})
+
+    factory.__name__ = f"_trt_factory_{precision}"
+    return factory
 
 
+_trt_factory = _trt_factory_for("fp16")
 register(_Runtime("tensorrt", "cuda", "fp16", ENGINE, _trt_factory, check_tensorrt,
-                  description="TensorRT engines from fp16 ONNX (2:4 sparse weights for 2:4)"))
+                  description="TensorRT engines from fp16 ONNX, strongly typed (2:4 sparse "
+                              "weights for 2:4)"))
+register(_Runtime("tensorrt", "cuda", "int8", ENGINE, _trt_factory_for("int8"), check_tensorrt,
+                  description="TensorRT engines from explicit QDQ int8 ONNX (symmetric, "
+                              "per-channel weights), strongly typed: int8 MatMul/Gemm/Conv, "
+                              "the rest in the ONNX's float type (2:4 sparse int8 for 2:4)"))
+register(_Runtime("tensorrt", "cuda", "fp8", ENGINE, _trt_factory_for("fp8"), check_tensorrt_fp8,
+                  description="TensorRT engines from explicit QDQ fp8 (e4m3) ONNX, strongly "
+                              "typed: fp8 MatMul/Gemm/Conv, the rest in the ONNX's float type "
+                              "(2:4 sparse weights for 2:4); GPUs of compute capability >= 8.9"))
