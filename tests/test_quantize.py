@@ -350,3 +350,22 @@ def test_search_grid_drops_sparsities_the_model_cannot_take(tiny_random_clip):
     cfg = RunConfig(pattern="structured", sparsity=0.5, target_speedup=2.0)
     grid = allowed_grid(tiny_random_clip, cfg)  # 4 heads: 0.8 would remove every head
     assert grid and max(grid) <= 0.75 and 0.5 in grid
+
+
+def test_final_speedup_checks_the_full_timing():
+    """The chosen sparsity is re-judged on the run's full timing (largest batch, towers
+    summed, the deployed variant), so an optimistic brief timing cannot pass silently."""
+    from vlcompress.pipeline import final_speedup
+
+    def ms(p50):
+        return {"ms": {"p50": p50}}
+
+    quant = [{"batch": 1, "tower": "vision", "variants": {"dense": ms(10.0), "pruned_int8": ms(9.0)}},
+             {"batch": 8, "tower": "vision", "variants": {"dense": ms(80.0), "pruned_int8": ms(20.0)}},
+             {"batch": 8, "tower": "text", "variants": {"dense": ms(20.0), "pruned_int8": ms(20.0)}}]
+    got = final_speedup(quant, "int8", 2.5)["final"]
+    assert got == {"batch": 8, "variant": "pruned_int8", "speedup": 2.5, "reached": True}
+    assert final_speedup(quant, "int8", 2.6)["final"]["reached"] is False
+    plain = [{"batch": 8, "tower": "vision", "dense_ms": {"p50": 30.0}, "pruned_ms": {"p50": 10.0}}]
+    assert final_speedup(plain, "none", 2.5)["final"]["speedup"] == 3.0
+    assert final_speedup([], "none", 2.5) == {}

@@ -222,6 +222,27 @@ def _slice_batch(batch, a: int, b: int):
     return type(batch)(*(None if v is None else v[a:b] for v in vars(batch).values()))
 
 
+def final_speedup(latency: list[dict], quantize: str, target: float) -> dict:
+    """The chosen sparsity's speedup in the run's full timing (the search times each candidate
+    briefly): at the largest batch, p50 summed over towers, dense over the deployed variant
+    (``pruned_<q>`` when quantized), and whether it still reaches ``target``."""
+    if not latency:
+        return {}
+    batch = max(r["batch"] for r in latency)
+    rows = [r for r in latency if r["batch"] == batch]
+    key = f"pruned_{quantize}" if quantize != "none" else "pruned"
+    try:
+        dense = sum(r["variants"]["dense"]["ms"]["p50"] if "variants" in r else r["dense_ms"]["p50"]
+                    for r in rows)
+        got = sum(r["variants"][key]["ms"]["p50"] if "variants" in r else r["pruned_ms"]["p50"]
+                  for r in rows)
+    except KeyError:
+        return {}
+    speedup = dense / got if got > 0 else float("nan")
+    return {"final": {"batch": batch, "variant": key, "speedup": round(speedup, 4),
+                      "reached": bool(speedup >= target)}}
+
+
 def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     """Run the whole pipeline and return the report (also written to ``config.out``).
 
@@ -360,7 +381,9 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         if quant is not None:
             report["quantize"] = quant
         if search is not None:
-            report["target_speedup"] = search.to_dict()
+            report["target_speedup"] = {**search.to_dict(),
+                                        **final_speedup(latency, cfg.quantize,
+                                                        search.target)}
         if cfg.triton is not None:  # a Triton model repository of this run: OUT/triton
             from .exporters.triton import export_triton
 

@@ -189,6 +189,12 @@ def _quantize_markdown(r: dict) -> list[str]:
         for c in ts["candidates"]:
             fid = "" if c.get("fidelity") is None else f"{c['fidelity']:.4f}"
             lines.append(f"| {c['sparsity']:g} | {c['speedup']:.2f}x | {fid} |")
+        fin = ts.get("final")
+        if fin:
+            verdict = "reaches the target" if fin["reached"] else (
+                "falls short of the target (the search's brief timing was optimistic)")
+            lines += ["", f"Full timing of the chosen model ({fin['variant']}, batch "
+                      f"{fin['batch']}): {fin['speedup']:.2f}x over dense, {verdict}."]
         lines.append("")
     return lines
 
