@@ -127,6 +127,19 @@ def _w24(rng, d_in=8, d_out=8):
     return w
 
 
+def _wide_24_graph(rng, d: int):
+    """Two 2:4 ``d x d`` MatMuls with a Relu between: wide enough for sparse kernels."""
+    w1, w2 = (_w24(rng, d, d) * 0.02 for _ in range(2))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])
+    y = helper.make_tensor_value_info("embeds", TensorProto.FLOAT, ["batch", d])
+    return helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["embeds"], name="mm2")],
+        "wide", [x], [y], [numpy_helper.from_array(w1, "layers.0.fc1.weight"),
+                           numpy_helper.from_array(w2, "layers.0.fc2.weight")])
+
+
 def _linear_model(w: np.ndarray, name="layers.0.fc1.weight", fp16=False, seq=False):
     dtype = TensorProto.FLOAT
     dims = ["batch", "sequence", w.shape[0]] if seq else ["batch", w.shape[0]]
@@ -459,14 +472,7 @@ def test_wide_24_model_gets_sparse_kernels_gpu(tmp_path):
 
     rng = np.random.default_rng(0)
     d = 4096
-    w1, w2 = (_w24(rng, d, d) * 0.02 for _ in range(2))
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])
-    y = helper.make_tensor_value_info("embeds", TensorProto.FLOAT, ["batch", d])
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-                           helper.make_node("Relu", ["h"], ["r"]),
-                           helper.make_node("MatMul", ["r", "w2"], ["embeds"], name="mm2")],
-                          "wide", [x], [y], [numpy_helper.from_array(w1, "layers.0.fc1.weight"),
-                                             numpy_helper.from_array(w2, "layers.0.fc2.weight")])
+    g = _wide_24_graph(rng, d)
     p = _save(convert_fp16(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])),
               tmp_path / "wide.onnx")
     res = build_engine(p, tmp_path / "wide.engine", sparse=True, batch_sizes=(8, 2048))
@@ -711,14 +717,7 @@ def test_qdq_24_engine_build_reports_quantization_and_sparsity_gpu(tmp_path, q):
         pytest.skip("fp8 needs compute capability >= 8.9")
     rng = np.random.default_rng(0)
     d = 4096
-    w1, w2 = (_w24(rng, d, d) * 0.02 for _ in range(2))
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])
-    y = helper.make_tensor_value_info("embeds", TensorProto.FLOAT, ["batch", d])
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-                           helper.make_node("Relu", ["h"], ["r"]),
-                           helper.make_node("MatMul", ["r", "w2"], ["embeds"], name="mm2")],
-                          "wide", [x], [y], [numpy_helper.from_array(w1, "layers.0.fc1.weight"),
-                                             numpy_helper.from_array(w2, "layers.0.fc2.weight")])
+    g = _wide_24_graph(rng, d)
     fp32 = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
                  tmp_path / "wide.onnx")
     feeds = [{"x": rng.standard_normal((64, d), dtype=np.float32)} for _ in range(2)]
