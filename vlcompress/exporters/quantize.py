@@ -16,12 +16,14 @@ MLP fc1/fc2, projections) and ``Conv`` (the patch embedding). Activation-activat
 (``Q K^T`` and ``softmax V`` in attention), Softmax, LayerNorm, GELU, residual adds stay fp32:
 they hold almost none of the FLOPs at these sequence lengths, and the attention probabilities
 and the pre-LayerNorm residual stream have outliers that a per-tensor uint8 scale crushes.
-The comparison that decides it is ``benchmarks/quant_quality.py``'s ``quant_ops`` part (the
-dense and the recovered structured tiny-clip, weights-only int8 vs int8 with the attention
-MatMuls too: accuracy, fidelity and interleaved latency on ONNX Runtime CPU). Not yet measured
-to completion: a short smoke run (32 eval pairs) showed no accuracy difference and fidelity
-0.9996 vs 0.9994 (image cosine, dense); until the full run lands the default keeps the
-conservative choice above (``quantize_activation_matmuls`` turns it on).
+Measured (``benchmarks/quant_quality.py``'s ``quant_ops``: tiny-clip, 720 eval pairs, ONNX
+Runtime CPU, one thread, interleaved): quantizing the attention MatMuls too is *slower* in
+every cell but one (vision batch 1: 1.33x over fp32 against 1.46x weights-only on the dense
+model, 1.20x against 1.28x on the structured 50% recovered one; text batch 8 on the dense
+model: 1.415x against 1.405x, a tie) -- their per-call QuantizeLinear costs more than the
+int8 product saves -- and on the recovered structured model it loses more accuracy (zero-shot
+94.7% against 95.1% weights-only, i2t R@1 21.1% against 22.8%; fp32 95.3% / 22.6%). So
+weights-only is the default; ``quantize_activation_matmuls`` turns the other on.
 
 **int8, dynamic.** ``quantize_dynamic``: weights int8 per channel, activations quantized on the
 fly per call (no calibration); ONNX Runtime CPU only.
