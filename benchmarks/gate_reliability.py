@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--slowdowns", default="1.0,0.2",
                     help="extra work added to the pruned graphs, fractions (1.0 = 2x)")
     ap.add_argument("--no-accuracy-drop", action="store_true", help="skip the accuracy-drop variant")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ONNX Runtime intra-op threads of every bench run (vlcompress bench "
+                         "--threads; default: ONNX Runtime's own, one per core)")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/...)")
     ap.add_argument("--keep", default=None, help="keep the run folders here")
     a = ap.parse_args(argv)
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
             prune_export(out=str(work / "drop"), sparsity=s_drop, **common)
         gate = GateConfig(max_latency_regression=a.max_latency_regression,
                           max_accuracy_drop=a.max_accuracy_drop)
-        bench_kw = dict(iterations=a.iterations, warmup=10, gate=gate)
+        bench_kw = dict(iterations=a.iterations, warmup=10, gate=gate, threads=a.threads)
         baseline = benchmark(BenchConfig(run_dir=str(work / "base"), report=str(work / "baseline.json"),
                                          **bench_kw))
         print(f"baseline written ({baseline.report['config']['seconds_total']} s)", flush=True)
@@ -208,6 +211,7 @@ def main(argv=None) -> int:
                   "batch_sizes": a.batch_sizes, "eval_size": a.eval_size, "slowdowns": fractions,
                   "max_latency_regression": a.max_latency_regression,
                   "max_accuracy_drop": a.max_accuracy_drop, "latency_basis": gate.basis,
+                  "threads": a.threads,
                   "quantile": gate.quantile, "confidence": gate.confidence, "bootstrap": gate.bootstrap},
         "unchanged": {"passed": sum(t["exit_code"] == 0 for t in un), "of": len(un),
                       "false_fail_rate": sum(t["exit_code"] != 0 for t in un) / len(un),
