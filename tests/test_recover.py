@@ -162,10 +162,21 @@ def test_cli_recover(tmp_path):
     run = _run_dir(tmp_path)
     res = runner.invoke(app, ["recover", str(run), "--steps", "0"])
     assert res.exit_code == 2 and "steps" in res.stderr and not (run / "recovered").exists()
+    for bad, needle in (("w_nope=1", "unknown distillation weight 'w_nope'"),
+                        ("w_relation=-1", "w_relation='-1'"), ("temperature=0", "> 0"),
+                        ("w_relation=x", "w_relation='x'")):
+        res = runner.invoke(app, ["recover", str(run), "--steps", "2", "--distill-weight", bad])
+        assert res.exit_code == 2 and needle in res.stderr, (bad, res.output)
+        assert "Traceback" not in res.output and not (run / "recovered").exists()
     res = runner.invoke(app, ["recover", str(run), "--steps", "2", "--size", "8",
-                              "--batch-size", "4", "--eval-size", "16"])
+                              "--batch-size", "4", "--eval-size", "16",
+                              "--distill-weight", "w_relation=1"])
     assert res.exit_code == 0, res.output
     assert (run / "recover.json").is_file() and (run / "recovered" / "model").is_dir()
+    import json
+
+    rec = json.loads((run / "recover.json").read_text())
+    assert "w_relation" in json.dumps(rec)  # the weights used are recorded
 
 
 def test_run_config_recover_steps():

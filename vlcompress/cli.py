@@ -513,14 +513,21 @@ def recover_cmd(
     eval_size: Annotated[int, typer.Option("--eval-size", help="Evaluation pairs.")] = 720,
     resume: Annotated[bool, typer.Option("--resume/--no-resume",
                                          help="Continue from RUN_DIR/recover/last.pt.")] = True,
+    distill_weight: Annotated[list[str] | None, typer.Option(
+        "--distill-weight", help="A loss weight KEY=VALUE (repeatable): w_contrastive, w_embed, "
+        "w_logits, temperature, w_relation (relation distillation over the batch; default 0), "
+        "e.g. w_relation=1.")] = None,
 ):
     """Distil the dense model into the pruned one (pattern preserved), then re-evaluate."""
+    from .distill import check_weights
     from .recover import recover
 
+    weights = check_weights(distill_weight)
     try:
         with _progress() as prog:
             res = recover(run_dir, steps=steps, lr=lr, batch_size=batch_size, data=data, n=size,
-                          eval_data=eval_data, eval_size=eval_size, resume=resume, progress=prog)
+                          eval_data=eval_data, eval_size=eval_size, resume=resume, progress=prog,
+                          weights=weights)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (atomic.Interrupted): 128+signal
         err.print(f"interrupted; the last checkpoint is in {run_dir}/recover/ (run again to resume)",
                   markup=False, soft_wrap=True)

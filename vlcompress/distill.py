@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError, OutputError
+from .errors import ConfigError, ModelError, OutputError
 from .progress import NULL, Progress
 
 CHECKPOINT = "last.pt"
@@ -50,6 +50,31 @@ DEFAULTS = {"n": 4096, "batch_size": 32, "lr": 5e-5, "checkpoint_every": 25,
             "w_relation": 0.0}
 LOSS_WEIGHTS = ("w_contrastive", "w_embed", "w_logits", "temperature", "w_relation")
 EMBEDDINGS = ("vision", "text")
+
+
+def check_weights(weights) -> dict[str, float]:
+    """Loss weights (``w_relation=1``, ``temperature=2`` ...) as floats, each one of
+    :data:`LOSS_WEIGHTS` and >= 0 (temperature > 0); ConfigError naming what is allowed.
+    Accepts a mapping or ``["key=value", ...]`` (the CLI's ``--distill-weight``)."""
+    if weights is None:
+        return {}
+    items = weights.items() if isinstance(weights, dict) else \
+        (str(w).partition("=")[::2] for w in weights)
+    allowed = ", ".join(f"{k} (default {DEFAULTS[k]:g})" for k in LOSS_WEIGHTS)
+    out = {}
+    for k, v in items:
+        k = str(k).strip()
+        if k not in LOSS_WEIGHTS:
+            raise ConfigError(f"unknown distillation weight {k!r}; allowed: {allowed}")
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = float("nan")
+        if not x >= (1e-12 if k == "temperature" else 0.0) or x == float("inf"):
+            raise ConfigError(f"distillation weight {k}={v!r} is not valid; allowed: a number "
+                              + ("> 0" if k == "temperature" else ">= 0"))
+        out[k] = x
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,6 +295,6 @@ def distill_gap(student, teacher, data, weights: dict | None = None) -> float:
     return total / max(n, 1)
 
 
-__all__ = ["CHECKPOINT", "DEFAULTS", "check_pattern", "dense_copy", "distill_gap", "distill_loss",
-           "features", "load_checkpoint", "relation_loss", "save_checkpoint", "train_student",
+__all__ = ["CHECKPOINT", "DEFAULTS", "check_pattern", "check_weights", "dense_copy", "distill_gap",
+           "distill_loss", "features", "load_checkpoint", "relation_loss", "save_checkpoint", "train_student",
            "zero_masks"]

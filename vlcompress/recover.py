@@ -30,7 +30,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .distill import CHECKPOINT, DEFAULTS, check_pattern, train_student, zero_masks
+from .distill import (
+    CHECKPOINT,
+    DEFAULTS,
+    LOSS_WEIGHTS,
+    check_pattern,
+    check_weights,
+    train_student,
+    zero_masks,
+)
 from .errors import ConfigError, ModelError
 from .progress import NULL, Progress
 
@@ -153,6 +161,7 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
 
     t0 = time.perf_counter()
     steps = _check_steps(steps)
+    weights = check_weights(weights)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every {checkpoint_every!r} is not valid; allowed: a "
                           "positive integer")
@@ -227,7 +236,8 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
         res.model_path = "recovered/model"
         doc = {"model": report["model"]["name"], "family": student.family,
                "prune": {k: (report.get("prune") or {}).get(k) for k in ("method", "pattern", "achieved")},
-               **res.to_dict()}
+               **res.to_dict(),
+               "distill_weights": {**{k: DEFAULTS[k] for k in LOSS_WEIGHTS}, **weights}}
         atomic_write_text(run_dir / "recover.json", json.dumps(doc, indent=2) + "\n")
     return res
 
