@@ -125,9 +125,10 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int, rec
             extra = "".join(f", {k}={v:g}" for k, v in (weights or {}).items())
             row["recipe"] = (f"{method} structured + recover ({recover_steps} steps, "
                              f"lr {recover_lr:g}{extra})")
+            dw = "".join(f" --distill-weight {k}={v:g}" for k, v in (weights or {}).items())
             row["command"] = (f"{base} --method {method}{flags} --out RUN && vlcompress recover RUN "
                               f"--steps {recover_steps} --lr {recover_lr:g} --data shapes "
-                              f"--size {train_n}")
+                              f"--size {train_n}{dw}")
             row["recover_loss"] = [rec.losses[0], rec.losses[-1]]
             row["recover_seconds"] = round(rec.seconds, 2)
             secs += rec.seconds
@@ -183,7 +184,7 @@ def main() -> None:
                     help="METHOD:KEY=VALUE, e.g. upop:retrain_steps=1200 (repeatable)")
     ap.add_argument("--distill-weight", action="append", default=[],
                     help="KEY=VALUE loss weight of the recover rows (vlcompress.distill.DEFAULTS), "
-                         "e.g. w_relation=1 (API only: recover(weights=...))")
+                         "e.g. w_relation=1 (vlcompress recover --distill-weight)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     weights = {k: float(v) for k, v in (w.split("=", 1) for w in a.distill_weight)}
