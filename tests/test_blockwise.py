@@ -95,13 +95,14 @@ def test_sparsegpt_blockwise_matches_sequential_on_tiny_clip(calib, kw):
     assert res.details["cut_runs"] == n_blocks * (calib.num_batches - 1)
 
 
-def test_sparsegpt_options_reach_the_solver(calib):
+def test_sparsegpt_options_reach_the_solver(calib, tmp_path):
     """``method_options`` reach sparsegpt: dense next-block inputs run each block once (and
-    change the result), and the options are recorded."""
+    change the result), the user's cache limit and folder are used (same masks), and the
+    options are recorded."""
     from vlcompress.prune import prune
 
     a = _tiny_clip()
-    b = copy.deepcopy(a)
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
     ra = prune(a, method="sparsegpt", pattern="2:4", calibration=calib)
     rb = prune(b, method="sparsegpt", pattern="2:4", calibration=calib,
                method_options={"next_block_inputs": "dense", "blocksize": 64})
@@ -110,10 +111,22 @@ def test_sparsegpt_options_reach_the_solver(calib):
     assert rb.details["block_runs"] == n_blocks
     assert rb.details["next_block_inputs"] == "dense" and rb.details["blocksize"] == 64
     assert rb.details["method_options"] == {"blocksize": 64, "percdamp": 0.01,
-                                            "next_block_inputs": "dense"}
+                                            "next_block_inputs": "dense", "max_cache_mb": -1.0,
+                                            "cache_dir": ""}
     wa = a.prunable_layers()[-1].weight
     wb = b.prunable_layers()[-1].weight
     assert not torch.equal(wa, wb)  # the last text block saw different inputs
+    # the activation cache limit is the user's: 0 MiB streams every batch to their folder
+    spill = tmp_path / "spill"
+    rc = prune(c, method="sparsegpt", pattern="2:4", calibration=calib,
+               method_options={"max_cache_mb": 0, "cache_dir": str(spill), "blocksize": 64,
+                               "next_block_inputs": "dense"})
+    assert rc.details["spilled_bytes"] > 0 and list(spill.iterdir()) == []
+    for k in rb.masks:
+        assert torch.equal(rb.masks[k], rc.masks[k]), k
+    with pytest.raises(ConfigError, match="max_cache_mb"):
+        prune(copy.deepcopy(a), method="wanda-seq", pattern="2:4", calibration=calib,
+              method_options={"max_cache_mb": -5})
     with pytest.raises(ConfigError, match="next_block_inputs"):
         prune(copy.deepcopy(a), method="sparsegpt", pattern="2:4", calibration=calib,
               method_options={"next_block_inputs": "sideways"})

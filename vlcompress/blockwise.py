@@ -61,10 +61,28 @@ from torch import nn
 
 from .calibrate import LayerStats, StatsAccumulator, batch_masks
 from .errors import ConfigError
+from .methods.registry import Option
 from .models.base import VLM, PrunableLayer
 from .progress import NULL, Progress
 
 INPUTS = ("pruned", "dense")
+
+#: what a block-sequential method exposes about its activation cache (``--method-option``)
+CACHE_OPTIONS = (
+    Option("max_cache_mb", float, -1.0, "cached hidden states kept in memory, MiB; beyond it "
+           "they stream to disk one batch per file (< 0: no limit, 0: all on disk)",
+           minimum=-1.0),
+    Option("cache_dir", str, "", "folder for the streamed hidden states (default: a "
+           "temporary folder, removed at the end)"),
+)
+
+
+def cache_kwargs(options: dict) -> dict:
+    """``max_cache_bytes`` and ``cache_dir`` for :func:`run_blockwise` from a method's
+    checked options (:data:`CACHE_OPTIONS`)."""
+    mb = float(options.get("max_cache_mb", -1.0))
+    return {"max_cache_bytes": None if mb < 0 else int(mb * (1 << 20)),
+            "cache_dir": options.get("cache_dir") or None}
 
 
 @dataclass

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from ..blockwise import CACHE_OPTIONS, cache_kwargs
 from ..errors import ConfigError
 from ..progress import NULL
 from ..sparsity.obs import inverse_hessian_cholesky, obs_prune, reconstruction_error
@@ -50,6 +51,7 @@ OPTIONS = (
     Option("next_block_inputs", str, "pruned", "what the next block is calibrated on: the "
            "pruned block's outputs (the reference) or the dense ones (one block run instead of "
            "two)", choices=("pruned", "dense")),
+    *CACHE_OPTIONS,
 )
 
 
@@ -145,7 +147,7 @@ def solve(ctx, layers) -> Solved:
     """The registry's entry point: :func:`sparsegpt_prune` with the run's method options."""
     pat, progress, o = ctx.cfg.pattern, ctx.progress or NULL, ctx.cfg.method_options
     kw = dict(blocksize=o["blocksize"], percdamp=o["percdamp"],
-              next_block_inputs=o["next_block_inputs"], progress=progress)
+              next_block_inputs=o["next_block_inputs"], progress=progress, **cache_kwargs(o))
     if pat.is_nm:
         return sparsegpt_prune(ctx.vlm, layers, ctx.data, n=pat.n, m=pat.m, **kw)
     return sparsegpt_prune(ctx.vlm, layers, ctx.data, sparsity=float(ctx.cfg.sparsity), **kw)

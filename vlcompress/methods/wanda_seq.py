@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..blockwise import CACHE_OPTIONS, cache_kwargs
 from ..progress import NULL
 from ..scoring.wanda import wanda
 from ..sparsity.patterns import nm_mask, per_row_mask
@@ -55,13 +56,15 @@ def wanda_sequential(vlm, layers, data, *, sparsity: float | None = None, n: int
 def solve(ctx, layers) -> Solved:
     """The registry's entry point: :func:`wanda_sequential` on pruned inputs."""
     pat, progress = ctx.cfg.pattern, ctx.progress or NULL
+    kw = cache_kwargs(ctx.cfg.method_options)
     if pat.is_nm:
-        return wanda_sequential(ctx.vlm, layers, ctx.data, n=pat.n, m=pat.m, progress=progress)
+        return wanda_sequential(ctx.vlm, layers, ctx.data, n=pat.n, m=pat.m, progress=progress,
+                                **kw)
     return wanda_sequential(ctx.vlm, layers, ctx.data, sparsity=float(ctx.cfg.sparsity),
-                            progress=progress)
+                            progress=progress, **kw)
 
 
 register_method(Method(
     name="wanda-seq", kind="solve", allocation="per_row", solve=solve,
-    needs=("calibration",), patterns=("unstructured", "nm"),
+    needs=("calibration",), patterns=("unstructured", "nm"), options=CACHE_OPTIONS,
     description="Wanda block by block, each block measured on the pruned earlier blocks' outputs"))
