@@ -256,3 +256,41 @@ def test_wanda_sequential(calib, pattern):
     assert res.achieved == pytest.approx(0.5)
     for ly in seq.prunable_layers():
         assert (ly.weight.detach()[~res.masks[ly.name]] == 0).all(), ly.name
+
+
+def test_stop_after_last_cuts_only_blocks_whose_layers_run_once():
+    """The hooked run stops at the last layer's input from the second batch on, and only when
+    the watched first batch called every hooked layer exactly once (a block that calls a
+    layer twice, or skips one, is never cut, and later batches run whole)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from vlcompress.blockwise import _BlockDone, _StopAfterLast
+
+    class Block(nn.Module):
+        def __init__(self, twice: bool):
+            super().__init__()
+            self.a, self.b, self.twice = nn.Linear(4, 4), nn.Linear(4, 4), twice
+
+        def forward(self, x):
+            x = self.a(x)
+            if self.twice:
+                x = self.a(x)
+            return self.b(x)
+
+    x = torch.randn(2, 4)
+    for twice, cut in ((False, True), (True, False)):
+        blk = Block(twice)
+        layers = [SimpleNamespace(module=blk.a, name="a"), SimpleNamespace(module=blk.b, name="b")]
+        stop = _StopAfterLast(layers)
+        blk(x)
+        stop.batch_done()
+        for _ in range(2):  # later batches: cut at b's input, or run whole
+            if cut:
+                with pytest.raises(_BlockDone):
+                    blk(x)
+            else:
+                assert blk(x).shape == (2, 4)
+        stop.close()
+        assert blk(x).shape == (2, 4)  # hooks gone

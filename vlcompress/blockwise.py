@@ -291,10 +291,11 @@ class _StopAfterLast:
         self.handles = [m.register_forward_pre_hook(self._hook) for m in self.names]
 
     def _hook(self, module, args):
-        if self.last is None:
+        if self.last is not None:
+            if module is self.last:
+                raise _BlockDone
+        elif self.calls is not None:  # the watched first batch
             self.calls.append(self.names[module])
-        elif module is self.last:
-            raise _BlockDone
 
     def batch_done(self) -> None:
         if self.last is None and self.calls is not None:
