@@ -388,6 +388,18 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
     return run
 
 
+def _advance(module: nn.Module, streams: list[_Stream], outs: list, new_cache,
+             run: BlockwiseRun) -> None:
+    """Each stream's hidden states become ``module``'s outputs: the ones already kept in
+    ``outs`` (a dense run), else from running it now (on its current weights)."""
+    for st, out in zip(streams, outs, strict=True):
+        if out is None:
+            out = new_cache()
+            _run_block(module, st, out, None, run)
+        st.hidden.close()
+        st.hidden = out
+
+
 def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram: bool,
                inputs: str, new_cache, run: BlockwiseRun, task) -> None:
     stack = vlm.model.get_submodule(blocks[0].stack)
@@ -399,11 +411,7 @@ def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram:
             ref = by_index.get(i)
             t = time.perf_counter()
             if ref is None:  # a block with nothing to prune: just carry the data through
-                for st in streams:
-                    out = new_cache()
-                    _run_block(module, st, out, None, run)
-                    st.hidden.close()
-                    st.hidden = out
+                _advance(module, streams, [None] * len(streams), new_cache, run)
                 run.forward_seconds += time.perf_counter() - t
                 continue
             keep_dense = inputs == "dense" and i < last
@@ -431,12 +439,7 @@ def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram:
             run.order.append(f"{ref.stack}.{ref.index}")
             if i < last:
                 t = time.perf_counter()
-                for st, out in zip(streams, outs, strict=True):
-                    if out is None:
-                        out = new_cache()
-                        _run_block(module, st, out, None, run)
-                    st.hidden.close()
-                    st.hidden = out
+                _advance(module, streams, outs, new_cache, run)
                 run.forward_seconds += time.perf_counter() - t
             task.advance()
     finally:

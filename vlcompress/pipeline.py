@@ -401,8 +401,9 @@ def _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progre
     process (:func:`vlcompress.runtime.time_models`). TensorRT engines are built from the
     fp16 ONNX next to it (``<dense|pruned>/<tower>.engine``, one timing cache; 2:4 sparse
     weights for a 2:4 pattern), each validated against its ONNX."""
+    from .quantstack import run_build_options
     from .runtime.latency import make_feeds
-    from .runtime.registry import Artefacts, BuildOptions
+    from .runtime.registry import Artefacts
     from .runtime.timing import time_models
 
     lc = cfg.latency_config
@@ -416,11 +417,6 @@ def _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progre
     pruned = Artefacts("pruned", vlm=vlm if rt.consumes == MODEL else None,
                        onnx=dict(pruned_export.paths), folder=root / "pruned",
                        pruned_layers=pruned_names)
-    first = min(lc.batch_sizes)
-    opts = BuildOptions(threads=lc.threads, batch_sizes=lc.batch_sizes,
-                        pattern=str(cfg.prune_config.pattern),
-                        seq_len=getattr(vlm, "text_max_length", None),
-                        check_feeds={t: feeds[(t, first)] for t in towers},
-                        timing_cache=root / "timing.cache")
+    opts = run_build_options(cfg, vlm, feeds, towers, root)
     return time_models(rt, dense, pruned, feeds, lc, towers=towers, options=opts,
                        progress=progress)

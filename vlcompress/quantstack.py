@@ -268,6 +268,21 @@ def pruned_layer_names(vlm) -> list[str]:
     return [ly.name for ly in vlm.prunable_layers() if bool((ly.module.weight == 0).any())]
 
 
+def run_build_options(cfg, vlm, feeds, towers, root: Path):
+    """The runtime build options of a ``prune_export`` run: its threads, batch sizes and
+    pattern, the tokenizer's length, each tower's smallest-batch feed to check engines on and
+    one timing cache in the run folder ``root``."""
+    from .runtime.registry import BuildOptions
+
+    lc = cfg.latency_config
+    first = min(lc.batch_sizes)
+    return BuildOptions(threads=lc.threads, batch_sizes=lc.batch_sizes,
+                        pattern=str(cfg.prune_config.pattern),
+                        seq_len=getattr(vlm, "text_max_length", None),
+                        check_feeds={t: feeds[(t, first)] for t in towers},
+                        timing_cache=root / "timing.cache")
+
+
 def quantized_section(cfg, vlm, calib, dense_export, pruned_export, dense_emb, eval_data,
                       example, root: Path, progress, sources: dict | None = None):
     """Quantize dense and pruned, evaluate the four variants from their ONNX files, time them
@@ -290,7 +305,7 @@ def quantized_section(cfg, vlm, calib, dense_export, pruned_export, dense_emb, e
     from .eval import metrics_from_embeddings
     from .exporters.quantize import quantize_target
     from .progress import NULL
-    from .runtime.registry import Artefacts, BuildOptions
+    from .runtime.registry import Artefacts
     from .runtime.timing import time_variants
 
     progress = progress or NULL
@@ -347,12 +362,7 @@ def quantized_section(cfg, vlm, calib, dense_export, pruned_export, dense_emb, e
         f"pruned_{q}": (qrt, Artefacts(f"pruned_{q}", onnx=paths["pruned"],
                                        folder=root / f"pruned_{q}", pruned_layers=pruned_names)),
     }
-    first = min(lc.batch_sizes)
-    opts = BuildOptions(threads=lc.threads, batch_sizes=lc.batch_sizes,
-                        pattern=str(cfg.prune_config.pattern),
-                        seq_len=getattr(vlm, "text_max_length", None),
-                        check_feeds={t: feeds[(t, first)] for t in towers},
-                        timing_cache=root / "timing.cache")
+    opts = run_build_options(cfg, vlm, feeds, towers, root)
     rows = time_variants(variants, feeds, replace(lc, towers=tuple(towers)), towers=towers,
                          options=opts, progress=progress)
     for row in rows:
