@@ -9,6 +9,7 @@ and when it ran (UTC). ``env`` and ``created`` stay for the readers of older fil
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -59,7 +60,8 @@ def _git_state(ignore: Path | None) -> dict:
             # "XY path" (``_git`` strips the first line's leading blank): the path is the last field
             status = "\n".join(ln for ln in status.splitlines()
                                if ln.strip().split(maxsplit=1)[-1] != rel)
-        _GIT_AT_START = {"git_commit": _git("rev-parse", "HEAD"),
+        # a copy without .git (the GPU machine's) names its commit in VLC_COMMIT
+        _GIT_AT_START = {"git_commit": _git("rev-parse", "HEAD") or os.environ.get("VLC_COMMIT"),
                          "git_dirty": None if status is None else bool(status)}
     return _GIT_AT_START
 

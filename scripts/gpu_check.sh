@@ -10,7 +10,11 @@
 #    --no-build-isolation -e .; skipped by --dry-run, which imports the tree in place);
 # 2. runs the GPU tests (pytest -m gpu): they run where a GPU is and skip, each with its
 #    reason, where not (TensorRT and ORT-CUDA tests skip on that machine: not installed);
-# 3. times the clip-vit-b16 and clip-vit-l14 vision towers, fp16, dense vs 2:4 (cuSPARSELt)
+# 3. prunes clip-vit-b16 and clip-vit-l14 (sparsegpt 2:4, 128 pairs) with the model resident on
+#    the GPU and with the model on the CPU and one block at a time on the GPU (the blockwise
+#    engine's `device` option): times, peak GPU memory, mask agreement
+#    (benchmarks/prune_offload.py), into benchmarks/results/prune_offload_gpu.json (and $OUT);
+# 4. times the clip-vit-b16 and clip-vit-l14 vision towers, fp16, dense vs 2:4 (cuSPARSELt)
 #    vs structured 50%, batch 1/8/64/256, eager and torch.compile, interleaved, CUDA events
 #    (benchmarks/gpu_latency.py), into benchmarks/results/gpu_torch.json (and $OUT).
 #
@@ -43,6 +47,8 @@ if [ "$DRY" = 1 ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   RESULT=$LOGS/gpu_torch_dryrun.json
   BENCH=(--dry-run --modes eager,compile --out "$RESULT")
+  OFFLOAD_RESULT=$LOGS/prune_offload_dryrun.json
+  OFFLOAD=(--models tiny-clip --n 8 --batch-size 4 --device cpu --out "$OFFLOAD_RESULT")
   TESTS=(tests/test_gpu_runtime.py)
 else
   "$PY" -m pip install --no-deps --no-build-isolation -q -e . || { echo "install failed" >&2; exit 1; }
@@ -50,7 +56,11 @@ else
   RESULT=benchmarks/results/gpu_torch.json
   BENCH=(--models clip-vit-b16,clip-vit-l14 --modes eager,compile --runtimes torch
          --batch-sizes 1,8,64,256 --warmup 10 --iterations 50 --out "$RESULT")
-  TESTS=(tests/test_gpu_runtime.py tests/test_tensorrt.py tests/test_runtime.py)
+  OFFLOAD_RESULT=benchmarks/results/prune_offload_gpu.json
+  OFFLOAD=(--models clip-vit-b16,clip-vit-l14 --n 128 --batch-size 32 --device cuda
+           --out "$OFFLOAD_RESULT")
+  TESTS=(tests/test_gpu_runtime.py tests/test_tensorrt.py tests/test_runtime.py
+         tests/test_blockwise.py)
 fi
 "$PY" - <<'PY'
 import torch, sys
@@ -63,6 +73,13 @@ timeout "$(( $(left) > 150 ? 150 : $(left) ))" "$PY" -m pytest -m gpu "${TESTS[@
   -p no:cacheprovider 2>&1 | tee "$LOGS/gpu_tests.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ] && [ "$rc" != 5 ]; then echo "GPU tests failed (rc $rc)" >&2; status=1; fi
+
+echo "== pruning with blocks offloaded, $(left) s left"
+timeout -k 10 "$(( $(left) > 200 ? 150 : $(left) / 3 ))" "$PY" benchmarks/prune_offload.py \
+  "${OFFLOAD[@]}" 2>&1 | tee "$LOGS/prune_offload.log"
+orc=${PIPESTATUS[0]}
+[ "$DRY" = 1 ] || [ ! -f "$OFFLOAD_RESULT" ] || cp "$OFFLOAD_RESULT" "$LOGS/" 2>/dev/null || true
+if [ "$orc" != 0 ]; then echo "offload benchmark failed (rc $orc)" >&2; [ "$status" = 0 ] && status=3; fi
 
 LEFT=$(left)
 echo "== latency benchmark, $LEFT s left"

@@ -44,8 +44,10 @@ def _sequential_reference(vlm, layers, data, **kw):
 def test_obs_sweep_matches_float64_column_loop_on_tiny_clip(calib, kw):
     """On tiny-clip's block-0 layers (both towers, real Gram matrices): obs_prune in float64
     (N:M one group at a time, the factor given) is the column loop's result, masks bit for
-    bit; in float32 (the default, as the reference) at most 1e-4 of the mask entries flip (near-ties of the
-    saliency) and each layer's reconstruction error is within 1% of the float64 one's."""
+    bit; in float32 (the default, as the reference) at most 2e-4 of the mask entries flip (near-ties of the
+    saliency) and each layer's reconstruction error is within 1% of the float64 one's. Flips
+    measured (of 393216 entries, 12 / 64 pairs): the reference's three-step factor 0-2 / 12-34,
+    our two-step one (flipped Cholesky + trtri) 0-46 / 2-32; errors within 0.3% either way."""
     from vlcompress.sparsity.obs import inverse_hessian_cholesky, reconstruction_error
 
     vlm = _tiny_clip()
@@ -64,7 +66,7 @@ def test_obs_sweep_matches_float64_column_loop_on_tiny_clip(calib, kw):
         total += keep32.numel()
         e32, e64 = (reconstruction_error(ly.weight, w, g) for w in (w32, want_w))
         assert e32 == pytest.approx(e64, rel=1e-2), ly.name
-    assert flips <= 1e-4 * total, (flips, total)
+    assert flips <= 2e-4 * total, (flips, total)
 
 
 def _tiny_clip():
@@ -112,7 +114,7 @@ def test_sparsegpt_options_reach_the_solver(calib, tmp_path):
     assert rb.details["next_block_inputs"] == "dense" and rb.details["blocksize"] == 64
     assert rb.details["method_options"] == {"blocksize": 64, "percdamp": 0.01,
                                             "next_block_inputs": "dense", "max_cache_mb": -1.0,
-                                            "cache_dir": ""}
+                                            "cache_dir": "", "device": ""}
     wa = a.prunable_layers()[-1].weight
     wb = b.prunable_layers()[-1].weight
     assert not torch.equal(wa, wb)  # the last text block saw different inputs
@@ -294,3 +296,87 @@ def test_stop_after_last_cuts_only_blocks_whose_layers_run_once():
                 assert blk(x).shape == (2, 4)
         stop.close()
         assert blk(x).shape == (2, 4)  # hooks gone
+
+
+def test_block_device_option_checked_before_work(calib, monkeypatch):
+    """``device`` is checked with the other options, before any calibration: an unknown
+    device type, and CUDA where none is visible, are one-line refusals."""
+    import vlcompress.blockwise as bw
+    from vlcompress.prune import prune
+
+    vlm = _tiny_clip()
+    ran = []
+    monkeypatch.setattr(bw, "_capture", lambda *a, **k: ran.append(1))
+    with pytest.raises(ConfigError, match=r"sparsegpt\.device='tpu' is not valid"):
+        prune(vlm, method="sparsegpt", pattern="2:4", calibration=calib,
+              method_options={"device": "tpu"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device is visible"):
+        prune(vlm, method="wanda-seq", pattern="2:4", calibration=calib,
+              method_options={"device": "cuda"})
+    assert ran == []
+    with pytest.raises(ConfigError, match="device='cuda'"):
+        run_blockwise(vlm, calib, vlm.prunable_layers(), lambda b, s: None, device="cuda")
+
+
+def test_block_device_cpu_is_the_default_placement(calib):
+    """``device=cpu`` with the model on the CPU: the same masks and weights as the default,
+    the device recorded."""
+    from vlcompress.prune import prune
+
+    a = _tiny_clip()
+    b = copy.deepcopy(a)
+    ra = prune(a, method="sparsegpt", pattern="2:4", calibration=calib)
+    rb = prune(b, method="sparsegpt", pattern="2:4", calibration=calib,
+               method_options={"device": "cpu"})
+    assert rb.details["device"] == "cpu" and ra.details["device"] is None
+    for k in ra.masks:
+        assert torch.equal(ra.masks[k], rb.masks[k]), k
+    for la, lb in zip(a.prunable_layers(), b.prunable_layers(), strict=True):
+        assert torch.equal(la.weight, lb.weight), la.name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda-seq"])
+def test_blocks_offloaded_to_cuda_match_the_cpu_run(calib, method):
+    """The model stays on the CPU, each block goes to the GPU for its turn: masks as on the
+    CPU (but for float near-ties), every weight back on the CPU, masks on the CPU, and the
+    GPU's peak memory far below the model's weights."""
+    from vlcompress.prune import prune
+
+    a = _tiny_clip()
+    b = copy.deepcopy(a)
+    ra = prune(a, method=method, pattern="2:4", calibration=calib)
+    torch.cuda.reset_peak_memory_stats()
+    rb = prune(b, method=method, pattern="2:4", calibration=calib,
+               method_options={"device": "cuda"})
+    assert rb.details["device"] == "cuda"
+    assert all(p.device.type == "cpu" for p in b.model.parameters())
+    assert all(m.device.type == "cpu" for m in rb.masks.values())
+    equal = sum(int((ra.masks[k] == rb.masks[k]).sum()) for k in ra.masks)
+    total = sum(m.numel() for m in ra.masks.values())
+    assert equal >= 0.999 * total, (equal, total)
+    block_bytes = max(sum(p.numel() * 4 for p in ly.module.parameters())
+                      for ly in b.prunable_layers())
+    assert torch.cuda.max_memory_allocated() > block_bytes  # the blocks did run there
+
+
+def test_offload_benchmark_dry_run(tmp_path):
+    """``benchmarks/prune_offload.py --device cpu``: the GPU check's offload step, on the CPU
+    with tiny-clip: rows, agreement 1, weights on the CPU, provenance."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "prune_offload.py"
+    spec = importlib.util.spec_from_file_location("prune_offload", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "off.json"
+    assert mod.main(["--models", "tiny-clip", "--n", "8", "--batch-size", "4", "--device", "cpu",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    row, = res["rows"]
+    assert res["complete"] and res["ok"] and row["mask_agreement"] == 1.0
+    assert row["weights_back_on_cpu"] and row["details"]["device"] == "cpu"
+    assert "git_commit" in res["provenance"]

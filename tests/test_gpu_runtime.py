@@ -298,6 +298,8 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert all(set(r["speedup_p50"]) == {"2:4", "structured50"} for r in res["rows"])
     assert res["versions"]["torch"] and "env" in res and "command" in res
     assert (tmp_path / "gpu_tests.log").exists()
+    off = json.loads((tmp_path / "prune_offload_dryrun.json").read_text())
+    assert off["complete"] and off["ok"] and off["rows"][0]["model"] == "tiny-clip"
     assert "DRY RUN" in (tmp_path / "gpu_summary.md").read_text()
     after = committed.stat().st_mtime if committed.exists() else None
     assert after == before  # a dry run never replaces a result

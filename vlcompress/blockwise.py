@@ -67,13 +67,38 @@ from .progress import NULL, Progress
 
 INPUTS = ("pruned", "dense")
 
-#: what a block-sequential method exposes about its activation cache (``--method-option``)
+def check_device(value) -> str | None:
+    """Why ``value`` cannot be the ``device`` blocks run on (None when it can): ``""`` (where
+    each block is), ``cpu``, ``cuda`` or ``cuda:N`` of a visible GPU."""
+    if value in ("", None):
+        return None
+    try:
+        dev = torch.device(str(value))
+    except (RuntimeError, ValueError):
+        return "allowed: '' (where each block is), cpu, cuda, cuda:N"
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"device type {dev.type!r} is not supported; allowed: '', cpu, cuda, cuda:N"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to PyTorch here; allowed: '' or cpu"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
+#: what a block-sequential method exposes about its activation cache and the device its blocks
+#: run on (``--method-option``)
 CACHE_OPTIONS = (
     Option("max_cache_mb", float, -1.0, "cached hidden states kept in memory, MiB; beyond it "
            "they stream to disk one batch per file (< 0: no limit, 0: all on disk)",
            minimum=-1.0),
     Option("cache_dir", str, "", "folder for the streamed hidden states (default: a "
            "temporary folder, removed at the end)"),
+    Option("device", str, "", "run each block on this device (cuda, cuda:N), moved there for "
+           "its turn and back after, with the cached hidden states and statistics there: the "
+           "rest of the model stays where it is (default: where each block is)",
+           validate=check_device),
 )
 
 
@@ -82,7 +107,8 @@ def cache_kwargs(options: dict) -> dict:
     checked options (:data:`CACHE_OPTIONS`)."""
     mb = float(options.get("max_cache_mb", -1.0))
     return {"max_cache_bytes": None if mb < 0 else int(mb * (1 << 20)),
-            "cache_dir": options.get("cache_dir") or None}
+            "cache_dir": options.get("cache_dir") or None,
+            "device": options.get("device") or None}
 
 
 @dataclass
@@ -94,6 +120,9 @@ class BlockRef:
     index: int
     module: nn.Module
     layers: list[PrunableLayer]
+    #: where the block's weights live between turns (``visit`` runs with them on the run's
+    #: ``device``; results kept past the visit, such as masks, belong here)
+    home: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def modalities(self) -> list[str]:
@@ -121,13 +150,16 @@ class ActivationCache:
     """Per-batch tensors kept in memory up to ``max_bytes``, the rest on disk (one file per
     batch under ``folder``). ``len``, ``[i]`` and ``append``; :meth:`close` deletes files."""
 
-    def __init__(self, max_bytes: int | None, folder: Path, run: BlockwiseRun):
-        self.max_bytes, self.folder, self.run = max_bytes, folder, run
+    def __init__(self, max_bytes: int | None, folder: Path, run: BlockwiseRun,
+                 device: torch.device | None = None):
+        self.max_bytes, self.folder, self.run, self.device = max_bytes, folder, run, device
         self.items: list[torch.Tensor | Path] = []
         self.bytes = 0
 
     def append(self, x: torch.Tensor) -> None:
         x = x.detach()
+        if self.device is not None:
+            x = x.to(self.device)
         size = x.numel() * x.element_size()
         if self.max_bytes is None or self.bytes + size <= self.max_bytes:
             self.items.append(x)
@@ -143,7 +175,9 @@ class ActivationCache:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         it = self.items[i]
-        return torch.load(it, weights_only=True) if isinstance(it, Path) else it
+        if isinstance(it, Path):
+            return torch.load(it, weights_only=True, map_location=self.device)
+        return it
 
     def close(self) -> None:
         for it in self.items:
@@ -197,8 +231,48 @@ def group_blocks(vlm: VLM, layers: Sequence[PrunableLayer]) -> dict[str, list[Bl
     out = {}
     for path, blocks in stacks.items():
         mods = vlm.model.get_submodule(path)
-        out[path] = [BlockRef(path, b, mods[b], blocks[b]) for b in sorted(blocks)]
+        out[path] = [BlockRef(path, b, mods[b], blocks[b], _home(mods[b])) for b in sorted(blocks)]
     return out
+
+
+def _home(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to(obj, device: torch.device | None):
+    """``obj`` with every tensor in it (tuples, lists, dicts) on ``device`` (None: as is)."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _OnDevice:
+    """``with _OnDevice(block, device):`` the block's weights on ``device`` for the body, back
+    where they were after (errors too). The Parameter objects stay the same (``.to`` swaps
+    their data), so :class:`PrunableLayer` references and in-place updates carry over."""
+
+    def __init__(self, module: nn.Module, device: torch.device | None):
+        self.module, self.device = module, device
+        self.home = _home(module)
+
+    def __enter__(self):
+        if self.device is not None and self.device != self.home:
+            self.module.to(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device is not None and self.device != self.home:
+            self.module.to(self.home)
+        return False
 
 
 def _reads_other_tower(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -210,7 +284,8 @@ def _reads_other_tower(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]],
-             cache: Callable[[], ActivationCache], run: BlockwiseRun
+             cache: Callable[[], ActivationCache], run: BlockwiseRun,
+             device: torch.device | None = None
              ) -> tuple[dict[str, list[_Stream]], set[str]]:
     """One capture round for ``stacks``: ``({stack: streams}, stacks that read another
     tower)``. Every block of ``stacks`` is a :class:`_Skip` during the pass."""
@@ -233,7 +308,7 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
             else:
                 hidden, rest, s.positional = kwargs.pop("hidden_states"), (), False
             s.hidden.append(hidden)
-            s.rest.append((rest, kwargs))
+            s.rest.append((_to(rest, device), _to(kwargs, device)))
             s.masks.append(state["masks"][stack])
             if _reads_other_tower(layer0, (hidden, *rest) if s.positional else rest,
                                   kwargs if s.positional else {"hidden_states": hidden, **kwargs}):
@@ -336,7 +411,8 @@ def _run_block(module: nn.Module, stream: _Stream, out: ActivationCache | None,
 def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
                   visit: Callable[[BlockRef, dict[str, LayerStats]], None], *,
                   gram: bool = False, inputs: str = "pruned", max_cache_bytes: int | None = None,
-                  cache_dir: str | Path | None = None, progress: Progress = NULL) -> BlockwiseRun:
+                  cache_dir: str | Path | None = None, device: str | torch.device | None = None,
+                  progress: Progress = NULL) -> BlockwiseRun:
     """Visit every block holding ``layers``, in order, with its layers' input statistics.
 
     ``visit(block, stats)`` gets a :class:`BlockRef` and ``{layer.name: LayerStats}`` (with
@@ -344,6 +420,10 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
     ``data``, computed on the block's cached inputs; it may change the block's weights.
     ``inputs``: ``"pruned"`` (the next block sees this block's output after ``visit``) or
     ``"dense"`` (its output before). See the module doc for memory and ``max_cache_bytes``.
+    ``device`` (``cuda``, ``cuda:N``; None: where each block is): each block moves there for
+    its turn (statistics, ``visit``, the next block's inputs) and back after, and the cached
+    hidden states live there; the rest of the model is not moved (the captures run where it
+    is). On that device: one block, two copies of the cache, one block's statistics.
     """
     from .data.pairs import as_pair_data
 
@@ -351,6 +431,10 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
         raise ConfigError(f"inputs={inputs!r}; allowed: {', '.join(INPUTS)}")
     if max_cache_bytes is not None and max_cache_bytes < 0:
         raise ConfigError(f"max_cache_bytes={max_cache_bytes}; allowed: None or >= 0")
+    reason = check_device(device)
+    if reason:
+        raise ConfigError(f"device={device!r}: {reason}")
+    dev = torch.device(device) if device else None
     data = as_pair_data(data)
     run = BlockwiseRun()
     groups = group_blocks(vlm, layers)
@@ -361,7 +445,7 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
     folder.mkdir(parents=True, exist_ok=True)
 
     def new_cache() -> ActivationCache:
-        return ActivationCache(max_cache_bytes, folder, run)
+        return ActivationCache(max_cache_bytes, folder, run, dev)
 
     modalities = {s: sorted({m for b in bl for m in b.modalities}) for s, bl in groups.items()}
     pending = list(groups)
@@ -369,7 +453,8 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
         with progress.task("blockwise", total=sum(len(b) for b in groups.values())) as task:
             while pending:
                 t = time.perf_counter()
-                streams, dependent = _capture(vlm, data, pending, modalities, new_cache, run)
+                streams, dependent = _capture(vlm, data, pending, modalities, new_cache, run,
+                                              dev)
                 run.forward_seconds += time.perf_counter() - t
                 # A stack that reads another tower waits for the stacks it may read; when
                 # every pending stack does, they go ahead (nothing left to wait for).
@@ -380,7 +465,7 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
                             st.hidden.close()
                 for s in ready:
                     _run_stack(vlm, groups[s], streams[s], visit, gram, inputs, new_cache,
-                               run, task)
+                               run, task, dev)
                 pending = [s for s in pending if s not in ready]
     finally:
         if own_dir:
@@ -400,48 +485,58 @@ def _advance(module: nn.Module, streams: list[_Stream], outs: list, new_cache,
         st.hidden = out
 
 
+def _block_turn(module: nn.Module, ref: BlockRef | None, more: bool, streams: list[_Stream],
+                visit, gram: bool, inputs: str, new_cache, run: BlockwiseRun) -> None:
+    """One block's turn: statistics, ``visit``, then its outputs become the streams' hidden
+    states (``more``: a later block needs them). A block with nothing to prune only carries
+    the data through."""
+    t = time.perf_counter()
+    if ref is None:
+        _advance(module, streams, [None] * len(streams), new_cache, run)
+        run.forward_seconds += time.perf_counter() - t
+        return
+    keep_dense = inputs == "dense" and more
+    acc = StatsAccumulator(ref.layers, gram=gram)
+    outs = []
+    with acc:
+        # the output of this run is thrown away unless it feeds the next block
+        # (one watcher per stream: BLIP's streams call different layers)
+        for st in streams:
+            out = new_cache() if keep_dense else None
+            stop = None if keep_dense else _StopAfterLast(ref.layers)
+            try:
+                _run_block(module, st, out, acc, run, stop)
+            finally:
+                if stop is not None:
+                    stop.close()
+            outs.append(out)
+    stats = acc.result()
+    del acc
+    run.forward_seconds += time.perf_counter() - t
+    t = time.perf_counter()
+    visit(ref, stats)
+    del stats
+    run.visit_seconds += time.perf_counter() - t
+    run.order.append(f"{ref.stack}.{ref.index}")
+    if more:
+        t = time.perf_counter()
+        _advance(module, streams, outs, new_cache, run)
+        run.forward_seconds += time.perf_counter() - t
+
+
 def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram: bool,
-               inputs: str, new_cache, run: BlockwiseRun, task) -> None:
+               inputs: str, new_cache, run: BlockwiseRun, task,
+               device: torch.device | None = None) -> None:
     stack = vlm.model.get_submodule(blocks[0].stack)
     by_index = {b.index: b for b in blocks}
     last = blocks[-1].index
     try:
         for i in range(last + 1):
-            module = stack[i]
-            ref = by_index.get(i)
-            t = time.perf_counter()
-            if ref is None:  # a block with nothing to prune: just carry the data through
-                _advance(module, streams, [None] * len(streams), new_cache, run)
-                run.forward_seconds += time.perf_counter() - t
-                continue
-            keep_dense = inputs == "dense" and i < last
-            acc = StatsAccumulator(ref.layers, gram=gram)
-            outs = []
-            with acc:
-                # the output of this run is thrown away unless it feeds the next block
-                # (one watcher per stream: BLIP's streams call different layers)
-                for st in streams:
-                    out = new_cache() if keep_dense else None
-                    stop = None if keep_dense else _StopAfterLast(ref.layers)
-                    try:
-                        _run_block(module, st, out, acc, run, stop)
-                    finally:
-                        if stop is not None:
-                            stop.close()
-                    outs.append(out)
-            stats = acc.result()
-            del acc
-            run.forward_seconds += time.perf_counter() - t
-            t = time.perf_counter()
-            visit(ref, stats)
-            del stats
-            run.visit_seconds += time.perf_counter() - t
-            run.order.append(f"{ref.stack}.{ref.index}")
-            if i < last:
-                t = time.perf_counter()
-                _advance(module, streams, outs, new_cache, run)
-                run.forward_seconds += time.perf_counter() - t
-            task.advance()
+            with _OnDevice(stack[i], device):
+                _block_turn(stack[i], by_index.get(i), i < last, streams, visit, gram, inputs,
+                            new_cache, run)
+            if i in by_index:
+                task.advance()
     finally:
         for st in streams:
             st.hidden.close()

@@ -56,6 +56,8 @@ class Option:
     help: str = ""
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
+    #: a further check of the cast value: the reason it is refused, or None
+    validate: Callable[[object], str | None] | None = None
 
     def describe(self) -> str:
         allowed = "|".join(self.choices) if self.choices else self.type.__name__
@@ -95,6 +97,11 @@ class Option:
             raise ConfigError(bad)
         if self.minimum is not None and v < self.minimum:
             raise ConfigError(bad)
+        if self.validate is not None:
+            reason = self.validate(v)
+            if reason:
+                raise ConfigError(f"method option {method}.{self.name}={value!r} is not "
+                                  f"valid: {reason}")
         return v
 
 

@@ -79,12 +79,13 @@ def _gram(layer, stats):
 def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int = 0, m: int = 0,
                     blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
                     next_block_inputs: str = "pruned", max_cache_bytes: int | None = None, cache_dir=None,
-                    progress=NULL) -> Solved:
+                    device=None, progress=NULL) -> Solved:
     """Prune ``layers`` of ``vlm`` in place with SparseGPT, block by block on cached inputs.
 
     ``sparsity`` (unstructured, uniform per layer) or ``n``/``m`` (N:M). ``max_cache_bytes``
     and ``cache_dir``: cached hidden states beyond that many bytes go to disk (see
-    :mod:`vlcompress.blockwise`). Returns :class:`~vlcompress.scoring.Solved` whose
+    :mod:`vlcompress.blockwise`); ``device``: each block is calibrated and pruned there
+    (``cuda``), the rest of the model staying where it is. Returns :class:`~vlcompress.scoring.Solved` whose
     ``details`` hold the options, the engine's counts (``captures``, ``block_runs``) and
     ``error_ratio``: the mean over layers of the layer's reconstruction error
     ``||(W - W')X^T||^2`` with the updates, divided by that of plain masking with the same
@@ -120,7 +121,7 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
                                       blocksize=blocksize, hinv=hinv)
                 with torch.no_grad():
                     w.copy_(new)
-                masks[ly.name] = keep
+                masks[ly.name] = keep.to(block.home)
                 rows = _error_rows(old.shape[0])
                 o, k = old[rows], keep[rows]
                 plain = reconstruction_error(o, o * k, gd, dtype=torch.float32)
@@ -131,13 +132,13 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
                 task.advance()
 
         run = run_blockwise(vlm, data, layers, visit, gram=True, inputs=next_block_inputs,
-                            max_cache_bytes=max_cache_bytes, cache_dir=cache_dir)
+                            max_cache_bytes=max_cache_bytes, cache_dir=cache_dir, device=device)
     details = {"blocksize": int(blocksize), "percdamp": float(percdamp), "sequential": True,
                "engine": "blockwise", "next_block_inputs": next_block_inputs,
                "factorizations": len(factorizations),
                "captures": run.captures, "block_runs": run.block_runs,
                "cut_runs": run.cut_runs,
-               "spilled_bytes": run.spilled_bytes,
+               "spilled_bytes": run.spilled_bytes, "device": str(device) if device else None,
                "error_ratio": (sum(ratios) / len(ratios)) if ratios else None}
     return Solved(masks, details, allocation="nm" if m else "layerwise",
                   calibration_seconds=run.forward_seconds)

