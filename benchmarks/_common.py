@@ -60,8 +60,9 @@ def _git_state(ignore: Path | None) -> dict:
             # "XY path" (``_git`` strips the first line's leading blank): the path is the last field
             status = "\n".join(ln for ln in status.splitlines()
                                if ln.strip().split(maxsplit=1)[-1] != rel)
-        # a copy without .git (the GPU machine's) names its commit in VLC_COMMIT
-        _GIT_AT_START = {"git_commit": _git("rev-parse", "HEAD") or os.environ.get("VLC_COMMIT"),
+        # a copy of the tree elsewhere (the GPU machine's, whose .git, if any, may be stale)
+        # names its commit in VLC_COMMIT, which then wins
+        _GIT_AT_START = {"git_commit": os.environ.get("VLC_COMMIT") or _git("rev-parse", "HEAD"),
                          "git_dirty": None if status is None else bool(status)}
     return _GIT_AT_START
 

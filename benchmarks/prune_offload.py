@@ -12,9 +12,13 @@ block-sequential engine needs only one block there at a time. Per model, in this
    then ``prune(sparsegpt)`` with the model there (time, peak device memory, masks);
 2. **offload**: a fresh copy that stays on the CPU, ``prune(sparsegpt, method_options=
    {"device": DEVICE})``: each encoder block moves to the device for its turn and back
-   after; time, peak device memory, and the masks compared with (1) (fraction of entries
-   equal: float rounding of the OBS updates differs between the two placements only in
-   where the captures run).
+   after; time, peak device memory, and the result compared with (1): the fraction of mask
+   entries equal, and sparsegpt's ``error_ratio`` (reconstruction error with the updates
+   over plain masking) of each. SparseGPT's masks are chaotic at float-rounding level (each
+   near-tie decided differently changes every later column's update): on tiny-clip, CPU,
+   one thread against two changes 0.13% of the 2:4 mask entries and scaling the weights by
+   1 + 1e-7 0.2%, with the error ratio equal to 0.3%. So the check is the error ratio
+   (within ``MAX_ERROR_DRIFT``) and agreement above ``MIN_AGREEMENT``, not bit equality.
 
 Reported per model: the model's weight bytes, the peak device memory of each step, the
 offload peak over the resident forward's, the prune times over the resident forward, and
@@ -37,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 METHOD, PATTERN = "sparsegpt", "2:4"
-MIN_AGREEMENT = 0.999  # masks of the two placements: equal but for float-rounding near-ties
+MIN_AGREEMENT = 0.98  # mask entries equal between the two placements (float chaos: module doc)
+MAX_ERROR_DRIFT = 0.02  # |error_ratio offload / resident - 1|
 
 
 def _sync(dev: torch.device) -> None:
@@ -89,6 +94,7 @@ def one_model(model: str, n: int, batch_size: int, dev: torch.device) -> dict:
     res_r = prune(resident, METHOD, pattern=PATTERN, calibration=data)
     _sync(dev)
     resident_s = time.perf_counter() - t
+    err_r = res_r.details["error_ratio"]
     resident_peak = _peak_mib(dev)
     masks_r = {k: v.cpu() for k, v in res_r.masks.items()}
     del resident, res_r
@@ -116,6 +122,8 @@ def one_model(model: str, n: int, batch_size: int, dev: torch.device) -> dict:
            "offload_peak_over_weights": (offload_peak / weights_mib if offload_peak else None),
            "weights_back_on_cpu": on_cpu,
            "mask_agreement": equal / total, "device": str(dev),
+           "error_ratio": {"resident": err_r, "offload": res_o.details["error_ratio"]},
+           "error_drift": abs(res_o.details["error_ratio"] / err_r - 1),
            "details": {k: v for k, v in res_o.details.items() if not isinstance(v, (list, dict))}}
     return row
 
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
     payload = {"method": METHOD, "pattern": PATTERN, "n_pairs": args.n,
                "batch_size": args.batch_size, "device": str(dev),
                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-               "min_mask_agreement": MIN_AGREEMENT, "rows": rows, "complete": False}
+               "min_mask_agreement": MIN_AGREEMENT, "max_error_drift": MAX_ERROR_DRIFT,
+               "rows": rows, "complete": False}
     path = None
     for model in args.models.split(","):
         row = one_model(model, args.n, args.batch_size, dev)
@@ -147,11 +156,13 @@ def main(argv=None) -> int:
               f"forward {row['forward_resident_s']:6.2f}s | prune resident "
               f"{row['prune_resident_s']:6.1f}s offload {row['prune_offload_s']:6.1f}s | peak MiB"
               f" forward {pk['forward_resident']} resident {pk['prune_resident']} offload "
-              f"{pk['prune_offload']} | masks equal {row['mask_agreement']:.5f}", flush=True)
+              f"{pk['prune_offload']} | masks equal {row['mask_agreement']:.5f} | error ratio "
+              f"{row['error_ratio']['resident']:.5f} / {row['error_ratio']['offload']:.5f}",
+              flush=True)
         path = write_result("prune_offload", payload, args.out)  # partial results survive
     payload["complete"] = True
     payload["ok"] = all(r["mask_agreement"] >= MIN_AGREEMENT and r["weights_back_on_cpu"]
-                        for r in rows)
+                        and r["error_drift"] <= MAX_ERROR_DRIFT for r in rows)
     path = write_result("prune_offload", payload, args.out)
     print(f"-> {path}")
     return 0 if payload["ok"] else 1

@@ -339,9 +339,11 @@ def test_block_device_cpu_is_the_default_placement(calib):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda-seq"])
 def test_blocks_offloaded_to_cuda_match_the_cpu_run(calib, method):
-    """The model stays on the CPU, each block goes to the GPU for its turn: masks as on the
-    CPU (but for float near-ties), every weight back on the CPU, masks on the CPU, and the
-    GPU's peak memory far below the model's weights."""
+    """The model stays on the CPU, each block goes to the GPU for its turn: every weight back
+    on the CPU, masks on the CPU, and the result the CPU run's up to float rounding. For
+    sparsegpt that is the reconstruction-error ratio within 2% and >= 98% of the mask
+    entries equal (its masks are chaotic in rounding: on the H200, 0.6% of tiny-clip's 2:4
+    entries differed from the CPU run's; one CPU thread against two flips 0.13%)."""
     from vlcompress.prune import prune
 
     a = _tiny_clip()
@@ -355,7 +357,9 @@ def test_blocks_offloaded_to_cuda_match_the_cpu_run(calib, method):
     assert all(m.device.type == "cpu" for m in rb.masks.values())
     equal = sum(int((ra.masks[k] == rb.masks[k]).sum()) for k in ra.masks)
     total = sum(m.numel() for m in ra.masks.values())
-    assert equal >= 0.999 * total, (equal, total)
+    assert equal >= 0.98 * total, (equal, total)
+    if method == "sparsegpt":
+        assert rb.details["error_ratio"] == pytest.approx(ra.details["error_ratio"], rel=0.02)
     block_bytes = max(sum(p.numel() * 4 for p in ly.module.parameters())
                       for ly in b.prunable_layers())
     assert torch.cuda.max_memory_allocated() > block_bytes  # the blocks did run there
