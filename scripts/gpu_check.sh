@@ -14,7 +14,10 @@
 #    the GPU and with the model on the CPU and one block at a time on the GPU (the blockwise
 #    engine's `device` option): times, peak GPU memory, mask agreement
 #    (benchmarks/prune_offload.py), into benchmarks/results/prune_offload_gpu.json (and $OUT);
-# 4. times the clip-vit-b16 and clip-vit-l14 vision towers, fp16, dense vs 2:4 (cuSPARSELt)
+# 4. isolates the cost of one 2:4 linear (eager, cuSPARSELt direct, CUDA-graph replay) on the
+#    ViT-B/16 shapes (benchmarks/gpu_semi_structured.py) into
+#    benchmarks/results/gpu_semi_structured.json (and $OUT), with a profiler table;
+# 5. times the clip-vit-b16 and clip-vit-l14 vision towers, fp16, dense vs 2:4 (cuSPARSELt)
 #    vs structured 50%, batch 1/8/64/256, eager and torch.compile, interleaved, CUDA events
 #    (benchmarks/gpu_latency.py), into benchmarks/results/gpu_torch.json (and $OUT).
 #
@@ -80,6 +83,14 @@ timeout -k 10 "$(( $(left) > 200 ? 150 : $(left) / 3 ))" "$PY" benchmarks/prune_
 orc=${PIPESTATUS[0]}
 [ "$DRY" = 1 ] || [ ! -f "$OFFLOAD_RESULT" ] || cp "$OFFLOAD_RESULT" "$LOGS/" 2>/dev/null || true
 if [ "$orc" != 0 ]; then echo "offload benchmark failed (rc $orc)" >&2; [ "$status" = 0 ] && status=3; fi
+
+if [ "$DRY" != 1 ]; then
+  echo "== one 2:4 linear, $(left) s left"
+  timeout -k 5 "$(( $(left) > 180 ? 60 : $(left) / 4 ))" "$PY" benchmarks/gpu_semi_structured.py \
+    --out benchmarks/results/gpu_semi_structured.json --profile "$LOGS/gpu_semi_structured_profile.txt" \
+    || { echo "2:4 linear benchmark failed" >&2; [ "$status" = 0 ] && status=3; }
+  cp benchmarks/results/gpu_semi_structured.json "$LOGS/" 2>/dev/null || true
+fi
 
 LEFT=$(left)
 echo "== latency benchmark, $LEFT s left"

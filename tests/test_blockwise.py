@@ -224,9 +224,11 @@ def test_group_blocks_and_refusals(calib):
     assert run_blockwise(vlm, calib, [], lambda b, s: None).block_runs == 0
 
 
-@pytest.mark.parametrize("d", [1030, 2048])
-def test_gram_from_the_upper_block_triangle_equals_the_full_product(d):
-    from vlcompress.calibrate import _masked_gram
+@pytest.mark.parametrize("d", [8, 1030, 2048])
+def test_gram_from_one_triangle_equals_the_full_product(d):
+    """The CPU's ssyrk triangle and the block triangle used elsewhere, mirrored: the full
+    product, symmetric."""
+    from vlcompress.calibrate import _masked_gram, _sym_gram
 
     x = torch.randn(2, 40, d, generator=torch.Generator().manual_seed(d))
     mask = (torch.arange(40) < 31).float().expand(2, 40)
@@ -234,6 +236,8 @@ def test_gram_from_the_upper_block_triangle_equals_the_full_product(d):
     torch.testing.assert_close(_masked_gram(x, mask), want, rtol=1e-5, atol=1e-4)
     g = _masked_gram(x, None)
     assert torch.equal(g, g.t())
+    x2 = x.reshape(-1, d)
+    torch.testing.assert_close(_sym_gram(x2), x2.t() @ x2, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
