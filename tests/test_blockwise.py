@@ -238,6 +238,12 @@ def test_gram_from_one_triangle_equals_the_full_product(d):
     assert torch.equal(g, g.t())
     x2 = x.reshape(-1, d)
     torch.testing.assert_close(_sym_gram(x2), x2.t() @ x2, rtol=1e-5, atol=1e-4)
+    from vlcompress.calibrate import mirror_lower
+
+    r = torch.randn(d, d)
+    want = torch.tril(r) + torch.tril(r, -1).t()
+    assert torch.equal(mirror_lower(r), want)
+    assert mirror_lower(r, inplace=True) is r and torch.equal(r, want)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured"])

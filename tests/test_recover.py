@@ -2,6 +2,7 @@
 checkpoints resume, bad inputs fail in one line with nothing written."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -168,15 +169,35 @@ def test_cli_recover(tmp_path):
         res = runner.invoke(app, ["recover", str(run), "--steps", "2", "--distill-weight", bad])
         assert res.exit_code == 2 and needle in res.stderr, (bad, res.output)
         assert "Traceback" not in res.output and not (run / "recovered").exists()
+    res = runner.invoke(app, ["recover", str(run), "--steps", "2", "--schedule", "sideways"])
+    assert res.exit_code == 2 and "schedule 'sideways'" in res.stderr and "cosine" in res.stderr
+    assert "Traceback" not in res.output and not (run / "recovered").exists()
     res = runner.invoke(app, ["recover", str(run), "--steps", "2", "--size", "8",
                               "--batch-size", "4", "--eval-size", "16",
-                              "--distill-weight", "w_relation=1"])
+                              "--distill-weight", "w_relation=1", "--schedule", "constant"])
     assert res.exit_code == 0, res.output
     assert (run / "recover.json").is_file() and (run / "recovered" / "model").is_dir()
     import json
 
     rec = json.loads((run / "recover.json").read_text())
     assert "w_relation" in json.dumps(rec)  # the weights used are recorded
+    assert rec["schedule"] == "constant"
+
+
+def test_cosine_schedule():
+    """Linear warm-up over 5% of the steps (at most 100), then cosine to 0; constant is lr."""
+    from vlcompress.distill import DEFAULTS, lr_at
+
+    assert DEFAULTS["schedule"] == "cosine"
+    lrs = [lr_at(s, 600, 1e-3, "cosine") for s in range(600)]
+    assert lrs[0] == pytest.approx(1e-3 / 30) and lrs[29] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:30], lrs[1:30], strict=False))
+    assert all(a >= b for a, b in zip(lrs[30:], lrs[31:], strict=False))
+    assert lrs[-1] < 1e-7 and lrs[315] == pytest.approx(5e-4, rel=1e-2)
+    assert lr_at(5000, 10000, 1.0, "cosine") == pytest.approx(0.5 * (1 + math.cos(
+        math.pi * 4900 / 9900)))  # warm-up capped at 100 steps
+    assert {lr_at(s, 50, 3e-4, "constant") for s in range(50)} == {3e-4}
+    assert lr_at(0, 1, 2e-4, "cosine") == 2e-4
 
 
 def test_run_config_recover_steps():

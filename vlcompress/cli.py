@@ -502,6 +502,9 @@ def recover_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A prune-export output folder.")],
     steps: Annotated[int, typer.Option("--steps", help="Distillation steps (positive).")] = 200,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 5e-5,
+    schedule: Annotated[str, typer.Option(
+        "--schedule", help="Learning-rate schedule: cosine (linear warm-up over 5% of the "
+        "steps, then decay to 0) or constant.")] = "cosine",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per step.")] = 32,
     data: Annotated[str | None, typer.Option(
         "--data", help="Training data: 'shapes' (bundled train split), a pairs folder, or for a "
@@ -519,15 +522,16 @@ def recover_cmd(
         "e.g. w_relation=1.")] = None,
 ):
     """Distil the dense model into the pruned one (pattern preserved), then re-evaluate."""
-    from .distill import check_weights
+    from .distill import check_schedule, check_weights
     from .recover import recover
 
     weights = check_weights(distill_weight)
+    check_schedule(schedule)
     try:
         with _progress() as prog:
             res = recover(run_dir, steps=steps, lr=lr, batch_size=batch_size, data=data, n=size,
                           eval_data=eval_data, eval_size=eval_size, resume=resume, progress=prog,
-                          weights=weights)
+                          weights=weights, schedule=schedule)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (atomic.Interrupted): 128+signal
         err.print(f"interrupted; the last checkpoint is in {run_dir}/recover/ (run again to resume)",
                   markup=False, soft_wrap=True)

@@ -35,6 +35,7 @@ from .distill import (
     DEFAULTS,
     LOSS_WEIGHTS,
     check_pattern,
+    check_schedule,
     check_weights,
     train_student,
     zero_masks,
@@ -58,6 +59,7 @@ class RecoverResult:
     masked_layers: int
     pattern_preserved: bool
     metrics: dict = field(default_factory=dict)
+    schedule: str = DEFAULTS["schedule"]
     run_dir: str | None = None
     model_path: str | None = None
     checkpoint: str | None = None
@@ -69,7 +71,8 @@ class RecoverResult:
     def to_dict(self) -> dict:
         return {
             "steps": self.steps, "start_step": self.start_step, "resumed": self.resumed,
-            "lr": self.lr, "batch_size": self.batch_size, "data": self.data,
+            "lr": self.lr, "schedule": self.schedule, "batch_size": self.batch_size,
+            "data": self.data,
             "seconds": round(self.seconds, 3), "masked_layers": self.masked_layers,
             "pattern_preserved": self.pattern_preserved,
             "loss_first": self.losses[0] if self.losses else None,
@@ -144,7 +147,7 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = DEFAULTS["checkpoint_every"],
             resume: bool = True, seed: int = 0, evaluate: bool | None = None,
             eval_data=None, eval_size: int = 720, weights: dict | None = None,
-            progress: Progress = NULL) -> RecoverResult:
+            schedule: str = DEFAULTS["schedule"], progress: Progress = NULL) -> RecoverResult:
     """Distil the dense teacher into the pruned student (see the module doc).
 
     ``target`` is a ``prune-export`` output folder (student ``pruned/model``, teacher the
@@ -154,7 +157,9 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     ``data``: a ``PairData`` or a source; default the run's calibration source (a run folder)
     or ``"shapes"`` (in memory). ``eval_data``: default the run's ``config.eval_data`` or
     ``"shapes"``. ``evaluate`` (default: True for a folder) measures dense / pruned /
-    recovered accuracy and fidelity to the dense model.
+    recovered accuracy and fidelity to the dense model. ``schedule``: the learning rate of
+    each step, ``cosine`` (warm-up, then decay to 0; the default) or ``constant``
+    (:func:`vlcompress.distill.lr_at`).
     """
     from .models import load_model
     from .models.base import VLM
@@ -162,6 +167,7 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     t0 = time.perf_counter()
     steps = _check_steps(steps)
     weights = check_weights(weights)
+    schedule = check_schedule(schedule)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every {checkpoint_every!r} is not valid; allowed: a "
                           "positive integer")
@@ -211,7 +217,8 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
            "shapes": {k: list(v.shape) for k, v in student.model.state_dict().items()}}
     start, losses = train_student(student, teacher, train, steps=steps, lr=lr, seed=seed,
                                   masks=masks, checkpoint=ck, checkpoint_every=checkpoint_every,
-                                  resume=resume, progress=progress, weights=weights, key=key)
+                                  resume=resume, progress=progress, weights=weights, key=key,
+                                  schedule=schedule)
     preserved = check_pattern(student, masks)
     if not preserved:  # a bug, never a user error
         raise RuntimeError("recover changed the sparsity pattern")
@@ -224,7 +231,8 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
         metrics["fidelity"] = {"pruned": fid_pruned, "recovered": fid_rec}
         metrics["dataset"] = f"{ev.source} (n={len(ev)})"
     res = RecoverResult(steps=steps, start_step=start, losses=losses,
-                        seconds=time.perf_counter() - t0, lr=lr, batch_size=train.batch_size,
+                        seconds=time.perf_counter() - t0, lr=lr, schedule=schedule,
+                        batch_size=train.batch_size,
                         data=used, masked_layers=len(masks), pattern_preserved=preserved,
                         metrics=metrics, checkpoint=None if ck is None else str(ck))
     if run_dir is not None:

@@ -158,7 +158,7 @@ def kept_per_modality(blocks, counts) -> dict[str, dict[str, float]]:
 def retrain(ctx, dense, *, steps: int, lr: float) -> dict:
     """Distillation retraining of the sliced model (pattern kept) on ``ctx.train``, the
     training data prune() was given (the user's; its source is recorded)."""
-    from ..distill import train_student
+    from ..distill import DEFAULTS, train_student
 
     if steps <= 0:
         return {"steps": 0}
@@ -167,8 +167,9 @@ def retrain(ctx, dense, *, steps: int, lr: float) -> dict:
         raise ConfigError("retraining after slicing needs training pairs; pass train= to prune()")
     _, losses = train_student(ctx.vlm, dense, data, steps=steps, lr=lr, seed=ctx.cfg.seed,
                               progress=ctx.progress)
-    return {"steps": steps, "lr": lr, "data": f"{getattr(data, 'source', '') or 'pairs'} "
-            f"(n={len(data)})", "loss_first": losses[0], "loss_last": losses[-1]}
+    return {"steps": steps, "lr": lr, "schedule": DEFAULTS["schedule"],
+            "data": f"{getattr(data, 'source', '') or 'pairs'} (n={len(data)})",
+            "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def retrain_with_options(ctx, dense) -> dict:
