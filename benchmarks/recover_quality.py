@@ -1,6 +1,7 @@
 """Accuracy retained after recovery: tiny-clip at 50% structured sparsity, defaults as shipped.
 
     python benchmarks/recover_quality.py [--recover-steps 600 --recover-lr 2e-4]
+                                         [--schedule cosine|constant]
                                          [--method-option upop:retrain_steps=1200 ...]
 
 Every row goes through the Python API exactly as the CLI calls it, with the CLI's data
@@ -89,7 +90,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
 
 def run(model: str, methods: list[str], sparsity: float, recover_steps: int, recover_lr: float,
         calib_n: int, eval_n: int, train_n: int, overrides: dict,
-        weights: dict | None = None) -> dict:
+        weights: dict | None = None, schedule: str = "cosine") -> dict:
     calib = load_calibration("shapes", n=calib_n, batch_size=32, seed=0)
     train = load_train("shapes", n=train_n, seed=0)
     data = load_eval("shapes", n=eval_n)
@@ -123,14 +124,16 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int, rec
         else:
             row["pruned"] = evaluate(vlm, data)
             rec = recover(vlm, steps=recover_steps, teacher=teacher, lr=recover_lr, data=train,
-                          seed=0, weights=weights)
+                          seed=0, weights=weights, schedule=schedule)
             extra = "".join(f", {k}={v:g}" for k, v in (weights or {}).items())
+            sched = "" if schedule == "cosine" else f", {schedule} lr"
             row["recipe"] = (f"{method} structured + recover ({recover_steps} steps, "
-                             f"lr {recover_lr:g}{extra})")
+                             f"lr {recover_lr:g}{extra}{sched})")
             dw = "".join(f" --distill-weight {k}={v:g}" for k, v in (weights or {}).items())
             row["command"] = (f"{base} --method {method}{flags} --out RUN && vlcompress recover RUN "
                               f"--steps {recover_steps} --lr {recover_lr:g} --data shapes "
-                              f"--size {train_n}{dw}")
+                              f"--size {train_n}{dw}"
+                              + ("" if schedule == "cosine" else f" --schedule {schedule}"))
             row["recover_loss"] = [rec.losses[0], rec.losses[-1]]
             row["recover_seconds"] = round(rec.seconds, 2)
             secs += rec.seconds
@@ -148,6 +151,7 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int, rec
             "recover_steps": recover_steps, "recover_lr": recover_lr, "batch_size": 32,
             "calibration_pairs": calib_n, "eval_pairs": eval_n, "train_pairs": train_n,
             "method_option_overrides": overrides, "distill_weights": weights or {},
+            "schedule": schedule,
             "dense": dense, "rows": rows}
 
 
@@ -189,13 +193,16 @@ def main() -> None:
     ap.add_argument("--distill-weight", action="append", default=[],
                     help="KEY=VALUE loss weight of the recover rows (vlcompress.distill.DEFAULTS), "
                          "e.g. w_relation=1 (vlcompress recover --distill-weight)")
+    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                    help="learning-rate schedule of the recover rows (vlcompress recover "
+                         "--schedule; default the shipped cosine)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     weights = {k: float(v) for k, v in (w.split("=", 1) for w in a.distill_weight)}
     t0 = time.perf_counter()
     res = run(a.model, a.methods.split(","), a.sparsity, a.recover_steps, a.recover_lr,
               a.calibration_size, a.eval_size, a.train_size, parse_overrides(a.method_option),
-              weights)
+              weights, a.schedule)
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     path = write_result("recover_quality", res, a.out)
     print(markdown(res))
