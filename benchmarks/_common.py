@@ -60,6 +60,10 @@ def _git_state(ignore: Path | None) -> dict:
             # "XY path" (``_git`` strips the first line's leading blank): the path is the last field
             status = "\n".join(ln for ln in status.splitlines()
                                if ln.strip().split(maxsplit=1)[-1] != rel)
+        if status:  # results written by other runs in the same checkout change no code
+            status = "\n".join(ln for ln in status.splitlines()
+                               if not ln.strip().split(maxsplit=1)[-1].startswith(
+                                   "benchmarks/results/"))
         # a copy of the tree elsewhere (the GPU machine's, whose .git, if any, may be stale)
         # names its commit in VLC_COMMIT, which then wins
         _GIT_AT_START = {"git_commit": os.environ.get("VLC_COMMIT") or _git("rev-parse", "HEAD"),

@@ -208,11 +208,13 @@ WARMUP = 0.05  # of the steps, at most 100: the linear warm-up of the cosine sch
 def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``steps``: ``constant``, or
     ``cosine`` (the default): a linear warm-up over ``WARMUP`` of the steps (at most 100),
-    then a cosine decay to 0 at the last step. Measured on tiny-clip, multiflow structured
-    50%, 600 steps, 3600 eval pairs (retained zero-shot / i2t R@1): at lr 2e-4 cosine 94.9 /
-    83.3% and constant 94.7 / 83.0%; at lr 1e-3 cosine 97.6 / 88.0% and constant 91.5 /
-    83.4%: the decay lets a higher rate be used. A resumed run continues the schedule of its
-    own ``steps``."""
+    then a cosine decay to 0 at the last step. Measured with ``benchmarks/recover_quality.py``
+    on tiny-clip, multiflow structured 50%, 600 steps, 3600 eval pairs (retained zero-shot /
+    i2t R@1): at lr 2e-4 cosine 94.9 / 83.3% (``recover_quality.json``) and constant 94.7 /
+    83.0% (``recover_quality_constant_lr.json``); at lr 1e-3 cosine and constant in
+    ``recover_quality_lr1e-3_cosine.json`` and ``..._constant.json`` (README "Recovery"): the
+    decay is what lets a higher rate be used. A resumed run continues the schedule of its own
+    ``steps``."""
     if schedule == "constant" or steps <= 1:
         return lr
     warm = min(100, max(1, int(WARMUP * steps)))
