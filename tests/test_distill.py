@@ -57,7 +57,7 @@ def test_recover_trains_on_user_folder_and_gets_closer_there(tmp_path):
     ev = load_eval(folder, n=16)
     dense = embed_eval(teacher, ev)
     before = fidelity(dense, embed_eval(vlm, ev))
-    res = recover(vlm, steps=20, teacher=teacher, data=str(folder), batch_size=8, lr=2e-3)
+    res = recover(vlm, steps=40, teacher=teacher, data=str(folder), batch_size=8, lr=2e-3)
     assert res.data == {"source": str(folder), "kind": "pairs", "n": 16}
     after = fidelity(dense, embed_eval(vlm, ev))
     assert after["image_cosine"] > before["image_cosine"]
@@ -98,7 +98,9 @@ def test_blip_distils_keeps_pattern_lowers_loss():
     feats = features(vlm, vlm.encode(next(iter(data.batches()))))
     assert {"vision", "text", "logits", "itm", "loss"} <= set(feats)
     gap0 = distill_gap(vlm, teacher, data, {"w_contrastive": 0})
-    _, losses = train_student(vlm, teacher, data, steps=15, lr=2e-3)
+    # constant rate: 15 steps test BLIP's loss terms, not the schedule (cosine spends half of
+    # such a short run warming up and decaying)
+    _, losses = train_student(vlm, teacher, data, steps=15, lr=2e-3, schedule="constant")
     assert _same_pattern(vlm, pattern) and losses[-1] < losses[0]
     assert distill_gap(vlm, teacher, data, {"w_contrastive": 0}) < gap0
 

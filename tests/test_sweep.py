@@ -91,7 +91,8 @@ def test_sweep_method_options_reach_each_method(model_dir, tmp_path):
     by = {r["method"]: r for r in rows}
     assert by["sparsegpt"]["method_options"] == {"blocksize": 64, "percdamp": 0.01,
                                                  "next_block_inputs": "dense",
-                                                 "max_cache_mb": -1.0, "cache_dir": ""}
+                                                 "max_cache_mb": -1.0, "cache_dir": "",
+                                                 "device": ""}
     assert "method_options" not in by["magnitude"]
     for opt, needle in (("wanda.x=1", "not in --methods"), ("blocksize=64", "names no method"),
                         ("sparsegpt.nope=1", "no option 'nope'"),
