@@ -41,9 +41,13 @@ a temporary folder, removed at the end) and read back one batch at a time.
 Methods built on it: ``sparsegpt`` (``inputs="pruned"``, Gram matrices) and ``wanda-seq``
 (``inputs="pruned"``, Wanda's reference loop; ``"dense"`` gives one-shot ``wanda``). Any
 per-block method (ECoFLaP's block scores) can call :func:`run_blockwise` with its own
-``visit``. Offload of idle blocks (accelerate ``device_map`` / disk) is designed in
-design.md §5 "Block-sequential calibration", not built: the engine touches one block at a
-time through ``stack[i]``, the seam where a block would be loaded before and released after.
+``visit``. The engine touches one block at a time through ``stack[i]``: with ``device``
+(``cuda``) each block moves there for its turn and back after (:class:`_OnDevice`), with the
+cache and statistics there, so the GPU holds one block, not the model (measured on an H200:
+``benchmarks/prune_offload.py``). Disk offload of idle blocks (accelerate's
+``device_map="disk"`` style) would plug in at the same seam, loading block i before its turn
+and releasing it after; it is designed in design.md §5, not built (our loaders materialise
+the whole model in host memory).
 """
 
 from __future__ import annotations
