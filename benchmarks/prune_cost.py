@@ -57,7 +57,7 @@ TARGET_RSS_RATIO = 1.2  # peak RSS while pruning / peak RSS of the dense forward
 def forward_pass(vlm, data) -> None:
     with torch.no_grad():
         for batch in data.batches():
-            vlm.model(**vlm.encode(batch))
+            vlm.model(**vlm.model_inputs(vlm.encode(batch)))
 
 
 def _peak_rss_mib() -> float:

@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import write_result  # noqa: E402
+from prune_cost import forward_pass  # noqa: E402
 
 METHOD, PATTERN = "sparsegpt", "2:4"
 MIN_AGREEMENT = 0.98  # mask entries equal between the two placements (float chaos: module doc)
@@ -64,12 +65,6 @@ def _peak_mib(dev: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(dev) / 2**20
 
 
-def _forward(vlm, data) -> None:
-    with torch.no_grad():
-        for batch in data.batches():
-            vlm.model(**vlm.model_inputs(vlm.encode(batch)))
-
-
 def one_model(model: str, n: int, batch_size: int, dev: torch.device) -> dict:
     from vlcompress.data import load_calibration
     from vlcompress.models import load_model
@@ -81,10 +76,10 @@ def one_model(model: str, n: int, batch_size: int, dev: torch.device) -> dict:
 
     resident = copy.deepcopy(cpu)
     resident.model.to(dev)
-    _forward(resident, data)  # warm-up
+    forward_pass(resident, data)  # warm-up
     _reset_peak(dev)
     t = time.perf_counter()
-    _forward(resident, data)
+    forward_pass(resident, data)
     _sync(dev)
     forward_s = time.perf_counter() - t
     forward_peak = _peak_mib(dev)

@@ -41,7 +41,8 @@ from _common import write_result  # noqa: E402
 
 from vlcompress import evaluate, load_calibration, load_eval, load_model, prune  # noqa: E402
 from vlcompress.data import load_train  # noqa: E402
-from vlcompress.distill import dense_copy  # noqa: E402
+from vlcompress.distill import DEFAULTS as DISTILL_DEFAULTS  # noqa: E402
+from vlcompress.distill import SCHEDULES, dense_copy  # noqa: E402
 from vlcompress.eval import embed_eval, metrics_from_embeddings  # noqa: E402
 from vlcompress.methods.registry import get_method  # noqa: E402
 from vlcompress.recover import recover  # noqa: E402
@@ -90,7 +91,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
 
 def run(model: str, methods: list[str], sparsity: float, recover_steps: int, recover_lr: float,
         calib_n: int, eval_n: int, train_n: int, overrides: dict,
-        weights: dict | None = None, schedule: str = "cosine") -> dict:
+        weights: dict | None = None, schedule: str = DISTILL_DEFAULTS["schedule"]) -> dict:
     calib = load_calibration("shapes", n=calib_n, batch_size=32, seed=0)
     train = load_train("shapes", n=train_n, seed=0)
     data = load_eval("shapes", n=eval_n)
@@ -126,14 +127,15 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int, rec
             rec = recover(vlm, steps=recover_steps, teacher=teacher, lr=recover_lr, data=train,
                           seed=0, weights=weights, schedule=schedule)
             extra = "".join(f", {k}={v:g}" for k, v in (weights or {}).items())
-            sched = "" if schedule == "cosine" else f", {schedule} lr"
+            shipped = schedule == DISTILL_DEFAULTS["schedule"]
+            sched = "" if shipped else f", {schedule} lr"
             row["recipe"] = (f"{method} structured + recover ({recover_steps} steps, "
                              f"lr {recover_lr:g}{extra}{sched})")
             dw = "".join(f" --distill-weight {k}={v:g}" for k, v in (weights or {}).items())
             row["command"] = (f"{base} --method {method}{flags} --out RUN && vlcompress recover RUN "
                               f"--steps {recover_steps} --lr {recover_lr:g} --data shapes "
                               f"--size {train_n}{dw}"
-                              + ("" if schedule == "cosine" else f" --schedule {schedule}"))
+                              + ("" if shipped else f" --schedule {schedule}"))
             row["recover_loss"] = [rec.losses[0], rec.losses[-1]]
             row["recover_seconds"] = round(rec.seconds, 2)
             secs += rec.seconds
@@ -193,7 +195,7 @@ def main() -> None:
     ap.add_argument("--distill-weight", action="append", default=[],
                     help="KEY=VALUE loss weight of the recover rows (vlcompress.distill.DEFAULTS), "
                          "e.g. w_relation=1 (vlcompress recover --distill-weight)")
-    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+    ap.add_argument("--schedule", default=DISTILL_DEFAULTS["schedule"], choices=SCHEDULES,
                     help="learning-rate schedule of the recover rows (vlcompress recover "
                          "--schedule; default the shipped cosine)")
     ap.add_argument("--out", default=None)

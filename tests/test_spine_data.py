@@ -61,6 +61,8 @@ def test_retraining_methods_train_on_the_data_they_are_given(pairs_folder):
 
     calib = load_calibration(pairs_folder, n=16, batch_size=8)
     res = prune(make_tiny_random_clip(), "upop", 0.5, "structured", calibration=calib,
-                method_options={"search_steps": 2, "retrain_steps": 2})
+                method_options={"search_steps": 2, "retrain_steps": 2,
+                                "retrain_schedule": "constant"})
     assert res.details["upop"]["retrain"]["data"] == f"{pairs_folder} (n=16)"
+    assert res.details["upop"]["retrain"]["schedule"] == "constant"  # the user's, reached
     assert res.details["structured"]["train_data"] == f"{pairs_folder} (n=16)"

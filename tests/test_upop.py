@@ -136,6 +136,7 @@ def test_sliced_and_reloads(method, tmp_path):
     layers = res.details["structured"]["layers"]
     assert all(v["heads"][0] >= 1 for v in layers.values())
     assert res.details[method]["retrain"]["steps"] == 2
+    assert res.details[method]["retrain"]["schedule"] == "cosine"  # the shipped default
     vlm.save(tmp_path / "m")
     again = load_model(tmp_path / "m")
     assert again.embed_texts(["a red circle"]).shape[-1] == 16
@@ -166,6 +167,9 @@ def test_method_options_are_checked_in_one_line():
     with pytest.raises(ConfigError, match=r"upop\.retrain_lr='fast' is not valid"):
         prune(make_tiny_random_clip(), "upop", 0.5, "structured", calibration=calib,
               method_options={"retrain_lr": "fast"})
+    with pytest.raises(ConfigError, match=r"efficientvlm\.retrain_schedule='sideways'.*cosine\|constant"):
+        prune(make_tiny_random_clip(), "efficientvlm", 0.5, "structured", calibration=calib,
+              method_options={"retrain_schedule": "sideways"})
     with pytest.raises(ConfigError, match=r"ecoflap\.estimator='x'.*tensor\|block-spsa"):
         prune(make_tiny_random_clip(), "ecoflap", 0.5, calibration=calib,
               method_options={"estimator": "x"})

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from ..distill import DEFAULTS as DISTILL_DEFAULTS
+from ..distill import SCHEDULES
 from ..errors import ConfigError
+from .registry import Option
 
 #: Pairs per search step.
 SEARCH_BATCH = 32
@@ -155,10 +158,20 @@ def kept_per_modality(blocks, counts) -> dict[str, dict[str, float]]:
             for m, a in acc.items()}
 
 
-def retrain(ctx, dense, *, steps: int, lr: float) -> dict:
+#: the retraining options both searches expose (``--method-option retrain_steps=...``)
+RETRAIN_OPTIONS = (
+    Option("retrain_steps", int, 600, "distillation steps after slicing", minimum=0),
+    Option("retrain_lr", float, 2e-4, "AdamW learning rate of the retraining", minimum=0.0),
+    Option("retrain_schedule", str, DISTILL_DEFAULTS["schedule"], "learning-rate schedule of "
+           "the retraining (as vlcompress recover --schedule)", choices=SCHEDULES),
+)
+
+
+def retrain(ctx, dense, *, steps: int, lr: float, schedule: str = DISTILL_DEFAULTS["schedule"]
+            ) -> dict:
     """Distillation retraining of the sliced model (pattern kept) on ``ctx.train``, the
     training data prune() was given (the user's; its source is recorded)."""
-    from ..distill import DEFAULTS, train_student
+    from ..distill import train_student
 
     if steps <= 0:
         return {"steps": 0}
@@ -166,13 +179,14 @@ def retrain(ctx, dense, *, steps: int, lr: float) -> dict:
     if data is None:
         raise ConfigError("retraining after slicing needs training pairs; pass train= to prune()")
     _, losses = train_student(ctx.vlm, dense, data, steps=steps, lr=lr, seed=ctx.cfg.seed,
-                              progress=ctx.progress)
-    return {"steps": steps, "lr": lr, "schedule": DEFAULTS["schedule"],
+                              progress=ctx.progress, schedule=schedule)
+    return {"steps": steps, "lr": lr, "schedule": schedule,
             "data": f"{getattr(data, 'source', '') or 'pairs'} (n={len(data)})",
             "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def retrain_with_options(ctx, dense) -> dict:
-    """:func:`retrain` with the method's declared ``retrain_steps`` and ``retrain_lr``."""
+    """:func:`retrain` with the method's :data:`RETRAIN_OPTIONS`."""
     o = ctx.cfg.method_options
-    return retrain(ctx, dense, steps=o["retrain_steps"], lr=o["retrain_lr"])
+    return retrain(ctx, dense, steps=o["retrain_steps"], lr=o["retrain_lr"],
+                   schedule=o["retrain_schedule"])

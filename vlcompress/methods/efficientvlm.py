@@ -42,6 +42,7 @@ import torch
 
 from ..progress import NULL
 from ._search import (
+    RETRAIN_OPTIONS,
     GroupGates,
     fill_untouched,
     kept_per_modality,
@@ -66,8 +67,7 @@ OPTIONS = (
            minimum=0.0),
     Option("droprate_init", float, 0.5, "initial drop rate of the neuron gates", minimum=1e-6),
     Option("head_init", float, 10.0, "initial log_alpha of the head gates (near open)"),
-    Option("retrain_steps", int, 600, "distillation steps after slicing", minimum=0),
-    Option("retrain_lr", float, 2e-4, "AdamW learning rate of the retraining", minimum=0.0),
+    *RETRAIN_OPTIONS,
 )
 
 

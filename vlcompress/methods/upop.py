@@ -43,6 +43,7 @@ import torch
 
 from ..progress import NULL
 from ._search import (
+    RETRAIN_OPTIONS,
     GroupGates,
     fill_untouched,
     kept_per_modality,
@@ -61,8 +62,7 @@ OPTIONS = (
            minimum=1),
     Option("w_sp_attn", float, (22 / 15) * 8e-3, "L1 weight on the head mask values", minimum=0.0),
     Option("w_sp_mlp", float, 2e-4, "L1 weight on the neuron mask values", minimum=0.0),
-    Option("retrain_steps", int, 600, "distillation steps after slicing", minimum=0),
-    Option("retrain_lr", float, 2e-4, "AdamW learning rate of the retraining", minimum=0.0),
+    *RETRAIN_OPTIONS,
 )
 
 
