@@ -8,9 +8,8 @@ towers 10x *slower* than dense fp16 at batch 1 and 2.7x slower at batch 256: abo
 more per swapped layer, whatever the batch, which points at a per-call cost rather than the
 kernels. The first run of this script (``results/gpu_check_h200/gpu_semi_structured_*.log``)
 showed it: 768->768 at 197 tokens, dense 0.022 ms, ``semi`` 0.810 ms on the GPU clock and
-0.811 ms of host time to issue each call, so the GPU waits on the host. A probe replaying
-the same calls from a CUDA graph (no host work per call) gave ``semi`` 0.010 ms against
-dense 0.0035 ms (768->768, 208 tokens) and 0.083 against 0.086 ms (768->3072, 12608 tokens).
+0.811 ms of host time to issue each call, so the GPU waits on the host. The graph-replay
+variants below measure the kernels alone.
 
 This isolates it on the ViT-B/16 layer shapes (768->768, 768->3072, 3072->768) at 197, 1576
 and 12608 tokens (batch 1, 8, 64), fp16, CUDA events around 100 calls after a warm-up, and
