@@ -46,8 +46,9 @@ def test_obs_sweep_matches_float64_column_loop_on_tiny_clip(calib, kw):
     (N:M one group at a time, the factor given) is the column loop's result, masks bit for
     bit; in float32 (the default, as the reference) at most 2e-4 of the mask entries flip (near-ties of the
     saliency) and each layer's reconstruction error is within 1% of the float64 one's. Flips
-    measured (of 393216 entries, 12 / 64 pairs): the reference's three-step factor 0-2 / 12-34,
-    our two-step one (flipped Cholesky + trtri) 0-46 / 2-32; errors within 0.3% either way."""
+    measured by ``benchmarks/obs_parts.py`` (``results/obs_parts.json``; of 393216 entries, 12
+    / 64 pairs, three settings): the reference's three-step factor 0 / 0-20, our two-step one
+    (flipped Cholesky + trtri) 0-50 / 0-22; every layer's error within 0.23% of float64's."""
     from vlcompress.sparsity.obs import inverse_hessian_cholesky, reconstruction_error
 
     vlm = _tiny_clip()
@@ -353,7 +354,8 @@ def test_blocks_offloaded_to_cuda_match_the_cpu_run(calib, method):
     on the CPU, masks on the CPU, and the result the CPU run's up to float rounding. For
     sparsegpt that is the reconstruction-error ratio within 2% and >= 98% of the mask
     entries equal (its masks are chaotic in rounding: on the H200, 0.6% of tiny-clip's 2:4
-    entries differed from the CPU run's; one CPU thread against two flips 0.13%)."""
+    entries differed from the CPU run's; one CPU thread against two flips 0.11%,
+    ``benchmarks/obs_parts.py``)."""
     from vlcompress.prune import prune
 
     a = _tiny_clip()

@@ -82,9 +82,10 @@ def _masked_gram_lower(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
 
 def mirror_lower(g: torch.Tensor, block: int = 256, *, inplace: bool = False) -> torch.Tensor:
     """The symmetric matrix whose lower triangle (diagonal included) is ``g``'s, copied in
-    ``block``-wide strips so the transposed reads stay in cache (0.064 s at D=3072 on one
-    core, against 0.136 s for ``tril(g) + tril(g, -1).T``). ``inplace``: overwrite ``g``'s
-    upper triangle instead of making a new matrix (no second ``D x D`` copy alive)."""
+    ``block``-wide strips so the transposed reads stay in cache (0.051 s at D=3072 on one
+    core, against 0.139 s for ``tril(g) + tril(g, -1).T``: ``benchmarks/obs_parts.py``).
+    ``inplace``: overwrite ``g``'s upper triangle instead of making a new matrix (no second
+    ``D x D`` copy alive)."""
     full = g if inplace else torch.tril(g)
     d = g.shape[0]
     for i in range(0, d, block):
@@ -101,8 +102,9 @@ def _gram_lower(x: torch.Tensor) -> torch.Tensor:
     """``x^T x`` for [T, D], lower triangle guaranteed. On the CPU: BLAS ``ssyrk`` (through
     SciPy), which computes one triangle, half the products: measured on one core at
     T = 1576, D = 3072 (a ViT MLP's second layer, where this product costs more than the
-    block's forward), 0.156 s against 0.230 s for the block triangle below and 0.334 s for
-    the full product; at D = 768, 0.011 s against 0.019 s. Elsewhere :func:`_sym_gram`."""
+    block's forward), 0.156 s against 0.220 s for the block triangle below and 0.323 s for
+    the full product; at D = 768, 0.011 s against 0.018 s (``benchmarks/obs_parts.py``).
+    Elsewhere :func:`_sym_gram`."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] > 0:
         from scipy.linalg import blas
 
