@@ -47,6 +47,7 @@ from .sparsity import (
     sparsity_per_modality,
     unstructured_mask,
 )
+from .sparsity.packed import PackedMasks
 
 DEFAULT_CALIBRATION = {"source": "shapes", "n": 256, "batch_size": 32}
 
@@ -56,12 +57,13 @@ class PruneResult:
     """What :func:`prune` did.
 
     ``masks``: ``{layer name: Bool tensor}`` (True = kept) for every layer it masked (skipped
-    layers have none). ``achieved``, ``per_modality`` and ``per_layer`` are fractions of
+    layers have none), a :class:`~vlcompress.sparsity.packed.PackedMasks` (one bit per weight;
+    each read unpacks a new tensor). ``achieved``, ``per_modality`` and ``per_layer`` are fractions of
     weights pruned over the layers in scope, skipped (dense) layers included. ``seconds`` is
     the whole call's wall time, ``calibration_seconds`` the part spent collecting statistics.
     """
 
-    masks: dict[str, torch.Tensor]
+    masks: PackedMasks
     method: str
     pattern: str
     target: float
@@ -209,13 +211,15 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         calib_seconds = time.perf_counter() - tc
 
     allocation = "nm" if pat.is_nm else ("layerwise" if cfg.layerwise else m.allocation)
-    masks: dict[str, torch.Tensor] = {}
+    masks = PackedMasks()
     if target == 0:
-        masks = {ly.name: torch.ones(ly.weight.shape, dtype=torch.bool, device=ly.weight.device)
-                 for ly in layers}
+        for ly in layers:
+            masks[ly.name] = torch.ones(ly.weight.shape, dtype=torch.bool, device=ly.weight.device)
     elif m.kind == "solve" and layers:  # updates weights / chooses among methods
         solved = m.solve(ctx, layers)
-        masks, details = solved.masks, dict(solved.details)
+        masks = solved.masks if isinstance(solved.masks, PackedMasks) \
+            else PackedMasks(solved.masks)
+        details = dict(solved.details)
         allocation = solved.allocation or allocation
         calib_seconds += solved.calibration_seconds
     elif layers:
@@ -340,7 +344,7 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
         counts = keep_counts(blocks, head_s, neur_s, allocation, target, units, cfg.round_to)
 
     keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    masks: dict[str, torch.Tensor] = {}
+    masks = PackedMasks()
     for b in blocks:
         h, f = counts[b.prefix]
         hk = torch.arange(b.num_heads) if h == b.num_heads else top_k(head_s[b.prefix], h)

@@ -37,6 +37,7 @@ from ..blockwise import CACHE_OPTIONS, cache_kwargs
 from ..errors import ConfigError
 from ..progress import NULL
 from ..sparsity.obs import inverse_hessian_cholesky, obs_prune, reconstruction_error
+from ..sparsity.packed import PackedMasks
 from .registry import Method, Option, Solved, register_method
 
 BLOCKSIZE = 128
@@ -98,7 +99,7 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
     """
     from ..blockwise import run_blockwise
 
-    masks: dict[str, torch.Tensor] = {}
+    masks = PackedMasks()  # packed as each block's masks come: one bit per weight
     ratios: list[float] = []
     factorizations: list[str] = []
 

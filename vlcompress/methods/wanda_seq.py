@@ -20,6 +20,7 @@ import torch
 from ..blockwise import CACHE_OPTIONS, cache_kwargs
 from ..progress import NULL
 from ..scoring.wanda import wanda
+from ..sparsity.packed import PackedMasks
 from ..sparsity.patterns import nm_mask, per_row_mask
 from .registry import Method, Solved, register_method
 
@@ -34,7 +35,7 @@ def wanda_sequential(vlm, layers, data, *, sparsity: float | None = None, n: int
     """
     from ..blockwise import run_blockwise
 
-    masks: dict[str, torch.Tensor] = {}
+    masks = PackedMasks()  # packed as each block's masks come: one bit per weight
     with progress.task("wanda-seq", total=len(layers)) as task:
         def visit(block, stats):
             for ly in block.layers:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..models.base import VLM, PrunableLayer
+from .packed import PackedMasks
 
 
 def _modules(target, names: Iterable[str]) -> dict[str, nn.Module]:
@@ -58,13 +59,20 @@ def apply_masks(target: VLM | nn.Module | Iterable[PrunableLayer],
 
 def _counts(masks: Mapping[str, torch.Tensor], layers: Iterable[PrunableLayer] | None):
     """{name: (pruned, total)}; layers without a mask count as dense."""
+    def pruned(name: str) -> int:
+        if isinstance(masks, PackedMasks):  # counted when packed: no unpacking
+            kept, total = masks.counts(name)
+            return total - kept
+        m = masks[name]
+        return int(m.numel() - m.sum())
+
     if layers is None:
-        return {n: (int(m.numel() - m.sum()), m.numel()) for n, m in masks.items()}
+        return {n: (pruned(n), masks[n].numel() if not isinstance(masks, PackedMasks)
+                    else masks.counts(n)[1]) for n in masks}
     out = {}
     for ly in layers:
-        m = masks.get(ly.name)
         n = ly.weight.numel()
-        out[ly.name] = (0, n) if m is None else (int(m.numel() - m.sum()), n)
+        out[ly.name] = (pruned(ly.name), n) if ly.name in masks else (0, n)
     return out
 
 
