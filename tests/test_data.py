@@ -27,6 +27,11 @@ def test_shapes_classes_and_captions():
         _, s = shapes.sample("eval", i)
         assert s.color in s.full_caption and s.shape in s.full_caption
         assert shapes.CLASSES[s.label] == (s.color, s.shape)
+        assert shapes.full_caption_attributes(s.full_caption) == {
+            "size": s.size, "color": s.color, "shape": s.shape, "position": s.position}
+    for bad in ("a red circle", "a huge red circle in the center", "a small red circle at the moon"):
+        with pytest.raises(ValueError, match="not a full shapes caption"):
+            shapes.full_caption_attributes(bad)
 
 
 def test_load_calibration_batches():

@@ -79,6 +79,20 @@ def _full_caption(color: str, shape: str, size: str, pos: str) -> str:
     return f"a {size} {color} {shape} {where}"
 
 
+def full_caption_attributes(caption: str) -> dict[str, str]:
+    """``{"size", "color", "shape", "position"}`` of a full (retrieval) caption, the inverse
+    of the caption every sample carries as ``full_caption``."""
+    words = caption.split(" ", 4)
+    if len(words) != 5 or words[0] != "a":
+        raise ValueError(f"{caption!r} is not a full shapes caption")
+    where = words[4]
+    pos = "center" if where == "in the center" else where.removeprefix("at the ")
+    if words[1] not in SIZES or words[2] not in COLORS or words[3] not in SHAPES \
+            or pos not in POSITIONS:
+        raise ValueError(f"{caption!r} is not a full shapes caption")
+    return {"size": words[1], "color": words[2], "shape": words[3], "position": pos}
+
+
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
     if shape == "square":
         pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
