@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ..blockwise import CACHE_OPTIONS, cache_kwargs
+from ..blockwise import CACHE_OPTIONS, cache_kwargs, release_freed_memory
 from ..errors import ConfigError
 from ..progress import NULL
 from ..sparsity.obs import inverse_hessian_cholesky, obs_prune, reconstruction_error
@@ -130,6 +130,7 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
                     ratios.append(reconstruction_error(o, new[rows], gd, dtype=torch.float32)
                                   / plain)
                 del g, gd, old, new
+                release_freed_memory()
                 task.advance()
 
         run = run_blockwise(vlm, data, layers, visit, gram=True, inputs=next_block_inputs,
