@@ -396,3 +396,18 @@ def test_offload_benchmark_dry_run(tmp_path):
     assert res["complete"] and res["ok"] and row["mask_agreement"] == 1.0
     assert row["weights_back_on_cpu"] and row["details"]["device"] == "cpu"
     assert "git_commit" in res["provenance"]
+
+
+def test_release_freed_memory_finds_glibc_trim():
+    """The engine's heap trim is glibc's malloc_trim where the C library is glibc, and a
+    no-op elsewhere."""
+    import platform
+
+    from vlcompress import blockwise
+
+    blockwise.release_freed_memory()
+    blockwise.release_freed_memory()  # resolved once, then called
+    if platform.libc_ver()[0] == "glibc":
+        assert callable(blockwise._TRIM)
+    else:
+        assert blockwise._TRIM is False or callable(blockwise._TRIM)

@@ -249,10 +249,10 @@ def release_freed_memory() -> None:
     The engine frees large buffers (a block's Gram matrices and factors, a spent activation
     cache) between small ones that live on (packed masks, the next block's statistics), and
     glibc raises its mmap threshold once a large block is freed, so later large buffers come
-    from the heap and the small survivors pin its pages: on clip-vit-l14 the resident set
-    crept up about 100 MB over the vision tower's blocks. Trimming after each block's visit
-    and each OBS layer kept it flat (``benchmarks/prune_cost.py``, README "SparseGPT block
-    by block"); a call takes about 2 ms (0.4 s of a 56 s prune of clip-vit-b16).
+    from the heap and the small survivors pin its pages: the resident set creeps up block
+    after block. Trimming after each block's visit and each OBS layer keeps it flat; the
+    effect on peak RSS, and the calls' time inside the prune times, are in
+    ``benchmarks/prune_cost.py``'s results (README "SparseGPT block by block").
     """
     global _TRIM
     if _TRIM is None:
