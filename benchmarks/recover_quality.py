@@ -64,12 +64,17 @@ SEARCHED = ("upop", "efficientvlm")
 CI_KEYS = ("zeroshot_top1", "i2t_r1")
 
 
+def i2t_top1(e) -> torch.Tensor:
+    """Each image's top-ranked caption (an index into the eval captions)."""
+    return (e.image @ e.caption.t()).argmax(1)
+
+
 def item_hits(e) -> dict[str, np.ndarray]:
     """Per eval item 0/1: zero-shot correct, and image->text top-1 caption a hit (the same
     definition as :func:`vlcompress.eval.metrics_from_embeddings`)."""
     ids = {c: i for i, c in enumerate(dict.fromkeys(e.caption_text))}
     cid = torch.tensor([ids[c] for c in e.caption_text])
-    top = (e.image @ e.caption.t()).argmax(1)
+    top = i2t_top1(e)
     return {"zeroshot_top1": ((e.image @ e.classes.t()).argmax(1) == e.labels).float().numpy(),
             "i2t_r1": (cid[top] == cid).float().numpy()}
 
@@ -85,7 +90,7 @@ def attribute_hits(e) -> dict[str, np.ndarray] | None:
         attrs = [full_caption_attributes(c) for c in e.caption_text]
     except ValueError:
         return None
-    top = (e.image @ e.caption.t()).argmax(1).tolist()
+    top = i2t_top1(e).tolist()
     return {a: np.array([float(attrs[t][a] == attrs[i][a]) for i, t in enumerate(top)])
             for a in ATTRIBUTES}
 

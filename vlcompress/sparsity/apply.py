@@ -57,23 +57,23 @@ def apply_masks(target: VLM | nn.Module | Iterable[PrunableLayer],
     return zeroed
 
 
+def _kept_total(masks: Mapping[str, torch.Tensor], name: str) -> tuple[int, int]:
+    if isinstance(masks, PackedMasks):  # counted when packed: no unpacking
+        return masks.counts(name)
+    m = masks[name]
+    return int(m.sum()), m.numel()
+
+
 def _counts(masks: Mapping[str, torch.Tensor], layers: Iterable[PrunableLayer] | None):
     """{name: (pruned, total)}; layers without a mask count as dense."""
     def pruned(name: str) -> int:
-        if isinstance(masks, PackedMasks):  # counted when packed: no unpacking
-            kept, total = masks.counts(name)
-            return total - kept
-        m = masks[name]
-        return int(m.numel() - m.sum())
+        kept, total = _kept_total(masks, name)
+        return total - kept
 
     if layers is None:
-        return {n: (pruned(n), masks[n].numel() if not isinstance(masks, PackedMasks)
-                    else masks.counts(n)[1]) for n in masks}
-    out = {}
-    for ly in layers:
-        n = ly.weight.numel()
-        out[ly.name] = (pruned(ly.name), n) if ly.name in masks else (0, n)
-    return out
+        return {n: (pruned(n), _kept_total(masks, n)[1]) for n in masks}
+    return {ly.name: (pruned(ly.name) if ly.name in masks else 0, ly.weight.numel())
+            for ly in layers}
 
 
 def sparsity_of(masks: Mapping[str, torch.Tensor],
