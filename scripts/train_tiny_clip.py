@@ -128,6 +128,9 @@ def main():
     tok = build_shapes_tokenizer()
     model = CLIPModel.from_pretrained(args.init) if args.init else \
         CLIPModel(tiny_clip_config(len(tok)))
+    if model.config.text_config.vocab_size != len(tok):
+        raise SystemExit(f"--init {args.init}: vocabulary of {model.config.text_config.vocab_size} "
+                         f"tokens, the shapes tokenizer has {len(tok)}; not a tiny-clip model")
     print(f"params: {sum(p.numel() for p in model.parameters()):,}")
     t0 = time.time()
     px, caps, _, full_caps = make_pool("train", args.pool)

@@ -399,15 +399,14 @@ def test_offload_benchmark_dry_run(tmp_path):
 
 
 def test_release_freed_memory_finds_glibc_trim():
-    """The engine's heap trim is glibc's malloc_trim where the C library is glibc, and a
-    no-op elsewhere."""
+    """The engine's heap trim is glibc's malloc_trim where the C library is glibc (elsewhere
+    it is a no-op, not checked here)."""
     import platform
 
     from vlcompress import blockwise
 
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc: release_freed_memory is a no-op here")
     blockwise.release_freed_memory()
     blockwise.release_freed_memory()  # resolved once, then called
-    if platform.libc_ver()[0] == "glibc":
-        assert callable(blockwise._TRIM)
-    else:
-        assert blockwise._TRIM is False or callable(blockwise._TRIM)
+    assert callable(blockwise._TRIM)

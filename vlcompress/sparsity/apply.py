@@ -66,13 +66,13 @@ def _kept_total(masks: Mapping[str, torch.Tensor], name: str) -> tuple[int, int]
 
 def _counts(masks: Mapping[str, torch.Tensor], layers: Iterable[PrunableLayer] | None):
     """{name: (pruned, total)}; layers without a mask count as dense."""
-    def pruned(name: str) -> int:
+    def pruned_total(name: str) -> tuple[int, int]:
         kept, total = _kept_total(masks, name)
-        return total - kept
+        return total - kept, total
 
     if layers is None:
-        return {n: (pruned(n), _kept_total(masks, n)[1]) for n in masks}
-    return {ly.name: (pruned(ly.name) if ly.name in masks else 0, ly.weight.numel())
+        return {n: pruned_total(n) for n in masks}
+    return {ly.name: (pruned_total(ly.name)[0] if ly.name in masks else 0, ly.weight.numel())
             for ly in layers}
 
 
