@@ -61,24 +61,38 @@ def to_pixels(images) -> torch.Tensor:
 
 
 def make_pool(split: str, n: int, start: int = 0):
-    imgs, caps, labels, full = [], [], [], []
+    imgs, caps, labels, full, truths = [], [], [], [], []
     for i in range(start, start + n):
         im, s = shapes.sample(split, i)
         imgs.append(im)
         caps.append(s.caption)
         labels.append(s.label)
         full.append(s.full_caption)
-    return to_pixels(imgs), caps, torch.tensor(labels), full
+        truths.append(frozenset(shapes.captions_of(s.color, s.shape, s.size, s.position)))
+    return to_pixels(imgs), caps, torch.tensor(labels), full, truths
 
 
-def multi_positive_clip_loss(logits: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """CLIP loss where pairs with identical caption text count as positives of each other."""
-    idx = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    ids = torch.tensor([idx[c] for c in captions])
-    pos = (ids[:, None] == ids[None, :]).float()
-    target = pos / pos.sum(1, keepdim=True)
-    li = -(target * F.log_softmax(logits, 1)).sum(1).mean()
-    lt = -(target * F.log_softmax(logits.t(), 1)).sum(1).mean()
+def positives(captions: list[str], truths: list[frozenset] | None) -> torch.Tensor:
+    """``pos[i, j]``: caption ``j`` counts as a positive of image ``i``.
+
+    With ``truths`` (each image's true captions, ``shapes.captions_of``), a caption is a
+    positive of every image it describes. Without, only of images whose own caption is the
+    same text; then "a red circle", drawn for one red circle, is a *negative* of every other
+    red circle whose caption names its position, and the model learns to ignore position
+    (the first shipped tiny-clip: position accuracy 22% against 20% chance)."""
+    if truths is None:
+        idx = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        ids = torch.tensor([idx[c] for c in captions])
+        return (ids[:, None] == ids[None, :]).float()
+    return torch.tensor([[c in t for c in captions] for t in truths], dtype=torch.float32)
+
+
+def multi_positive_clip_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """CLIP loss with several positives per row (``logits[i, j]``: image i, caption j): each
+    direction's target spreads evenly over that row's (or column's) positives."""
+    li = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+    pt = pos.t()
+    lt = -(pt / pt.sum(1, keepdim=True) * F.log_softmax(logits.t(), 1)).sum(1).mean()
     return (li + lt) / 2
 
 
@@ -118,6 +132,11 @@ def main():
     ap.add_argument("--full-caption-fraction", type=float, default=0.0,
                     help="fraction of training pairs captioned with every attribute (size, "
                          "colour, shape, position) instead of a random template")
+    ap.add_argument("--positives", choices=("true-captions", "same-text"),
+                    default="true-captions",
+                    help="which captions in a batch count as an image's positives: every caption "
+                         "true of it, or only captions with its own caption's text (the first "
+                         "shipped model's loss, which did not learn position)")
     args = ap.parse_args()
     if not 0.0 <= args.full_caption_fraction <= 1.0:
         raise SystemExit(f"--full-caption-fraction {args.full_caption_fraction} is not in [0, 1]")
@@ -133,13 +152,14 @@ def main():
                          f"tokens, the shapes tokenizer has {len(tok)}; not a tiny-clip model")
     print(f"params: {sum(p.numel() for p in model.parameters()):,}")
     t0 = time.time()
-    px, caps, _, full_caps = make_pool("train", args.pool)
+    px, caps, _, full_caps, truths = make_pool("train", args.pool)
+    truths = truths if args.positives == "true-captions" else None
     if args.full_caption_fraction > 0:  # the same pairs, some captioned in full
         pick = torch.rand(len(caps), generator=torch.Generator().manual_seed(args.seed + 1))
         caps = [f if r < args.full_caption_fraction else c
                 for c, f, r in zip(caps, full_caps, pick.tolist(), strict=True)]
-    vpx, _, vlabels, vfull = make_pool("train", args.val_size, start=args.pool)  # held out
-    epx, _, elabels, efull = make_pool("eval", 720)
+    vpx, _, vlabels, vfull, _ = make_pool("train", args.val_size, start=args.pool)  # held out
+    epx, _, elabels, efull, _ = make_pool("eval", 720)
     print(f"data: {time.time() - t0:.1f}s")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     warm = max(1, args.steps // 20)
@@ -161,7 +181,8 @@ def main():
         if torch.rand(1, generator=g).item() < 0.5:  # brightness jitter
             x = x * (0.9 + 0.2 * torch.rand(len(x), 1, 1, 1, generator=g))
         out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], pixel_values=x)
-        loss = multi_positive_clip_loss(out.logits_per_image, bcaps)
+        pos = positives(bcaps, None if truths is None else [truths[i] for i in idx.tolist()])
+        loss = multi_positive_clip_loss(out.logits_per_image, pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

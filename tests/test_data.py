@@ -34,6 +34,18 @@ def test_shapes_classes_and_captions():
             shapes.full_caption_attributes(bad)
 
 
+def test_captions_of_is_what_is_true_of_a_sample():
+    for i in range(100):
+        _, s = shapes.sample("train", i)
+        true = shapes.captions_of(s.color, s.shape, s.size, s.position)
+        assert s.caption in true and s.full_caption in true
+    red_tl = set(shapes.captions_of("red", "circle", "small", "top left"))
+    red_br = set(shapes.captions_of("red", "circle", "large", "bottom right"))
+    assert "a red circle" in red_tl & red_br  # names neither size nor position
+    assert "a red circle at the top left" in red_tl - red_br
+    assert "a large red circle" in red_br - red_tl
+
+
 def test_load_calibration_batches():
     d = load_calibration(n=10, batch_size=4)
     sizes = [len(b) for b in d.batches()]

@@ -58,9 +58,15 @@ class ShapeSample:
         return CLASSES.index((self.color, self.shape))
 
 
-def _caption(rng: random.Random, color: str, shape: str, size: str, pos: str) -> str:
+def captions_of(color: str, shape: str, size: str, pos: str) -> tuple[str, ...]:
+    """Every caption template filled in for one sample: the captions that are true of it.
+
+    A sample's ``caption`` is one of these (drawn by its seed); its ``full_caption`` is the
+    one naming every attribute. Training uses the set to tell which captions in a batch
+    describe which images (a caption naming only colour and shape is true of every image of
+    that colour and shape)."""
     where = "in the center" if pos == "center" else f"at the {pos}"
-    templates = (
+    return (
         f"a {color} {shape}",
         f"a {color} {shape}",
         f"a {size} {color} {shape}",
@@ -71,7 +77,10 @@ def _caption(rng: random.Random, color: str, shape: str, size: str, pos: str) ->
         f"a {size} {shape} {where}",
         f"a {color} shape {where}",
     )
-    return rng.choice(templates)
+
+
+def _caption(rng: random.Random, color: str, shape: str, size: str, pos: str) -> str:
+    return rng.choice(captions_of(color, shape, size, pos))
 
 
 def _full_caption(color: str, shape: str, size: str, pos: str) -> str:
