@@ -1,6 +1,6 @@
 """Train the embedded ``tiny-clip`` model on the bundled shapes data, from scratch, on CPU.
 
-    python scripts/train_tiny_clip.py --steps 2500 --out vlcompress/assets/models/tiny-clip
+    OMP_NUM_THREADS=2 python scripts/train_tiny_clip.py --out vlcompress/assets/models/tiny-clip
 
 The result is a real HF ``CLIPModel`` (plus its word-level tokenizer and image processor)
 saved as safetensors; ``vlcompress.json`` beside it records the training history and the
@@ -13,13 +13,15 @@ indices ``[pool, pool + val-size)`` (their own seeds; training draws only indice
 is kept. The eval split (720) is measured once, on that checkpoint, at the end.
 Deterministic given ``--seed`` (up to PyTorch's CPU kernel nondeterminism).
 
-The shipped model was trained with the defaults, and learned colour, shape and size but not
-position (its i2t R@1 on full captions is its position accuracy, a few points above chance:
-``benchmarks/recover_quality.py``). ``--full-caption-fraction`` captions that share of the
-training pairs with every attribute, and ``--init`` continues from a saved model:
-
-    python scripts/train_tiny_clip.py --init vlcompress/assets/models/tiny-clip \
-        --full-caption-fraction 0.5 --steps 500 --lr 3e-4 --out /tmp/tiny-clip-pos
+The loss is CLIP's, with several positives per row: every caption in the batch that is true
+of an image (``shapes.captions_of``) is its positive ("a red circle" describes every red
+circle). The shipped model was trained with the defaults (3000 steps, 14 minutes on two CPU
+threads) and knows size, colour, shape and position (eval zero-shot 99.9%, i2t R@1 100%).
+``--positives same-text`` is the first shipped model's loss: only captions with the same text
+were positives, so "a red circle" was a negative of every other red circle whose caption named
+its position, and that model learned to ignore position (its i2t R@1 was its position
+accuracy, a few points above chance). ``--full-caption-fraction`` captions that share of the
+training pairs with every attribute, and ``--init`` continues from a saved model.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def evaluate(model, tok, px, labels, full):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pool", type=int, default=24000)
