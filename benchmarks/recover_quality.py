@@ -1,7 +1,7 @@
 """Accuracy retained after recovery: tiny-clip at 50% structured sparsity, defaults as shipped.
 
-    python benchmarks/recover_quality.py [--recover-steps 1200 --recover-lr 1e-3]
-                                         [--distill-weight w_relation=1]
+    python benchmarks/recover_quality.py [--recover-steps 1200] [--recover-lr LR]
+                                         [--distill-weight w_relation=0]
                                          [--schedule cosine|constant]
                                          [--method-option upop:retrain_steps=1200 ...]
 
@@ -14,9 +14,12 @@ equivalent command:
   methods' shipped option defaults (search, slicing, distillation retraining), i.e.
   ``vlcompress prune-export --method upop --pattern structured --sparsity 0.5``; a
   ``--method-option METHOD:KEY=VALUE`` here changes one and is printed beside the row;
-- ``multiflow`` and ``mope`` structured, then ``recover`` (``--recover-steps`` steps at
-  ``--recover-lr``, the dense model as teacher, the same training pairs), i.e. ``prune-export``
-  followed by ``vlcompress recover RUN --steps S --lr LR --data shapes --size 4096``.
+- ``multiflow`` and ``mope`` structured, then ``recover`` (``--recover-steps`` steps, the dense
+  model as teacher, the same training pairs), i.e. ``prune-export`` followed by ``vlcompress
+  recover RUN --steps S --data shapes --size 4096``. The learning rate and loss weights are
+  ``recover``'s as shipped: the dense model's recovery recipe (tiny-clip's ``vlcompress.json``:
+  lr 1e-3, ``w_relation=1``; ``RecoverResult.recipe``, recorded per row), unless
+  ``--recover-lr`` / ``--distill-weight`` set them, which the row's command then shows.
 
 Recovery and retraining use the shipped learning-rate schedule (cosine, ``distill.lr_at``).
 
@@ -26,9 +29,8 @@ pairs an R@1 near 27% is only known to a few points, so a retained fraction is t
 wall time of the whole method (prune + search + retraining or
 recovery, evaluation excluded) on this machine.
 
-The recover rows' defaults (1200 steps at lr 1e-3 with relation distillation) are tiny-clip's
-recipe, measured in the README; ``vlcompress recover``'s own default rate (5e-5) is for real
-checkpoints. Each row prints its full command.
+The recover rows run 1200 steps by default; everything else is as shipped, and each row
+prints its full command.
 
 On the bundled shapes data an i2t R@1 hit needs the top-1 caption to name the image's size,
 colour, shape *and* position; the second table gives each attribute's accuracy, and the R@1
@@ -144,7 +146,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def run(model: str, methods: list[str], sparsity: float, recover_steps: int, recover_lr: float,
+def run(model: str, methods: list[str], sparsity: float, recover_steps: int,
+        recover_lr: float | None,
         calib_n: int, eval_n: int, train_n: int, overrides: dict,
         weights: dict | None = None, schedule: str = DISTILL_DEFAULTS["schedule"]) -> dict:
     calib = load_calibration("shapes", n=calib_n, batch_size=32, seed=0)
@@ -182,14 +185,18 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int, rec
             row["pruned"] = evaluate(vlm, data)
             rec = recover(vlm, steps=recover_steps, teacher=teacher, lr=recover_lr, data=train,
                           seed=0, weights=weights, schedule=schedule)
-            extra = "".join(f", {k}={v:g}" for k, v in (weights or {}).items())
+            used_w = {**(weights or {}), **{k: v for k, v in ((rec.recipe or {}).get(
+                "applied") or {}).items() if k != "lr"}}
+            extra = "".join(f", {k}={v:g}" for k, v in used_w.items())
             shipped = schedule == DISTILL_DEFAULTS["schedule"]
             sched = "" if shipped else f", {schedule} lr"
             row["recipe"] = (f"{method} structured + recover ({recover_steps} steps, "
-                             f"lr {recover_lr:g}{extra}{sched})")
+                             f"lr {rec.lr:g}{extra}{sched})")
+            row["recover_recipe"] = rec.recipe  # what the model's recovery recipe set
             dw = "".join(f" --distill-weight {k}={v:g}" for k, v in (weights or {}).items())
+            lr_flag = "" if recover_lr is None else f" --lr {recover_lr:g}"
             row["command"] = (f"{base} --method {method}{flags} --out RUN && vlcompress recover RUN "
-                              f"--steps {recover_steps} --lr {recover_lr:g} --data shapes "
+                              f"--steps {recover_steps}{lr_flag} --data shapes "
                               f"--size {train_n}{dw}"
                               + ("" if shipped else f" --schedule {schedule}"))
             row["recover_loss"] = [rec.losses[0], rec.losses[-1]]
@@ -253,7 +260,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--recover-steps", type=int, default=1200)
-    ap.add_argument("--recover-lr", type=float, default=1e-3)
+    ap.add_argument("--recover-lr", type=float, default=None,
+                    help="learning rate of the recover rows (vlcompress recover --lr); default "
+                         "recover's own: the model's recovery recipe, else 5e-5")
     ap.add_argument("--train-size", type=int, default=4096)
     ap.add_argument("--calibration-size", type=int, default=256)
     # 3600, not the CLI's 720: on 720 pairs i2t R@1 (near 27%) is known to about +-12 points of
@@ -262,15 +271,15 @@ def main() -> None:
     ap.add_argument("--method-option", action="append", default=[],
                     help="METHOD:KEY=VALUE, e.g. upop:retrain_steps=1200 (repeatable)")
     ap.add_argument("--distill-weight", action="append", default=None,
-                    help="KEY=VALUE loss weight of the recover rows (vlcompress.distill.DEFAULTS; "
-                         "vlcompress recover --distill-weight); default w_relation=1, "
-                         "'--distill-weight=' for the CLI's own weights")
+                    help="KEY=VALUE loss weight of the recover rows (vlcompress recover "
+                         "--distill-weight, repeatable); default recover's own: the model's "
+                         "recovery recipe, else vlcompress.distill.DEFAULTS")
     ap.add_argument("--schedule", default=DISTILL_DEFAULTS["schedule"], choices=SCHEDULES,
                     help="learning-rate schedule of the recover rows (vlcompress recover "
                          "--schedule; default the shipped cosine)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    given = ["w_relation=1"] if a.distill_weight is None else a.distill_weight
+    given = a.distill_weight or []
     weights = {k: float(v) for k, v in (w.split("=", 1) for w in given if w)}
     t0 = time.perf_counter()
     res = run(a.model, a.methods.split(","), a.sparsity, a.recover_steps, a.recover_lr,

@@ -184,6 +184,59 @@ def test_cli_recover(tmp_path):
     assert rec["schedule"] == "constant"
 
 
+def test_recovery_recipe_fills_what_the_user_left(tmp_path):
+    """lr and loss weights the user does not set come from the dense model's recovery recipe
+    (its vlcompress.json), else from the defaults; what the recipe set is recorded."""
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+    from vlcompress.distill import DEFAULTS
+
+    run = _run_dir(tmp_path)
+    kw = dict(steps=2, data=_data(), evaluate=False, resume=False)
+    res = recover(run, **kw)  # no model card: the generic defaults
+    assert res.lr == DEFAULTS["lr"] and res.recipe is None
+    card = tmp_path / "dense-model" / "vlcompress.json"
+    card.write_text(json.dumps({"family": "clip", "recover_recipe": {
+        "lr": 2e-3, "weights": {"w_relation": 0.5}, "measured": "a test"}}))
+    res = recover(run, **kw)
+    assert res.lr == 2e-3
+    assert res.recipe == {"from": str(card), "applied": {"lr": 2e-3, "w_relation": 0.5}}
+    rec = json.loads((run / "recover.json").read_text())
+    assert rec["lr"] == 2e-3 and rec["distill_weights"]["w_relation"] == 0.5
+    assert rec["recipe"]["applied"] == {"lr": 2e-3, "w_relation": 0.5}
+    res = recover(run, lr=1e-4, weights={"w_relation": 0}, **kw)  # the user's choices win
+    assert res.lr == 1e-4 and res.recipe is None
+    res = recover(run, lr=1e-4, **kw)
+    assert res.lr == 1e-4 and res.recipe["applied"] == {"w_relation": 0.5}
+    out = CliRunner().invoke(app, ["recover", str(run), "--steps", "2", "--size", "8",
+                                   "--batch-size", "4", "--eval-size", "16", "--no-resume"])
+    assert out.exit_code == 0, out.output
+    assert "recovery used lr 0.002, w_relation=0.5 from the dense model's recovery recipe" \
+        in " ".join(out.stdout.split())
+    for bad, needle in (({"lr": -1}, "recover_recipe lr -1"), ({"lr": 1e-3, "speed": 2},
+                        "allowed keys: lr, weights"), ({"weights": {"w_nope": 1}}, "w_nope"),
+                        ([1], "allowed keys")):
+        card.write_text(json.dumps({"recover_recipe": bad}))
+        shutil.rmtree(run / "recovered", ignore_errors=True)
+        with pytest.raises(ModelError, match=needle) as exc:
+            recover(run, **kw)
+        assert "vlcompress.json" in str(exc.value) and "\n" not in str(exc.value)
+        assert not (run / "recovered").exists()
+    card.write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        recover(run, **kw)
+
+
+def test_tiny_clip_ships_its_recipe():
+    from vlcompress.models import load_model
+    from vlcompress.recover import recovery_recipe
+
+    recipe, where = recovery_recipe(load_model("tiny-clip"))
+    assert recipe == {"lr": 1e-3, "weights": {"w_relation": 1.0}}
+    assert where.endswith("tiny-clip/vlcompress.json")
+
+
 def test_cosine_schedule():
     """Linear warm-up over 5% of the steps (at most 100), then cosine to 0; constant is lr."""
     from vlcompress.distill import DEFAULTS, lr_at
@@ -225,6 +278,11 @@ def test_prune_export_recover_steps_keeps_2_4(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     rec = rep["prune"]["details"]["recover"]
     assert rec["steps"] == 3 and rec["pattern_preserved"]
+    # tiny-clip's recovery recipe set the rate and relation weight, and the report says so
+    assert rec["lr"] == 1e-3 and rec["recipe"]["applied"] == {"lr": 1e-3, "w_relation": 1.0}
+    assert any("recovery used lr 0.001, w_relation=1 from the dense model's recovery recipe"
+               in n for n in rep["data"]["notes"])
+    assert "recovery recipe" in (out / "report.md").read_text()
     assert abs(rep["prune"]["achieved"] - 0.5) < 1e-6
     pruned = [n for n in rep["prune"]["per_layer"]]
     for tower in ("vision", "text"):

@@ -44,3 +44,13 @@ def test_loss_prefers_the_true_ranking():
     # the minimum: the one row (image 0) and one column (caption 1) with two positives each
     # split their mass evenly, cross-entropy ln 2 each, averaged over 3 rows and 3 columns
     assert abs(train.multi_positive_clip_loss(good, pos).item() - math.log(2) / 3) < 1e-3
+
+
+def test_training_writes_the_shipped_recovery_recipe():
+    import json
+
+    from vlcompress.models.registry import bundled_models
+
+    (tiny,) = [e for e in bundled_models() if e.name == "tiny-clip"]
+    card = json.loads((tiny.path / "vlcompress.json").read_text())
+    assert card["recover_recipe"] == train.RECOVER_RECIPE

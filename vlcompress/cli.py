@@ -206,7 +206,9 @@ def prune_export_cmd(
     depth: DepthOpt = "0",
     method_option: MethodOptionOpt = None,
     recover_steps: Annotated[int, typer.Option(
-        "--recover-steps", help="Distil the dense model into the pruned one for N steps.")] = 0,
+        "--recover-steps", help="Distil the dense model into the pruned one for N steps "
+        "(learning rate and loss weights: the model's recovery recipe, else `recover`'s "
+        "defaults; the report says which).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
     quantize: QuantizeOpt = "none",
     quantize_method: QuantMethodOpt = "static",
@@ -501,7 +503,9 @@ def sweep_cmd(
 def recover_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A prune-export output folder.")],
     steps: Annotated[int, typer.Option("--steps", help="Distillation steps (positive).")] = 200,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 5e-5,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", help="Learning rate (AdamW). Default: the dense model's recovery recipe (its "
+        "vlcompress.json; tiny-clip's is 1e-3), else 5e-5 (for pretrained checkpoints).")] = None,
     schedule: Annotated[str, typer.Option(
         "--schedule", help="Learning-rate schedule: cosine (linear warm-up over 5% of the "
         "steps, then decay to 0) or constant.")] = "cosine",
@@ -518,12 +522,12 @@ def recover_cmd(
                                          help="Continue from RUN_DIR/recover/last.pt.")] = True,
     distill_weight: Annotated[list[str] | None, typer.Option(
         "--distill-weight", help="A loss weight KEY=VALUE (repeatable): w_contrastive, w_embed, "
-        "w_logits, temperature, w_relation (relation distillation over the batch; default 0), "
-        "e.g. w_relation=1.")] = None,
+        "w_logits, temperature, w_relation (relation distillation over the batch; default 0, "
+        "or the dense model's recovery recipe), e.g. w_relation=1.")] = None,
 ):
     """Distil the dense model into the pruned one (pattern preserved), then re-evaluate."""
     from .distill import check_schedule, check_weights
-    from .recover import recover
+    from .recover import describe_recipe, recover
 
     weights = check_weights(distill_weight)
     check_schedule(schedule)
@@ -546,6 +550,9 @@ def recover_cmd(
                   f"recovered {fid:.4f}")
     out.print(f"trained on {res.data['source']} ({res.data['kind']}, n={res.data['n']})",
               soft_wrap=True)
+    if res.recipe:
+        out.print(describe_recipe(res.recipe) + "; --lr / --distill-weight override it",
+                  soft_wrap=True)
     out.print(f"recovered {res.steps - res.start_step} steps"
               + (f" (resumed at {res.start_step})" if res.start_step else "")
               + f" in {res.seconds:.1f}s -> {run_dir}/recovered/model, recover.json", soft_wrap=True)

@@ -329,6 +329,10 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
                           seed=cfg.seed, progress=progress).to_dict()
             rec["fidelity_before"] = before  # the report's accuracy is after recovery
             result.details["recover"] = rec
+            if rec["recipe"]:  # lr / loss weights the user did not set came from the model
+                from .recover import describe_recipe
+
+                data_section["notes"].append(describe_recipe(rec["recipe"]))
             teacher = None
         accuracy = None
         if dense_emb is not None:

@@ -54,15 +54,33 @@ class Entry:
     path: Path
 
 
+MODEL_CARD = "vlcompress.json"
+
+
+def model_card(folder) -> dict:
+    """The ``vlcompress.json`` a model folder carries (every bundled model has one; any model
+    folder may), or ``{}``: family, description, training record and, optionally, the
+    ``recover_recipe`` that :func:`vlcompress.recover.recover` starts from."""
+    f = Path(folder) / MODEL_CARD if folder else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        card = json.loads(f.read_text())
+    except ValueError:
+        raise ModelError(f"{str(f)!r} is not valid JSON; allowed: a vlcompress model card "
+                         "(or no such file)") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"{str(f)!r} is not a JSON object; allowed: a vlcompress model card")
+    return card
+
+
 def bundled_models() -> list[Entry]:
     out = []
     root = ASSETS / "models"
     if root.is_dir():
         for d in sorted(root.iterdir()):
             if (d / "config.json").is_file():
-                meta = {}
-                if (d / "vlcompress.json").is_file():
-                    meta = json.loads((d / "vlcompress.json").read_text())
+                meta = model_card(d)
                 out.append(Entry(d.name, "bundled", meta.get("family", "clip"),
                                  meta.get("description", ""), d))
     return out
