@@ -41,9 +41,9 @@ from vlcompress.data.tokenizer import build_shapes_tokenizer
 
 # What `vlcompress recover` starts from on this model when the user sets no --lr /
 # --distill-weight (vlcompress.recover.recovery_recipe). Measured on the shipped model by
-# `python benchmarks/recover_quality.py`: 50% structured + 1200 steps retains 98.7-99.0% of
-# zero-shot and i2t R@1; at recover's generic 5e-5 the same multiflow model keeps 96.9% of
-# zero-shot and 68.8% of i2t R@1 (benchmarks/results/quant_quality.json).
+# `python benchmarks/recover_quality.py`: 50% structured + 1200 steps retains 98.6-99.0% of
+# zero-shot and i2t R@1; at recover's generic 5e-5 the same multiflow model keeps 97.2% of
+# zero-shot and 65.9% of i2t R@1 (benchmarks/results/recover_quality_generic_defaults.json).
 RECOVER_RECIPE = {"lr": 1e-3, "weights": {"w_relation": 1.0},
                   "measured": "benchmarks/results/recover_quality.json"}
 
