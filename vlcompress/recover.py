@@ -26,8 +26,9 @@ The learning rate and loss weights the user leaves unset come from the dense mod
 **recovery recipe** when its folder ships one (``"recover_recipe"`` in its
 ``vlcompress.json``: ``{"lr": ..., "weights": {...}}``), else from
 :data:`vlcompress.distill.DEFAULTS` (lr 5e-5, for pretrained checkpoints). The right rate
-depends on the model: tiny-clip, trained from scratch at 1e-3, recovers at 1e-3 (98.9% of
-zero-shot at 50% structured, 1200 steps) and barely moves at 5e-5 (96.9%), while real
+depends on the model: tiny-clip, trained from scratch at 1e-3, recovers at 1e-3 (50%
+structured multiflow, 1200 steps: 99.0% of zero-shot and 98.7% of i2t R@1 retained) and
+falls short at 5e-5 (97.2% / 65.9%: ``benchmarks/results/recover_quality*.json``), while real
 MiniLM weights are hurt by 1e-3 and helped by 5e-5 (``benchmarks/results/real_text_recover_*``).
 What the recipe set is recorded (``RecoverResult.recipe``, ``recover.json``).
 """
