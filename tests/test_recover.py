@@ -198,7 +198,7 @@ def test_recovery_recipe_fills_what_the_user_left(tmp_path):
     assert res.lr == DEFAULTS["lr"] and res.recipe is None
     card = tmp_path / "dense-model" / "vlcompress.json"
     card.write_text(json.dumps({"family": "clip", "recover_recipe": {
-        "lr": 2e-3, "weights": {"w_relation": 0.5}, "measured": "a test"}}))
+        "lr": 2e-3, "min_steps": 2, "weights": {"w_relation": 0.5}, "measured": "a test"}}))
     res = recover(run, **kw)
     assert res.lr == 2e-3
     assert res.recipe == {"from": str(card), "applied": {"lr": 2e-3, "w_relation": 0.5}}
@@ -209,14 +209,18 @@ def test_recovery_recipe_fills_what_the_user_left(tmp_path):
     assert res.lr == 1e-4 and res.recipe is None
     res = recover(run, lr=1e-4, **kw)
     assert res.lr == 1e-4 and res.recipe["applied"] == {"w_relation": 0.5}
+    # a run shorter than the recipe's min_steps keeps the default rate, and says so
+    res = recover(run, **{**kw, "steps": 1})
+    assert res.lr == DEFAULTS["lr"] and res.recipe["applied"] == {"w_relation": 0.5}
+    assert res.recipe["not_applied"] == {"lr": 2e-3} and res.recipe["min_steps"] == 2
     out = CliRunner().invoke(app, ["recover", str(run), "--steps", "2", "--size", "8",
                                    "--batch-size", "4", "--eval-size", "16", "--no-resume"])
     assert out.exit_code == 0, out.output
     assert "recovery used lr 0.002, w_relation=0.5 from the dense model's recovery recipe" \
         in " ".join(out.stdout.split())
     for bad, needle in (({"lr": -1}, "recover_recipe lr -1"), ({"lr": 1e-3, "speed": 2},
-                        "allowed keys: lr, weights"), ({"weights": {"w_nope": 1}}, "w_nope"),
-                        ([1], "allowed keys")):
+                        "allowed keys: lr, min_steps"), ({"weights": {"w_nope": 1}}, "w_nope"),
+                        ({"min_steps": 0}, "steps 0"), ([1], "allowed keys")):
         card.write_text(json.dumps({"recover_recipe": bad}))
         shutil.rmtree(run / "recovered", ignore_errors=True)
         with pytest.raises(ModelError, match=needle) as exc:
@@ -233,7 +237,7 @@ def test_tiny_clip_ships_its_recipe():
     from vlcompress.recover import recovery_recipe
 
     recipe, where = recovery_recipe(load_model("tiny-clip"))
-    assert recipe == {"lr": 1e-3, "weights": {"w_relation": 1.0}}
+    assert recipe == {"lr": 1e-3, "min_steps": 100, "weights": {"w_relation": 1.0}}
     assert where.endswith("tiny-clip/vlcompress.json")
 
 
@@ -278,10 +282,13 @@ def test_prune_export_recover_steps_keeps_2_4(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     rec = rep["prune"]["details"]["recover"]
     assert rec["steps"] == 3 and rec["pattern_preserved"]
-    # tiny-clip's recovery recipe set the rate and relation weight, and the report says so
-    assert rec["lr"] == 1e-3 and rec["recipe"]["applied"] == {"lr": 1e-3, "w_relation": 1.0}
-    assert any("recovery used lr 0.001, w_relation=1 from the dense model's recovery recipe"
-               in n for n in rep["data"]["notes"])
+    # tiny-clip's recovery recipe set the relation weight; its rate is for runs of 100+ steps,
+    # so these 3 steps keep the default rate; the report says both
+    assert rec["lr"] == 5e-5 and rec["recipe"]["applied"] == {"w_relation": 1.0}
+    assert rec["recipe"]["not_applied"] == {"lr": 1e-3}
+    assert any("recovery used w_relation=1 from the dense model's recovery recipe" in n
+               and "at least 100 steps, so this 3-step run used lr 5e-05" in n
+               for n in rep["data"]["notes"]), rep["data"]["notes"]
     assert "recovery recipe" in (out / "report.md").read_text()
     assert abs(rep["prune"]["achieved"] - 0.5) < 1e-6
     pruned = [n for n in rep["prune"]["per_layer"]]

@@ -30,7 +30,9 @@ depends on the model: tiny-clip, trained from scratch at 1e-3, recovers at 1e-3 
 structured multiflow, 1200 steps: 99.0% of zero-shot and 98.7% of i2t R@1 retained) and
 falls short at 5e-5 (97.2% / 65.9%: ``benchmarks/results/recover_quality*.json``), while real
 MiniLM weights are hurt by 1e-3 and helped by 5e-5 (``benchmarks/results/real_text_recover_*``).
-What the recipe set is recorded (``RecoverResult.recipe``, ``recover.json``).
+A recipe's lr applies to runs of at least its ``min_steps`` (tiny-clip: 100; at 1e-3 a 20-step
+run lost fidelity, 60 steps gained it); shorter runs keep the default rate. What the recipe
+set, and what it did not, is recorded (``RecoverResult.recipe``, ``recover.json``).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class RecoverResult:
     run_dir: str | None = None
     model_path: str | None = None
     checkpoint: str | None = None
-    recipe: dict | None = None  # {"from": model card path, "applied": {lr / weights it set}}
+    recipe: dict | None = None  # {"from": card path, "applied": {...}[, "not_applied": {...}]}
 
     @property
     def resumed(self) -> bool:
@@ -153,9 +155,11 @@ def _check_lr(lr, where: str = "learning rate") -> float:
 
 
 def recovery_recipe(vlm) -> tuple[dict, str | None]:
-    """``({"lr": float, "weights": {...}}, card path)`` from the ``recover_recipe`` of the
-    model card in ``vlm``'s folder (:func:`vlcompress.models.registry.model_card`), or
-    ``({}, None)`` when it has none. A malformed recipe is a one-line error naming the file."""
+    """``({"lr": float, "weights": {...}, "min_steps": int}, card path)`` from the
+    ``recover_recipe`` of the model card in ``vlm``'s folder
+    (:func:`vlcompress.models.registry.model_card`), or ``({}, None)`` when it has none.
+    ``min_steps``: the shortest run its ``lr`` is for. A malformed recipe is a one-line error
+    naming the file."""
     from .models.registry import MODEL_CARD, model_card
 
     folder = Path(vlm.source) if getattr(vlm, "source", "") else None
@@ -165,41 +169,62 @@ def recovery_recipe(vlm) -> tuple[dict, str | None]:
     if raw is None:
         return {}, None
     where = str(folder / MODEL_CARD)
-    if not isinstance(raw, dict) or set(raw) - {"lr", "weights", "measured"}:
-        raise ModelError(f"{where!r}: recover_recipe must be an object with lr, weights "
-                         "(and a measured note); allowed keys: lr, weights, measured")
+    keys = ("lr", "min_steps", "weights", "measured")
+    if not isinstance(raw, dict) or set(raw) - set(keys):
+        raise ModelError(f"{where!r}: recover_recipe must be an object; allowed keys: "
+                         f"{', '.join(keys)}")
     out: dict = {}
     try:
         if "lr" in raw:
             out["lr"] = _check_lr(raw["lr"], "recover_recipe lr")
+        if "min_steps" in raw:
+            out["min_steps"] = _check_steps(raw["min_steps"])
         if raw.get("weights"):
             out["weights"] = check_weights(raw["weights"])
     except ConfigError as exc:
-        raise ModelError(f"{where!r}: {exc}") from None
+        raise ModelError(f"{where!r}: recover_recipe: {exc}") from None
     return out, where
 
 
-def apply_recipe(teacher, lr, weights: dict) -> tuple[float, dict, dict | None]:
+def apply_recipe(teacher, lr, weights: dict, steps: int) -> tuple[float, dict, dict | None]:
     """``(lr, weights, recipe record)``: what the user set wins; the dense model's recovery
-    recipe fills the rest; :data:`~vlcompress.distill.DEFAULTS` after that."""
+    recipe fills the rest; :data:`~vlcompress.distill.DEFAULTS` after that. The recipe's lr
+    is used only for runs of at least its ``min_steps`` (a high rate needs the steps to
+    anneal: tiny-clip at 1e-3 loses fidelity in 20 steps and gains it in 60); a shorter run
+    keeps the default rate, and the record says so (``not_applied``)."""
     recipe, where = recovery_recipe(teacher)
-    applied = {}
+    applied, not_applied = {}, {}
     if lr is None:
-        lr = recipe.get("lr", DEFAULTS["lr"])
+        lr = DEFAULTS["lr"]
         if "lr" in recipe:
-            applied["lr"] = lr
+            if steps >= recipe.get("min_steps", 1):
+                lr = applied["lr"] = recipe["lr"]
+            else:
+                not_applied["lr"] = recipe["lr"]
     weights = dict(weights)
     for k, v in (recipe.get("weights") or {}).items():
         if k not in weights:
             weights[k] = applied[k] = v
-    return lr, weights, ({"from": where, "applied": applied} if applied else None)
+    if not applied and not not_applied:
+        return lr, weights, None
+    record = {"from": where, "applied": applied}
+    if not_applied:
+        record.update(not_applied=not_applied, min_steps=recipe["min_steps"], steps=steps,
+                      lr_used=lr)
+    return lr, weights, record
 
 
 def describe_recipe(recipe: dict) -> str:
     """What the dense model's recovery recipe set, and where it came from, in one sentence."""
     what = ", ".join(f"lr {v:g}" if k == "lr" else f"{k}={v:g}"
                      for k, v in recipe["applied"].items())
-    return f"recovery used {what} from the dense model's recovery recipe ({recipe['from']})"
+    line = (f"recovery used {what} from the dense model's recovery recipe ({recipe['from']})"
+            if what else f"the dense model's recovery recipe ({recipe['from']})")
+    if recipe.get("not_applied"):
+        line += (f"; its lr {recipe['not_applied']['lr']:g} is for runs of at least "
+                 f"{recipe['min_steps']} steps, so this {recipe['steps']}-step run used lr "
+                 f"{recipe['lr_used']:g}")
+    return line
 
 
 def _evaluate(teacher, student, ev, dense_emb=None) -> tuple[dict, dict, object]:
@@ -264,7 +289,7 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     if evaluate:
         student.check_data(eval_data, "eval data")
     teacher = _load_teacher(teacher, student, report)
-    lr, weights, recipe = apply_recipe(teacher, lr, weights)
+    lr, weights, recipe = apply_recipe(teacher, lr, weights, steps)
     from .data import load_train
 
     train = load_train(data, n, batch_size, seed)
