@@ -46,7 +46,8 @@ from vlcompress.data.tokenizer import build_shapes_tokenizer
 # zero-shot and 65.9% of i2t R@1 (benchmarks/results/recover_quality_generic_defaults.json).
 # The rate needs steps to anneal: 2:4 magnitude, recovered on 24 pairs at 1e-3, lost fidelity
 # to the dense model in 20 steps (mean cosine 0.948 -> 0.926) and gained it in 60 (0.994) and
-# 100 (0.999); so min_steps 100, below which recover keeps its generic rate.
+# 100 (0.999) (benchmarks/recover_short_runs.py); so min_steps 100, below which recover
+# keeps its generic rate.
 RECOVER_RECIPE = {"lr": 1e-3, "min_steps": 100, "weights": {"w_relation": 1.0},
                   "measured": "benchmarks/results/recover_quality.json"}
 
