@@ -17,7 +17,6 @@ the same 24 pairs, before and after recovery.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -27,23 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 from vlcompress import load_calibration, load_eval, load_model, prune  # noqa: E402
-from vlcompress.data import load_train  # noqa: E402
+from vlcompress.data import load_train, save_pairs  # noqa: E402
 from vlcompress.distill import dense_copy  # noqa: E402
 from vlcompress.eval import embed_eval, fidelity  # noqa: E402
 from vlcompress.recover import recover  # noqa: E402
 
 RUNS = "20:1e-3,40:1e-3,60:1e-3,100:1e-3,20:5e-5,100:5e-5"
-
-
-def write_pairs(root: Path, n: int) -> Path:
-    src = load_eval("shapes", n=n)
-    (root / "img").mkdir(parents=True)
-    lines = []
-    for i, (im, cap) in enumerate(zip(src.images, src.retrieval_captions, strict=True)):
-        im.save(root / "img" / f"{i:03d}.png")
-        lines.append(json.dumps({"image": f"img/{i:03d}.png", "caption": cap}))
-    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def mean_cos(f: dict) -> float:
@@ -53,7 +41,8 @@ def mean_cos(f: dict) -> float:
 def run(model: str, runs: list[tuple[int, float]], n: int, weights: dict) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_pairs(Path(tmp) / "pairs", n)
+        src = load_eval("shapes", n=n)
+        folder = save_pairs(src, Path(tmp) / "pairs", src.retrieval_captions)
         ev = load_eval(str(folder), n=n)
         calib = load_calibration(str(folder), n=n)
         for steps, lr in runs:

@@ -46,6 +46,23 @@ def test_captions_of_is_what_is_true_of_a_sample():
     assert "a large red circle" in red_br - red_tl
 
 
+def test_save_pairs_round_trip(tmp_path):
+    from vlcompress.data import save_pairs, text_data
+
+    src = load_eval(n=5)
+    root = save_pairs(src, tmp_path / "pairs", src.retrieval_captions)
+    back = folder_pairs(root)
+    assert back.captions == src.retrieval_captions
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(back.images, src.images, strict=True))  # PNG is lossless
+    with pytest.raises(DataError, match="4 captions for 5 images"):
+        save_pairs(src, tmp_path / "x", src.captions[:4])
+    txt = tmp_path / "s.txt"
+    txt.write_text("a red circle\na blue star\n")
+    with pytest.raises(DataError, match="text only"):
+        save_pairs(text_data(txt), tmp_path / "y")
+
+
 def test_load_calibration_batches():
     d = load_calibration(n=10, batch_size=4)
     sizes = [len(b) for b in d.batches()]

@@ -15,17 +15,10 @@ from vlcompress.cli import app
 @pytest.fixture
 def pairs_folder(tmp_path):
     """24 image-caption pairs written as a user would have them (PNG files + captions.jsonl)."""
-    from vlcompress.data import load_eval
+    from vlcompress.data import load_eval, save_pairs
 
     src = load_eval("shapes", n=24)
-    root = tmp_path / "my_pairs"
-    (root / "img").mkdir(parents=True)
-    lines = []
-    for i, (im, cap) in enumerate(zip(src.images, src.retrieval_captions, strict=True)):
-        im.save(root / "img" / f"{i:03d}.png")
-        lines.append(json.dumps({"image": f"img/{i:03d}.png", "caption": cap}))
-    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return save_pairs(src, tmp_path / "my_pairs", src.retrieval_captions)
 
 
 def test_prune_export_recovers_on_the_users_folder(pairs_folder, tmp_path):

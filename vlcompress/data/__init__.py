@@ -13,7 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .pairs import PairBatch, PairData, as_pair_data, folder_pairs, shapes_pairs, source_kind, text_data
+from .pairs import (
+    PairBatch,
+    PairData,
+    as_pair_data,
+    folder_pairs,
+    save_pairs,
+    shapes_pairs,
+    source_kind,
+    text_data,
+)
 
 SPLITS = ("calibration", "train", "eval")
 
@@ -60,4 +69,5 @@ def load_train(source: str | Path | PairData = "shapes", n: int = 4096, batch_si
 
 
 __all__ = ["PairBatch", "PairData", "SPLITS", "as_pair_data", "folder_pairs", "load_calibration",
-           "load_data", "load_eval", "load_train", "shapes_pairs", "source_kind", "text_data"]
+           "load_data", "load_eval", "load_train", "save_pairs", "shapes_pairs", "source_kind",
+           "text_data"]

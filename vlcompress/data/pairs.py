@@ -100,6 +100,25 @@ def shapes_pairs(split: str, n: int, batch_size: int = 32, seed: int = 0) -> Pai
     )
 
 
+def save_pairs(data: PairData, root: str | Path, captions: list[str] | None = None) -> Path:
+    """Write image-caption pairs as a user's folder: ``img/000.png ...`` and
+    ``captions.jsonl`` (``{"image", "caption"}`` per line), the layout :func:`folder_pairs`
+    reads. ``captions`` default to ``data.captions`` (e.g. pass ``data.retrieval_captions``)."""
+    if data.images is None:
+        raise DataError(f"{data.source or 'these pairs'} are text only; save_pairs needs images")
+    caps = data.captions if captions is None else captions
+    if len(caps) != len(data.images):
+        raise DataError(f"{len(caps)} captions for {len(data.images)} images")
+    root = Path(root)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (im, cap) in enumerate(zip(data.images, caps, strict=True)):
+        im.save(root / "img" / f"{i:03d}.png")
+        lines.append(json.dumps({"image": f"img/{i:03d}.png", "caption": cap}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def folder_pairs(path: str | Path, n: int | None = None, batch_size: int = 32) -> PairData:
     """Pairs from a folder holding images and ``captions.jsonl`` lines ``{"image", "caption"}``
     (or from that ``.jsonl`` file itself; image paths are relative to its folder).
