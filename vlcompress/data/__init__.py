@@ -39,6 +39,10 @@ def load_data(source: str | Path | PairData = "shapes", split: str = "calibratio
         raise DataError(f"data split {split!r} is not valid; allowed: {', '.join(SPLITS)}")
     if str(source) == "shapes":
         return shapes_pairs(split, n, batch_size, seed if split != "eval" else 0)
+    from .vqa import folder_vqa, is_vqa_source
+
+    if is_vqa_source(source):  # question-answer data (generative models)
+        return folder_vqa(source, n, batch_size)
     if source_kind(source) == "text":
         return text_data(source, n, batch_size)
     p = Path(source)

@@ -262,6 +262,10 @@ def source_kind(source) -> str:
         return source.kind
     if str(source) == "shapes":
         return "pairs"
+    from .vqa import is_vqa_source
+
+    if is_vqa_source(source):
+        return "vqa"  # images with questions and answers (generative models)
     index = _text_index(source)
     if index.suffix == ".txt":
         return "text"
