@@ -78,8 +78,12 @@ def batches():
     return next(it), next(it)
 
 
+#: generative families: no ONNX export yet, exercised by their own tests (tests/test_llava.py)
+GENERATIVE = {"llava"}
+
+
 def test_every_registered_family_is_exercised():
-    assert set(FACTORIES) == set(families()), "add a factory for every registered family"
+    assert set(FACTORIES) | GENERATIVE == set(families()), "add a factory for every registered family"
 
 
 @pytest.mark.parametrize("family", sorted(FACTORIES))

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from .pairs import VQA_INDEX as INDEX
 from .pairs import PairBatch, PairData, _check_counts, _read_lines, open_image
-
-INDEX = "vqa.jsonl"
 
 
 @dataclass
@@ -46,30 +45,6 @@ class VqaData(PairData):
             sl = slice(i, i + self.batch_size)
             yield GenBatch(self.images[sl], self.captions[sl], None,
                            questions=self.questions[sl], answers=self.answers[sl])
-
-
-def is_vqa_source(source) -> bool:
-    """Whether ``source`` is VQA data: a folder with ``vqa.jsonl`` and no ``captions.jsonl``,
-    or a ``vqa.jsonl`` file."""
-    if isinstance(source, VqaData):
-        return True
-    if isinstance(source, PairData) or str(source) == "shapes":
-        return False
-    p = Path(str(source))
-    if p.is_file():
-        return p.name == INDEX
-    return p.is_dir() and (p / INDEX).is_file() and not (p / "captions.jsonl").is_file()
-
-
-def has_vqa(source) -> bool:
-    """Whether ``source`` holds question-answer data (a ``vqa.jsonl``, alone or beside
-    ``captions.jsonl``)."""
-    if isinstance(source, VqaData):
-        return True
-    if isinstance(source, PairData) or str(source) == "shapes":
-        return False
-    p = Path(str(source))
-    return p.name == INDEX if p.is_file() else (p / INDEX).is_file()
 
 
 def _answers(value) -> list[str] | None:
@@ -133,3 +108,4 @@ def save_vqa(images, questions, answers, root: str | Path) -> Path:
             img.save(root / "img" / f"{i}.png")
             f.write(json.dumps({"image": f"img/{i}.png", "question": q, "answer": a}) + "\n")
     return root
+

@@ -204,3 +204,50 @@ def check_metrics(requested, data_source, has_captions: bool) -> None:
     if bad:
         raise ConfigError(f"metric {bad[0]} needs captions, and {str(data_source)!r} holds only "
                           "questions (vqa.jsonl); allowed for it: vqa_accuracy and fidelity")
+
+
+def dataset_name(datasets, *, random_weights: bool = False) -> str:
+    """The report's ``accuracy.dataset`` of a generative evaluation (what bench and the gate
+    compare)."""
+    from ..data.vqa import VqaData
+
+    name = " + ".join(f"{d.source} ({'vqa' if isinstance(d, VqaData) else 'caption'})"
+                      for d in datasets)
+    return name + ("; preset: random weights, fidelity only" if random_weights else "")
+
+
+def run_all(vlm, datasets, *, max_new_tokens: int, progress=None) -> list[GenerativeRun]:
+    return [run_generative(vlm, d, max_new_tokens=max_new_tokens, progress=progress)
+            for d in datasets]
+
+
+def _merged(runs: list[GenerativeRun]) -> GenerativeRun:
+    out = GenerativeRun("mixed", [], [], [], [], 0)
+    for r in runs:
+        out.tokens += r.tokens
+        out.logprobs += r.logprobs
+        out.n += r.n
+    return out
+
+
+def generative_accuracy(datasets, dense: list[GenerativeRun], pruned: list[GenerativeRun],
+                        *, random_weights: bool = False) -> dict:
+    """The report's ``accuracy`` section of a generative run: each task's metrics (dense and
+    pruned, by name) and the fidelity over every sequence; metrics are left out for random
+    weights (a preset: fidelity only)."""
+    dm, pm = {}, {}
+    if not random_weights:
+        for d, p in zip(dense, pruned, strict=True):
+            dm.update(generative_metrics(d))
+            pm.update(generative_metrics(p))
+    name = dataset_name(datasets, random_weights=random_weights)
+    acc = {"dataset": name,  # the shape of report.accuracy_section
+           "metrics": {k: {"dense": dm[k], "pruned": pm[k], "delta": pm[k] - dm[k]} for k in dm},
+           "fidelity": generative_fidelity(_merged(dense), _merged(pruned))}
+    acc["n"] = sum(r.n for r in dense)
+    acc["tasks"] = {r.task: {"n": r.n, "source": d.source,
+                             "examples": [{"references": r.references[i][:3],
+                                           "dense": r.texts[i], "pruned": p.texts[i]}
+                                          for i in range(min(3, r.n))]}
+                    for d, r, p in zip(datasets, dense, pruned, strict=True)}
+    return acc
