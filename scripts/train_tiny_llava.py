@@ -277,7 +277,7 @@ def build_model(tok, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--vision-lr-scale", type=float, default=0.25,
@@ -286,7 +286,7 @@ def main(argv=None):
                     help="share of training sequences that are captions (the rest questions)")
     ap.add_argument("--pool", type=int, default=8000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--val-size", type=int, default=240)
     ap.add_argument("--eval-size", type=int, default=720)
     ap.add_argument("--hidden", type=int, default=128)
