@@ -10,8 +10,7 @@ from llava_factory import make_tiny_llava_folder
 from typer.testing import CliRunner
 
 from vlcompress.cli import app
-from vlcompress.data import load_eval, save_pairs
-from vlcompress.data.vqa import save_vqa
+from vlcompress.data import load_eval, save_pairs, save_vqa
 
 RUN = ["--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4"]
 

@@ -21,11 +21,12 @@ from .pairs import (
     has_vqa,
     is_vqa_source,
     save_pairs,
+    save_vqa,
     shapes_pairs,
     source_kind,
     text_data,
 )
-from .vqa import VqaData, folder_vqa
+from .vqa import VqaData, folder_vqa, shapes_vqa
 
 SPLITS = ("calibration", "train", "eval")
 
@@ -79,11 +80,13 @@ def generative_eval_data(source, n: int, batch_size: int = 16) -> list[PairData]
     sets: list[PairData] = []
     if not is_vqa_source(source):
         sets.append(load_eval(source, n=n, batch_size=batch_size))
-    if has_vqa(source):
+    if str(source) == "shapes":  # the bundled eval split: its captions and its questions
+        sets.append(shapes_vqa("eval", n, batch_size))
+    elif has_vqa(source):
         sets.append(folder_vqa(source, n=n, batch_size=batch_size))
     return sets
 
 
 __all__ = ["PairBatch", "PairData", "SPLITS", "as_pair_data", "folder_pairs", "load_calibration",
-           "load_data", "load_eval", "load_train", "save_pairs", "shapes_pairs", "source_kind",
-           "text_data", "VqaData", "folder_vqa", "generative_eval_data"]
+           "load_data", "load_eval", "load_train", "save_pairs", "save_vqa", "shapes_pairs",
+           "source_kind", "text_data", "VqaData", "folder_vqa", "generative_eval_data"]

@@ -99,13 +99,14 @@ def folder_vqa(path: str | Path, n: int | None = None, batch_size: int = 32) -> 
                    answers=ans)
 
 
-def save_vqa(images, questions, answers, root: str | Path) -> Path:
-    """Write VQA items as a user's folder (``img/*.png`` + ``vqa.jsonl``)."""
-    root = Path(root)
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    with (root / INDEX).open("w", encoding="utf-8") as f:
-        for i, (img, q, a) in enumerate(zip(images, questions, answers, strict=True)):
-            img.save(root / "img" / f"{i}.png")
-            f.write(json.dumps({"image": f"img/{i}.png", "question": q, "answer": a}) + "\n")
-    return root
 
+def shapes_vqa(split: str, n: int, batch_size: int = 32) -> VqaData:
+    """``n`` questions on the bundled shapes ``split`` (``shapes.vqa_sample``: one question
+    per image, about its colour, shape, size or position), one accepted answer each."""
+    from . import shapes
+
+    _check_counts(n, batch_size)
+    items = [shapes.vqa_sample(split, i) for i in range(n)]
+    return VqaData([im for im, _ in items], [v.answer for _, v in items], batch_size,
+                   source=f"shapes:{split}", questions=[v.question for _, v in items],
+                   answers=[[v.answer] for _, v in items])

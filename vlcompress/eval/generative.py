@@ -81,23 +81,12 @@ def cider(predictions: list[str], references: list[list[str]]) -> float:
 
 
 def caption_attributes(caption: str) -> dict[str, str] | None:
-    """Size, colour, shape and position named by a shapes caption; None when it names not
-    all four (any order of the templates' words)."""
+    """Size, colour, shape and position a shapes caption names (``shapes.parse_caption``);
+    None unless it names all four, each once."""
     from ..data import shapes
 
-    text = " " + tokenize_caption(caption) + " "
-    found = {}
-    for key, values in (("size", shapes.SIZES), ("color", shapes.COLORS), ("shape", shapes.SHAPES)):
-        hits = [v for v in values if f" {v} " in text]
-        if len(hits) != 1:
-            return None
-        found[key] = hits[0]
-    pos = [p for p in shapes.POSITIONS
-           if (" in the center " in text if p == "center" else f" at the {p} " in text)]
-    if len(pos) != 1:
-        return None
-    found["position"] = pos[0]
-    return found
+    found = shapes.parse_caption(caption)
+    return found if set(found) == set(shapes.ATTRIBUTES) else None
 
 
 def _image_key(img) -> str:

@@ -15,9 +15,9 @@ the assistant's turn; calibration sequences append the target text (caption or a
 the tokenizer's end-of-sequence token, so the language model is calibrated on the sequences
 it will produce. Generation is greedy by default, batched, with left padding.
 
-The caption prompt comes from the model card (``vlcompress.json``: ``"prompts": {"caption":
-...}``) when the folder has one, else :data:`CAPTION_PROMPT`; the report records the prompt
-used.
+The caption prompt comes from the model card (``vlcompress.json``: ``"caption_prompt"`` or
+``"prompts": {"caption": ...}``) when the folder has one, else :data:`CAPTION_PROMPT`; the
+report records the prompt used.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ WORD_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : "
     "{% if m['content'] is string %}{{ m['content'] }} {% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+    "{% endif %}{% if m['role'] == 'assistant' %}{{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}")
 WORD_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 #: words of the word-level chat template, prompts and shapes questions
 PROMPT_WORDS = ("user", "assistant", ":", "describe", "image", ".", "?", "what", "which",
@@ -186,7 +187,10 @@ class Llava(VLM):
             raise ModelError(f"llava model {name!r} has no chat template; allowed: a folder with "
                              "chat_template.jinja (or one in its tokenizer config)")
         card = model_card(folder)
-        vlm = cls(model, name=name, source=path, processor=proc, prompts=card.get("prompts"))
+        prompts = dict(card.get("prompts") or {})
+        if "caption_prompt" in card:  # tiny-llava's card: the prompt it was trained with
+            prompts.setdefault("caption", card["caption_prompt"])
+        vlm = cls(model, name=name, source=path, processor=proc, prompts=prompts)
         vlm.prompt("?")  # the template must hold the image token: refused now, not mid-run
         return vlm
 
@@ -237,21 +241,27 @@ class Llava(VLM):
         return (self.VISION_STACK,) if stack == self.LANGUAGE_STACK else ()
 
     # --- prompts and data ----------------------------------------------------------------
+    def _conversation(self, question: str | None, answer: str | None = None) -> list[dict]:
+        text = self.prompts["caption"] if question is None else question
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return msgs
+
     def prompt(self, question: str | None = None) -> str:
         """The chat-template prompt for one image and ``question`` (None: the caption
         prompt), ending where the assistant's answer starts."""
-        text = self.prompts["caption"] if question is None else question
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        out = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        out = self.processor.apply_chat_template(self._conversation(question),
+                                                 add_generation_prompt=True, tokenize=False)
         if self.processor.image_token not in out:
             raise DataError(f"the chat template of {self.name!r} renders no image token "
                             f"({self.processor.image_token!r}) for an image turn; allowed: a "
                             "template that places the image token")
         return out
 
-    def _prompts(self, batch) -> list[str]:
+    def _questions(self, batch) -> list[str | None]:
         qs = getattr(batch, "questions", None)
-        return [self.prompt(None if qs is None else q) for q in (qs or [None] * len(batch))]
+        return list(qs) if qs else [None] * len(batch)
 
     def _targets(self, batch) -> list[str]:
         ans = getattr(batch, "answers", None)
@@ -260,15 +270,16 @@ class Llava(VLM):
         return list(batch.captions)
 
     def encode(self, batch) -> dict[str, torch.Tensor]:
-        """Whole sequences (image tokens + prompt + target + eos), right-padded, and
-        ``target_mask``: the positions whose next token is a target token (for next-token
-        metrics on the answer only)."""
+        """Whole conversations (image tokens + prompt + the target as the assistant's turn,
+        rendered by the model's chat template, end token included), right-padded, and
+        ``target_mask``: the positions whose next token belongs to the assistant's turn (for
+        next-token metrics on the answer only)."""
         if batch.images is None:
             raise DataError(f"llava model {self.name!r} needs images; the data is text-only")
-        prompts = self._prompts(batch)
-        eos = self.tokenizer.eos_token or ""
-        texts = [p + t + (" " if eos and not t.endswith(" ") else "") + eos
-                 for p, t in zip(prompts, self._targets(batch), strict=True)]
+        qs = self._questions(batch)
+        prompts = [self.prompt(q) for q in qs]
+        texts = [self.processor.apply_chat_template(self._conversation(q, t), tokenize=False)
+                 for q, t in zip(qs, self._targets(batch), strict=True)]
         tok = self.tokenizer
         old = tok.padding_side
         tok.padding_side = "right"
