@@ -70,6 +70,11 @@ def test_vqa_folder_parts_and_per_part_sparsity(folders, tmp_path):
     assert set(pm) == {"vision", "language"}
     # wanda prunes floor(s * 32) of each 32-wide row: 0.28 for 0.3
     assert abs(pm["vision"] - 0.3) < 0.02 and abs(pm["language"] - 0.6) < 0.02
+    # a captioning metric asked of this questions-only run: one line, nothing measured
+    res = CliRunner().invoke(app, ["bench", str(out), "--baseline", str(out / "report.json"),
+                                   "--metrics", "cider"])
+    assert res.exit_code == 2 and "metric cider needs captions" in res.output, res.output
+    assert not (out / "bench-report.json").exists()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -144,3 +144,21 @@ def test_presets_are_configs_of_the_published_shapes():
 
         m = LlavaForConditionalGeneration(cfg)
     assert 0.8e9 < sum(p.numel() for p in m.parameters()) < 1.0e9
+
+
+def test_own_loss_enables_snip_and_ecoflap(folder, calib):
+    """The next-token loss on the answer tokens is LLaVA's own: gradient and zeroth-order
+    methods (snip, ecoflap's allocation across vision, bridge and language) run on it."""
+    from vlcompress.prune import prune
+
+    vlm = load_model(str(folder))
+    enc = vlm.encode(next(iter(calib.batches())))
+    loss = vlm.loss(enc)
+    loss.backward()
+    assert torch.isfinite(loss) and vlm.model.lm_head.weight.grad is not None
+    vlm.model.zero_grad(set_to_none=True)
+    for method in ("snip", "ecoflap"):
+        vlm = load_model(str(folder))
+        res = prune(vlm, method, pattern="unstructured", calibration=calib)
+        assert set(res.per_modality) == {"vision", "bridge", "language"}
+        assert abs(res.achieved - 0.5) < 0.02, (method, res.achieved)

@@ -220,6 +220,11 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     if rp.is_dir():
         raise ConfigError(f"--report {str(rp)!r} is a folder; allowed: a .json file path")
     generative = bool(run["model"].get("generative"))  # no export yet: accuracy only
+    if generative and cfg.gate.metrics:  # a caption metric of questions-only data: refused now
+        from .eval.generative import check_caption_metric
+
+        for m in cfg.gate.metrics:
+            check_caption_metric(m, (run.get("accuracy") or {}).get("dataset", ""))
     lc = _plan(cfg, run, baseline) if cfg.latency and not generative else None
     if lc is not None:  # no GPU, no TensorRT: one sentence, before anything is measured
         lc.runtime_entry.check()

@@ -187,13 +187,13 @@ def generative_fidelity(dense: GenerativeRun, pruned: GenerativeRun) -> dict[str
             "greedy_agreement": same / max(1, total)}
 
 
-def check_metrics(requested, data_source, has_captions: bool) -> None:
-    """A captioning metric asked of a folder without captions: one line."""
-    bad = [m for m in requested if m in CAPTION_METRICS] if not has_captions else []
-    if bad:
-        raise ConfigError(f"metric {bad[0]} needs captions, and {str(data_source)!r} holds only "
-                          "questions (vqa.jsonl); allowed for it: vqa_accuracy and fidelity")
-
+def check_caption_metric(metric: str, dataset: str) -> None:
+    """A captioning metric asked of a generative evaluation that holds questions only (its
+    report's ``accuracy.dataset`` names no caption set): one line."""
+    if metric in CAPTION_METRICS and "(vqa)" in dataset and "(caption)" not in dataset:
+        raise ConfigError(f"metric {metric} needs captions, and the evaluation data {dataset!r} "
+                          "holds only questions (vqa.jsonl); allowed for it: "
+                          f"{', '.join(VQA_METRICS)}")
 
 def dataset_name(datasets, *, random_weights: bool = False) -> str:
     """The report's ``accuracy.dataset`` of a generative evaluation (what bench and the gate

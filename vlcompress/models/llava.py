@@ -311,6 +311,14 @@ class Llava(VLM):
     def token_mask(self, modality, encoded):
         return encoded["attention_mask"].bool() if modality == "language" else None
 
+    def loss(self, encoded) -> torch.Tensor:
+        """The model's own training loss: next-token cross-entropy on the target tokens (the
+        assistant's turn), as LLaVA is trained (gradients on; SNIP, ECoFLaP)."""
+        logits = self.model(**self.model_inputs(encoded)).logits
+        mask = encoded["target_mask"][:, :-1]
+        return torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(),
+                                                 encoded["input_ids"][:, 1:][mask])
+
     @torch.no_grad()
     def logits(self, encoded) -> torch.Tensor:
         return self.model(**self.model_inputs(encoded)).logits
