@@ -218,7 +218,7 @@ def test_port_in_use_is_replaced_and_said(tmp_path):
 
 @needs_server
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
-def test_other_backends_load_up_to_the_missing_backend(run_dir, tmp_path, backend):
+def test_other_backends_load_up_to_the_missing_backend(real_run, tmp_path, backend):
     """This server has the Python backend only: an onnxruntime or tensorrt repository is
     parsed and fails exactly at Triton's missing-backend message, which serve-check quotes."""
     from vlcompress.serve import serve_check
@@ -226,11 +226,11 @@ def test_other_backends_load_up_to_the_missing_backend(run_dir, tmp_path, backen
     if backend == "tensorrt":
         for v in ("dense", "pruned"):
             for t in ("vision", "text"):
-                (run_dir / v / f"{t}.engine").write_bytes(b"plan")
+                (real_run / v / f"{t}.engine").write_bytes(b"plan")
     try:
-        export_triton(run_dir, tmp_path / "repo", backend=backend)
+        export_triton(real_run, tmp_path / "repo", backend=backend, variants="dense,pruned")
     finally:
-        for f in run_dir.glob("*/*.engine"):
+        for f in real_run.glob("*/*.engine"):
             f.unlink()
     with pytest.raises(ServeError, match=f"unable to find backend library for backend '{backend}'"):
         serve_check(tmp_path / "repo", ready_timeout=60)
@@ -248,7 +248,8 @@ def test_prune_export_triton_serves_the_run(tmp_path):
     assert report["export"]["triton"]["models"] == ["dense_vision", "dense_text", "pruned_vision",
                                                     "pruned_text"]
     res = serve_check(tmp_path / "run" / "triton")
-    assert res.passed and all(r["max_abs_diff"] <= 1e-5 for r in res.rows)
+    assert res.passed and len(res.rows) == 8 and all(r["max_abs_diff"] <= 1e-4 for r in res.rows)
+    assert {r["reference"] for r in res.rows} == {"PyTorch dense model", "PyTorch pruned model"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,6 +609,8 @@ def test_serve_and_export_options_are_refused_before_work(run_dir, real_run, tmp
     refused(["export-triton", str(run_dir), "--out", str(tmp_path / "v"), "--backend", "trt",
              "--device", "cpu"], "GPU only")
     refused(["export-triton", str(tmp_path / "nope"), "--out", str(tmp_path / "v")], "does not exist")
+    refused(["prune-export", "--engine", "trt", "--quantize", "fp8", "--triton", "python", "--out",
+             str(tmp_path / "v")], "--triton python cannot serve", "fp8")
     assert not (tmp_path / "v").exists()
     with pytest.raises(ConfigError, match="threads"):
         export_triton(run_dir, tmp_path / "v", threads=-1)

@@ -108,6 +108,14 @@ class RunConfig:
         object.__setattr__(self, "device", lc.device)
         object.__setattr__(self, "latency_config", lc)
         self._check_quantize()
+        if self.triton not in (None, "tensorrt"):  # OUT/triton serves the quantized variants too
+            from .exporters.triton import TENSORRT_ONLY
+
+            if self.quantize in TENSORRT_ONLY:
+                raise ConfigError(f"--triton {self.triton} cannot serve the run's {self.quantize} "
+                                  f"variants (explicit QDQ made for TensorRT); allowed: --triton "
+                                  f"tensorrt, or no --triton (export-triton --variants dense,pruned "
+                                  "afterwards)")
 
     def _check_quantize(self):
         """--quantize / --quantize-method / --target-speedup, with the runtime (one line each)."""

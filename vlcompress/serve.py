@@ -362,6 +362,8 @@ class _References:
             if ref not in ("dense", "pruned"):
                 raise ConfigError(f"repository {str(repo.path)!r} names reference {ref!r}; "
                                   "allowed: dense, pruned")
+        for ref in sorted(refs):  # loaded now: a model that cannot load fails before the server
+            self._vlm(ref)
 
     def _vlm(self, ref: str):
         if ref in self.vlms:
@@ -451,8 +453,9 @@ def serve_check(repo: str | Path, *, port: int | None = None, ready_timeout: flo
     if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
         raise ConfigError(f"concurrent {concurrent!r} is not valid; allowed: an integer >= 1")
     rep = TritonRepo.load(repo)
-    refs = _References(rep)
     httpclient = require_tritonclient_http()
+    require_tritonserver()
+    refs = _References(rep)
     with TritonServer(rep.path, port=port, ready_timeout=ready_timeout) as srv:
         res = ServeCheck(str(rep.path), rep.backend, srv.url, srv.start_seconds, notes=srv.notes)
         client = httpclient.InferenceServerClient(srv.url, network_timeout=120.0)
