@@ -13,18 +13,21 @@ ROOT = Path(vlcompress.__file__).resolve().parent
 
 #: Layer of each top-level piece (higher imports lower). Leaves first.
 LAYERS = [
-    ("errors", "progress", "atomic", "_deps", "config", "envinfo", "methods.registry",
+    ("errors", "progress", "atomic", "optional_deps", "config", "envinfo", "methods.registry",
      "runtime.registry"),
     ("data",),
     ("models",),
     ("calibrate", "blockwise", "scoring", "sparsity", "distill", "flops"),
-    ("methods", "exporters", "runtime", "eval"),
+    ("methods", "exporters", "runtime", "eval", "onnx_eval"),
     ("prune",),
     ("report", "gate"),
-    ("recover", "api", "pipeline", "bench", "sweep", "quantstack", "serve"),
+    ("run_latency",),
+    ("quantized_variants",),
+    ("speedup_search",),
+    ("recover", "api", "pipeline", "bench", "sweep", "serve"),
     ("cli", "__main__", ""),  # "" = the package's __init__ (the public API)
 ]
-LEAVES = {"errors", "progress", "atomic", "_deps", "methods.registry", "runtime.registry"}
+LEAVES = {"errors", "progress", "atomic", "optional_deps", "methods.registry", "runtime.registry"}
 
 
 def _rank(module: str) -> tuple[int, str]:
