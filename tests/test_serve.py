@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vlcompress._deps import require_tritonserver, triton_model_config_pb2
 from vlcompress.cli import app
 from vlcompress.errors import ConfigError, MissingDependencyError, OutputError, ServeError
 from vlcompress.exporters.triton import batching_rule, export_triton
+from vlcompress.optional_deps import require_tritonserver, triton_model_config_pb2
 
 runner = CliRunner()
 

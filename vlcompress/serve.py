@@ -39,9 +39,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._deps import require_tritonclient_http, require_tritonserver
 from .errors import ConfigError, ServeError
 from .exporters.triton import TritonModel, TritonRepo
+from .optional_deps import require_tritonclient_http, require_tritonserver
 
 __all__ = ["TritonServer", "serve_check", "ServeCheck", "example_inputs", "drive_load", "free_port",
            "concurrent_infer", "check_serve_options", "SERVE_TOLERANCES", "CONCURRENT"]

@@ -7,7 +7,7 @@ sparse weights where pruned so.
     result.sparsity.sparse      # layers TensorRT gave a sparse implementation
     result.warnings             # e.g. "2:4 build in which no layer got a sparse implementation"
 
-TensorRT (10.x / 11.x Python API) is imported lazily (:func:`vlcompress._deps.require_tensorrt`);
+TensorRT (10.x / 11.x Python API) is imported lazily (:func:`vlcompress.optional_deps.require_tensorrt`);
 everything that does not need it is pure and tested on CPU:
 
 - :func:`plan_build` reads the ONNX inputs and computes a :class:`BuildPlan`: network flags
@@ -593,7 +593,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     warning and listed in ``result.warnings``. ``timing_cache`` is read if it exists and
     written back (atomically) after the build.
     """
-    from .._deps import require_cuda, require_tensorrt
+    from ..optional_deps import require_cuda, require_tensorrt
 
     require_cuda()
     trt = require_tensorrt()
