@@ -49,7 +49,11 @@ __all__ = ["TritonServer", "serve_check", "ServeCheck", "example_inputs", "drive
 #: (atol, rtol, min per-row cosine) of a served answer against the run's PyTorch model, by the
 #: precision of the served file. fp32: the export's own check. fp16: the fp16 engines' check.
 #: int8 / fp8: rounding to 256 levels moves every value by a step that scales with it, so no
-#: absolute tolerance holds; the per-row cosine is the check.
+#: absolute tolerance holds; the per-row cosine is the check. Its floor sits under the int8
+#: error of a tiny random-weight CLIP (hidden 32) on serve-check's random inputs: static int8
+#: (QDQ, 64 calibration pairs) gave a min per-row cosine of 0.988 (vision) and 0.932 (text)
+#: over 32 rows against the float PyTorch model; trained models stay far closer (tiny-clip:
+#: mean 0.9998, benchmarks/results/quant_quality.json).
 SERVE_TOLERANCES = {"fp32": (1e-4, 1e-3, None), "fp16": (2e-2, 2e-2, 0.99),
                     "mixed": (2e-2, 2e-2, 0.99), "int8": (math.inf, 0.0, 0.9),
                     "fp8": (math.inf, 0.0, 0.9)}
