@@ -82,6 +82,8 @@ def test_vqa_folder_parts_and_per_part_sparsity(folders, tmp_path):
     (["--parts", "decoder"], "--parts decoder is not a part of"),
     (["--pattern", "structured"], "pattern structured is not supported for family 'llava'"),
     (["--parts", "vision=2"], "the sparsity is not valid"),
+    (["--quantize", "int8"], "--quantize int8 is not available for the generative model"),
+    (["--recover-steps", "5"], "--recover-steps 5 is not available for the generative model"),
 ])
 def test_bad_input_is_one_line(folders, tmp_path, args, message):
     model, caps, _ = folders

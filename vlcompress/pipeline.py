@@ -215,6 +215,17 @@ def check_run(cfg: RunConfig):
     info = peek_model(cfg.model, tower=cfg.tower)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
+    if info.generative:  # pruned and evaluated in PyTorch: no export, runtime or recovery yet
+        unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
+            ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
+            ("quantize", cfg.quantize if cfg.quantize != "none" else None),
+            ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
+            ("recover_steps", cfg.recover_steps or None), ("fp16", cfg.fp16 or None))
+            if v is not None]
+        if unused:
+            raise ConfigError(f"{unused[0]} is not available for the generative model "
+                              f"{cfg.model} ({info.family}): it is pruned and evaluated in "
+                              "PyTorch (no ONNX export, runtime or recovery yet)")
     if cfg.parts is not None:
         if not info.generative:
             raise ConfigError(f"--parts chooses the parts of a generative model (llava); "
