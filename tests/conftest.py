@@ -10,6 +10,15 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh empty folder of its own: nothing a user ran in the checkout
+    (the README's ``vlcompress prune-export`` writes ``vlcompress-out/`` there) changes a
+    result, and a command's default output (``--out vlcompress-out``) lands in the test's
+    folder, not in the checkout or beside another test's."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def make_tiny_random_clip(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
                           mlp: int = 64, image_size: int = 32, patch: int = 8):
     """A randomly initialised ``CLIPModel`` adapter with the shapes tokenizer; seconds to build."""
