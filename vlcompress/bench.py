@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .config import parse_batch_sizes
+from .config import check_positive_int, parse_batch_sizes
 from .errors import ConfigError, ModelError
 from .gate import GateConfig, GateResult, check_compatible, compare_reports, load_report
 from .progress import NULL
@@ -71,6 +71,8 @@ class BenchConfig:
         if self.iterations < 1 or self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup}, iterations={self.iterations}; need "
                               "warmup >= 0, iterations >= 1")
+        if self.threads is not None:
+            check_positive_int(self.threads, "--threads")
         if self.eval_size is not None and self.eval_size < 1:
             raise ConfigError(f"eval size {self.eval_size!r} is not valid; allowed: a positive integer")
         if not (self.accuracy or self.latency):
@@ -182,6 +184,9 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
     else:
         rt = get_runtime(*run_runtime_key(run))
     rt.check_pattern((run.get("prune") or {}).get("pattern"))
+    if cfg.threads is not None and rt.name not in ("onnxruntime", "onnxruntime-trt"):
+        raise ConfigError(f"--threads {cfg.threads} sets onnxruntime's intra-op threads; the "
+                          f"runtime here is {rt.name}; allowed: --threads with onnxruntime")
     if cfg.batch_sizes:
         bs = cfg.batch_sizes
     elif base_rows:
