@@ -439,3 +439,35 @@ def test_check_onnxruntime_gpu(monkeypatch):
                         lambda: ["onnxruntime", "onnxruntime-gpu"])
     with pytest.raises(MissingDependencyError, match="both installed"):
         _deps.check_onnxruntime_gpu()
+
+
+# --------------------------------------------------------------------------------------------
+# tower modules: what a runner copies to the GPU
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["clip", "siglip", "blip"])
+def test_tower_module_holds_its_own_tower_only(family):
+    """A runner deep-copies (or moves) ``vlm.tower_module(t)`` to the GPU: it must hold that
+    tower's parameters only (the vision module used to hold the whole model, so the text
+    tower went to the GPU too), and compute what the model's own functions compute."""
+    from conftest import make_tiny_random_blip, make_tiny_random_clip, make_tiny_random_siglip
+
+    from vlcompress.data import load_calibration
+
+    vlm = {"clip": make_tiny_random_clip, "siglip": make_tiny_random_siglip,
+           "blip": make_tiny_random_blip}[family]()
+    own = {"vision": "vision_model", "text": "text_model" if family != "blip" else "text_encoder"}
+    batch = next(iter(load_calibration("shapes", n=2, batch_size=2).batches()))
+    for tower, prefix in own.items():
+        mod = vlm.tower_module(tower)
+        other = "text" if tower == "vision" else "vision"
+        theirs = {id(p) for p in getattr(vlm.model, own[other]).parameters()}
+        assert not theirs & {id(p) for p in mod.parameters()}, (family, tower)
+        assert any(n.startswith(prefix) for n, _ in mod.named_parameters())
+    if family != "blip":
+        with torch.no_grad():
+            enc = vlm.tower_inputs("text", batch)
+            px = vlm.tower_inputs("vision", batch)["pixel_values"]
+            torch.testing.assert_close(vlm.tower_module("vision")(pixel_values=px),
+                                       vlm.model.get_image_features(pixel_values=px).pooler_output)
+            torch.testing.assert_close(vlm.tower_module("text")(**enc),
+                                       vlm.model.get_text_features(**enc).pooler_output)
