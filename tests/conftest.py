@@ -131,6 +131,24 @@ def make_tiny_random_blip(seed: int = 0, layers: int = 2, hidden: int = 32, head
     return BLIP(model, tok, img, name="tiny-random-blip", source="test")
 
 
+def load_benchmark(name: str, alias: str | None = None):
+    """A benchmark script (``benchmarks/NAME.py``) imported as a module, with its folder on
+    ``sys.path`` while it loads (for its ``_common`` import)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location(alias or name, bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(bench))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests run wherever torch sees a CUDA GPU and skip, with the reason, where it
     does not (a marker deselected in addopts would skip them silently on a GPU machine too)."""

@@ -61,6 +61,7 @@ class BenchConfig:
     accuracy: bool = True
     latency: bool = True
     seed: int = 0
+    cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
@@ -197,7 +198,7 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
     towers = tuple(t for t in paths if t != "model") or None
     return LatencyConfig(batch_sizes=bs, warmup=cfg.warmup, iterations=cfg.iterations,
                          runtime=rt.name, device=rt.device, precision=rt.precision,
-                         threads=cfg.threads, towers=towers)
+                         threads=cfg.threads, towers=towers, cuda_graphs=cfg.cuda_graphs)
 
 
 def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **kw) -> BenchResult:
@@ -359,5 +360,5 @@ def _latency(lc: LatencyConfig, run_dir: Path, run: dict, pruned, dense, seed: i
                         pattern=(run.get("prune") or {}).get("pattern"),
                         seq_len=getattr(pruned, "text_max_length", None),
                         check_feeds={t: feeds[(t, first)] for t in towers},
-                        timing_cache=run_dir / "timing.cache")
+                        timing_cache=run_dir / "timing.cache", cuda_graphs=lc.cuda_graphs)
     return time_models(rt, d, p, feeds, lc, towers=towers, options=opts, progress=progress)

@@ -126,6 +126,9 @@ Fp16Opt = Annotated[bool, typer.Option(
 QuantizeOpt = Annotated[str, typer.Option(
     "--quantize", help="Also quantize: none, int8, fp16 or fp8 (fp8: trt, onnxruntime-trt; "
     "with --engine trt: int8/fp8 engines from explicit QDQ ONNX).")]
+CudaGraphsOpt = Annotated[bool, typer.Option(
+    "--cuda-graphs", help="Time under CUDA-graph replay: each batch size captured once, then "
+    "replayed (torch and torch-2:4 runtimes on cuda only).")]
 QuantMethodOpt = Annotated[str, typer.Option(
     "--quantize-method", help="int8: static (QDQ, calibrated on --calibration) or dynamic.")]
 
@@ -269,6 +272,7 @@ def prune_export_cmd(
     triton: Annotated[str | None, typer.Option(
         "--triton", help="Also write OUT/triton, a Triton model repository with this backend: "
         "onnxruntime, tensorrt (needs --engine trt) or python.")] = None,
+    cuda_graphs: CudaGraphsOpt = False,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
     from .pipeline import RunConfig, prune_export
@@ -290,7 +294,7 @@ def prune_export_cmd(
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
                     tower=tower, recover_steps=recover_steps, quantize=quantize,
                     quantize_method=quantize_method, target_speedup=target_speedup, triton=triton,
-                    method_options=parse_method_options(method_option))
+                    method_options=parse_method_options(method_option), cuda_graphs=cuda_graphs)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -436,6 +440,7 @@ def bench_cmd(
     no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Skip accuracy.")] = False,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip latency.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report JSON instead of tables.")] = False,
+    cuda_graphs: CudaGraphsOpt = False,
 ):
     """Re-measure a prune-export folder; with --baseline, gate it (exit 1: a threshold broken)."""
     import os
@@ -456,11 +461,12 @@ def bench_cmd(
                       precision=precision, batch_sizes=batch_sizes, iterations=iterations,
                       warmup=warmup, threads=threads,
                       eval_size=eval_size, accuracy=not no_accuracy, latency=not no_latency,
+                      cuda_graphs=cuda_graphs,
                       gate=gate_cfg)  # values checked first, then what they mean together
     _refuse_meaningless(ctx, [
         *((name, not no_latency, "sets how latency is measured; drop it or --no-latency")
           for name in ("runtime", "device", "precision", "batch_sizes", "iterations", "warmup",
-                       "threads")),
+                       "threads", "cuda_graphs")),
         *((name, not no_accuracy, "concerns accuracy; drop it or --no-accuracy")
           for name in ("eval_size", "metrics")),
         *((name, baseline is not None, "is a gate threshold: it needs --baseline")
