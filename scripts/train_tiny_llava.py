@@ -129,7 +129,7 @@ def conversation(question: str, answer: str | None = None) -> list[dict]:
 
 def tasks_of(color: str, shape: str, size: str, pos: str) -> list[tuple[str, str]]:
     """The (prompt, answer) pairs one image trains on: its full caption, then every question."""
-    return [(CAPTION_PROMPT, shapes._full_caption(color, shape, size, pos)),
+    return [(CAPTION_PROMPT, shapes.full_caption_of(color, shape, size, pos)),
             *shapes.questions_of(color, shape, size, pos)]
 
 
@@ -255,8 +255,8 @@ def evaluate(model, processor, split: str, n: int, start: int = 0, intervals: bo
                      "caption_exact": wilson(whole, n), "vqa_exact_match": wilson(sum(right), n)}
         m["n"] = {"captions": n, "caption_attributes": 4 * n, "questions": n}
     if examples:
-        m["examples"] = [{"caption": c, "truth": shapes._full_caption(**{
-            "color": t["color"], "shape": t["shape"], "size": t["size"], "pos": t["position"]})}
+        m["examples"] = [{"caption": c, "truth": shapes.full_caption_of(
+            t["color"], t["shape"], t["size"], t["position"])}
             for c, t in zip(caps[:examples], truths[:examples], strict=True)] + [
             {"question": v.question, "answer": a, "truth": v.answer}
             for a, (_, v) in zip(answers[:examples], vqa[:examples], strict=True)]
