@@ -190,7 +190,7 @@ class PlannedSparseLinear(nn.Module):
         else:
             dense = x2 if x2.is_contiguous() else x2.contiguous()
         out = self.ops.mm(self.packed, dense.t(), self.bias, alg)  # [rows, out_features]
-        return out[:m].view(*x.shape[:-1], self.out_features)
+        return out[:m].reshape(*x.shape[:-1], self.out_features)
 
 
 def attn_implementation(module) -> str | None:
