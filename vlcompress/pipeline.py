@@ -60,6 +60,7 @@ class RunConfig:
     # each where given) and the greedy generation length of the evaluation
     parts: str | tuple[str, ...] | None = None
     max_new_tokens: int = 24
+    cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay (runtime.graphs)
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
@@ -103,7 +104,8 @@ class RunConfig:
         object.__setattr__(self, "batch_sizes", bs)
         lc = LatencyConfig(batch_sizes=bs, warmup=self.warmup, iterations=self.iterations,
                            runtime=self.engine, device=self.device,
-                           precision="fp16" if self.fp16 else None)
+                           precision="fp16" if self.fp16 else None,
+                           cuda_graphs=self.cuda_graphs)
         lc.runtime_entry.check_pattern(pc.pattern)
         if self.triton is not None:  # --triton BACKEND: checked before any work
             from .exporters.triton import check_triton_options
@@ -220,7 +222,8 @@ def check_run(cfg: RunConfig):
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("quantize", cfg.quantize if cfg.quantize != "none" else None),
             ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
-            ("recover_steps", cfg.recover_steps or None), ("fp16", cfg.fp16 or None))
+            ("recover_steps", cfg.recover_steps or None), ("fp16", cfg.fp16 or None),
+            ("cuda_graphs", cfg.cuda_graphs or None))
             if v is not None]
         if unused:
             raise ConfigError(f"{unused[0]} is not available for the generative model "
