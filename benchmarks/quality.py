@@ -110,6 +110,9 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
 def run_permutation(model: str, methods: list[str], calib_n: int, eval_n: int,
                     permute_seconds: float) -> dict:
     """Each method at 2:4 without and with ``permute=true``, and RIA at 50% unstructured."""
+    import os
+
+    load_start = os.getloadavg()
     calib = load_calibration("shapes", n=calib_n)
     data = load_eval("shapes", n=eval_n)
     dense = evaluate(load_model(model), data)
@@ -136,7 +139,8 @@ def run_permutation(model: str, methods: list[str], calib_n: int, eval_n: int,
                   f"i2t@1={m['i2t_r1']:.3f} {secs:.1f}s", flush=True)
     return {"model": model, "calibration_pairs": calib_n, "eval_pairs": eval_n, "dense": dense,
             "permute_seconds": permute_seconds, "interval": "95% Wilson score interval",
-            "rows": rows}
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "note": "times on a shared 2-core machine under others' load", "rows": rows}
 
 
 def markdown_permutation(res: dict) -> str:
@@ -147,7 +151,7 @@ def markdown_permutation(res: dict) -> str:
     for m in dict.fromkeys(r["method"] for r in res["rows"]):
         c = {r["setting"]: r for r in res["rows"] if r["method"] == m}
 
-        def cell(label):
+        def cell(label, c=c):
             r = c.get(label)
             return f"{100 * r['zeroshot_top1']:.1f} / {100 * r['i2t_r1']:.1f}" if r else "-"
 
