@@ -175,6 +175,126 @@ def test_tensorrt_qdq_is_symmetric_int8(mlp_onnx, tmp_path):
     assert check_nm_quantized(res.path) == []
 
 
+class Residual(torch.nn.Module):
+    """x + fc2(relu(fc1(x))) then LayerNorm: a residual stream and a float reader of the input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+        self.ln = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.ln(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+@pytest.fixture
+def residual_onnx(tmp_path):
+    m = Residual().eval()
+    path = tmp_path / "res.onnx"
+    torch.onnx.export(m, (torch.randn(4, 6, 16),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": (2 * rng.standard_normal((4, 6, 16))).astype(np.float32)} for _ in range(4)]
+    return m, path, feeds
+
+
+WEIGHTED = ("MatMul", "Gemm", "Conv")
+
+
+@pytest.mark.parametrize("q,target", [("int8", "onnxruntime"), ("int8", "tensorrt"),
+                                      ("fp8", "tensorrt")])
+def test_qdq_only_on_inputs_and_weights_of_weighted_layers(residual_onnx, tmp_path, q, target):
+    """issue 25 item 7: no Q/DQ on a MatMul/Gemm/Conv output, and no float op (the residual
+    Add, LayerNorm, ReLU) reads a dequantized copy: only weighted layers read Q/DQ."""
+    _, path, feeds = residual_onnx
+    res = quantize_onnx(path, tmp_path / "q.onnx", q, calibration=feeds, target=target)
+    g = onnx.load(str(res.path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    q_nodes = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    assert len(q_nodes) == 2  # the inputs of fc1 (x) and fc2 (relu output), nothing else
+    for n in q_nodes:
+        src = producer.get(n.input[0])
+        assert src is None or src.op_type not in WEIGHTED, f"Q/DQ on {src.name}'s output"
+        for dq in readers[n.output[0]]:
+            assert dq.op_type == "DequantizeLinear"
+            assert {r.op_type for r in readers[dq.output[0]]} <= set(WEIGHTED)
+    add = [n for n in g.node if n.op_type == "Add" and "x" in n.input]
+    assert add, "the residual Add reads the float input, not its dequantized copy"
+
+
+def test_fp8_activation_scales_are_minmax(residual_onnx, tmp_path):
+    """issue 25 item 14: fp8 activations are calibrated MinMax as documented: the scale of
+    the input's QuantizeLinear is max |x| over the calibration feeds / 448."""
+    _, path, feeds = residual_onnx
+    res = quantize_onnx(path, tmp_path / "f8.onnx", "fp8", calibration=feeds, target="tensorrt")
+    model = onnx.load(str(res.path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    qx = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    amax = max(float(np.abs(f["x"]).max()) for f in feeds)
+    assert float(init[qx.input[1]]) == pytest.approx(amax / 448.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("q", ["int8", "fp8"])
+def test_tensorrt_qdq_on_the_fp16_graph(residual_onnx, tmp_path, q):
+    """issue 25 item 8: for TensorRT int8 / fp8 engines the float parts of the QDQ graph are
+    fp16 (scales, biases, activations between the pairs), like the fp16 engines compared with."""
+    m, path, feeds = residual_onnx
+    f32 = quantize_onnx(path, tmp_path / "a.onnx", q, calibration=feeds, target="tensorrt")
+    f16 = quantize_onnx(path, tmp_path / "b.onnx", q, calibration=feeds, target="tensorrt",
+                        float16=True)
+    model = onnx.load(str(f16.path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["vlcompress.precision"] == "fp16" and meta["vlcompress.quantize"] == q
+    init = {t.name: t for t in model.graph.initializer}
+    F16 = onnx.TensorProto.FLOAT16
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert init[n.input[1]].data_type == F16, n.name  # fp16 scales: fp16 around pairs
+    biases = [init[x] for n in model.graph.node if n.op_type == "Add" for x in n.input
+              if x in init]
+    assert biases and all(t.data_type == F16 for t in biases)
+    assert len(quantized_weights(model)) == 2  # both weights still int8 / fp8 behind DQ
+    if q == "int8":  # ONNX Runtime CPU runs it; close to the fp32-graph QDQ
+        import onnxruntime as ort
+
+        def run(p):
+            sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            return sess.run(None, feeds[0])[0]
+
+        a, b = run(f32.path), run(f16.path)
+        assert np.abs(a - b).max() < 0.05
+    with pytest.raises(ConfigError, match="float16 QDQ is for int8 / fp8 for TensorRT"):
+        quantize_onnx(path, tmp_path / "c.onnx", "int8", calibration=feeds, float16=True)
+
+
+def test_run_quantizes_for_the_runtime_it_times():
+    """issue 25 items 6, 8, 10: each runtime gets files it runs as quantized, or a refusal
+    before any work."""
+    from vlcompress.exporters.quantize import quantize_target
+    from vlcompress.pipeline import RunConfig
+    from vlcompress.quantized_variants import quantize_float16
+
+    ort_trt = RunConfig(engine="onnxruntime-trt", quantize="int8")
+    assert quantize_target(ort_trt.latency_config.runtime_entry) == "tensorrt"  # zero points 0
+    assert quantize_float16(ort_trt) == ort_trt.onnx_fp16
+    with pytest.raises(ConfigError) as ei:
+        RunConfig(engine="onnxruntime-trt", quantize="fp8")
+    assert "--quantize fp8 cannot run on runtime onnxruntime-trt" in str(ei.value)
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        RunConfig(engine="onnxruntime", device="cuda", quantize="int8")
+    assert "CUDA provider has no int8 kernels" in str(ei.value) and "\n" not in str(ei.value)
+    RunConfig(engine="onnxruntime", device="cuda", quantize="fp16")  # fp16 runs there
+    trt = RunConfig(engine="trt", quantize="int8")
+    assert quantize_float16(trt) and not quantize_float16(RunConfig(quantize="int8"))
+
+
 def _fake_latency(ms_at):
     """A fake runtime: known latency per sparsity (dense 100 ms)."""
     calls = []

@@ -8,7 +8,9 @@ their latency.
 The quantized files are what a user deploys, so their accuracy is measured on them (ONNX
 Runtime CPU over the eval pairs, :mod:`vlcompress.onnx_eval`), not on a PyTorch stand-in. On a
 TensorRT run the files are explicit QDQ for TensorRT (``target="tensorrt"``: symmetric int8,
-or fp8 e4m3), quantized from an fp32 export (the run's own ONNX is fp16 there), and timed as
+or fp8 e4m3) on the inputs and weights of weighted layers, quantized from an fp32 export (the
+run's own ONNX is fp16 there) and then made fp16 outside the Q/DQ pairs, like the fp16 engines
+they are compared with (:func:`quantize_float16`), and timed as
 TensorRT engines on the ``tensorrt/cuda/<int8|fp8>`` entries; their accuracy is still measured
 on ONNX Runtime CPU from the same QDQ files (fp8 with graph optimisation BASIC:
 :func:`vlcompress.runtime.ort_runner.ort_optimization`).
@@ -45,12 +47,13 @@ def calibration_feeds(vlm, tower: str, calib, max_pairs: int = QUANT_CALIBRATION
 
 
 def quantize_variants(vlm, exports: dict[str, dict[str, Path]], calib, quantize: str,
-                      method: str, root: Path, progress=None, target: str = "onnxruntime"
-                      ) -> tuple[dict, dict]:
+                      method: str, root: Path, progress=None, target: str = "onnxruntime",
+                      float16: bool = False) -> tuple[dict, dict]:
     """Quantize each variant's ONNX towers into ``root/<variant>_<quantize>/<tower>.onnx``.
 
     Static int8 is calibrated on the run's calibration pairs (each tower on its own inputs).
-    ``target``: the runtime the files are for (:func:`..exporters.quantize.quantize_target`).
+    ``target``: the runtime the files are for (:func:`..exporters.quantize.quantize_target`);
+    ``float16``: int8 / fp8 QDQ on the fp16 graph (:func:`quantize_float16`).
     Returns (variant -> tower -> path, variant -> tower -> QuantizeResult dict)."""
     from .exporters.quantize import quantize_onnx
 
@@ -66,7 +69,7 @@ def quantize_variants(vlm, exports: dict[str, dict[str, Path]], calib, quantize:
                 feeds = feeds_cache[tower]
             dst = Path(root) / f"{variant}_{quantize}" / f"{tower}.onnx"
             res = quantize_onnx(src, dst, quantize, calibration=feeds, method=method,
-                                target=target)
+                                target=target, float16=float16 and quantize in ("int8", "fp8"))
             paths[variant][tower] = dst
             info[variant][tower] = {**res.to_dict(), "path": f"{variant}_{quantize}/{tower}.onnx"}
     return paths, info
@@ -78,6 +81,17 @@ def fidelity_to_dense(dense_emb, emb) -> dict:
     from .eval import fidelity
 
     return fidelity(dense_emb, emb) if (dense_emb is not None and emb is not None) else {}
+
+
+def quantize_float16(cfg) -> bool:
+    """Whether the run's int8 / fp8 QDQ files are fp16 outside the Q/DQ pairs: for TensorRT
+    (engines, or ONNX Runtime's TensorRT provider) when the run's float ONNX is fp16, so the
+    quantized variants run their float layers in the precision of the float variants they are
+    compared with (``--engine trt``: fp16 engines)."""
+    from .exporters.quantize import quantize_target
+
+    return (cfg.quantize in ("int8", "fp8") and cfg.onnx_fp16
+            and quantize_target(cfg.latency_config.runtime_entry) == "tensorrt")
 
 
 def quantized_runtime(rt, quantize: str):
@@ -123,8 +137,9 @@ def quantized_section(cfg, vlm, calib, dense_export, pruned_export, dense_emb, e
     target = quantize_target(rt)
     exports = {"dense": dict(dense_export.paths), "pruned": dict(pruned_export.paths)}
     srcs = {k: dict(v) for k, v in (sources or exports).items()}
+    float16 = quantize_float16(cfg)
     paths, info = quantize_variants(vlm, srcs, calib, q, cfg.quantize_method, root, progress,
-                                    target=target)
+                                    target=target, float16=float16)
     acc = None
     if eval_data is not None:
         embs, unmeasured = {}, {}
@@ -181,6 +196,7 @@ def quantized_section(cfg, vlm, calib, dense_export, pruned_export, dense_emb, e
                   "an fp32 export of each variant made for quantizing (not kept: the run's own "
                   "ONNX is fp16)")
     return {"quantize": q, "method": cfg.quantize_method, "target": target,
+            "float_parts": "fp16" if float16 else ("fp16" if q == "fp16" else "fp32"),
             "runtime": qrt.label, "quantized_from": built_from, "files": info,
             "nm_survives": _nm_check(cfg, srcs["pruned"], paths["pruned"]),
             "accuracy": acc}, rows
@@ -201,4 +217,4 @@ def _nm_check(cfg, float_paths, quant_paths):
 
 
 __all__ = ["QUANT_CALIBRATION_PAIRS", "calibration_feeds", "quantize_variants",
-           "quantized_runtime", "quantized_section", "fidelity_to_dense"]
+           "quantized_runtime", "quantized_section", "fidelity_to_dense", "quantize_float16"]

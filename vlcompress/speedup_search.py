@@ -150,7 +150,12 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
     from .exporters.quantize import quantize_target
     from .onnx_eval import onnx_embed_eval
     from .prune import prune
-    from .quantized_variants import fidelity_to_dense, quantize_variants, quantized_runtime
+    from .quantized_variants import (
+        fidelity_to_dense,
+        quantize_float16,
+        quantize_variants,
+        quantized_runtime,
+    )
     from .run_latency import run_feeds
     from .runtime.registry import ENGINE, MODEL, Artefacts, BuildOptions
     from .runtime.timing import time_variants
@@ -184,7 +189,8 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
                                       fp16=cfg.onnx_fp16 and q == "none").paths)
             if q != "none":
                 paths, _ = quantize_variants(v, {"c": paths}, calib, q, cfg.quantize_method,
-                                             folder, target=quantize_target(rt))
+                                             folder, target=quantize_target(rt),
+                                             float16=quantize_float16(cfg))
                 paths = paths["c"]
         art = Artefacts("candidate", vlm=v if rt.consumes == MODEL else None, onnx=paths,
                         folder=folder)
