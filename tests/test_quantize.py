@@ -17,6 +17,7 @@ from vlcompress.exporters.quantize import (
     quantize_onnx,
     quantized_weights,
 )
+from vlcompress.progress import NULL
 from vlcompress.runtime.registry import get_runtime
 from vlcompress.speedup_search import (
     Candidate,
@@ -467,7 +468,7 @@ def test_search_grid_drops_sparsities_the_model_cannot_take(tiny_random_clip):
     from vlcompress.pipeline import RunConfig
     from vlcompress.speedup_search import allowed_grid
 
-    cfg = RunConfig(pattern="structured", sparsity=0.5, target_speedup=2.0)
+    cfg = RunConfig(pattern="structured", target_speedup=2.0)
     grid = allowed_grid(tiny_random_clip, cfg)  # 4 heads: 0.8 would remove every head
     assert grid and max(grid) <= 0.75 and 0.5 in grid
 
@@ -489,3 +490,135 @@ def test_final_speedup_checks_the_full_timing():
     plain = [{"batch": 8, "tower": "vision", "dense_ms": {"p50": 30.0}, "pruned_ms": {"p50": 10.0}}]
     assert final_speedup(plain, "none", 2.5)["final"]["speedup"] == 3.0
     assert final_speedup([], "none", 2.5) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# --target-speedup: intervals, the full timing, the shipped model, the verdict (issue 25 item 9)
+# --------------------------------------------------------------------------------------------
+def _interval_latency(point_at, half_width):
+    """A fake runtime whose speedup at ``s`` is ``point_at(s)`` +- ``half_width``."""
+    calls = []
+
+    def measure(s):
+        calls.append(s)
+        p = point_at(s)
+        return Candidate(s, p, None, {}, (p - half_width, p + half_width))
+
+    return measure, calls
+
+
+def test_search_judges_by_the_interval_not_the_point():
+    # 1/(1-0.6) = 2.5 reaches 2.5 as a point, but its interval (2.3-2.7) does not
+    measure, _ = _interval_latency(lambda s: 1.0 / (1.0 - s), 0.2)
+    assert search_sparsity(2.5, measure).sparsity == pytest.approx(0.7)
+    with pytest.raises(TargetUnreachableError, match=r"interval 4\.80-5\.20x"):
+        search_sparsity(5.0, measure)  # 0.8 -> 5.0x as a point: not enough
+
+
+def test_search_steps_up_when_the_full_timing_misses():
+    brief, _ = _fake_latency(lambda s: 100.0 * (1 - s))  # optimistic: 0.6 -> 2.5x
+    full, confirmed = _interval_latency(lambda s: 0.8 / (1.0 - s), 0.05)  # 0.6 -> 2.0x
+    res = search_sparsity(2.5, brief, confirm=full)
+    assert confirmed == [0.6, 0.7] and res.sparsity == pytest.approx(0.7)  # 0.7 -> 2.67x
+    assert [c.sparsity for c in res.confirmations] == [0.6, 0.7]
+    assert res.to_dict()["confirmations"][0]["interval"] == [1.95, 2.05]
+    never, _ = _interval_latency(lambda s: 1.5, 0.05)
+    with pytest.raises(TargetUnreachableError, match="out of reach in the full timing"):
+        search_sparsity(2.5, brief, confirm=never)
+
+
+def test_final_speedup_judges_the_interval():
+    from vlcompress.speedup_search import final_speedup
+
+    rng = np.random.default_rng(0)
+    dense = list(100 + 30 * rng.standard_normal(12))
+    pruned = list(40 + 12 * rng.standard_normal(12))  # about 2.5x, widely spread
+    rows = [{"batch": 8, "tower": "vision",
+             "variants": {"dense": {"ms": {"p50": float(np.median(dense))}, "samples_ms": dense},
+                          "pruned_int8": {"ms": {"p50": float(np.median(pruned))},
+                                          "samples_ms": pruned}}}]
+    fin = final_speedup(rows, "int8", 2.4)["final"]
+    lo, hi = fin["interval"]
+    assert lo < 2.4 <= fin["speedup"] < hi and fin["reached"] is False  # point alone passes
+    assert final_speedup(rows, "int8", lo * 0.99)["final"]["reached"] is True
+
+
+def test_target_speedup_with_sparsity_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+    from vlcompress.pipeline import RunConfig
+
+    with pytest.raises(ConfigError, match="chooses the sparsity; --sparsity 0.5 is not allowed"):
+        RunConfig(pattern="structured", sparsity=0.5, target_speedup=2.0)
+    r = CliRunner().invoke(app, ["prune-export", "--pattern", "structured", "--sparsity", "0.3",
+                                 "--target-speedup", "2", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--sparsity 0.3 is not allowed" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("reached", [True, False])
+def test_cli_prints_the_search_and_exits_1_on_a_miss(monkeypatch, tmp_path, reached):
+    from typer.testing import CliRunner
+
+    import vlcompress.pipeline as pipeline
+    from vlcompress.cli import app
+
+    def fake_prune_export(cfg, progress=None):
+        return {"model": {"name": "tiny-clip"}, "prune": {"method": "magnitude",
+                "pattern": "structured", "achieved": 0.5, "per_modality": {}, "seconds": 0.1},
+                "target_speedup": {
+                    "target_speedup": 2.0, "chosen_sparsity": 0.5, "confidence": 0.95,
+                    "candidates": [{"sparsity": 0.8, "speedup": 3.1, "interval": [2.9, 3.3]},
+                                   {"sparsity": 0.5, "speedup": 2.2, "interval": [2.1, 2.3]}],
+                    "confirmations": [{"sparsity": 0.5, "speedup": 2.15,
+                                       "interval": [2.05, 2.25]}],
+                    "final": {"batch": 8, "variant": "pruned", "speedup": 2.1 if reached else 1.9,
+                              "interval": [2.02, 2.2] if reached else [1.8, 2.05],
+                              "reached": reached}}}
+
+    monkeypatch.setattr(pipeline, "prune_export", fake_prune_export)
+    monkeypatch.setattr("vlcompress.report.console_tables", lambda report: [])
+    r = CliRunner().invoke(app, ["prune-export", "--pattern", "structured", "--target-speedup",
+                                 "2", "--out", str(tmp_path / "o")])
+    assert "0.8 -> 3.10x [2.90-3.30]" in r.output and "chose structured sparsity 0.5" in r.output
+    assert ("REACHED" if reached else "MISSED") in r.output
+    assert r.exit_code == (0 if reached else 1), r.output
+    r = CliRunner().invoke(app, ["prune-export", "--pattern", "structured", "--target-speedup",
+                                 "2", "--json", "--out", str(tmp_path / "o")])
+    assert r.exit_code == (0 if reached else 1)
+
+
+def test_search_prunes_candidates_like_the_run(monkeypatch, tiny_random_clip, calib_small,
+                                              tmp_path):
+    """The searched model is the shipped one: the user's --method-option and
+    --skip-incompatible reach every candidate's pruning."""
+    import sys
+    from types import SimpleNamespace
+
+    from vlcompress.pipeline import RunConfig, export_examples
+    from vlcompress.speedup_search import run_search
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(vlm, method, sparsity, pattern, **kw):
+        seen.update(kw, method=method, sparsity=sparsity, pattern=pattern)
+        raise Stop
+
+    monkeypatch.setattr(sys.modules["vlcompress.prune"], "prune", spy)  # the package's
+    # ``prune`` attribute is the function, so the module is taken from sys.modules
+    cfg = RunConfig(method="upop", pattern="structured", target_speedup=2.0,
+                    skip_incompatible=True, method_options={"search_steps": 3})
+    example, check = export_examples(calib_small)
+    dense = SimpleNamespace(paths={t: tmp_path / f"{t}.onnx" for t in tiny_random_clip.towers})
+    with pytest.raises(Stop):
+        run_search(cfg, tiny_random_clip, calib_small, calib_small, dense, None, None, example,
+                   check, tmp_path / "work", NULL)
+    assert seen["method_options"]["search_steps"] == 3 and seen["skip_incompatible"] is True
+    from vlcompress.speedup_search import allowed_grid
+
+    assert seen["pattern"] == "structured"
+    assert seen["sparsity"] == allowed_grid(tiny_random_clip, cfg)[-1]  # the highest first
