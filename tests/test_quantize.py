@@ -622,3 +622,29 @@ def test_search_prunes_candidates_like_the_run(monkeypatch, tiny_random_clip, ca
 
     assert seen["pattern"] == "structured"
     assert seen["sparsity"] == allowed_grid(tiny_random_clip, cfg)[-1]  # the highest first
+
+
+def test_two_four_precheck_refuses_the_build(mlp_onnx, tmp_path):
+    """issue 25 item 14: the 2:4 check of the (quantized) weights before a TensorRT build is an
+    error naming the weight, raised before TensorRT or a GPU is needed (it was a warning)."""
+    from vlcompress.errors import ExportError, MissingDependencyError
+    from vlcompress.exporters.tensorrt import build_engine
+
+    _, path, feeds = mlp_onnx
+    res = quantize_onnx(path, tmp_path / "q.onnx", "int8", calibration=feeds, target="tensorrt")
+    model = onnx.load(str(res.path))
+    t = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8
+             and len(t.dims) == 2)
+    arr = numpy_helper.to_array(t).copy()
+    arr[arr == 0] = 1
+    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    name = t.name[: -len("_quantized")]
+    with pytest.raises(ExportError, match=rf"not 2:4 in the int8 QDQ ONNX bad\.onnx \(e\.g\. "
+                                          rf"{name}\)") as ei:
+        build_engine(tmp_path / "bad.onnx", tmp_path / "e.engine", sparse=True,
+                     batch_sizes=(1,), pruned=[name])
+    assert "\n" not in str(ei.value) and not (tmp_path / "e.engine").exists()
+    if not torch.cuda.is_available():  # a 2:4-clean file gets past the check to the GPU
+        with pytest.raises(MissingDependencyError):
+            build_engine(res.path, tmp_path / "e.engine", sparse=True, batch_sizes=(1,))
