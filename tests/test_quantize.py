@@ -648,3 +648,35 @@ def test_two_four_precheck_refuses_the_build(mlp_onnx, tmp_path):
     if not torch.cuda.is_available():  # a 2:4-clean file gets past the check to the GPU
         with pytest.raises(MissingDependencyError):
             build_engine(res.path, tmp_path / "e.engine", sparse=True, batch_sizes=(1,))
+
+
+def test_node_placement_reads_where_nodes_ran(mlp_onnx, tmp_path, monkeypatch):
+    """issue 25 item 10: where ONNX Runtime ran the quantized nodes is read from the session's
+    profile, not from its first provider; integer kernels are counted, and a node handed to
+    another provider is said."""
+    import vlcompress.quantized_variants as qv
+
+    _, path, feeds = mlp_onnx
+    res = quantize_onnx(path, tmp_path / "q.onnx", "int8", calibration=feeds)
+    assert sum(res.quantized_layers.values()) == 2
+    pl = qv.node_placement(res.path, ("CPUExecutionProvider",), feeds[0])
+    assert pl["int8_kernels"] == 2 and pl["handed_elsewhere"] == {}
+    assert set(pl["ran"]) == {"CPUExecutionProvider"}
+    info = {"pruned": {"mlp": res.to_dict()}}
+    paths = {"pruned": {"mlp": res.path}}
+    cpu, trt = get_runtime("onnxruntime"), get_runtime("onnxruntime-trt")
+    placed, problems = qv.placement_section(cpu, paths, {("mlp", 4): feeds[0]}, info)
+    assert placed["pruned"]["mlp"]["int8_kernels"] == 2 and problems == []
+    # float MatMuls where int8 was quantized, and nodes the TensorRT provider handed on
+    f32 = qv.node_placement(path, ("CPUExecutionProvider",), feeds[0])
+    monkeypatch.setattr(qv, "node_placement", lambda *a: f32)
+    _, problems = qv.placement_section(cpu, paths, {("mlp", 4): feeds[0]}, info)
+    assert problems == ["pruned mlp: 0 of 2 quantized MatMul/Gemm layers ran with integer "
+                        "kernels on the CPU provider"]
+    handed = {**pl, "first_provider": "TensorrtExecutionProvider",
+              "handed_elsewhere": {"CUDAExecutionProvider": ["DequantizeLinear", "MatMul"]}}
+    monkeypatch.setattr(qv, "node_placement", lambda *a: handed)
+    _, problems = qv.placement_section(trt, paths, {("mlp", 4): feeds[0]}, info)
+    assert problems == ["pruned mlp: DequantizeLinear, MatMul ran on CUDAExecutionProvider, "
+                        "not TensorrtExecutionProvider"]
+    assert qv.placement_section(get_runtime("trt"), paths, {}, info) is None  # engines: not ORT

@@ -164,10 +164,13 @@ class QuantizeResult:
     quantized_nodes: dict[str, int] = field(default_factory=dict)  # op type -> count
     float_ops: list[str] = field(default_factory=list)  # op types left in float
     seconds: float = 0.0
+    quantized_layers: dict[str, int] = field(default_factory=dict)  # op type -> layers whose
+    # weight is stored quantized (MatMul / Gemm / Conv)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "quantize": self.quantize, "method": self.method,
                 "target": self.target, "quantized_nodes": dict(self.quantized_nodes),
+                "quantized_layers": dict(self.quantized_layers),
                 "float_ops": list(self.float_ops), "seconds": round(self.seconds, 3)}
 
 
@@ -281,6 +284,11 @@ def quantize_onnx(src: str | Path, dst: str | Path, quantize: str = "int8", *,
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_onnx(out, dst)
     res.quantized_nodes = _count_ops(out)
+    if q != "fp16":
+        op_of = {n.name: n.op_type for n in out.graph.node}
+        for w in quantized_weights(out).values():
+            op = op_of.get(w["node"], "?")
+            res.quantized_layers[op] = res.quantized_layers.get(op, 0) + 1
     res.seconds = time.perf_counter() - start
     return res
 
