@@ -25,13 +25,14 @@ MLP fc1/fc2, projections) and ``Conv`` (the patch embedding). Activation-activat
 (``Q K^T`` and ``softmax V`` in attention), Softmax, LayerNorm, GELU, residual adds stay fp32:
 they hold almost none of the FLOPs at these sequence lengths, and the attention probabilities
 and the pre-LayerNorm residual stream have outliers that a per-tensor uint8 scale crushes.
-Measured (``benchmarks/quant_quality.py``'s ``quant_ops``: tiny-clip, 720 eval pairs, ONNX
-Runtime CPU, one thread, interleaved): quantizing the attention MatMuls too is *slower* in
-every cell but one (vision batch 1: 1.33x over fp32 against 1.46x weights-only on the dense
-model, 1.20x against 1.28x on the structured 50% recovered one; text batch 8 on the dense
-model: 1.415x against 1.405x, a tie) -- their per-call QuantizeLinear costs more than the
-int8 product saves -- and on the recovered structured model it loses more accuracy (zero-shot
-94.7% against 95.1% weights-only, i2t R@1 21.1% against 22.8%; fp32 95.3% / 22.6%). So
+Measured before the placement fix below (``benchmarks/quant_quality.py``'s ``quant_ops``, the
+earlier versions of ``quant_quality.json`` in git history: tiny-clip, 720 eval pairs, ONNX
+Runtime CPU, one thread, interleaved): quantizing the attention MatMuls too was *slower* in
+every cell but one -- their per-call QuantizeLinear cost more than the int8 product saved.
+Re-measured with the placement fix (``quant_quality.json``): the same accuracy either way on the
+recovered structured model (zero-shot 98.3% weights-only against 98.2%, i2t R@1 97.5%
+against 97.6%; fp32 98.2% / 97.5%); its timings were taken under a load average of 8-15 on 2
+cores and decide nothing. So
 weights-only is the default; ``quantize_activation_matmuls`` turns the other on.
 
 **int8, dynamic.** ``quantize_dynamic``: weights int8 per channel, activations quantized on the
