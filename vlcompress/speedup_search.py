@@ -243,7 +243,7 @@ def run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data, examp
     batch = max(lc.batch_sizes)
     towers = [t for t in vlm.towers if t in dense_export.paths or rt.consumes == MODEL]
     feeds = run_feeds(cfg, vlm, towers, example, (batch,))
-    brief = replace(lc, batch_sizes=(batch,), warmup=1, iterations=max(3, lc.iterations // 5),
+    brief = replace(lc, batch_sizes=(batch,), warmup=1, iterations=max(5, lc.iterations // 5),
                     towers=tuple(towers))
     dense_art = Artefacts("dense", vlm=copy.deepcopy(vlm) if rt.consumes == MODEL else None,
                           onnx=dict(dense_export.paths), folder=Path(work) / "dense")
