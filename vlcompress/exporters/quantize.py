@@ -25,7 +25,7 @@ MLP fc1/fc2, projections) and ``Conv`` (the patch embedding). Activation-activat
 (``Q K^T`` and ``softmax V`` in attention), Softmax, LayerNorm, GELU, residual adds stay fp32:
 they hold almost none of the FLOPs at these sequence lengths, and the attention probabilities
 and the pre-LayerNorm residual stream have outliers that a per-tensor uint8 scale crushes.
-Measured before the placement fix below (``benchmarks/quant_quality.py``'s ``quant_ops``, the
+Measured before the placement fix above (``benchmarks/quant_quality.py``'s ``quant_ops``, the
 earlier versions of ``quant_quality.json`` in git history: tiny-clip, 720 eval pairs, ONNX
 Runtime CPU, one thread, interleaved): quantizing the attention MatMuls too was *slower* in
 every cell but one -- their per-call QuantizeLinear cost more than the int8 product saved.
