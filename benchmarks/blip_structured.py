@@ -45,6 +45,20 @@ from vlcompress.sparsity.structured import probe_inputs, tower_outputs  # noqa: 
 EFFICIENTVLM_OPTIONS = {"gate_lr": 2.0, "lambda_lr": 5.0, "warmup_fraction": 0.25}
 
 
+def reinit_vision(vlm, std: float):
+    """The same architecture built again with the vision config's ``initializer_range`` at
+    ``std``: BLIP's default (1e-10, what the preset gets) makes a random vision tower's output
+    ~1e-6 (``dense_tower_output_std`` below), constant image embeddings, and every image
+    fidelity number vacuous."""
+    from vlcompress.models.blip import BLIP
+
+    cfg = copy.deepcopy(vlm.model.config)
+    cfg.vision_config.initializer_range = float(std)
+    torch.manual_seed(0)
+    return BLIP(type(vlm.model)(cfg).eval(), vlm.tokenizer, vlm.image_processor, name=vlm.name,
+                source=f"{vlm.source} (vision initializer_range {std:g})")
+
+
 def n_params(vlm) -> int:
     return sum(p.numel() for p in vlm.model.parameters())
 
@@ -134,16 +148,21 @@ def main():
     ap.add_argument("--search-steps", type=int, default=4, help="upop search steps")
     ap.add_argument("--gate-steps", type=int, default=5, help="efficientvlm gate training steps")
     ap.add_argument("--retrain-steps", type=int, default=1)
+    ap.add_argument("--vision-init", type=float, default=0.02,
+                    help="vision initializer_range of the random model (0: the preset's own)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     dense = load_model(a.model)
+    if a.vision_init:
+        dense = reinit_vision(dense, a.vision_init)
     calib = load_calibration("shapes", n=a.pairs, batch_size=a.pairs, seed=0)
     pairs = load_eval("shapes", n=a.eval_pairs)
     probe = tower_outputs(dense, probe_inputs(dense, calib))
     rows = [run_method(m, dense, calib, pairs, a) for m in a.methods.split(",")]
     res = {"model": a.model, "init": "random (preset: no trained BLIP is available offline)",
+           "vision_initializer_range": a.vision_init or "preset default",
            "pattern": "structured", "units": "heads,neurons", "round_to": a.round_to,
            "calibration_pairs": a.pairs, "fidelity_pairs": a.eval_pairs,
            "dense_tower_output_std": {k: float(v.std()) for k, v in probe.items()},

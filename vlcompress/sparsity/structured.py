@@ -63,8 +63,6 @@ HEAD_ROUNDING_RULE = ("kept heads rounded to the nearest multiple of round_to/gc
 #: Verification tolerance, masked vs sliced outputs: |a - b| <= ATOL + RTOL * max|a|.
 VERIFY_ATOL, VERIFY_RTOL = 1e-5, 1e-4
 
-ATTN_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o")
-MLP_ROLES = ("mlp.in", "mlp.out")
 
 
 # --------------------------------------------------------------------------------------------
