@@ -56,10 +56,15 @@ class RunConfig:
     target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
     triton: str | None = None  # also write OUT/triton with this backend (exporters.triton)
     method_options: dict | None = None  # the method's own options (Method.options), checked
+    cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay (runtime.graphs)
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
     def __post_init__(self):
+        if self.target_speedup is not None and self.sparsity is not None:
+            raise ConfigError(f"--target-speedup {self.target_speedup} chooses the sparsity; "
+                              f"--sparsity {self.sparsity} is not allowed with it (allowed: "
+                              "one of the two)")
         pc = PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern,
                          scope=self.scope, skip_incompatible=self.skip_incompatible, seed=self.seed,
                          units=self.units, round_to=self.round_to, depth=self.depth,
@@ -94,7 +99,8 @@ class RunConfig:
         object.__setattr__(self, "batch_sizes", bs)
         lc = LatencyConfig(batch_sizes=bs, warmup=self.warmup, iterations=self.iterations,
                            runtime=self.engine, device=self.device,
-                           precision="fp16" if self.fp16 else None)
+                           precision="fp16" if self.fp16 else None,
+                           cuda_graphs=self.cuda_graphs)
         lc.runtime_entry.check_pattern(pc.pattern)
         if self.triton is not None:  # --triton BACKEND: checked before any work
             from .exporters.triton import check_triton_options
@@ -108,6 +114,14 @@ class RunConfig:
         object.__setattr__(self, "device", lc.device)
         object.__setattr__(self, "latency_config", lc)
         self._check_quantize()
+        if self.triton not in (None, "tensorrt"):  # OUT/triton serves the quantized variants too
+            from .exporters.triton import TENSORRT_ONLY
+
+            if self.quantize in TENSORRT_ONLY:
+                raise ConfigError(f"--triton {self.triton} cannot serve the run's {self.quantize} "
+                                  f"variants (explicit QDQ made for TensorRT); allowed: --triton "
+                                  f"tensorrt, or no --triton (export-triton --variants dense,pruned "
+                                  "afterwards)")
 
     def _check_quantize(self):
         """--quantize / --quantize-method / --target-speedup, with the runtime (one line each)."""

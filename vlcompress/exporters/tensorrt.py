@@ -12,9 +12,10 @@ everything that does not need it is pure and tested on CPU:
 
 - :func:`plan_build` reads the ONNX inputs and computes a :class:`BuildPlan`: network flags
   (strongly typed), builder flags (``SPARSE_WEIGHTS`` for 2:4), the workspace limit and one
-  optimisation profile per batch size, ``(min, opt = that batch, max)`` for every dynamic
-  input, so each batch runs tactics chosen for it (the runner picks the profile:
-  :func:`vlcompress.runtime.trt_runner.select_profile`);
+  optimisation profile per batch size, ``(min = 1, opt = that batch, max = the largest)`` for
+  every dynamic input (:func:`profile_batch_range`), so each batch runs tactics chosen for it
+  (the runner picks the profile: :func:`vlcompress.runtime.trt_runner.select_profile`) and
+  every batch a Triton dynamic batcher may form (1..``max_batch_size``) runs;
 - :func:`apply_plan` applies a plan to a builder config (tested on a recording fake);
 - :func:`parse_sparsity_log` reads the two ``(Sparsity)`` lines TensorRT logs at INFO level;
 - :func:`onnx_quantization` tells an explicit QDQ file (``"int8"`` / ``"fp8"``: every weight
@@ -80,7 +81,7 @@ from ..atomic import atomic_write_bytes
 from ..errors import ConfigError, ExportError, OutputError
 
 __all__ = [
-    "SparsityReport", "parse_sparsity_log", "InputSpec", "BuildPlan", "plan_build",
+    "SparsityReport", "parse_sparsity_log", "InputSpec", "BuildPlan", "plan_build", "profile_batch_range",
     "onnx_inputs", "apply_plan", "network_flags", "EngineBuildResult", "build_engine",
     "nm_violations", "embedding_agreement", "trt_major", "make_logger",
     "sparsity_warnings", "onnx_quantization", "QUANTIZED_PRECISIONS",
@@ -345,15 +346,29 @@ def onnx_inputs(path: str | Path) -> tuple[list[InputSpec], str]:
     return specs, precision
 
 
-def _batch_ranges(batch_sizes: Sequence[int], per_batch: bool) -> list[tuple[int, int, int]]:
-    """``(min, opt, max)`` batch of each profile: one per batch size with opt = that batch
-    (every profile spans all batch sizes, so any of them runs any batch), or one with opt =
-    the largest batch."""
-    bs = sorted(set(int(b) for b in batch_sizes))
+def profile_batch_range(batch_sizes: Sequence[int]) -> tuple[int, int]:
+    """``(min, max)`` batch every optimisation profile of an engine built for ``batch_sizes``
+    accepts: ``(1, max(batch_sizes))``. The minimum is 1 whatever was measured: a run timed at
+    batch 8 alone still serves single requests, and Triton's dynamic batcher forms any batch
+    from 1 to ``max_batch_size`` (:mod:`.triton` writes ``max_batch_size`` = this maximum, so
+    the config and the engine agree)."""
+    try:
+        bs = sorted(set(int(b) for b in batch_sizes))
+    except (TypeError, ValueError):
+        bs = []
     if not bs or bs[0] < 1:
         raise ConfigError(f"batch sizes {tuple(batch_sizes)!r} are not valid; need positive integers")
-    opts = bs if per_batch else [bs[-1]]
-    return [(bs[0], o, bs[-1]) for o in opts]
+    return 1, bs[-1]
+
+
+def _batch_ranges(batch_sizes: Sequence[int], per_batch: bool) -> list[tuple[int, int, int]]:
+    """``(min, opt, max)`` batch of each profile: one per batch size with opt = that batch, or
+    one with opt = the largest batch; every profile spans :func:`profile_batch_range`, so any
+    of them runs any batch from 1 to the largest."""
+    lo, hi = profile_batch_range(batch_sizes)
+    bs = sorted(set(int(b) for b in batch_sizes))
+    opts = bs if per_batch else [hi]
+    return [(lo, o, hi) for o in opts]
 
 
 def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int],
@@ -364,7 +379,8 @@ def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int
     """The :class:`BuildPlan` for ``onnx_path``.
 
     One optimisation profile per batch size ``b``: dynamic dimension 0 (or any named
-    ``batch``) gets ``(min, opt, max)`` = ``(min(batch_sizes), b, max(batch_sizes))``.
+    ``batch``) gets ``(min, opt, max)`` = ``(1, b, max(batch_sizes))`` (min 1 whatever was
+    measured: :func:`profile_batch_range`).
     TensorRT chooses its tactics (and, for 2:4, sparse or dense kernels) for ``opt``, so a
     single profile tuned for the largest batch would run every other batch on tactics chosen
     for that one; the price is build time, which grows with the number of profiles
@@ -569,9 +585,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     """Build a TensorRT engine from the fp16 ONNX at ``onnx_path``, or from its explicit QDQ
     int8 / fp8 ONNX (strongly typed either way, :func:`plan_build`); write it atomically.
 
-    ``sparse`` enables ``SPARSE_WEIGHTS`` (2:4) and first checks the pruned weights the ONNX
-    holds are 2:4 (:func:`nm_violations`: the quantized initialisers of a QDQ file; reported
-    in the result, not fatal). ``result.quantize`` says whether the engine is int8 / fp8. The builder log
+    ``sparse`` enables ``SPARSE_WEIGHTS`` (2:4) and first checks, before TensorRT or the GPU is
+    touched, that the pruned weights the ONNX holds are 2:4 (:func:`nm_violations`: the
+    quantized initialisers of a QDQ file): a pruned weight that is not is an
+    :class:`ExportError` naming it (TensorRT would silently give it dense kernels).
+    ``result.quantize`` says whether the engine is int8 / fp8. The builder log
     (INFO and above) goes to ``log(severity, message)`` if given and is parsed for the
     sparsity lines; a 2:4 build in which no layer got a sparse implementation is logged as a
     warning and listed in ``result.warnings``. ``timing_cache`` is read if it exists and
@@ -579,15 +597,20 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     """
     from ..optional_deps import require_cuda, require_tensorrt
 
-    require_cuda()
-    trt = require_tensorrt()
     plan = plan_build(onnx_path, sparse=sparse, batch_sizes=batch_sizes, seq_len=seq_len,
                       workspace_gb=workspace_gb, strongly_typed=True,
                       per_batch_profiles=per_batch_profiles)
+    violations = nm_violations(onnx_path, pruned, quantize=plan.quantize) if sparse else []
+    if violations:  # checked before the build: a 2:4 build of non-2:4 weights is refused
+        kind = "fp16" if plan.quantize == "none" else f"{plan.quantize} QDQ"
+        raise ExportError(f"{len(violations)} pruned weight(s) are not 2:4 in the {kind} ONNX "
+                          f"{Path(onnx_path).name} (e.g. {violations[0]}); a 2:4 engine needs "
+                          "them 2:4: re-export the pruned model, or build without 2:4")
+    require_cuda()
+    trt = require_tensorrt()
     engine_path = Path(engine_path)
     if engine_path.is_dir():
         raise OutputError(f"cannot write engine {str(engine_path)!r}: a folder of that name exists")
-    violations = nm_violations(onnx_path, pruned, quantize=plan.quantize) if sparse else []
     lines: list[str] = []
 
     def sink(sev: str, msg: str) -> None:
@@ -629,10 +652,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     seconds = time.perf_counter() - start
     report = parse_sparsity_log(lines)
     warns = sparsity_warnings(report, sparse)
-    if violations:
-        kind = "fp16" if plan.quantize == "none" else f"{plan.quantize} QDQ"
-        warns.append(f"{len(violations)} pruned weight(s) are not 2:4 in the {kind} ONNX "
-                     f"(e.g. {violations[0]})")
     for w in warns:
         log_warning(f"{engine_path.name}: {w}")
     return EngineBuildResult(engine_path=engine_path, plan=plan, sparsity=report, warnings=warns,
