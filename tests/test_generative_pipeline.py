@@ -80,7 +80,8 @@ def test_vqa_folder_parts_and_per_part_sparsity(folders, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--max-new-tokens", "0"], "--max-new-tokens 0 is not valid; allowed: an integer >= 1"),
     (["--parts", "decoder"], "--parts decoder is not a part of"),
-    (["--pattern", "structured"], "pattern structured is not supported for family 'llava'"),
+    (["--pattern", "structured", "--parts", "bridge"],
+     "--pattern structured cannot slice --parts bridge of"),
     (["--parts", "vision=2"], "the sparsity is not valid"),
     (["--quantize", "int8"], "--quantize int8 is not available for the generative model"),
     (["--recover-steps", "5"], "--recover-steps 5 is not available for the generative model"),

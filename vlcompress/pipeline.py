@@ -217,6 +217,7 @@ def check_run(cfg: RunConfig):
     method x pattern (RunConfig did), x the model's family (from its config alone), x data."""
     from .methods.registry import check_family
     from .models import peek_model
+    from .models.registry import families
 
     info = peek_model(cfg.model, tower=cfg.tower)
     method = get_method(cfg.method)
@@ -241,6 +242,12 @@ def check_run(cfg: RunConfig):
         if bad:
             raise ConfigError(f"--parts {bad[0]} is not a part of {cfg.model} ({info.family}); "
                               f"allowed: {', '.join(info.towers)}")
+        sliceable = getattr(families()[info.family], "structured_parts", info.towers)
+        if cfg.prune_config.pattern.is_structured and \
+                not any(p in sliceable for p in parse_parts(cfg.parts)):
+            raise ConfigError(f"--pattern structured cannot slice --parts {cfg.parts} of "
+                              f"{cfg.model} ({info.family}): no heads or neurons there; allowed "
+                              f"parts: {', '.join(sliceable)}")
         if cfg.prune_config.pattern.is_nm and any(v is not None for v in parse_parts(cfg.parts).values()):
             raise ConfigError(f"--parts with a sparsity: pattern {cfg.prune_config.pattern} fixes "
                               "the sparsity; allowed: part names alone, or --pattern unstructured")

@@ -329,6 +329,7 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
         compare_outputs,
         group_scores_from_weights,
         keep_counts,
+        keep_heads,
         probe_inputs,
         top_k,
         tower_outputs,
@@ -387,7 +388,7 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
     masks = PackedMasks()
     for b in blocks:
         h, f = counts[b.prefix]
-        hk = torch.arange(b.num_heads) if h == b.num_heads else top_k(head_s[b.prefix], h)
+        hk = torch.arange(b.num_heads) if h == b.num_heads else keep_heads(b, head_s[b.prefix], h)
         fk = torch.arange(b.mlp_width) if f == b.mlp_width else top_k(neur_s[b.prefix], f)
         keep[b.prefix] = (hk, fk)
         masks.update(weight_masks(b, hk, fk))

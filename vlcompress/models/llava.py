@@ -31,6 +31,7 @@ from ..errors import DataError, ModelError
 from .base import VLM, PrunableLayer
 from .clip import encoder_linears
 from .registry import model_card, register_family
+from .surgery import Layout, register_layout
 
 CAPTION_PROMPT = "describe the image ."
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
@@ -53,6 +54,31 @@ WORD_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 #: words of the word-level chat template, prompts and shapes questions
 PROMPT_WORDS = ("user", "assistant", ":", "describe", "image", ".", "?", "what", "which",
                 "color", "colour", "is", "size", "where", "it", "yes", "no", "how", "big")
+
+
+def _kv_heads(attn) -> int:
+    return int(attn.k_proj.out_features) // int(attn.head_dim)
+
+
+def _set_decoder_heads(attn, n: int, head_dim: int) -> None:
+    """A LLaMA/Qwen2 attention reshapes by ``head_dim`` and repeats each key/value head
+    ``num_key_value_groups`` times: that is all that changes with the query head count."""
+    kv = _kv_heads(attn)
+    if n % kv:
+        raise ValueError(f"{n} query heads cannot share {kv} key/value heads evenly")
+    attn.num_key_value_groups = n // kv
+
+
+#: A LLaMA / Qwen2 / Mistral decoder layer for structured pruning: query heads (the k/v
+#: projections are not listed: every key/value head stays, and each group keeps the same
+#: number of query heads, see ``kv_groups``) and the gated MLP's neurons (gate, up and down
+#: rows/columns together). ``head_dim`` is unchanged, so the rotary embedding stays correct.
+DECODER_LAYOUT = register_layout(Layout(
+    "llama-decoder", "self_attn",
+    {"attn.q": "self_attn.q_proj", "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj",
+     "mlp.in": "mlp.up_proj", "mlp.out": "mlp.down_proj"},
+    get_heads=lambda attn: int(attn.q_proj.out_features) // int(attn.head_dim),
+    set_heads=_set_decoder_heads, kv_groups=_kv_heads))
 
 
 def check_llava_config(cfg) -> None:
@@ -116,7 +142,11 @@ class Llava(VLM):
     family = "llava"
     towers = PARTS
     generative = True
-    structured = False
+    #: structured: the decoder's query heads (grouped-query consistent) and gated-MLP neurons
+    #: (:data:`DECODER_LAYOUT`), the CLIP/SigLIP vision tower's heads and neurons (the CLIP
+    #: layout); the projector has no groups and stays
+    structured = True
+    structured_parts = ("vision", "language")
     tower_modalities = {p: (p,) for p in PARTS}
     image_towers = PARTS  # every part reads the image (the decoder through its image tokens)
 
@@ -367,3 +397,14 @@ class Llava(VLM):
         card = model_card(Path(self.source)) if self.source and Path(self.source).is_dir() else {}
         card = {**card, "family": "llava", "prompts": dict(self.prompts)}
         (path / "vlcompress.json").write_text(json.dumps(card, indent=2))
+        from .surgery import is_sliced, write_manifest
+
+        if is_sliced(self):  # weights under the module names the manifest's rebuild loads:
+            # save_pretrained writes LLaVA's legacy checkpoint names, which only
+            # from_pretrained's renaming (not a strict load_state_dict) maps back
+            from safetensors.torch import save_model
+
+            for f in [*path.glob("*.safetensors"), *path.glob("*.safetensors.index.json")]:
+                f.unlink()
+            save_model(self.model, str(path / "model.safetensors"))
+        write_manifest(self, path)  # sliced layers: per-layer widths (config.json cannot)

@@ -52,6 +52,8 @@ ROLE_PATHS = {
 }
 QKV_ROLES = ("attn.q", "attn.k", "attn.v")
 ATTN_ROLE_ORDER = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
+#: MLP roles: ``mlp.gate`` (a gated MLP's gate projection, sliced like ``mlp.in``), fc1, fc2
+MLP_ROLE_ORDER = ("mlp.gate", "mlp.in", "mlp.out")
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +66,12 @@ class Layout:
     layer's main unit, else the name of a second unit of the same layer (its block prefix is
     ``<layer>.<sub>``, its manifest entry ``layer[sub]``); ``heads_attr``/``head_dim_attr``:
     the attention module's attribute names; ``set_heads(attn, n, head_dim)``: what slicing to
-    ``n`` heads updates on it (default: ``heads_attr = n``).
+    ``n`` heads updates on it (default: ``heads_attr = n``); ``get_heads(attn)``: the head
+    count when the module holds none (a LLaMA attention: its q rows / head_dim);
+    ``kv_groups(attn)``: the key/value heads of a grouped-query attention (its k/v projections
+    are then not among ``paths`` and stay whole; query heads are removed the same number from
+    each group, so the kept head count is a multiple of it); default 1 (no constraint). A gated
+    MLP names its gate projection ``mlp.gate`` (sliced with ``mlp.in``).
     """
 
     name: str
@@ -74,6 +81,8 @@ class Layout:
     heads_attr: str = "num_heads"
     head_dim_attr: str = "head_dim"
     set_heads: Callable | None = None
+    get_heads: Callable | None = None
+    kv_groups: Callable | None = None
 
     @property
     def fused(self) -> bool:
@@ -84,7 +93,13 @@ class Layout:
         return "mlp.in" in self.paths
 
     def num_heads(self, attn: nn.Module) -> int:
+        if self.get_heads is not None:
+            return int(self.get_heads(attn))
         return int(getattr(attn, self.heads_attr))
+
+    def groups(self, attn: nn.Module) -> int:
+        """Key/value groups the query heads are split into (1: heads are free)."""
+        return int(self.kv_groups(attn)) if self.kv_groups is not None else 1
 
     def head_dim(self, attn: nn.Module) -> int:
         return int(getattr(attn, self.head_dim_attr))
@@ -172,7 +187,11 @@ class Block:
 
     @property
     def mlp_roles(self) -> tuple[str, ...]:
-        return ("mlp.in", "mlp.out") if self.has_mlp else ()
+        return tuple(r for r in MLP_ROLE_ORDER if r in self.linears) if self.has_mlp else ()
+
+    @property
+    def kv_groups(self) -> int:
+        return self.layout.groups(self.attn)
 
     def names(self) -> list[str]:
         return [ly.name for ly in self.linears.values()]
@@ -247,9 +266,10 @@ def slice_unit(layout: Layout, attn: nn.Module, lins: Mapping[str, nn.Linear], h
         if layout.fused:
             qkv = lins["attn.qkv"]
             _slice_linear(qkv, out_idx=qkv_rows(heads_keep, hd, qkv.out_features // 3))
-        else:
+        else:  # a grouped-query layout lists q only: its k/v heads stay
             for role in QKV_ROLES:
-                _slice_linear(lins[role], out_idx=rows)
+                if role in lins:
+                    _slice_linear(lins[role], out_idx=rows)
         _slice_linear(lins["attn.o"], in_idx=rows)
         layout.update_heads(attn, int(heads_keep.numel()))
     if neurons_keep is not None:
@@ -257,6 +277,8 @@ def slice_unit(layout: Layout, attn: nn.Module, lins: Mapping[str, nn.Linear], h
             raise ValueError(f"layout {layout.name!r} has no MLP neurons to slice")
         neurons_keep = torch.as_tensor(neurons_keep, dtype=torch.long).sort().values
         _slice_linear(lins["mlp.in"], out_idx=neurons_keep)
+        if "mlp.gate" in lins:
+            _slice_linear(lins["mlp.gate"], out_idx=neurons_keep)
         _slice_linear(lins["mlp.out"], in_idx=neurons_keep)
 
 
@@ -316,6 +338,9 @@ def structure_of(vlm) -> dict:
             entry.update(shape)
     for stack, st in out.items():
         st["layers"] = [entries[stack][i] for i in sorted(entries[stack])]
+        n = len(vlm.model.get_submodule(stack))
+        if n != len(st["layers"]):  # layers past the prunable ones (LLaVA's unused vision
+            st["num_layers"] = n    # layers after vision_feature_layer) stay as built
     return out
 
 
@@ -471,11 +496,12 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
             raise ModelError(f"manifest names {stack!r}, which the model does not have") from None
         layouts = [get_layout(n) for n in spec.get("layouts", ["clip"])]
         shapes = spec["layers"]
-        if len(layers) != len(shapes):
-            if len(layers) < len(shapes):
-                raise ModelError(f"manifest lists {len(shapes)} layers for {stack}; the config "
+        n_layers = int(spec.get("num_layers", len(shapes)))
+        if len(layers) != n_layers:
+            if len(layers) < n_layers:
+                raise ModelError(f"manifest lists {n_layers} layers for {stack}; the config "
                                  f"builds {len(layers)}")
-            remove_layers(model, stack, range(len(shapes), len(layers)))
+            remove_layers(model, stack, range(n_layers, len(layers)))
             layers = model.get_submodule(stack)
         for i, shp in enumerate(shapes):
             layer = layers[i]

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ConfigError, PatternError
-from ..models.surgery import Block, find_blocks
+from ..models.surgery import QKV_ROLES, Block, find_blocks
 from .allocation import per_modality_counts, prune_count, threshold_counts
 from .apply import select_layers
 
@@ -87,8 +87,11 @@ def nearest_allowed(raw: float, total: int, step: int) -> int:
     return int(k)
 
 
-def round_heads(raw: float, heads: int, head_dim: int, round_to: int) -> int:
-    return nearest_allowed(raw, heads, head_step(head_dim, round_to))
+def round_heads(raw: float, heads: int, head_dim: int, round_to: int, groups: int = 1) -> int:
+    """Kept heads: :func:`nearest_allowed` on multiples of the rounding step, and of
+    ``groups`` (a grouped-query attention keeps the same number of query heads per group)."""
+    step = head_step(head_dim, round_to)
+    return nearest_allowed(raw, heads, step * int(groups) // math.gcd(step, int(groups)))
 
 
 def round_neurons(raw: float, width: int, round_to: int) -> int:
@@ -152,15 +155,18 @@ def group_scores_from_weights(block: Block, scores: dict[str, torch.Tensor]
         s = _clean(scores[lys["attn.qkv"].name]).double().cpu()
         heads += s.reshape(3, H, hd, -1).sum(dim=(0, 2, 3))
     else:
-        for role in ("attn.q", "attn.k", "attn.v"):
-            s = _clean(scores[lys[role].name]).double().cpu()
-            heads += s.reshape(H, hd, -1).sum(dim=(1, 2))
+        for role in ("attn.q", "attn.k", "attn.v"):  # grouped-query layouts: q only
+            if role in lys:
+                s = _clean(scores[lys[role].name]).double().cpu()
+                heads += s.reshape(H, hd, -1).sum(dim=(1, 2))
     so = _clean(scores[lys["attn.o"].name]).double().cpu()
     heads += so.reshape(so.shape[0], H, hd).sum(dim=(0, 2))
     if not block.has_mlp:
         return heads.float(), torch.zeros(0)
     neurons = (_clean(scores[lys["mlp.in"].name]).double().cpu().sum(1)
                + _clean(scores[lys["mlp.out"].name]).double().cpu().sum(0))
+    if "mlp.gate" in lys:  # a gated MLP: gate, up and down go together
+        neurons += _clean(scores[lys["mlp.gate"].name]).double().cpu().sum(1)
     return heads.float(), neurons.float()
 
 
@@ -171,9 +177,9 @@ def _group_sizes(block: Block) -> tuple[int, int]:
     if "attn.qkv" in block.linears:
         qkv = 3 * hd * block.lin("attn.qkv").in_features
     else:
-        qkv = hd * sum(block.lin(r).in_features for r in ("attn.q", "attn.k", "attn.v"))
-    neuron = block.lin("mlp.in").in_features + block.lin("mlp.out").out_features \
-        if block.has_mlp else 0
+        qkv = hd * sum(block.lin(r).in_features for r in QKV_ROLES if r in block.linears)
+    neuron = sum(block.lin(r).in_features for r in ("mlp.gate", "mlp.in") if r in block.linears) \
+        + block.lin("mlp.out").out_features if block.has_mlp else 0
     return qkv + block.lin("attn.o").out_features * hd, neuron
 
 
@@ -230,7 +236,8 @@ def keep_counts(blocks: Sequence[Block], head_scores: dict[str, torch.Tensor],
                     raw_f[b.prefix] = b.mlp_width * (1.0 - s)
     out = {}
     for b in blocks:
-        h = round_heads(raw_h[b.prefix], b.num_heads, b.head_dim, round_to) if "heads" in units \
+        h = round_heads(raw_h[b.prefix], b.num_heads, b.head_dim, round_to, b.kv_groups) \
+            if "heads" in units \
             else b.num_heads
         f = round_neurons(raw_f[b.prefix], b.mlp_width, round_to) if "neurons" in units \
             else b.mlp_width
@@ -242,6 +249,20 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted indices of the ``k`` highest scores (ties: the earlier index wins)."""
     order = torch.argsort(_clean(scores), descending=True, stable=True)
     return order[: int(k)].sort().values
+
+
+def keep_heads(block: Block, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the ``k`` heads ``block`` keeps: the highest-scored, or with grouped-
+    query attention (``g`` key/value groups of ``H / g`` consecutive query heads) the ``k / g``
+    highest-scored of each group, so every group keeps as many query heads and kept head ``i``
+    still reads key/value head ``i // (k / g)`` (``k`` is a multiple of ``g``: rounding)."""
+    g = block.kv_groups
+    if g <= 1:
+        return top_k(scores, k)
+    per, k_per = block.num_heads // g, int(k) // g
+    if k_per * g != int(k) or per * g != block.num_heads:
+        raise ValueError(f"{block.prefix}: {k} heads cannot be kept evenly in {g} kv groups")
+    return torch.cat([top_k(scores[i * per:(i + 1) * per], k_per) + i * per for i in range(g)])
 
 
 def weight_masks(block: Block, heads_keep: torch.Tensor, neurons_keep: torch.Tensor
@@ -262,7 +283,7 @@ def weight_masks(block: Block, heads_keep: torch.Tensor, neurons_keep: torch.Ten
             m = rows.repeat(3)[:, None].expand(w.shape)
         elif role == "attn.o":
             m = rows[None, :].expand(w.shape)
-        elif role == "mlp.in":
+        elif role in ("mlp.in", "mlp.gate"):
             m = neur[:, None].expand(w.shape)
         else:
             m = neur[None, :].expand(w.shape)
@@ -281,11 +302,15 @@ def probe_inputs(vlm, data=None) -> dict[str, dict[str, torch.Tensor]]:
     src = data if data is not None else load_calibration("shapes", n=2, batch_size=2, seed=0)
     batch = next(iter(src.batches()))
     batch = type(batch)(*(None if v is None else v[:2] for v in vars(batch).values()))
+    if getattr(vlm, "generative", False):  # one model, compared on its next-token logits
+        return {"logits": vlm.encode(batch)}
     return {t: vlm.tower_inputs(t, batch) for t in vlm.towers}
 
 
 @torch.no_grad()
 def tower_outputs(vlm, inputs: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if getattr(vlm, "generative", False):
+        return {t: vlm.logits(feed).float() for t, feed in inputs.items()}
     return {t: vlm.tower_module(t)(**feed).float() for t, feed in inputs.items()}
 
 

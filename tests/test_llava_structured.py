@@ -1,0 +1,119 @@
+"""Structured pruning of LLaVA: the decoder's query heads (grouped-query consistent) and gated
+MLP neurons, and the CLIP/SigLIP vision tower, sliced into a smaller dense model that equals
+the masked one and reloads with identical logits; on tiny random LLaVAs and on tiny-llava."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from llava_factory import make_tiny_llava_folder
+
+from vlcompress.data import load_calibration
+from vlcompress.models import load_model
+from vlcompress.models.surgery import find_blocks, read_manifest
+from vlcompress.prune import prune
+from vlcompress.sparsity.apply import apply_masks
+from vlcompress.sparsity.structured import keep_heads, round_heads
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return load_calibration("shapes", n=4, batch_size=2)
+
+
+def _decoder_blocks(vlm):
+    return [b for b in find_blocks(vlm) if b.modality == "language"]
+
+
+def _check_sliced(dense, vlm, res, calib, tmp_path):
+    """sliced == masked dense, != dense; GQA groups even; reload gives identical logits."""
+    enc = dense.encode(next(iter(calib.batches())))
+    masked = copy.deepcopy(dense)
+    apply_masks(masked.prunable_layers(), res.masks)
+    ref, got = masked.logits(enc), vlm.logits(enc)
+    assert torch.allclose(ref, got, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(dense.logits(enc), got, atol=1e-3)
+    for layer in vlm.model.model.language_model.layers:
+        attn = layer.self_attn
+        heads = attn.q_proj.out_features // attn.head_dim
+        kv = attn.k_proj.out_features // attn.head_dim
+        assert heads % kv == 0 and attn.num_key_value_groups == heads // kv
+        assert layer.mlp.gate_proj.out_features == layer.mlp.up_proj.out_features \
+            == layer.mlp.down_proj.in_features
+    vlm.save(tmp_path / "m")
+    man = read_manifest(tmp_path / "m")
+    assert man is not None and "llama-decoder" in man["stacks"]["model.language_model.layers"]["layouts"]
+    back = load_model(str(tmp_path / "m"))
+    assert torch.equal(back.logits(enc), got)
+    assert back.generate(next(iter(calib.batches())).images, max_new_tokens=4) == \
+        vlm.generate(next(iter(calib.batches())).images, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("method,vision,text,parts", [
+    ("wanda", "clip", "llama", ("language",)),
+    ("magnitude", "siglip", "qwen2", ("vision", "bridge", "language")),
+    ("multiflow", "clip", "llama", ("vision", "bridge", "language")),
+])
+def test_structured_slices_reloads_and_keeps_groups(tmp_path, calib, method, vision, text, parts):
+    folder = make_tiny_llava_folder(tmp_path, vision=vision, text=text)
+    dense = load_model(str(folder))
+    vlm = copy.deepcopy(dense)
+    res = prune(vlm, method, 0.5, "structured", calibration=calib, scope=parts)
+    layers = res.details["structured"]["layers"]
+    dec = {p: v for p, v in layers.items() if v["modality"] == "language"}
+    assert dec and all(v["heads"][0] % 2 == 0 and v["heads"][0] < v["heads"][1] for v in dec.values())
+    assert any(v["mlp"][0] < v["mlp"][1] for v in dec.values())
+    assert ("vision" in parts) == any(v["modality"] == "vision" for v in layers.values())
+    assert res.per_modality.get("bridge", 0.0) == 0.0  # the projector has no groups: stays
+    _check_sliced(dense, vlm, res, calib, tmp_path)
+
+
+def test_gqa_heads_kept_evenly_per_group(tmp_path):
+    vlm = load_model(str(make_tiny_llava_folder(tmp_path)))
+    b = _decoder_blocks(vlm)[0]
+    assert (b.num_heads, b.kv_groups) == (4, 2)
+    # head 1 and head 2 score highest, one in each group: each group keeps its best
+    assert keep_heads(b, torch.tensor([0.0, 5.0, 4.0, 1.0]), 2).tolist() == [1, 2]
+    # heads 0 and 1 (both group 0) score highest: group 1 still keeps one (head 3)
+    assert keep_heads(b, torch.tensor([9.0, 8.0, 0.0, 1.0]), 2).tolist() == [0, 3]
+    with pytest.raises(ValueError, match="evenly"):
+        keep_heads(b, torch.zeros(4), 3)
+    assert round_heads(3.4, 4, 8, 8, groups=2) == 4 and round_heads(2.6, 4, 8, 8, groups=2) == 2
+    assert round_heads(0.2, 4, 8, 8, groups=2) == 2  # at least one query head per group
+
+
+def test_tiny_llava_structured_decoder(tmp_path, calib):
+    dense = load_model("tiny-llava")
+    vlm = copy.deepcopy(dense)
+    res = prune(vlm, "wanda", 0.3, "structured", calibration=calib, scope=("language",))
+    dec = _decoder_blocks(vlm)
+    assert len(dec) == 4 and all(b.num_heads % b.kv_groups == 0 for b in dec)
+    assert all(b.mlp_width < 352 for b in dec)
+    assert 0.1 < res.per_modality["language"] < 0.4
+    _check_sliced(dense, vlm, res, calib, tmp_path)
+
+
+def test_prune_export_structured_language_reloads(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+    from vlcompress.data import load_eval, save_pairs
+
+    folder = make_tiny_llava_folder(tmp_path)
+    pairs = load_eval("shapes", n=4, batch_size=4)
+    caps = save_pairs(pairs, tmp_path / "caps", captions=pairs.retrieval_captions)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "prune-export", "--model", str(folder), "--method", "wanda", "--pattern", "structured",
+        "--sparsity", "0.5", "--parts", "language", "--calibration", str(caps),
+        "--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["prune"]["per_modality"]) == {"language"}
+    assert rep["prune"]["per_modality"]["language"] > 0.2
+    back = load_model(str(out / "pruned" / "model"))
+    assert all(b.num_heads == 2 for b in _decoder_blocks(back))
