@@ -9,7 +9,9 @@ family provides:
          + w_embed * mean(1 - cos(student, teacher)) per tower output (``vision``, ``text``; per
            token for [B, T, D] vision-tower features, per sentence for a text encoder)
          + w_logits * T^2 * KL(teacher || student) of the image-text logits, both directions
-           (``logits``), and of the ITM match logits (``itm``: BLIP)
+           (``logits``), of the ITM match logits (``itm``: BLIP), and of the next-token
+           logits at each target position, mean over positions (``tokens``: a generative
+           model, LLaVA: logit distillation on the user's training sequences)
          + w_relation * mean squared difference of the in-batch cosine-similarity matrices,
            image-image and text-text (``vision``, ``text`` embeddings of shape [B, D]; off by
            default): relation distillation, the batch's geometry rather than each embedding
@@ -110,7 +112,7 @@ def dense_copy(vlm):
 def features(vlm, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``vlm.features(encoded)`` (differentiable), checked to hold something to distil."""
     out = vlm.features(encoded)
-    if not out or not any(k in out for k in (*EMBEDDINGS, "logits", "itm")):
+    if not out or not any(k in out for k in (*EMBEDDINGS, "logits", "itm", "tokens")):
         raise ModelError(f"{vlm.family} model gives no features to distil; its adapter must "
                          "implement VLM.features (tower embeddings and/or logits)")
     return out
@@ -153,6 +155,8 @@ def distill_loss(s_out: dict, t_out: dict, *, w_contrastive: float = 1.0, w_embe
             terms.append(w_logits * (T * T) * (_kl(s, t, T) + _kl(s.t(), t.t(), T)) / 2)
         if "itm" in s_out and "itm" in t_out:
             terms.append(w_logits * (T * T) * _kl(s_out["itm"], t_out["itm"], T))
+        if "tokens" in s_out and "tokens" in t_out:  # [N target positions, vocabulary]
+            terms.append(w_logits * (T * T) * _kl(s_out["tokens"], t_out["tokens"], T))
     if not terms:
         raise ModelError("nothing to distil: the student and teacher features share no "
                          f"entry ({', '.join(s_out)} vs {', '.join(t_out)}) or every weight is 0")

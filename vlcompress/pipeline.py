@@ -222,18 +222,18 @@ def check_run(cfg: RunConfig):
     info = peek_model(cfg.model, tower=cfg.tower)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
-    if info.generative:  # pruned and evaluated in PyTorch: no export, runtime or recovery yet
+    if info.generative:  # pruned, recovered and evaluated in PyTorch: no export or runtime yet
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("quantize", cfg.quantize if cfg.quantize != "none" else None),
             ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
-            ("recover_steps", cfg.recover_steps or None), ("fp16", cfg.fp16 or None),
+            ("fp16", cfg.fp16 or None),
             ("cuda_graphs", cfg.cuda_graphs or None))
             if v is not None]
         if unused:
             raise ConfigError(f"{unused[0]} is not available for the generative model "
                               f"{cfg.model} ({info.family}): it is pruned and evaluated in "
-                              "PyTorch (no ONNX export, runtime or recovery yet)")
+                              "PyTorch (no ONNX export or runtime yet)")
     if cfg.parts is not None:
         if not info.generative:
             raise ConfigError(f"--parts chooses the parts of a generative model (llava); "
@@ -489,7 +489,7 @@ def _prune_generative(vlm, cfg: RunConfig, calib, progress):
         results.append((names, prune(vlm, cfg.method, s, str(pc.pattern), calibration=calib,
                                      scope=tuple(names), skip_incompatible=cfg.skip_incompatible,
                                      seed=cfg.seed, method_options=pc.method_options,
-                                     progress=progress)))
+                                     units=pc.units, round_to=pc.round_to, progress=progress)))
     first = results[0][1].to_dict()
     if len(results) > 1:  # per-part sparsities: the overall figures over every pruned layer
         first["groups"] = [{"parts": n, **r.to_dict()} for n, r in results]
@@ -523,7 +523,20 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_total, dense_nonzero = vlm.num_parameters()
         dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+        teacher = None
+        if cfg.recover_steps:
+            from .distill import dense_copy
+
+            teacher = dense_copy(vlm)
         prune_section = _prune_generative(vlm, cfg, calib, progress)
+        if teacher is not None:  # logit distillation on the training sequences, masks kept
+            from .recover import recover
+
+            rec = recover(vlm, steps=cfg.recover_steps, teacher=teacher, data=cfg.train_data,
+                          n=cfg.train_size, batch_size=8, seed=cfg.seed,
+                          progress=progress).to_dict()
+            prune_section.setdefault("details", {})["recover"] = rec
+            del teacher
         pruned = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
         accuracy = generative_accuracy(evals, dense, pruned, random_weights=is_preset)
         vlm.save(tmp / "pruned" / "model")

@@ -349,6 +349,13 @@ class Llava(VLM):
         return torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(),
                                                  encoded["input_ids"][:, 1:][mask])
 
+    def features(self, encoded) -> dict[str, torch.Tensor]:
+        """For distillation (gradients on): ``tokens``, the next-token logits [N, V] at the
+        N target positions (the assistant's turn) of the batch; ``vlcompress.distill`` takes
+        their KL to the teacher's (recovery of a pruned generative model)."""
+        logits = self.model(**self.model_inputs(encoded)).logits
+        return {"tokens": logits[encoded["target_mask"]]}
+
     @torch.no_grad()
     def logits(self, encoded) -> torch.Tensor:
         return self.model(**self.model_inputs(encoded)).logits
