@@ -8,7 +8,12 @@ For each method x pattern the dense model is copied, pruned whole (vision, bridg
 (``shapes``: held-out captions and questions) with greedy generation: caption attribute
 accuracy, CIDEr, VQA exact match (each with a 95% Wilson interval where it is a proportion),
 and fidelity to the dense model (next-token KL, greedy-token agreement). ``retained`` is
-pruned / dense. Writes ``benchmarks/results/generative_quality.json`` (or ``--out``) with the
+pruned / dense. ``--patterns structured`` slices the chosen parts at ``--structured-sparsity``
+(decoder: query heads, the same number per KV group, and gated-MLP neurons);
+``--recover-steps N`` then distils the dense model into each pruned one (next-token logit KL
+on training sequences, masks kept: ``vlcompress.distill.train_student``, the loop ``recover``
+runs) on ``--train-data`` (``shapes``: the train split's captions and questions, alternating
+batches) before it is scored. Writes ``benchmarks/results/generative_quality.json`` (or ``--out``) with the
 command, commit, machine and the load average (a shared machine: timings are indicative).
 """
 
@@ -57,6 +62,49 @@ def _metrics(evals, runs, dense_runs=None):
     return out
 
 
+class _Mixed:
+    """Training sequences from several sources (captions and questions), batches alternating."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.batch_size = parts[0].batch_size
+        self.source = " + ".join(f"{p.source} (n={len(p)})" for p in parts)
+
+    def __len__(self):
+        return sum(len(p) for p in self.parts)
+
+    def batches(self):
+        lists = [list(p.batches()) for p in self.parts]
+        return [b for group in zip(*lists, strict=False) for b in group]
+
+
+def _train_data(args):
+    from vlcompress.data import load_train
+    from vlcompress.data.vqa import shapes_vqa
+
+    caps = load_train(args.train_data, n=args.train_size, batch_size=16)
+    if args.train_data != "shapes":
+        return _Mixed([caps])
+    return _Mixed([caps, shapes_vqa("train", args.train_size, 16)])
+
+
+def _recover(vlm, dense, train, args):
+    """Distil ``dense`` into the pruned ``vlm`` in place; masks (the zeros) kept."""
+    from vlcompress.distill import check_pattern, train_student, zero_masks
+
+    for p in vlm.model.parameters():  # a copy of the teacher, which training froze
+        p.requires_grad_(True)
+    masks = zero_masks(vlm)
+    t = time.perf_counter()
+    _, losses = train_student(vlm, dense, train, steps=args.recover_steps, lr=args.recover_lr,
+                              masks=masks, schedule="cosine")
+    if not check_pattern(vlm, masks):
+        raise RuntimeError("recovery changed the sparsity pattern")
+    return {"steps": args.recover_steps, "seconds": round(time.perf_counter() - t, 1),
+            "loss_first": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+            "masked_layers": len(masks), "pattern_preserved": True}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny-llava")
@@ -70,6 +118,12 @@ def main(argv=None):
     ap.add_argument("--eval-data", default="shapes")
     ap.add_argument("--eval-size", type=int, default=240)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--structured-sparsity", type=float, default=0.3)
+    ap.add_argument("--units", default="heads,neurons")
+    ap.add_argument("--recover-steps", type=int, default=0)
+    ap.add_argument("--recover-lr", type=float, default=1e-3)
+    ap.add_argument("--train-data", default="shapes")
+    ap.add_argument("--train-size", type=int, default=2048)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -85,6 +139,7 @@ def main(argv=None):
     dense = load_model(args.model)
     calib = load_calibration(args.calibration, n=args.calibration_size, batch_size=8)
     evals = generative_eval_data(args.eval_data, n=args.eval_size)
+    train = _train_data(args) if args.recover_steps else None
     t = time.perf_counter()
     dense_runs = run_all(dense, evals, max_new_tokens=args.max_new_tokens)
     rows = [{"method": "dense", "pattern": None, "seconds_eval": round(time.perf_counter() - t, 1),
@@ -97,9 +152,15 @@ def main(argv=None):
         for pattern in args.patterns.split(","):
             vlm = copy.deepcopy(dense)
             t = time.perf_counter()
-            res = prune(vlm, method, args.sparsity if pattern == "unstructured" else None,
-                        pattern, calibration=calib, scope=scope, method_options=opts or None)
+            sparsity = {"unstructured": args.sparsity,
+                        "structured": args.structured_sparsity}.get(pattern)
+            extra = {"units": args.units} if pattern == "structured" else {}
+            res = prune(vlm, method, sparsity, pattern, calibration=calib, scope=scope,
+                        method_options=opts or None, **extra)
             secs = time.perf_counter() - t
+            rec = None
+            if args.recover_steps:
+                rec = _recover(vlm, dense, train, args)
             runs = run_all(vlm, evals, max_new_tokens=args.max_new_tokens)
             m = _metrics(evals, runs, dense_runs)
             for k, v in m.items():
@@ -107,7 +168,11 @@ def main(argv=None):
                     v["retained"] = round(v["value"] / rows[0]["metrics"][k]["value"], 4)
             rows.append({"method": spec, "pattern": pattern, "achieved": round(res.achieved, 4),
                          "per_part": {k: round(v, 4) for k, v in res.per_modality.items()},
-                         "seconds_prune": round(secs, 1), "metrics": m})
+                         "seconds_prune": round(secs, 1), "metrics": m,
+                         **({"structured": {k: v for k, v in res.details["structured"].items()
+                                            if k in ("units", "allocation", "layers")}}
+                            if pattern == "structured" else {}),
+                         **({"recover": rec} if rec else {})})
             print(spec, pattern, {k: v.get("value", v) for k, v in m.items()}, flush=True)
             del vlm
     path = write_result("generative_quality", {
@@ -115,6 +180,9 @@ def main(argv=None):
         "calibration": f"{args.calibration} (n={args.calibration_size})",
         "eval": [f"{d.source} (n={len(d)})" for d in evals],
         "max_new_tokens": args.max_new_tokens, "sparsity": args.sparsity,
+        "structured_sparsity": args.structured_sparsity, "units": args.units,
+        "recover": ({"steps": args.recover_steps, "lr": args.recover_lr, "schedule": "cosine",
+                     "train": train.source, "n": len(train)} if train is not None else None),
         "rows": rows, "loadavg": {"start": load0, "end": os.getloadavg()},
         "threads": torch.get_num_threads()}, out=args.out)
     print(path)
