@@ -160,3 +160,13 @@ def test_prune_export_recover_steps_on_a_generative_model(tmp_path):
     rec = rep["prune"]["details"]["recover"]
     assert rec["steps"] == 3 and rec["pattern_preserved"] and len(rec["losses"]) == 3
     assert rec["data"]["source"].endswith("caps")
+    # `vlcompress recover RUN_DIR` on the generative run: generative metrics and fidelity
+    res = CliRunner().invoke(app, ["recover", str(out), "--steps", "2", "--batch-size", "2",
+                                   "--size", "4", "--eval-size", "4"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "recover.json").read_text())
+    m = doc["metrics"]
+    assert {"attribute_accuracy", "cider"} <= set(m["dense"]) and doc["pattern_preserved"]
+    assert set(m["fidelity"]["recovered"]) >= {"token_kl", "greedy_agreement"}
+    assert "attribute_accuracy: dense" in res.output
+    assert load_model(str(out / "recovered" / "model")).family == "llava"

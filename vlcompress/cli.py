@@ -660,7 +660,7 @@ def recover_cmd(
                   markup=False, soft_wrap=True)
         raise typer.Exit(128 + getattr(exc, "signum", 2)) from None
     m = res.metrics
-    for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+    for k in ("zeroshot_top1", "i2t_r1", "t2i_r1", "attribute_accuracy", "vqa_accuracy"):
         if k in m.get("dense", {}):
             out.print(f"{k}: dense {100 * m['dense'][k]:.1f}%, pruned {100 * m['pruned'][k]:.1f}%, "
                       f"recovered {100 * m['recovered'][k]:.1f}%")

@@ -236,6 +236,35 @@ def _evaluate(teacher, student, ev, dense_emb=None) -> tuple[dict, dict, object]
     return metrics_from_embeddings(emb), fidelity(dense_emb, emb), emb
 
 
+class _GenerativeEval:
+    """Dense / pruned / recovered scores of a generative model (llava): each task's metrics
+    from greedy generation (caption attribute accuracy and CIDEr, VQA exact match) and
+    fidelity to the dense model (next-token KL, token agreement)."""
+
+    RETAINED = ("attribute_accuracy", "cider", "vqa_accuracy")
+
+    def __init__(self, teacher, eval_data, eval_size: int, max_new_tokens: int):
+        from .data import generative_eval_data
+        from .eval.generative import run_all
+
+        self.sets = generative_eval_data(eval_data, n=eval_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.dense = run_all(teacher, self.sets, max_new_tokens=self.max_new_tokens)
+        self.source = ", ".join(f"{d.source} (n={len(d)})" for d in self.sets)
+
+    @staticmethod
+    def metrics(runs) -> dict:
+        from .eval.generative import generative_metrics
+
+        return {k: v for r in runs for k, v in generative_metrics(r).items()}
+
+    def score(self, student) -> tuple[dict, dict]:
+        from .eval.generative import generative_fidelity, merged_runs, run_all
+
+        runs = run_all(student, self.sets, max_new_tokens=self.max_new_tokens)
+        return self.metrics(runs), generative_fidelity(merged_runs(self.dense), merged_runs(runs))
+
+
 def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
             batch_size: int = DEFAULTS["batch_size"], lr: float | None = None, teacher=None,
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = DEFAULTS["checkpoint_every"],
@@ -298,9 +327,13 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     train = load_train(data, n, batch_size, seed)
     used = {"source": _data_name(train), "kind": kind, "n": len(train)}
 
-    ev = dense_emb = None
+    ev = dense_emb = gen = None
     metrics: dict = {}
-    if evaluate:
+    if evaluate and getattr(student, "generative", False):
+        gen = _GenerativeEval(teacher, eval_data, eval_size, run_cfg.get("max_new_tokens", 24))
+        metrics["dense"] = gen.metrics(gen.dense)
+        metrics["pruned"], fid_pruned = gen.score(student)
+    elif evaluate:
         from .data import load_eval
         from .eval import embed_eval, metrics_from_embeddings
 
@@ -322,13 +355,17 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     if not preserved:  # a bug, never a user error
         raise RuntimeError("recover changed the sparsity pattern")
     if evaluate:
-        metrics["recovered"], fid_rec, _ = _evaluate(teacher, student, ev, dense_emb)
+        if gen is not None:
+            metrics["recovered"], fid_rec = gen.score(student)
+        else:
+            metrics["recovered"], fid_rec, _ = _evaluate(teacher, student, ev, dense_emb)
         d, p, r = metrics["dense"], metrics["pruned"], metrics["recovered"]
+        keys = _GenerativeEval.RETAINED if gen is not None else ("zeroshot_top1", "i2t_r1", "t2i_r1")
         metrics["retained"] = {k: {"pruned": p[k] / d[k] if d[k] else None,
                                    "recovered": r[k] / d[k] if d[k] else None}
-                               for k in ("zeroshot_top1", "i2t_r1", "t2i_r1") if k in d}
+                               for k in keys if k in d}
         metrics["fidelity"] = {"pruned": fid_pruned, "recovered": fid_rec}
-        metrics["dataset"] = f"{ev.source} (n={len(ev)})"
+        metrics["dataset"] = gen.source if gen is not None else f"{ev.source} (n={len(ev)})"
     res = RecoverResult(steps=steps, start_step=start, losses=losses,
                         seconds=time.perf_counter() - t0, lr=lr, schedule=schedule,
                         batch_size=train.batch_size,
