@@ -122,7 +122,7 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
     assert not set(calib.captions) & set(data.captions), "calibration and eval must be disjoint"
     train = calib
     if train_data is not None:
-        from vlcompress import load_train
+        from vlcompress.data import load_train
 
         train = load_train(train_data, n=train_n, seed=seed)
         ev = {c.lower() for c in data.captions}
