@@ -144,3 +144,25 @@ def test_speedup_expectation_is_derived_from_the_registry():
     assert expected_speedup(get_runtime("torch"), "structured")["accelerated"]
     un = expected_speedup(get_runtime("onnxruntime"), "unstructured")
     assert un["by"] == [] and "no registered runtime accelerates unstructured" in un["text"]
+
+
+def test_report_says_reconstruction_and_expectation_before_latency():
+    from vlcompress.report import build_report, to_markdown
+    from vlcompress.runtime import get_runtime
+    from vlcompress.runtime.registry import expected_speedup
+
+    lat = [{"runtime": "onnxruntime", "device": "cpu", "tower": "vision", "batch": 1,
+            "dense_ms": {"p50": 2.0, "p90": 2.2, "p99": 2.5},
+            "pruned_ms": {"p50": 2.0, "p90": 2.1, "p99": 2.2}, "speedup": 1.0}]
+    r = build_report(
+        model={"name": "m", "family": "clip", "params_total": 10, "params_nonzero": 5},
+        prune={"method": "wanda", "pattern": "2:4", "target": 0.5, "achieved": 0.5,
+               "per_modality": {}, "seconds": 1.0,
+               "reconstruct": {"enabled": True, "why": "on (asked)", "seconds": 0.5,
+                               "error_ratio": 0.27}},
+        export={}, accuracy=None, latency=lat, env={}, config={})
+    r["speedup_expectation"] = expected_speedup(get_runtime("onnxruntime"), "2:4")
+    md = to_markdown(r)
+    assert "**reconstruction** on (asked): survivors fitted" in md and "0.27x" in md
+    exp = md.index("**Expected:** 2:4 runs dense on onnxruntime/cpu/fp32: expect 1.0x")
+    assert md.index("## Latency") < exp < md.index("| runtime | device |")
