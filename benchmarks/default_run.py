@@ -55,7 +55,7 @@ def main() -> int:
     path = write_result("default_run", res, a.out)
     for k, c in checks.items():
         print(f"{k}: dense {100 * c['dense']:.1f}% -> {100 * c['pruned']:.1f}% "
-              f"(-{c['drop_points']:.1f} pt; target at most -{c['max_drop_points']:.1f}) "
+              f"({-c['drop_points'] + 0.0:+.1f} pt; target at most -{c['max_drop_points']:.1f}) "
               + ("met" if c["met"] else "MISSED"))
     print(f"expected speedup: {res['speedup_expectation']['text']}")
     print(f"wrote {path}")
