@@ -81,8 +81,9 @@ def quant_ops(a, run_dir: Path, work: Path) -> dict:
     from vlcompress.eval import embed_eval, fidelity, metrics_from_embeddings
     from vlcompress.exporters.quantize import quantize_onnx
     from vlcompress.models import load_model
+    from vlcompress.onnx_eval import onnx_embed_eval
     from vlcompress.pipeline import export_examples
-    from vlcompress.quantstack import calibration_feeds, onnx_embed_eval
+    from vlcompress.quantized_variants import calibration_feeds
     from vlcompress.runtime.latency import make_feeds
     from vlcompress.runtime.registry import Artefacts, BuildOptions, LatencyConfig, get_runtime
     from vlcompress.runtime.timing import time_variants

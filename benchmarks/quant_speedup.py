@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 from vlcompress.pipeline import RunConfig, prune_export  # noqa: E402
-from vlcompress.quantstack import TargetUnreachableError  # noqa: E402
+from vlcompress.speedup_search import TargetUnreachableError  # noqa: E402
 
 
 def main():

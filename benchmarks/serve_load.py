@@ -18,6 +18,7 @@ scores, structured 50%, the settings printed in the result under `runs`).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     levels = [int(x) for x in a.concurrency.split(",")]
     git = _git()  # the code that measured: taken before the run, not after
+    load_before = os.getloadavg()  # a shared machine: the load the numbers were taken under
     results = {}
     for item in a.runs.split(","):
         name, path = item.split("=", 1)
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
     payload = {"command": "python " + " ".join(sys.argv), "git": git, "serve": _versions(),
                "tower": a.tower, "request_batch": 1, "concurrency": levels,
                "seconds_per_level_and_variant": a.seconds, "rounds": a.rounds,
-               "loopback_only": True, "results": results}
+               "loopback_only": True, "results": results,
+               "loadavg_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())}}
     path = write_result("serve_load", payload, a.out)
     for name, r in results.items():
         for row in r["rows"]:

@@ -13,4 +13,4 @@ PY=${PYTHON:-python}
 SPEC=${ORT_GPU_SPEC:-onnxruntime-gpu>=1.18}
 "$PY" -m pip uninstall -y onnxruntime onnxruntime-gpu
 "$PY" -m pip install "$SPEC"
-exec "$PY" -c "from vlcompress._deps import check_onnxruntime_gpu as c; print(c())"
+exec "$PY" -c "from vlcompress.optional_deps import check_onnxruntime_gpu as c; print(c())"

@@ -110,3 +110,75 @@ def test_corrupt_image_named(tmp_path):
 def test_missing_source():
     with pytest.raises(DataError, match="does not exist"):
         load_calibration("/no/such/folder")
+
+
+def test_questions_of_are_true_of_a_sample():
+    qa = shapes.questions_of("red", "circle", "small", "top left")
+    assert len(qa) == 4 * 3 and len({q for q, _ in qa}) == len(qa)
+    assert [a for _, a in qa] == ["red"] * 3 + ["circle"] * 3 + ["small"] * 3 + ["top left"] * 3
+    other = dict(shapes.questions_of("blue", "star", "large", "center"))
+    assert other["what color is the shape?"] == "blue" and other["where is the shape?"] == "center"
+    vocab = set(shapes.vqa_vocabulary())
+    assert set(shapes.vocabulary()) < vocab and {"what", "where", "color"} <= vocab
+    for c, s, z, p in [("orange", "cross", "large", "bottom right"), ("green", "diamond",
+                                                                       "small", "center")]:
+        for q, a in shapes.questions_of(c, s, z, p):
+            assert set(q.rstrip("?").split()) | set(a.split()) <= vocab
+
+
+def test_vqa_sample_deterministic_split_and_balanced():
+    a, va = shapes.vqa_sample("eval", 3)
+    b, vb = shapes.vqa_sample("eval", 3)
+    assert va == vb and np.array_equal(np.asarray(a), np.asarray(b))
+    img, s = shapes.sample("eval", 3)  # the same image and attributes as the caption sample
+    assert va.sample == s and np.array_equal(np.asarray(a), np.asarray(img))
+    attrs = {"color": s.color, "shape": s.shape, "size": s.size, "position": s.position}
+    assert va.answer == attrs[va.attribute]
+    assert (va.question, va.answer) in shapes.questions_of(s.color, s.shape, s.size, s.position)
+    counts = {k: 0 for k in shapes.ATTRIBUTES}
+    qs = set()
+    for i in range(400):
+        _, v = shapes.vqa_sample("train", i)
+        counts[v.attribute] += 1
+        qs.add(v.question)
+    assert min(counts.values()) > 70  # ~100 each
+    assert len(qs) > 30  # templates x attribute values vary
+    with pytest.raises(ValueError, match="unknown shapes split"):
+        shapes.vqa_sample("test", 0)
+
+
+def test_parse_caption():
+    p = shapes.parse_caption
+    assert p("a small red circle at the top left") == {
+        "size": "small", "color": "red", "shape": "circle", "position": "top left"}
+    assert p("A Blue Star in the center.") == {"color": "blue", "shape": "star",
+                                               "position": "center"}
+    assert p("a green shape") == {"color": "green"}  # "shape" names no shape
+    assert p("a red blue circle") == {"shape": "circle"}  # two colours: neither counts
+    assert p("a red circle at the top of the left") == {"color": "red", "shape": "circle"}
+    assert p("a red red circle") == {"color": "red", "shape": "circle"}  # repeated, one value
+    assert p("zebra banana") == {} and p("") == {}
+    for i in range(100):  # every full caption parses back to its sample's attributes
+        _, s = shapes.sample("eval", i)
+        assert p(s.full_caption) == shapes.full_caption_attributes(s.full_caption)
+        assert p(s.caption).items() <= p(s.full_caption).items()
+
+
+def test_save_vqa_round_trip(tmp_path):
+    from PIL import Image
+
+    from vlcompress.data import save_vqa
+
+    samples = [shapes.vqa_sample("eval", i) for i in range(3)]
+    imgs = [im for im, _ in samples]
+    answers = [v.answer for _, v in samples]
+    answers[1] = [answers[1], "other"]  # a list of accepted answers
+    root = save_vqa(imgs, [v.question for _, v in samples], answers, tmp_path / "vqa")
+    lines = [json.loads(x) for x in (root / "vqa.jsonl").read_text().splitlines()]
+    assert [x["question"] for x in lines] == [v.question for _, v in samples]
+    assert [x["answer"] for x in lines] == answers
+    for x, im in zip(lines, imgs, strict=True):
+        assert np.array_equal(np.asarray(Image.open(root / x["image"]).convert("RGB")),
+                              np.asarray(im))
+    with pytest.raises(DataError, match="2 questions and 3 answers for 3 images"):
+        save_vqa(imgs, ["q", "q"], answers, tmp_path / "bad")

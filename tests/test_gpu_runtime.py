@@ -416,7 +416,7 @@ def test_ort_cuda_io_binding_gpu(tmp_path):
 # the onnxruntime GPU install (one package, checked)
 # --------------------------------------------------------------------------------------------
 def test_onnxruntime_clash_is_named():
-    from vlcompress._deps import ORT_GPU_STEPS, onnxruntime_clash
+    from vlcompress.optional_deps import ORT_GPU_STEPS, onnxruntime_clash
 
     assert onnxruntime_clash(["onnxruntime"]) is None
     assert onnxruntime_clash(["onnxruntime-gpu"]) is None
@@ -428,14 +428,14 @@ def test_onnxruntime_clash_is_named():
 def test_check_onnxruntime_gpu(monkeypatch):
     import onnxruntime as ort
 
-    from vlcompress import _deps
+    from vlcompress import optional_deps
 
     # the session part for real, on a provider this machine has
-    assert _deps.check_onnxruntime_gpu("CPUExecutionProvider").endswith("CPUExecutionProvider runs")
+    assert optional_deps.check_onnxruntime_gpu("CPUExecutionProvider").endswith("CPUExecutionProvider runs")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(MissingDependencyError, match="uninstall -y onnxruntime"):
-            _deps.check_onnxruntime_gpu()
-    monkeypatch.setattr(_deps, "onnxruntime_distributions",
+            optional_deps.check_onnxruntime_gpu()
+    monkeypatch.setattr(optional_deps, "onnxruntime_distributions",
                         lambda: ["onnxruntime", "onnxruntime-gpu"])
     with pytest.raises(MissingDependencyError, match="both installed"):
-        _deps.check_onnxruntime_gpu()
+        optional_deps.check_onnxruntime_gpu()

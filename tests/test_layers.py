@@ -1,30 +1,62 @@
-"""Dependencies point down (design.md §3): every ``import`` of a vlcompress module, at module
-level or inside a function, goes to a lower layer or sideways within a layer, and the module
-graph has no cycle. Registries and result types are leaves."""
+"""Dependencies point down (docs/design.md, "Layers"): every ``import`` of a vlcompress module,
+at module level or inside a function, goes to a lower layer or sideways within a layer, and the
+module graph has no cycle. Leaves import nothing of vlcompress but ``errors``.
+
+The layer table lives in docs/design.md, between ``<!-- layers:begin -->`` and
+``<!-- layers:end -->``: one row per layer, lowest first (``| N | `mod`, `mod` | ... |``), and a
+``Leaves:`` line. This test reads it from there, so the document and the code cannot drift."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import vlcompress
 
 ROOT = Path(vlcompress.__file__).resolve().parent
+DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 
-#: Layer of each top-level piece (higher imports lower). Leaves first.
-LAYERS = [
-    ("errors", "progress", "atomic", "_deps", "config", "envinfo", "methods.registry",
-     "runtime.registry"),
-    ("data",),
-    ("models",),
-    ("calibrate", "blockwise", "scoring", "sparsity", "distill", "flops"),
-    ("methods", "exporters", "runtime", "eval"),
-    ("prune",),
-    ("report", "gate"),
-    ("recover", "api", "pipeline", "bench", "sweep", "quantstack", "serve"),
-    ("cli", "__main__", ""),  # "" = the package's __init__ (the public API)
-]
-LEAVES = {"errors", "progress", "atomic", "_deps", "methods.registry", "runtime.registry"}
+
+def parse_layers(text: str) -> tuple[list[tuple[str, ...]], set[str]]:
+    """(layers lowest first, leaves) from the delimited table of docs/design.md. A module is
+    named as in the package (``methods.registry``); ``__init__`` is the package itself."""
+    m = re.search(r"<!-- layers:begin -->(.*?)<!-- layers:end -->", text, flags=re.S)
+    assert m, "docs/design.md has no <!-- layers:begin --> ... <!-- layers:end --> table"
+    rows, leaves = [], set()
+    for line in m.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].isdigit():
+            assert int(cells[0]) == len(rows), f"layer rows out of order at {line!r}"
+            rows.append(tuple("" if n == "__init__" else n
+                              for n in re.findall(r"`([\w.]+)`", cells[1])))
+        elif line.startswith("Leaves:"):
+            leaves = set(re.findall(r"`([\w.]+)`", line))
+    assert rows and leaves, "docs/design.md's layer table has no rows or no Leaves: line"
+    return rows, leaves
+
+
+LAYERS, LEAVES = parse_layers(DESIGN.read_text(encoding="utf-8"))
+
+
+def test_layer_table_parses():
+    rows, leaves = parse_layers("x\n<!-- layers:begin -->\n| layer | modules |\n|---:|---|\n"
+                                "| 0 | `errors`, `methods.registry` | leaves |\n"
+                                "| 1 | `cli`, `__init__` | top |\n"
+                                "Leaves: `errors`.\n<!-- layers:end -->")
+    assert rows == [("errors", "methods.registry"), ("cli", "")] and leaves == {"errors"}
+    assert set(LEAVES) <= {n for names in LAYERS for n in names}
+
+
+def test_every_module_has_a_layer():
+    """Every top-level module and subpackage of vlcompress is in the table (a new module is
+    placed in docs/design.md in the same commit)."""
+    named = {n.split(".")[0] for names in LAYERS for n in names if n}
+    here = {f.stem for f in ROOT.glob("*.py") if f.stem != "__init__"}
+    here |= {d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()}
+    assert not sorted(here - named), f"not in docs/design.md's layer table: {sorted(here - named)}"
+    assert not sorted(named - here), f"in docs/design.md's layer table but not in vlcompress/: " \
+                                     f"{sorted(named - here)}"
 
 
 def _rank(module: str) -> tuple[int, str]:
@@ -38,7 +70,7 @@ def _rank(module: str) -> tuple[int, str]:
             if rel == n or (n and rel.startswith(n + ".")) or (n == "" and rel == ""):
                 if best is None or len(n) > len(best[1]):
                     best = (i, n)
-    assert best is not None, f"module {module} has no layer in tests/test_layers.py"
+    assert best is not None, f"module {module} has no layer in docs/design.md's table"
     return best
 
 

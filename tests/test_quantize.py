@@ -17,13 +17,13 @@ from vlcompress.exporters.quantize import (
     quantize_onnx,
     quantized_weights,
 )
-from vlcompress.quantstack import (
+from vlcompress.runtime.registry import get_runtime
+from vlcompress.speedup_search import (
     Candidate,
     TargetUnreachableError,
     check_target_speedup,
     search_sparsity,
 )
-from vlcompress.runtime.registry import get_runtime
 
 
 class MLP(torch.nn.Module):
@@ -345,7 +345,7 @@ def test_search_copies_are_independent_after_select_towers(tiny_random_clip, cal
 
 def test_search_grid_drops_sparsities_the_model_cannot_take(tiny_random_clip):
     from vlcompress.pipeline import RunConfig
-    from vlcompress.quantstack import allowed_grid
+    from vlcompress.speedup_search import allowed_grid
 
     cfg = RunConfig(pattern="structured", sparsity=0.5, target_speedup=2.0)
     grid = allowed_grid(tiny_random_clip, cfg)  # 4 heads: 0.8 would remove every head
@@ -355,7 +355,7 @@ def test_search_grid_drops_sparsities_the_model_cannot_take(tiny_random_clip):
 def test_final_speedup_checks_the_full_timing():
     """The chosen sparsity is re-judged on the run's full timing (largest batch, towers
     summed, the deployed variant), so an optimistic brief timing cannot pass silently."""
-    from vlcompress.pipeline import final_speedup
+    from vlcompress.speedup_search import final_speedup
 
     def ms(p50):
         return {"ms": {"p50": p50}}

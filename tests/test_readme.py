@@ -1,8 +1,10 @@
-"""The README's commands run as written.
+"""The README's commands run as written, top to bottom, as a newcomer would run them.
 
-Every line starting with ``vlcompress`` inside a ```bash block runs through the CLI, in
-order, in one temporary folder (so later commands can use earlier outputs); every ```python
-block runs too. Blocks tagged ``text`` or ``console`` are illustrations and do not run.
+Every line starting with ``vlcompress`` inside a ```bash block (a trailing ``\\`` continues it
+on the next line) runs through the CLI, and every ```python block runs, in the order they
+appear, in one temporary folder: later steps read what earlier ones wrote (the tour reads
+``vlcompress-out/report.json`` and gates the run). Blocks tagged ``text`` or ``console`` are
+illustrations and do not run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from vlcompress.cli import app
@@ -19,35 +20,42 @@ from vlcompress.cli import app
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
+def _steps(text: str) -> list[tuple[str, str]]:
+    """``("cli", command)`` and ``("python", code)`` in document order."""
+    steps = []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
+        if lang == "python":
+            steps.append(("python", body))
+        elif lang == "bash":
+            body = re.sub(r"\s*\\\n\s*", " ", body)  # line continuations
+            for line in body.splitlines():
+                line = line.split("  #")[0].strip()
+                if line.startswith("vlcompress "):
+                    steps.append(("cli", line))
+    return steps
 
 
 def _commands() -> list[str]:
-    cmds = []
-    for block in _blocks("bash"):
-        for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith("vlcompress "):
-                cmds.append(line)
-    return cmds
+    return [s for kind, s in _steps(README.read_text(encoding="utf-8")) if kind == "cli"]
 
 
 def test_readme_has_commands():
     cmds = _commands()
-    assert any(c.startswith("vlcompress prune-export") for c in cmds)
     assert "vlcompress prune-export" in cmds  # the no-argument default is documented
+    assert any(c.startswith("vlcompress bench ") and "--baseline" in c for c in cmds)  # the gate
 
 
-def test_readme_commands_run(tmp_path, monkeypatch):
+def test_continuations_join():
+    steps = _steps("```bash\nvlcompress bench a \\\n    --x 1  # note\n```\n```text\nvlcompress no\n```")
+    assert steps == [("cli", "vlcompress bench a --x 1")]
+
+
+def test_readme_runs_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    for cmd in _commands():
-        res = runner.invoke(app, shlex.split(cmd)[1:])
-        assert res.exit_code == 0, f"{cmd}\n{res.output}"
-
-
-@pytest.mark.parametrize("code", _blocks("python"))
-def test_readme_python_runs(code, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    for kind, step in _steps(README.read_text(encoding="utf-8")):
+        if kind == "cli":
+            res = runner.invoke(app, shlex.split(step)[1:])
+            assert res.exit_code == 0, f"{step}\n{res.output}"
+        else:
+            exec(compile(step, str(README), "exec"), {"__name__": "readme"})

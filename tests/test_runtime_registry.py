@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny_random_blip, make_tiny_random_clip
 from typer.testing import CliRunner
 
-from vlcompress import _deps
+from vlcompress import optional_deps
 from vlcompress.cli import app
 from vlcompress.errors import ConfigError, MissingDependencyError
 from vlcompress.runtime import registry
@@ -71,7 +71,7 @@ def test_pattern_requirement_and_availability_sentences(monkeypatch):
     def no_gpu():
         raise MissingDependencyError("No CUDA GPU is available: this step needs an NVIDIA GPU.")
 
-    monkeypatch.setattr(_deps, "require_cuda", no_gpu)
+    monkeypatch.setattr(optional_deps, "require_cuda", no_gpu)
     for name in ("trt", "torch-2:4"):
         with pytest.raises(MissingDependencyError, match="No CUDA GPU"):
             get_runtime(name).check()
@@ -178,8 +178,8 @@ class FakeGpuRunner(Runner):
 
 
 def _gpu_present(monkeypatch):
-    monkeypatch.setattr(_deps, "require_cuda", lambda: torch)
-    monkeypatch.setattr(_deps, "require_tensorrt", lambda: object())
+    monkeypatch.setattr(optional_deps, "require_cuda", lambda: torch)
+    monkeypatch.setattr(optional_deps, "require_tensorrt", lambda: object())
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU refusal")

@@ -423,19 +423,19 @@ def test_build_engine_without_gpu_is_one_sentence(tmp_path):
 
 
 def test_check_engine_trt_paths(monkeypatch):
-    from vlcompress import _deps
+    from vlcompress import optional_deps
     from vlcompress.pipeline import check_engine
 
-    monkeypatch.setattr(_deps, "require_cuda", lambda: torch)
+    monkeypatch.setattr(optional_deps, "require_cuda", lambda: torch)
 
     def no_trt():
         raise MissingDependencyError("TensorRT is not installed: install it with "
                                      "`pip install vlcompress[trt]` (NVIDIA's wheels, GPU machines only).")
 
-    monkeypatch.setattr(_deps, "require_tensorrt", no_trt)
+    monkeypatch.setattr(optional_deps, "require_tensorrt", no_trt)
     with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
         check_engine("trt")
-    monkeypatch.setattr(_deps, "require_tensorrt", lambda: fake_trt())
+    monkeypatch.setattr(optional_deps, "require_tensorrt", lambda: fake_trt())
     assert check_engine("trt") is None  # the real path: no "not part of this release"
 
 
@@ -668,7 +668,7 @@ def test_trt_quantize_config_checks():
 
 def test_quantized_runtime_and_target_follow_the_run():
     from vlcompress.exporters.quantize import quantize_target
-    from vlcompress.quantstack import quantized_runtime
+    from vlcompress.quantized_variants import quantized_runtime
     from vlcompress.runtime.registry import get_runtime
 
     trt, ort = get_runtime("trt"), get_runtime("onnxruntime")
@@ -688,11 +688,11 @@ def test_trt_quantized_run_without_gpu_is_refused_before_work(tmp_path):
 
 
 def test_fp8_check_refuses_gpus_without_fp8(monkeypatch):
-    from vlcompress import _deps
+    from vlcompress import optional_deps
     from vlcompress.runtime.registry import get_runtime
 
-    monkeypatch.setattr(_deps, "require_cuda", lambda: torch)
-    monkeypatch.setattr(_deps, "require_tensorrt", lambda: fake_trt())
+    monkeypatch.setattr(optional_deps, "require_cuda", lambda: torch)
+    monkeypatch.setattr(optional_deps, "require_tensorrt", lambda: fake_trt())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
     with pytest.raises(MissingDependencyError, match=r"compute capability >= 8\.9.*A100 is 8\.0"):

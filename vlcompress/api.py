@@ -70,7 +70,7 @@ def export(model, out, *, fp16=False, force=False, calibration="shapes", progres
     from .exporters.quantize import check_quantize_target, quantize_onnx
     from .models import VLM, load_model
     from .pipeline import export_examples
-    from .quantstack import QUANT_CALIBRATION_PAIRS, calibration_feeds
+    from .quantized_variants import QUANT_CALIBRATION_PAIRS, calibration_feeds
 
     q = check_quantize_target(quantize, quantize_method, quantize_target)
     if q != "none" and fp16:

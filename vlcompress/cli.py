@@ -602,12 +602,16 @@ def export_triton_cmd(
     backend: TritonBackendOpt = "onnxruntime",
     device: Annotated[str | None, typer.Option(
         "--device", help="cpu or gpu instances (default: the run's device; gpu for tensorrt).")] = None,
+    variants: Annotated[str | None, typer.Option(
+        "--variants", help="Comma-separated variants to serve (default: every one the run holds: "
+        "dense, pruned, and dense_Q, pruned_Q of a --quantize Q run).")] = None,
     force: ForceOpt = False,
 ):
     """Write a Triton model repository (one model per variant and tower) from a run."""
     from .exporters.triton import export_triton
 
-    repo = export_triton(run_dir, out_dir, backend=backend, device=device, force=force)
+    repo = export_triton(run_dir, out_dir, backend=backend, device=device, variants=variants,
+                         force=force)
     for m in repo.models:
         out.print(f"{m.name}: max_batch_size {m.max_batch_size}, preferred "
                   f"{m.preferred_batch_size or '-'}, queue delay {m.max_queue_delay_microseconds} us",
@@ -625,7 +629,8 @@ def serve_check_cmd(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for readiness.")] = 120.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
-    """Start tritonserver on REPO (loopback), send one request per model, compare with onnxruntime."""
+    """Start tritonserver on REPO (loopback); send each model a batch and concurrent single
+    requests; compare every answer with the run's PyTorch model."""
     from .serve import serve_check
 
     res = serve_check(repo, port=port, ready_timeout=timeout)
@@ -635,8 +640,13 @@ def serve_check_cmd(
         out.print(f"tritonserver ready on {res.url} in {res.start_seconds:.1f}s", soft_wrap=True)
         for r in res.rows:
             mark = "[green]ok[/]" if r["passed"] else "[bold red]MISMATCH[/]"
-            out.print(f"{mark} {r['model']}: batch {r['batch']}, max abs diff vs onnxruntime "
-                      f"{r['max_abs_diff']:.2e}, {r['ms']:.1f} ms", markup=True, soft_wrap=True)
+            what = (f"batch {r['batch']}" if r["kind"] == "batch" else
+                    f"{r['requests']} concurrent single requests"
+                    + (f" ({r['executions']} executions)" if "executions" in r else ""))
+            text = (f"{r['model']} ({r['precision']}): {what}, max abs diff "
+                    f"{r['max_abs_diff']:.2e}, min cosine {r['min_cosine']:.5f} vs {r['reference']}"
+                    + (f": {r['error']}" if r.get("error") else ""))
+            out.print(f"{mark} {escape(text)}", markup=True, soft_wrap=True)
         for n in res.notes:
             out.print(f"note: {n}", soft_wrap=True)
     if not res.passed:

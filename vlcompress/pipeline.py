@@ -58,7 +58,7 @@ class RunConfig:
     round_to: int | str = 8
     depth: int | str = 0
     recover_steps: int = 0  # distillation steps after pruning (vlcompress.recover), 0 = none
-    # quantization on top of sparsity (vlcompress.exporters.quantize, vlcompress.quantstack)
+    # quantization on top of sparsity (vlcompress.exporters.quantize, vlcompress.quantized_variants)
     quantize: str = "none"  # none | int8 | fp16 | fp8: adds dense_<q> and pruned_<q> variants
     quantize_method: str = "static"  # int8: static QDQ (calibrated) or dynamic
     target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
@@ -131,11 +131,19 @@ class RunConfig:
         object.__setattr__(self, "device", lc.device)
         object.__setattr__(self, "latency_config", lc)
         self._check_quantize()
+        if self.triton not in (None, "tensorrt"):  # OUT/triton serves the quantized variants too
+            from .exporters.triton import TENSORRT_ONLY
+
+            if self.quantize in TENSORRT_ONLY:
+                raise ConfigError(f"--triton {self.triton} cannot serve the run's {self.quantize} "
+                                  f"variants (explicit QDQ made for TensorRT); allowed: --triton "
+                                  f"tensorrt, or no --triton (export-triton --variants dense,pruned "
+                                  "afterwards)")
 
     def _check_quantize(self):
         """--quantize / --quantize-method / --target-speedup, with the runtime (one line each)."""
         from .exporters.quantize import check_quantize, check_quantize_runtime
-        from .quantstack import check_target_speedup
+        from .speedup_search import check_target_speedup
 
         q = check_quantize(self.quantize, self.quantize_method)
         object.__setattr__(self, "quantize", q)
@@ -245,27 +253,6 @@ def _slice_batch(batch, a: int, b: int):
     return type(batch)(*(None if v is None else v[a:b] for v in vars(batch).values()))
 
 
-def final_speedup(latency: list[dict], quantize: str, target: float) -> dict:
-    """The chosen sparsity's speedup in the run's full timing (the search times each candidate
-    briefly): at the largest batch, p50 summed over towers, dense over the deployed variant
-    (``pruned_<q>`` when quantized), and whether it still reaches ``target``."""
-    if not latency:
-        return {}
-    batch = max(r["batch"] for r in latency)
-    rows = [r for r in latency if r["batch"] == batch]
-    key = f"pruned_{quantize}" if quantize != "none" else "pruned"
-    try:
-        dense = sum(r["variants"]["dense"]["ms"]["p50"] if "variants" in r else r["dense_ms"]["p50"]
-                    for r in rows)
-        got = sum(r["variants"][key]["ms"]["p50"] if "variants" in r else r["pruned_ms"]["p50"]
-                  for r in rows)
-    except KeyError:
-        return {}
-    speedup = dense / got if got > 0 else float("nan")
-    return {"final": {"batch": batch, "variant": key, "speedup": round(speedup, 4),
-                      "reached": bool(speedup >= target)}}
-
-
 def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     """Run the whole pipeline and return the report (also written to ``config.out``).
 
@@ -280,12 +267,13 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     from .models import load_model
     from .prune import prune
     from .report import accuracy_section, build_report, write_report
+    from .run_latency import time_dense_pruned
 
     cfg = config or RunConfig(**kw)
     out = check_output_folder(cfg.out, cfg.force)
     check_engine(cfg.engine, cfg.device, cfg.latency_config.precision)
     if cfg.quantize != "none":  # the entry the quantized variants run on (TensorRT int8 / fp8)
-        from .quantstack import quantized_runtime
+        from .quantized_variants import quantized_runtime
 
         quantized_runtime(cfg.latency_config.runtime_entry, cfg.quantize).check()
     check_run(cfg)  # method x pattern x family x data, from the model's config alone
@@ -337,7 +325,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
             teacher = dense_copy(vlm)
         sparsity, search = pc.sparsity, None
         if cfg.target_speedup is not None:  # measured: lowest structured sparsity meeting it
-            from .quantstack import run_search
+            from .speedup_search import run_search
 
             search = run_search(cfg, vlm, calib, train, dense_export, dense_emb, eval_data,
                                 example, check, tmp / ".search", progress)
@@ -382,15 +370,15 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
                                                         progress=progress).paths)
         quant = None
         if cfg.quantize != "none":  # dense_<q>/ and pruned_<q>/, their accuracy and latency
-            from .quantstack import quantized_section
+            from .quantized_variants import quantized_section
 
             quant, latency = quantized_section(cfg, vlm, calib, dense_export, pruned_export,
                                                dense_emb, eval_data, example, tmp, progress,
                                                sources=quant_sources)
             shutil.rmtree(quant_src, ignore_errors=True)
         else:
-            latency = _latency(cfg, vlm, dense_model, dense_export, pruned_export, example,
-                               progress, tmp)
+            latency = time_dense_pruned(cfg, vlm, dense_model, dense_export, pruned_export,
+                                        example, progress, tmp)
         total, nonzero = vlm.num_parameters()
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
@@ -415,6 +403,8 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         if quant is not None:
             report["quantize"] = quant
         if search is not None:
+            from .speedup_search import final_speedup
+
             report["target_speedup"] = {**search.to_dict(),
                                         **final_speedup(latency, cfg.quantize,
                                                         search.target)}
@@ -429,28 +419,3 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         write_report(report, tmp)
     return report
 
-
-def _latency(cfg, vlm, dense_model, dense_export, pruned_export, example, progress, root):
-    """Dense vs pruned latency of every tower on the run's runtime, interleaved in one
-    process (:func:`vlcompress.runtime.time_models`). TensorRT engines are built from the
-    fp16 ONNX next to it (``<dense|pruned>/<tower>.engine``, one timing cache; 2:4 sparse
-    weights for a 2:4 pattern), each validated against its ONNX."""
-    from .quantstack import run_build_options
-    from .runtime.latency import make_feeds
-    from .runtime.registry import Artefacts
-    from .runtime.timing import time_models
-
-    lc = cfg.latency_config
-    rt = lc.runtime_entry
-    towers = [t for t in vlm.towers if t in pruned_export.paths or rt.consumes == MODEL]
-    feeds = make_feeds(vlm, towers, lc.batch_sizes, example)
-    dense_vlm = (type(vlm)(dense_model, vlm.tokenizer, vlm.image_processor, name=vlm.name)
-                 if dense_model is not None else None)
-    pruned_names = [ly.name for ly in vlm.prunable_layers() if bool((ly.module.weight == 0).any())]
-    dense = Artefacts("dense", vlm=dense_vlm, onnx=dict(dense_export.paths), folder=root / "dense")
-    pruned = Artefacts("pruned", vlm=vlm if rt.consumes == MODEL else None,
-                       onnx=dict(pruned_export.paths), folder=root / "pruned",
-                       pruned_layers=pruned_names)
-    opts = run_build_options(cfg, vlm, feeds, towers, root)
-    return time_models(rt, dense, pruned, feeds, lc, towers=towers, options=opts,
-                       progress=progress)

@@ -150,9 +150,9 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
     from .data import load_calibration, load_eval
     from .eval import embed_eval, fidelity, metrics_from_embeddings
     from .models import load_model
+    from .onnx_eval import onnx_vlm
     from .pipeline import check_output_folder, export_examples
     from .prune import prune
-    from .quantstack import onnx_vlm
 
     mopts = parse_sweep_method_options(method_options, methods)
     cells = plan_cells(methods, sparsities, patterns, mopts)
@@ -291,7 +291,7 @@ def _quantized(vlm, art, calib, q: str, method: str, examples, folder: Path) -> 
     """Quantize ``vlm``'s fp32 ONNX towers (``art``'s when it holds them, else a fresh export
     into ``folder``) into ``folder/v_<q>/``: ``{"onnx": tower -> path, "info": ...}``."""
     from .exporters.onnx import export_model
-    from .quantstack import quantize_variants
+    from .quantized_variants import quantize_variants
 
     paths = dict(art.onnx) if art is not None and art.onnx else {}
     if not paths:
@@ -304,7 +304,7 @@ def _quantized(vlm, art, calib, q: str, method: str, examples, folder: Path) -> 
 def _quantized_metrics(vlm, paths: dict, data, dense_emb) -> dict:
     """Accuracy and fidelity (to the dense PyTorch model) of the ONNX towers in ``paths``."""
     from .eval import fidelity, metrics_from_embeddings
-    from .quantstack import onnx_embed_eval
+    from .onnx_eval import onnx_embed_eval
 
     emb = onnx_embed_eval(vlm, paths, data)
     return {**metrics_from_embeddings(emb), **fidelity(dense_emb, emb)}

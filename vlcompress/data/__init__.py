@@ -19,6 +19,7 @@ from .pairs import (
     as_pair_data,
     folder_pairs,
     save_pairs,
+    save_vqa,
     shapes_pairs,
     source_kind,
     text_data,
@@ -69,5 +70,5 @@ def load_train(source: str | Path | PairData = "shapes", n: int = 4096, batch_si
 
 
 __all__ = ["PairBatch", "PairData", "SPLITS", "as_pair_data", "folder_pairs", "load_calibration",
-           "load_data", "load_eval", "load_train", "save_pairs", "shapes_pairs", "source_kind",
+           "load_data", "load_eval", "load_train", "save_pairs", "save_vqa", "shapes_pairs", "source_kind",
            "text_data"]

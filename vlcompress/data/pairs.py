@@ -109,13 +109,35 @@ def save_pairs(data: PairData, root: str | Path, captions: list[str] | None = No
     caps = data.captions if captions is None else captions
     if len(caps) != len(data.images):
         raise DataError(f"{len(caps)} captions for {len(data.images)} images")
+    return _save_folder(root, "captions.jsonl", data.images,
+                        [{"caption": cap} for cap in caps])
+
+
+def save_vqa(images: Sequence[Image.Image], questions: Sequence[str],
+             answers: Sequence[str | list[str]], root: str | Path) -> Path:
+    """Write image-question-answer triples as a user's VQA folder: ``img/000.png ...`` and
+    ``vqa.jsonl`` (``{"image", "question", "answer"}`` per line; an answer is a string or a
+    list of accepted strings). Images are written as :func:`save_pairs` writes them."""
+    if not len(images) == len(questions) == len(answers):
+        raise DataError(f"{len(questions)} questions and {len(answers)} answers for "
+                        f"{len(images)} images")
+    return _save_folder(root, "vqa.jsonl", images,
+                        [{"question": q, "answer": a} for q, a in zip(questions, answers,
+                                                                      strict=True)])
+
+
+def _save_folder(root: str | Path, index: str, images: Sequence[Image.Image],
+                 records: list[dict]) -> Path:
+    """``img/NNN.png`` per image and ``index`` with one ``{"image", **record}`` line each."""
     root = Path(root)
     (root / "img").mkdir(parents=True, exist_ok=True)
+    width = max(3, len(str(len(images) - 1)))
     lines = []
-    for i, (im, cap) in enumerate(zip(data.images, caps, strict=True)):
-        im.save(root / "img" / f"{i:03d}.png")
-        lines.append(json.dumps({"image": f"img/{i:03d}.png", "caption": cap}))
-    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    for i, (im, rec) in enumerate(zip(images, records, strict=True)):
+        name = f"img/{i:0{width}d}.png"
+        im.save(root / name)
+        lines.append(json.dumps({"image": name, **rec}))
+    (root / index).write_text("\n".join(lines) + "\n")
     return root
 
 

@@ -5,6 +5,10 @@ noisy dark background. Captions name a varying subset of its attributes ("a red 
 "a large red circle at the top left", "a small purple shape", ...) so that short zero-shot
 prompts like "a red circle" are in distribution. Splits are disjoint by construction: every
 sample is drawn from its own RNG seeded by (split, index), with a different split salt.
+
+For generative models the same samples carry questions (:func:`questions_of`,
+:func:`vqa_sample`: "what color is the shape?" -> "red") and :func:`parse_caption` reads the
+attributes a generated caption states, for exact attribute accuracy.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ class ShapeSample:
         return CLASSES.index((self.color, self.shape))
 
 
+def _where(pos: str) -> str:
+    return "in the center" if pos == "center" else f"at the {pos}"
+
+
 def captions_of(color: str, shape: str, size: str, pos: str) -> tuple[str, ...]:
     """Every caption template filled in for one sample: the captions that are true of it.
 
@@ -65,7 +73,7 @@ def captions_of(color: str, shape: str, size: str, pos: str) -> tuple[str, ...]:
     one naming every attribute. Training uses the set to tell which captions in a batch
     describe which images (a caption naming only colour and shape is true of every image of
     that colour and shape)."""
-    where = "in the center" if pos == "center" else f"at the {pos}"
+    where = _where(pos)
     return (
         f"a {color} {shape}",
         f"a {color} {shape}",
@@ -83,9 +91,10 @@ def _caption(rng: random.Random, color: str, shape: str, size: str, pos: str) ->
     return rng.choice(captions_of(color, shape, size, pos))
 
 
-def _full_caption(color: str, shape: str, size: str, pos: str) -> str:
-    where = "in the center" if pos == "center" else f"at the {pos}"
-    return f"a {size} {color} {shape} {where}"
+def full_caption_of(color: str, shape: str, size: str, pos: str) -> str:
+    """The caption naming every attribute ("a small red circle at the top left"): a sample's
+    ``full_caption``, and what a generative model's caption of the sample should say."""
+    return f"a {size} {color} {shape} {_where(pos)}"
 
 
 def full_caption_attributes(caption: str) -> dict[str, str]:
@@ -164,7 +173,7 @@ def sample(split: str, index: int, image_size: int = IMAGE_SIZE) -> tuple[Image.
     pos = rng.choice(list(POSITIONS))
     caption = _caption(rng, color, shape, size, pos)
     img = render(color, shape, size, pos, rng, image_size)
-    return img, ShapeSample(color, shape, size, pos, caption, _full_caption(color, shape, size, pos))
+    return img, ShapeSample(color, shape, size, pos, caption, full_caption_of(color, shape, size, pos))
 
 
 def vocabulary() -> list[str]:
@@ -173,4 +182,104 @@ def vocabulary() -> list[str]:
     words |= set(COLORS) | set(SHAPES) | set(SIZES)
     for p in POSITIONS:
         words |= set(p.split())
+    return sorted(words)
+
+
+ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position")
+
+
+def questions_of(color: str, shape: str, size: str, pos: str) -> list[tuple[str, str]]:
+    """Every (question, answer) template filled in for one sample, three per attribute in
+    :data:`ATTRIBUTES` order (colour, shape, size, position): the questions true of it.
+    Answers are one word (``"red"``, ``"circle"``, ``"small"``, ``"center"``) or a short
+    phrase (``"top left"``); questions name other attributes as context so that one image
+    carries several phrasings."""
+    return [
+        ("what color is the shape?", color),
+        (f"what color is the {shape}?", color),
+        (f"what is the color of the {size} shape?", color),
+        ("what shape is it?", shape),
+        (f"what shape is the {color} object?", shape),
+        (f"which shape is {_where(pos)}?", shape),
+        ("what size is the shape?", size),
+        (f"is the {color} {shape} small or large?", size),
+        (f"how big is the {shape}?", size),
+        ("where is the shape?", pos),
+        (f"where is the {color} {shape}?", pos),
+        (f"in which part of the picture is the {size} {shape}?", pos),
+    ]
+
+
+@dataclass(frozen=True)
+class VqaSample:
+    question: str
+    answer: str
+    attribute: str  # which of ATTRIBUTES the question asks about
+    sample: ShapeSample
+
+
+_VQA_SALT = 104_729  # a question's RNG differs from its image's (same split and index)
+
+
+def vqa_sample(split: str, index: int,
+               image_size: int = IMAGE_SIZE) -> tuple[Image.Image, VqaSample]:
+    """Sample ``index`` of ``split`` with one question about it, deterministic: the image and
+    attributes are :func:`sample`'s (same split, same index, so splits stay disjoint), the
+    question is drawn by its own seed, uniformly over the attributes, then over that
+    attribute's templates of :func:`questions_of`."""
+    img, s = sample(split, index, image_size)
+    rng = random.Random((SPLITS[split] * 1_000_003 + index * 7919 + 1) * _VQA_SALT + 17)
+    k = rng.randrange(len(ATTRIBUTES))
+    per = len(questions_of(s.color, s.shape, s.size, s.position)) // len(ATTRIBUTES)
+    q, a = questions_of(s.color, s.shape, s.size, s.position)[k * per + rng.randrange(per)]
+    return img, VqaSample(q, a, ATTRIBUTES[k], s)
+
+
+def parse_caption(text: str) -> dict[str, str]:
+    """The attributes a (generated) caption states: ``{"color", "shape", "size",
+    "position"}``, each key present only where the caption names exactly one value for it.
+    Unknown words are ignored; an attribute named with two different values ("a red blue
+    circle") is left out, so it counts as wrong; "shape" alone names no shape. Positions are
+    the two-word corners ("top left") or "center"; a lone "top" or "left" names none.
+
+    >>> parse_caption("a small red circle at the top left")
+    {'size': 'small', 'color': 'red', 'shape': 'circle', 'position': 'top left'}
+    """
+    words = [w.strip(".,!?;:") for w in text.lower().split()]
+    found: dict[str, set[str]] = {}
+    order: list[str] = []
+
+    def add(key: str, value: str) -> None:
+        if key not in found:
+            found[key] = set()
+            order.append(key)
+        found[key].add(value)
+
+    i = 0
+    while i < len(words):
+        w = words[i]
+        pair = " ".join(words[i:i + 2])
+        if pair in POSITIONS:
+            add("position", pair)
+            i += 2
+            continue
+        if w in POSITIONS:
+            add("position", w)
+        elif w in COLORS:
+            add("color", w)
+        elif w in SHAPES:
+            add("shape", w)
+        elif w in SIZES:
+            add("size", w)
+        i += 1
+    return {k: next(iter(found[k])) for k in order if len(found[k]) == 1}
+
+
+def vqa_vocabulary() -> list[str]:
+    """Every word a shapes caption, question or answer can use (:func:`vocabulary` plus the
+    question words), for generative models' tokenizers. :func:`vocabulary` stays as it is:
+    the shipped tiny-clip's tokenizer is built from it."""
+    words = set(vocabulary())
+    for q, a in questions_of("red", "circle", "small", "top left"):
+        words |= set(q.rstrip("?").split()) | set(a.split())
     return sorted(words)

@@ -7,14 +7,15 @@ sparse weights where pruned so.
     result.sparsity.sparse      # layers TensorRT gave a sparse implementation
     result.warnings             # e.g. "2:4 build in which no layer got a sparse implementation"
 
-TensorRT (10.x / 11.x Python API) is imported lazily (:func:`vlcompress._deps.require_tensorrt`);
+TensorRT (10.x / 11.x Python API) is imported lazily (:func:`vlcompress.optional_deps.require_tensorrt`);
 everything that does not need it is pure and tested on CPU:
 
 - :func:`plan_build` reads the ONNX inputs and computes a :class:`BuildPlan`: network flags
   (strongly typed), builder flags (``SPARSE_WEIGHTS`` for 2:4), the workspace limit and one
-  optimisation profile per batch size, ``(min, opt = that batch, max)`` for every dynamic
-  input, so each batch runs tactics chosen for it (the runner picks the profile:
-  :func:`vlcompress.runtime.trt_runner.select_profile`);
+  optimisation profile per batch size, ``(min = 1, opt = that batch, max = the largest)`` for
+  every dynamic input (:func:`profile_batch_range`), so each batch runs tactics chosen for it
+  (the runner picks the profile: :func:`vlcompress.runtime.trt_runner.select_profile`) and
+  every batch a Triton dynamic batcher may form (1..``max_batch_size``) runs;
 - :func:`apply_plan` applies a plan to a builder config (tested on a recording fake);
 - :func:`parse_sparsity_log` reads the two ``(Sparsity)`` lines TensorRT logs at INFO level;
 - :func:`onnx_quantization` tells an explicit QDQ file (``"int8"`` / ``"fp8"``: every weight
@@ -80,7 +81,7 @@ from ..atomic import atomic_write_bytes
 from ..errors import ConfigError, ExportError, OutputError
 
 __all__ = [
-    "SparsityReport", "parse_sparsity_log", "InputSpec", "BuildPlan", "plan_build",
+    "SparsityReport", "parse_sparsity_log", "InputSpec", "BuildPlan", "plan_build", "profile_batch_range",
     "onnx_inputs", "apply_plan", "network_flags", "EngineBuildResult", "build_engine",
     "nm_violations", "embedding_agreement", "trt_major", "make_logger",
     "sparsity_warnings", "onnx_quantization", "QUANTIZED_PRECISIONS",
@@ -345,15 +346,29 @@ def onnx_inputs(path: str | Path) -> tuple[list[InputSpec], str]:
     return specs, precision
 
 
-def _batch_ranges(batch_sizes: Sequence[int], per_batch: bool) -> list[tuple[int, int, int]]:
-    """``(min, opt, max)`` batch of each profile: one per batch size with opt = that batch
-    (every profile spans all batch sizes, so any of them runs any batch), or one with opt =
-    the largest batch."""
-    bs = sorted(set(int(b) for b in batch_sizes))
+def profile_batch_range(batch_sizes: Sequence[int]) -> tuple[int, int]:
+    """``(min, max)`` batch every optimisation profile of an engine built for ``batch_sizes``
+    accepts: ``(1, max(batch_sizes))``. The minimum is 1 whatever was measured: a run timed at
+    batch 8 alone still serves single requests, and Triton's dynamic batcher forms any batch
+    from 1 to ``max_batch_size`` (:mod:`.triton` writes ``max_batch_size`` = this maximum, so
+    the config and the engine agree)."""
+    try:
+        bs = sorted(set(int(b) for b in batch_sizes))
+    except (TypeError, ValueError):
+        bs = []
     if not bs or bs[0] < 1:
         raise ConfigError(f"batch sizes {tuple(batch_sizes)!r} are not valid; need positive integers")
-    opts = bs if per_batch else [bs[-1]]
-    return [(bs[0], o, bs[-1]) for o in opts]
+    return 1, bs[-1]
+
+
+def _batch_ranges(batch_sizes: Sequence[int], per_batch: bool) -> list[tuple[int, int, int]]:
+    """``(min, opt, max)`` batch of each profile: one per batch size with opt = that batch, or
+    one with opt = the largest batch; every profile spans :func:`profile_batch_range`, so any
+    of them runs any batch from 1 to the largest."""
+    lo, hi = profile_batch_range(batch_sizes)
+    bs = sorted(set(int(b) for b in batch_sizes))
+    opts = bs if per_batch else [hi]
+    return [(lo, o, hi) for o in opts]
 
 
 def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int],
@@ -364,7 +379,8 @@ def plan_build(onnx_path: str | Path, *, sparse: bool, batch_sizes: Sequence[int
     """The :class:`BuildPlan` for ``onnx_path``.
 
     One optimisation profile per batch size ``b``: dynamic dimension 0 (or any named
-    ``batch``) gets ``(min, opt, max)`` = ``(min(batch_sizes), b, max(batch_sizes))``.
+    ``batch``) gets ``(min, opt, max)`` = ``(1, b, max(batch_sizes))`` (min 1 whatever was
+    measured: :func:`profile_batch_range`).
     TensorRT chooses its tactics (and, for 2:4, sparse or dense kernels) for ``opt``, so a
     single profile tuned for the largest batch would run every other batch on tactics chosen
     for that one; the price is build time, which grows with the number of profiles
@@ -577,7 +593,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     warning and listed in ``result.warnings``. ``timing_cache`` is read if it exists and
     written back (atomically) after the build.
     """
-    from .._deps import require_cuda, require_tensorrt
+    from ..optional_deps import require_cuda, require_tensorrt
 
     require_cuda()
     trt = require_tensorrt()

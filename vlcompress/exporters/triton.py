@@ -3,7 +3,9 @@
     export_triton("runs/clip-s50", "runs/clip-s50-triton", backend="python")
 
 One model per variant and tower, named ``<variant>_<tower>`` (``dense_vision``,
-``pruned_vision``, ``dense_text``, ``pruned_text``, BLIP's ``*_fusion``), each with a
+``pruned_vision``, ``dense_text``, ``pruned_text``, BLIP's ``*_fusion``; a run made with
+``--quantize Q`` also has ``dense_Q_<tower>`` and ``pruned_Q_<tower>``, served from the files
+its report lists under ``quantize.files``), each with a
 ``config.pbtxt`` whose inputs and outputs are read from the run's ONNX (names, dtypes, dims;
 a symbolic first dimension is the batch axis, so ``max_batch_size`` > 0 and dims leave it
 out), a version folder ``1/``, and a ``README.md`` with the ``tritonclient`` call of each model.
@@ -21,8 +23,11 @@ Backends:
 Dynamic batching, from the run's measured latency table (``report.json`` ``latency``, rows of
 this tower and variant on the run's runtime):
 
-- ``max_batch_size`` = the largest batch size the run measured (for ``tensorrt`` that is the
-  engine's optimisation-profile maximum, so Triton never sends a batch the engine refuses);
+- ``max_batch_size`` = the largest batch size the run measured. Triton's dynamic batcher
+  forms any batch from 1 to ``max_batch_size``; the run's TensorRT engines accept exactly that
+  range (:func:`.tensorrt.profile_batch_range`: every profile spans 1..the largest batch), so
+  for ``tensorrt`` ``max_batch_size`` is the engine profile's maximum and the engine runs
+  every batch the batcher may send;
 - ``preferred_batch_size`` = each measured batch b > b0 (b0 = the smallest measured) whose
   per-item p50 beats b0's (p50_b / b < p50_b0 / b0): sizes where batching pays on this model;
 - ``max_queue_delay_microseconds`` = the p50 of one batch-b0 inference, clamped to
@@ -31,6 +36,13 @@ this tower and variant on the run's runtime):
 
 A run without a latency table gets ``max_queue_delay_microseconds: 100`` and no preferred
 sizes; the manifest says so (``rule``).
+
+Quantized variants (``--quantize int8|fp16|fp8`` runs): the repository serves every variant
+the run produced, unless ``variants`` names fewer. The fp8 files are explicit QDQ for TensorRT:
+with ``--backend onnxruntime|python`` an fp8 variant is refused in one line naming it (allowed:
+``--backend tensorrt``, or ``--variants`` without it). Each model records its ``precision``
+(fp32, fp16, int8, fp8) and the PyTorch model it must reproduce (``reference``: the run's
+dense or pruned model), which ``serve-check`` compares against with that precision's tolerance.
 
 No ensemble is written: the towers of a two-tower model take disjoint inputs (pixels, token
 ids) and return separate embeddings, so an ensemble would only bundle two independent calls;
@@ -49,11 +61,13 @@ from ..atomic import atomic_dir, check_output_folder
 from ..errors import ConfigError
 
 __all__ = ["BACKENDS", "TritonModel", "TritonRepo", "export_triton", "check_triton_options",
-           "model_config_text", "batching_rule"]
+           "model_config_text", "batching_rule", "run_variants", "run_batch_sizes"]
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 DEVICES = ("cpu", "gpu")
 VARIANTS = ("dense", "pruned")
+#: quantized variants only TensorRT serves (explicit QDQ made for it)
+TENSORRT_ONLY = ("fp8",)
 TOWERS = ("vision", "text", "fusion")
 MANIFEST = "vlcompress_triton.json"
 MIN_DELAY_US, MAX_DELAY_US, DEFAULT_DELAY_US = 50, 100_000, 100
@@ -91,6 +105,8 @@ class TritonModel:
     max_queue_delay_microseconds: int = DEFAULT_DELAY_US
     rule: str = ""
     vocab_size: int | None = None  # token-id inputs: ids must stay below it
+    precision: str = "fp32"        # of the served file: fp32, fp16, int8, fp8
+    reference: str = ""            # the run's PyTorch model it must reproduce: dense | pruned
 
 
 @dataclass
@@ -124,6 +140,8 @@ class TritonRepo:
 
 def check_triton_options(backend: str, device: str | None = None) -> tuple[str, str | None]:
     """Normalise and check ``backend`` and ``device`` (one ConfigError line)."""
+    if not isinstance(backend, str):
+        raise ConfigError(f"Triton backend {backend!r} is not known; allowed: {', '.join(BACKENDS)}")
     b = str(backend).strip().lower()
     if b == "trt":
         b = "tensorrt"
@@ -166,8 +184,13 @@ def _onnx_io(path: Path) -> tuple[list, list, bool]:
 
 def batching_rule(rows: list[dict], key: str) -> tuple[int | None, list[int], int, str]:
     """(max batch, preferred sizes, queue delay in us, the rule as a sentence) from latency
-    rows of one tower (``key`` = ``dense_ms`` or ``pruned_ms``). See the module docstring."""
-    p50 = {int(r["batch"]): float(r[key]["p50"]) for r in rows if r.get(key)}
+    rows of one tower (``key`` = ``<variant>_ms``: ``dense_ms``, ``pruned_ms``, or a quantized
+    variant's ``pruned_int8_ms``, read from the row's ``variants``). See the module docstring."""
+    p50 = {}
+    for r in rows:
+        ms = r.get(key) or ((r.get("variants") or {}).get(key[: -len("_ms")]) or {}).get("ms")
+        if ms and ms.get("p50") is not None:
+            p50[int(r["batch"])] = float(ms["p50"])
     if not p50:
         return (None, [], DEFAULT_DELAY_US,
                 f"no latency rows in the run: queue delay {DEFAULT_DELAY_US} us, no preferred sizes")
@@ -196,25 +219,104 @@ def _vocab_size(run: Path, tower: str) -> int | None:
     return None
 
 
-def _plan(run: Path, backend: str, device: str | None, variants) -> tuple[list[TritonModel], str]:
+def _read_report(run: Path) -> dict:
     if not run.is_dir():
         raise ConfigError(f"run folder {str(run)!r} does not exist; allowed: a `vlcompress "
                           "prune-export --out` folder")
-    report = {}
-    if (run / "report.json").is_file():
-        report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    f = run / "report.json"
+    if not f.is_file():
+        return {}
+    try:
+        report = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(f)!r} is not valid JSON ({exc}); allowed: the report.json "
+                          "prune-export writes") from None
+    return report if isinstance(report, dict) else {}
+
+
+def run_variants(run: Path, report: dict | None = None) -> dict[str, dict]:
+    """Every variant a run folder holds: label -> ``{"folder", "reference", "precision"}``.
+    ``dense`` and ``pruned`` (the run's exports, fp32 or fp16), plus ``dense_<q>`` and
+    ``pruned_<q>`` of a ``--quantize q`` run, located through its report (``quantize.files``:
+    ``variant -> tower -> {"path"}``), not through how the quantizer names its files."""
+    report = _read_report(run) if report is None else report
+    precisions = ((report.get("export") or {}).get("precision") or {})
+    out = {}
+    for v in VARIANTS:
+        prec = precisions.get(v) or ("fp16" if (report.get("export") or {}).get("fp16") else "fp32")
+        out[v] = {"folders": {}, "reference": v, "precision": prec}
+    quant = report.get("quantize") or {}
+    q = quant.get("quantize")
+    for base, towers in (quant.get("files") or {}).items():
+        if base not in VARIANTS or not isinstance(towers, dict) or not q:
+            continue
+        entry = out.setdefault(f"{base}_{q}", {"folders": {}, "reference": base, "precision": q})
+        for tower, info in towers.items():
+            path = info.get("path") if isinstance(info, dict) else None
+            if path:
+                entry["folders"][tower] = Path(path).parent.as_posix()
+    return out
+
+
+def check_variants(variants, available: dict, backend: str, run: Path) -> list[str]:
+    """``variants`` (None = every variant the run holds; a list or a comma-separated string)
+    checked against the run and the backend: one ConfigError line naming the variant."""
+    if variants is None:
+        chosen = list(available)
+    else:
+        items = variants.split(",") if isinstance(variants, str) else list(variants)
+        chosen = [str(v).strip().lower() for v in items if str(v).strip()]
+        if not chosen:
+            raise ConfigError(f"--variants {variants!r} names no variant; allowed: "
+                              f"{', '.join(available)}")
+        bad = [v for v in chosen if v not in available]
+        if bad:
+            raise ConfigError(f"variant {bad[0]!r} is not in run {str(run)!r}; allowed: "
+                              f"{', '.join(available)}")
+        chosen = list(dict.fromkeys(chosen))
+    if backend != "tensorrt":
+        only = [v for v in chosen if available[v]["precision"] in TENSORRT_ONLY]
+        if only:
+            keep = ",".join(v for v in chosen if v not in only) or "dense,pruned"
+            raise ConfigError(
+                f"--backend {backend} cannot serve the run's {available[only[0]]['precision']} "
+                f"variant(s) {', '.join(only)} (explicit QDQ made for TensorRT); allowed: "
+                f"--backend tensorrt, or --variants {keep}")
+    return chosen
+
+
+def run_batch_sizes(report: dict) -> list[int]:
+    """The batch sizes the run measured (its config, else its latency rows)."""
+    bs = (report.get("config") or {}).get("batch_sizes")
+    if isinstance(bs, list) and bs and all(isinstance(b, int) and b > 0 for b in bs):
+        return sorted(set(bs))
+    return sorted({int(r["batch"]) for r in report.get("latency") or [] if "batch" in r})
+
+
+def _plan(run: Path, backend: str, device: str | None, variants) -> tuple[list[TritonModel], str]:
+    report = _read_report(run)
+    available = run_variants(run, report)
+    chosen = check_variants(variants, available, backend, run)
     run_device = (report.get("config", {}).get("runtime") or {}).get("device", "cpu")
     if device is None:
         device = "gpu" if backend == "tensorrt" or (backend == "onnxruntime" and run_device == "cuda") \
             else "cpu"
     rows = report.get("latency") or []
+    engine_max = None
+    if backend == "tensorrt" and run_batch_sizes(report):
+        from .tensorrt import profile_batch_range
+
+        engine_max = profile_batch_range(run_batch_sizes(report))[1]
     models, missing = [], []
-    for variant in variants:
+    for variant in chosen:
+        info = available[variant]
         for tower in TOWERS:
-            onnx_path = run / variant / f"{tower}.onnx"
-            engine = run / variant / f"{tower}.engine"
+            folder = info["folders"].get(tower, variant)
+            onnx_path = run / folder / f"{tower}.onnx"
+            engine = run / folder / f"{tower}.engine"
             if not onnx_path.is_file():
-                if engine.is_file() or (run / variant / f"{tower}.onnx.data").is_file():
+                if engine.is_file() or (run / folder / f"{tower}.onnx.data").is_file() or \
+                        tower in info["folders"]:
                     missing.append(str(onnx_path))
                 continue
             if backend == "tensorrt" and not engine.is_file():
@@ -224,16 +326,21 @@ def _plan(run: Path, backend: str, device: str | None, variants) -> tuple[list[T
             ins, outs, batched = _onnx_io(onnx_path)
             mb, pref, delay, rule = batching_rule([r for r in rows if r.get("tower") == tower],
                                                   f"{variant}_ms")
-            max_batch = (mb or 8) if batched else 0
+            max_batch = (engine_max or mb or 8) if batched else 0
+            if engine_max is not None and batched:
+                pref = [b for b in pref if b <= engine_max]
+                rule += (f"; max_batch_size {engine_max} = the engine profiles' maximum (they "
+                         f"accept every batch 1..{engine_max})")
             if not batched:
                 pref, rule = [], rule + "; the ONNX has a fixed batch axis: no batching"
             models.append(TritonModel(
                 name=f"{variant}_{tower}", variant=variant, tower=tower,
-                source=f"{variant}/{(engine if backend == 'tensorrt' else onnx_path).name}",
-                reference_onnx=f"{variant}/{onnx_path.name}", max_batch_size=max_batch,
+                source=f"{folder}/{(engine if backend == 'tensorrt' else onnx_path).name}",
+                reference_onnx=f"{folder}/{onnx_path.name}", max_batch_size=max_batch,
                 inputs=_tensors(ins, batched), outputs=_tensors(outs, batched),
                 preferred_batch_size=pref, max_queue_delay_microseconds=delay, rule=rule,
-                vocab_size=_vocab_size(run, tower)))
+                vocab_size=_vocab_size(run, tower), precision=info["precision"],
+                reference=info["reference"]))
     if missing:
         raise ConfigError(f"run folder {str(run)!r} lacks {', '.join(missing)}; allowed: a "
                           "prune-export folder with <dense|pruned>/<tower>.onnx")
@@ -266,6 +373,8 @@ def model_config_text(m: TritonModel, backend: str, device: str, *, threads: int
     if backend == "python":
         lines.append('parameters { key: "onnx_file" value: { string_value: "model.onnx" } }')
         lines.append(f'parameters {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }}')
+        if m.vocab_size:  # token ids checked per request against it (_triton_model.py)
+            lines.append(f'parameters {{ key: "vocab_size" value: {{ string_value: "{m.vocab_size}" }} }}')
     return "\n".join(lines) + "\n"
 
 
@@ -302,29 +411,48 @@ def _client_snippet(m: TritonModel) -> str:
 def _readme(repo: TritonRepo) -> str:
     head = [f"# Triton model repository ({repo.backend} backend, {repo.device})", "",
             f"Written from the run `{repo.run_dir}` (`--backend {repo.backend}`). One "
-            "model per variant (dense, pruned) and tower; inputs and outputs are the run's ONNX.", "",
+            f"model per variant ({', '.join(dict.fromkeys(m.variant for m in repo.models))}) "
+            "and tower; inputs and outputs are the run's ONNX.", "",
             "```bash", f"tritonserver --model-repository {repo.path.name}", "```", "",
             "`vlcompress serve-check REPO` starts the `tritonserver` of the `[serve]` extra on "
-            "free loopback ports, sends one request per model and compares it with onnxruntime.", ""]
+            "a free loopback port, sends each model a batch it accepts and several concurrent "
+            "single requests (the dynamic batcher's path), and compares every answer with the "
+            "run's PyTorch model (dense or pruned) at the tolerance of the served precision.", ""]
     if repo.backend == "python":
         head += ["The Python backend runs `1/model.onnx` with onnxruntime: the server's Python "
                  "needs numpy and onnxruntime.", ""]
     return "\n".join(head + [_client_snippet(m) for m in repo.models])
 
 
+def _check_threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"threads {threads!r} is not valid; allowed: an integer >= 0 (0 = "
+                          "onnxruntime's default)")
+    return threads
+
+
+def _check_out_vs_run(out: Path, run: Path, force: bool) -> None:
+    """The repository must not be the run folder, nor hold it: ``--force`` replaces ``out``."""
+    o, r = out.resolve(), run.resolve()
+    if o == r or o in r.parents:
+        raise ConfigError(f"--out {str(out)!r} is the run folder or holds it"
+                          + (", and --force would delete the run" if force else "")
+                          + "; allowed: a new folder, e.g. inside the run (RUN/triton)")
+
+
 def export_triton(run_dir: str | Path, out: str | Path, *, backend: str = "onnxruntime",
-                  device: str | None = None, variants=VARIANTS, threads: int = 0,
+                  device: str | None = None, variants=None, threads: int = 0,
                   force: bool = False) -> TritonRepo:
     """Write a Triton model repository for ``run_dir`` into ``out`` (new, or empty, or
     ``force``); every check runs before anything is written, and ``out`` appears complete or
-    not at all."""
+    not at all. ``variants``: the run's variants to serve (default: all it holds, quantized
+    ones included; a list or ``"dense,pruned"``)."""
     backend, device = check_triton_options(backend, device)
-    out = check_output_folder(out, force)
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise ConfigError(f"variant {bad[0]!r} is not known; allowed: {', '.join(VARIANTS)}")
+    threads = _check_threads(threads)
     run = Path(run_dir)
+    _check_out_vs_run(Path(out), run, force)
     models, device = _plan(run, backend, device, variants)
+    out = check_output_folder(out, force)
     out_abs, run_abs = Path(out).resolve(), run.resolve()
     run_rec = os.path.relpath(run_abs, out_abs) if run_abs in out_abs.parents else str(run_abs)
     with atomic_dir(out, overwrite=force) as tmp:

@@ -6,7 +6,7 @@
 
 Every module of this package is imported here, so each runtime file registers its entries
 (:mod:`vlcompress.runtime.registry`): a new runtime is one new file. Backends beyond torch
-and onnxruntime-CPU are imported lazily (``vlcompress._deps``).
+and onnxruntime-CPU are imported lazily (``vlcompress.optional_deps``).
 """
 
 from __future__ import annotations

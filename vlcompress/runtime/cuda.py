@@ -11,7 +11,7 @@
     runner.semi_structured_report        # {"swapped": [...], "skipped": {name: reason}}
 
 The pure parts (:func:`semi_structured_reason`, :func:`backend_constraints`) run on CPU; the rest
-needs a CUDA build of torch and a GPU (``vlcompress._deps.require_cuda``).
+needs a CUDA build of torch and a GPU (``vlcompress.optional_deps.require_cuda``).
 
 ``torch.sparse.to_sparse_semi_structured`` (PyTorch >= 2.1) compresses a 2-D fp16/bf16 CUDA
 tensor that is 2:4 along its last (input) dimension; ``F.linear`` then runs on sparse tensor
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._deps import require_cuda
+from ..optional_deps import require_cuda
 from .registry import MODEL, Built, register
 from .registry import Runtime as _Runtime
 from .torch_runner import TorchRunner, tower_input_names
@@ -365,9 +365,9 @@ def _cuda_factory(semi_structured: bool):
 
 
 def _check_cuda():
-    from .. import _deps
+    from .. import optional_deps
 
-    return _deps.require_cuda()
+    return optional_deps.require_cuda()
 
 
 def _check_semi_structured():

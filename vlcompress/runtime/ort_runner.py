@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._deps import require_onnxruntime_provider
 from ..errors import ModelError
+from ..optional_deps import require_onnxruntime_provider
 from .base import Runner
 from .registry import ONNX, Built, register
 from .registry import Runtime as _Runtime
@@ -267,9 +267,9 @@ def _ort_entry(name: str, device: str, precision: str, providers: tuple[str, ...
     label = f"{name}/{device}/{precision}"
 
     def check():
-        from .. import _deps
+        from .. import optional_deps
 
-        _deps.require_onnxruntime_provider(providers[0])
+        optional_deps.require_onnxruntime_provider(providers[0])
 
     def factory(art, towers, opts):
         check_onnx_precision(label, precision, art, towers)

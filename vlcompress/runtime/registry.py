@@ -9,7 +9,7 @@ Each runtime file of this package registers its own entries with :func:`register
 imported (the package imports every module in it, so a new runtime is one new file). An entry
 declares what it consumes (:data:`ONNX` files, the PyTorch :data:`MODEL`, TensorRT
 :data:`ENGINE` files), the patterns it requires (None: any), an availability check (the lazy
-imports of :mod:`vlcompress._deps`) and a factory building one variant's runners per tower.
+imports of :mod:`vlcompress.optional_deps`) and a factory building one variant's runners per tower.
 
 A leaf: imports nothing above :mod:`vlcompress.errors` and :mod:`vlcompress.config`.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._deps import require_cuda
+from ..optional_deps import require_cuda
 from .base import Runner
 from .registry import MODEL, Built, register
 from .registry import Runtime as _Runtime
@@ -107,9 +107,9 @@ def _no_check():
 
 
 def _check_cuda():
-    from .. import _deps
+    from .. import optional_deps
 
-    return _deps.require_cuda()
+    return optional_deps.require_cuda()
 
 
 register(_Runtime("torch", "cpu", "fp32", MODEL, _torch_factory("cpu"), _no_check,

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .._deps import require_cuda, require_tensorrt
 from ..errors import ExportError, ModelError
 from ..exporters.tensorrt import (
     DEFAULT_WORKSPACE_GB,
@@ -43,6 +42,7 @@ from ..exporters.tensorrt import (
     embedding_agreement,
     onnx_inputs,
 )
+from ..optional_deps import require_cuda, require_tensorrt
 from .base import Runner
 from .registry import ENGINE, Built, register
 from .registry import Runtime as _Runtime
@@ -289,10 +289,10 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 def check_tensorrt():
     """A GPU, then TensorRT: each missing one is one sentence (MissingDependencyError)."""
-    from .. import _deps
+    from .. import optional_deps
 
-    _deps.require_cuda()
-    return _deps.require_tensorrt()
+    optional_deps.require_cuda()
+    return optional_deps.require_tensorrt()
 
 
 def check_tensorrt_fp8():
