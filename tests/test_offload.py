@@ -56,6 +56,10 @@ def test_offloaded_masks_equal_resident(sharded, tmp_path, method, pattern):
     for name in ref.masks:
         assert torch.equal(res["masks"][name], ref.masks[name]), name
     assert res["achieved"] == pytest.approx(ref.achieved)
+    assert res["shards_written"] > 2  # a shard per block at least, then the resident part
+    counted = prune_offloaded(sharded, tmp_path / "counts", _data(), method=method,
+                              pattern=pattern, keep_masks=False)
+    assert counted["masks"] is None and counted["achieved"] == pytest.approx(ref.achieved)
     # the written checkpoint is the resident run's pruned model, and reloads
     again = load_model(str(out))
     sd, want = again.model.state_dict(), vlm.model.state_dict()

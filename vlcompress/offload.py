@@ -90,19 +90,14 @@ class ShardIndex:
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
 
-    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``keys``, each shard opened once and closed (unmapped) after."""
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor in its own memory. The shard is opened for it and closed (unmapped)
+        after: the file's pages read for it leave the resident set with it (a shard kept open
+        would count every page touched so far)."""
         from safetensors import safe_open
 
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.weight_map[k], []).append(k)
-        out = {}
-        for f, ks in by_file.items():
-            with safe_open(str(self.folder / f), "pt") as fh:
-                for k in ks:
-                    out[k] = fh.get_tensor(k).clone()  # own storage, not the file's mapping
-        return out
+        with safe_open(str(self.folder / self.weight_map[key]), "pt") as fh:
+            return fh.get_tensor(key).clone()
 
 
 def checkpoint_names(model_keys: Sequence[str], ckpt_keys: Sequence[str],
@@ -128,16 +123,41 @@ def checkpoint_names(model_keys: Sequence[str], ckpt_keys: Sequence[str],
     return out
 
 
-class ShardWriter:
-    """Writes safetensors shards one at a time into ``folder`` and the index at the end."""
+def load_into(model: torch.nn.Module, index: ShardIndex, names: dict[str, str],
+              keys: Sequence[str]) -> None:
+    """Model parameters ``keys`` read from the shards into host memory, one at a time."""
+    from accelerate.utils import set_module_tensor_to_device
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    for k in keys:
+        t = index.read(names[k])
+        set_module_tensor_to_device(model, k, "cpu", value=t, dtype=t.dtype)
+        del t
+
+
+class ShardWriter:
+    """Writes safetensors shards one at a time into ``folder`` (each at most ``max_bytes``,
+    a larger tensor alone: safetensors serialises a shard in memory before writing it) and
+    the index at the end."""
+
+    def __init__(self, folder: Path, max_bytes: int = 256 << 20):
+        self.folder, self.max_bytes = folder, max_bytes
         self.weight_map: dict[str, str] = {}
         self.total = 0
         self.shards = 0
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        chunk: dict[str, torch.Tensor] = {}
+        size = 0
+        for k, v in tensors.items():
+            nb = v.numel() * v.element_size()
+            if chunk and size + nb > self.max_bytes:
+                self._write(chunk)
+                chunk, size = {}, 0
+            chunk[k] = v
+            size += nb
+        self._write(chunk)
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         if not tensors:
@@ -174,13 +194,7 @@ class BlockStore:
         return [k for k in self.names if k.startswith(prefix)]
 
     def _load(self, stack: str, i: int) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
-        keys = self.keys_of(stack, i)
-        got = self.index.read([self.names[k] for k in keys])
-        for k in keys:
-            t = got.pop(self.names[k])
-            set_module_tensor_to_device(self.model, k, "cpu", value=t, dtype=t.dtype)
+        load_into(self.model, self.index, self.names, self.keys_of(stack, i))
         self.loads += 1
 
     def _release(self, module: torch.nn.Module) -> None:
@@ -219,6 +233,18 @@ class BlockStore:
                 if k in self.names and not any(k.startswith(s + ".") for s in self.stacks)}
         self.writer.write(rest)
         self.writer.finish()
+
+
+class MaskCounts(dict):
+    """Where a method puts its masks when only their counts are kept: ``{name: (kept,
+    total)}`` (one bit per weight is 0.84 GB for a 7B model)."""
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        super().__setitem__(name, (int(mask.sum()), mask.numel()))
+
+    def sparsity(self) -> float:
+        total = sum(t for _, t in self.values())
+        return 1.0 - sum(k for k, _ in self.values()) / total if total else 0.0
 
 
 def offloaded_stacks(vlm, stacks: Sequence[str]) -> tuple[str, ...]:
@@ -284,11 +310,13 @@ def load_empty(source: str | Path, name: str = ""):
 
 def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method: str = "wanda",
                     pattern: str = "2:4", sparsity: float | None = None,
-                    parts: Sequence[str] | None = None, name: str = "") -> dict:
+                    parts: Sequence[str] | None = None, name: str = "",
+                    keep_masks: bool = True) -> dict:
     """Prune the model in folder ``source`` block by block with its big stacks on disk and
     write the pruned checkpoint to ``out`` (see the module doc). Returns ``masks``
-    (``PackedMasks``), ``achieved`` sparsity, ``seconds``, ``order`` and the engine's run
-    details."""
+    (``PackedMasks``; None with ``keep_masks=False``: only each layer's kept and total
+    counts are held, the masks are in the written weights' zeros), ``achieved`` sparsity,
+    ``seconds`` and the engine's run details."""
     from .config import Pattern
     from .methods.wanda_seq import wanda_sequential
     from .sparsity import check_nm, select_layers, sparsity_of
@@ -302,13 +330,8 @@ def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method:
     vlm = fam.from_folder(model, str(source), name or Path(source).name)
     layers = select_layers(vlm, tuple(parts) if parts else None)
     stacks = offloaded_stacks(vlm, _stacks_of(vlm))
-    resident = [k for k in names if not any(k.startswith(s + ".") for s in stacks)]
-    from accelerate.utils import set_module_tensor_to_device
-
-    got = index.read([names[k] for k in resident])
-    for k in resident:
-        t = got.pop(names[k])
-        set_module_tensor_to_device(model, k, "cpu", value=t, dtype=t.dtype)
+    load_into(model, index, names,
+              [k for k in names if not any(k.startswith(s + ".") for s in stacks)])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = BlockStore(model, index, names, stacks, ShardWriter(out))
@@ -318,16 +341,19 @@ def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method:
             for ly in layers:
                 if ly.weight.shape[1] % pat.m:
                     check_nm(ly.weight.shape[1], pat.n, pat.m, ly.name)
+        counts = None if keep_masks else MaskCounts()
         solved = wanda_sequential(vlm, layers, calibration, sparsity=sparsity,
                                   n=pat.n if pat.is_nm else 0, m=pat.m if pat.is_nm else 0,
-                                  inputs="dense" if method == "wanda" else "pruned")
+                                  inputs="dense" if method == "wanda" else "pruned",
+                                  masks=counts)
         store.finish()
     finally:
         vlm.block_store = None
     for f in Path(source).iterdir():
         if f.is_file() and f.name != INDEX and not f.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(f, out / f.name)
-    return {"masks": solved.masks, "achieved": sparsity_of(solved.masks, layers),
+    achieved = counts.sparsity() if counts is not None else sparsity_of(solved.masks, layers)
+    return {"masks": solved.masks if keep_masks else None, "achieved": achieved,
             "seconds": time.perf_counter() - t0, "details": solved.details,
             "offloaded_stacks": list(stacks), "block_loads": store.loads,
             "shards_written": store.writer.shards, "bytes_written": store.writer.total}
