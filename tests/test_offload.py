@@ -68,6 +68,29 @@ def test_offloaded_masks_equal_resident(sharded, tmp_path, method, pattern):
         assert torch.equal(sd[k], v), k
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA GPU"))])
+def test_offloaded_blocks_run_on_device(sharded, tmp_path, device):
+    """Each block read from disk runs its turn on ``device``: the same masks as on the host
+    (wanda's 2:4 choice is stable to float rounding on this model)."""
+    from vlcompress.offload import prune_offloaded
+
+    host = prune_offloaded(sharded, tmp_path / "host", _data())
+    dev = prune_offloaded(sharded, tmp_path / "dev", _data(), device=device)
+    assert dev["details"]["device"] == device
+    agree = [torch.equal(host["masks"][k], dev["masks"][k]) for k in host["masks"]]
+    assert sum(agree) >= len(agree) - 1, agree
+
+
+def test_bad_device_refused_before_any_work(sharded, tmp_path):
+    from vlcompress.offload import prune_offloaded
+
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        prune_offloaded(sharded, tmp_path / "o", _data(), device="tpu")
+    assert not (tmp_path / "o").exists()
+
+
 def test_model_larger_than_free_disk_refused(sharded, tmp_path, monkeypatch):
     from vlcompress import offload
 
@@ -89,3 +112,45 @@ def test_bad_offload_combinations_refused(sharded, tmp_path):
         check_offload("disk", "wanda", "structured", sharded, tmp_path)
     with pytest.raises(ConfigError, match="needs a model folder"):
         check_offload("disk", "wanda", "2:4", "tiny-clip", tmp_path)
+
+
+def test_cli_prune_offload_disk(sharded, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlcompress import load_model, offload
+    from vlcompress.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["prune", "--model", str(sharded), "--method", "wanda", "--pattern", "2:4",
+            "--calibration-size", "4", "--offload", "disk", "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "prune.json").read_text())
+    assert info["offload"] == "disk" and info["achieved"] == pytest.approx(0.5)
+    assert load_model(str(out)).family == "llava"
+
+    def one_line(res, *needles):
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1, res.output
+        for n in needles:
+            assert n in lines[0], lines[0]
+
+    bad = tmp_path / "bad"
+    one_line(runner.invoke(app, [*args[:-1], str(bad), "--offload", "ram"]), "allowed: none, disk")
+    one_line(runner.invoke(app, [*args[:-1], str(bad), "--method", "sparsegpt"]),
+             "allowed: wanda, wanda-seq")
+    monkeypatch.setattr(offload, "free_disk_bytes", lambda p: 10)
+    one_line(runner.invoke(app, [*args[:-1], str(bad)]), "GB free")
+    assert not bad.exists()
+
+
+def test_missing_accelerate_is_one_sentence(sharded, tmp_path, monkeypatch):
+    import sys
+
+    from vlcompress.errors import MissingDependencyError
+    from vlcompress.offload import prune_offloaded
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(MissingDependencyError, match=r"^accelerate is not installed: .*\.$"):
+        prune_offloaded(sharded, tmp_path / "o", _data())

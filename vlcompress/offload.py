@@ -30,9 +30,9 @@ are exactly ``wanda``'s masks, ``tests/test_offload.py``) and ``wanda-seq`` (eac
 pruned earlier blocks' outputs). Other methods need whole-model passes (gradients, scores of
 every layer at once) or state across blocks and are refused in one line.
 
-Multi-GPU ``device_map``: not built. Each block can run on one ``device`` (the engine's
-``--method-option device=cuda``); spreading resident parts across several GPUs with
-accelerate's ``infer_auto_device_map`` is left for part 2 (design.md).
+GPU: each block can run its turn on one ``device`` (read from disk into host memory, moved
+there, back, written, freed). A ``device_map`` across several GPUs (blocks and resident parts
+spread with accelerate's ``infer_auto_device_map``) is not built.
 """
 
 from __future__ import annotations
@@ -311,17 +311,23 @@ def load_empty(source: str | Path, name: str = ""):
 def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method: str = "wanda",
                     pattern: str = "2:4", sparsity: float | None = None,
                     parts: Sequence[str] | None = None, name: str = "",
-                    keep_masks: bool = True) -> dict:
+                    keep_masks: bool = True, device: str | None = None) -> dict:
     """Prune the model in folder ``source`` block by block with its big stacks on disk and
     write the pruned checkpoint to ``out`` (see the module doc). Returns ``masks``
     (``PackedMasks``; None with ``keep_masks=False``: only each layer's kept and total
     counts are held, the masks are in the written weights' zeros), ``achieved`` sparsity,
-    ``seconds`` and the engine's run details."""
+    ``seconds`` and the engine's run details. ``device`` (``cuda``, ``cuda:N``): each block,
+    once read into host memory, runs its turn there (the engine's ``device``), with the
+    activation cache; the resident parts stay in host memory."""
+    from .blockwise import check_device
     from .config import Pattern
     from .methods.wanda_seq import wanda_sequential
     from .sparsity import check_nm, select_layers, sparsity_of
 
     check_offload("disk", method, pattern, source, out)
+    reason = check_device(device)
+    if reason:
+        raise ConfigError(f"device={device!r}: {reason}")
     pat = Pattern.parse(pattern)
     if not pat.is_nm and sparsity is None:
         sparsity = 0.5
@@ -345,7 +351,7 @@ def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method:
         solved = wanda_sequential(vlm, layers, calibration, sparsity=sparsity,
                                   n=pat.n if pat.is_nm else 0, m=pat.m if pat.is_nm else 0,
                                   inputs="dense" if method == "wanda" else "pruned",
-                                  masks=counts)
+                                  masks=counts, device=device)
         store.finish()
     finally:
         vlm.block_store = None

@@ -166,6 +166,6 @@ def require_accelerate():
         import accelerate.utils  # noqa: F401, PLC0415
     except ImportError as exc:
         raise MissingDependencyError(
-            "accelerate is not installed: disk offload needs it (`pip install accelerate`)."
+            "accelerate is not installed: disk offload needs it (`pip install vlcompress[big]`)."
         ) from exc
     return accelerate
