@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's vlcompress, then _common
+sys.path.insert(0, str(ROOT))  # this checkout's vlcompress
 
 from vlcompress.data import shapes  # noqa: E402
 
@@ -129,7 +129,7 @@ def conversation(question: str, answer: str | None = None) -> list[dict]:
 
 def tasks_of(color: str, shape: str, size: str, pos: str) -> list[tuple[str, str]]:
     """The (prompt, answer) pairs one image trains on: its full caption, then every question."""
-    return [(CAPTION_PROMPT, shapes._full_caption(color, shape, size, pos)),
+    return [(CAPTION_PROMPT, shapes.full_caption_of(color, shape, size, pos)),
             *shapes.questions_of(color, shape, size, pos)]
 
 
@@ -255,8 +255,8 @@ def evaluate(model, processor, split: str, n: int, start: int = 0, intervals: bo
                      "caption_exact": wilson(whole, n), "vqa_exact_match": wilson(sum(right), n)}
         m["n"] = {"captions": n, "caption_attributes": 4 * n, "questions": n}
     if examples:
-        m["examples"] = [{"caption": c, "truth": shapes._full_caption(**{
-            "color": t["color"], "shape": t["shape"], "size": t["size"], "pos": t["position"]})}
+        m["examples"] = [{"caption": c, "truth": shapes.full_caption_of(
+            t["color"], t["shape"], t["size"], t["position"])}
             for c, t in zip(caps[:examples], truths[:examples], strict=True)] + [
             {"question": v.question, "answer": a, "truth": v.answer}
             for a, (_, v) in zip(answers[:examples], vqa[:examples], strict=True)]
@@ -380,6 +380,8 @@ def main(argv=None):
                  f"{args.pool + args.val_size}) (one caption and one question each)",
                  "score": "(caption_attribute_accuracy + vqa_exact_match) / 2",
                  "step": best_step, "value": best}
+    if str(ROOT / "benchmarks") not in sys.path:  # benchmarks/_common: results provenance
+        sys.path.append(str(ROOT / "benchmarks"))
     from _common import command_line, write_result
 
     training = {"script": "scripts/train_tiny_llava.py", "command": command_line(),

@@ -82,6 +82,8 @@ def test_vqa_folder_parts_and_per_part_sparsity(folders, tmp_path):
     (["--parts", "decoder"], "--parts decoder is not a part of"),
     (["--pattern", "structured"], "pattern structured is not supported for family 'llava'"),
     (["--parts", "vision=2"], "the sparsity is not valid"),
+    (["--quantize", "int8"], "--quantize int8 is not available for the generative model"),
+    (["--recover-steps", "5"], "--recover-steps 5 is not available for the generative model"),
 ])
 def test_bad_input_is_one_line(folders, tmp_path, args, message):
     model, caps, _ = folders
@@ -103,3 +105,23 @@ def test_vqa_lines_without_question_and_vqa_data_for_an_encoder(folders, tmp_pat
     assert res.exit_code == 2 and 'vqa.jsonl:1 has no "question"' in res.output, res.output
     res = _run(["--model", "tiny-clip", "--calibration", str(vqa), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "holds questions and answers" in res.output, res.output
+
+
+def test_bundled_tiny_llava_sparsegpt_24_keeps_its_captions(tmp_path):
+    """The issue's command on the shipped tiny-llava and a user's captions folder: every part
+    pruned 2:4 by sparsegpt, captions still right (dense and pruned on 8 held-out images)."""
+    from vlcompress.data import load_eval, save_pairs
+
+    pairs = load_eval("shapes", n=8, batch_size=8)
+    caps = save_pairs(pairs, tmp_path / "my_captions", captions=pairs.retrieval_captions)
+    out = tmp_path / "run"
+    res = _run(["--model", "tiny-llava", "--method", "sparsegpt", "--pattern", "2:4",
+                "--calibration", str(caps), "--out", str(out), "--calibration-size", "8",
+                "--max-new-tokens", "12"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data"]["prompts"]["caption"] == "describe the picture."  # the card's prompt
+    assert all(abs(v - 0.5) < 1e-6 for v in rep["prune"]["per_modality"].values())
+    acc = rep["accuracy"]["metrics"]["attribute_accuracy"]
+    assert acc["dense"] == 1.0 and acc["pruned"] >= 0.75, acc
+    assert rep["accuracy"]["fidelity"]["greedy_agreement"] > 0.9

@@ -60,6 +60,7 @@ class RunConfig:
     # each where given) and the greedy generation length of the evaluation
     parts: str | tuple[str, ...] | None = None
     max_new_tokens: int = 24
+    cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay (runtime.graphs)
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
@@ -103,7 +104,8 @@ class RunConfig:
         object.__setattr__(self, "batch_sizes", bs)
         lc = LatencyConfig(batch_sizes=bs, warmup=self.warmup, iterations=self.iterations,
                            runtime=self.engine, device=self.device,
-                           precision="fp16" if self.fp16 else None)
+                           precision="fp16" if self.fp16 else None,
+                           cuda_graphs=self.cuda_graphs)
         lc.runtime_entry.check_pattern(pc.pattern)
         if self.triton is not None:  # --triton BACKEND: checked before any work
             from .exporters.triton import check_triton_options
@@ -215,6 +217,18 @@ def check_run(cfg: RunConfig):
     info = peek_model(cfg.model, tower=cfg.tower)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
+    if info.generative:  # pruned and evaluated in PyTorch: no export, runtime or recovery yet
+        unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
+            ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
+            ("quantize", cfg.quantize if cfg.quantize != "none" else None),
+            ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
+            ("recover_steps", cfg.recover_steps or None), ("fp16", cfg.fp16 or None),
+            ("cuda_graphs", cfg.cuda_graphs or None))
+            if v is not None]
+        if unused:
+            raise ConfigError(f"{unused[0]} is not available for the generative model "
+                              f"{cfg.model} ({info.family}): it is pruned and evaluated in "
+                              "PyTorch (no ONNX export, runtime or recovery yet)")
     if cfg.parts is not None:
         if not info.generative:
             raise ConfigError(f"--parts chooses the parts of a generative model (llava); "

@@ -62,6 +62,10 @@ class ShapeSample:
         return CLASSES.index((self.color, self.shape))
 
 
+def _where(pos: str) -> str:
+    return "in the center" if pos == "center" else f"at the {pos}"
+
+
 def captions_of(color: str, shape: str, size: str, pos: str) -> tuple[str, ...]:
     """Every caption template filled in for one sample: the captions that are true of it.
 
@@ -69,7 +73,7 @@ def captions_of(color: str, shape: str, size: str, pos: str) -> tuple[str, ...]:
     one naming every attribute. Training uses the set to tell which captions in a batch
     describe which images (a caption naming only colour and shape is true of every image of
     that colour and shape)."""
-    where = "in the center" if pos == "center" else f"at the {pos}"
+    where = _where(pos)
     return (
         f"a {color} {shape}",
         f"a {color} {shape}",
@@ -87,9 +91,10 @@ def _caption(rng: random.Random, color: str, shape: str, size: str, pos: str) ->
     return rng.choice(captions_of(color, shape, size, pos))
 
 
-def _full_caption(color: str, shape: str, size: str, pos: str) -> str:
-    where = "in the center" if pos == "center" else f"at the {pos}"
-    return f"a {size} {color} {shape} {where}"
+def full_caption_of(color: str, shape: str, size: str, pos: str) -> str:
+    """The caption naming every attribute ("a small red circle at the top left"): a sample's
+    ``full_caption``, and what a generative model's caption of the sample should say."""
+    return f"a {size} {color} {shape} {_where(pos)}"
 
 
 def full_caption_attributes(caption: str) -> dict[str, str]:
@@ -168,7 +173,7 @@ def sample(split: str, index: int, image_size: int = IMAGE_SIZE) -> tuple[Image.
     pos = rng.choice(list(POSITIONS))
     caption = _caption(rng, color, shape, size, pos)
     img = render(color, shape, size, pos, rng, image_size)
-    return img, ShapeSample(color, shape, size, pos, caption, _full_caption(color, shape, size, pos))
+    return img, ShapeSample(color, shape, size, pos, caption, full_caption_of(color, shape, size, pos))
 
 
 def vocabulary() -> list[str]:
@@ -181,10 +186,6 @@ def vocabulary() -> list[str]:
 
 
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position")
-
-
-def _where(pos: str) -> str:
-    return "in the center" if pos == "center" else f"at the {pos}"
 
 
 def questions_of(color: str, shape: str, size: str, pos: str) -> list[tuple[str, str]]:

@@ -181,8 +181,11 @@ def generative_fidelity(dense: GenerativeRun, pruned: GenerativeRun) -> dict[str
         n += d.shape[0]
     same = total = 0
     for d, p in zip(dense.tokens, pruned.tokens, strict=True):
+        if not d and not p:  # both end at once: the one (end) token agrees
+            same, total = same + 1, total + 1
+            continue
         same += sum(int(a == b) for a, b in zip(d, p, strict=False))
-        total += max(len(d), len(p), 1)
+        total += max(len(d), len(p))
     return {"token_kl": kl / max(1, n), "next_token_agreement": agree / max(1, n),
             "greedy_agreement": same / max(1, total)}
 
@@ -210,7 +213,7 @@ def run_all(vlm, datasets, *, max_new_tokens: int, progress=None) -> list[Genera
             for d in datasets]
 
 
-def _merged(runs: list[GenerativeRun]) -> GenerativeRun:
+def merged_runs(runs: list[GenerativeRun]) -> GenerativeRun:
     out = GenerativeRun("mixed", [], [], [], [], 0)
     for r in runs:
         out.tokens += r.tokens
@@ -232,7 +235,7 @@ def generative_accuracy(datasets, dense: list[GenerativeRun], pruned: list[Gener
     name = dataset_name(datasets, random_weights=random_weights)
     acc = {"dataset": name,  # the shape of report.accuracy_section
            "metrics": {k: {"dense": dm[k], "pruned": pm[k], "delta": pm[k] - dm[k]} for k in dm},
-           "fidelity": generative_fidelity(_merged(dense), _merged(pruned))}
+           "fidelity": generative_fidelity(merged_runs(dense), merged_runs(pruned))}
     acc["n"] = sum(r.n for r in dense)
     acc["tasks"] = {r.task: {"n": r.n, "source": d.source,
                              "examples": [{"references": r.references[i][:3],
