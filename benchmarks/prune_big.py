@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import provenance, write_result  # noqa: E402
 
 GOAL_FRACTION = 0.25
 
@@ -160,6 +160,7 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
+    provenance()  # the commit this run starts from, even if commits land while it runs
     root = Path(args.dir)
     src, out = root / "dense", root / "pruned"
     shutil.rmtree(root, ignore_errors=True)
