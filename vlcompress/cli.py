@@ -307,7 +307,7 @@ def prune_export_cmd(
         report = prune_export(cfg, progress=prog)
     if as_json:
         out.print_json(json.dumps(report, default=str))
-        return
+        return _target_verdict(report, lines=False)
     p = report["prune"]
     out.print(f"[bold]{report['model']['name']}[/]: {p['method']} {p['pattern']}, achieved "
               f"sparsity {100 * p['achieved']:.1f}% "
@@ -321,6 +321,22 @@ def prune_export_cmd(
         return
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
+    _target_verdict(report, lines=True)
+
+
+def _target_verdict(report: dict, lines: bool) -> None:
+    """--target-speedup: the search and its verdict on the terminal; a miss in the run's full
+    timing exits 1, like a broken gate (the run is written: it is what was measured)."""
+    if not report.get("target_speedup"):
+        return
+    from .speedup_search import search_lines, target_missed
+
+    for line in search_lines(report["target_speedup"]) if lines else ():
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
+    if target_missed(report):
+        err.print(f"--target-speedup {report['target_speedup']['target_speedup']:g} missed in "
+                  "the run's full timing (the run is written)", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command("prune")
@@ -407,6 +423,10 @@ def models_cmd(
         for m in all_methods():
             for o in m.options:
                 opts.add_row(m.name, o.describe(), o.help)
+        from .methods.registry import NM_OPTIONS
+
+        for o in NM_OPTIONS:  # every method that supports N:M takes these
+            opts.add_row("(any, N:M)", o.describe(), o.help)
         if opts.row_count:
             out.print(opts)
         return
