@@ -10,7 +10,7 @@ Issue 27 item 5. Three steps:
    safetensors in the hub layout (legacy key names, index, config, tokenizer, processor),
    streamed: the model is built on ``meta`` and each tensor is generated, added to the current
    shard and dropped when the shard is written (never the whole model in memory);
-2. **prune** it in a child process: :func:`vlcompress.offload.prune_offloaded` (``wanda``
+2. **prune** it in a child process: :func:`vlcompress.methods.offload.prune_offloaded` (``wanda``
    2:4 on every part: vision tower, projector, decoder), calibration ``--n`` shapes captions
    (one batch; each sequence is the 576 image tokens plus the chat template and caption, about
    20 text tokens), the decoder offloaded to disk block by block and the pruned checkpoint
@@ -115,7 +115,7 @@ def folder_bytes(folder: Path) -> int:
 def child(src: str, out: str, n: int) -> None:
     """Step 2, in its own process: prune, then print one JSON line (time, ru_maxrss)."""
     from vlcompress.data.pairs import shapes_pairs
-    from vlcompress.offload import prune_offloaded
+    from vlcompress.methods.offload import prune_offloaded
 
     t = time.perf_counter()
     data = shapes_pairs("calibration", n, batch_size=n)

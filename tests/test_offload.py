@@ -1,4 +1,4 @@
-"""Disk offload (vlcompress.offload): a LLaVA folder saved as sharded safetensors is pruned
+"""Disk offload (vlcompress.methods.offload): a LLaVA folder saved as sharded safetensors is pruned
 block by block with its decoder on disk; the masks and the written weights equal a resident
 run's, the output reloads, and a model larger than the free disk is refused before any work."""
 
@@ -36,8 +36,8 @@ def _data():
 def test_offloaded_masks_equal_resident(sharded, tmp_path, method, pattern):
     from vlcompress import load_model
     from vlcompress.config import Pattern
+    from vlcompress.methods.offload import prune_offloaded
     from vlcompress.methods.wanda_seq import wanda_sequential
-    from vlcompress.offload import prune_offloaded
     from vlcompress.sparsity import sparsity_of
 
     # the resident run of the same block-by-block algorithm, the whole model in memory
@@ -74,7 +74,7 @@ def test_offloaded_masks_equal_resident(sharded, tmp_path, method, pattern):
 def test_offloaded_blocks_run_on_device(sharded, tmp_path, device):
     """Each block read from disk runs its turn on ``device``: the same masks as on the host
     (wanda's 2:4 choice is stable to float rounding on this model)."""
-    from vlcompress.offload import prune_offloaded
+    from vlcompress.methods.offload import prune_offloaded
 
     host = prune_offloaded(sharded, tmp_path / "host", _data())
     dev = prune_offloaded(sharded, tmp_path / "dev", _data(), device=device)
@@ -84,7 +84,7 @@ def test_offloaded_blocks_run_on_device(sharded, tmp_path, device):
 
 
 def test_bad_device_refused_before_any_work(sharded, tmp_path):
-    from vlcompress.offload import prune_offloaded
+    from vlcompress.methods.offload import prune_offloaded
 
     with pytest.raises(ConfigError, match="device='tpu'"):
         prune_offloaded(sharded, tmp_path / "o", _data(), device="tpu")
@@ -92,7 +92,7 @@ def test_bad_device_refused_before_any_work(sharded, tmp_path):
 
 
 def test_model_larger_than_free_disk_refused(sharded, tmp_path, monkeypatch):
-    from vlcompress import offload
+    from vlcompress.methods import offload
 
     monkeypatch.setattr(offload, "free_disk_bytes", lambda p: 1000)
     out = tmp_path / "never"
@@ -102,7 +102,7 @@ def test_model_larger_than_free_disk_refused(sharded, tmp_path, monkeypatch):
 
 
 def test_bad_offload_combinations_refused(sharded, tmp_path):
-    from vlcompress.offload import check_offload
+    from vlcompress.methods.offload import check_offload
 
     with pytest.raises(ConfigError, match="allowed: none, disk"):
         check_offload("ram", "wanda", "2:4", sharded, tmp_path)
@@ -117,8 +117,9 @@ def test_bad_offload_combinations_refused(sharded, tmp_path):
 def test_cli_prune_offload_disk(sharded, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from vlcompress import load_model, offload
+    from vlcompress import load_model
     from vlcompress.cli import app
+    from vlcompress.methods import offload
 
     runner = CliRunner()
     out = tmp_path / "cli"
@@ -149,7 +150,7 @@ def test_missing_accelerate_is_one_sentence(sharded, tmp_path, monkeypatch):
     import sys
 
     from vlcompress.errors import MissingDependencyError
-    from vlcompress.offload import prune_offloaded
+    from vlcompress.methods.offload import prune_offloaded
 
     monkeypatch.setitem(sys.modules, "accelerate", None)
     with pytest.raises(MissingDependencyError, match=r"^accelerate is not installed: .*\.$"):

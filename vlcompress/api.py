@@ -23,7 +23,7 @@ def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:
     structurally pruned model also gets ``vlcompress_manifest.json`` and a README).
 
     ``offload="disk"``: ``model`` is a folder of safetensors shards pruned without holding it
-    in memory (:func:`vlcompress.offload.prune_offloaded`: its big stacks are read block by
+    in memory (:func:`vlcompress.methods.offload.prune_offloaded`: its big stacks are read block by
     block from the shards and the pruned blocks written to ``out`` shard by shard)."""
     from .atomic import check_output_folder
     from .config import PruneConfig
@@ -62,9 +62,9 @@ def _prune_offloaded(model, out: Path, pc, offload: str, calibration, calibratio
     """``prune_and_save`` with ``offload="disk"``: refusals first (mode, method, pattern,
     folder, free disk, the family), then the pruned shards written into the output folder."""
     from .data import load_calibration
+    from .methods.offload import check_offload, prune_offloaded
     from .methods.registry import check_family, get_method
     from .models import peek_model
-    from .offload import check_offload, prune_offloaded
 
     check_offload(offload, pc.method, str(pc.pattern), model, out)
     if method_options:  # the user's, not the defaults PruneConfig fills in

@@ -50,9 +50,9 @@ cache and statistics there, so the GPU holds one block, not the model (measured 
 ``benchmarks/prune_offload.py``). Disk offload of idle blocks (accelerate's
 ``device_map="disk"`` style) would plug in at the same seam, loading block i before its turn
 and releasing it after: a model may carry a block store (``vlm.block_store``,
-:class:`vlcompress.offload.BlockStore`) that loads a block of an offloaded stack from the
+:class:`vlcompress.methods.offload.BlockStore`) that loads a block of an offloaded stack from the
 checkpoint's shards before its turn and writes it out and frees it after; whole-model passes
-run with those stacks skipped (:func:`vlcompress.offload.prune_offloaded`).
+run with those stacks skipped (:func:`vlcompress.methods.offload.prune_offloaded`).
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def _home(module: nn.Module) -> torch.device:
 
 
 def _store(vlm: VLM):
-    """The model's block store (:class:`vlcompress.offload.BlockStore`: blocks of some
+    """The model's block store (:class:`vlcompress.methods.offload.BlockStore`: blocks of some
     stacks live on disk and are loaded for their turn), or None."""
     return getattr(vlm, "block_store", None)
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError
 
 OFFLOAD_MODES = ("none", "disk")
 OFFLOAD_METHODS = ("wanda", "wanda-seq")
@@ -198,7 +198,7 @@ class BlockStore:
         self.loads += 1
 
     def _release(self, module: torch.nn.Module) -> None:
-        from .blockwise import release_freed_memory
+        from ..blockwise import release_freed_memory
 
         module.to("meta")
         release_freed_memory()
@@ -286,13 +286,13 @@ def check_offload(mode: str, method: str, pattern: str, source: str | Path | Non
 def load_empty(source: str | Path, name: str = ""):
     """``(vlm, index, names)``: the model of ``source`` built on ``meta``, its adapter, the
     shard index and ``{model key: checkpoint key}``. Nothing is read yet."""
-    from .optional_deps import require_accelerate
+    from ..optional_deps import require_accelerate
 
     require_accelerate()
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from .models.registry import family_for
+    from ..models.registry import family_for
 
     source = Path(source)
     cfg = AutoConfig.from_pretrained(source)
@@ -319,10 +319,10 @@ def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method:
     ``seconds`` and the engine's run details. ``device`` (``cuda``, ``cuda:N``): each block,
     once read into host memory, runs its turn there (the engine's ``device``), with the
     activation cache; the resident parts stay in host memory."""
-    from .blockwise import check_device
-    from .config import Pattern
-    from .methods.wanda_seq import wanda_sequential
-    from .sparsity import check_nm, select_layers, sparsity_of
+    from ..blockwise import check_device
+    from ..config import Pattern
+    from ..sparsity import check_nm, select_layers, sparsity_of
+    from .wanda_seq import wanda_sequential
 
     check_offload("disk", method, pattern, source, out)
     reason = check_device(device)
@@ -367,7 +367,7 @@ def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method:
 
 def _stacks_of(vlm) -> list[str]:
     """The encoder stacks that hold prunable layers (the bridge sits in none)."""
-    from .blockwise import _stack_or_none
+    from ..blockwise import _stack_or_none
 
     found = (_stack_or_none(vlm.model, ly) for ly in vlm.prunable_layers())
     return list(dict.fromkeys(s for s in found if s is not None))
