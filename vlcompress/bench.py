@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .config import parse_batch_sizes
+from .config import check_positive_int, parse_batch_sizes
 from .errors import ConfigError, ModelError
 from .gate import GateConfig, GateResult, check_compatible, compare_reports, load_report
 from .progress import NULL
@@ -61,6 +61,7 @@ class BenchConfig:
     accuracy: bool = True
     latency: bool = True
     seed: int = 0
+    cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
@@ -71,6 +72,8 @@ class BenchConfig:
         if self.iterations < 1 or self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup}, iterations={self.iterations}; need "
                               "warmup >= 0, iterations >= 1")
+        if self.threads is not None:
+            check_positive_int(self.threads, "--threads")
         if self.eval_size is not None and self.eval_size < 1:
             raise ConfigError(f"eval size {self.eval_size!r} is not valid; allowed: a positive integer")
         if not (self.accuracy or self.latency):
@@ -182,6 +185,9 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
     else:
         rt = get_runtime(*run_runtime_key(run))
     rt.check_pattern((run.get("prune") or {}).get("pattern"))
+    if cfg.threads is not None and rt.name not in ("onnxruntime", "onnxruntime-trt"):
+        raise ConfigError(f"--threads {cfg.threads} sets onnxruntime's intra-op threads; the "
+                          f"runtime here is {rt.name}; allowed: --threads with onnxruntime")
     if cfg.batch_sizes:
         bs = cfg.batch_sizes
     elif base_rows:
@@ -192,7 +198,7 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
     towers = tuple(t for t in paths if t != "model") or None
     return LatencyConfig(batch_sizes=bs, warmup=cfg.warmup, iterations=cfg.iterations,
                          runtime=rt.name, device=rt.device, precision=rt.precision,
-                         threads=cfg.threads, towers=towers)
+                         threads=cfg.threads, towers=towers, cuda_graphs=cfg.cuda_graphs)
 
 
 def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **kw) -> BenchResult:
@@ -219,7 +225,13 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     rp = cfg.report_path
     if rp.is_dir():
         raise ConfigError(f"--report {str(rp)!r} is a folder; allowed: a .json file path")
-    lc = _plan(cfg, run, baseline) if cfg.latency else None
+    generative = bool(run["model"].get("generative"))  # no export yet: accuracy only
+    if generative and cfg.gate.metrics:  # a caption metric of questions-only data: refused now
+        from .eval.generative import check_caption_metric
+
+        for m in cfg.gate.metrics:
+            check_caption_metric(m, (run.get("accuracy") or {}).get("dataset", ""))
+    lc = _plan(cfg, run, baseline) if cfg.latency and not generative else None
     if lc is not None:  # no GPU, no TensorRT: one sentence, before anything is measured
         lc.runtime_entry.check()
     rc = run.get("config") or {}
@@ -232,7 +244,9 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     pruned = load_model(model_dir)
     dense = None
     accuracy = None
-    if cfg.accuracy and run.get("accuracy") is not None:
+    if cfg.accuracy and run.get("accuracy") is not None and generative:
+        accuracy, dense = _generative_accuracy(cfg, run, pruned, baseline, progress)
+    elif cfg.accuracy and run.get("accuracy") is not None:
         from .data import load_eval
 
         data = load_eval(cfg.eval_data or rc.get("eval_data", "shapes"),
@@ -288,6 +302,31 @@ def _precheck(baseline: dict | None, data, lc: LatencyConfig | None) -> None:
                     f"baseline field 'latency[{i}]' is {cell[0]}/{cell[1]} {cell[2]}@{cell[3]}, "
                     f"which this run does not measure ({lc.runtime}/{lc.device}, batch sizes "
                     f"{','.join(map(str, lc.batch_sizes))}); match --runtime and --batch-sizes")
+
+
+def _generative_accuracy(cfg: BenchConfig, run: dict, pruned, baseline, progress):
+    """Generation metrics and fidelity of a generative run, dense vs pruned, on the run's
+    evaluation data (or ``--eval-data``), checked against the baseline's dataset first."""
+    from .data import generative_eval_data
+    from .errors import BaselineError
+    from .eval.generative import dataset_name, generative_accuracy, run_all
+
+    rc = run.get("config") or {}
+    preset = str(run["model"].get("source", "")).startswith("preset:")
+    n = cfg.eval_size or rc.get("eval_size", 720)
+    evals = generative_eval_data(cfg.eval_data or rc.get("eval_data", "shapes"),
+                                 n=min(32, n) if preset else n)
+    name = dataset_name(evals, random_weights=preset)
+    ba = (baseline or {}).get("accuracy")
+    if ba and ba.get("dataset") != name:
+        raise BaselineError(f"field 'accuracy.dataset' differs: baseline {ba.get('dataset')!r}, "
+                            f"this run evaluates on {name!r} (--eval-data)")
+    mnt = int(rc.get("max_new_tokens", 24))
+    dense = _load_dense(run["model"])
+    acc = generative_accuracy(evals, run_all(dense, evals, max_new_tokens=mnt, progress=progress),
+                              run_all(pruned, evals, max_new_tokens=mnt, progress=progress),
+                              random_weights=preset)
+    return acc, dense
 
 
 def _accuracy(data, run: dict, pruned, progress):
@@ -354,5 +393,5 @@ def _latency(lc: LatencyConfig, run_dir: Path, run: dict, pruned, dense, seed: i
                         pattern=(run.get("prune") or {}).get("pattern"),
                         seq_len=getattr(pruned, "text_max_length", None),
                         check_feeds={t: feeds[(t, first)] for t in towers},
-                        timing_cache=run_dir / "timing.cache")
+                        timing_cache=run_dir / "timing.cache", cuda_graphs=lc.cuda_graphs)
     return time_models(rt, d, p, feeds, lc, towers=towers, options=opts, progress=progress)

@@ -34,9 +34,12 @@ pruned inputs), instead of one whole-model pass per block index.
 The kwargs a stack's layer 0 received (attention masks, position embeddings, cross-attention
 inputs) are reused for every block of that stack, as the HF encoders pass the same ones to
 each layer. Memory: the model, one stream's cached hidden states for the current block and
-the next (``2 x pairs x tokens x width`` floats), and the statistics of one block's layers. Hidden
-states beyond ``max_cache_bytes`` (default: unlimited) are streamed to ``cache_dir`` (default:
-a temporary folder, removed at the end) and read back one batch at a time.
+the next (``2 x pairs x tokens x width`` floats), the per-batch kwargs, and the statistics of
+one block's layers. Cached tensors (hidden states and kwargs together, one
+:class:`CacheBudget`) beyond ``max_cache_bytes`` (default: unlimited) are streamed to
+``cache_dir`` (default: a temporary folder, removed at the end) and read back one batch at a
+time; with ``device`` the kwargs stay where they were captured and move to the device one batch
+at a time (BLIP's ``encoder_hidden_states`` are as large as the vision tower's hidden states).
 
 Methods built on it: ``sparsegpt`` (``inputs="pruned"``, Gram matrices) and ``wanda-seq``
 (``inputs="pruned"``, Wanda's reference loop; ``"dense"`` gives one-shot ``wanda``). Any
@@ -46,13 +49,17 @@ per-block method (ECoFLaP's block scores) can call :func:`run_blockwise` with it
 cache and statistics there, so the GPU holds one block, not the model (measured on an H200:
 ``benchmarks/prune_offload.py``). Disk offload of idle blocks (accelerate's
 ``device_map="disk"`` style) would plug in at the same seam, loading block i before its turn
-and releasing it after; it is designed in design.md §5, not built (our loaders materialise
-the whole model in host memory).
+and releasing it after: a model may carry a block store (``vlm.block_store``,
+:class:`vlcompress.methods.offload.BlockStore`) that loads a block of an offloaded stack from the
+checkpoint's shards before its turn and writes it out and frees it after; whole-model passes
+run with those stacks skipped (:func:`vlcompress.methods.offload.prune_offloaded`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import shutil
 import tempfile
 import time
@@ -94,8 +101,10 @@ def check_device(value) -> str | None:
 #: what a block-sequential method exposes about its activation cache and the device its blocks
 #: run on (``--method-option``)
 CACHE_OPTIONS = (
-    Option("max_cache_mb", float, -1.0, "cached hidden states kept in memory, MiB; beyond it "
-           "they stream to disk one batch per file (< 0: no limit, 0: all on disk)",
+    Option("max_cache_mb", float, -1.0, "cached activations kept in memory, MiB (hidden "
+           "states of two blocks and per-batch inputs such as cross-attention's image "
+           "tokens, together); beyond it they stream to disk one batch per file (< 0: no "
+           "limit, 0: all on disk)",
            minimum=-1.0),
     Option("cache_dir", str, "", "folder for the streamed hidden states (default: a "
            "temporary folder, removed at the end)"),
@@ -150,55 +159,118 @@ class BlockwiseRun:
     order: list[str] = field(default_factory=list)
 
 
+class CacheBudget:
+    """The bytes every :class:`ActivationCache` of one run may keep in memory together
+    (``max_bytes``; None: no limit): hidden states of the current and the next block and the
+    per-batch keyword arguments (BLIP's ``encoder_hidden_states``) draw on the same limit."""
+
+    def __init__(self, max_bytes: int | None):
+        self.max_bytes, self.used = max_bytes, 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) when that would pass the limit."""
+        if self.max_bytes is not None and self.used + size > self.max_bytes:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in ``obj`` (tuples, lists, dicts nested)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _detach(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detach(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detach(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
 class ActivationCache:
-    """Per-batch tensors kept in memory up to ``max_bytes``, the rest on disk (one file per
-    batch under ``folder``). ``len``, ``[i]`` and ``append``; :meth:`close` deletes files."""
+    """Per-batch items (a tensor, or tuples / lists / dicts holding tensors) kept in memory
+    while the run's :class:`CacheBudget` allows, the rest on disk (one file per batch under
+    ``folder``, written with its descriptor closed, so a deleted file frees its space at once
+    and a run may spill any number of batches). ``len``, ``[i]`` and ``append``;
+    :meth:`close` deletes the files and returns the memory to the budget.
 
-    def __init__(self, max_bytes: int | None, folder: Path, run: BlockwiseRun,
-                 device: torch.device | None = None):
-        self.max_bytes, self.folder, self.run, self.device = max_bytes, folder, run, device
-        self.items: list[torch.Tensor | Path] = []
-        self.bytes = 0
+    ``device``: where ``[i]`` returns the item (None: as stored). ``store_on_device``: items
+    kept in memory move there on ``append`` (the hidden states, which every block reads);
+    else they stay where they were given and move one batch per ``[i]`` (the per-batch
+    keyword arguments, read once per block), so the device holds one batch of them."""
 
-    def append(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        if self.device is not None:
-            x = x.to(self.device)
-        size = x.numel() * x.element_size()
-        if self.max_bytes is None or self.bytes + size <= self.max_bytes:
-            self.items.append(x)
+    def __init__(self, budget: CacheBudget | int | None, folder: Path, run: BlockwiseRun,
+                 device: torch.device | None = None, *, store_on_device: bool = True):
+        if not isinstance(budget, CacheBudget):
+            budget = CacheBudget(budget)
+        self.budget, self.folder, self.run, self.device = budget, folder, run, device
+        self.store_on_device = store_on_device
+        self.items: list = []
+        self.bytes = 0  # held in memory
+        self.spilled: list[bool] = []
+
+    def append(self, x) -> None:
+        x = _detach(x)
+        size = sum(t.numel() * t.element_size() for t in _tensors(x))
+        if self.budget.take(size):
+            self.items.append(_to(x, self.device) if self.store_on_device else x)
+            self.spilled.append(False)
             self.bytes += size
             return
-        path = Path(tempfile.mkstemp(suffix=".pt", dir=self.folder)[1])
-        torch.save(x.cpu(), path)
+        fd, name = tempfile.mkstemp(suffix=".pt", dir=self.folder)
+        os.close(fd)  # torch.save opens the path itself
+        path = Path(name)
+        torch.save(_to(x, torch.device("cpu")), path)
         self.items.append(path)
+        self.spilled.append(True)
         self.run.spilled_bytes += size
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int):
         it = self.items[i]
-        if isinstance(it, Path):
+        if self.spilled[i]:
             return torch.load(it, weights_only=True, map_location=self.device)
-        return it
+        return _to(it, self.device)
 
     def close(self) -> None:
-        for it in self.items:
-            if isinstance(it, Path):
+        for it, spilled in zip(self.items, self.spilled, strict=True):
+            if spilled:
                 it.unlink(missing_ok=True)
         self.items.clear()
+        self.spilled.clear()
+        self.budget.give(self.bytes)
         self.bytes = 0
 
 
 @dataclass
 class _Stream:
-    """One stream of a stack: per batch, the hidden states and the other call arguments."""
+    """One stream of a stack: per batch, the hidden states and the other call arguments
+    ``(args[1:], kwargs)``, both in activation caches under the run's one memory limit."""
 
     hidden: ActivationCache
-    rest: list[tuple[tuple, dict]] = field(default_factory=list)  # (args[1:], kwargs) per batch
+    rest: ActivationCache  # (args[1:], kwargs) per batch; moved to the device per batch
     masks: list[dict] = field(default_factory=list)  # per batch, StatsAccumulator.set_masks
     positional: bool = True  # hidden states passed positionally (else as hidden_states=)
+
+    def close(self) -> None:
+        self.hidden.close()
+        self.rest.close()
 
 
 class _Skip(nn.Module):
@@ -271,7 +343,53 @@ def release_freed_memory() -> None:
 
 def _home(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    # a block offloaded to disk (``meta`` between turns) is loaded into host memory
+    return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
+
+
+def _store(vlm: VLM):
+    """The model's block store (:class:`vlcompress.methods.offload.BlockStore`: blocks of some
+    stacks live on disk and are loaded for their turn), or None."""
+    return getattr(vlm, "block_store", None)
+
+
+def _offloaded(vlm: VLM) -> tuple[str, ...]:
+    st = _store(vlm)
+    return tuple(st.stacks) if st is not None else ()
+
+
+@contextlib.contextmanager
+def _turn(vlm: VLM, stack: str, index: int, module: nn.Module):
+    """The block's weights loaded for its turn and released after, when a store holds it."""
+    st = _store(vlm)
+    if st is None:
+        yield
+        return
+    with st.block(stack, index, module):
+        yield
+
+
+@contextlib.contextmanager
+def _skipped(model: nn.Module, stacks: Sequence[str], recorders: dict | None = None):
+    """Every block of ``stacks`` replaced by a :class:`_Skip` for the body (layer 0 records
+    its call where ``recorders`` has one), the real blocks back after. The stand-ins carry the
+    blocks' forward hooks (transformers 5 records hidden states with them)."""
+    saved: dict[str, list[nn.Module]] = {}
+    _install_output_hooks(model)
+    try:
+        for s in stacks:
+            mods = model.get_submodule(s)
+            saved[s] = list(mods)
+            for i in range(len(mods)):
+                mods[i] = _Skip((recorders or {}).get(s) if i == 0 else None)
+                for hook in saved[s][i]._forward_hooks.values():  # e.g. hidden-state recorders
+                    mods[i].register_forward_hook(hook)
+        yield
+    finally:
+        for s, mods in saved.items():
+            stack = model.get_submodule(s)
+            for i, m in enumerate(mods):
+                stack[i] = m
 
 
 def _to(obj, device: torch.device | None):
@@ -317,13 +435,26 @@ def _reads_other_tower(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
     return bound.get("encoder_hidden_states") is not None
 
 
+def _install_output_hooks(model: nn.Module) -> None:
+    """transformers 5 records hidden states with forward hooks on the layer modules,
+    installed at the model's first forward: install them now, on the real layers, so that
+    the stand-ins can carry them (LLaVA reads a vision layer's hidden states)."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers 4: hidden states are returned, not hooked
+        return
+    from transformers import PreTrainedModel
+
+    for sub in model.modules():  # each sub-model once, as its own first forward would
+        if isinstance(sub, PreTrainedModel) and getattr(sub, "_can_record_outputs", None):
+            maybe_install_capturing_hooks(sub)
+
+
 def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]],
-             cache: Callable[[], ActivationCache], run: BlockwiseRun,
-             device: torch.device | None = None
+             cache: Callable[..., ActivationCache], run: BlockwiseRun
              ) -> tuple[dict[str, list[_Stream]], set[str]]:
     """One capture round for ``stacks``: ``({stack: streams}, stacks that read another
     tower)``. Every block of ``stacks`` is a :class:`_Skip` during the pass."""
-    saved: dict[str, list[nn.Module]] = {}
     streams: dict[str, list[_Stream]] = {s: [] for s in stacks}
     dependent: set[str] = set()
     state = {"calls": {}, "masks": None}
@@ -334,7 +465,7 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
             state["calls"][stack] = k + 1
             st = streams[stack]
             if k == len(st):
-                st.append(_Stream(cache()))
+                st.append(_Stream(cache(), cache(store_on_device=False)))
             s = st[k]
             kwargs = dict(kwargs)
             if args:
@@ -342,39 +473,40 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
             else:
                 hidden, rest, s.positional = kwargs.pop("hidden_states"), (), False
             s.hidden.append(hidden)
-            s.rest.append((_to(rest, device), _to(kwargs, device)))
+            s.rest.append((rest, kwargs))
             s.masks.append(state["masks"][stack])
             if _reads_other_tower(layer0, (hidden, *rest) if s.positional else rest,
                                   kwargs if s.positional else {"hidden_states": hidden, **kwargs}):
                 dependent.add(stack)
         return record
 
+    recorders = {s: recorder(s, vlm.model.get_submodule(s)[0]) for s in stacks}
+    # stacks offloaded to disk and not captured now: read by no other, so skipped as well
+    off = [s for s in _offloaded(vlm) if s not in stacks]
     try:
-        for s in stacks:
-            mods = vlm.model.get_submodule(s)
-            saved[s] = list(mods)
-            for i in range(len(mods)):
-                mods[i] = _Skip(recorder(s, saved[s][0]) if i == 0 else None)
-        expected: dict[str, int] = {}
-        with torch.no_grad():
-            for batch in data.batches():
-                encoded = vlm.encode(batch)
-                state["calls"] = {}
-                state["masks"] = {s: batch_masks(vlm, encoded, modalities[s]) for s in stacks}
-                vlm.model(**vlm.model_inputs(encoded))
-                for s in stacks:  # every batch must call each stack the same number of times
-                    n = state["calls"].get(s, 0)
-                    if expected.setdefault(s, n) != n:
-                        raise RuntimeError(f"stack {s}: layer 0 ran {n} times in one batch, "
-                                           f"{expected[s]} in the first")
-    finally:
-        for s, mods in saved.items():
-            stack = vlm.model.get_submodule(s)
-            for i, m in enumerate(mods):
-                stack[i] = m
+        with _skipped(vlm.model, [*stacks, *off], recorders):
+            expected: dict[str, int] = {}
+            with torch.no_grad():
+                for batch in data.batches():
+                    encoded = vlm.encode(batch)
+                    state["calls"] = {}
+                    state["masks"] = {s: batch_masks(vlm, encoded, modalities[s])
+                                      for s in stacks}
+                    vlm.model(**vlm.model_inputs(encoded))
+                    for s in stacks:  # every batch must call each stack the same number of times
+                        n = state["calls"].get(s, 0)
+                        if expected.setdefault(s, n) != n:
+                            raise RuntimeError(f"stack {s}: layer 0 ran {n} times in one batch, "
+                                               f"{expected[s]} in the first")
+    except BaseException:
+        for st in (st for sts in streams.values() for st in sts):
+            st.close()  # spilled files in the user's cache_dir go too
+        raise
     run.captures += 1
     missing = [s for s in stacks if not streams[s]]
     if missing:
+        for st in (st for sts in streams.values() for st in sts):
+            st.close()
         raise ConfigError(f"block-sequential calibration: the model's forward never ran "
                           f"{', '.join(missing)} on this data")
     return streams, dependent
@@ -471,6 +603,7 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
     dev = torch.device(device) if device else None
     data = as_pair_data(data)
     run = BlockwiseRun()
+    layers = _visit_loose(vlm, data, layers, visit, gram, run)
     groups = group_blocks(vlm, layers)
     if not groups:
         return run
@@ -478,8 +611,10 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
     folder = Path(tempfile.mkdtemp(prefix="vlc-blockwise-")) if own_dir else Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def new_cache() -> ActivationCache:
-        return ActivationCache(max_cache_bytes, folder, run, dev)
+    budget = CacheBudget(max_cache_bytes)
+
+    def new_cache(store_on_device: bool = True) -> ActivationCache:
+        return ActivationCache(budget, folder, run, dev, store_on_device=store_on_device)
 
     modalities = {s: sorted({m for b in bl for m in b.modalities}) for s, bl in groups.items()}
     pending = list(groups)
@@ -487,8 +622,11 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
         with progress.task("blockwise", total=sum(len(b) for b in groups.values())) as task:
             while pending:
                 t = time.perf_counter()
-                streams, dependent = _capture(vlm, data, pending, modalities, new_cache, run,
-                                              dev)
+                streams, dependent = _capture(vlm, data, pending, modalities, new_cache, run)
+                # a stack fed by another through code the capture cannot see (LLaVA: the
+                # decoder's image tokens come from the vision tower) waits for it too
+                reads = getattr(vlm, "stack_inputs", lambda s: ())
+                dependent |= {s for s in pending if set(reads(s)) & (set(pending) - {s})}
                 run.forward_seconds += time.perf_counter() - t
                 # A stack that reads another tower waits for the stacks it may read; when
                 # every pending stack does, they go ahead (nothing left to wait for).
@@ -496,7 +634,7 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
                 for s in pending:
                     if s not in ready:
                         for st in streams[s]:
-                            st.hidden.close()
+                            st.close()
                 for s in ready:
                     _run_stack(vlm, groups[s], streams[s], visit, gram, inputs, new_cache,
                                run, task, dev)
@@ -505,6 +643,40 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
         if own_dir:
             shutil.rmtree(folder, ignore_errors=True)
     return run
+
+
+def _visit_loose(vlm: VLM, data, layers, visit, gram: bool, run: BlockwiseRun) -> list:
+    """Visit first the ``layers`` that sit in no encoder stack (a generative model's bridge:
+    LLaVA's projector), grouped by parent module, with statistics from one whole-model pass
+    on the dense model; return the others. Deviation from a strictly sequential order: the
+    bridge is calibrated on the dense vision tower's features (the stacks after it see the
+    pruned bridge)."""
+    loose = [ly for ly in layers if _stack_or_none(vlm.model, ly) is None]
+    if not loose:
+        return list(layers)
+    from .calibrate import collect_stats
+
+    t = time.perf_counter()
+    with _skipped(vlm.model, _offloaded(vlm)):  # a stack on disk reads, never feeds, these
+        stats = collect_stats(vlm, data, loose, gram=gram)
+    run.forward_seconds += time.perf_counter() - t
+    parents: dict[str, list[PrunableLayer]] = {}
+    for ly in loose:
+        parents.setdefault(ly.name.rsplit(".", 1)[0], []).append(ly)
+    for path, lys in parents.items():
+        t = time.perf_counter()
+        mod = vlm.model.get_submodule(path)
+        visit(BlockRef(path, 0, mod, lys, _home(mod)), {ly.name: stats.pop(ly.name) for ly in lys})
+        run.visit_seconds += time.perf_counter() - t
+        run.order.append(path)
+    return [ly for ly in layers if ly not in loose]
+
+
+def _stack_or_none(model: nn.Module, ly: PrunableLayer) -> str | None:
+    try:
+        return _stack_of(model, ly)
+    except ConfigError:
+        return None
 
 
 def _advance(module: nn.Module, streams: list[_Stream], outs: list, new_cache,
@@ -568,11 +740,11 @@ def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram:
     last = blocks[-1].index
     try:
         for i in range(last + 1):
-            with _OnDevice(stack[i], device):
+            with _turn(vlm, blocks[0].stack, i, stack[i]), _OnDevice(stack[i], device):
                 _block_turn(stack[i], by_index.get(i), i < last, streams, visit, gram, inputs,
                             new_cache, run)
             if i in by_index:
                 task.advance()
     finally:
         for st in streams:
-            st.hidden.close()
+            st.close()

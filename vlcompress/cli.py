@@ -103,7 +103,8 @@ CalibSizeOpt = Annotated[int, typer.Option("--calibration-size", help="Calibrati
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")]
 TowerOpt = Annotated[str | None, typer.Option(
-    "--tower", help="Prune and export one tower only: vision or text (LLaVA-style VLMs: vision).")]
+    "--tower", help="Prune and export one tower only: vision or text (LLaVA: vision exports the "
+    "vision tower alone; bridge or language prunes that part of the whole model).")]
 SkipOpt = Annotated[bool, typer.Option(
     "--skip-incompatible", help="Leave layers whose width does not fit N:M dense instead of failing.")]
 UnitsOpt = Annotated[str, typer.Option(
@@ -136,8 +137,40 @@ Fp16Opt = Annotated[bool, typer.Option(
 QuantizeOpt = Annotated[str, typer.Option(
     "--quantize", help="Also quantize: none, int8, fp16 or fp8 (fp8: trt, onnxruntime-trt; "
     "with --engine trt: int8/fp8 engines from explicit QDQ ONNX).")]
+CudaGraphsOpt = Annotated[bool, typer.Option(
+    "--cuda-graphs", help="Time under CUDA-graph replay: each batch size captured once, then "
+    "replayed (torch and torch-2:4 runtimes on cuda only).")]
 QuantMethodOpt = Annotated[str, typer.Option(
     "--quantize-method", help="int8: static (QDQ, calibrated on --calibration) or dynamic.")]
+
+
+def _method_trains(method: str) -> bool:
+    """Whether ``method`` retrains on the training pairs (unknown: True; the config says why)."""
+    from .errors import VlcError
+    from .methods.registry import get_method
+
+    try:
+        return get_method(method).retrain is not None
+    except VlcError:
+        return True
+
+
+def _refuse_pattern_options(ctx: typer.Context, pattern: str) -> None:
+    """``--units``/``--round-to`` only shape a structured pattern, ``--skip-incompatible`` only
+    an N:M one (an unknown pattern: the config's own refusal comes first)."""
+    from .config import Pattern
+    from .errors import VlcError
+
+    try:
+        pat = Pattern.parse(pattern)
+    except VlcError:
+        return
+    _refuse_meaningless(ctx, [
+        ("units", pat.is_structured, f"applies to --pattern structured only, not {pat}"),
+        ("round_to", pat.is_structured, f"applies to --pattern structured only, not {pat}"),
+        ("skip_incompatible", pat.is_nm,
+         f"applies to N:M patterns only (layers N:M cannot fit), not {pat}"),
+    ])
 
 
 def _errors(fn):
@@ -166,6 +199,27 @@ def _errors(fn):
     return wrapper
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or from the environment),
+    rather than leaving its default."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _refuse_meaningless(ctx: typer.Context, rules) -> None:
+    """Before any work: one line for the first option the user gave that another choice makes
+    meaningless. ``rules``: ``(parameter name, whether it means anything, why not)``."""
+    from .errors import ConfigError
+
+    for name, applies, why in rules:
+        if not applies and _given(ctx, name):
+            param = next(p for p in ctx.command.params if p.name == name)
+            flag = max(param.opts, key=len)
+            value = ctx.params.get(name)
+            shown = flag if isinstance(value, bool) else f"{flag} {value}"
+            raise ConfigError(f"{shown} {why}")
+
+
 def _version(value: bool):
     if value:
         out.print(f"vlcompress {__version__}")
@@ -191,6 +245,7 @@ def _progress():
 @app.command("prune-export")
 @_errors
 def prune_export_cmd(
+    ctx: typer.Context,
     model: ModelOpt = "tiny-clip",
     method: MethodOpt = "multiflow",
     sparsity: SparsityOpt = None,
@@ -231,10 +286,25 @@ def prune_export_cmd(
     reconstruct: ReconstructOpt = None,
     holdout_fraction: HoldoutOpt = 0.0,
     holdout_every: HoldoutEveryOpt = 25,
+    parts: Annotated[str | None, typer.Option(
+        "--parts", help="Generative models (llava): the parts to prune, vision,bridge,language "
+        "(default all), each optionally =SPARSITY, e.g. vision=0.3,language.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="Generative models: greedy tokens generated per caption or "
+        "answer in the evaluation.")] = 24,
+    cuda_graphs: CudaGraphsOpt = False,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
     from .pipeline import RunConfig, prune_export
     from .report import console_tables
+
+    _refuse_pattern_options(ctx, pattern)
+    trains = recover_steps > 0 or _method_trains(method)
+    _refuse_meaningless(ctx, [
+        (name, trains, f"{what}: it needs --recover-steps > 0 or a method that retrains "
+         f"(upop, efficientvlm), not --method {method} alone")
+        for name, what in (("train_data", "is the training data"),
+                           ("train_size", "sizes the training data"))])
 
     cfg = RunConfig(model=model, method=method, sparsity=sparsity, pattern=pattern,
                     calibration=calibration, calibration_size=calibration_size, engine=engine,
@@ -244,13 +314,15 @@ def prune_export_cmd(
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
                     tower=tower, recover_steps=recover_steps, quantize=quantize,
                     quantize_method=quantize_method, target_speedup=target_speedup, triton=triton,
-                    method_options=parse_method_options(method_option), reconstruct=reconstruct,
-                    holdout_fraction=holdout_fraction, holdout_every=holdout_every)
+                    method_options=parse_method_options(method_option), parts=parts,
+                    max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
+                    reconstruct=reconstruct, holdout_fraction=holdout_fraction,
+                    holdout_every=holdout_every)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
         out.print_json(json.dumps(report, default=str))
-        return
+        return _target_verdict(report, lines=False)
     p = report["prune"]
     out.print(f"[bold]{report['model']['name']}[/]: {p['method']} {p['pattern']}, achieved "
               f"sparsity {100 * p['achieved']:.1f}% "
@@ -260,13 +332,34 @@ def prune_export_cmd(
                  if (p.get("reconstruct") or {}).get("enabled") else ""), soft_wrap=True)
     for t in console_tables(report):
         out.print(t)
+    if report["model"].get("generative"):
+        out.print(f"wrote {out_dir}/report.json, report.md, pruned/model (generative model: no "
+                  "ONNX export or latency yet)", soft_wrap=True)
+        return
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
+    _target_verdict(report, lines=True)
+
+
+def _target_verdict(report: dict, lines: bool) -> None:
+    """--target-speedup: the search and its verdict on the terminal; a miss in the run's full
+    timing exits 1, like a broken gate (the run is written: it is what was measured)."""
+    if not report.get("target_speedup"):
+        return
+    from .speedup_search import search_lines, target_missed
+
+    for line in search_lines(report["target_speedup"]) if lines else ():
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
+    if target_missed(report):
+        err.print(f"--target-speedup {report['target_speedup']['target_speedup']:g} missed in "
+                  "the run's full timing (the run is written)", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command("prune")
 @_errors
 def prune_cmd(
+    ctx: typer.Context,
     model: ModelOpt = "tiny-clip",
     method: MethodOpt = "multiflow",
     sparsity: SparsityOpt = None,
@@ -281,15 +374,20 @@ def prune_cmd(
     depth: DepthOpt = "0",
     method_option: MethodOptionOpt = None,
     reconstruct: ReconstructOpt = None,
+    offload: Annotated[str, typer.Option(
+        "--offload", help="none, or disk: prune a model folder of safetensors shards bigger "
+        "than memory, block by block (its decoder read from the shards for each block's turn, "
+        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq.")] = "none",
 ):
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save
 
+    _refuse_pattern_options(ctx, pattern)
     res = prune_and_save(model, out_dir, method=method, sparsity=sparsity, pattern=pattern,
                          calibration=calibration, calibration_size=calibration_size, force=force,
                          skip_incompatible=skip_incompatible, progress_factory=_progress,
                          units=units, round_to=round_to, depth=depth,
-                         method_options=parse_method_options(method_option),
+                         method_options=parse_method_options(method_option), offload=offload,
                          reconstruct=reconstruct)
     out.print(f"pruned {model} with {res['method']} {res['pattern']}: achieved "
               f"{100 * res['achieved']:.1f}% sparsity in {res['seconds']:.2f}s -> {out_dir}")
@@ -344,6 +442,10 @@ def models_cmd(
         for m in all_methods():
             for o in m.options:
                 opts.add_row(m.name, o.describe(), o.help)
+        from .methods.registry import NM_OPTIONS
+
+        for o in NM_OPTIONS:  # every method that supports N:M takes these
+            opts.add_row("(any, N:M)", o.describe(), o.help)
         if opts.row_count:
             out.print(opts)
         return
@@ -358,6 +460,7 @@ def models_cmd(
 @app.command("bench")
 @_errors
 def bench_cmd(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="A `vlcompress prune-export --out` folder.")],
     baseline: Annotated[Path | None, typer.Option(
         "--baseline", help="Report JSON to gate against (report.json or an earlier bench report).")] = None,
@@ -392,6 +495,7 @@ def bench_cmd(
     no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Skip accuracy.")] = False,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip latency.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report JSON instead of tables.")] = False,
+    cuda_graphs: CudaGraphsOpt = False,
 ):
     """Re-measure a prune-export folder; with --baseline, gate it (exit 1: a threshold broken)."""
     import os
@@ -404,11 +508,6 @@ def bench_cmd(
 
     if junit is not None and baseline is None:
         raise ConfigError("--junit needs --baseline (the JUnit test cases are the gate's checks)")
-    from .atomic import check_output_file
-
-    for opt, path in (("--summary", summary), ("--junit", junit), ("--report", report)):
-        if path is not None:  # checked before any work: nothing measured is lost at the end
-            check_output_file(path, opt)
     gate_cfg = GateConfig(max_latency_regression=max_latency_regression,
                           max_accuracy_drop=max_accuracy_drop, basis=latency_basis,
                           quantile=latency_quantile, confidence=confidence, metrics=metrics)
@@ -417,7 +516,23 @@ def bench_cmd(
                       precision=precision, batch_sizes=batch_sizes, iterations=iterations,
                       warmup=warmup, threads=threads,
                       eval_size=eval_size, accuracy=not no_accuracy, latency=not no_latency,
-                      gate=gate_cfg)
+                      cuda_graphs=cuda_graphs,
+                      gate=gate_cfg)  # values checked first, then what they mean together
+    _refuse_meaningless(ctx, [
+        *((name, not no_latency, "sets how latency is measured; drop it or --no-latency")
+          for name in ("runtime", "device", "precision", "batch_sizes", "iterations", "warmup",
+                       "threads", "cuda_graphs")),
+        *((name, not no_accuracy, "concerns accuracy; drop it or --no-accuracy")
+          for name in ("eval_size", "metrics")),
+        *((name, baseline is not None, "is a gate threshold: it needs --baseline")
+          for name in ("max_latency_regression", "max_accuracy_drop", "latency_basis",
+                       "latency_quantile", "confidence", "metrics")),
+    ])
+    from .atomic import check_output_file
+
+    for opt, path in (("--summary", summary), ("--junit", junit), ("--report", report)):
+        if path is not None:  # checked before any work: nothing measured is lost at the end
+            check_output_file(path, opt)
     with _progress() as prog:
         res = benchmark(cfg, progress=prog)
     md = res.summary_markdown()
@@ -455,6 +570,7 @@ def bench_cmd(
 @app.command("sweep")
 @_errors
 def sweep_cmd(
+    ctx: typer.Context,
     model: ModelOpt = "tiny-clip",
     methods: Annotated[str, typer.Option("--methods", help="Scorers, comma-separated.")] = \
         "magnitude,wanda,multiflow",
@@ -486,8 +602,16 @@ def sweep_cmd(
     """Prune one model with every method x pattern x sparsity: a table and PNG plots."""
     from rich.table import Table
 
+    from .config import Pattern
     from .report import METRIC_NAMES
     from .sweep import sweep
+
+    _refuse_meaningless(ctx, [
+        *((name, not no_latency, "sets how latency is measured; drop it or --no-latency")
+          for name in ("batch_sizes", "runtime", "device", "fp16", "iterations")),
+        ("sparsities", any(not Pattern.parse(p).is_nm for p in patterns.split(",") if p.strip()),
+         f"does not apply to --patterns {patterns} (N:M fixes the sparsity)"),
+    ])
 
     with _progress() as prog:
         res = sweep(model, methods, sparsities, patterns, out=out_dir, calibration=calibration,

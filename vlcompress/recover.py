@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import check_positive_int
 from .distill import (
     CHECKPOINT,
     DEFAULTS,
@@ -340,6 +341,8 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
         from .distill import EarlyStopping
 
         EarlyStopping(lambda: 0.0, holdout_every, patience)  # checks both, before any work
+    for name, v in (("--batch-size", batch_size), ("--size", n), ("--eval-size", eval_size)):
+        check_positive_int(v, name)
     weights = check_weights(weights)
     schedule = check_schedule(schedule)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
