@@ -397,6 +397,7 @@ def prune_cmd(
 @app.command("export")
 @_errors
 def export_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder (e.g. from `vlcompress prune`) or name.")],
     out_dir: OutOpt = Path("vlcompress-onnx"),
     fp16: Annotated[bool, typer.Option("--fp16", help="Export fp16 ONNX.")] = False,
@@ -410,6 +411,10 @@ def export_cmd(
 ):
     """Export each tower of a model to ONNX and validate it against PyTorch."""
     from .api import export
+
+    _refuse_meaningless(ctx, [(name, quantize != "none", "sets how --quantize quantizes; "
+                               "drop it or give --quantize int8|fp16|fp8")
+                              for name in ("quantize_method", "quantize_target")])
 
     res = export(model, out_dir, fp16=fp16, force=force, calibration=calibration,
                  progress_factory=_progress, quantize=quantize, quantize_method=quantize_method,
