@@ -201,6 +201,18 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
                          threads=cfg.threads, towers=towers, cuda_graphs=cfg.cuda_graphs)
 
 
+def _check_gated_metrics(metrics, baseline: dict) -> None:
+    """``--metrics`` names metrics the baseline holds: checked before the model is loaded, so
+    a typo is one line, not a refusal after the whole measurement."""
+    if not metrics:
+        return
+    have = ((baseline.get("accuracy") or {}).get("metrics") or {})
+    unknown = [m for m in metrics if m not in have]
+    if unknown:
+        raise ConfigError(f"--metrics {','.join(unknown)}: not in the baseline's accuracy metrics; "
+                          f"allowed: {', '.join(have) or 'none (the baseline measured no accuracy)'}")
+
+
 def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **kw) -> BenchResult:
     """Re-measure accuracy and latency of a run folder; gate on ``baseline`` when given.
 
@@ -231,6 +243,8 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
 
         for m in cfg.gate.metrics:
             check_caption_metric(m, (run.get("accuracy") or {}).get("dataset", ""))
+    if baseline is not None:
+        _check_gated_metrics(cfg.gate.metrics, baseline)
     lc = _plan(cfg, run, baseline) if cfg.latency and not generative else None
     if lc is not None:  # no GPU, no TensorRT: one sentence, before anything is measured
         lc.runtime_entry.check()

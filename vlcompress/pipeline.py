@@ -17,7 +17,15 @@ from .config import PruneConfig, parse_batch_sizes
 from .errors import ConfigError
 from .methods.registry import get_method
 from .progress import NULL
-from .runtime.registry import ENGINE, MODEL, ONNX, LatencyConfig, get_runtime, runtime_names
+from .runtime.registry import (
+    ENGINE,
+    MODEL,
+    ONNX,
+    LatencyConfig,
+    expected_speedup,
+    get_runtime,
+    runtime_names,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,12 @@ class RunConfig:
     target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
     triton: str | None = None  # also write OUT/triton with this backend (exporters.triton)
     method_options: dict | None = None  # the method's own options (Method.options), checked
+    # fit the survivors to the dense outputs after a scorer's mask (methods/reconstruct.py);
+    # None: on wherever it applies (scoring methods at unstructured / N:M)
+    reconstruct: bool | None = None
+    # recovery: share of the training data held out for early stopping, and its cadence
+    holdout_fraction: float = 0.0
+    holdout_every: int = 25
     # generative models (llava): the parts pruned ("vision,bridge,language", a part=sparsity
     # each where given) and the greedy generation length of the evaluation
     parts: str | tuple[str, ...] | None = None
@@ -72,7 +86,7 @@ class RunConfig:
         pc = PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern,
                          scope=self.scope, skip_incompatible=self.skip_incompatible, seed=self.seed,
                          units=self.units, round_to=self.round_to, depth=self.depth,
-                         method_options=self.method_options)
+                         method_options=self.method_options, reconstruct=self.reconstruct)
         object.__setattr__(self, "prune_config", pc)
         object.__setattr__(self, "method_options", dict(pc.method_options))
         object.__setattr__(self, "units", ",".join(pc.units))
@@ -99,6 +113,15 @@ class RunConfig:
                 or self.recover_steps < 0:
             raise ConfigError(f"recover steps {self.recover_steps!r} is not valid; allowed: an "
                               "integer >= 0")
+        if self.holdout_fraction or self.holdout_every != 25:
+            from .distill import EarlyStopping
+            from .recover import check_holdout_fraction
+
+            check_holdout_fraction(self.holdout_fraction, self.train_size)
+            EarlyStopping(lambda: 0.0, self.holdout_every)  # checks the cadence
+            if self.holdout_fraction and not self.recover_steps:
+                raise ConfigError(f"--holdout-fraction {self.holdout_fraction:g} is for "
+                                  "recovery; allowed: with --recover-steps N")
         if self.parts is not None:
             object.__setattr__(self, "parts", format_parts(parse_parts(self.parts)))
         from .eval.generative import check_max_new_tokens
@@ -222,7 +245,7 @@ def check_run(cfg: RunConfig):
     info = peek_model(cfg.model, tower=cfg.tower)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
-    if info.generative:  # pruned, recovered and evaluated in PyTorch: no export or runtime yet
+    if info.generative:  # pruned, recovered, evaluated in PyTorch, exported to ONNX (no latency yet)
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("quantize", cfg.quantize if cfg.quantize != "none" else None),
@@ -233,7 +256,8 @@ def check_run(cfg: RunConfig):
         if unused:
             raise ConfigError(f"{unused[0]} is not available for the generative model "
                               f"{cfg.model} ({info.family}): it is pruned and evaluated in "
-                              "PyTorch (no ONNX export or runtime yet)")
+                              "PyTorch and exported to fp32 ONNX (no runtime choice, "
+                              "quantization or fp16 yet)")
     if cfg.parts is not None:
         if not info.generative:
             raise ConfigError(f"--parts chooses the parts of a generative model (llava); "
@@ -346,6 +370,10 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     train = None
     if cfg.recover_steps or get_method(cfg.method).retrain is not None:
         train = load_train(cfg.train_data, n=cfg.train_size, seed=cfg.seed)
+        if cfg.holdout_fraction:  # the slice must leave pairs to train on: checked now
+            from .recover import check_holdout_fraction
+
+            check_holdout_fraction(cfg.holdout_fraction, len(train))
     # Export examples (and latency inputs): the first calibration pairs, an export batch of 3
     # and a validation batch of 2 (another batch size and text length).
     example, check = export_examples(calib)
@@ -386,14 +414,16 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
                        calibration=calib, train=train, scope=cfg.scope,
                        skip_incompatible=cfg.skip_incompatible, seed=cfg.seed, units=pc.units,
                        round_to=pc.round_to, depth=pc.depth, method_options=pc.method_options,
-                       progress=progress)
+                       progress=progress, reconstruct=cfg.reconstruct)
         if teacher is not None:  # distil the dense model into the pruned one, pattern kept
             from .recover import recover
 
             before = (fidelity(dense_emb, embed_eval(vlm, eval_data, progress))
                       if dense_emb is not None else None)
             rec = recover(vlm, steps=cfg.recover_steps, teacher=teacher, data=train,
-                          seed=cfg.seed, progress=progress).to_dict()
+                          seed=cfg.seed, progress=progress, n=len(train),
+                          holdout_fraction=cfg.holdout_fraction,
+                          holdout_every=cfg.holdout_every).to_dict()
             rec["fidelity_before"] = before  # the report's accuracy is after recovery
             result.details["recover"] = rec
             if rec["recipe"]:  # lr / loss weights the user did not set came from the model
@@ -449,6 +479,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
         report["data"] = data_section
+        report["speedup_expectation"] = expected_speedup(rt, pc.pattern)
         if quant is not None:
             report["quantize"] = quant
         if search is not None:
@@ -504,25 +535,51 @@ def _prune_generative(vlm, cfg: RunConfig, calib, progress):
     return first
 
 
+#: evaluation prompts per data set on which a generative export is validated
+GENERATIVE_VALIDATION_PROMPTS = 8
+
+
+def _export_generative(vlm, evals, folder, cfg: RunConfig, progress) -> dict:
+    """Export one variant to ``folder`` (vision/embed/decoder.onnx) and validate it on the
+    first :data:`GENERATIVE_VALIDATION_PROMPTS` items of each evaluation set; the report's
+    entry, its paths relative to the run folder."""
+    from .eval.generative import validation_items
+    from .exporters.generative import export_generative
+
+    images, questions = validation_items(evals, GENERATIVE_VALIDATION_PROMPTS)
+    with (progress or NULL).task(f"export {folder.name} onnx", total=1) as t:
+        res = export_generative(vlm, folder, images=images, questions=questions,
+                                max_new_tokens=cfg.max_new_tokens)
+        t.advance(1)
+    out = res.to_dict()
+    out["paths"] = {k: f"{folder.name}/{v.rsplit('/', 1)[-1]}" for k, v in out["paths"].items()}
+    return out
+
+
 def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     """prune-export of a generative model (llava): load -> evaluate dense (generation,
-    next-token log-probabilities) -> prune the chosen parts -> evaluate pruned -> save ->
-    report. No ONNX export or latency yet (a later issue): the report says so."""
+    next-token log-probabilities) -> export dense ONNX -> prune the chosen parts -> evaluate
+    pruned -> export pruned ONNX -> save -> report. Each export (vision, embed, decoder;
+    :mod:`vlcompress.exporters.generative`) is validated against its PyTorch twin on the
+    first evaluation prompts. No latency yet (a later issue): the report says so."""
     from .data import generative_eval_data, load_calibration
     from .envinfo import env_info
     from .eval.generative import generative_accuracy, run_all
+    from .exporters.generative import check_exportable
     from .models import load_model
     from .report import build_report, write_report
 
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=8, seed=cfg.seed)
     vlm = load_model(cfg.model)
+    check_exportable(vlm)  # a decoder the export cannot build: refused before any work
     is_preset = vlm.source.startswith("preset:")
     evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
                                  else cfg.eval_size)
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_total, dense_nonzero = vlm.num_parameters()
         dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+        exports = {"dense": _export_generative(vlm, evals, tmp / "dense", cfg, progress)}
         teacher = None
         if cfg.recover_steps:
             from .distill import dense_copy
@@ -538,19 +595,22 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
             prune_section.setdefault("details", {})["recover"] = rec
             del teacher
         pruned = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+        exports["pruned"] = _export_generative(vlm, evals, tmp / "pruned", cfg, progress)
         accuracy = generative_accuracy(evals, dense, pruned, random_weights=is_preset)
         vlm.save(tmp / "pruned" / "model")
         total, nonzero = vlm.num_parameters()
         notes = data_notes(cfg, is_preset)
-        notes.append("generative model: pruned and evaluated in PyTorch; ONNX export and "
-                     "latency of generative models are not built yet (no latency rows)")
+        notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
+                     "(vision, embed, decoder) and validated; latency of generative models is "
+                     "not built yet (no latency rows)")
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
                    "generative": True, "parts": list(vlm.towers),
                    "params_total": total, "params_nonzero": nonzero,
                    "params_nonzero_dense": dense_nonzero},
             prune=prune_section,
-            export={"format": None, "paths": {"model": "pruned/model"}},
+            export={"format": "onnx", "paths": {"model": "pruned/model"},
+                    "generative": exports},
             accuracy=accuracy, latency=[], env=env_info(),
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
