@@ -22,7 +22,11 @@ host time around the same loop:
 - ``cslt_search`` / ``semi_search``: the same with the algorithm ``_cslt_sparse_mm_search``
   picks for that shape;
 - ``dense_graph`` / ``semi_graph``: 20 calls captured in one CUDA graph and replayed (the
-  kernels alone, no per-call host work): what a graph-replaying runner would pay.
+  kernels alone, no per-call host work): what a graph-replaying runner would pay;
+- ``planned`` / ``planned_graph``: ``vlcompress.runtime.graphs.PlannedSparseLinear``, what the
+  torch-2:4 runner now uses (one algorithm search and one padded input buffer per token
+  count, no per-call ``F.pad``/narrow copies), called directly and under graph replay: the
+  2:4 cost a graph-replaying runner pays per layer.
 
 cuSPARSELt's direct op and its search need the token count to be a multiple of 16 (197
 raised "operation not supported" in ``cusparseLtDenseDescriptorInit`` and left the CUDA
@@ -130,7 +134,20 @@ def _variants(w: torch.Tensor, x: torch.Tensor) -> dict:
         ws2 = torch.sparse.to_sparse_semi_structured(w)
         ws2.alg_id_cusparselt = alg
         run("semi_search", lambda: (lambda: F.linear(x, ws2)))
-    for name, fn in (("dense_graph", lambda: F.linear(x, w)), ("semi_graph", lambda: F.linear(x, ws))):
+    from vlcompress.runtime.graphs import PlannedSparseLinear
+
+    try:
+        planned = PlannedSparseLinear(w, None)
+        planned(x)  # its search and buffer for this token count, before any timing
+        out["planned_searches"] = planned.searches
+        run("planned", lambda: (lambda: planned(x)))
+    except Exception as exc:  # noqa: BLE001
+        planned = None
+        out["planned"] = {"error": " ".join(f"{type(exc).__name__}: {exc}".split())[:300]}
+    graphs = [("dense_graph", lambda: F.linear(x, w)), ("semi_graph", lambda: F.linear(x, ws))]
+    if planned is not None:
+        graphs.append(("planned_graph", lambda: planned(x)))
+    for name, fn in graphs:
         try:
             out[name] = _graph_time(fn)
         except Exception as exc:  # noqa: BLE001

@@ -159,7 +159,8 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int,
     dense_attrs = attribute_accuracy(dense_emb)
     rows = []
     base = (f"vlcompress prune-export --model {model} --pattern structured --sparsity {sparsity:g} "
-            f"--calibration-size {calib_n} --train-size {train_n} --eval-size {eval_n}")
+            f"--calibration-size {calib_n} --eval-size {eval_n}")
+    train_flag = f" --train-size {train_n}"  # prune-export takes it only where it trains
     for method in methods:
         vlm = load_model(model)
         teacher = dense_copy(vlm)
@@ -176,7 +177,7 @@ def run(model: str, methods: list[str], sparsity: float, recover_steps: int,
                 get_method(method).check_options(opts)
             row["method_options"] = used
             row["recipe"] = f"{method} (shipped defaults{', ' + flags.strip() if flags else ''})"
-            row["command"] = f"{base} --method {method}{flags}"
+            row["command"] = f"{base} --method {method}{flags}{train_flag}"
             row["pruned"] = None  # the retraining is part of the method
             row["search"] = {k: v for k, v in res.details[method].items()
                              if k in ("kept_by_search", "kept_by_gates", "kept_after_rounding",

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The ready GPU check: one command, under 8 minutes on one H200, with only what that machine
+# The ready GPU check: one command, under 9 minutes on one H100/H200 (a 10-minute device
+# slot with the machine's start), with only what that machine
 # has (PyTorch CUDA with cuSPARSELt, transformers, onnx, onnxruntime CPU, typer, rich,
 # matplotlib; no TensorRT, no onnxruntime-gpu, no network).
 #
@@ -14,14 +15,18 @@
 #    the GPU and with the model on the CPU and one block at a time on the GPU (the blockwise
 #    engine's `device` option): times, peak GPU memory, mask agreement
 #    (benchmarks/prune_offload.py), into benchmarks/results/prune_offload_gpu.json (and $OUT);
-# 4. isolates the cost of one 2:4 linear (eager, cuSPARSELt direct, CUDA-graph replay) on the
-#    ViT-B/16 shapes (benchmarks/gpu_semi_structured.py) into
-#    benchmarks/results/gpu_semi_structured.json (and $OUT), with a profiler table;
-# 5. times the clip-vit-b16 and clip-vit-l14 vision towers, fp16, dense vs 2:4 (cuSPARSELt)
-#    vs structured 50%, batch 1/8/64/256, eager and torch.compile, interleaved, CUDA events
+# 4. isolates the cost of one 2:4 linear (eager, cuSPARSELt direct, the planned layer the
+#    runner uses, each also under CUDA-graph replay) on the ViT-B/16 shapes
+#    (benchmarks/gpu_semi_structured.py) into benchmarks/results/gpu_semi_structured.json
+#    (and $OUT), with a profiler table: the per-layer kernel times behind the 2:4 verdict;
+# 5. times the clip-vit-b16 and clip-vit-l14 vision towers, fp16, dense vs 2:4 (cuSPARSELt,
+#    one plan per shape) vs structured 50%, batch 1/8/64/256, interleaved, CUDA events, in
+#    the modes eager+graphs (CUDA-graph replay: the issue-25 targets), eager, then
+#    compile+graphs (one static torch.compile per batch size) as time allows; every row
+#    records its compiles, host-bound flags and attention implementation
 #    (benchmarks/gpu_latency.py), into benchmarks/results/gpu_torch.json (and $OUT).
 #
-# A deadline (VLC_CHECK_BUDGET_S, default 450 s) bounds the whole: each step gets what is
+# A deadline (VLC_CHECK_BUDGET_S, default 480 s) bounds the whole: each step gets what is
 # left, the benchmark starts no cell after its own deadline and rewrites its JSON after every
 # cell, so a cut-short run still leaves what it measured and lists what it did not.
 # Where the tree is a copy without .git, name its commit: VLC_COMMIT=<hash> bash scripts/...
@@ -35,11 +40,11 @@ DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $a (allowed: --dry-run)" >&2; exit 2 ;;
   esac
 done
-BUDGET=${VLC_CHECK_BUDGET_S:-450}
+BUDGET=${VLC_CHECK_BUDGET_S:-480}
 END=$((SECONDS + BUDGET))
 left() { echo $((END - SECONDS)); }
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; LOGS=$OUT; else LOGS=$(mktemp -d); fi
@@ -52,18 +57,19 @@ if [ "$DRY" = 1 ]; then
   BENCH=(--dry-run --modes eager,compile --out "$RESULT")
   OFFLOAD_RESULT=$LOGS/prune_offload_dryrun.json
   OFFLOAD=(--models tiny-clip --n 8 --batch-size 4 --device cpu --out "$OFFLOAD_RESULT")
-  TESTS=(tests/test_gpu_runtime.py)
+  TESTS=(tests/test_gpu_runtime.py tests/test_runtime_graphs.py)
 else
   "$PY" -m pip install --no-deps --no-build-isolation -q -e . || { echo "install failed" >&2; exit 1; }
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   RESULT=benchmarks/results/gpu_torch.json
-  BENCH=(--models clip-vit-b16,clip-vit-l14 --modes eager,compile --runtimes torch
-         --batch-sizes 1,8,64,256 --warmup 10 --iterations 50 --out "$RESULT")
+  BENCH=(--models clip-vit-b16,clip-vit-l14 --modes eager+graphs,eager,compile+graphs
+         --runtimes torch --batch-sizes 1,8,64,256 --warmup 10 --iterations 50
+         --out "$RESULT")
   OFFLOAD_RESULT=benchmarks/results/prune_offload_gpu.json
   OFFLOAD=(--models clip-vit-b16,clip-vit-l14 --n 128 --batch-size 32 --device cuda
            --out "$OFFLOAD_RESULT")
-  TESTS=(tests/test_gpu_runtime.py tests/test_tensorrt.py tests/test_runtime.py
-         tests/test_blockwise.py)
+  TESTS=(tests/test_gpu_runtime.py tests/test_runtime_graphs.py tests/test_tensorrt.py
+         tests/test_runtime.py tests/test_blockwise.py)
 fi
 "$PY" - <<'PY'
 import torch, sys

@@ -10,6 +10,15 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh empty folder of its own: nothing a user ran in the checkout
+    (the README's ``vlcompress prune-export`` writes ``vlcompress-out/`` there) changes a
+    result, and a command's default output (``--out vlcompress-out``) lands in the test's
+    folder, not in the checkout or beside another test's."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def make_tiny_random_clip(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
                           mlp: int = 64, image_size: int = 32, patch: int = 8):
     """A randomly initialised ``CLIPModel`` adapter with the shapes tokenizer; seconds to build."""
@@ -120,6 +129,24 @@ def make_tiny_random_blip(seed: int = 0, layers: int = 2, hidden: int = 32, head
     model = BlipForImageTextRetrieval(cfg).eval()
     img = BlipImageProcessor(size={"height": image_size, "width": image_size})
     return BLIP(model, tok, img, name="tiny-random-blip", source="test")
+
+
+def load_benchmark(name: str, alias: str | None = None):
+    """A benchmark script (``benchmarks/NAME.py``) imported as a module, with its folder on
+    ``sys.path`` while it loads (for its ``_common`` import)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location(alias or name, bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(bench))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod
 
 
 def pytest_collection_modifyitems(config, items):

@@ -410,3 +410,93 @@ def test_release_freed_memory_finds_glibc_trim():
     blockwise.release_freed_memory()
     blockwise.release_freed_memory()  # resolved once, then called
     assert callable(blockwise._TRIM)
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_spilled_batches_hold_no_open_descriptor(tmp_path):
+    """Every batch spilled (limit 0), 1200 of them (past the ~1024 descriptors a process gets
+    by default): no descriptor stays open per file, and closing the cache deletes them all
+    (a deleted file whose descriptor is still open keeps its disk space until exit)."""
+    from vlcompress.blockwise import ActivationCache, BlockwiseRun
+
+    run = BlockwiseRun()
+    cache = ActivationCache(0, tmp_path, run)
+    before = _open_fds()
+    for i in range(1200):
+        cache.append(torch.full((2, 3), float(i)))
+    assert _open_fds() - before < 8
+    assert len(list(tmp_path.iterdir())) == 1200 and run.spilled_bytes == 1200 * 24
+    assert torch.equal(cache[1199], torch.full((2, 3), 1199.0))
+    cache.close()
+    assert list(tmp_path.iterdir()) == [] and _open_fds() - before < 8
+
+
+def test_cache_budget_is_shared_and_kwargs_move_per_read(tmp_path):
+    """One limit for every cache of a run: items of any shape (tuples, dicts of tensors) count
+    their tensors' bytes, the first that does not fit spills; an item kept for the per-batch
+    kwargs stays where it was given and reaches the device only when read."""
+    from vlcompress.blockwise import ActivationCache, BlockwiseRun, CacheBudget
+
+    run = BlockwiseRun()
+    budget = CacheBudget(100)
+    meta = torch.device("meta")
+    hidden = ActivationCache(budget, tmp_path, run, meta)
+    rest = ActivationCache(budget, tmp_path, run, meta, store_on_device=False)
+    kw = ((), {"encoder_hidden_states": torch.ones(4, 4), "flag": None})  # 64 bytes
+    rest.append(kw)
+    assert rest.bytes == 64 and rest.items[0][1]["encoder_hidden_states"].device.type == "cpu"
+    assert rest[0][1]["encoder_hidden_states"].device == meta and rest[0][1]["flag"] is None
+    hidden.append(torch.ones(4))  # 16 bytes: fits (80)
+    assert hidden.items[0].device == meta
+    hidden.append(torch.ones(8))  # 32 more would pass 100: spilled
+    rest.append(kw)  # spilled too
+    assert (budget.used, run.spilled_bytes) == (80, 96)
+    assert rest[1][1]["encoder_hidden_states"].device == meta
+    rest.close()
+    assert budget.used == 16 and len(list(tmp_path.iterdir())) == 1
+    hidden.close()
+    assert budget.used == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_blip_cross_attention_inputs_spill_with_the_hidden_states(calib, tmp_path):
+    """BLIP's fusion stream is called with the image tokens (``encoder_hidden_states``) per
+    batch: under a 0-byte limit they go to disk with the hidden states (nothing held in memory
+    beside the limit), the statistics are those of the unlimited run, and no file remains."""
+    import vlcompress.blockwise as bw
+
+    vlm = make_tiny_random_blip()
+    layers = vlm.prunable_layers()
+    seen = []
+    real = bw._capture
+
+    def spy(*a, **k):
+        streams, dependent = real(*a, **k)
+        for sts in streams.values():
+            for st in sts:
+                seen.append((len(st.rest), st.rest.bytes + st.hidden.bytes,
+                             all(st.rest.spilled) and all(st.hidden.spilled)))
+        return streams, dependent
+
+    want = {}
+    run_blockwise(vlm, calib, layers, lambda b, s: want.update(s), gram=True)
+    got = {}
+    bw._capture = spy
+    try:
+        run = run_blockwise(vlm, calib, layers, lambda b, s: got.update(s), gram=True,
+                            max_cache_bytes=0, cache_dir=tmp_path)
+    finally:
+        bw._capture = real
+    # nothing held in memory; the streams whose kwargs hold tensors (the fusion stream's image
+    # tokens) spilled every batch (a vision stream's kwargs may be tensor-free: 0 bytes)
+    assert seen and all(n == calib.num_batches and held == 0 for n, held, _ in seen), seen
+    assert seen[-1][2], seen
+    assert run.spilled_bytes > 0 and list(tmp_path.iterdir()) == []
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k].gram, want[k].gram, rtol=1e-5, atol=1e-6)

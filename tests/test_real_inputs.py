@@ -540,3 +540,83 @@ def test_sigterm_during_recover_keeps_checkpoint_only(tmp_path):
     assert leftovers(tmp_path) == []
     ckpt = torch.load(ck, weights_only=False)
     assert ckpt["step"] >= 25
+
+
+# --------------------------------------------------------------------------------------------
+# the README's order: install, run the main job in the checkout, then the tests
+# --------------------------------------------------------------------------------------------
+def test_each_test_runs_in_its_own_empty_folder():
+    """tests/conftest.py's autouse fixture: a fresh empty working folder outside the checkout,
+    so the README's main job (which writes ``vlcompress-out/`` in the checkout) cannot change
+    a test's result, and a command's default ``--out`` lands in the test's own folder."""
+    cwd = Path.cwd().resolve()
+    assert list(cwd.iterdir()) == []
+    assert ROOT not in (cwd, *cwd.parents)
+
+
+def test_ci_runs_the_readme_main_job_before_the_tests():
+    """.ci/run keeps the README's order true: the main job as written (no arguments), in the
+    checkout, then the README's test command."""
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    assert "vlcompress prune-export" in lines and "python -m pytest" in lines
+    assert lines.index("vlcompress prune-export") < lines.index("python -m pytest")
+    assert not any(ln.startswith("cd ") for ln in
+                   lines[lines.index('cd "$(dirname "$0")/.."') + 1:
+                         lines.index("vlcompress prune-export")])
+
+
+# --------------------------------------------------------------------------------------------
+# options that another choice makes meaningless: refused before any work
+# --------------------------------------------------------------------------------------------
+MEANINGLESS = [
+    (["prune-export", "--pattern", "2:4", "--units", "heads"], "--units heads", "structured"),
+    (["prune-export", "--pattern", "unstructured", "--round-to", "16"], "--round-to 16",
+     "structured"),
+    (["prune", "--pattern", "2:4", "--units", "heads"], "--units heads", "structured"),
+    (["prune-export", "--pattern", "structured", "--skip-incompatible"],
+     "--skip-incompatible", "N:M"),
+    (["prune", "--pattern", "unstructured", "--skip-incompatible"], "--skip-incompatible", "N:M"),
+    (["prune-export", "--train-size", "100"], "--train-size 100", "--recover-steps"),
+    (["prune-export", "--train-data", "shapes"], "--train-data shapes", "--recover-steps"),
+    (["bench", "RUN", "--no-latency", "--batch-sizes", "4"], "--batch-sizes 4", "--no-latency"),
+    (["bench", "RUN", "--no-latency", "--runtime", "torch"], "--runtime torch", "--no-latency"),
+    (["bench", "RUN", "--no-latency", "--iterations", "5"], "--iterations 5", "--no-latency"),
+    (["bench", "RUN", "--no-latency", "--threads", "2"], "--threads 2", "--no-latency"),
+    (["bench", "RUN", "--no-accuracy", "--eval-size", "10"], "--eval-size 10", "--no-accuracy"),
+    (["bench", "RUN", "--max-latency-regression", "0.2"], "--max-latency-regression 0.2",
+     "--baseline"),
+    (["bench", "RUN", "--latency-quantile", "0.5"], "--latency-quantile 0.5", "--baseline"),
+    (["bench", "RUN", "--metrics", "i2t_r1"], "--metrics i2t_r1", "--baseline"),
+    (["bench", "RUN", "--threads", "0"], "--threads 0", "positive integer"),
+    (["bench", "RUN", "--threads", "2", "--runtime", "torch"], "--threads 2", "onnxruntime"),
+    (["sweep", "--no-latency", "--batch-sizes", "4"], "--batch-sizes 4", "--no-latency"),
+    (["sweep", "--no-latency", "--fp16"], "--fp16", "--no-latency"),
+    (["sweep", "--patterns", "2:4", "--sparsities", "0.3"], "--sparsities 0.3", "N:M"),
+    (["sweep", "--eval-size", "0"], "--eval-size 0", "positive integer"),
+    (["recover", "RUN", "--batch-size", "0"], "--batch-size 0", "positive integer"),
+    (["recover", "RUN", "--size", "0"], "--size 0", "positive integer"),
+    (["recover", "RUN", "--eval-size", "0"], "--eval-size 0", "positive integer"),
+]
+
+
+@pytest.mark.parametrize("args,value,allowed", MEANINGLESS,
+                         ids=[" ".join(a) for a, _, _ in MEANINGLESS])
+def test_meaningless_or_bad_option_refused_before_work(args, value, allowed, tmp_path,
+                                                       monkeypatch):
+    """One line naming the value and what it needs, exit 2, no model loaded, nothing
+    written (the run folder as it was, the working folder empty)."""
+    import vlcompress.models as models
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(models, "load_model", no_work)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "report.json").write_text(json.dumps(
+        {"model": {"name": "tiny-clip"}, "prune": {"pattern": "2:4"}, "export": {}}))
+    before = sorted(p.name for p in run_dir.iterdir())
+    one_line_error(run(*[str(run_dir) if a == "RUN" else a for a in args]), value, allowed)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert list(Path.cwd().iterdir()) == []

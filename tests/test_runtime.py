@@ -231,7 +231,9 @@ def test_compare_latency_rows():
                                                         ("text", 1), ("text", 4)]
     for r in rows:
         assert set(r) == {"runtime", "device", "tower", "batch", "dense_ms", "pruned_ms",
-                          "speedup", "dense_samples_ms", "pruned_samples_ms"}
+                          "speedup", "dense_samples_ms", "pruned_samples_ms", "host_ms",
+                          "host_bound"}
+        assert r["host_bound"] is None  # CPU: no host issue time apart from the kernels
         assert len(r["dense_samples_ms"]) == len(r["pruned_samples_ms"]) == 3  # raw, paired
         assert (r["runtime"], r["device"]) == ("fake", "cpu")
         assert r["dense_ms"]["n"] == r["pruned_ms"]["n"] == 3

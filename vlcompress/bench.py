@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .config import parse_batch_sizes
+from .config import check_positive_int, parse_batch_sizes
 from .errors import ConfigError, ModelError
 from .gate import GateConfig, GateResult, check_compatible, compare_reports, load_report
 from .progress import NULL
@@ -61,6 +61,7 @@ class BenchConfig:
     accuracy: bool = True
     latency: bool = True
     seed: int = 0
+    cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
@@ -71,6 +72,8 @@ class BenchConfig:
         if self.iterations < 1 or self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup}, iterations={self.iterations}; need "
                               "warmup >= 0, iterations >= 1")
+        if self.threads is not None:
+            check_positive_int(self.threads, "--threads")
         if self.eval_size is not None and self.eval_size < 1:
             raise ConfigError(f"eval size {self.eval_size!r} is not valid; allowed: a positive integer")
         if not (self.accuracy or self.latency):
@@ -182,6 +185,9 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
     else:
         rt = get_runtime(*run_runtime_key(run))
     rt.check_pattern((run.get("prune") or {}).get("pattern"))
+    if cfg.threads is not None and rt.name not in ("onnxruntime", "onnxruntime-trt"):
+        raise ConfigError(f"--threads {cfg.threads} sets onnxruntime's intra-op threads; the "
+                          f"runtime here is {rt.name}; allowed: --threads with onnxruntime")
     if cfg.batch_sizes:
         bs = cfg.batch_sizes
     elif base_rows:
@@ -192,7 +198,7 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
     towers = tuple(t for t in paths if t != "model") or None
     return LatencyConfig(batch_sizes=bs, warmup=cfg.warmup, iterations=cfg.iterations,
                          runtime=rt.name, device=rt.device, precision=rt.precision,
-                         threads=cfg.threads, towers=towers)
+                         threads=cfg.threads, towers=towers, cuda_graphs=cfg.cuda_graphs)
 
 
 def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **kw) -> BenchResult:
@@ -354,5 +360,5 @@ def _latency(lc: LatencyConfig, run_dir: Path, run: dict, pruned, dense, seed: i
                         pattern=(run.get("prune") or {}).get("pattern"),
                         seq_len=getattr(pruned, "text_max_length", None),
                         check_feeds={t: feeds[(t, first)] for t in towers},
-                        timing_cache=run_dir / "timing.cache")
+                        timing_cache=run_dir / "timing.cache", cuda_graphs=lc.cuda_graphs)
     return time_models(rt, d, p, feeds, lc, towers=towers, options=opts, progress=progress)

@@ -34,9 +34,12 @@ pruned inputs), instead of one whole-model pass per block index.
 The kwargs a stack's layer 0 received (attention masks, position embeddings, cross-attention
 inputs) are reused for every block of that stack, as the HF encoders pass the same ones to
 each layer. Memory: the model, one stream's cached hidden states for the current block and
-the next (``2 x pairs x tokens x width`` floats), and the statistics of one block's layers. Hidden
-states beyond ``max_cache_bytes`` (default: unlimited) are streamed to ``cache_dir`` (default:
-a temporary folder, removed at the end) and read back one batch at a time.
+the next (``2 x pairs x tokens x width`` floats), the per-batch kwargs, and the statistics of
+one block's layers. Cached tensors (hidden states and kwargs together, one
+:class:`CacheBudget`) beyond ``max_cache_bytes`` (default: unlimited) are streamed to
+``cache_dir`` (default: a temporary folder, removed at the end) and read back one batch at a
+time; with ``device`` the kwargs stay where they were captured and move to the device one batch
+at a time (BLIP's ``encoder_hidden_states`` are as large as the vision tower's hidden states).
 
 Methods built on it: ``sparsegpt`` (``inputs="pruned"``, Gram matrices) and ``wanda-seq``
 (``inputs="pruned"``, Wanda's reference loop; ``"dense"`` gives one-shot ``wanda``). Any
@@ -53,6 +56,7 @@ the whole model in host memory).
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import tempfile
 import time
@@ -94,8 +98,10 @@ def check_device(value) -> str | None:
 #: what a block-sequential method exposes about its activation cache and the device its blocks
 #: run on (``--method-option``)
 CACHE_OPTIONS = (
-    Option("max_cache_mb", float, -1.0, "cached hidden states kept in memory, MiB; beyond it "
-           "they stream to disk one batch per file (< 0: no limit, 0: all on disk)",
+    Option("max_cache_mb", float, -1.0, "cached activations kept in memory, MiB (hidden "
+           "states of two blocks and per-batch inputs such as cross-attention's image "
+           "tokens, together); beyond it they stream to disk one batch per file (< 0: no "
+           "limit, 0: all on disk)",
            minimum=-1.0),
     Option("cache_dir", str, "", "folder for the streamed hidden states (default: a "
            "temporary folder, removed at the end)"),
@@ -150,55 +156,118 @@ class BlockwiseRun:
     order: list[str] = field(default_factory=list)
 
 
+class CacheBudget:
+    """The bytes every :class:`ActivationCache` of one run may keep in memory together
+    (``max_bytes``; None: no limit): hidden states of the current and the next block and the
+    per-batch keyword arguments (BLIP's ``encoder_hidden_states``) draw on the same limit."""
+
+    def __init__(self, max_bytes: int | None):
+        self.max_bytes, self.used = max_bytes, 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) when that would pass the limit."""
+        if self.max_bytes is not None and self.used + size > self.max_bytes:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in ``obj`` (tuples, lists, dicts nested)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _detach(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detach(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detach(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
 class ActivationCache:
-    """Per-batch tensors kept in memory up to ``max_bytes``, the rest on disk (one file per
-    batch under ``folder``). ``len``, ``[i]`` and ``append``; :meth:`close` deletes files."""
+    """Per-batch items (a tensor, or tuples / lists / dicts holding tensors) kept in memory
+    while the run's :class:`CacheBudget` allows, the rest on disk (one file per batch under
+    ``folder``, written with its descriptor closed, so a deleted file frees its space at once
+    and a run may spill any number of batches). ``len``, ``[i]`` and ``append``;
+    :meth:`close` deletes the files and returns the memory to the budget.
 
-    def __init__(self, max_bytes: int | None, folder: Path, run: BlockwiseRun,
-                 device: torch.device | None = None):
-        self.max_bytes, self.folder, self.run, self.device = max_bytes, folder, run, device
-        self.items: list[torch.Tensor | Path] = []
-        self.bytes = 0
+    ``device``: where ``[i]`` returns the item (None: as stored). ``store_on_device``: items
+    kept in memory move there on ``append`` (the hidden states, which every block reads);
+    else they stay where they were given and move one batch per ``[i]`` (the per-batch
+    keyword arguments, read once per block), so the device holds one batch of them."""
 
-    def append(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        if self.device is not None:
-            x = x.to(self.device)
-        size = x.numel() * x.element_size()
-        if self.max_bytes is None or self.bytes + size <= self.max_bytes:
-            self.items.append(x)
+    def __init__(self, budget: CacheBudget | int | None, folder: Path, run: BlockwiseRun,
+                 device: torch.device | None = None, *, store_on_device: bool = True):
+        if not isinstance(budget, CacheBudget):
+            budget = CacheBudget(budget)
+        self.budget, self.folder, self.run, self.device = budget, folder, run, device
+        self.store_on_device = store_on_device
+        self.items: list = []
+        self.bytes = 0  # held in memory
+        self.spilled: list[bool] = []
+
+    def append(self, x) -> None:
+        x = _detach(x)
+        size = sum(t.numel() * t.element_size() for t in _tensors(x))
+        if self.budget.take(size):
+            self.items.append(_to(x, self.device) if self.store_on_device else x)
+            self.spilled.append(False)
             self.bytes += size
             return
-        path = Path(tempfile.mkstemp(suffix=".pt", dir=self.folder)[1])
-        torch.save(x.cpu(), path)
+        fd, name = tempfile.mkstemp(suffix=".pt", dir=self.folder)
+        os.close(fd)  # torch.save opens the path itself
+        path = Path(name)
+        torch.save(_to(x, torch.device("cpu")), path)
         self.items.append(path)
+        self.spilled.append(True)
         self.run.spilled_bytes += size
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int):
         it = self.items[i]
-        if isinstance(it, Path):
+        if self.spilled[i]:
             return torch.load(it, weights_only=True, map_location=self.device)
-        return it
+        return _to(it, self.device)
 
     def close(self) -> None:
-        for it in self.items:
-            if isinstance(it, Path):
+        for it, spilled in zip(self.items, self.spilled, strict=True):
+            if spilled:
                 it.unlink(missing_ok=True)
         self.items.clear()
+        self.spilled.clear()
+        self.budget.give(self.bytes)
         self.bytes = 0
 
 
 @dataclass
 class _Stream:
-    """One stream of a stack: per batch, the hidden states and the other call arguments."""
+    """One stream of a stack: per batch, the hidden states and the other call arguments
+    ``(args[1:], kwargs)``, both in activation caches under the run's one memory limit."""
 
     hidden: ActivationCache
-    rest: list[tuple[tuple, dict]] = field(default_factory=list)  # (args[1:], kwargs) per batch
+    rest: ActivationCache  # (args[1:], kwargs) per batch; moved to the device per batch
     masks: list[dict] = field(default_factory=list)  # per batch, StatsAccumulator.set_masks
     positional: bool = True  # hidden states passed positionally (else as hidden_states=)
+
+    def close(self) -> None:
+        self.hidden.close()
+        self.rest.close()
 
 
 class _Skip(nn.Module):
@@ -318,8 +387,7 @@ def _reads_other_tower(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]],
-             cache: Callable[[], ActivationCache], run: BlockwiseRun,
-             device: torch.device | None = None
+             cache: Callable[..., ActivationCache], run: BlockwiseRun
              ) -> tuple[dict[str, list[_Stream]], set[str]]:
     """One capture round for ``stacks``: ``({stack: streams}, stacks that read another
     tower)``. Every block of ``stacks`` is a :class:`_Skip` during the pass."""
@@ -334,7 +402,7 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
             state["calls"][stack] = k + 1
             st = streams[stack]
             if k == len(st):
-                st.append(_Stream(cache()))
+                st.append(_Stream(cache(), cache(store_on_device=False)))
             s = st[k]
             kwargs = dict(kwargs)
             if args:
@@ -342,7 +410,7 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
             else:
                 hidden, rest, s.positional = kwargs.pop("hidden_states"), (), False
             s.hidden.append(hidden)
-            s.rest.append((_to(rest, device), _to(kwargs, device)))
+            s.rest.append((rest, kwargs))
             s.masks.append(state["masks"][stack])
             if _reads_other_tower(layer0, (hidden, *rest) if s.positional else rest,
                                   kwargs if s.positional else {"hidden_states": hidden, **kwargs}):
@@ -367,6 +435,10 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
                     if expected.setdefault(s, n) != n:
                         raise RuntimeError(f"stack {s}: layer 0 ran {n} times in one batch, "
                                            f"{expected[s]} in the first")
+    except BaseException:
+        for st in (st for sts in streams.values() for st in sts):
+            st.close()  # spilled files in the user's cache_dir go too
+        raise
     finally:
         for s, mods in saved.items():
             stack = vlm.model.get_submodule(s)
@@ -375,6 +447,8 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
     run.captures += 1
     missing = [s for s in stacks if not streams[s]]
     if missing:
+        for st in (st for sts in streams.values() for st in sts):
+            st.close()
         raise ConfigError(f"block-sequential calibration: the model's forward never ran "
                           f"{', '.join(missing)} on this data")
     return streams, dependent
@@ -478,8 +552,10 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
     folder = Path(tempfile.mkdtemp(prefix="vlc-blockwise-")) if own_dir else Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def new_cache() -> ActivationCache:
-        return ActivationCache(max_cache_bytes, folder, run, dev)
+    budget = CacheBudget(max_cache_bytes)
+
+    def new_cache(store_on_device: bool = True) -> ActivationCache:
+        return ActivationCache(budget, folder, run, dev, store_on_device=store_on_device)
 
     modalities = {s: sorted({m for b in bl for m in b.modalities}) for s, bl in groups.items()}
     pending = list(groups)
@@ -487,8 +563,7 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
         with progress.task("blockwise", total=sum(len(b) for b in groups.values())) as task:
             while pending:
                 t = time.perf_counter()
-                streams, dependent = _capture(vlm, data, pending, modalities, new_cache, run,
-                                              dev)
+                streams, dependent = _capture(vlm, data, pending, modalities, new_cache, run)
                 run.forward_seconds += time.perf_counter() - t
                 # A stack that reads another tower waits for the stacks it may read; when
                 # every pending stack does, they go ahead (nothing left to wait for).
@@ -496,7 +571,7 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
                 for s in pending:
                     if s not in ready:
                         for st in streams[s]:
-                            st.hidden.close()
+                            st.close()
                 for s in ready:
                     _run_stack(vlm, groups[s], streams[s], visit, gram, inputs, new_cache,
                                run, task, dev)
@@ -575,4 +650,4 @@ def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram:
                 task.advance()
     finally:
         for st in streams:
-            st.hidden.close()
+            st.close()

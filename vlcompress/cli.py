@@ -126,8 +126,40 @@ Fp16Opt = Annotated[bool, typer.Option(
 QuantizeOpt = Annotated[str, typer.Option(
     "--quantize", help="Also quantize: none, int8, fp16 or fp8 (fp8: trt, onnxruntime-trt; "
     "with --engine trt: int8/fp8 engines from explicit QDQ ONNX).")]
+CudaGraphsOpt = Annotated[bool, typer.Option(
+    "--cuda-graphs", help="Time under CUDA-graph replay: each batch size captured once, then "
+    "replayed (torch and torch-2:4 runtimes on cuda only).")]
 QuantMethodOpt = Annotated[str, typer.Option(
     "--quantize-method", help="int8: static (QDQ, calibrated on --calibration) or dynamic.")]
+
+
+def _method_trains(method: str) -> bool:
+    """Whether ``method`` retrains on the training pairs (unknown: True; the config says why)."""
+    from .errors import VlcError
+    from .methods.registry import get_method
+
+    try:
+        return get_method(method).retrain is not None
+    except VlcError:
+        return True
+
+
+def _refuse_pattern_options(ctx: typer.Context, pattern: str) -> None:
+    """``--units``/``--round-to`` only shape a structured pattern, ``--skip-incompatible`` only
+    an N:M one (an unknown pattern: the config's own refusal comes first)."""
+    from .config import Pattern
+    from .errors import VlcError
+
+    try:
+        pat = Pattern.parse(pattern)
+    except VlcError:
+        return
+    _refuse_meaningless(ctx, [
+        ("units", pat.is_structured, f"applies to --pattern structured only, not {pat}"),
+        ("round_to", pat.is_structured, f"applies to --pattern structured only, not {pat}"),
+        ("skip_incompatible", pat.is_nm,
+         f"applies to N:M patterns only (layers N:M cannot fit), not {pat}"),
+    ])
 
 
 def _errors(fn):
@@ -156,6 +188,27 @@ def _errors(fn):
     return wrapper
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or from the environment),
+    rather than leaving its default."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _refuse_meaningless(ctx: typer.Context, rules) -> None:
+    """Before any work: one line for the first option the user gave that another choice makes
+    meaningless. ``rules``: ``(parameter name, whether it means anything, why not)``."""
+    from .errors import ConfigError
+
+    for name, applies, why in rules:
+        if not applies and _given(ctx, name):
+            param = next(p for p in ctx.command.params if p.name == name)
+            flag = max(param.opts, key=len)
+            value = ctx.params.get(name)
+            shown = flag if isinstance(value, bool) else f"{flag} {value}"
+            raise ConfigError(f"{shown} {why}")
+
+
 def _version(value: bool):
     if value:
         out.print(f"vlcompress {__version__}")
@@ -181,6 +234,7 @@ def _progress():
 @app.command("prune-export")
 @_errors
 def prune_export_cmd(
+    ctx: typer.Context,
     model: ModelOpt = "tiny-clip",
     method: MethodOpt = "multiflow",
     sparsity: SparsityOpt = None,
@@ -218,10 +272,19 @@ def prune_export_cmd(
     triton: Annotated[str | None, typer.Option(
         "--triton", help="Also write OUT/triton, a Triton model repository with this backend: "
         "onnxruntime, tensorrt (needs --engine trt) or python.")] = None,
+    cuda_graphs: CudaGraphsOpt = False,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
     from .pipeline import RunConfig, prune_export
     from .report import console_tables
+
+    _refuse_pattern_options(ctx, pattern)
+    trains = recover_steps > 0 or _method_trains(method)
+    _refuse_meaningless(ctx, [
+        (name, trains, f"{what}: it needs --recover-steps > 0 or a method that retrains "
+         f"(upop, efficientvlm), not --method {method} alone")
+        for name, what in (("train_data", "is the training data"),
+                           ("train_size", "sizes the training data"))])
 
     cfg = RunConfig(model=model, method=method, sparsity=sparsity, pattern=pattern,
                     calibration=calibration, calibration_size=calibration_size, engine=engine,
@@ -231,7 +294,7 @@ def prune_export_cmd(
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
                     tower=tower, recover_steps=recover_steps, quantize=quantize,
                     quantize_method=quantize_method, target_speedup=target_speedup, triton=triton,
-                    method_options=parse_method_options(method_option))
+                    method_options=parse_method_options(method_option), cuda_graphs=cuda_graphs)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -251,6 +314,7 @@ def prune_export_cmd(
 @app.command("prune")
 @_errors
 def prune_cmd(
+    ctx: typer.Context,
     model: ModelOpt = "tiny-clip",
     method: MethodOpt = "multiflow",
     sparsity: SparsityOpt = None,
@@ -268,6 +332,7 @@ def prune_cmd(
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save
 
+    _refuse_pattern_options(ctx, pattern)
     res = prune_and_save(model, out_dir, method=method, sparsity=sparsity, pattern=pattern,
                          calibration=calibration, calibration_size=calibration_size, force=force,
                          skip_incompatible=skip_incompatible, progress_factory=_progress,
@@ -340,6 +405,7 @@ def models_cmd(
 @app.command("bench")
 @_errors
 def bench_cmd(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="A `vlcompress prune-export --out` folder.")],
     baseline: Annotated[Path | None, typer.Option(
         "--baseline", help="Report JSON to gate against (report.json or an earlier bench report).")] = None,
@@ -374,6 +440,7 @@ def bench_cmd(
     no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Skip accuracy.")] = False,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip latency.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report JSON instead of tables.")] = False,
+    cuda_graphs: CudaGraphsOpt = False,
 ):
     """Re-measure a prune-export folder; with --baseline, gate it (exit 1: a threshold broken)."""
     import os
@@ -386,11 +453,6 @@ def bench_cmd(
 
     if junit is not None and baseline is None:
         raise ConfigError("--junit needs --baseline (the JUnit test cases are the gate's checks)")
-    from .atomic import check_output_file
-
-    for opt, path in (("--summary", summary), ("--junit", junit), ("--report", report)):
-        if path is not None:  # checked before any work: nothing measured is lost at the end
-            check_output_file(path, opt)
     gate_cfg = GateConfig(max_latency_regression=max_latency_regression,
                           max_accuracy_drop=max_accuracy_drop, basis=latency_basis,
                           quantile=latency_quantile, confidence=confidence, metrics=metrics)
@@ -399,7 +461,23 @@ def bench_cmd(
                       precision=precision, batch_sizes=batch_sizes, iterations=iterations,
                       warmup=warmup, threads=threads,
                       eval_size=eval_size, accuracy=not no_accuracy, latency=not no_latency,
-                      gate=gate_cfg)
+                      cuda_graphs=cuda_graphs,
+                      gate=gate_cfg)  # values checked first, then what they mean together
+    _refuse_meaningless(ctx, [
+        *((name, not no_latency, "sets how latency is measured; drop it or --no-latency")
+          for name in ("runtime", "device", "precision", "batch_sizes", "iterations", "warmup",
+                       "threads", "cuda_graphs")),
+        *((name, not no_accuracy, "concerns accuracy; drop it or --no-accuracy")
+          for name in ("eval_size", "metrics")),
+        *((name, baseline is not None, "is a gate threshold: it needs --baseline")
+          for name in ("max_latency_regression", "max_accuracy_drop", "latency_basis",
+                       "latency_quantile", "confidence", "metrics")),
+    ])
+    from .atomic import check_output_file
+
+    for opt, path in (("--summary", summary), ("--junit", junit), ("--report", report)):
+        if path is not None:  # checked before any work: nothing measured is lost at the end
+            check_output_file(path, opt)
     with _progress() as prog:
         res = benchmark(cfg, progress=prog)
     md = res.summary_markdown()
@@ -437,6 +515,7 @@ def bench_cmd(
 @app.command("sweep")
 @_errors
 def sweep_cmd(
+    ctx: typer.Context,
     model: ModelOpt = "tiny-clip",
     methods: Annotated[str, typer.Option("--methods", help="Scorers, comma-separated.")] = \
         "magnitude,wanda,multiflow",
@@ -468,8 +547,16 @@ def sweep_cmd(
     """Prune one model with every method x pattern x sparsity: a table and PNG plots."""
     from rich.table import Table
 
+    from .config import Pattern
     from .report import METRIC_NAMES
     from .sweep import sweep
+
+    _refuse_meaningless(ctx, [
+        *((name, not no_latency, "sets how latency is measured; drop it or --no-latency")
+          for name in ("batch_sizes", "runtime", "device", "fp16", "iterations")),
+        ("sparsities", any(not Pattern.parse(p).is_nm for p in patterns.split(",") if p.strip()),
+         f"does not apply to --patterns {patterns} (N:M fixes the sparsity)"),
+    ])
 
     with _progress() as prog:
         res = sweep(model, methods, sparsities, patterns, out=out_dir, calibration=calibration,

@@ -56,6 +56,7 @@ class RunConfig:
     target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
     triton: str | None = None  # also write OUT/triton with this backend (exporters.triton)
     method_options: dict | None = None  # the method's own options (Method.options), checked
+    cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay (runtime.graphs)
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
@@ -94,7 +95,8 @@ class RunConfig:
         object.__setattr__(self, "batch_sizes", bs)
         lc = LatencyConfig(batch_sizes=bs, warmup=self.warmup, iterations=self.iterations,
                            runtime=self.engine, device=self.device,
-                           precision="fp16" if self.fp16 else None)
+                           precision="fp16" if self.fp16 else None,
+                           cuda_graphs=self.cuda_graphs)
         lc.runtime_entry.check_pattern(pc.pattern)
         if self.triton is not None:  # --triton BACKEND: checked before any work
             from .exporters.triton import check_triton_options

@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import check_positive_int
 from .distill import (
     CHECKPOINT,
     DEFAULTS,
@@ -261,6 +262,8 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
 
     t0 = time.perf_counter()
     steps = _check_steps(steps)
+    for name, v in (("--batch-size", batch_size), ("--size", n), ("--eval-size", eval_size)):
+        check_positive_int(v, name)
     weights = check_weights(weights)
     schedule = check_schedule(schedule)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_dir
-from .config import PruneConfig, parse_batch_sizes
+from .config import PruneConfig, check_positive_int, parse_batch_sizes
 from .errors import ConfigError
 from .progress import NULL
 from .runtime.registry import ENGINE, MODEL, LatencyConfig
@@ -154,6 +154,7 @@ def sweep(model: str = "tiny-clip", methods="magnitude,wanda,multiflow", sparsit
     from .pipeline import check_output_folder, export_examples
     from .prune import prune
 
+    check_positive_int(eval_size, "--eval-size")
     mopts = parse_sweep_method_options(method_options, methods)
     cells = plan_cells(methods, sparsities, patterns, mopts)
     lc = LatencyConfig(batch_sizes=parse_batch_sizes(batch_sizes), warmup=warmup,

@@ -39,35 +39,44 @@ ITC_TEMPERATURE = 0.07
 
 
 class _VisionTower(nn.Module):
+    """The vision encoder's hidden states; holds the vision encoder alone, so a runner that
+    moves or copies it to a GPU does not carry the text encoder along."""
+
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.vision_model = model.vision_model
 
     def forward(self, pixel_values):
-        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
 
 class _TextTower(nn.Module):
+    """Holds the text encoder and its projection only (as :class:`_VisionTower`)."""
+
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.text_encoder = model.text_encoder
+        self.text_proj = model.text_proj
 
     def forward(self, input_ids, attention_mask):
-        h = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.model.text_proj(h[:, 0, :])
+        h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.text_proj(h[:, 0, :])
 
 
 class _FusionTower(nn.Module):
+    """Holds the text encoder (with its cross-attention) and the ITM head only."""
+
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.text_encoder = model.text_encoder
+        self.itm_head = model.itm_head
 
     def forward(self, input_ids, attention_mask, image_embeds):
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        h = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                    encoder_hidden_states=image_embeds,
-                                    encoder_attention_mask=atts).last_hidden_state
-        return self.model.itm_head(h[:, 0, :])
+        h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              encoder_hidden_states=image_embeds,
+                              encoder_attention_mask=atts).last_hidden_state
+        return self.itm_head(h[:, 0, :])
 
 
 @register_family("blip")

@@ -20,23 +20,31 @@ _ROLES = {
 
 
 class _VisionTower(nn.Module):
+    """``get_image_features``: the vision encoder's pooled output, projected. It holds only
+    the vision modules (not the whole model), so a runner that moves or copies it to a GPU
+    moves the vision tower alone."""
+
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.vision_model = model.vision_model
+        # CLIP projects the pooled output; SigLIP's pooling head is inside its vision_model
+        self.visual_projection = getattr(model, "visual_projection", None) or nn.Identity()
 
     def forward(self, pixel_values):
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
 
 
 class _TextTower(nn.Module):
+    """``get_text_features``, holding only the text modules (as :class:`_VisionTower`)."""
+
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.text_model = model.text_model
+        self.text_projection = model.text_projection
 
     def forward(self, input_ids, attention_mask):
-        return self.model.get_text_features(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).pooler_output
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return self.text_projection(out.pooler_output)
 
 
 def encoder_linears(encoder_layers, prefix: str, modality: str) -> list[PrunableLayer]:

@@ -22,12 +22,14 @@ from .registry import register_family
 
 
 class _SiglipTextTower(nn.Module):
+    """``get_text_features`` holding the text encoder alone (its pooling head is inside)."""
+
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.text_model = model.text_model
 
     def forward(self, input_ids):
-        return self.model.get_text_features(input_ids=input_ids).pooler_output
+        return self.text_model(input_ids=input_ids).pooler_output
 
 
 @register_family("siglip")

@@ -148,10 +148,11 @@ class SemiStructuredReport:
     swapped: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     reason: str | None = None  # why nothing was tried at all
+    planned: bool = False  # PlannedSparseLinear modules (per-shape plan) instead of swaps
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "swapped": list(self.swapped),
-                "skipped": dict(self.skipped), "reason": self.reason}
+                "skipped": dict(self.skipped), "reason": self.reason, "planned": self.planned}
 
     def require_swaps(self, what: str = "the 2:4 model") -> None:
         """:class:`ModelError` (one line) when no layer was swapped: a "2:4" time measured on
@@ -194,10 +195,25 @@ def _has_cusparselt(torch) -> bool:
         return False
 
 
-def sparsify_linears(module, names=None) -> SemiStructuredReport:
+def dense_min_rows(backend: str, dtype) -> int:
+    """Row multiple the dense input of a semi-structured matmul needs (PyTorch pads to it)."""
+    try:
+        import torch
+
+        cls = (torch.sparse.SparseSemiStructuredTensorCUSPARSELT if backend == "cusparselt"
+               else torch.sparse.SparseSemiStructuredTensorCUTLASS)
+        return int(cls._DTYPE_SHAPE_CONSTRAINTS[dtype].dense_min_rows)
+    except (AttributeError, KeyError, ImportError):
+        return 8 if backend == "cusparselt" else 32
+
+
+def sparsify_linears(module, names=None, planned: bool = False) -> SemiStructuredReport:
     """Replace the weight of every 2:4 ``nn.Linear`` of ``module`` (on a CUDA GPU, in
     fp16/bf16) by ``torch.sparse.to_sparse_semi_structured(weight)``; ``names`` limits it to
-    those module names. Each swapped weight is tried once with ``F.linear`` before it is kept
+    those module names. ``planned`` (cuSPARSELt only): each 2:4 Linear becomes a
+    :class:`~vlcompress.runtime.graphs.PlannedSparseLinear` (one algorithm search and one
+    padded input buffer per row count, no per-call padding) instead of a weight swap; the
+    report's ``planned`` says which. Each swapped weight is tried once with ``F.linear`` before it is kept
     (a kernel that fails here would fail in the timed call). Layers that cannot are listed
     with the reason; the report's :meth:`~SemiStructuredReport.require_swaps` turns "none
     swapped" into an error. ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set only while
@@ -216,6 +232,7 @@ def sparsify_linears(module, names=None) -> SemiStructuredReport:
     cap = tuple(torch.cuda.get_device_capability(dev)) if dev is not None else None
     backend, why_not = choose_backend(_has_cusparselt(torch), cap, forced)
     rep = SemiStructuredReport(backend, reason=why_not)
+    rep.planned = bool(planned and backend == "cusparselt")
     if backend is None:
         rep.skipped.update({n: why_not for n, _ in linears})
         return rep
@@ -230,16 +247,27 @@ def sparsify_linears(module, names=None) -> SemiStructuredReport:
             if why is not None:
                 rep.skipped[name] = why
                 continue
+            x = torch.zeros(backend_constraints(backend, w.dtype)[0], w.shape[1],
+                            dtype=w.dtype, device=w.device)
             try:
-                sparse = torch.sparse.to_sparse_semi_structured(w.detach().contiguous())
-                x = torch.zeros(backend_constraints(backend, w.dtype)[0], w.shape[1],
-                                dtype=w.dtype, device=w.device)
-                torch.nn.functional.linear(x, sparse)  # the kernel runs here, or not at all
+                if rep.planned:
+                    from .graphs import PlannedSparseLinear
+
+                    new = PlannedSparseLinear(w, mod.bias, min_rows=max(
+                        16, dense_min_rows(backend, w.dtype)))
+                    new(x)  # the kernel runs here, or not at all
+                else:
+                    sparse = torch.sparse.to_sparse_semi_structured(w.detach().contiguous())
+                    torch.nn.functional.linear(x, sparse)
                 torch.cuda.synchronize(w.device)
             except (RuntimeError, ValueError, NotImplementedError) as exc:
                 rep.skipped[name] = " ".join(str(exc).split())[:200]
                 continue
-            mod.weight = torch.nn.Parameter(sparse, requires_grad=False)
+            if rep.planned:
+                parent, _, child = name.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, child, new)
+            else:
+                mod.weight = torch.nn.Parameter(sparse, requires_grad=False)
             rep.swapped.append(name)
     finally:
         cls._FORCE_CUTLASS = forced
@@ -253,7 +281,13 @@ class TorchCudaRunner(TorchRunner):
     """A private fp16 (or ``dtype``) copy of ``module`` on the GPU, optionally with 2:4 Linear
     weights as semi-structured sparse tensors (``semi_structured=True``; layers that cannot be
     swapped are recorded in :attr:`semi_structured_report`; none swapped at all is a
-    :class:`ModelError` on activation). ``compile=True`` wraps the module in ``torch.compile``.
+    :class:`ModelError` on activation). ``compile=True``: one static ``torch.compile`` per
+    input shape (:class:`~vlcompress.runtime.graphs.StaticCompile`, compilations counted in
+    :attr:`compiles`). ``cuda_graphs=True``: each input shape is captured once as a CUDA graph
+    and replayed (:class:`~vlcompress.runtime.graphs.GraphedCall`). Without ``compile`` the
+    cuSPARSELt 2:4 layers are :class:`~vlcompress.runtime.graphs.PlannedSparseLinear` (one
+    algorithm search per shape); with it they stay PyTorch's semi-structured tensors (their
+    op traces into the compiled graph).
 
     Input arrays are copied to the GPU once per feed array (cached), so host-to-device copies
     stay out of timed calls; ``copy_outputs=False`` returns the output tensors on the GPU
@@ -264,7 +298,7 @@ class TorchCudaRunner(TorchRunner):
 
     def __init__(self, module, input_names, device: str = "cuda", name: str | None = None,
                  output_names=("embeds",), dtype: str = "float16", semi_structured: bool = False,
-                 copy_outputs: bool = True, compile: bool = False):
+                 copy_outputs: bool = True, compile: bool = False, cuda_graphs: bool = False):
         label = name or f"torch-cuda-{dtype}{'-2:4' if semi_structured else ''}"
         super().__init__(module, input_names, device=device, name=label,
                          output_names=output_names)
@@ -273,7 +307,22 @@ class TorchCudaRunner(TorchRunner):
         self.copy_outputs = copy_outputs
         self.semi_structured_report: SemiStructuredReport | None = None
         self.compile = bool(compile)
+        self.cuda_graphs = bool(cuda_graphs)
         self._cache: dict[int, tuple[object, object]] = {}
+        self._compiled = self._graphed = None
+        self._counts = {"compiles": 0, "graph_captures": 0}  # of the last activation
+        self.attn_implementation = None
+
+    @property
+    def compiles(self) -> int:
+        """Graphs ``torch.compile`` built in this activation (the last one when inactive)."""
+        return self._compiled.compiles if self._compiled is not None else \
+            self._counts["compiles"]
+
+    @property
+    def graph_captures(self) -> int:
+        return self._graphed.captures if self._graphed is not None else \
+            self._counts["graph_captures"]
 
     @property
     def precision(self) -> str:
@@ -284,13 +333,20 @@ class TorchCudaRunner(TorchRunner):
         import torch
 
         d = {"provider": f"torch {torch.__version__} ({self.device}"
-                         f"{', torch.compile' if self.compile else ''})",
-             "precision": self.precision}
+                         f"{', torch.compile static' if self.compile else ''}"
+                         f"{', CUDA graphs' if self.cuda_graphs else ''})",
+             "precision": self.precision, "compile": self.compile,
+             "cuda_graphs": self.cuda_graphs, "attn_implementation": self.attn_implementation}
+        if self.compile:
+            d["compiles"] = self.compiles
+        if self.cuda_graphs:
+            d["graph_captures"] = self.graph_captures
         if self.semi_structured_report is not None:
             rep = self.semi_structured_report
             d["provider"] += f", semi-structured 2:4 ({rep.backend})"
             d["semi_structured"] = {"backend": rep.backend, "swapped": len(rep.swapped),
-                                    "skipped": len(rep.skipped), "reason": rep.reason}
+                                    "skipped": len(rep.skipped), "reason": rep.reason,
+                                    "planned": rep.planned}
         return d
 
     def _activate(self) -> None:
@@ -299,20 +355,27 @@ class TorchCudaRunner(TorchRunner):
         self._dtype = getattr(torch, self.dtype_name)
         self._module = copy.deepcopy(self.module).to(self._torch_device, self._dtype).eval()
         self.semi_structured_report = None
+        from .graphs import GraphedCall, StaticCompile, attn_implementation
+
+        self.attn_implementation = attn_implementation(self._module)
         if self.semi_structured:
-            rep = sparsify_linears(self._module)
+            rep = sparsify_linears(self._module, planned=not self.compile)
             self.semi_structured_report = rep
             try:
                 rep.require_swaps(f"runner {self.name!r}")
             except Exception:
                 self._module = None
                 raise
-        if self.compile:  # torch.compile (inductor, default mode); compiles on first call
-            self._module = torch.compile(self._module)
+        self._fn = self._module
+        if self.compile:  # inductor, a static graph per shape, compiled on its first call
+            self._compiled = self._fn = StaticCompile(self._module)
+        if self.cuda_graphs:
+            self._graphed = self._fn = GraphedCall(self._fn)
         self._home = None  # the caller's module is never moved
 
     def _deactivate(self) -> None:
-        self._module = None
+        self._counts = {"compiles": self.compiles, "graph_captures": self.graph_captures}
+        self._module = self._fn = self._graphed = self._compiled = None
         self._cache.clear()
 
     def _to_device(self, arr):
@@ -336,7 +399,7 @@ class TorchCudaRunner(TorchRunner):
             raise KeyError(f"feed lacks input(s) {', '.join(missing)} for runner {self.name!r}")
         args = {n: self._to_device(feed[n]) for n in self.input_names}
         with torch.inference_mode():
-            out = self._module(**args)
+            out = self._fn(**args)
         if not self.copy_outputs:
             if isinstance(out, torch.Tensor):
                 return {self.output_names[0]: out}
@@ -358,6 +421,7 @@ def _cuda_factory(semi_structured: bool):
         semi = semi_structured and art.variant != "dense"
         return Built({t: TorchCudaRunner(vlm.tower_module(t), tower_input_names(vlm, t),
                                          semi_structured=semi, copy_outputs=False,
+                                         cuda_graphs=opts.cuda_graphs,
                                          name=f"torch-cuda-fp16-{art.variant}")
                       for t in towers})
 

@@ -35,7 +35,8 @@ def interleaved_order(names: list[str], iteration: int) -> list[str]:
 
 def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations: int = 30,
             sync: Callable[[], None] | None = None, trace: list | None = None,
-            cuda_events: bool = False) -> dict[str, list[float]]:
+            cuda_events: bool = False, host: dict[str, list[float]] | None = None
+            ) -> dict[str, list[float]]:
     """Time every runner on its feed; return label -> milliseconds per iteration.
 
     ``warmup`` untimed rounds, then ``iterations`` timed rounds, interleaved (see the module
@@ -46,7 +47,10 @@ def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations
     ``trace``, if given, receives ``(phase, iteration, label)`` for every call, in order.
     ``cuda_events`` times each call with a pair of CUDA events (recorded on the runner's
     ``stream`` if it has one, else torch's current stream) instead of the host clock; the
-    synchronisations around each call stay. The CPU path is unchanged.
+    synchronisations around each call stay. The CPU path is unchanged. ``host``, with
+    ``cuda_events``, receives label -> host issue time per timed call (ms): the wall time of
+    the call that enqueues the work, before the end event waits for it (see
+    :func:`~vlcompress.runtime.graphs.host_bound`).
     """
     if iterations < 1 or warmup < 0:
         raise ConfigError(f"warmup={warmup}, iterations={iterations}; need warmup >= 0, "
@@ -83,8 +87,12 @@ def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations
                     s()
                     if timers:
                         with timers[k].time():
+                            h0 = time.perf_counter_ns()
                             runner.infer(feed)
+                            h1 = time.perf_counter_ns()
                         s()
+                        if host is not None:
+                            host.setdefault(k, []).append((h1 - h0) / 1e6)
                         times[k].append(timers[k].last_ms)
                     else:
                         t0 = time.perf_counter_ns()
@@ -97,6 +105,20 @@ def measure(runners: dict[str, tuple[Runner, Feed]], warmup: int = 5, iterations
             if gc_was_enabled:
                 gc.enable()
     return times
+
+
+def host_facts(times: dict[str, list[float]], host: dict[str, list[float]]) -> dict:
+    """``host_ms`` (label -> p50 host issue time) and ``host_bound`` (label -> whether that
+    is at least :data:`~vlcompress.runtime.graphs.HOST_BOUND_RATIO` of the p50 GPU time) for
+    a measurement; both None where no host time was taken (the CPU: the host runs the
+    kernels, the question does not arise)."""
+    from .graphs import host_bound
+
+    if not host:
+        return {"host_ms": None, "host_bound": None}
+    p50 = {k: float(np.median(v)) for k, v in host.items()}
+    return {"host_ms": {k: round(v, 4) for k, v in p50.items()},
+            "host_bound": {k: host_bound(p50[k], float(np.median(times[k]))) for k in p50}}
 
 
 def _use_cuda_events(*runners: Runner) -> bool:
@@ -154,9 +176,10 @@ def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
                         stack.enter_context(r)
                 for b in config.batch_sizes:
                     feed = feeds[(tower, b)]
+                    host: dict[str, list[float]] = {}
                     times = measure({"dense": (d, feed), "pruned": (p, feed)},
                                     warmup=config.warmup, iterations=config.iterations,
-                                    cuda_events=_use_cuda_events(d, p))
+                                    cuda_events=_use_cuda_events(d, p), host=host)
                     ds, ps = summary(times["dense"]), summary(times["pruned"])
                     rows.append({
                         "runtime": getattr(d, "runtime", config.runtime),
@@ -170,6 +193,7 @@ def compare_latency(dense: dict[str, Runner], pruned: dict[str, Runner],
                         # gate's bootstrap (vlcompress.gate); 0.1 us resolution.
                         "dense_samples_ms": [round(t, 4) for t in times["dense"]],
                         "pruned_samples_ms": [round(t, 4) for t in times["pruned"]],
+                        **host_facts(times, host),
                     })
                     task.advance()
     return rows

@@ -59,6 +59,7 @@ class BuildOptions:
     seq_len: int | None = None
     check_feeds: dict | None = None  # tower -> feed, to validate freshly built engines
     timing_cache: Path | None = None
+    cuda_graphs: bool = False  # torch on CUDA: capture each shape once, replay it
 
 
 @dataclass
@@ -183,6 +184,7 @@ class LatencyConfig:
     threads: int | None = None
     towers: tuple[str, ...] | None = None
     precision: str | None = None
+    cuda_graphs: bool = False  # torch / torch-2:4 on cuda only: CUDA-graph replay
 
     def __post_init__(self):
         bs = tuple(self.batch_sizes)
@@ -201,6 +203,10 @@ class LatencyConfig:
         object.__setattr__(self, "runtime", rt.name)
         object.__setattr__(self, "device", rt.device)
         object.__setattr__(self, "precision", rt.precision)
+        if self.cuda_graphs and not (rt.consumes == MODEL and rt.device == "cuda"):
+            raise ConfigError(f"--cuda-graphs replays PyTorch on a CUDA GPU; the runtime here "
+                              f"is {rt.name} on {rt.device}; allowed: --cuda-graphs with "
+                              "--engine torch or torch-2:4 and --device cuda")
         if self.towers is not None:
             object.__setattr__(self, "towers", tuple(self.towers))
 

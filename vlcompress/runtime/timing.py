@@ -21,6 +21,12 @@ from .registry import ENGINE, MODEL, Artefacts, BuildOptions, LatencyConfig, Run
 Feed = dict
 
 
+def _options(options: BuildOptions | None, config: LatencyConfig) -> BuildOptions:
+    """The build options, with the measurement's choices (CUDA graphs) carried in."""
+    opts = options or BuildOptions(threads=config.threads, batch_sizes=config.batch_sizes)
+    return dataclasses.replace(opts, cuda_graphs=config.cuda_graphs)
+
+
 def artefact_towers(rt: Runtime, art: Artefacts) -> list[str]:
     """The towers of ``art`` that ``rt`` can run (model towers, ONNX files or engines)."""
     if rt.consumes == MODEL:
@@ -58,7 +64,7 @@ def time_models(runtime: Runtime | str | tuple | None, dense: Artefacts, pruned:
         have = set(artefact_towers(rt, dense))
         towers = [t for t in artefact_towers(rt, pruned) if t in have]
     towers = list(towers)
-    opts = options or BuildOptions(threads=config.threads, batch_sizes=config.batch_sizes)
+    opts = _options(options, config)
     d = rt.build(dense, towers, opts)
     p = rt.build(pruned, towers, opts)
     lc = dataclasses.replace(config, runtime=rt.name, device=rt.device, precision=rt.precision,
@@ -105,14 +111,14 @@ def time_variants(variants: dict[str, tuple[Runtime, Artefacts]], feeds: dict[tu
     / p50, "precision", "quantize", "provider", "samples_ms"}``."""
     from contextlib import ExitStack
 
-    from .latency import _use_cuda_events, measure, summary
+    from .latency import _use_cuda_events, host_facts, measure, summary
 
     labels = list(variants)
     built = {}
     for label, (rt, art) in variants.items():
         if check:
             rt.check()
-        opts = options or BuildOptions(threads=config.threads, batch_sizes=config.batch_sizes)
+        opts = _options(options, config)
         built[label] = rt.build(art, list(towers), opts)
     rows = []
     ref = labels[0]
@@ -125,13 +131,14 @@ def time_variants(variants: dict[str, tuple[Runtime, Artefacts]], feeds: dict[tu
                         stack.enter_context(r)
                 for b in config.batch_sizes:
                     feed = feeds[(tower, b)]
+                    host: dict[str, list[float]] = {}
                     times = measure({k: (runners[k], feed) for k in labels},
                                     warmup=config.warmup, iterations=config.iterations,
-                                    cuda_events=_use_cuda_events(*runners.values()))
+                                    cuda_events=_use_cuda_events(*runners.values()), host=host)
                     sm = {k: summary(times[k]) for k in labels}
                     rt0 = variants[ref][0]
                     row = {"runtime": rt0.name, "device": rt0.device, "tower": tower, "batch": b,
-                           "variants": {}}
+                           "variants": {}, **host_facts(times, host)}
                     for k in labels:
                         desc = runners[k].describe()
                         art = variants[k][1]

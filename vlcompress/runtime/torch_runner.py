@@ -35,8 +35,11 @@ class TorchRunner(Runner):
     precision = "fp32"
 
     def describe(self) -> dict:
+        from .graphs import attn_implementation
+
         return {"provider": f"torch {torch.__version__} ({self.device})",
-                "precision": self.precision}
+                "precision": self.precision,
+                "attn_implementation": attn_implementation(self.module)}
 
     def _activate(self) -> None:
         if self.device.startswith("cuda"):
