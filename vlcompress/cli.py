@@ -391,6 +391,10 @@ def models_cmd(
         for m in all_methods():
             for o in m.options:
                 opts.add_row(m.name, o.describe(), o.help)
+        from .methods.registry import NM_OPTIONS
+
+        for o in NM_OPTIONS:  # every method that supports N:M takes these
+            opts.add_row("(any, N:M)", o.describe(), o.help)
         if opts.row_count:
             out.print(opts)
         return

@@ -158,6 +158,9 @@ class PruneConfig:
         m = check_method(self.method, pat, depth=self.depth)
         object.__setattr__(self, "method_options",
                            m.check_options(parse_method_options(self.method_options)))
+        if self.method_options.get("permute") and not pat.is_nm:
+            raise ConfigError(f"method option permute=true permutes input channels for an N:M "
+                              f"pattern, not {pat}; use --pattern 2:4 (or another N:M) or drop it")
         if pat.is_nm:
             implied = pat.implied_sparsity
             if self.sparsity is not None:

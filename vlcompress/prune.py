@@ -216,10 +216,12 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         for ly in layers:
             masks[ly.name] = torch.ones(ly.weight.shape, dtype=torch.bool, device=ly.weight.device)
     elif m.kind == "solve" and layers:  # updates weights / chooses among methods
+        if cfg.method_options.get("permute"):
+            details["permute"] = _permute_for_solver(ctx, layers, pat)
         solved = m.solve(ctx, layers)
         masks = solved.masks if isinstance(solved.masks, PackedMasks) \
             else PackedMasks(solved.masks)
-        details = dict(solved.details)
+        details = {**details, **solved.details}
         allocation = solved.allocation or allocation
         calib_seconds += solved.calibration_seconds
     elif layers:
@@ -234,8 +236,15 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         with progress.task("score", total=len(layers)) as task:
             for ly in layers:
                 kw = {"extra": extra.pop(ly.name, None)} if m.prepare is not None else {}
-                scores[ly.name] = m.score(ly, stats.get(ly.name), seed=cfg.seed, **kw)
+                scores[ly.name] = m.score(ly, stats.get(ly.name), seed=cfg.seed, **kw,
+                                          **_score_options(m, cfg))
                 task.advance()
+        if cfg.method_options.get("permute"):  # N:M only (PruneConfig): reorder, then mask
+            from .sparsity.permute import permute_for_nm
+
+            details["permute"] = permute_for_nm(
+                vlm, layers, scores, pat.n, pat.m, seed=cfg.seed, progress=progress,
+                seconds=cfg.method_options["permute_seconds"])
         counts = None
         if allocation not in ("nm", "per_row", "per_block"):
             counts = allocate(allocation, layers, scores, target)
@@ -263,6 +272,36 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         calibration=calib_desc, details={**details, **({"method_options": cfg.method_options}
                                                         if cfg.method_options else {})},
     )
+
+
+def _score_options(m: Method, cfg) -> dict:
+    """``options=`` for a scorer that declares options (RIA's exponent), else nothing."""
+    return {"options": {o.name: cfg.method_options[o.name] for o in m.options}} \
+        if m.kind == "score" and m.options else {}
+
+
+def _permute_for_solver(ctx: Context, layers, pat) -> dict:
+    """Channel permutation before a solver (SparseGPT, auto) masks the weights itself: the
+    importance is ``|W_ij| * a_j`` (wanda; SparseGPT's OBS saliency ``w^2 / [H^-1]_jj`` with a
+    diagonal Hessian), from one extra calibration pass over the permutable layers only."""
+    from .calibrate import collect_stats
+    from .sparsity.permute import permutable_pairs, permute_for_nm
+
+    pairs, _ = permutable_pairs(ctx.vlm, layers)
+    targets = [p.consumer for p in pairs]
+    t0 = time.perf_counter()
+    stats = collect_stats(ctx.vlm, ctx.data, targets, progress=ctx.progress) \
+        if targets and ctx.data is not None else {}
+    scores = {ly.name: ly.weight.detach().float().abs()
+              * (stats[ly.name].norm.to(ly.weight.device).unsqueeze(0) if ly.name in stats else 1.0)
+              for ly in targets}
+    calib = time.perf_counter() - t0
+    out = permute_for_nm(ctx.vlm, layers, scores, pat.n, pat.m, seed=ctx.cfg.seed,
+                         progress=ctx.progress,
+                         seconds=ctx.cfg.method_options["permute_seconds"])
+    out["importance"] = "|W| * ||x_j|| (wanda)" if stats else "|W| (no calibration data)"
+    out["calibration_seconds"] = calib
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +373,8 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
                 stats = collect_stats(vlm, ctx.data, lys, progress=progress)
             with progress.task("score", total=len(blocks)) as task:
                 for b in blocks:
-                    sc = {ly.name: m.score(ly, stats.get(ly.name), seed=cfg.seed)
+                    sc = {ly.name: m.score(ly, stats.get(ly.name), seed=cfg.seed,
+                                           **_score_options(m, cfg))
                           for ly in b.linears.values()}
                     head_s[b.prefix], neur_s[b.prefix] = group_scores_from_weights(b, sc)
                     task.advance()

@@ -105,6 +105,17 @@ class Option:
         return v
 
 
+#: Options of every method that supports N:M (``--method-option permute=true``): channel
+#: permutation before the N:M selection (:mod:`vlcompress.sparsity.permute`), and the search's
+#: time budget for the whole model.
+NM_OPTIONS = (
+    Option("permute", bool, False, "permute each layer's input channels (absorbed into the "
+           "layer that produces them) so the N:M groups keep more importance; N:M only"),
+    Option("permute_seconds", float, 30.0, "time budget of the permutation search, whole "
+           "model", minimum=0.0),
+)
+
+
 @dataclass(frozen=True)
 class Method:
     """A pruning method's declaration (see the module doc)."""
@@ -159,18 +170,29 @@ class Method:
                 "options": {o.name: {"type": o.type.__name__, "default": o.default,
                                      "help": o.help} for o in self.options}}
 
+    @property
+    def run_options(self) -> tuple[Option, ...]:
+        """Options every method of a pattern gets (:data:`NM_OPTIONS` for N:M methods)."""
+        return NM_OPTIONS if "nm" in self.patterns else ()
+
     def check_options(self, given: dict | None) -> dict:
         """Every option of this method, ``given`` ones checked and cast, the rest defaulted;
-        an unknown name or a bad value is one ConfigError line naming what is allowed."""
+        an unknown name or a bad value is one ConfigError line naming what is allowed. The
+        :attr:`run_options` appear only when one of them is given (then all, defaulted)."""
         known = {o.name: o for o in self.options}
+        shared = {o.name: o for o in self.run_options}
         given = dict(given or {})
-        unknown = [k for k in given if k not in known]
+        unknown = [k for k in given if k not in known and k not in shared]
         if unknown:
-            allowed = ", ".join(o.describe() for o in self.options) or "none"
+            allowed = ", ".join(o.describe() for o in self.options + self.run_options) or "none"
             raise ConfigError(f"method {self.name!r} has no option {unknown[0]!r}; its options: "
                               f"{allowed}")
-        return {name: (o.check(self.name, given[name]) if name in given else o.default)
-                for name, o in known.items()}
+        out = {name: (o.check(self.name, given[name]) if name in given else o.default)
+               for name, o in known.items()}
+        if any(name in given for name in shared):
+            out.update({name: (o.check(self.name, given[name]) if name in given else o.default)
+                        for name, o in shared.items()})
+        return out
 
 
 @dataclass

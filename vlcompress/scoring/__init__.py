@@ -15,17 +15,21 @@ through group scores (a head's score is the sum of its weights' scores).
 
 from __future__ import annotations
 
-from ..methods.registry import Method, register_method
+from ..methods.registry import Method, Option, register_method
 
 
-def register_scorer(name: str, *, needs_calibration: bool, allocation: str, description: str = ""):
-    """Register ``fn(layer, stats, *, seed) -> Tensor`` as the method ``name`` (kind score)."""
+def register_scorer(name: str, *, needs_calibration: bool, allocation: str, description: str = "",
+                    options: tuple[Option, ...] = ()):
+    """Register ``fn(layer, stats, *, seed) -> Tensor`` as the method ``name`` (kind score).
+
+    A scorer that declares ``options`` (its reference's knobs, ``--method-option``) is called
+    with ``options=`` the checked values as well."""
 
     def deco(fn):
         register_method(Method(name=name, kind="score", description=description,
                                patterns=("unstructured", "nm", "structured"),
                                needs=("calibration",) if needs_calibration else (),
-                               allocation=allocation, score=fn))
+                               allocation=allocation, score=fn, options=tuple(options)))
         return fn
 
     return deco
