@@ -51,7 +51,8 @@ def main():
     t0 = time.perf_counter()
     load0 = list(os.getloadavg())  # the machine is shared: say how loaded it was
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = RunConfig(model=a.model, tower="vision", method=a.method, sparsity=a.sparsity,
+        cfg = RunConfig(model=a.model, tower="vision", method=a.method,
+                        sparsity=None if a.target_speedup else a.sparsity,  # the search picks
                         pattern="structured", calibration_size=a.calibration_size, eval_size=16,
                         batch_sizes=a.batch_sizes, iterations=a.iterations, warmup=a.warmup,
                         quantize=a.quantize, quantize_method=a.quantize_method,

@@ -299,7 +299,7 @@ def prune_export_cmd(
         report = prune_export(cfg, progress=prog)
     if as_json:
         out.print_json(json.dumps(report, default=str))
-        return
+        return _target_verdict(report, lines=False)
     p = report["prune"]
     out.print(f"[bold]{report['model']['name']}[/]: {p['method']} {p['pattern']}, achieved "
               f"sparsity {100 * p['achieved']:.1f}% "
@@ -309,6 +309,22 @@ def prune_export_cmd(
         out.print(t)
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
+    _target_verdict(report, lines=True)
+
+
+def _target_verdict(report: dict, lines: bool) -> None:
+    """--target-speedup: the search and its verdict on the terminal; a miss in the run's full
+    timing exits 1, like a broken gate (the run is written: it is what was measured)."""
+    if not report.get("target_speedup"):
+        return
+    from .speedup_search import search_lines, target_missed
+
+    for line in search_lines(report["target_speedup"]) if lines else ():
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
+    if target_missed(report):
+        err.print(f"--target-speedup {report['target_speedup']['target_speedup']:g} missed in "
+                  "the run's full timing (the run is written)", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command("prune")

@@ -61,6 +61,10 @@ class RunConfig:
     latency_config: LatencyConfig = field(init=False, repr=False)
 
     def __post_init__(self):
+        if self.target_speedup is not None and self.sparsity is not None:
+            raise ConfigError(f"--target-speedup {self.target_speedup} chooses the sparsity; "
+                              f"--sparsity {self.sparsity} is not allowed with it (allowed: "
+                              "one of the two)")
         pc = PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern,
                          scope=self.scope, skip_incompatible=self.skip_incompatible, seed=self.seed,
                          units=self.units, round_to=self.round_to, depth=self.depth,

@@ -10,19 +10,29 @@ dimension); activations calibrated (MinMax) on the user's calibration pairs, uin
 for ONNX Runtime CPU (its fast u8s8 kernels), int8 symmetric for TensorRT (explicit QDQ: TensorRT
 needs zero points of 0, and places int8 -- and 2:4 sparse int8 -- kernels around each QDQ pair).
 
+**Where the Q/DQ pairs go: the inputs and weights of weight-bearing layers, nothing else**
+(TensorRT's placement advice, "Q/DQ Layer-Placement Recommendations": quantize the inputs of
+weighted operations, do not quantize their outputs). ONNX Runtime's QDQ quantizer by default
+also puts a pair on every quantized node's output (``OpTypesToExcludeOutputQuantization``
+unset) and lets every other reader of a quantized tensor read the dequantized copy, so q/k/v
+outputs and the residual stream were rounded per tensor; :func:`_inputs_only` removes both:
+output quantization is excluded, and any reader that is not a quantized layer (a residual
+``Add``, a LayerNorm) reads the float tensor again.
+
 **What stays in float (per op type, :data:`INT8_OPS`).** Only the weight-bearing ops are
 quantized: ``MatMul``/``Gemm`` whose second input is a weight (every Linear: attention q/k/v/o,
 MLP fc1/fc2, projections) and ``Conv`` (the patch embedding). Activation-activation MatMuls
 (``Q K^T`` and ``softmax V`` in attention), Softmax, LayerNorm, GELU, residual adds stay fp32:
 they hold almost none of the FLOPs at these sequence lengths, and the attention probabilities
 and the pre-LayerNorm residual stream have outliers that a per-tensor uint8 scale crushes.
-Measured (``benchmarks/quant_quality.py``'s ``quant_ops``: tiny-clip, 720 eval pairs, ONNX
-Runtime CPU, one thread, interleaved): quantizing the attention MatMuls too is *slower* in
-every cell but one (vision batch 1: 1.33x over fp32 against 1.46x weights-only on the dense
-model, 1.20x against 1.28x on the structured 50% recovered one; text batch 8 on the dense
-model: 1.415x against 1.405x, a tie) -- their per-call QuantizeLinear costs more than the
-int8 product saves -- and on the recovered structured model it loses more accuracy (zero-shot
-94.7% against 95.1% weights-only, i2t R@1 21.1% against 22.8%; fp32 95.3% / 22.6%). So
+Measured before the placement fix above (``benchmarks/quant_quality.py``'s ``quant_ops``, the
+earlier versions of ``quant_quality.json`` in git history: tiny-clip, 720 eval pairs, ONNX
+Runtime CPU, one thread, interleaved): quantizing the attention MatMuls too was *slower* in
+every cell but one -- their per-call QuantizeLinear cost more than the int8 product saved.
+Re-measured with the placement fix (``quant_quality.json``): the same accuracy either way on the
+recovered structured model (zero-shot 98.3% weights-only against 98.2%, i2t R@1 97.5%
+against 97.6%; fp32 98.2% / 97.5%); its timings were taken under a load average of 8-15 on 2
+cores and decide nothing. So
 weights-only is the default; ``quantize_activation_matmuls`` turns the other on.
 
 **int8, dynamic.** ``quantize_dynamic``: weights int8 per channel, activations quantized on the
@@ -31,14 +41,22 @@ fly per call (no calibration); ONNX Runtime CPU only.
 **fp16.** :func:`vlcompress.exporters.onnx.convert_fp16` (the export's own converter).
 
 **fp8** (TensorRT on a GPU with fp8, compute capability >= 8.9): the same explicit QDQ graph
-with ``float8e4m3fn`` weights and activations. Built and checked here (graph, scales); only a
-GPU can build the engine (tested to that boundary).
+with ``float8e4m3fn`` weights and activations, activations calibrated MinMax like int8 (scale =
+max |x| / 448, the e4m3 maximum). Built and checked here (graph, scales); only a GPU can build
+the engine (tested to that boundary).
+
+**On the fp16 graph** (``float16=True``, TensorRT int8 / fp8 builds): quantization runs on the
+fp32 graph (calibration needs fp32), then everything outside the Q/DQ pairs -- scales
+included -- is converted to fp16 with the export's converter (LayerNorm, Softmax stay fp32
+inside it as in every fp16 export), so the quantized engines run their float layers in fp16 like
+the fp16 engines they are compared with. The opset is raised to 19 where lower (fp16 scales
+on QuantizeLinear need it; 19 only adds types to the ops these exports use).
 
 Zeros stay zeros: a symmetric weight scale maps 0 to exactly 0, so a 2:4 weight keeps its
 pattern in the int8 initialiser (:func:`check_nm_quantized` reads the quantized initialisers).
 Every file keeps the export's metadata and records ``vlcompress.quantize`` (int8 | fp16 | fp8)
 and ``vlcompress.quantize_method``; ``vlcompress.precision`` stays the precision of the float
-parts (fp32, or fp16 after fp16), which is what the runtime registry checks.
+parts (fp32, or fp16 after fp16 or ``float16=True``), which is what the runtime registry checks.
 """
 
 from __future__ import annotations
@@ -64,14 +82,23 @@ TARGETS = ("onnxruntime", "tensorrt")
 INT8_OPS = ("MatMul", "Gemm", "Conv")
 #: which quantizations each runtime can run (runtimes not listed: none only). tensorrt: engines
 #: built from explicit QDQ ONNX (target "tensorrt") on its tensorrt/cuda/int8 and /fp8 entries;
-#: its float engines are already fp16, so fp16 is not a quantization there
+#: its float engines are already fp16, so fp16 is not a quantization there. onnxruntime-trt:
+#: int8 written for TensorRT (symmetric, zero points 0; ONNX Runtime's uint8 activations would
+#: be handed to another provider), no fp8 (its TensorRT provider builds no strongly typed fp8
+#: network from our files: refused before any work)
 RUNTIME_QUANTIZE = {
     "onnxruntime": ("int8", "fp16"),
-    "onnxruntime-trt": ("int8", "fp16", "fp8"),
+    "onnxruntime-trt": ("int8", "fp16"),
     "tensorrt": ("int8", "fp8"),
 }
+#: (runtime, device) -> quantizations refused there, with why (checked before any work)
+DEVICE_REFUSED = {
+    ("onnxruntime", "cuda"): ("int8", "ONNX Runtime's CUDA provider has no int8 kernels for QDQ "
+                                      "MatMuls (it dequantizes and multiplies in float, so the "
+                                      "timing would not be int8)"),
+}
 #: the quantize_onnx target of a runtime's quantized files (runtimes not listed: onnxruntime)
-RUNTIME_TARGET = {"tensorrt": "tensorrt"}
+RUNTIME_TARGET = {"tensorrt": "tensorrt", "onnxruntime-trt": "tensorrt"}
 
 
 def check_quantize(value, method: str = "static") -> str:
@@ -97,6 +124,11 @@ def check_quantize_runtime(quantize: str, runtime, method: str = "static") -> No
         allowed = "; ".join(f"{k}: {', '.join(v)}" for k, v in RUNTIME_QUANTIZE.items())
         raise ConfigError(f"--quantize {q} cannot run on runtime {runtime.label}; allowed: "
                           f"{allowed}")
+    refused = DEVICE_REFUSED.get((runtime.name, runtime.device))
+    if refused is not None and q == refused[0]:
+        raise ConfigError(f"--quantize {q} cannot run on runtime {runtime.label}: {refused[1]}; "
+                          "allowed: --engine onnxruntime-trt or trt (int8 QDQ for TensorRT), "
+                          f"--device cpu, or --quantize fp16")
     if method == "dynamic" and (runtime.name != "onnxruntime" or runtime.device != "cpu"):
         raise ConfigError(f"dynamic int8 runs on onnxruntime/cpu only, not {runtime.label}; "
                           "use --quantize-method static")
@@ -133,10 +165,13 @@ class QuantizeResult:
     quantized_nodes: dict[str, int] = field(default_factory=dict)  # op type -> count
     float_ops: list[str] = field(default_factory=list)  # op types left in float
     seconds: float = 0.0
+    quantized_layers: dict[str, int] = field(default_factory=dict)  # op type -> layers whose
+    # weight is stored quantized (MatMul / Gemm / Conv)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "quantize": self.quantize, "method": self.method,
                 "target": self.target, "quantized_nodes": dict(self.quantized_nodes),
+                "quantized_layers": dict(self.quantized_layers),
                 "float_ops": list(self.float_ops), "seconds": round(self.seconds, 3)}
 
 
@@ -196,13 +231,14 @@ def _count_ops(model) -> dict[str, int]:
 
 def quantize_onnx(src: str | Path, dst: str | Path, quantize: str = "int8", *,
                   calibration: Iterable[dict] | None = None, method: str = "static",
-                  target: str = "onnxruntime", quantize_activation_matmuls: bool = False
-                  ) -> QuantizeResult:
+                  target: str = "onnxruntime", quantize_activation_matmuls: bool = False,
+                  float16: bool = False) -> QuantizeResult:
     """Write a quantized copy of the ONNX file ``src`` to ``dst`` (see the module doc).
 
     ``calibration``: feeds (input name -> array) for static int8/fp8, e.g. the user's
     calibration pairs through :func:`vlcompress.runtime.latency.make_feeds`.
     ``quantize_activation_matmuls`` also quantizes the attention MatMuls (off: measured worse).
+    ``float16``: int8 / fp8 for TensorRT only: the float parts of the QDQ graph in fp16.
     """
     import onnx
 
@@ -215,6 +251,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, quantize: str = "int8", *,
         raise ConfigError(f"unknown quantization target {target!r}; allowed: {', '.join(TARGETS)}")
     if q == "fp8" and target != "tensorrt":
         raise ConfigError("fp8 ONNX is for TensorRT only; allowed: target='tensorrt'")
+    if float16 and (q not in ("int8", "fp8") or target != "tensorrt"):
+        raise ConfigError("float16 QDQ is for int8 / fp8 for TensorRT only; allowed: "
+                          "target='tensorrt' with int8 or fp8")
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise ExportError(f"ONNX file {str(src)!r} does not exist")
@@ -236,6 +275,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, quantize: str = "int8", *,
         out, res = _quantize_int(model, src, dst, q, calibration, method, target,
                                  quantize_activation_matmuls)
         props = {**meta}
+        if float16:
+            out = qdq_to_fp16(out)
+            props["vlcompress.precision"] = "fp16"
     props.update({"vlcompress.quantize": q, "vlcompress.quantize_method": res.method,
                   "vlcompress.quantize_target": target})
     del out.metadata_props[:]
@@ -243,6 +285,11 @@ def quantize_onnx(src: str | Path, dst: str | Path, quantize: str = "int8", *,
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_onnx(out, dst)
     res.quantized_nodes = _count_ops(out)
+    if q != "fp16":
+        op_of = {n.name: n.op_type for n in out.graph.node}
+        for w in quantized_weights(out).values():
+            op = op_of.get(w["node"], "?")
+            res.quantized_layers[op] = res.quantized_layers.get(op, 0) + 1
     res.seconds = time.perf_counter() - start
     return res
 
@@ -286,6 +333,7 @@ def _quantize_int(model, src, dst, q, calibration, method, target, act_matmuls):
             extra = {"WeightSymmetric": True,
                      "ActivationSymmetric": target == "tensorrt",
                      "MatMulConstBOnly": not act_matmuls,
+                     "OpTypesToExcludeOutputQuantization": list(INT8_OPS),
                      "DedicatedQDQPair": target == "tensorrt",
                      "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0}}
             try:
@@ -293,16 +341,119 @@ def _quantize_int(model, src, dst, q, calibration, method, target, act_matmuls):
                                    quant_format=oq.QuantFormat.QDQ, weight_type=wt,
                                    activation_type=at,
                                    calibrate_method=(oq.CalibrationMethod.Distribution
-                                                     if q == "fp8" else
+                                                     if q == "fp8" else  # its only float8 one
                                                      oq.CalibrationMethod.MinMax),
                                    extra_options=extra, **common)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types
                 msg = " ".join(str(exc).split())[:300]
                 raise ExportError(f"{q} quantization of {src.name} failed: {msg}") from exc
         out = onnx.load(str(stage_out))
+        if q == "fp8":  # ONNX Runtime calibrates float8 with Distribution only: MinMax here
+            _set_fp8_minmax_scales(out, _minmax_amax(stage_in, feeds, names, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if method != "dynamic":
+        out = _inputs_only(out, set(include))
     return out, QuantizeResult(dst, q, method, target, float_ops=float_ops)
+
+
+#: largest finite float8e4m3fn value: an fp8 activation scale is max |x| / FP8_E4M3_MAX
+FP8_E4M3_MAX = 448.0
+
+
+def _minmax_amax(model_path: Path, feeds: list[dict], names: list[str], work: Path
+                 ) -> dict[str, float]:
+    """max |x| over the calibration feeds of every input of a MatMul/Gemm/Conv (ONNX Runtime's
+    MinMax calibrator on the fp32 graph)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    cal = create_calibrator(model_path, list(INT8_OPS), augmented_model_path=str(work / "aug.onnx"),
+                            calibrate_method=CalibrationMethod.MinMax,
+                            use_external_data_format=True)
+    cal.collect_data(_Reader(feeds, names))
+    data = cal.compute_data()
+    return {k: float(max(np.abs(np.asarray(r, dtype=np.float64)).max(initial=0.0)
+                         for r in v.range_value)) for k, v in data.items()}
+
+
+def _set_fp8_minmax_scales(model, amax: dict[str, float]) -> None:
+    """Set each fp8 activation QuantizeLinear's scale (and its DequantizeLinear's) to
+    ``max |x| / 448`` of the tensor it quantizes (MinMax, symmetric: zero point 0)."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    for n in g.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits or n.input[0] not in amax:
+            continue
+        a = amax[n.input[0]]
+        scale = np.float32(a / FP8_E4M3_MAX if a > 0 else 1.0)
+        names = {n.input[1]} | {d.input[1] for d in readers.get(n.output[0], ())
+                                if d.op_type == "DequantizeLinear"}
+        for name in names:
+            t = inits[name]
+            t.CopyFrom(numpy_helper.from_array(
+                np.full(numpy_helper.to_array(t).shape, scale, dtype=np.float32), name))
+
+
+def activation_qdq(model) -> dict[str, str]:
+    """Activation Q/DQ pairs of a QDQ graph: DequantizeLinear output -> the float tensor its
+    QuantizeLinear reads (weights, whose DequantizeLinear reads an initialiser, are not in it)."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    pairs = {}
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] in inits:
+            continue
+        qn = producer.get(n.input[0])
+        if qn is not None and qn.op_type == "QuantizeLinear":
+            pairs[n.output[0]] = qn.input[0]
+    return pairs
+
+
+def _inputs_only(model, quantized: set[str]):
+    """Keep activation Q/DQ only where a quantized layer (a node named in ``quantized``) reads
+    it: every other reader reads the float tensor again, and the pairs nobody reads are dropped
+    (ONNX Runtime's quantizer hands the dequantized copy to every reader of a quantized tensor
+    and quantizes quantized nodes' outputs; see the module doc)."""
+    g = model.graph
+    pairs = activation_qdq(model)
+    for n in g.node:
+        if n.name in quantized:
+            continue
+        for i, x in enumerate(n.input):
+            if x in pairs:
+                n.input[i] = pairs[x]
+    outputs = {o.name for o in g.output}
+    while True:  # drop Q/DQ nodes whose outputs nobody reads
+        read = {x for n in g.node for x in n.input} | outputs
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {x for n in g.node for x in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return model
+
+
+def qdq_to_fp16(model):
+    """A QDQ graph with its float parts (activations, float weights, Q/DQ scales) in fp16
+    (:func:`vlcompress.exporters.onnx.convert_fp16`); opset raised to 19 where lower."""
+    from .onnx import convert_fp16
+
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version < 19:
+            imp.version = 19
+    return convert_fp16(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,4 +531,5 @@ __all__ = ["QUANTIZE", "QUANT_METHODS", "TARGETS", "INT8_OPS", "RUNTIME_QUANTIZE
            "RUNTIME_TARGET", "QuantizeResult", "check_quantize", "check_quantize_runtime",
            "check_quantize_target", "quantize_target",
            "quantize_onnx",
-           "quantized_weights", "check_nm_quantized", "weight_matmuls"]
+           "quantized_weights", "check_nm_quantized", "weight_matmuls", "activation_qdq",
+           "qdq_to_fp16", "DEVICE_REFUSED", "FP8_E4M3_MAX"]

@@ -585,9 +585,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     """Build a TensorRT engine from the fp16 ONNX at ``onnx_path``, or from its explicit QDQ
     int8 / fp8 ONNX (strongly typed either way, :func:`plan_build`); write it atomically.
 
-    ``sparse`` enables ``SPARSE_WEIGHTS`` (2:4) and first checks the pruned weights the ONNX
-    holds are 2:4 (:func:`nm_violations`: the quantized initialisers of a QDQ file; reported
-    in the result, not fatal). ``result.quantize`` says whether the engine is int8 / fp8. The builder log
+    ``sparse`` enables ``SPARSE_WEIGHTS`` (2:4) and first checks, before TensorRT or the GPU is
+    touched, that the pruned weights the ONNX holds are 2:4 (:func:`nm_violations`: the
+    quantized initialisers of a QDQ file): a pruned weight that is not is an
+    :class:`ExportError` naming it (TensorRT would silently give it dense kernels).
+    ``result.quantize`` says whether the engine is int8 / fp8. The builder log
     (INFO and above) goes to ``log(severity, message)`` if given and is parsed for the
     sparsity lines; a 2:4 build in which no layer got a sparse implementation is logged as a
     warning and listed in ``result.warnings``. ``timing_cache`` is read if it exists and
@@ -595,15 +597,20 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     """
     from ..optional_deps import require_cuda, require_tensorrt
 
-    require_cuda()
-    trt = require_tensorrt()
     plan = plan_build(onnx_path, sparse=sparse, batch_sizes=batch_sizes, seq_len=seq_len,
                       workspace_gb=workspace_gb, strongly_typed=True,
                       per_batch_profiles=per_batch_profiles)
+    violations = nm_violations(onnx_path, pruned, quantize=plan.quantize) if sparse else []
+    if violations:  # checked before the build: a 2:4 build of non-2:4 weights is refused
+        kind = "fp16" if plan.quantize == "none" else f"{plan.quantize} QDQ"
+        raise ExportError(f"{len(violations)} pruned weight(s) are not 2:4 in the {kind} ONNX "
+                          f"{Path(onnx_path).name} (e.g. {violations[0]}); a 2:4 engine needs "
+                          "them 2:4: re-export the pruned model, or build without 2:4")
+    require_cuda()
+    trt = require_tensorrt()
     engine_path = Path(engine_path)
     if engine_path.is_dir():
         raise OutputError(f"cannot write engine {str(engine_path)!r}: a folder of that name exists")
-    violations = nm_violations(onnx_path, pruned, quantize=plan.quantize) if sparse else []
     lines: list[str] = []
 
     def sink(sev: str, msg: str) -> None:
@@ -645,10 +652,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, sparse: bool
     seconds = time.perf_counter() - start
     report = parse_sparsity_log(lines)
     warns = sparsity_warnings(report, sparse)
-    if violations:
-        kind = "fp16" if plan.quantize == "none" else f"{plan.quantize} QDQ"
-        warns.append(f"{len(violations)} pruned weight(s) are not 2:4 in the {kind} ONNX "
-                     f"(e.g. {violations[0]})")
     for w in warns:
         log_warning(f"{engine_path.name}: {w}")
     return EngineBuildResult(engine_path=engine_path, plan=plan, sparsity=report, warnings=warns,
