@@ -78,8 +78,12 @@ def batches():
     return next(it), next(it)
 
 
+#: generative families: no ONNX export yet, exercised by their own tests (tests/test_llava.py)
+GENERATIVE = {"llava"}
+
+
 def test_every_registered_family_is_exercised():
-    assert set(FACTORIES) == set(families()), "add a factory for every registered family"
+    assert set(FACTORIES) | GENERATIVE == set(families()), "add a factory for every registered family"
 
 
 @pytest.mark.parametrize("family", sorted(FACTORIES))
@@ -167,7 +171,8 @@ def test_llava_vision_tower_loads_its_weights(tmp_path):
     ref = full.model.vision_tower.state_dict()
     for k, v in vlm.model.state_dict().items():
         assert torch.equal(v, ref[k]), k
-    with pytest.raises(ModelError, match="'llava'.*supported families"):
+    # the whole model is the llava family now: a folder without its tokenizer is refused
+    with pytest.raises(ModelError, match="llava model .* has no tokenizer"):
         load_model(str(folder))
 
 

@@ -225,7 +225,13 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     rp = cfg.report_path
     if rp.is_dir():
         raise ConfigError(f"--report {str(rp)!r} is a folder; allowed: a .json file path")
-    lc = _plan(cfg, run, baseline) if cfg.latency else None
+    generative = bool(run["model"].get("generative"))  # no export yet: accuracy only
+    if generative and cfg.gate.metrics:  # a caption metric of questions-only data: refused now
+        from .eval.generative import check_caption_metric
+
+        for m in cfg.gate.metrics:
+            check_caption_metric(m, (run.get("accuracy") or {}).get("dataset", ""))
+    lc = _plan(cfg, run, baseline) if cfg.latency and not generative else None
     if lc is not None:  # no GPU, no TensorRT: one sentence, before anything is measured
         lc.runtime_entry.check()
     rc = run.get("config") or {}
@@ -238,7 +244,9 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     pruned = load_model(model_dir)
     dense = None
     accuracy = None
-    if cfg.accuracy and run.get("accuracy") is not None:
+    if cfg.accuracy and run.get("accuracy") is not None and generative:
+        accuracy, dense = _generative_accuracy(cfg, run, pruned, baseline, progress)
+    elif cfg.accuracy and run.get("accuracy") is not None:
         from .data import load_eval
 
         data = load_eval(cfg.eval_data or rc.get("eval_data", "shapes"),
@@ -294,6 +302,31 @@ def _precheck(baseline: dict | None, data, lc: LatencyConfig | None) -> None:
                     f"baseline field 'latency[{i}]' is {cell[0]}/{cell[1]} {cell[2]}@{cell[3]}, "
                     f"which this run does not measure ({lc.runtime}/{lc.device}, batch sizes "
                     f"{','.join(map(str, lc.batch_sizes))}); match --runtime and --batch-sizes")
+
+
+def _generative_accuracy(cfg: BenchConfig, run: dict, pruned, baseline, progress):
+    """Generation metrics and fidelity of a generative run, dense vs pruned, on the run's
+    evaluation data (or ``--eval-data``), checked against the baseline's dataset first."""
+    from .data import generative_eval_data
+    from .errors import BaselineError
+    from .eval.generative import dataset_name, generative_accuracy, run_all
+
+    rc = run.get("config") or {}
+    preset = str(run["model"].get("source", "")).startswith("preset:")
+    n = cfg.eval_size or rc.get("eval_size", 720)
+    evals = generative_eval_data(cfg.eval_data or rc.get("eval_data", "shapes"),
+                                 n=min(32, n) if preset else n)
+    name = dataset_name(evals, random_weights=preset)
+    ba = (baseline or {}).get("accuracy")
+    if ba and ba.get("dataset") != name:
+        raise BaselineError(f"field 'accuracy.dataset' differs: baseline {ba.get('dataset')!r}, "
+                            f"this run evaluates on {name!r} (--eval-data)")
+    mnt = int(rc.get("max_new_tokens", 24))
+    dense = _load_dense(run["model"])
+    acc = generative_accuracy(evals, run_all(dense, evals, max_new_tokens=mnt, progress=progress),
+                              run_all(pruned, evals, max_new_tokens=mnt, progress=progress),
+                              random_weights=preset)
+    return acc, dense
 
 
 def _accuracy(data, run: dict, pruned, progress):

@@ -386,6 +386,21 @@ def _reads_other_tower(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
     return bound.get("encoder_hidden_states") is not None
 
 
+def _install_output_hooks(model: nn.Module) -> None:
+    """transformers 5 records hidden states with forward hooks on the layer modules,
+    installed at the model's first forward: install them now, on the real layers, so that
+    the stand-ins can carry them (LLaVA reads a vision layer's hidden states)."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers 4: hidden states are returned, not hooked
+        return
+    from transformers import PreTrainedModel
+
+    for sub in model.modules():  # each sub-model once, as its own first forward would
+        if isinstance(sub, PreTrainedModel) and getattr(sub, "_can_record_outputs", None):
+            maybe_install_capturing_hooks(sub)
+
+
 def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]],
              cache: Callable[..., ActivationCache], run: BlockwiseRun
              ) -> tuple[dict[str, list[_Stream]], set[str]]:
@@ -417,12 +432,15 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
                 dependent.add(stack)
         return record
 
+    _install_output_hooks(vlm.model)
     try:
         for s in stacks:
             mods = vlm.model.get_submodule(s)
             saved[s] = list(mods)
             for i in range(len(mods)):
                 mods[i] = _Skip(recorder(s, saved[s][0]) if i == 0 else None)
+                for hook in saved[s][i]._forward_hooks.values():  # e.g. hidden-state recorders
+                    mods[i].register_forward_hook(hook)
         expected: dict[str, int] = {}
         with torch.no_grad():
             for batch in data.batches():
@@ -545,6 +563,7 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
     dev = torch.device(device) if device else None
     data = as_pair_data(data)
     run = BlockwiseRun()
+    layers = _visit_loose(vlm, data, layers, visit, gram, run)
     groups = group_blocks(vlm, layers)
     if not groups:
         return run
@@ -564,6 +583,10 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
             while pending:
                 t = time.perf_counter()
                 streams, dependent = _capture(vlm, data, pending, modalities, new_cache, run)
+                # a stack fed by another through code the capture cannot see (LLaVA: the
+                # decoder's image tokens come from the vision tower) waits for it too
+                reads = getattr(vlm, "stack_inputs", lambda s: ())
+                dependent |= {s for s in pending if set(reads(s)) & (set(pending) - {s})}
                 run.forward_seconds += time.perf_counter() - t
                 # A stack that reads another tower waits for the stacks it may read; when
                 # every pending stack does, they go ahead (nothing left to wait for).
@@ -580,6 +603,39 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
         if own_dir:
             shutil.rmtree(folder, ignore_errors=True)
     return run
+
+
+def _visit_loose(vlm: VLM, data, layers, visit, gram: bool, run: BlockwiseRun) -> list:
+    """Visit first the ``layers`` that sit in no encoder stack (a generative model's bridge:
+    LLaVA's projector), grouped by parent module, with statistics from one whole-model pass
+    on the dense model; return the others. Deviation from a strictly sequential order: the
+    bridge is calibrated on the dense vision tower's features (the stacks after it see the
+    pruned bridge)."""
+    loose = [ly for ly in layers if _stack_or_none(vlm.model, ly) is None]
+    if not loose:
+        return list(layers)
+    from .calibrate import collect_stats
+
+    t = time.perf_counter()
+    stats = collect_stats(vlm, data, loose, gram=gram)
+    run.forward_seconds += time.perf_counter() - t
+    parents: dict[str, list[PrunableLayer]] = {}
+    for ly in loose:
+        parents.setdefault(ly.name.rsplit(".", 1)[0], []).append(ly)
+    for path, lys in parents.items():
+        t = time.perf_counter()
+        mod = vlm.model.get_submodule(path)
+        visit(BlockRef(path, 0, mod, lys, _home(mod)), {ly.name: stats.pop(ly.name) for ly in lys})
+        run.visit_seconds += time.perf_counter() - t
+        run.order.append(path)
+    return [ly for ly in layers if ly not in loose]
+
+
+def _stack_or_none(model: nn.Module, ly: PrunableLayer) -> str | None:
+    try:
+        return _stack_of(model, ly)
+    except ConfigError:
+        return None
 
 
 def _advance(module: nn.Module, streams: list[_Stream], outs: list, new_cache,

@@ -103,7 +103,8 @@ CalibSizeOpt = Annotated[int, typer.Option("--calibration-size", help="Calibrati
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")]
 TowerOpt = Annotated[str | None, typer.Option(
-    "--tower", help="Prune and export one tower only: vision or text (LLaVA-style VLMs: vision).")]
+    "--tower", help="Prune and export one tower only: vision or text (LLaVA: vision exports the "
+    "vision tower alone; bridge or language prunes that part of the whole model).")]
 SkipOpt = Annotated[bool, typer.Option(
     "--skip-incompatible", help="Leave layers whose width does not fit N:M dense instead of failing.")]
 UnitsOpt = Annotated[str, typer.Option(
@@ -272,6 +273,12 @@ def prune_export_cmd(
     triton: Annotated[str | None, typer.Option(
         "--triton", help="Also write OUT/triton, a Triton model repository with this backend: "
         "onnxruntime, tensorrt (needs --engine trt) or python.")] = None,
+    parts: Annotated[str | None, typer.Option(
+        "--parts", help="Generative models (llava): the parts to prune, vision,bridge,language "
+        "(default all), each optionally =SPARSITY, e.g. vision=0.3,language.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="Generative models: greedy tokens generated per caption or "
+        "answer in the evaluation.")] = 24,
     cuda_graphs: CudaGraphsOpt = False,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
@@ -294,7 +301,8 @@ def prune_export_cmd(
                     skip_incompatible=skip_incompatible, units=units, round_to=round_to, depth=depth,
                     tower=tower, recover_steps=recover_steps, quantize=quantize,
                     quantize_method=quantize_method, target_speedup=target_speedup, triton=triton,
-                    method_options=parse_method_options(method_option), cuda_graphs=cuda_graphs)
+                    method_options=parse_method_options(method_option), parts=parts,
+                    max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -307,6 +315,10 @@ def prune_export_cmd(
               + f", pruned in {p['seconds']:.2f}s", soft_wrap=True)
     for t in console_tables(report):
         out.print(t)
+    if report["model"].get("generative"):
+        out.print(f"wrote {out_dir}/report.json, report.md, pruned/model (generative model: no "
+                  "ONNX export or latency yet)", soft_wrap=True)
+        return
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
     _target_verdict(report, lines=True)

@@ -120,6 +120,10 @@ def parse_method_options(value) -> dict:
     return out
 
 
+#: modalities of prunable layers: encoder towers, and a generative model's parts
+MODALITIES = ("vision", "text", "fusion", "bridge", "language")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how.
@@ -176,11 +180,10 @@ class PruneConfig:
             object.__setattr__(self, "sparsity", s)
         if self.scope is not None:
             scope = tuple(self.scope)
-            bad = [m for m in scope if m not in ("vision", "text", "fusion")]
+            bad = [m for m in scope if m not in MODALITIES]
             if bad or not scope:
-                raise ConfigError(
-                    f"scope {','.join(scope) or '(empty)'} is not valid; allowed: vision, text, fusion"
-                )
+                raise ConfigError(f"scope {','.join(scope) or '(empty)'} is not valid; allowed: "
+                                  f"{', '.join(MODALITIES)}")
             object.__setattr__(self, "scope", scope)
 
 

@@ -39,7 +39,7 @@ from xml.etree import ElementTree as ET
 import numpy as np
 
 from .errors import BaselineError, ConfigError
-from .report import METRIC_NAMES, SCHEMA_VERSION
+from .report import METRIC_NAMES, RAW_METRICS, SCHEMA_VERSION
 
 BASES = ("relative", "absolute", "both")
 _EPS = 1e-9  # float noise in accuracy values (an unchanged model evaluates bit-identically)
@@ -347,6 +347,9 @@ def _accuracy_checks(current: dict, baseline: dict, cfg: GateConfig, notes: list
     for m in names:
         for role, acc in (("baseline", ba), ("current", ca)):
             if m not in acc["metrics"]:
+                from .eval.generative import check_caption_metric
+
+                check_caption_metric(m, acc["dataset"])  # asked of questions-only data
                 raise BaselineError(f"{role} report field 'accuracy.metrics.{m}' is missing")
     thr = cfg.max_accuracy_drop
     checks = []
@@ -354,9 +357,14 @@ def _accuracy_checks(current: dict, baseline: dict, cfg: GateConfig, notes: list
         b, c = float(ba["metrics"][m]["pruned"]), float(ca["metrics"][m]["pruned"])
         drop = b - c
         passed = drop <= thr + _EPS
-        msg = (f"accuracy {METRIC_NAMES.get(m, m)} (pruned): baseline {100 * b:.2f}%, current "
-               f"{100 * c:.2f}%, drop {100 * drop + 0.0:.2f} pt; max drop {100 * thr:.2f} pt: "
-               f"{'ok' if passed else 'BROKEN'}")
+        if m in RAW_METRICS:  # a score (CIDEr), not a fraction: the drop is in its units
+            msg = (f"accuracy {METRIC_NAMES.get(m, m)} (pruned): baseline {b:.3f}, current "
+                   f"{c:.3f}, drop {drop + 0.0:.3f}; max drop {thr:.3f}: "
+                   f"{'ok' if passed else 'BROKEN'}")
+        else:
+            msg = (f"accuracy {METRIC_NAMES.get(m, m)} (pruned): baseline {100 * b:.2f}%, "
+                   f"current {100 * c:.2f}%, drop {100 * drop + 0.0:.2f} pt; max drop "
+                   f"{100 * thr:.2f} pt: {'ok' if passed else 'BROKEN'}")
         checks.append(Check("accuracy", f"accuracy {m}", passed, b, c, drop, thr, msg))
     return checks
 

@@ -56,6 +56,10 @@ class RunConfig:
     target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
     triton: str | None = None  # also write OUT/triton with this backend (exporters.triton)
     method_options: dict | None = None  # the method's own options (Method.options), checked
+    # generative models (llava): the parts pruned ("vision,bridge,language", a part=sparsity
+    # each where given) and the greedy generation length of the evaluation
+    parts: str | tuple[str, ...] | None = None
+    max_new_tokens: int = 24
     cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay (runtime.graphs)
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
@@ -95,6 +99,11 @@ class RunConfig:
                 or self.recover_steps < 0:
             raise ConfigError(f"recover steps {self.recover_steps!r} is not valid; allowed: an "
                               "integer >= 0")
+        if self.parts is not None:
+            object.__setattr__(self, "parts", format_parts(parse_parts(self.parts)))
+        from .eval.generative import check_max_new_tokens
+
+        check_max_new_tokens(self.max_new_tokens)
         bs = parse_batch_sizes(self.batch_sizes)
         object.__setattr__(self, "batch_sizes", bs)
         lc = LatencyConfig(batch_sizes=bs, warmup=self.warmup, iterations=self.iterations,
@@ -166,6 +175,33 @@ class RunConfig:
         return d
 
 
+def parse_parts(parts) -> dict[str, float | None]:
+    """``"vision,language=0.6"`` (or a tuple of such items) -> ``{part: sparsity or None}``
+    (None: the run's ``--sparsity``); one line for a malformed item or sparsity."""
+    from .config import check_sparsity
+
+    items = parts.split(",") if isinstance(parts, str) else list(parts)
+    out: dict[str, float | None] = {}
+    for item in (i.strip() for i in items):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if not name or name in out:
+            raise ConfigError(f"--parts {parts!r} is not valid; allowed: distinct part names, "
+                              "comma-separated, each optionally =SPARSITY (vision,language=0.6)")
+        try:
+            out[name] = check_sparsity(float(value)) if value.strip() else None
+        except ValueError:
+            raise ConfigError(f"--parts {name}={value!r}: the sparsity is not valid; allowed: a "
+                              "number in [0, 1)") from None
+    if not out:
+        raise ConfigError("--parts is empty; allowed: part names such as vision,bridge,language")
+    return out
+
+
+def format_parts(parts: dict[str, float | None]) -> str:
+    return ",".join(k if v is None else f"{k}={v:g}" for k, v in parts.items())
+
+
 def check_engine(engine: str, device: str | None = None, precision: str | None = None) -> None:
     """Fail before any work when the runtime ``(engine, device, precision)`` does not exist
     (ConfigError) or cannot run here (MissingDependencyError: one sentence, exit 2)."""
@@ -176,7 +212,7 @@ def _describe(data) -> str:
     return f"{getattr(data, 'source', '') or 'pairs'} (n={len(data)})"
 
 
-def check_run(cfg: RunConfig) -> None:
+def check_run(cfg: RunConfig):
     """Every combination the run involves, checked before any data or weights are loaded:
     method x pattern (RunConfig did), x the model's family (from its config alone), x data."""
     from .methods.registry import check_family
@@ -185,12 +221,36 @@ def check_run(cfg: RunConfig) -> None:
     info = peek_model(cfg.model, tower=cfg.tower)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
+    if info.generative:  # pruned and evaluated in PyTorch: no export, runtime or recovery yet
+        unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
+            ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
+            ("quantize", cfg.quantize if cfg.quantize != "none" else None),
+            ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
+            ("recover_steps", cfg.recover_steps or None), ("fp16", cfg.fp16 or None),
+            ("cuda_graphs", cfg.cuda_graphs or None))
+            if v is not None]
+        if unused:
+            raise ConfigError(f"{unused[0]} is not available for the generative model "
+                              f"{cfg.model} ({info.family}): it is pruned and evaluated in "
+                              "PyTorch (no ONNX export, runtime or recovery yet)")
+    if cfg.parts is not None:
+        if not info.generative:
+            raise ConfigError(f"--parts chooses the parts of a generative model (llava); "
+                              f"{cfg.model} ({info.family}) has towers: use --tower or --scope")
+        bad = [p for p in parse_parts(cfg.parts) if p not in info.towers]
+        if bad:
+            raise ConfigError(f"--parts {bad[0]} is not a part of {cfg.model} ({info.family}); "
+                              f"allowed: {', '.join(info.towers)}")
+        if cfg.prune_config.pattern.is_nm and any(v is not None for v in parse_parts(cfg.parts).values()):
+            raise ConfigError(f"--parts with a sparsity: pattern {cfg.prune_config.pattern} fixes "
+                              "the sparsity; allowed: part names alone, or --pattern unstructured")
     if cfg.prune_config.scope is not None:
         bad = [m for m in cfg.prune_config.scope if m not in info.towers]
         if bad:
             raise ConfigError(f"scope {','.join(bad)} is not a modality of {cfg.model} "
                               f"({info.family}); allowed: {', '.join(info.towers)}")
     check_data_sources(cfg, info)
+    return info
 
 
 def check_data_sources(cfg: RunConfig, info) -> None:
@@ -204,6 +264,10 @@ def check_data_sources(cfg: RunConfig, info) -> None:
         sources.append(("--train-data", cfg.train_data))
     for option, src in sources:
         kind = source_kind(src)  # raises DataError for a missing or unreadable source
+        if kind == "vqa" and not info.generative:
+            raise ConfigError(f"{option} {src!r} holds questions and answers (vqa.jsonl), which "
+                              f"{cfg.model} ({info.family}) does not read; allowed: image-caption "
+                              "pairs (a folder with captions.jsonl)")
         if needs_images and kind == "text":
             raise ConfigError(f"{option} {src!r} holds text only, but {cfg.model} "
                               f"({info.family}, towers: {', '.join(info.towers)}) needs images; "
@@ -259,7 +323,9 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         from .quantized_variants import quantized_runtime
 
         quantized_runtime(cfg.latency_config.runtime_entry, cfg.quantize).check()
-    check_run(cfg)  # method x pattern x family x data, from the model's config alone
+    info = check_run(cfg)  # method x pattern x family x data, from the model's config alone
+    if info.generative:
+        return _prune_export_generative(cfg, out, progress)
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=32, seed=cfg.seed)
     vlm = load_model(cfg.model, tower=cfg.tower)
@@ -395,3 +461,83 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
         write_report(report, tmp)
     return report
 
+
+def _prune_generative(vlm, cfg: RunConfig, calib, progress):
+    """Prune the chosen parts: one prune() per distinct sparsity, parts in model order (the
+    engine then calibrates each group on the inputs the earlier groups left)."""
+    from .prune import prune
+
+    pc = cfg.prune_config
+    if cfg.parts is not None:
+        parts = parse_parts(cfg.parts)
+    else:  # --tower PART names one part; neither: every part
+        parts = dict.fromkeys((cfg.tower,) if cfg.tower else vlm.towers)
+    groups: dict[float, list[str]] = {}
+    for part in vlm.towers:
+        if part in parts:
+            s = parts[part] if parts[part] is not None else pc.sparsity
+            groups.setdefault(float(s), []).append(part)
+    results = []
+    for s, names in groups.items():
+        results.append((names, prune(vlm, cfg.method, s, str(pc.pattern), calibration=calib,
+                                     scope=tuple(names), skip_incompatible=cfg.skip_incompatible,
+                                     seed=cfg.seed, method_options=pc.method_options,
+                                     progress=progress)))
+    first = results[0][1].to_dict()
+    if len(results) > 1:  # per-part sparsities: the overall figures over every pruned layer
+        first["groups"] = [{"parts": n, **r.to_dict()} for n, r in results]
+        for key in ("per_modality", "per_layer"):
+            first[key] = {k: v for _, r in results for k, v in getattr(r, key).items()}
+        sizes = {ly.name: ly.weight.numel() for ly in vlm.prunable_layers()}
+        total = sum(sizes[k] for k in first["per_layer"])
+        first["achieved"] = sum(v * sizes[k] for k, v in first["per_layer"].items()) / total
+        first["seconds"] = sum(r.seconds for _, r in results)
+    first["parts"] = format_parts({p: parts[p] for p in vlm.towers if p in parts})
+    first["scope"] = [p for p in vlm.towers if p in parts]
+    return first
+
+
+def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
+    """prune-export of a generative model (llava): load -> evaluate dense (generation,
+    next-token log-probabilities) -> prune the chosen parts -> evaluate pruned -> save ->
+    report. No ONNX export or latency yet (a later issue): the report says so."""
+    from .data import generative_eval_data, load_calibration
+    from .envinfo import env_info
+    from .eval.generative import generative_accuracy, run_all
+    from .models import load_model
+    from .report import build_report, write_report
+
+    t_start = time.perf_counter()
+    calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=8, seed=cfg.seed)
+    vlm = load_model(cfg.model)
+    is_preset = vlm.source.startswith("preset:")
+    evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
+                                 else cfg.eval_size)
+    with atomic_dir(out, overwrite=cfg.force) as tmp:
+        dense_total, dense_nonzero = vlm.num_parameters()
+        dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+        prune_section = _prune_generative(vlm, cfg, calib, progress)
+        pruned = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+        accuracy = generative_accuracy(evals, dense, pruned, random_weights=is_preset)
+        vlm.save(tmp / "pruned" / "model")
+        total, nonzero = vlm.num_parameters()
+        notes = data_notes(cfg, is_preset)
+        notes.append("generative model: pruned and evaluated in PyTorch; ONNX export and "
+                     "latency of generative models are not built yet (no latency rows)")
+        report = build_report(
+            model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
+                   "generative": True, "parts": list(vlm.towers),
+                   "params_total": total, "params_nonzero": nonzero,
+                   "params_nonzero_dense": dense_nonzero},
+            prune=prune_section,
+            export={"format": None, "paths": {"model": "pruned/model"}},
+            accuracy=accuracy, latency=[], env=env_info(),
+            config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
+        )
+        report["data"] = {"calibration": _describe(calib),
+                          "calibration_sequences": "image tokens + prompt + target text, built "
+                                                   "with the model's processor and chat template",
+                          "prompts": dict(vlm.prompts),
+                          "eval": [_describe(d) for d in evals], "notes": notes}
+        write_report(report, tmp)
+    return report

@@ -16,7 +16,22 @@ METRIC_NAMES = {
     "i2t_r5": "image→text R@5",
     "t2i_r1": "text→image R@1",
     "t2i_r5": "text→image R@5",
+    "cider": "CIDEr",
+    "attribute_accuracy": "caption attribute accuracy",
+    "vqa_accuracy": "VQA accuracy",
 }
+#: metrics that are scores, not fractions (printed as numbers; deltas as differences)
+RAW_METRICS = ("cider",)
+#: the dense model's fidelity to itself where it is not 1 (a divergence)
+SELF_FIDELITY = {"token_kl": 0.0}
+
+
+def _metric(k: str, v: float) -> str:
+    return f"{v:.3f}" if k in RAW_METRICS else _pct(v)
+
+
+def _delta(k: str, v: float) -> str:
+    return f"{v:+.3f}" if k in RAW_METRICS else f"{100 * v:+.1f} pt"
 
 
 def accuracy_section(dataset: str, dense: dict, pruned: dict, fidelity: dict | None) -> dict:
@@ -105,10 +120,11 @@ def to_markdown(r: dict) -> str:
         lines += [f"## Accuracy ({acc['dataset']})", "", "| metric | dense | pruned | Δ |",
                   "|---|---:|---:|---:|"]
         for k, v in acc["metrics"].items():
-            lines.append(f"| {METRIC_NAMES.get(k, k)} | {_pct(v['dense'])} | {_pct(v['pruned'])} | "
-                         f"{100 * v['delta']:+.1f} pt |")
+            lines.append(f"| {METRIC_NAMES.get(k, k)} | {_metric(k, v['dense'])} | "
+                         f"{_metric(k, v['pruned'])} | {_delta(k, v['delta'])} |")
         for k, v in acc.get("fidelity", {}).items():
-            lines.append(f"| fidelity: {k.replace('_', ' ')} | 1.000 | {v:.3f} | |")
+            lines.append(f"| fidelity: {k.replace('_', ' ')} | {SELF_FIDELITY.get(k, 1.0):.3f} | "
+                         f"{v:.3f} | |")
         lines.append("")
     if r.get("latency"):
         lines += ["## Latency (p50, ms; dense and pruned interleaved in one process)", "",
@@ -210,10 +226,11 @@ def console_tables(r: dict):
         for c in ("metric", "dense", "pruned", "Δ"):
             t.add_column(c, justify="left" if c == "metric" else "right")
         for k, v in acc["metrics"].items():
-            t.add_row(METRIC_NAMES.get(k, k), _pct(v["dense"]), _pct(v["pruned"]),
-                      f"{100 * v['delta']:+.1f} pt")
+            t.add_row(METRIC_NAMES.get(k, k), _metric(k, v["dense"]), _metric(k, v["pruned"]),
+                      _delta(k, v["delta"]))
         for k, v in acc.get("fidelity", {}).items():
-            t.add_row(f"fidelity ({k.replace('_', ' ')})", "1.000", f"{v:.3f}", "")
+            t.add_row(f"fidelity ({k.replace('_', ' ')})", f"{SELF_FIDELITY.get(k, 1.0):.3f}",
+                      f"{v:.3f}", "")
         out.append(t)
     if r.get("latency"):
         t = Table(title="Latency p50 (ms), dense vs pruned, interleaved")

@@ -18,12 +18,15 @@ from .pairs import (
     PairData,
     as_pair_data,
     folder_pairs,
+    has_vqa,
+    is_vqa_source,
     save_pairs,
     save_vqa,
     shapes_pairs,
     source_kind,
     text_data,
 )
+from .vqa import VqaData, folder_vqa, shapes_vqa
 
 SPLITS = ("calibration", "train", "eval")
 
@@ -40,6 +43,8 @@ def load_data(source: str | Path | PairData = "shapes", split: str = "calibratio
         raise DataError(f"data split {split!r} is not valid; allowed: {', '.join(SPLITS)}")
     if str(source) == "shapes":
         return shapes_pairs(split, n, batch_size, seed if split != "eval" else 0)
+    if is_vqa_source(source):  # question-answer data (generative models)
+        return folder_vqa(source, n, batch_size)
     if source_kind(source) == "text":
         return text_data(source, n, batch_size)
     p = Path(source)
@@ -69,6 +74,19 @@ def load_train(source: str | Path | PairData = "shapes", n: int = 4096, batch_si
     return load_data(source, "train", n, batch_size, seed)
 
 
+def generative_eval_data(source, n: int, batch_size: int = 16) -> list[PairData]:
+    """The evaluation sets a generative model is scored on from one source: its captions
+    (``shapes``, a captions folder) and its questions (``vqa.jsonl``), whichever it holds."""
+    sets: list[PairData] = []
+    if not is_vqa_source(source):
+        sets.append(load_eval(source, n=n, batch_size=batch_size))
+    if str(source) == "shapes":  # the bundled eval split: its captions and its questions
+        sets.append(shapes_vqa("eval", n, batch_size))
+    elif has_vqa(source):
+        sets.append(folder_vqa(source, n=n, batch_size=batch_size))
+    return sets
+
+
 __all__ = ["PairBatch", "PairData", "SPLITS", "as_pair_data", "folder_pairs", "load_calibration",
-           "load_data", "load_eval", "load_train", "save_pairs", "save_vqa", "shapes_pairs", "source_kind",
-           "text_data"]
+           "load_data", "load_eval", "load_train", "save_pairs", "save_vqa", "shapes_pairs",
+           "source_kind", "text_data", "VqaData", "folder_vqa", "generative_eval_data"]

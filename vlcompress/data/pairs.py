@@ -275,6 +275,33 @@ def _text_index(source: str | Path) -> Path:
     return p
 
 
+VQA_INDEX = "vqa.jsonl"  # question-answer data (vlcompress.data.vqa)
+
+
+def is_vqa_source(source) -> bool:
+    """Whether ``source`` is VQA data: a folder with ``vqa.jsonl`` and no ``captions.jsonl``,
+    or a ``vqa.jsonl`` file."""
+    if isinstance(source, PairData):
+        return source.kind == "vqa"
+    if str(source) == "shapes":
+        return False
+    p = Path(str(source))
+    if p.is_file():
+        return p.name == VQA_INDEX
+    return p.is_dir() and (p / VQA_INDEX).is_file() and not (p / "captions.jsonl").is_file()
+
+
+def has_vqa(source) -> bool:
+    """Whether ``source`` holds question-answer data (a ``vqa.jsonl``, alone or beside
+    ``captions.jsonl``)."""
+    if isinstance(source, PairData):
+        return source.kind == "vqa"
+    if str(source) == "shapes":
+        return False
+    p = Path(str(source))
+    return p.name == VQA_INDEX if p.is_file() else (p / VQA_INDEX).is_file()
+
+
 def source_kind(source) -> str:
     """What a data source holds, without loading any image: ``"pairs"`` (image-caption
     pairs: ``shapes``, a folder or ``.jsonl`` whose lines name an ``image``) or ``"text"``
@@ -284,6 +311,8 @@ def source_kind(source) -> str:
         return source.kind
     if str(source) == "shapes":
         return "pairs"
+    if is_vqa_source(source):
+        return "vqa"  # images with questions and answers (generative models)
     index = _text_index(source)
     if index.suffix == ".txt":
         return "text"

@@ -307,6 +307,7 @@ class FamilyInfo:
     structured: bool  # its encoder layers can be sliced (pattern structured)
     image_text: bool  # an image-text model with contrastive image and text embeddings
     structured_families: tuple[str, ...] = ()  # every registered family that ``structured`` fits
+    generative: bool = False  # a generative VLM (llava): its towers are parts, evaluated by generation
 
 
 def check_family(method: Method, pattern, info: FamilyInfo) -> None:

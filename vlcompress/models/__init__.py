@@ -59,7 +59,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def _needs(towers) -> dict[str, tuple[str, ...]]:
     """What each kept tower needs from a model folder: a tokenizer, an image processor."""
     out = {}
-    if "text" in towers:
+    if "text" in towers or "language" in towers:
         out["tokenizer"] = TOKENIZER_FILES
     if "vision" in towers:
         out["image processor"] = IMAGE_PROCESSOR_FILES
@@ -205,11 +205,12 @@ def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
     preset, path, cfg = _resolve(name)
     if preset is not None:
         return _load_preset(preset)
-    if tower == "vision" and cfg.model_type not in families():
+    if tower == "vision" and _nested_vision(cfg):
         from .towers import load_nested_vision_tower
 
         return load_nested_vision_tower(path, cfg, random_init=random_init, name=name)
     fam = family_for(cfg.model_type)
+    getattr(fam, "check_config", lambda c: None)(cfg)
     model_cls = fam.hf_class()
     manifest = None
     if Path(path).is_dir():
@@ -226,6 +227,8 @@ def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
         if Path(path).is_dir():
             check_weight_files(Path(path))
         model = _from_pretrained(model_cls, path, name)
+    if hasattr(fam, "from_folder"):  # a generative family: its processor and chat template
+        return fam.from_folder(model, path, name)
     towers = fam.towers if tower is None else (tower,)
     if Path(path).is_dir():
         check_folder_files(Path(path), towers, weights=False)
@@ -250,6 +253,13 @@ def _load_preset(entry) -> VLM:
     return fam(model, tok, img, name=entry.name, source=f"preset:{entry.name}")
 
 
+def _nested_vision(cfg) -> bool:
+    """``--tower vision`` loads the nested CLIP/SigLIP vision tower alone (exportable, as
+    before generative families): for a model of no family, or of a generative one."""
+    fam = families().get(cfg.model_type)
+    return fam is None or bool(getattr(fam, "generative", False))
+
+
 def peek_model(name_or_path: str | Path, *, tower: str | None = None):
     """What the checks need to know of a model (:class:`FamilyInfo`), read from its config
     alone: no weights are loaded, so a bad method x pattern x family combination fails in
@@ -259,7 +269,7 @@ def peek_model(name_or_path: str | Path, *, tower: str | None = None):
     if preset is not None:
         fam = family_for(json.loads(preset.path.read_text()).get("model_type"))
     else:
-        if tower == "vision" and cfg.model_type not in families():
+        if tower == "vision" and _nested_vision(cfg):
             from .towers import NESTED_VISION
 
             vcfg = getattr(cfg, "vision_config", None)
@@ -269,6 +279,7 @@ def peek_model(name_or_path: str | Path, *, tower: str | None = None):
                                  "vision needs one")
             return family_info(NESTED_VISION[vcfg.model_type])
         fam = family_for(cfg.model_type)
+        getattr(fam, "check_config", lambda c: None)(cfg)
     if tower is not None and tower not in fam.towers:
         raise ModelError(f"{fam.family} model has no tower {tower}; towers: {', '.join(fam.towers)}")
     if all(e.name != name for e in list_models()) and Path(name).expanduser().is_dir():

@@ -123,5 +123,6 @@ def family_info(vlm_or_cls, towers=None):
                       has_loss=whole and cls.loss is not VLM.loss,
                       structured=bool(getattr(cls, "structured", False)),
                       image_text=whole and "vision" in towers and "text" in towers,
+                      generative=bool(getattr(cls, "generative", False)),
                       structured_families=tuple(sorted(
                           n for n, c in families().items() if getattr(c, "structured", False))))

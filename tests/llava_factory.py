@@ -1,0 +1,46 @@
+"""Tiny random LLaVA models for tests, built offline from HF configs and saved in the hub
+layout (config, safetensors, tokenizer, processor, chat template), as a user's folder is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_tiny_llava_model(seed: int = 0, vision: str = "clip", text: str = "llama",
+                          vocab_size: int | None = None):
+    """(model, tokenizer): a CLIP or SigLIP tower (32 px, patch 8: 16 image tokens) and a
+    2-layer LLaMA or Qwen2 decoder with grouped-query attention (4 heads, 2 KV heads)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from vlcompress.data import shapes
+    from vlcompress.models.llava import IMAGE_TOKEN, build_word_tokenizer
+
+    tok = build_word_tokenizer(shapes.vocabulary())
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    vc = dict(model_type=f"{vision}_vision_model", hidden_size=32, intermediate_size=64,
+              num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+    tc = dict(model_type=text, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              vocab_size=vocab_size or image_id + 1, pad_token_id=0, bos_token_id=2,
+              eos_token_id=3)
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=image_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default"
+                      if vision == "clip" else "full", pad_token_id=0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger logits than the default init, so greedy tokens differ
+        model.lm_head.weight.normal_(0, 0.5)
+    return model, tok
+
+
+def make_tiny_llava_folder(root: Path, seed: int = 0, vision: str = "clip", text: str = "llama",
+                           name: str = "llava") -> Path:
+    from vlcompress.models.llava import build_processor
+
+    model, tok = make_tiny_llava_model(seed, vision, text)
+    folder = Path(root) / name
+    model.save_pretrained(folder)
+    build_processor(model.config, tok).save_pretrained(folder)
+    return folder
