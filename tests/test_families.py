@@ -64,7 +64,7 @@ FACTORIES = {
     "bert": make_bert,
 }
 PATTERNS = [("unstructured", 0.5), ("2:4", None), ("structured", 0.5)]
-STRUCTURED = {"clip", "siglip", "clip_vision_model", "siglip_vision_model"}
+STRUCTURED = {"clip", "siglip", "blip", "clip_vision_model", "siglip_vision_model"}
 
 
 @pytest.fixture(scope="module")

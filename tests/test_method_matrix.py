@@ -97,8 +97,8 @@ def test_every_declared_combination_runs_or_is_refused_first(family, pattern):
     # the declarations are not vacuous: the refusals are the expected ones, the rest runs
     if pattern == "structured":
         assert {"snip", "sparsegpt", "ecoflap", "auto"} <= set(refused)
-        if family in ("blip", "bert"):
-            assert ran == [], ran  # their layers cannot be sliced
+        if family == "bert":
+            assert ran == [], ran  # its layers cannot be sliced
         else:
             assert {"magnitude", "multiflow", "upop", "efficientvlm"} <= set(ran)
     else:
@@ -130,8 +130,8 @@ def test_structured_snip_refused_before_any_work(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--model", "blip-itm-base", "--pattern", "structured", "--method", "magnitude"],
-     ("structured", "blip")),
+    (["--model", "blip-itm-base", "--pattern", "structured", "--method", "sparsegpt"],
+     ("sparsegpt", "structured")),
     (["--model", "siglip-base-p16", "--pattern", "structured", "--method", "mope"],
      ("mope", "siglip")),
     (["--pattern", "2:4", "--method", "upop"], ("upop", "structured")),

@@ -21,8 +21,11 @@ SEARCH_BATCH = 32
 # --------------------------------------------------------------------------------------------
 class GroupGates:
     """One value per head and per neuron of every block, applied through forward pre-hooks:
-    a head's value scales its ``head_dim`` inputs of ``out_proj``, a neuron's its fc2 input.
-    ``values()`` (overridable) turns the parameters into the multipliers."""
+    a head's value scales its ``head_dim`` inputs of ``out_proj``, a neuron's its fc2 input
+    (the out-projection's and the fc2's input, whatever the family calls them: BLIP's
+    ``projection``, ``attention.output.dense``, ``output.dense``; a block without an MLP, a
+    cross-attention, has head values only). ``head_values`` / ``neuron_values``
+    (overridable) turn the parameters into the multipliers."""
 
     def __init__(self, blocks, units, init: float = 1.0):
         self.blocks = list(blocks)
@@ -30,7 +33,7 @@ class GroupGates:
         self.heads = {b.prefix: torch.nn.Parameter(torch.full((b.num_heads,), float(init)))
                       for b in self.blocks} if "heads" in self.units else {}
         self.neurons = {b.prefix: torch.nn.Parameter(torch.full((b.mlp_width,), float(init)))
-                        for b in self.blocks} if "neurons" in self.units else {}
+                        for b in self.blocks if b.has_mlp} if "neurons" in self.units else {}
         self._handles = []
         self.enabled = True
 
@@ -154,7 +157,8 @@ def kept_per_modality(blocks, counts) -> dict[str, dict[str, float]]:
         a[1] += b.num_heads
         a[2] += f
         a[3] += b.mlp_width
-    return {m: {"heads": round(a[0] / a[1], 4), "neurons": round(a[2] / a[3], 4)}
+    # a modality without MLPs (BLIP's cross-attention, ``fusion``) has no neurons: None
+    return {m: {"heads": round(a[0] / a[1], 4), "neurons": round(a[2] / a[3], 4) if a[3] else None}
             for m, a in acc.items()}
 
 

@@ -315,7 +315,8 @@ def check_family(method: Method, pattern, info: FamilyInfo) -> None:
     pk = _pattern_kind(pattern)
     if pk == "structured" and not info.structured:
         raise PatternError(f"pattern structured is not supported for family {info.family!r} (it "
-                          "slices CLIP-style encoder layers: q/k/v/out projections and fc1/fc2); "
+                          "slices encoder layers of known layouts: q/k/v or fused qkv, "
+                          "out-projection, fc1/fc2); "
                           f"supported: {', '.join(info.structured_families)}; use unstructured "
                           "or N:M")
     if method.families is not None and info.family not in method.families:

@@ -7,6 +7,17 @@ Three modalities for MULTIFLOW's per-modality allocation:
 - ``fusion``: its cross-attention (query from text, key/value from image tokens; calibration
   does not filter the image-token inputs of key/value).
 
+Structured pruning (``structured = True``) slices three layer layouts, registered below
+for :mod:`.surgery`: the vision layer (``blip-vision``: heads across the fused ``qkv`` rows,
+q, k and v thirds alike, and the ``projection`` columns; ``fc1``/``fc2`` neurons); the text
+layer's self-attention with its feed-forward (``blip-text``); and its cross-attention
+(``blip-text-cross``: its own heads; key/value keep their input width, the vision width).
+The text layouts are those of every ``BlipTextLayer``: the retrieval text encoder and the
+captioning / VQA text decoder alike (:func:`blip_linears` lists any BLIP model's layers).
+A vision attention sliced to fewer heads becomes a :class:`SlicedBlipAttention` (HF's
+``BlipAttention.forward`` reshapes with ``hidden_size // num_heads``, which is no longer the
+head dim); a text attention gets ``num_attention_heads`` and ``all_head_size`` updated.
+
 The ITM head, ``vision_proj`` and ``text_proj`` are never pruned. Towers exported:
 ``vision`` (pixels -> image token embeddings, the sequence ITM needs), ``text`` (unimodal
 text encoder -> projected ``[CLS]`` feature for ITC) and ``fusion`` (text encoder with
@@ -24,6 +35,7 @@ from torch import nn
 from ..data.pairs import PairBatch
 from .base import VLM, PrunableLayer
 from .registry import register_family
+from .surgery import Layout, register_layout
 
 _VISION_ROLES = {"self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.o",
                  "mlp.fc1": "mlp.in", "mlp.fc2": "mlp.out"}
@@ -36,6 +48,99 @@ _TEXT_ROLES = {
     "intermediate.dense": ("text", "mlp.in"), "output.dense": ("text", "mlp.out"),
 }
 ITC_TEMPERATURE = 0.07
+
+
+# --- structured layouts ------------------------------------------------------------------
+def _sliced_vision_forward(self, hidden_states, **kwargs):
+    """``BlipAttention.forward`` with the head dim its own, not ``hidden_size // num_heads``
+    (the same computation when no head is removed)."""
+    bsz, tgt_len, _ = hidden_states.size()
+    qkv = (self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim)
+           .permute(2, 0, 3, 1, 4))
+    scores = torch.matmul(qkv[0], qkv[1].transpose(-1, -2)) * self.scale
+    probs = self.dropout(F.softmax(scores, dim=-1))
+    ctx = torch.matmul(probs, qkv[2]).permute(0, 2, 1, 3)
+    ctx = ctx.reshape(bsz, tgt_len, self.num_heads * self.head_dim)
+    return self.projection(ctx), probs
+
+
+_SLICED: dict[str, type] = {}
+
+
+def sliced_attention_class() -> type:
+    """``SlicedBlipAttention``: a ``BlipAttention`` whose forward works with any head count
+    (built on first use: importing transformers' BLIP modelling code is not free)."""
+    if "cls" not in _SLICED:
+        from transformers.models.blip.modeling_blip import BlipAttention
+
+        cls = type("SlicedBlipAttention", (BlipAttention,), {"forward": _sliced_vision_forward,
+                                                             "__module__": __name__})
+        globals()["SlicedBlipAttention"] = _SLICED["cls"] = cls
+    return _SLICED["cls"]
+
+
+def _set_vision_heads(attn, n: int, head_dim: int) -> None:
+    attn.num_heads = n
+    attn.__class__ = sliced_attention_class()
+
+
+def _set_text_heads(attn, n: int, head_dim: int) -> None:
+    attn.num_attention_heads = n
+    attn.all_head_size = n * head_dim
+
+
+VISION_LAYOUT = register_layout(Layout(
+    "blip-vision", "self_attn",
+    {"attn.qkv": "self_attn.qkv", "attn.o": "self_attn.projection", "mlp.in": "mlp.fc1",
+     "mlp.out": "mlp.fc2"}, set_heads=_set_vision_heads))
+TEXT_LAYOUT = register_layout(Layout(
+    "blip-text", "attention.self",
+    {"attn.q": "attention.self.query", "attn.k": "attention.self.key",
+     "attn.v": "attention.self.value", "attn.o": "attention.output.dense",
+     "mlp.in": "intermediate.dense", "mlp.out": "output.dense"},
+    heads_attr="num_attention_heads", head_dim_attr="attention_head_size",
+    set_heads=_set_text_heads))
+CROSS_LAYOUT = register_layout(Layout(
+    "blip-text-cross", "crossattention.self",
+    {"attn.q": "crossattention.self.query", "attn.k": "crossattention.self.key",
+     "attn.v": "crossattention.self.value", "attn.o": "crossattention.output.dense"},
+    sub="crossattention", heads_attr="num_attention_heads", head_dim_attr="attention_head_size",
+    set_heads=_set_text_heads))
+
+
+def text_linears(layers, prefix: str, *, text: str = "text", cross: str = "fusion"
+                 ) -> list[PrunableLayer]:
+    """Every Linear of a stack of ``BlipTextLayer`` s (``prefix``: the stack's path), the
+    self-attention and feed-forward under modality ``text``, the cross-attention (where the
+    layer has one) under ``cross``."""
+    out = []
+    for b, layer in enumerate(layers):
+        for sub, (modality, role) in _TEXT_ROLES.items():
+            if sub.startswith("crossattention"):
+                if not hasattr(layer, "crossattention"):
+                    continue
+                modality = cross
+            else:
+                modality = text
+            out.append(PrunableLayer(f"{prefix}.{b}.{sub}", layer.get_submodule(sub), modality,
+                                     role, b))
+    return out
+
+
+def blip_linears(model) -> list[PrunableLayer]:
+    """The prunable Linears of any BLIP model: the vision encoder, then the text encoder
+    (retrieval, VQA) and the text decoder (captioning, VQA: ``text_decoder.bert``)."""
+    out = []
+    for b, layer in enumerate(model.vision_model.encoder.layers):
+        for sub, role in _VISION_ROLES.items():
+            out.append(PrunableLayer(f"vision_model.encoder.layers.{b}.{sub}",
+                                     layer.get_submodule(sub), "vision", role, b))
+    if hasattr(model, "text_encoder"):
+        out += text_linears(model.text_encoder.encoder.layer, "text_encoder.encoder.layer")
+    if hasattr(model, "text_decoder"):
+        out += text_linears(model.text_decoder.bert.encoder.layer,
+                            "text_decoder.bert.encoder.layer")
+    return out
 
 
 class _VisionTower(nn.Module):
@@ -82,6 +187,7 @@ class _FusionTower(nn.Module):
 @register_family("blip")
 class BLIP(VLM):
     family = "blip"
+    structured = True
     towers = ("vision", "text", "fusion")
 
     @property
@@ -93,19 +199,7 @@ class BLIP(VLM):
         return int(self.model.config.text_config.max_position_embeddings)
 
     def prunable_layers(self) -> list[PrunableLayer]:
-        m = self.model
-        out = []
-        for b, layer in enumerate(m.vision_model.encoder.layers):
-            for sub, role in _VISION_ROLES.items():
-                out.append(PrunableLayer(f"vision_model.encoder.layers.{b}.{sub}",
-                                         layer.get_submodule(sub), "vision", role, b))
-        for b, layer in enumerate(m.text_encoder.encoder.layer):
-            for sub, (modality, role) in _TEXT_ROLES.items():
-                if sub.startswith("crossattention") and not hasattr(layer, "crossattention"):
-                    continue
-                out.append(PrunableLayer(f"text_encoder.encoder.layer.{b}.{sub}",
-                                         layer.get_submodule(sub), modality, role, b))
-        return out
+        return blip_linears(self.model)
 
     # --- data ----------------------------------------------------------------------------
     def encode_images(self, images) -> torch.Tensor:
@@ -221,6 +315,14 @@ class BLIP(VLM):
         else:
             itm_logits, labels = pos, torch.ones(1, dtype=torch.long, device=pos.device)
         return itc + F.cross_entropy(itm_logits, labels)
+
+    def save(self, path) -> None:
+        """Save as HF does; a structurally pruned model also gets its per-layer shapes
+        (``vlcompress_manifest.json``) and a README on how to load it."""
+        from .surgery import write_manifest
+
+        super().save(path)
+        write_manifest(self, path)
 
     # --- export --------------------------------------------------------------------------
     def tower_module(self, tower: str) -> nn.Module:

@@ -1,24 +1,30 @@
 """Structured surgery: physically slice encoder layers, and save / reload the result.
 
 After structured pruning each encoder layer keeps its own number of attention heads and its
-own MLP width. :func:`slice_block` cuts the ``nn.Linear`` modules of one layer in place (q/k/v
+own MLP width. A layer is seen through a :class:`Layout`: where its attention module (the
+head count), its q/k/v projections (separate, or one fused ``qkv`` Linear whose rows are
+``[q; k; v]``), its out-projection and its MLP live. A layer may hold several sliceable
+units, each its own :class:`Block`: a BLIP text layer has its self-attention with the MLP,
+and a cross-attention (heads only; its key/value read image tokens of the vision width,
+which stays). :func:`slice_block` cuts the ``nn.Linear`` modules of one unit in place (q/k/v
 output rows and the out-projection's input columns of the kept heads; fc1 rows and fc2
-columns of the kept neurons) and sets the attention module's ``num_heads``; ``head_dim`` and
-``embed_dim`` (the residual width, the out-projection's output) are unchanged, which is all
-transformers v5's ``CLIPAttention.forward`` needs: it reshapes to ``(..., -1, head_dim)``.
-:func:`remove_layers` drops whole layers (depth pruning) and updates the tower config's
-``num_hidden_layers``. The model stays the same HF class (``CLIPModel``).
+columns of the kept neurons) and updates the attention module's head count (the layout's
+``set_heads``); ``head_dim`` and the residual width are unchanged. CLIP / SigLIP layers need
+nothing more: transformers v5's ``CLIPAttention.forward`` reshapes to ``(..., -1,
+head_dim)``. Families register the layouts of their layers (:func:`register_layout`; BLIP's
+in ``blip.py``). :func:`remove_layers` drops whole layers (depth pruning) and updates the
+tower config's ``num_hidden_layers``. The model stays the same HF class (``CLIPModel``).
 
 A sliced model cannot be described by ``config.json`` alone, so :func:`write_manifest` saves
-``vlcompress_manifest.json`` (per-layer head counts and MLP widths) and a ``README.md`` next to
-the weights; :func:`load_sliced` rebuilds the architecture from config + manifest and loads the
-weights (``load_model(folder)`` does this automatically).
+``vlcompress_manifest.json`` (per stack its layouts, per layer its head counts and MLP width)
+and a ``README.md`` next to the weights; :func:`load_sliced` rebuilds the architecture from
+config + manifest and loads the weights (``load_model(folder)`` does this automatically).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +35,9 @@ from ..errors import ModelError
 
 MANIFEST = "vlcompress_manifest.json"
 MANIFEST_FORMAT = "vlcompress-structured"
-MANIFEST_VERSION = 1
+#: 2: stacks name their ``layouts``; a layer entry holds a sub-unit's shape under its name
+#: (``crossattention``). A version-1 manifest (no ``layouts``) is CLIP-style.
+MANIFEST_VERSION = 2
 #: Attribute set on a model whose layers were sliced (survives deepcopy).
 STRUCTURED_FLAG = "_vlcompress_structured"
 
@@ -42,15 +50,84 @@ ROLE_PATHS = {
     "mlp.in": "mlp.fc1",
     "mlp.out": "mlp.fc2",
 }
+QKV_ROLES = ("attn.q", "attn.k", "attn.v")
+ATTN_ROLE_ORDER = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """Where one sliceable unit of an encoder layer lives, paths relative to the layer.
+
+    ``attn``: the module holding the head count; ``paths``: canonical role -> Linear, the
+    roles ``attn.q``/``attn.k``/``attn.v`` (or one fused ``attn.qkv``, rows ``[q; k; v]``),
+    ``attn.o`` and, when the unit has an MLP, ``mlp.in``/``mlp.out``; ``sub``: "" for the
+    layer's main unit, else the name of a second unit of the same layer (its block prefix is
+    ``<layer>.<sub>``, its manifest entry ``layer[sub]``); ``heads_attr``/``head_dim_attr``:
+    the attention module's attribute names; ``set_heads(attn, n, head_dim)``: what slicing to
+    ``n`` heads updates on it (default: ``heads_attr = n``).
+    """
+
+    name: str
+    attn: str
+    paths: Mapping[str, str]
+    sub: str = ""
+    heads_attr: str = "num_heads"
+    head_dim_attr: str = "head_dim"
+    set_heads: Callable | None = None
+
+    @property
+    def fused(self) -> bool:
+        return "attn.qkv" in self.paths
+
+    @property
+    def has_mlp(self) -> bool:
+        return "mlp.in" in self.paths
+
+    def num_heads(self, attn: nn.Module) -> int:
+        return int(getattr(attn, self.heads_attr))
+
+    def head_dim(self, attn: nn.Module) -> int:
+        return int(getattr(attn, self.head_dim_attr))
+
+    def update_heads(self, attn: nn.Module, n: int) -> None:
+        if self.set_heads is not None:
+            self.set_heads(attn, int(n), self.head_dim(attn))
+        else:
+            setattr(attn, self.heads_attr, int(n))
+
+
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(layout: Layout) -> Layout:
+    """Make ``layout`` known to :func:`find_blocks` and to manifests (by its name)."""
+    _LAYOUTS[layout.name] = layout
+    return layout
+
+
+def get_layout(name: str) -> Layout:
+    if name not in _LAYOUTS:
+        from .registry import families
+
+        families()  # the family modules register their layouts on import
+    if name not in _LAYOUTS:
+        raise ModelError(f"manifest names the layer layout {name!r}; known: {', '.join(_LAYOUTS)}")
+    return _LAYOUTS[name]
+
+
+#: CLIP / SigLIP encoder layers (and their vision towers).
+CLIP_LAYOUT = register_layout(Layout("clip", "self_attn", ROLE_PATHS))
 
 
 @dataclass
 class Block:
-    """One encoder layer seen as prunable groups: its heads and its MLP neurons.
+    """One sliceable unit of an encoder layer, seen as prunable groups: its heads and (when
+    its layout has one) its MLP neurons.
 
-    ``prefix`` is the layer's dotted path (``vision_model.encoder.layers.3``), ``stack`` the
-    path of its ``ModuleList`` and ``index`` its position there. ``linears`` maps a role
-    (``attn.q`` ... ``mlp.out``) to its ``PrunableLayer``.
+    ``prefix`` is the unit's dotted path (``vision_model.encoder.layers.3``; a second unit of
+    a layer: ``text_encoder.encoder.layer.3.crossattention``), ``stack`` the path of the
+    layers' ``ModuleList`` and ``index`` the layer's position there. ``linears`` maps a
+    canonical role (``attn.q`` ... ``mlp.out``, or ``attn.qkv``) to its ``PrunableLayer``.
     """
 
     modality: str
@@ -59,52 +136,70 @@ class Block:
     stack: str
     linears: dict
     root: nn.Module | None = field(default=None, repr=False)
+    layout: Layout = field(default=CLIP_LAYOUT, repr=False)
 
     def lin(self, role: str) -> nn.Linear:
         return self.linears[role].module
 
     @property
+    def layer_prefix(self) -> str:
+        return f"{self.stack}.{self.index}"
+
+    @property
     def attn(self) -> nn.Module:
-        name = self.linears["attn.q"].name.rsplit(".", 1)[0]
-        return self.root.get_submodule(name)
+        return self.root.get_submodule(f"{self.layer_prefix}.{self.layout.attn}")
 
     @property
     def head_dim(self) -> int:
-        return int(getattr(self.attn, "head_dim", 0) or self.lin("attn.q").out_features // self.num_heads)
+        return self.layout.head_dim(self.attn)
 
     @property
     def num_heads(self) -> int:
-        return int(self.attn.num_heads)
+        return self.layout.num_heads(self.attn)
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.layout.has_mlp
 
     @property
     def mlp_width(self) -> int:
-        return int(self.lin("mlp.in").out_features)
+        """MLP neurons (0 for a unit without an MLP, e.g. a cross-attention)."""
+        return int(self.lin("mlp.in").out_features) if self.has_mlp else 0
+
+    @property
+    def attn_roles(self) -> tuple[str, ...]:
+        return tuple(r for r in ATTN_ROLE_ORDER if r in self.linears)
+
+    @property
+    def mlp_roles(self) -> tuple[str, ...]:
+        return ("mlp.in", "mlp.out") if self.has_mlp else ()
 
     def names(self) -> list[str]:
         return [ly.name for ly in self.linears.values()]
 
 
 def find_blocks(vlm, layers=None) -> list[Block]:
-    """Group ``layers`` (default: all prunable layers of ``vlm``) into :class:`Block` s.
-
-    Only complete blocks (all six roles present) are returned, in layer order.
-    """
+    """Group ``layers`` (default: all prunable layers of ``vlm``) into :class:`Block` s, one
+    per registered layout a layer matches completely, in layer order (a Linear belongs to a
+    layout's unit when its name is ``<stack>.<index>.<path>``)."""
     layers = list(vlm.prunable_layers() if layers is None else layers)
-    by_prefix: dict[str, dict] = {}
-    meta: dict[str, tuple[str, int]] = {}
+    found: dict[tuple[str, str], dict] = {}
     for ly in layers:
-        path = ROLE_PATHS.get(ly.role)
-        if path is None or not ly.name.endswith("." + path):
-            continue
-        prefix = ly.name[: -len(path) - 1]
-        by_prefix.setdefault(prefix, {})[ly.role] = ly
-        meta[prefix] = (ly.modality, ly.block)
+        for lay in _LAYOUTS.values():
+            for role, path in lay.paths.items():
+                if not ly.name.endswith("." + path):
+                    continue
+                prefix = ly.name[: -len(path) - 1]
+                if "." in prefix and prefix.rsplit(".", 1)[1].isdigit():
+                    found.setdefault((prefix, lay.name), {})[role] = ly
     blocks = []
-    for prefix, lins in by_prefix.items():
-        if len(lins) != len(ROLE_PATHS):
+    for (prefix, name), lins in found.items():
+        lay = _LAYOUTS[name]
+        if set(lins) != set(lay.paths):
             continue
         stack, idx = prefix.rsplit(".", 1)
-        blocks.append(Block(meta[prefix][0], int(idx), prefix, stack, lins, vlm.model))
+        full = f"{prefix}.{lay.sub}" if lay.sub else prefix
+        blocks.append(Block(lins["attn.o"].modality, int(idx), full, stack, lins, vlm.model, lay))
     return blocks
 
 
@@ -133,31 +228,42 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
-def slice_layer(attn: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear,
-                fc1: nn.Linear, fc2: nn.Linear, heads_keep=None, neurons_keep=None) -> None:
-    """Slice one encoder layer in place to the kept heads and neurons (sorted index tensors;
-    None keeps all)."""
+def qkv_rows(heads: torch.Tensor, head_dim: int, width: int) -> torch.Tensor:
+    """Rows of ``heads`` in a fused ``[q; k; v]`` Linear whose q block has ``width`` rows."""
+    rows = head_rows(heads, head_dim)
+    return torch.cat([rows + c * int(width) for c in range(3)])
+
+
+def slice_unit(layout: Layout, attn: nn.Module, lins: Mapping[str, nn.Linear], heads_keep=None,
+               neurons_keep=None) -> None:
+    """Slice one unit (``lins``: canonical role -> Linear) in place to the kept heads and
+    neurons (index tensors; None keeps all)."""
     if heads_keep is not None:
         heads_keep = torch.as_tensor(heads_keep, dtype=torch.long).sort().values
         if heads_keep.numel() < 1:
             raise ValueError("a layer must keep at least one attention head")
-        hd = int(attn.head_dim)
+        hd = layout.head_dim(attn)
         rows = head_rows(heads_keep, hd)
-        for lin in (q, k, v):
-            _slice_linear(lin, out_idx=rows)
-        _slice_linear(o, in_idx=rows)
-        attn.num_heads = int(heads_keep.numel())
+        if layout.fused:
+            qkv = lins["attn.qkv"]
+            _slice_linear(qkv, out_idx=qkv_rows(heads_keep, hd, qkv.out_features // 3))
+        else:
+            for role in QKV_ROLES:
+                _slice_linear(lins[role], out_idx=rows)
+        _slice_linear(lins["attn.o"], in_idx=rows)
+        layout.update_heads(attn, int(heads_keep.numel()))
     if neurons_keep is not None:
+        if not layout.has_mlp:
+            raise ValueError(f"layout {layout.name!r} has no MLP neurons to slice")
         neurons_keep = torch.as_tensor(neurons_keep, dtype=torch.long).sort().values
-        _slice_linear(fc1, out_idx=neurons_keep)
-        _slice_linear(fc2, in_idx=neurons_keep)
+        _slice_linear(lins["mlp.in"], out_idx=neurons_keep)
+        _slice_linear(lins["mlp.out"], in_idx=neurons_keep)
 
 
 def slice_block(block: Block, heads_keep=None, neurons_keep=None) -> None:
-    """:func:`slice_layer` on a :class:`Block`."""
-    slice_layer(block.attn, block.lin("attn.q"), block.lin("attn.k"), block.lin("attn.v"),
-                block.lin("attn.o"), block.lin("mlp.in"), block.lin("mlp.out"),
-                heads_keep, neurons_keep)
+    """:func:`slice_unit` on a :class:`Block`."""
+    slice_unit(block.layout, block.attn, {r: block.lin(r) for r in block.linears},
+               heads_keep, neurons_keep)
 
 
 def _stack_config(model: nn.Module, stack: str):
@@ -191,12 +297,25 @@ def remove_layers(model: nn.Module, stack: str, indices: Sequence[int]) -> list[
 # manifest, save and load
 # --------------------------------------------------------------------------------------------
 def structure_of(vlm) -> dict:
-    """``{stack: {"modality", "layers": [{"num_heads", "head_dim", "intermediate_size"}]}}``."""
+    """``{stack: {"modality", "layouts": [names], "layers": [{"num_heads", "head_dim",
+    "intermediate_size", <sub>: {"num_heads", "head_dim"}}]}}``: a layer's main unit's shape
+    at the top of its entry, a second unit's (BLIP's ``crossattention``) under its name."""
     out: dict[str, dict] = {}
+    entries: dict[str, dict[int, dict]] = {}
     for b in find_blocks(vlm):
-        st = out.setdefault(b.stack, {"modality": b.modality, "layers": []})
-        st["layers"].append({"num_heads": b.num_heads, "head_dim": b.head_dim,
-                             "intermediate_size": b.mlp_width})
+        st = out.setdefault(b.stack, {"modality": b.modality, "layouts": [], "layers": []})
+        if b.layout.name not in st["layouts"]:
+            st["layouts"].append(b.layout.name)
+        entry = entries.setdefault(b.stack, {}).setdefault(b.index, {})
+        shape = {"num_heads": b.num_heads, "head_dim": b.head_dim}
+        if b.has_mlp:
+            shape["intermediate_size"] = b.mlp_width
+        if b.layout.sub:
+            entry[b.layout.sub] = shape
+        else:
+            entry.update(shape)
+    for stack, st in out.items():
+        st["layers"] = [entries[stack][i] for i in sorted(entries[stack])]
     return out
 
 
@@ -209,7 +328,7 @@ def is_sliced(vlm) -> bool:
         if cfg is None:
             continue
         if b.num_heads != getattr(cfg, "num_attention_heads", b.num_heads) or \
-                b.mlp_width != getattr(cfg, "intermediate_size", b.mlp_width):
+                (b.has_mlp and b.mlp_width != getattr(cfg, "intermediate_size", b.mlp_width)):
             return True
     return False
 
@@ -242,24 +361,53 @@ model.load_state_dict(state, strict=True)
 """
 
 
+_GENERIC_SNIPPET = """\
+import json, torch
+from safetensors.torch import load_file
+from transformers import {cls}, AutoConfig
+from vlcompress.models.surgery import apply_manifest
+
+folder = "path/to/this/folder"
+model = {cls}(AutoConfig.from_pretrained(folder))
+manifest = json.load(open(f"{{folder}}/vlcompress_manifest.json"))
+apply_manifest(model, manifest)  # per-layer head counts and MLP widths
+state = {{}}
+for name in manifest["weights"]:
+    state.update(load_file(f"{{folder}}/{{name}}"))
+model.load_state_dict(state, strict=True)
+"""
+
+
+def _clip_only(stacks: dict) -> bool:
+    return all(spec.get("layouts", ["clip"]) == ["clip"] for spec in stacks.values())
+
+
 def manifest_of(vlm) -> dict:
     cls = type(vlm.model).__name__
+    stacks = structure_of(vlm)
+    how = ("slice every layer listed under 'stacks' to its num_heads * head_dim q/k/v rows and "
+           "out_proj columns and its intermediate_size fc1 rows and fc2 columns, set "
+           "self_attn.num_heads" if _clip_only(stacks) else
+           "call vlcompress.models.surgery.apply_manifest(model, manifest) (each stack's "
+           "'layouts' say where its heads and neurons live: fused qkv rows, cross-attention)")
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "family": vlm.family,
         "hf_class": cls,
-        "stacks": structure_of(vlm),
+        "stacks": stacks,
         "how_to_load": (
             "Each encoder layer has its own head count and MLP width, which config.json cannot "
             f"express: {cls}.from_pretrained(folder) fails with size mismatches. Load with "
             "vlcompress.load_model(folder) (model at .model), or build the model from "
-            "config.json, slice every layer listed under 'stacks' to its num_heads * head_dim "
-            "q/k/v rows and out_proj columns and its intermediate_size fc1 rows and fc2 "
-            "columns, set self_attn.num_heads, then load the safetensors weights strictly "
-            "(see README.md)."
+            f"config.json, {how}, then load the safetensors weights strictly (see README.md)."
         ),
     }
+
+
+def _widths(layers: list[dict], key: str, sub: str = "") -> str:
+    return ",".join(str((x.get(sub) or {}).get(key, "-") if sub else x.get(key, "-"))
+                    for x in layers)
 
 
 def write_manifest(vlm, folder: str | Path) -> Path | None:
@@ -275,10 +423,17 @@ def write_manifest(vlm, folder: str | Path) -> Path | None:
     cls = man["hf_class"]
     rows = []
     for stack, spec in man["stacks"].items():
-        heads = ",".join(str(x["num_heads"]) for x in spec["layers"])
-        widths = ",".join(str(x["intermediate_size"]) for x in spec["layers"])
-        rows.append(f"- `{stack}` ({spec['modality']}): {len(spec['layers'])} layers; heads "
-                    f"[{heads}]; MLP widths [{widths}]")
+        lys = spec["layers"]
+        row = (f"- `{stack}` ({spec['modality']}): {len(lys)} layers; heads "
+               f"[{_widths(lys, 'num_heads')}]; MLP widths [{_widths(lys, 'intermediate_size')}]")
+        for name in spec.get("layouts", ()):
+            sub = get_layout(name).sub
+            if sub:
+                row += f"; {sub} heads [{_widths(lys, 'num_heads', sub)}]"
+        rows.append(row)
+    snippet = _HF_SNIPPET if _clip_only(man["stacks"]) else _GENERIC_SNIPPET
+    plain = "plain transformers" if _clip_only(man["stacks"]) else \
+        "transformers and vlcompress's `apply_manifest`"
     readme = (
         f"# Structurally pruned {cls} (vlcompress)\n\n"
         "Attention heads and MLP neurons were physically removed: every encoder layer has its "
@@ -286,7 +441,7 @@ def write_manifest(vlm, folder: str | Path) -> Path | None:
         "`config.json` cannot express per-layer widths, so "
         f"`{cls}.from_pretrained(folder)` fails with size-mismatch errors. Load it with\n\n"
         "```python\nimport vlcompress\nmodel = vlcompress.load_model(folder).model\n```\n\n"
-        "or, with plain transformers:\n\n```python\n" + _HF_SNIPPET.format(cls=cls) + "```\n"
+        f"or, with {plain}:\n\n```python\n" + snippet.format(cls=cls) + "```\n"
     )
     (folder / "README.md").write_text(readme)
     return path
@@ -308,12 +463,13 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 def apply_manifest(model: nn.Module, manifest: dict) -> None:
     """Give ``model`` (built from the saved config) the manifest's per-layer shapes: keep the
-    first heads / neurons of each layer (their values are overwritten by the weights)."""
+    first heads / neurons of each unit (their values are overwritten by the weights)."""
     for stack, spec in manifest["stacks"].items():
         try:
             layers = model.get_submodule(stack)
         except AttributeError:
             raise ModelError(f"manifest names {stack!r}, which the model does not have") from None
+        layouts = [get_layout(n) for n in spec.get("layouts", ["clip"])]
         shapes = spec["layers"]
         if len(layers) != len(shapes):
             if len(layers) < len(shapes):
@@ -323,14 +479,23 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
             layers = model.get_submodule(stack)
         for i, shp in enumerate(shapes):
             layer = layers[i]
-            attn = layer.get_submodule("self_attn")
-            if int(attn.head_dim) != int(shp["head_dim"]):
-                raise ModelError(f"{stack}.{i}: head_dim {attn.head_dim} != manifest {shp['head_dim']}")
-            mods = {r: layer.get_submodule(p) for r, p in ROLE_PATHS.items()}
-            slice_layer(attn, mods["attn.q"], mods["attn.k"], mods["attn.v"], mods["attn.o"],
-                        mods["mlp.in"], mods["mlp.out"],
-                        heads_keep=torch.arange(int(shp["num_heads"])),
-                        neurons_keep=torch.arange(int(shp["intermediate_size"])))
+            for lay in layouts:
+                entry = shp.get(lay.sub) if lay.sub else shp
+                if not entry or "num_heads" not in entry:
+                    continue  # this unit was not in scope: left as the config builds it
+                try:
+                    attn = layer.get_submodule(lay.attn)
+                    mods = {r: layer.get_submodule(p) for r, p in lay.paths.items()}
+                except AttributeError:
+                    raise ModelError(f"{stack}.{i} does not have the {lay.name!r} layout the "
+                                     "manifest names") from None
+                if lay.head_dim(attn) != int(entry["head_dim"]):
+                    raise ModelError(f"{stack}.{i}: head_dim {lay.head_dim(attn)} != manifest "
+                                     f"{entry['head_dim']}")
+                width = entry.get("intermediate_size")
+                slice_unit(lay, attn, mods, heads_keep=torch.arange(int(entry["num_heads"])),
+                           neurons_keep=torch.arange(int(width))
+                           if lay.has_mlp and width is not None else None)
     setattr(model, STRUCTURED_FLAG, True)
 
 
@@ -357,8 +522,16 @@ def load_sliced(folder: str | Path, model_cls, config, manifest: dict | None = N
         except RuntimeError as exc:
             raise ModelError(f"weights in {str(folder)!r} do not fit the manifest's "
                              f"architecture: {str(exc).splitlines()[-1].strip()}") from None
-        # Non-persistent buffers (position_ids) may be absent from the file: fine.
-        missing = [k for k in missing if k not in dict(model.named_buffers())]
+        # Non-persistent buffers (position_ids) may be absent from the file, and so may tied
+        # weights (a captioning decoder's output layer is its word embedding): fine when
+        # another name of the same tensor was loaded.
+        names: dict[int, set[str]] = {}
+        for n, t in [*model.named_parameters(remove_duplicate=False),
+                     *model.named_buffers(remove_duplicate=False)]:
+            names.setdefault(id(t), set()).add(n)
+        by_name = {n: ns for ns in names.values() for n in ns}
+        missing = [k for k in missing if k not in dict(model.named_buffers())
+                   and not (by_name.get(k, set()) - {k}) & state.keys()]
         if missing or unexpected:
             raise ModelError(f"weights in {str(folder)!r} do not match the manifest's "
                              f"architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -2,9 +2,13 @@
 
 Groups (Torch-Pruning's word: weights that must go together):
 
-- a **head** of an encoder layer: its ``head_dim`` rows of q, k and v and the matching
-  ``head_dim`` columns of the out-projection;
-- an MLP **neuron**: its fc1 row (and bias) and its fc2 column.
+- a **head** of an encoder layer: its ``head_dim`` rows of q, k and v (in a fused ``qkv``
+  Linear, as BLIP's vision encoder, its rows in each of the q, k and v thirds) and the
+  matching ``head_dim`` columns of the out-projection; a cross-attention (BLIP's text
+  layers) is a unit of its own whose heads are grouped the same way (its key/value read
+  image tokens: their input width, the vision width, stays);
+- an MLP **neuron**: its fc1 row (and bias) and its fc2 column (a unit without an MLP, a
+  cross-attention, has none).
 
 Any weight scorer feeds this: a group's score is the sum of its weights' scores
 (:func:`group_scores_from_weights`). A scorer may instead score groups itself by attaching
@@ -59,8 +63,6 @@ HEAD_ROUNDING_RULE = ("kept heads rounded to the nearest multiple of round_to/gc
 #: Verification tolerance, masked vs sliced outputs: |a - b| <= ATOL + RTOL * max|a|.
 VERIFY_ATOL, VERIFY_RTOL = 1e-5, 1e-4
 
-ATTN_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o")
-MLP_ROLES = ("mlp.in", "mlp.out")
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,10 +106,13 @@ def check_structured(vlm, cfg, blocks: Sequence[Block] | None = None) -> list[Bl
     if blocks is None:
         blocks = find_blocks(vlm, select_layers(vlm, cfg.scope))
     if not blocks:
+        from ..models.registry import families
+
+        ok = sorted(n for n, c in families().items() if getattr(c, "structured", False))
         raise PatternError(
-            f"pattern structured is not supported for family {vlm.family!r} (it slices CLIP-style "
-            "encoder layers: separate q/k/v/out projections and fc1/fc2); supported: clip, siglip, "
-            "clip_vision_model, siglip_vision_model; use unstructured or N:M")
+            f"pattern structured is not supported for family {vlm.family!r} (it slices encoder "
+            "layers of known layouts: q/k/v or fused qkv, out-projection, fc1/fc2); supported: "
+            f"{', '.join(ok)}; use unstructured or N:M")
     s = float(cfg.sparsity)
     if "heads" in cfg.units and s > 0:
         worst = min(blocks, key=lambda b: b.num_heads)
@@ -138,25 +143,38 @@ def _clean(s: torch.Tensor) -> torch.Tensor:
 
 def group_scores_from_weights(block: Block, scores: dict[str, torch.Tensor]
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(heads [H], neurons [F])``: the sum of each group's weight scores."""
+    """``(heads [H], neurons [F])``: the sum of each group's weight scores (``F`` is 0 for a
+    unit without an MLP)."""
     H, hd = block.num_heads, block.head_dim
     lys = block.linears
     heads = torch.zeros(H, dtype=torch.float64)
-    for role in ("attn.q", "attn.k", "attn.v"):
-        s = _clean(scores[lys[role].name]).double().cpu()
-        heads += s.reshape(H, hd, -1).sum(dim=(1, 2))
+    if "attn.qkv" in lys:  # rows [q; k; v], each H * hd
+        s = _clean(scores[lys["attn.qkv"].name]).double().cpu()
+        heads += s.reshape(3, H, hd, -1).sum(dim=(0, 2, 3))
+    else:
+        for role in ("attn.q", "attn.k", "attn.v"):
+            s = _clean(scores[lys[role].name]).double().cpu()
+            heads += s.reshape(H, hd, -1).sum(dim=(1, 2))
     so = _clean(scores[lys["attn.o"].name]).double().cpu()
     heads += so.reshape(so.shape[0], H, hd).sum(dim=(0, 2))
+    if not block.has_mlp:
+        return heads.float(), torch.zeros(0)
     neurons = (_clean(scores[lys["mlp.in"].name]).double().cpu().sum(1)
                + _clean(scores[lys["mlp.out"].name]).double().cpu().sum(0))
     return heads.float(), neurons.float()
 
 
 def _group_sizes(block: Block) -> tuple[int, int]:
-    """Weights per head and per neuron of ``block``."""
-    d = block.lin("attn.q").in_features
-    return 3 * block.head_dim * d + block.lin("attn.o").out_features * block.head_dim, \
-        block.lin("mlp.in").in_features + block.lin("mlp.out").out_features
+    """Weights per head and per neuron of ``block`` (a cross-attention head's key/value rows
+    are as wide as the image tokens; 0 per neuron without an MLP)."""
+    hd = block.head_dim
+    if "attn.qkv" in block.linears:
+        qkv = 3 * hd * block.lin("attn.qkv").in_features
+    else:
+        qkv = hd * sum(block.lin(r).in_features for r in ("attn.q", "attn.k", "attn.v"))
+    neuron = block.lin("mlp.in").in_features + block.lin("mlp.out").out_features \
+        if block.has_mlp else 0
+    return qkv + block.lin("attn.o").out_features * hd, neuron
 
 
 def _pooled_keep(blocks, scores: dict[str, torch.Tensor], sparsity: float, sizes: dict[str, int],
@@ -184,24 +202,26 @@ def keep_counts(blocks: Sequence[Block], head_scores: dict[str, torch.Tensor],
     s = float(sparsity)
     if s > 0:
         if allocation == "per_modality":
-            roles = (ATTN_ROLES if "heads" in units else ()) + (MLP_ROLES if "neurons" in units else ())
-            lys = [b.linears[r] for b in blocks for r in roles]
-            counts = per_modality_counts(lys, s)
+            def roles(b):
+                return (b.attn_roles if "heads" in units else ()) + \
+                    (b.mlp_roles if "neurons" in units else ())
+            counts = per_modality_counts([b.linears[r] for b in blocks for r in roles(b)], s)
             for b in blocks:
                 def ratio(rs, b=b):
                     return sum(counts[b.linears[r].name] for r in rs) / sum(
                         b.linears[r].weight.numel() for r in rs)
                 if "heads" in units:
-                    raw_h[b.prefix] = b.num_heads * (1.0 - ratio(ATTN_ROLES))
-                if "neurons" in units:
-                    raw_f[b.prefix] = b.mlp_width * (1.0 - ratio(MLP_ROLES))
+                    raw_h[b.prefix] = b.num_heads * (1.0 - ratio(b.attn_roles))
+                if "neurons" in units and b.has_mlp:
+                    raw_f[b.prefix] = b.mlp_width * (1.0 - ratio(b.mlp_roles))
         elif allocation in ("global", "per_tower"):
             key = (lambda b: "all") if allocation == "global" else (lambda b: b.modality)
             sizes = {b.prefix: _group_sizes(b) for b in blocks}
             if "heads" in units:
                 raw_h = _pooled_keep(blocks, head_scores, s, {p: v[0] for p, v in sizes.items()}, key)
             if "neurons" in units:
-                raw_f = _pooled_keep(blocks, neuron_scores, s, {p: v[1] for p, v in sizes.items()}, key)
+                raw_f.update(_pooled_keep([b for b in blocks if b.has_mlp], neuron_scores, s,
+                                          {p: v[1] for p, v in sizes.items()}, key))
         else:  # uniform
             for b in blocks:
                 if "heads" in units:
@@ -226,11 +246,11 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def weight_masks(block: Block, heads_keep: torch.Tensor, neurons_keep: torch.Tensor
                  ) -> dict[str, torch.Tensor]:
-    """Bool masks (True = kept) shaped like each of ``block``'s six weights."""
+    """Bool masks (True = kept) shaped like each of ``block``'s weights."""
     from ..models.surgery import head_rows
 
     out = {}
-    rows = torch.zeros(block.lin("attn.q").out_features, dtype=torch.bool)
+    rows = torch.zeros(block.lin("attn.o").in_features, dtype=torch.bool)
     rows[head_rows(heads_keep, block.head_dim)] = True
     neur = torch.zeros(block.mlp_width, dtype=torch.bool)
     neur[neurons_keep] = True
@@ -238,6 +258,8 @@ def weight_masks(block: Block, heads_keep: torch.Tensor, neurons_keep: torch.Ten
         w = ly.weight
         if role in ("attn.q", "attn.k", "attn.v"):
             m = rows[:, None].expand(w.shape)
+        elif role == "attn.qkv":  # the same heads in each of the q, k and v thirds
+            m = rows.repeat(3)[:, None].expand(w.shape)
         elif role == "attn.o":
             m = rows[None, :].expand(w.shape)
         elif role == "mlp.in":
