@@ -173,7 +173,8 @@ def test_method_options_are_checked_in_one_line():
     with pytest.raises(ConfigError, match=r"ecoflap\.estimator='x'.*tensor\|block-spsa"):
         prune(make_tiny_random_clip(), "ecoflap", 0.5, calibration=calib,
               method_options={"estimator": "x"})
-    with pytest.raises(ConfigError, match="method 'magnitude' has no option 'eps'; its options: permute=False \\(bool\\), permute_seconds"):
+    with pytest.raises(ConfigError, match="method 'magnitude' has no option 'eps'; "
+                                          r"its options: permute=False \(bool\), permute_seconds"):
         prune(make_tiny_random_clip(), "magnitude", 0.5, method_options={"eps": "1"})
 
 

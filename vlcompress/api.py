@@ -18,9 +18,13 @@ from .progress import NULL
 def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:4",
                    calibration="shapes", calibration_size=256, force=False,
                    skip_incompatible=False, progress_factory=None, units="heads,neurons",
-                   round_to=8, depth=0, method_options=None) -> dict:
+                   round_to=8, depth=0, method_options=None, offload="none") -> dict:
     """Prune ``model`` and save it to ``out`` (safetensors + config + ``prune.json``; a
-    structurally pruned model also gets ``vlcompress_manifest.json`` and a README)."""
+    structurally pruned model also gets ``vlcompress_manifest.json`` and a README).
+
+    ``offload="disk"``: ``model`` is a folder of safetensors shards pruned without holding it
+    in memory (:func:`vlcompress.methods.offload.prune_offloaded`: its big stacks are read block by
+    block from the shards and the pruned blocks written to ``out`` shard by shard)."""
     from .atomic import check_output_folder
     from .config import PruneConfig
     from .data import load_calibration
@@ -32,6 +36,9 @@ def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:
                      skip_incompatible=skip_incompatible, units=units, round_to=round_to,
                      depth=depth, method_options=method_options)
     out = check_output_folder(out, force)
+    if offload != "none":
+        return _prune_offloaded(model, out, pc, offload, calibration, calibration_size, force,
+                                method_options)
     check_family(get_method(pc.method), pc.pattern, peek_model(model))
     calib = load_calibration(calibration, n=calibration_size)
     vlm = load_model(model)
@@ -46,6 +53,31 @@ def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:
     info = {**res.to_dict(), "model": str(model)}
     with atomic_dir(out, overwrite=force) as tmp:
         vlm.save(tmp)
+        (tmp / "prune.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _prune_offloaded(model, out: Path, pc, offload: str, calibration, calibration_size: int,
+                     force: bool, method_options) -> dict:
+    """``prune_and_save`` with ``offload="disk"``: refusals first (mode, method, pattern,
+    folder, free disk, the family), then the pruned shards written into the output folder."""
+    from .data import load_calibration
+    from .methods.offload import check_offload, prune_offloaded
+    from .methods.registry import check_family, get_method
+    from .models import peek_model
+
+    check_offload(offload, pc.method, str(pc.pattern), model, out)
+    if method_options:  # the user's, not the defaults PruneConfig fills in
+        raise ConfigError(f"--offload {offload} takes no --method-option (got "
+                          f"{', '.join(method_options)}); allowed: none")
+    check_family(get_method(pc.method), pc.pattern, peek_model(model))
+    calib = load_calibration(calibration, n=calibration_size)
+    with atomic_dir(out, overwrite=force) as tmp:
+        res = prune_offloaded(model, tmp, calib, method=pc.method, pattern=str(pc.pattern),
+                              sparsity=pc.sparsity, keep_masks=False)
+        info = {"method": pc.method, "pattern": str(pc.pattern), "achieved": res["achieved"],
+                "seconds": res["seconds"], "offload": offload, "model": str(model),
+                "offloaded_stacks": res["offloaded_stacks"], "details": res["details"]}
         (tmp / "prune.json").write_text(json.dumps(info, indent=2))
     return info
 

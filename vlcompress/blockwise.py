@@ -49,12 +49,15 @@ per-block method (ECoFLaP's block scores) can call :func:`run_blockwise` with it
 cache and statistics there, so the GPU holds one block, not the model (measured on an H200:
 ``benchmarks/prune_offload.py``). Disk offload of idle blocks (accelerate's
 ``device_map="disk"`` style) would plug in at the same seam, loading block i before its turn
-and releasing it after; it is designed in design.md §5, not built (our loaders materialise
-the whole model in host memory).
+and releasing it after: a model may carry a block store (``vlm.block_store``,
+:class:`vlcompress.methods.offload.BlockStore`) that loads a block of an offloaded stack from the
+checkpoint's shards before its turn and writes it out and frees it after; whole-model passes
+run with those stacks skipped (:func:`vlcompress.methods.offload.prune_offloaded`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
@@ -340,7 +343,53 @@ def release_freed_memory() -> None:
 
 def _home(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    # a block offloaded to disk (``meta`` between turns) is loaded into host memory
+    return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
+
+
+def _store(vlm: VLM):
+    """The model's block store (:class:`vlcompress.methods.offload.BlockStore`: blocks of some
+    stacks live on disk and are loaded for their turn), or None."""
+    return getattr(vlm, "block_store", None)
+
+
+def _offloaded(vlm: VLM) -> tuple[str, ...]:
+    st = _store(vlm)
+    return tuple(st.stacks) if st is not None else ()
+
+
+@contextlib.contextmanager
+def _turn(vlm: VLM, stack: str, index: int, module: nn.Module):
+    """The block's weights loaded for its turn and released after, when a store holds it."""
+    st = _store(vlm)
+    if st is None:
+        yield
+        return
+    with st.block(stack, index, module):
+        yield
+
+
+@contextlib.contextmanager
+def _skipped(model: nn.Module, stacks: Sequence[str], recorders: dict | None = None):
+    """Every block of ``stacks`` replaced by a :class:`_Skip` for the body (layer 0 records
+    its call where ``recorders`` has one), the real blocks back after. The stand-ins carry the
+    blocks' forward hooks (transformers 5 records hidden states with them)."""
+    saved: dict[str, list[nn.Module]] = {}
+    _install_output_hooks(model)
+    try:
+        for s in stacks:
+            mods = model.get_submodule(s)
+            saved[s] = list(mods)
+            for i in range(len(mods)):
+                mods[i] = _Skip((recorders or {}).get(s) if i == 0 else None)
+                for hook in saved[s][i]._forward_hooks.values():  # e.g. hidden-state recorders
+                    mods[i].register_forward_hook(hook)
+        yield
+    finally:
+        for s, mods in saved.items():
+            stack = model.get_submodule(s)
+            for i, m in enumerate(mods):
+                stack[i] = m
 
 
 def _to(obj, device: torch.device | None):
@@ -406,7 +455,6 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
              ) -> tuple[dict[str, list[_Stream]], set[str]]:
     """One capture round for ``stacks``: ``({stack: streams}, stacks that read another
     tower)``. Every block of ``stacks`` is a :class:`_Skip` during the pass."""
-    saved: dict[str, list[nn.Module]] = {}
     streams: dict[str, list[_Stream]] = {s: [] for s in stacks}
     dependent: set[str] = set()
     state = {"calls": {}, "masks": None}
@@ -432,36 +480,28 @@ def _capture(vlm: VLM, data, stacks: list[str], modalities: dict[str, list[str]]
                 dependent.add(stack)
         return record
 
-    _install_output_hooks(vlm.model)
+    recorders = {s: recorder(s, vlm.model.get_submodule(s)[0]) for s in stacks}
+    # stacks offloaded to disk and not captured now: read by no other, so skipped as well
+    off = [s for s in _offloaded(vlm) if s not in stacks]
     try:
-        for s in stacks:
-            mods = vlm.model.get_submodule(s)
-            saved[s] = list(mods)
-            for i in range(len(mods)):
-                mods[i] = _Skip(recorder(s, saved[s][0]) if i == 0 else None)
-                for hook in saved[s][i]._forward_hooks.values():  # e.g. hidden-state recorders
-                    mods[i].register_forward_hook(hook)
-        expected: dict[str, int] = {}
-        with torch.no_grad():
-            for batch in data.batches():
-                encoded = vlm.encode(batch)
-                state["calls"] = {}
-                state["masks"] = {s: batch_masks(vlm, encoded, modalities[s]) for s in stacks}
-                vlm.model(**vlm.model_inputs(encoded))
-                for s in stacks:  # every batch must call each stack the same number of times
-                    n = state["calls"].get(s, 0)
-                    if expected.setdefault(s, n) != n:
-                        raise RuntimeError(f"stack {s}: layer 0 ran {n} times in one batch, "
-                                           f"{expected[s]} in the first")
+        with _skipped(vlm.model, [*stacks, *off], recorders):
+            expected: dict[str, int] = {}
+            with torch.no_grad():
+                for batch in data.batches():
+                    encoded = vlm.encode(batch)
+                    state["calls"] = {}
+                    state["masks"] = {s: batch_masks(vlm, encoded, modalities[s])
+                                      for s in stacks}
+                    vlm.model(**vlm.model_inputs(encoded))
+                    for s in stacks:  # every batch must call each stack the same number of times
+                        n = state["calls"].get(s, 0)
+                        if expected.setdefault(s, n) != n:
+                            raise RuntimeError(f"stack {s}: layer 0 ran {n} times in one batch, "
+                                               f"{expected[s]} in the first")
     except BaseException:
         for st in (st for sts in streams.values() for st in sts):
             st.close()  # spilled files in the user's cache_dir go too
         raise
-    finally:
-        for s, mods in saved.items():
-            stack = vlm.model.get_submodule(s)
-            for i, m in enumerate(mods):
-                stack[i] = m
     run.captures += 1
     missing = [s for s in stacks if not streams[s]]
     if missing:
@@ -617,7 +657,8 @@ def _visit_loose(vlm: VLM, data, layers, visit, gram: bool, run: BlockwiseRun) -
     from .calibrate import collect_stats
 
     t = time.perf_counter()
-    stats = collect_stats(vlm, data, loose, gram=gram)
+    with _skipped(vlm.model, _offloaded(vlm)):  # a stack on disk reads, never feeds, these
+        stats = collect_stats(vlm, data, loose, gram=gram)
     run.forward_seconds += time.perf_counter() - t
     parents: dict[str, list[PrunableLayer]] = {}
     for ly in loose:
@@ -699,7 +740,7 @@ def _run_stack(vlm, blocks: list[BlockRef], streams: list[_Stream], visit, gram:
     last = blocks[-1].index
     try:
         for i in range(last + 1):
-            with _OnDevice(stack[i], device):
+            with _turn(vlm, blocks[0].stack, i, stack[i]), _OnDevice(stack[i], device):
                 _block_turn(stack[i], by_index.get(i), i < last, streams, visit, gram, inputs,
                             new_cache, run)
             if i in by_index:

@@ -356,6 +356,10 @@ def prune_cmd(
     round_to: RoundToOpt = "8",
     depth: DepthOpt = "0",
     method_option: MethodOptionOpt = None,
+    offload: Annotated[str, typer.Option(
+        "--offload", help="none, or disk: prune a model folder of safetensors shards bigger "
+        "than memory, block by block (its decoder read from the shards for each block's turn, "
+        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq.")] = "none",
 ):
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save
@@ -365,7 +369,7 @@ def prune_cmd(
                          calibration=calibration, calibration_size=calibration_size, force=force,
                          skip_incompatible=skip_incompatible, progress_factory=_progress,
                          units=units, round_to=round_to, depth=depth,
-                         method_options=parse_method_options(method_option))
+                         method_options=parse_method_options(method_option), offload=offload)
     out.print(f"pruned {model} with {res['method']} {res['pattern']}: achieved "
               f"{100 * res['achieved']:.1f}% sparsity in {res['seconds']:.2f}s -> {out_dir}")
 

@@ -156,3 +156,16 @@ def check_onnxruntime_gpu(provider: str = "CUDAExecutionProvider") -> str:
     return (f"onnxruntime {ort.__version__} ({', '.join(onnxruntime_distributions())}): "
             f"{provider} runs")
 
+
+
+def require_accelerate():
+    """accelerate's big-model tools (``init_empty_weights``, ``set_module_tensor_to_device``),
+    which disk offload (``vlcompress.offload``) is built on."""
+    try:
+        import accelerate  # noqa: PLC0415
+        import accelerate.utils  # noqa: F401, PLC0415
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "accelerate is not installed: disk offload needs it (`pip install vlcompress[big]`)."
+        ) from exc
+    return accelerate

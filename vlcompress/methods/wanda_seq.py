@@ -27,15 +27,17 @@ from .registry import Method, Solved, register_method
 
 def wanda_sequential(vlm, layers, data, *, sparsity: float | None = None, n: int = 0,
                      m: int = 0, inputs: str = "pruned", max_cache_bytes: int | None = None,
-                     cache_dir=None, device=None, progress=NULL) -> Solved:
+                     cache_dir=None, device=None, progress=NULL, masks=None) -> Solved:
     """Prune ``layers`` in place, block by block: ``sparsity`` per output row, or ``n``:``m``.
 
     ``inputs``: ``"pruned"`` (the reference) or ``"dense"`` (each block's statistics from the
-    dense model's activations: then the masks are one-shot ``wanda``'s).
+    dense model's activations: then the masks are one-shot ``wanda``'s). ``masks``: where each
+    layer's mask goes (``masks[name] = keep``; default: a new ``PackedMasks``).
     """
     from ..blockwise import run_blockwise
 
-    masks = PackedMasks()  # packed as each block's masks come: one bit per weight
+    if masks is None:
+        masks = PackedMasks()  # packed as each block's masks come: one bit per weight
     with progress.task("wanda-seq", total=len(layers)) as task:
         def visit(block, stats):
             for ly in block.layers:

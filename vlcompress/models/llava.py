@@ -144,6 +144,14 @@ class Llava(VLM):
 
     check_config = staticmethod(check_llava_config)
 
+    #: ``(model prefix, checkpoint prefix)``: transformers 5 moved the decoder and the tower
+    #: under ``model.``; checkpoints (the hub's, and its own ``save_pretrained``) keep the old
+    #: names. Disk offload (``vlcompress.offload``) reads the shards by these names.
+    checkpoint_prefixes = (("model.language_model.", "language_model.model."),
+                           ("lm_head.", "language_model.lm_head."),
+                           ("model.vision_tower.", "vision_tower."),
+                           ("model.multi_modal_projector.", "multi_modal_projector."))
+
     @staticmethod
     def default_processors(cfg):
         """A preset's tokenizer: the word tokenizer with the image token at the config's id."""
