@@ -9,6 +9,11 @@ Random is the floor every method must beat. For ``auto`` each row also records w
 candidate won and by how much. A method may carry its options, ``name:key=value;key=value``
 (e.g. ``--methods ecoflap,ecoflap:estimator=block-spsa``), as ``--method-option`` on the CLI.
 
+Reconstruction (``vlcompress.methods.reconstruct``): ``--reconstruct default`` (prune()'s
+default: on for scoring methods at unstructured and N:M), ``on``, ``off``, or ``both`` (each
+scoring method twice, rows ``NAME`` without and ``NAME +rec`` with it; the others once).
+``--settings 50%,2:4`` keeps only those columns.
+
 Prune time: with ``--timing-repeats N`` (N >= 3) each cell is pruned once untimed (warm-up:
 first-call costs, lazy imports) and then N more times, and the table's last column is the
 median of those N ``prune()`` calls (calibration included), averaged over settings. By default
@@ -35,24 +40,41 @@ METHODS = ["random", "magnitude", "wanda", "multiflow", "lamp", "snip", "ecoflap
            "auto"]
 
 
-def run(model: str, methods: list[str], calib_n: int, eval_n: int, repeats: int = 0) -> dict:
+RECONSTRUCT = {"default": (None,), "on": (True,), "off": (False,), "both": (False, True)}
+
+
+def variants(spec: str, mode: str) -> list[tuple[str, bool | None]]:
+    """``(row label, reconstruct)`` of one method under ``--reconstruct mode``: a method that
+    does not score (sparsegpt, auto) runs once, as prune() allows it."""
+    from vlcompress.methods.registry import SCORING_KINDS, get_method
+
+    if get_method(parse_spec(spec)[0]).kind not in SCORING_KINDS:
+        return [(spec, None)]
+    return [(f"{spec} +rec" if rc and mode == "both" else spec, rc) for rc in RECONSTRUCT[mode]]
+
+
+def run(model: str, methods: list[str], calib_n: int, eval_n: int, repeats: int = 0,
+        reconstruct: str = "default") -> dict:
     calib = load_calibration("shapes", n=calib_n)
     data = load_eval("shapes", n=eval_n)
     dense = evaluate(load_model(model), data)
     rows = []
-    for spec in methods:
-        method, opts = parse_spec(spec)
+    for spec, rc in [v for s in methods for v in variants(s, reconstruct)]:
+        method, opts = parse_spec(spec.removesuffix(" +rec"))
         for label, pattern, sparsity in SETTINGS:
             times = []
             for _ in range(repeats + 1 if repeats else 0):  # the first call is the warm-up
                 vlm = load_model(model)
                 t = time.perf_counter()
-                prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts)
+                prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts,
+                      reconstruct=rc)
                 times.append(time.perf_counter() - t)
             vlm = load_model(model)
-            res = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts)
+            res = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts,
+                        reconstruct=rc)
             m = evaluate(vlm, data)
             rows.append({"method": spec, "setting": label, "pattern": pattern,
+                         "reconstruct": res.reconstruct,
                          "achieved": res.achieved, "per_modality": res.per_modality,
                          "method_options": res.details.get("method_options", {}), **m})
             if repeats:
@@ -64,11 +86,11 @@ def run(model: str, methods: list[str], calib_n: int, eval_n: int, repeats: int 
             print(f"{spec:10s} {label:4s} zs={m['zeroshot_top1']:.3f} i2t@1={m['i2t_r1']:.3f} "
                   f"t2i@1={m['t2i_r1']:.3f}", flush=True)
     return {"model": model, "calibration_pairs": calib_n, "eval_pairs": eval_n, "dense": dense,
-            "timing_repeats": repeats, "rows": rows}
+            "timing_repeats": repeats, "reconstruct": reconstruct, "rows": rows}
 
 
 def markdown(res: dict) -> str:
-    labels = [s[0] for s in SETTINGS]
+    labels = list(dict.fromkeys(r["setting"] for r in res["rows"]))
     d = res["dense"]
     timed = bool(res.get("timing_repeats"))
     lines = ["| method | " + " | ".join(labels) + (" | prune s (median) |" if timed else " |"),
@@ -123,7 +145,9 @@ def run_permutation(model: str, methods: list[str], calib_n: int, eval_n: int,
             opts = {"permute": True, "permute_seconds": permute_seconds} if permute else None
             vlm = load_model(model)
             t = time.perf_counter()
-            res = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts)
+            # permutation alone, as these rows were measured (reconstruction: --reconstruct)
+            res = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts,
+                        reconstruct=False)
             secs = time.perf_counter() - t
             m = evaluate(vlm, data)
             row = {"method": method, "setting": label, "pattern": pattern, "permute": permute,
@@ -170,6 +194,10 @@ def main():
     ap.add_argument("--eval-size", type=int, default=720)
     ap.add_argument("--timing-repeats", type=int, default=0,
                     help="timed prune() calls per cell after one warm-up (0: no time; else >= 3)")
+    ap.add_argument("--reconstruct", choices=sorted(RECONSTRUCT), default="default",
+                    help="reconstruction after scoring methods' masks (both: rows with and without)")
+    ap.add_argument("--settings", default=None,
+                    help=f"columns to run (default all: {','.join(s[0] for s in SETTINGS)})")
     ap.add_argument("--out", default=None)
     ap.add_argument("--permutation", action="store_true",
                     help="instead: each method at 2:4 without / with channel permutation, and RIA "
@@ -178,6 +206,12 @@ def main():
     ap.add_argument("--permute-seconds", type=float, default=30.0,
                     help="with --permutation: the permutation search's budget per model")
     a = ap.parse_args()
+    if a.settings:
+        keep = a.settings.split(",")
+        bad = [k for k in keep if k not in {s[0] for s in SETTINGS}]
+        if bad:
+            ap.error(f"unknown setting {bad[0]!r}; allowed: {','.join(s[0] for s in SETTINGS)}")
+        SETTINGS[:] = [s for s in SETTINGS if s[0] in keep]
     if a.permutation:
         methods = PERM_METHODS if a.methods == ",".join(METHODS) else a.methods.split(",")
         res = run_permutation(a.model, methods, a.calibration_size, a.eval_size,
@@ -189,7 +223,8 @@ def main():
         return
     if a.timing_repeats and a.timing_repeats < 3:
         ap.error("--timing-repeats must be 0 or at least 3")
-    res = run(a.model, a.methods.split(","), a.calibration_size, a.eval_size, a.timing_repeats)
+    res = run(a.model, a.methods.split(","), a.calibration_size, a.eval_size, a.timing_repeats,
+              a.reconstruct)
     res["table_markdown"] = markdown(res)
     path = write_result("quality", res, a.out)
     print(res["table_markdown"])

@@ -19,6 +19,15 @@ the model is used) over the 1000 eval sentences, via ``vlcompress.eval.embed_eva
 encoder at 50% unstructured, 2:4 and 70% unstructured (one-shot, calibrated on the 400
 calibration sentences), then 2:4 + ``recover`` (distillation from the dense model) on the
 calibration sentences alone, starting from the best one-shot 2:4 method.
+
+Reconstruction (``vlcompress.methods.reconstruct``, prune()'s default for scoring methods):
+``--reconstruct both`` runs each scoring method with (``NAME +rec``) and without it; a method
+takes options as ``name:key=value;key=value`` (``sparsegpt:refine_iters=50``). ``--settings
+2:4`` keeps only that setting. Recovery that generalises: ``--train-data
+benchmarks/data/sentences_train.txt`` (2326 more sentences from the same docstrings, looser
+filter, disjoint from calibration and eval by construction: ``scripts/make_sentences.py
+--train``; checked again here) and ``--holdout-fraction 0.1`` (a slice of it never trained
+on, fidelity on it every ``--holdout-every`` steps, the best state kept).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write_result  # noqa: E402
+from _common import parse_spec, write_result  # noqa: E402
 
 from vlcompress import load_calibration, load_eval, load_model, prune, recover  # noqa: E402
 from vlcompress.distill import dense_copy  # noqa: E402
@@ -88,8 +97,21 @@ def cosine(dense_emb, vlm, data) -> dict:
             "cosine_p05": per.quantile(0.05).item(), "cosine_min": per.min().item()}
 
 
+RECONSTRUCT = {"default": (None,), "on": (True,), "off": (False,), "both": (False, True)}
+
+
+def variants(spec: str, mode: str) -> list[tuple[str, bool | None]]:
+    """``(row label, reconstruct)`` of one method spec (methods that do not score: once)."""
+    from vlcompress.methods.registry import SCORING_KINDS, get_method
+
+    if get_method(parse_spec(spec)[0]).kind not in SCORING_KINDS:
+        return [(spec, None)]
+    return [(f"{spec} +rec" if rc and mode == "both" else spec, rc) for rc in RECONSTRUCT[mode]]
+
+
 def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: int, lr: float,
-        seed: int, save=None) -> dict:
+        seed: int, save=None, reconstruct: str = "default", train_data=None, train_n: int = 4096,
+        holdout: float = 0.0, holdout_every: int = 25) -> dict:
     """Every row; ``save(result)`` after each one (a run cut short leaves its rows so far,
     with ``complete: false``)."""
     calib = load_calibration(DATA / "sentences_calibration.txt", n=calib_n)
@@ -98,6 +120,13 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
     # batch), which halves the embedding time on a loaded 2-core machine
     data.captions = sorted(data.captions, key=lambda c: (len(c), c))
     assert not set(calib.captions) & set(data.captions), "calibration and eval must be disjoint"
+    train = calib
+    if train_data is not None:
+        from vlcompress.data import load_train
+
+        train = load_train(train_data, n=train_n, seed=seed)
+        ev = {c.lower() for c in data.captions}
+        assert not any(c.lower() in ev for c in train.captions), "no eval sentence in training"
     dense_vlm = load_model(model)
     dense = embed_eval(dense_vlm, data)
     rows = []
@@ -105,17 +134,21 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
            "corpus": "CPython standard-library docstrings (PSF licence), scripts/make_sentences.py",
            "calibration_sentences": len(calib), "eval_sentences": len(data),
            "metric": "mean cosine of pruned to dense mean-pooled sentence embeddings",
-           "methods": method_names, "rows": rows, "complete": False}
+           "methods": method_names, "rows": rows, "complete": False, "reconstruct": reconstruct,
+           "train_data": {"source": train.source, "n": len(train),
+                          "disjoint_from_eval": True}}
     best24 = None  # (cosine, method, model): recovery starts from the best one-shot 2:4 model
     for pattern, sparsity in ORDER:
-        for method in method_names:
+        for method, rc in [v for s in method_names for v in variants(s, reconstruct)]:
+            name, opts = parse_spec(method.removesuffix(" +rec"))
             vlm = load_model(model)
             t = time.perf_counter()
-            pr = prune(vlm, method, sparsity, pattern, calibration=calib)
+            pr = prune(vlm, name, sparsity, pattern, calibration=calib, method_options=opts,
+                       reconstruct=rc)
             secs = time.perf_counter() - t
             row = {"method": method, "pattern": pattern, "sparsity": sparsity,
                    "achieved": round(pr.achieved, 4), "prune_seconds": round(secs, 2),
-                   **cosine(dense, vlm, data)}
+                   "reconstruct": pr.reconstruct, **cosine(dense, vlm, data)}
             rows.append(row)
             print(f"{method:10s} {pattern:12s} {sparsity:.0%} cos={row['cosine']:.4f} "
                   f"p05={row['cosine_p05']:.4f} {secs:.1f}s", flush=True)
@@ -125,11 +158,13 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
                 save(res)
         if pattern == "2:4":
             _, method, vlm = best24
-            rec = recover(vlm, steps=steps, teacher=dense_copy(dense_vlm), data=calib, n=calib_n,
-                          lr=lr, seed=seed, evaluate=False)
+            rec = recover(vlm, steps=steps, teacher=dense_copy(dense_vlm), data=train,
+                          n=len(train), lr=lr, seed=seed, evaluate=False,
+                          holdout_fraction=holdout, holdout_every=holdout_every)
             row = {"method": f"{method} + recover", "pattern": "2:4", "sparsity": 0.5,
                    "steps": steps, "lr": lr, "recover_seconds": round(rec.seconds, 2),
                    "recover_data": rec.data, "pattern_preserved": rec.pattern_preserved,
+                   "holdout": rec.holdout,
                    "loss_first": rec.losses[0], "loss_last": rec.losses[-1],
                    **cosine(dense, vlm, data)}
             rows.append(row)
@@ -180,7 +215,9 @@ def run_permutation(model: str, method_names: list[str], calib_n: int, eval_n: i
             opts = {"permute": True, "permute_seconds": permute_seconds} if permute else None
             vlm = load_model(model)
             t = time.perf_counter()
-            pr = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts)
+            # permutation alone, as these rows were measured (reconstruction: --reconstruct)
+            pr = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts,
+                       reconstruct=False)
             secs = time.perf_counter() - t
             e = embed_eval(vlm, data)
             per = (dense.caption * e.caption).sum(-1)
@@ -236,8 +273,11 @@ def markdown(res: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for r in res["rows"]:
         if "steps" in r:
-            lines.append(f"| {r['method']} ({r['steps']} steps, calibration sentences only) | - "
-                         f"| {r['cosine']:.3f} | - |")
+            h = r.get("holdout")
+            where = (f"{r['recover_data']['n']} training sentences"
+                     + (f", best of {r['steps']} steps at {h['best_step']} on {h['n']} held out"
+                        if h else f", {r['steps']} steps"))
+            lines.append(f"| {r['method']} ({where}) | - | {r['cosine']:.3f} | - |")
     return "\n".join(lines)
 
 
@@ -249,6 +289,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="recovery distillation steps")
     ap.add_argument("--lr", type=float, default=2e-4, help="recovery learning rate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reconstruct", choices=sorted(RECONSTRUCT), default="default")
+    ap.add_argument("--settings", default=None, help="e.g. 2:4 (default: 2:4, 50%%, 70%%)")
+    ap.add_argument("--train-data", default=None,
+                    help="recovery's training sentences (default: the calibration sentences)")
+    ap.add_argument("--train-size", type=int, default=4096)
+    ap.add_argument("--holdout-fraction", type=float, default=0.0)
+    ap.add_argument("--holdout-every", type=int, default=25)
     ap.add_argument("--out", default=None)
     ap.add_argument("--permutation", action="store_true",
                     help="instead: each method at 2:4 without / with channel permutation and RIA "
@@ -257,6 +304,10 @@ def main() -> None:
     ap.add_argument("--permute-seconds", type=float, default=30.0,
                     help="with --permutation: the permutation search's budget per model")
     a = ap.parse_args()
+    if a.settings:
+        keep = {{"2:4": ("2:4", 0.5), "50%": ("unstructured", 0.5),
+                 "70%": ("unstructured", 0.7)}[k] for k in a.settings.split(",")}
+        ORDER[:] = [o for o in ORDER if o in keep]
     model = model_path()
     if a.permutation:
         t0, git = time.perf_counter(), git_state()
@@ -288,7 +339,8 @@ def main() -> None:
         res["total_seconds"] = round(time.perf_counter() - t0, 1)
         return write_result("real_text", res, a.out)
 
-    res = run(model, names, a.calibration_size, a.eval_size, a.steps, a.lr, a.seed, save)
+    res = run(model, names, a.calibration_size, a.eval_size, a.steps, a.lr, a.seed, save,
+              a.reconstruct, a.train_data, a.train_size, a.holdout_fraction, a.holdout_every)
     path = save(res)
     print(markdown(res))
     print(f"wrote {path} in {res['total_seconds']}s")

@@ -9,6 +9,14 @@ duplicates, shuffle them with a fixed seed and keep the first ``--n``: the first
 sentences depend on the Python version: 3.11 made the committed ones).
 
     python scripts/make_sentences.py --n 1400 --calibration 400 --out benchmarks/data
+
+Training set for recovery (``--train``): ``sentences_train.txt``, from the same docstrings with
+a looser filter (4 to 60 words; parentheses, colons, semicolons and quotes allowed, so more
+and more varied sentences: argument descriptions, cross-references, lists in prose), minus
+every sentence of the calibration and eval files already there (compared lower-cased), so it
+is disjoint from both by construction; the existing two files are not touched:
+
+    python scripts/make_sentences.py --train --out benchmarks/data
 """
 
 from __future__ import annotations
@@ -51,7 +59,14 @@ def _docstrings():
                             yield inspect.getdoc(meth) or ""
 
 
-def sentences():
+# the looser filter of the training set: code-looking characters only
+_CODE_TRAIN = re.compile(r"[\[\]{}<>=_`*#|\\/@$%^~]|\.\.|\d{3,}|\bself\b|\bNone\b|\bTrue\b|\bFalse\b|\(\)")
+
+
+def sentences(loose: bool = False):
+    """Prose sentences of the standard library's docstrings, each once (lower-cased key);
+    ``loose``: the training set's filter (see the module doc)."""
+    lo, hi, code = (4, 60, _CODE_TRAIN) if loose else (6, 40, _CODE)
     seen = set()
     for doc in _docstrings():
         for para in re.split(r"\n\s*\n", doc):
@@ -60,9 +75,9 @@ def sentences():
             text = " ".join(para.split())
             for s in _SPLIT.split(text):
                 words = s.split()
-                if not (6 <= len(words) <= 40) or not s[0].isupper() or not s.endswith("."):
+                if not (lo <= len(words) <= hi) or not s[0].isupper() or not s.endswith("."):
                     continue
-                if _CODE.search(s) or sum(c.isalpha() for c in s) < 0.75 * len(s):
+                if code.search(s) or sum(c.isalpha() for c in s) < 0.75 * len(s):
                     continue
                 key = s.lower()
                 if key not in seen:
@@ -76,7 +91,19 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibration", type=int, default=400, help="the first N go to calibration")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/data"))
+    ap.add_argument("--train", action="store_true",
+                    help="write sentences_train.txt (disjoint from the files in --out) instead")
     a = ap.parse_args()
+    if a.train:
+        taken = set()
+        for name in ("sentences_calibration.txt", "sentences_eval.txt"):
+            taken |= {x.lower() for x in (a.out / name).read_text(encoding="utf-8").splitlines()}
+        pool = sorted(x for x in sentences(loose=True) if x.lower() not in taken)
+        random.Random(a.seed).shuffle(pool)
+        (a.out / "sentences_train.txt").write_text("\n".join(pool) + "\n", encoding="utf-8")
+        print(f"wrote {len(pool)} training sentences to {a.out}/sentences_train.txt (disjoint "
+              f"from the {len(taken)} calibration and eval sentences)")
+        return
     pool = sorted(sentences())
     random.Random(a.seed).shuffle(pool)
     if len(pool) < a.n:

@@ -157,6 +157,20 @@ def test_missing_inputs_exit_2(run_dir, tmp_path):
     assert_one_line_error(invoke("bench", tmp_path / "empty"), "no report.json")
 
 
+def test_unknown_gated_metric_refused_before_the_model_loads(run_dir, bench_report, tmp_path,
+                                                             monkeypatch):
+    import vlcompress.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --metrics was checked")
+
+    monkeypatch.setattr(vlcompress.models, "load_model", no_load)
+    res = invoke("bench", run_dir, "--baseline", bench_report, "--metrics", "zeroshot_top1,bogus",
+                 "--report", tmp_path / "r.json", *FAST)
+    assert_one_line_error(res, "--metrics bogus", "baseline", "zeroshot_top1")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_benchmark_python_api(run_dir, tmp_path):
     res = benchmark(BenchConfig(run_dir=str(run_dir), report=str(tmp_path / "x.json"), latency=False))
     assert res.gate is None and res.exit_code == 0 and res.report["latency"] == []

@@ -406,6 +406,10 @@ def test_cli_export_and_sweep_refuse_bad_quantize(tmp_path):
                                  str(tmp_path / "o")])
     assert r.exit_code == 2 and "fp8 is for TensorRT only" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+    for opt in (["--quantize-target", "tensorrt"], ["--quantize-method", "dynamic"]):
+        r = CliRunner().invoke(app, ["export", "tiny-clip", *opt, "--out", str(tmp_path / "o")])
+        assert r.exit_code == 2 and f"{opt[0]} {opt[1]} sets how --quantize quantizes" in r.output
+        assert "Traceback" not in r.output and not (tmp_path / "o").exists()
     r = CliRunner().invoke(app, ["sweep", "--quantize", "int8", "--engine", "torch", "--out",
                                  str(tmp_path / "s")])
     assert r.exit_code == 2 and "--quantize int8 cannot run on runtime torch/cpu/fp32" in r.output

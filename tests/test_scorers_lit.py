@@ -262,7 +262,9 @@ def test_new_scorers_through_prune(calib, method, pattern):
     layers = vlm.prunable_layers()
     before = {ly.name: ly.weight.detach().clone() for ly in layers}
     params = {ly.name: ly.weight for ly in layers}
-    res = prune(vlm, method, 0.5 if pattern == "unstructured" else None, pattern, calibration=calib)
+    # the scorers' masks as they are (reconstruction after them: tests/test_reconstruct.py)
+    res = prune(vlm, method, 0.5 if pattern == "unstructured" else None, pattern, calibration=calib,
+                reconstruct=None if method == "sparsegpt" else False)
     assert set(res.masks) == set(params) and res.method == method and res.pattern == pattern
     for ly in layers:
         assert ly.weight is params[ly.name]

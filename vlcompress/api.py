@@ -18,7 +18,8 @@ from .progress import NULL
 def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:4",
                    calibration="shapes", calibration_size=256, force=False,
                    skip_incompatible=False, progress_factory=None, units="heads,neurons",
-                   round_to=8, depth=0, method_options=None, offload="none") -> dict:
+                   round_to=8, depth=0, method_options=None, offload="none",
+                   reconstruct=None) -> dict:
     """Prune ``model`` and save it to ``out`` (safetensors + config + ``prune.json``; a
     structurally pruned model also gets ``vlcompress_manifest.json`` and a README).
 
@@ -34,7 +35,7 @@ def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:
 
     pc = PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
                      skip_incompatible=skip_incompatible, units=units, round_to=round_to,
-                     depth=depth, method_options=method_options)
+                     depth=depth, method_options=method_options, reconstruct=reconstruct)
     out = check_output_folder(out, force)
     if offload != "none":
         return _prune_offloaded(model, out, pc, offload, calibration, calibration_size, force,
@@ -49,7 +50,8 @@ def prune_and_save(model, out, *, method="multiflow", sparsity=None, pattern="2:
     with (progress_factory() if progress_factory else nullcontext(NULL)) as prog:
         res = prune(vlm, pc.method, pc.sparsity, str(pc.pattern), calibration=calib, train=calib,
                     skip_incompatible=skip_incompatible, units=pc.units, round_to=pc.round_to,
-                    depth=pc.depth, method_options=pc.method_options, progress=prog)
+                    depth=pc.depth, method_options=pc.method_options, progress=prog,
+                    reconstruct=reconstruct)
     info = {**res.to_dict(), "model": str(model)}
     with atomic_dir(out, overwrite=force) as tmp:
         vlm.save(tmp)

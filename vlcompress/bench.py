@@ -201,6 +201,18 @@ def _plan(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
                          threads=cfg.threads, towers=towers, cuda_graphs=cfg.cuda_graphs)
 
 
+def _check_gated_metrics(metrics, baseline: dict) -> None:
+    """``--metrics`` names metrics the baseline holds: checked before the model is loaded, so
+    a typo is one line, not a refusal after the whole measurement."""
+    if not metrics:
+        return
+    have = ((baseline.get("accuracy") or {}).get("metrics") or {})
+    unknown = [m for m in metrics if m not in have]
+    if unknown:
+        raise ConfigError(f"--metrics {','.join(unknown)}: not in the baseline's accuracy metrics; "
+                          f"allowed: {', '.join(have) or 'none (the baseline measured no accuracy)'}")
+
+
 def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **kw) -> BenchResult:
     """Re-measure accuracy and latency of a run folder; gate on ``baseline`` when given.
 
@@ -220,6 +232,7 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     if cfg.baseline:
         baseline = load_report(cfg.baseline, "baseline")
         check_compatible(baseline, "baseline")
+        _check_gated_metrics(cfg.gate.metrics, baseline)
     run_dir = Path(cfg.run_dir)
     run = read_run(run_dir)
     rp = cfg.report_path

@@ -116,6 +116,16 @@ DepthOpt = Annotated[str, typer.Option(
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(
     "--method-option", help="The method's own option KEY=VALUE (repeatable; "
     "`vlcompress models --methods` lists them), e.g. retrain_steps=400.")]
+ReconstructOpt = Annotated[bool | None, typer.Option(
+    "--reconstruct/--no-reconstruct", help="After a scorer's mask, fit the surviving weights to "
+    "the dense layer outputs on the calibration data, block by block (SparseGPT's update with "
+    "the mask fixed). Default: on for scoring methods at unstructured and N:M.")]
+HoldoutOpt = Annotated[float, typer.Option(
+    "--holdout-fraction", help="Recovery: hold out this share of the training data (never "
+    "trained on), measure fidelity to the dense model on it every --holdout-every steps and "
+    "keep the best state (0: off).")]
+HoldoutEveryOpt = Annotated[int, typer.Option(
+    "--holdout-every", help="Recovery: steps between held-out evaluations.")]
 # The runtime (vlcompress.runtime.registry): a name, a device and a precision.
 _RUNTIMES = "onnxruntime, onnxruntime-trt, torch, torch-2:4 or trt (tensorrt)"
 EngineOpt = Annotated[str, typer.Option("--engine", "--runtime", help=f"Runtime: {_RUNTIMES}.")]
@@ -273,6 +283,9 @@ def prune_export_cmd(
     triton: Annotated[str | None, typer.Option(
         "--triton", help="Also write OUT/triton, a Triton model repository with this backend: "
         "onnxruntime, tensorrt (needs --engine trt) or python.")] = None,
+    reconstruct: ReconstructOpt = None,
+    holdout_fraction: HoldoutOpt = 0.0,
+    holdout_every: HoldoutEveryOpt = 25,
     parts: Annotated[str | None, typer.Option(
         "--parts", help="Generative models (llava): the parts to prune, vision,bridge,language "
         "(default all), each optionally =SPARSITY, e.g. vision=0.3,language.")] = None,
@@ -302,7 +315,9 @@ def prune_export_cmd(
                     tower=tower, recover_steps=recover_steps, quantize=quantize,
                     quantize_method=quantize_method, target_speedup=target_speedup, triton=triton,
                     method_options=parse_method_options(method_option), parts=parts,
-                    max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs)
+                    max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
+                    reconstruct=reconstruct, holdout_fraction=holdout_fraction,
+                    holdout_every=holdout_every)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -312,7 +327,9 @@ def prune_export_cmd(
     out.print(f"[bold]{report['model']['name']}[/]: {p['method']} {p['pattern']}, achieved "
               f"sparsity {100 * p['achieved']:.1f}% "
               + " ".join(f"{k}={100 * v:.1f}%" for k, v in p["per_modality"].items())
-              + f", pruned in {p['seconds']:.2f}s", soft_wrap=True)
+              + f", pruned in {p['seconds']:.2f}s"
+              + (f", reconstructed ({(p.get('reconstruct') or {}).get('seconds', 0):.2f}s)"
+                 if (p.get("reconstruct") or {}).get("enabled") else ""), soft_wrap=True)
     for t in console_tables(report):
         out.print(t)
     if report["model"].get("generative"):
@@ -356,6 +373,7 @@ def prune_cmd(
     round_to: RoundToOpt = "8",
     depth: DepthOpt = "0",
     method_option: MethodOptionOpt = None,
+    reconstruct: ReconstructOpt = None,
     offload: Annotated[str, typer.Option(
         "--offload", help="none, or disk: prune a model folder of safetensors shards bigger "
         "than memory, block by block (its decoder read from the shards for each block's turn, "
@@ -369,7 +387,8 @@ def prune_cmd(
                          calibration=calibration, calibration_size=calibration_size, force=force,
                          skip_incompatible=skip_incompatible, progress_factory=_progress,
                          units=units, round_to=round_to, depth=depth,
-                         method_options=parse_method_options(method_option), offload=offload)
+                         method_options=parse_method_options(method_option), offload=offload,
+                         reconstruct=reconstruct)
     out.print(f"pruned {model} with {res['method']} {res['pattern']}: achieved "
               f"{100 * res['achieved']:.1f}% sparsity in {res['seconds']:.2f}s -> {out_dir}")
 
@@ -377,6 +396,7 @@ def prune_cmd(
 @app.command("export")
 @_errors
 def export_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder (e.g. from `vlcompress prune`) or name.")],
     out_dir: OutOpt = Path("vlcompress-onnx"),
     fp16: Annotated[bool, typer.Option("--fp16", help="Export fp16 ONNX.")] = False,
@@ -390,6 +410,10 @@ def export_cmd(
 ):
     """Export each tower of a model to ONNX and validate it against PyTorch."""
     from .api import export
+
+    _refuse_meaningless(ctx, [(name, quantize != "none", "sets how --quantize quantizes; "
+                               "drop it or give --quantize int8|fp16|fp8")
+                              for name in ("quantize_method", "quantize_target")])
 
     res = export(model, out_dir, fp16=fp16, force=force, calibration=calibration,
                  progress_factory=_progress, quantize=quantize, quantize_method=quantize_method,
@@ -647,6 +671,11 @@ def recover_cmd(
         "--distill-weight", help="A loss weight KEY=VALUE (repeatable): w_contrastive, w_embed, "
         "w_logits, temperature, w_relation (relation distillation over the batch; default 0, "
         "or the dense model's recovery recipe), e.g. w_relation=1.")] = None,
+    holdout_fraction: HoldoutOpt = 0.0,
+    holdout_every: HoldoutEveryOpt = 25,
+    patience: Annotated[int, typer.Option(
+        "--patience", help="With --holdout-fraction: stop after this many held-out evaluations "
+        "without improvement (0: run every step).")] = 0,
 ):
     """Distil the dense model into the pruned one (pattern preserved), then re-evaluate."""
     from .distill import check_schedule, check_weights
@@ -658,7 +687,8 @@ def recover_cmd(
         with _progress() as prog:
             res = recover(run_dir, steps=steps, lr=lr, batch_size=batch_size, data=data, n=size,
                           eval_data=eval_data, eval_size=eval_size, resume=resume, progress=prog,
-                          weights=weights, schedule=schedule)
+                          weights=weights, schedule=schedule, holdout_fraction=holdout_fraction,
+                          holdout_every=holdout_every, patience=patience)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (atomic.Interrupted): 128+signal
         err.print(f"interrupted; the last checkpoint is in {run_dir}/recover/ (run again to resume)",
                   markup=False, soft_wrap=True)
@@ -673,6 +703,12 @@ def recover_cmd(
                   f"recovered {fid:.4f}")
     out.print(f"trained on {res.data['source']} ({res.data['kind']}, n={res.data['n']})",
               soft_wrap=True)
+    if res.holdout:
+        h = res.holdout
+        out.print(f"held out {h['n']} pairs: best fidelity {h['best_score']:.4f} at step "
+                  f"{h['best_step']} (kept), evaluated every {h['every']} steps"
+                  + (f", stopped at {h['stopped_at']}" if h.get("stopped_at") else ""),
+                  soft_wrap=True)
     if res.recipe:
         out.print(describe_recipe(res.recipe) + "; --lr / --distill-weight override it",
                   soft_wrap=True)

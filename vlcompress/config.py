@@ -147,9 +147,11 @@ class PruneConfig:
     depth: int | str = 0
     # the method's own options (its Method.options), checked and completed with defaults
     method_options: dict | None = None
+    # fit the survivors after a scorer's mask (methods/reconstruct.py); None: where it applies
+    reconstruct: bool | None = None
 
     def __post_init__(self):
-        from .methods.registry import check_method  # a leaf registry
+        from .methods.registry import check_method, reconstruct_refusal  # a leaf registry
 
         pat = Pattern.parse(self.pattern)
         object.__setattr__(self, "pattern", pat)
@@ -162,6 +164,12 @@ class PruneConfig:
         m = check_method(self.method, pat, depth=self.depth)
         object.__setattr__(self, "method_options",
                            m.check_options(parse_method_options(self.method_options)))
+        if self.reconstruct not in (None, True, False):
+            raise ConfigError(f"reconstruct {self.reconstruct!r} is not valid; allowed: True, "
+                              "False or None (where it applies)")
+        why = reconstruct_refusal(m, pat) if self.reconstruct else None
+        if why:
+            raise ConfigError(why)
         if self.method_options.get("permute") and not pat.is_nm:
             raise ConfigError(f"method option permute=true permutes input channels for an N:M "
                               f"pattern, not {pat}; use --pattern 2:4 (or another N:M) or drop it")

@@ -36,6 +36,7 @@ import copy
 import io
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -231,15 +232,70 @@ def check_schedule(schedule: str) -> str:
     return schedule
 
 
+class EarlyStopping:
+    """Held-out early stopping for :func:`train_student`: ``score()`` (higher is better: the
+    caller's fidelity of the student to the teacher on pairs the optimiser never sees) is taken
+    at the first step of the call and every ``every`` steps (and at the last); the best
+    state's weights are kept in memory and restored at the end. ``patience`` > 0 also stops
+    the run after that many evaluations without a better score (0: run every step).
+    ``history``: ``[(step, score), ...]``; ``best_step`` / ``best_score`` after the run."""
+
+    def __init__(self, score: Callable[[], float], every: int = 25, patience: int = 0):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"held-out evaluation every {every!r} steps is not valid; allowed: a "
+                              "positive integer")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ConfigError(f"patience {patience!r} is not valid; allowed: an integer >= 0")
+        self.score, self.every, self.patience = score, every, patience
+        self.history: list[tuple[int, float]] = []
+        self.best_step: int | None = None
+        self.best_score = float("-inf")
+        self._best_state: dict | None = None
+        self.stopped_at: int | None = None
+
+    def due(self, step: int, steps: int) -> bool:
+        return step % self.every == 0 or step == steps
+
+    def check(self, step: int, model) -> bool:
+        """Score the model now; True when the run should stop (patience spent)."""
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                s = float(self.score())
+        finally:
+            model.train(was)
+        self.history.append((step, s))
+        if s > self.best_score:
+            self.best_score, self.best_step = s, step
+            self._best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return False
+        since = sum(1 for st, _ in self.history if st > self.best_step)
+        return bool(self.patience) and since >= self.patience
+
+    def restore(self, model) -> None:
+        if self._best_state is not None:
+            model.load_state_dict(self._best_state)
+            self._best_state = None
+
+    def to_dict(self) -> dict:
+        return {"every": self.every, "patience": self.patience, "best_step": self.best_step,
+                "best_score": self.best_score if self.history else None,
+                "stopped_at": self.stopped_at,
+                "history": [[st, round(x, 6)] for st, x in self.history]}
+
+
 def train_student(student, teacher, data, *, steps: int, lr: float, seed: int = 0,
                   masks: dict[str, torch.Tensor] | None = None, checkpoint: Path | None = None,
                   checkpoint_every: int = 25, resume: bool = True, progress: Progress = NULL,
                   weights: dict | None = None, key: dict | None = None,
-                  schedule: str = DEFAULTS["schedule"]) -> tuple[int, list[float]]:
+                  schedule: str = DEFAULTS["schedule"],
+                  early_stopping: EarlyStopping | None = None) -> tuple[int, list[float]]:
     """Distil ``teacher`` into ``student`` in place for ``steps`` optimizer steps (from a
     checkpoint's step when resuming) on ``data`` (a ``PairData``: pairs, or text only for a
     text encoder), the learning rate of each step from :func:`lr_at`. Returns ``(start step,
-    losses of the steps run)``."""
+    losses of the steps run)``. ``early_stopping``: held-out scoring, the best state restored
+    at the end (:class:`EarlyStopping`; the checkpoint holds the last state, for resuming)."""
     check_schedule(schedule)
     weights = {k: DEFAULTS[k] for k in LOSS_WEIGHTS} | dict(weights or {})
     masks = zero_masks(student) if masks is None else masks
@@ -281,6 +337,8 @@ def train_student(student, teacher, data, *, steps: int, lr: float, seed: int = 
 
     step = start
     was_training = model.training
+    if early_stopping is not None:
+        early_stopping.check(step, model)
     model.train()
     try:
         with progress.task("distil", total=steps) as task:
@@ -309,12 +367,18 @@ def train_student(student, teacher, data, *, steps: int, lr: float, seed: int = 
                 task.update(description=f"distil (loss {losses[-1]:.4f})")
                 if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
                     save_checkpoint(checkpoint, model, opt, step, losses, key)
+                if early_stopping is not None and early_stopping.due(step, steps) \
+                        and early_stopping.check(step, model):
+                    early_stopping.stopped_at = step
+                    break
     except KeyboardInterrupt:
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, opt, step, losses, key)
         raise
     finally:
         model.train(was_training)
+    if early_stopping is not None:
+        early_stopping.restore(model)
     model.eval()
     return start, losses
 
@@ -332,7 +396,8 @@ def distill_gap(student, teacher, data, weights: dict | None = None) -> float:
     return total / max(n, 1)
 
 
-__all__ = ["CHECKPOINT", "DEFAULTS", "SCHEDULES", "check_pattern", "check_schedule", "check_weights",
+__all__ = ["CHECKPOINT", "DEFAULTS", "SCHEDULES", "EarlyStopping", "check_pattern", "check_schedule",
+           "check_weights",
            "dense_copy", "distill_gap",
            "distill_loss", "features", "load_checkpoint", "relation_loss", "save_checkpoint", "train_student",
            "zero_masks"]

@@ -17,7 +17,15 @@ from .config import PruneConfig, parse_batch_sizes
 from .errors import ConfigError
 from .methods.registry import get_method
 from .progress import NULL
-from .runtime.registry import ENGINE, MODEL, ONNX, LatencyConfig, get_runtime, runtime_names
+from .runtime.registry import (
+    ENGINE,
+    MODEL,
+    ONNX,
+    LatencyConfig,
+    expected_speedup,
+    get_runtime,
+    runtime_names,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,12 @@ class RunConfig:
     target_speedup: float | str | None = None  # prune to the lowest structured sparsity reaching it
     triton: str | None = None  # also write OUT/triton with this backend (exporters.triton)
     method_options: dict | None = None  # the method's own options (Method.options), checked
+    # fit the survivors to the dense outputs after a scorer's mask (methods/reconstruct.py);
+    # None: on wherever it applies (scoring methods at unstructured / N:M)
+    reconstruct: bool | None = None
+    # recovery: share of the training data held out for early stopping, and its cadence
+    holdout_fraction: float = 0.0
+    holdout_every: int = 25
     # generative models (llava): the parts pruned ("vision,bridge,language", a part=sparsity
     # each where given) and the greedy generation length of the evaluation
     parts: str | tuple[str, ...] | None = None
@@ -72,7 +86,7 @@ class RunConfig:
         pc = PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern,
                          scope=self.scope, skip_incompatible=self.skip_incompatible, seed=self.seed,
                          units=self.units, round_to=self.round_to, depth=self.depth,
-                         method_options=self.method_options)
+                         method_options=self.method_options, reconstruct=self.reconstruct)
         object.__setattr__(self, "prune_config", pc)
         object.__setattr__(self, "method_options", dict(pc.method_options))
         object.__setattr__(self, "units", ",".join(pc.units))
@@ -99,6 +113,15 @@ class RunConfig:
                 or self.recover_steps < 0:
             raise ConfigError(f"recover steps {self.recover_steps!r} is not valid; allowed: an "
                               "integer >= 0")
+        if self.holdout_fraction or self.holdout_every != 25:
+            from .distill import EarlyStopping
+            from .recover import check_holdout_fraction
+
+            check_holdout_fraction(self.holdout_fraction, self.train_size)
+            EarlyStopping(lambda: 0.0, self.holdout_every)  # checks the cadence
+            if self.holdout_fraction and not self.recover_steps:
+                raise ConfigError(f"--holdout-fraction {self.holdout_fraction:g} is for "
+                                  "recovery; allowed: with --recover-steps N")
         if self.parts is not None:
             object.__setattr__(self, "parts", format_parts(parse_parts(self.parts)))
         from .eval.generative import check_max_new_tokens
@@ -339,6 +362,10 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
     train = None
     if cfg.recover_steps or get_method(cfg.method).retrain is not None:
         train = load_train(cfg.train_data, n=cfg.train_size, seed=cfg.seed)
+        if cfg.holdout_fraction:  # the slice must leave pairs to train on: checked now
+            from .recover import check_holdout_fraction
+
+            check_holdout_fraction(cfg.holdout_fraction, len(train))
     # Export examples (and latency inputs): the first calibration pairs, an export batch of 3
     # and a validation batch of 2 (another batch size and text length).
     example, check = export_examples(calib)
@@ -379,14 +406,16 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
                        calibration=calib, train=train, scope=cfg.scope,
                        skip_incompatible=cfg.skip_incompatible, seed=cfg.seed, units=pc.units,
                        round_to=pc.round_to, depth=pc.depth, method_options=pc.method_options,
-                       progress=progress)
+                       progress=progress, reconstruct=cfg.reconstruct)
         if teacher is not None:  # distil the dense model into the pruned one, pattern kept
             from .recover import recover
 
             before = (fidelity(dense_emb, embed_eval(vlm, eval_data, progress))
                       if dense_emb is not None else None)
             rec = recover(vlm, steps=cfg.recover_steps, teacher=teacher, data=train,
-                          seed=cfg.seed, progress=progress).to_dict()
+                          seed=cfg.seed, progress=progress, n=len(train),
+                          holdout_fraction=cfg.holdout_fraction,
+                          holdout_every=cfg.holdout_every).to_dict()
             rec["fidelity_before"] = before  # the report's accuracy is after recovery
             result.details["recover"] = rec
             if rec["recipe"]:  # lr / loss weights the user did not set came from the model
@@ -442,6 +471,7 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
         report["data"] = data_section
+        report["speedup_expectation"] = expected_speedup(rt, pc.pattern)
         if quant is not None:
             report["quantize"] = quant
         if search is not None:

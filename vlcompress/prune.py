@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from .config import PruneConfig
+from .methods import reconstruct as recon
 from .methods.registry import Context, Method, check_family, get_method
 from .models import family_info
 from .models.base import VLM
@@ -78,6 +79,9 @@ class PruneResult:
     calibration: str | None = None  # source and size of the calibration data, when used
     details: dict = field(default_factory=dict)  # method-specific (auto's pick, ecoflap's blocks)
     kind: str = ""  # the method's declared kind
+    #: reconstruction after the scorer's mask (methods/reconstruct.py): enabled, why, seconds,
+    #: error_ratio ... (None: the structured path, where it does not apply)
+    reconstruct: dict | None = None
 
     @property
     def sparsity(self) -> float:
@@ -101,6 +105,7 @@ class PruneResult:
             "calibration_seconds": self.calibration_seconds,
             "calibration": self.calibration,
             "details": dict(self.details),
+            "reconstruct": self.reconstruct,
         }
 
 
@@ -137,7 +142,7 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
           skip_incompatible: bool = False, seed: int = 0, layerwise: bool = False,
           units="heads,neurons", round_to: int = 8, depth: int = 0,
           method_options: dict | None = None, progress: Progress = NULL,
-          stats: dict | None = None) -> PruneResult:
+          stats: dict | None = None, reconstruct: bool | None = None) -> PruneResult:
     """Prune ``vlm`` in place and return a :class:`PruneResult`.
 
     - ``method``: a registered method (``vlcompress models --methods``: ``magnitude``,
@@ -166,14 +171,23 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
     - ``stats``: activation statistics already collected over ``calibration`` on this model
       (``calibrate.collect_stats``; ``auto`` shares one capture among its candidates); layers
       it lacks are collected as usual. Solvers collect their own (block by block).
+    - ``reconstruct``: after a scorer's mask, fit the surviving weights to the dense layer
+      outputs on the calibration data, block by block (:mod:`vlcompress.methods.reconstruct`).
+      None (default): on for scoring methods at unstructured / N:M when calibration data is
+      used; True where it does not apply (sparsegpt: implied; structured; no ``calibration``)
+      is a one-line :class:`ConfigError` before any work. The result's ``reconstruct`` says
+      whether it ran, why, its time and error ratio.
     """
     t0 = time.perf_counter()
     cfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern,
                       scope=_scope_tuple(scope), skip_incompatible=skip_incompatible,
                       seed=int(seed), layerwise=bool(layerwise), units=units,
-                      round_to=round_to, depth=depth, method_options=method_options)
+                      round_to=round_to, depth=depth, method_options=method_options,
+                      reconstruct=reconstruct)  # refuses --reconstruct where it cannot apply
     m = get_method(cfg.method)
     check_family(m, cfg.pattern, family_info(vlm))
+    if reconstruct:  # no data to fit on: refused before any work
+        recon.resolve(True, m, cfg.pattern, calibration is not None)
     ctx = Context(vlm=vlm, cfg=cfg, progress=progress, prune=prune)
     if cfg.pattern.is_structured:
         return _prune_structured(ctx, m, calibration, train, t0)
@@ -196,6 +210,9 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
 
     given, stats = stats or {}, {}
     details: dict = {}
+    # replaced below when a scorer's masks are made; else why it did not run
+    recon_info = {"enabled": False, "why": "nothing pruned" if target == 0 or not layers
+                  else recon.resolve(reconstruct, m, pat, True)[1]}
     calib_seconds = 0.0
     calib_desc = None
     if m.needs_calibration and layers and target > 0:
@@ -260,7 +277,18 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
                 else:
                     masks[ly.name] = unstructured_mask(s, counts[ly.name])
                 task.advance()
-        apply_masks(layers, masks)
+        on, why = recon.resolve(reconstruct, m, pat,
+                                ctx.data is not None or calibration is not None)
+        recon_info = {"enabled": on, "why": why}
+        if on:
+            if ctx.data is None:
+                tc = time.perf_counter()
+                ctx.data, calib_desc = _calibration_data(calibration)
+                calib_seconds += time.perf_counter() - tc
+            recon_info.update(recon.reconstruct(vlm, layers, masks, ctx.data, progress=progress))
+            calib_seconds += recon_info["calibration_seconds"]
+        else:
+            apply_masks(layers, masks)
 
     return PruneResult(
         masks=masks, method=cfg.method, kind=m.kind, pattern=str(pat), target=target,
@@ -271,6 +299,7 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
         allocation=allocation, scope=None if cfg.scope is None else list(cfg.scope),
         calibration=calib_desc, details={**details, **({"method_options": cfg.method_options}
                                                         if cfg.method_options else {})},
+        reconstruct=recon_info,
     )
 
 

@@ -38,6 +38,7 @@ set, and what it did not, is recorded (``RecoverResult.recipe``, ``recover.json`
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,9 @@ class RecoverResult:
     model_path: str | None = None
     checkpoint: str | None = None
     recipe: dict | None = None  # {"from": card path, "applied": {...}[, "not_applied": {...}]}
+    #: held-out early stopping: {"fraction", "n", "every", "patience", "best_step",
+    #: "best_score" (mean fidelity to the dense model on the held-out pairs), "history", ...}
+    holdout: dict | None = None
 
     @property
     def resumed(self) -> bool:
@@ -93,7 +97,7 @@ class RecoverResult:
             "loss_last": self.losses[-1] if self.losses else None,
             "losses": [round(x, 6) for x in self.losses],
             "metrics": self.metrics, "model_path": self.model_path, "checkpoint": self.checkpoint,
-            "recipe": self.recipe,
+            "recipe": self.recipe, "holdout": self.holdout,
         }
 
 
@@ -147,6 +151,70 @@ def _load_teacher(teacher, student, report: dict | None):
                          f"{', '.join(student.towers)}; allowed: the dense model the student was "
                          "pruned from, with the same --tower")
     return teacher
+
+
+def check_holdout_fraction(fraction, n: int | None = None) -> float:
+    """``fraction`` of the training data held out for early stopping, a number in [0, 1);
+    with ``n`` (the training pairs), the slice must leave at least one pair to train on.
+    One-line ConfigError naming what is allowed."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 <= float(fraction) < 1.0:
+        raise ConfigError(f"holdout fraction {fraction!r} is not valid; allowed: a number in "
+                          "[0, 1) (0: no early stopping)")
+    f = float(fraction)
+    if n is not None and f > 0:
+        k = _holdout_count(f, n)
+        if k >= n:
+            raise ConfigError(f"holdout fraction {f:g} holds out {k} of the {n} training pairs, "
+                              f"leaving none to train on; allowed: a fraction below "
+                              f"{(n - 1) / n:.3g}, or more training data")
+    return f
+
+
+def _holdout_count(fraction: float, n: int) -> int:
+    return max(1, math.ceil(fraction * n))
+
+
+def split_holdout(data, fraction: float, seed: int = 0):
+    """``(train, held_out)``: a seeded random ``fraction`` of ``data``'s pairs (at least one)
+    that the optimiser never sees, and the rest, both ``PairData`` with ``data``'s batch size;
+    the source names say which is which."""
+    import dataclasses
+    import random as _random
+
+    n = len(data)
+    check_holdout_fraction(fraction, n)
+    k = _holdout_count(fraction, n)
+    held = set(_random.Random(seed).sample(range(n), k))
+
+    def part(keep: bool, tag: str):
+        idx = [i for i in range(n) if (i in held) == keep]
+
+        def pick(v):
+            return None if v is None or len(v) != n else [v[i] for i in idx]
+
+        return dataclasses.replace(data, images=pick(data.images),
+                                   captions=[data.captions[i] for i in idx],
+                                   labels=pick(data.labels),
+                                   retrieval_captions=pick(data.retrieval_captions),
+                                   source=f"{data.source} [{tag} {len(idx)} of {n}]",
+                                   meta=dict(data.meta))
+
+    return part(False, "training"), part(True, "held out")
+
+
+def holdout_scorer(teacher, student, held):
+    """``score()``: mean fidelity (cosine, image and text) of ``student`` to ``teacher`` on
+    the held-out pairs ``held`` (contrastive embeddings; the teacher's computed once)."""
+    from .eval import embed_eval, fidelity
+
+    dense = embed_eval(teacher, held, itm=False)
+
+    def score() -> float:
+        fid = fidelity(dense, embed_eval(student, held, itm=False))
+        return sum(fid.values()) / len(fid)
+
+    return score
 
 
 def _check_lr(lr, where: str = "learning rate") -> float:
@@ -241,7 +309,9 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = DEFAULTS["checkpoint_every"],
             resume: bool = True, seed: int = 0, evaluate: bool | None = None,
             eval_data=None, eval_size: int = 720, weights: dict | None = None,
-            schedule: str = DEFAULTS["schedule"], progress: Progress = NULL) -> RecoverResult:
+            schedule: str = DEFAULTS["schedule"], holdout_fraction: float = 0.0,
+            holdout_every: int = 25, patience: int = 0,
+            progress: Progress = NULL) -> RecoverResult:
     """Distil the dense teacher into the pruned student (see the module doc).
 
     ``target`` is a ``prune-export`` output folder (student ``pruned/model``, teacher the
@@ -255,13 +325,22 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     each step, ``cosine`` (warm-up, then decay to 0; the default) or ``constant``
     (:func:`vlcompress.distill.lr_at`). ``lr`` and each loss weight in ``weights`` that is
     not given come from the dense model's recovery recipe, then from the defaults (see the
-    module doc).
+    module doc). ``holdout_fraction`` > 0: that share of the training pairs (seeded, at least
+    one) is held out, never trained on; every ``holdout_every`` steps the student's fidelity
+    to the dense model on it is measured, and the best state is kept (``patience`` > 0: stop
+    after that many evaluations without improvement); ``RecoverResult.holdout`` records it.
+    A slice that leaves no training pair is a one-line ConfigError before training.
     """
     from .models import load_model
     from .models.base import VLM
 
     t0 = time.perf_counter()
     steps = _check_steps(steps)
+    holdout_fraction = check_holdout_fraction(holdout_fraction, n if isinstance(n, int) else None)
+    if holdout_fraction:
+        from .distill import EarlyStopping
+
+        EarlyStopping(lambda: 0.0, holdout_every, patience)  # checks both, before any work
     for name, v in (("--batch-size", batch_size), ("--size", n), ("--eval-size", eval_size)):
         check_positive_int(v, name)
     weights = check_weights(weights)
@@ -296,6 +375,9 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     from .data import load_train
 
     train = load_train(data, n, batch_size, seed)
+    held = None
+    if holdout_fraction:
+        train, held = split_holdout(train, holdout_fraction, seed)
     used = {"source": _data_name(train), "kind": kind, "n": len(train)}
 
     ev = dense_emb = None
@@ -314,10 +396,15 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     key = {"data": used["source"], "n": len(train), "batch_size": train.batch_size,
            "weights": dict(weights or {}),
            "shapes": {k: list(v.shape) for k, v in student.model.state_dict().items()}}
+    stopper = None
+    if held is not None:
+        from .distill import EarlyStopping
+
+        stopper = EarlyStopping(holdout_scorer(teacher, student, held), holdout_every, patience)
     start, losses = train_student(student, teacher, train, steps=steps, lr=lr, seed=seed,
                                   masks=masks, checkpoint=ck, checkpoint_every=checkpoint_every,
                                   resume=resume, progress=progress, weights=weights, key=key,
-                                  schedule=schedule)
+                                  schedule=schedule, early_stopping=stopper)
     preserved = check_pattern(student, masks)
     if not preserved:  # a bug, never a user error
         raise RuntimeError("recover changed the sparsity pattern")
@@ -334,7 +421,12 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
                         batch_size=train.batch_size,
                         data=used, masked_layers=len(masks), pattern_preserved=preserved,
                         metrics=metrics, checkpoint=None if ck is None else str(ck),
-                        recipe=recipe)
+                        recipe=recipe,
+                        holdout=None if stopper is None else {
+                            "fraction": holdout_fraction, "n": len(held),
+                            "source": _data_name(held),
+                            "metric": "mean cosine to the dense model's embeddings",
+                            **stopper.to_dict()})
     if run_dir is not None:
         from .atomic import atomic_dir, atomic_write_text
 
@@ -350,4 +442,5 @@ def recover(target, *, steps: int, data=None, n: int = DEFAULTS["n"],
     return res
 
 
-__all__ = ["RecoverResult", "describe_recipe", "recover", "recovery_recipe"]
+__all__ = ["RecoverResult", "check_holdout_fraction", "describe_recipe", "holdout_scorer",
+           "recover", "recovery_recipe", "split_holdout"]

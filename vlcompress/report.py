@@ -91,6 +91,12 @@ def to_markdown(r: dict) -> str:
         f"after pruning",
         f"- **pruning time** {p['seconds']:.2f} s",
     ]
+    rec = p.get("reconstruct")
+    if rec is not None:
+        lines.append(f"- **reconstruction** {rec['why']}" + (
+            f": survivors fitted to the dense layer outputs in {rec['seconds']:.2f} s, layer "
+            f"output error {rec['error_ratio']:.2f}x that of plain masking"
+            if rec.get("enabled") and rec.get("error_ratio") is not None else ""))
     auto = (p.get("details") or {}).get("winner")
     if auto:
         d = p["details"]
@@ -127,8 +133,10 @@ def to_markdown(r: dict) -> str:
                          f"{v:.3f} | |")
         lines.append("")
     if r.get("latency"):
-        lines += ["## Latency (p50, ms; dense and pruned interleaved in one process)", "",
-                  "| runtime | device | precision | provider | tower | batch | dense p50 | "
+        lines += ["## Latency (p50, ms; dense and pruned interleaved in one process)", ""]
+        if r.get("speedup_expectation"):
+            lines += [f"**Expected:** {r['speedup_expectation']['text']}.", ""]
+        lines += ["| runtime | device | precision | provider | tower | batch | dense p50 | "
                   "pruned p50 | dense p90 | pruned p90 | speedup |",
                   "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in r["latency"]:
@@ -232,6 +240,10 @@ def console_tables(r: dict):
             t.add_row(f"fidelity ({k.replace('_', ' ')})", f"{SELF_FIDELITY.get(k, 1.0):.3f}",
                       f"{v:.3f}", "")
         out.append(t)
+    if r.get("latency") and r.get("speedup_expectation"):
+        from rich.text import Text
+
+        out.append(Text(f"Expected: {r['speedup_expectation']['text']}."))
     if r.get("latency"):
         t = Table(title="Latency p50 (ms), dense vs pruned, interleaved")
         for c in ("runtime", "tower", "batch", "dense", "pruned", "speedup"):

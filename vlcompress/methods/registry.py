@@ -281,6 +281,28 @@ def methods_for(pattern_kind: str) -> list[str]:
     return [m.name for m in methods() if pattern_kind in m.patterns]
 
 
+#: method kinds whose masks reconstruction may follow (they choose, they do not update)
+SCORING_KINDS = ("score", "prepare+score")
+
+
+def reconstruct_refusal(method: Method, pattern) -> str | None:
+    """Why reconstruction (:mod:`vlcompress.methods.reconstruct`) cannot be asked of
+    ``method`` at ``pattern``, or None when it can: one line naming what is allowed."""
+    if method.kind not in SCORING_KINDS:
+        if method.name == "sparsegpt":
+            return ("--reconstruct is implied by method 'sparsegpt' (its OBS sweep already updates "
+                    "the surviving weights); drop --reconstruct")
+        return (f"--reconstruct follows a scorer's mask; method {method.name!r} (kind "
+                f"{method.kind}) prunes by its own procedure; allowed: a scoring method ("
+                + ", ".join(m.name for m in methods() if m.kind in SCORING_KINDS)
+                + ") or --no-reconstruct")
+    if _pattern_kind(pattern) == "structured":
+        return ("--reconstruct applies to unstructured and N:M patterns, not structured (whole "
+                "heads and neurons are sliced away); allowed: --no-reconstruct with pattern "
+                "structured")
+    return None
+
+
 def check_method(name: str, pattern, *, depth: int = 0) -> Method:
     """The method ``name``, checked against ``pattern`` (a Pattern or its text) and ``depth``;
     a one-line ConfigError naming what is allowed otherwise."""

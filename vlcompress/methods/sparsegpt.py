@@ -36,7 +36,12 @@ import torch
 from ..blockwise import CACHE_OPTIONS, cache_kwargs, release_freed_memory
 from ..errors import ConfigError
 from ..progress import NULL
-from ..sparsity.obs import inverse_hessian_cholesky, obs_prune, reconstruction_error
+from ..sparsity.obs import (
+    inverse_hessian_cholesky,
+    obs_prune,
+    reconstruction_error,
+    refine_fixed_mask,
+)
 from ..sparsity.packed import PackedMasks
 from .registry import Method, Option, Solved, register_method
 
@@ -52,6 +57,9 @@ OPTIONS = (
     Option("next_block_inputs", str, "pruned", "what the next block is calibrated on: the "
            "pruned block's outputs (the reference) or the dense ones (one block run instead of "
            "two)", choices=("pruned", "dense")),
+    Option("refine_iters", int, 0, "after each layer's sweep, this many conjugate-gradient "
+           "steps toward the exact least-squares weights for the chosen mask "
+           "(sparsity/obs.py refine_fixed_mask; 0: the reference's sweep alone)", minimum=0),
     *CACHE_OPTIONS,
 )
 
@@ -80,7 +88,8 @@ def _gram(layer, stats):
 def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int = 0, m: int = 0,
                     blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
                     next_block_inputs: str = "pruned", max_cache_bytes: int | None = None, cache_dir=None,
-                    device=None, progress=NULL) -> Solved:
+                    device=None, progress=NULL, fixed=None, label: str = "sparsegpt",
+                    refine_iters: int = 0) -> Solved:
     """Prune ``layers`` of ``vlm`` in place with SparseGPT, block by block on cached inputs.
 
     ``sparsity`` (unstructured, uniform per layer) or ``n``/``m`` (N:M). ``max_cache_bytes``
@@ -95,7 +104,11 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
     reference) or ``"dense"`` (every block calibrated on the dense model's activations; one
     block run per block instead of two, a different and usually worse result).
     ``calibration_seconds`` is the time spent running blocks (captures included), the rest
-    is the OBS sweeps.
+    is the OBS sweeps. ``fixed``: ``{layer name: Bool keep mask}`` chosen beforehand (any
+    scorer's): the sweep keeps each mask and only updates the survivors (the mask-fixed OBS
+    update; :mod:`vlcompress.methods.reconstruct`), ``sparsity``/``n``/``m`` unused.
+    ``refine_iters``: conjugate-gradient steps after each layer's sweep toward the exact
+    least-squares weights for its mask (:func:`~vlcompress.sparsity.obs.refine_fixed_mask`).
     """
     from ..blockwise import run_blockwise
 
@@ -103,7 +116,7 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
     ratios: list[float] = []
     factorizations: list[str] = []
 
-    with progress.task("sparsegpt", total=len(layers)) as task:
+    with progress.task(label, total=len(layers)) as task:
         def visit(block, stats):
             last = None  # (gram, U) of the previous layer: q/k/v read one input, factor once
             for ly in block.layers:
@@ -118,8 +131,12 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
                     factorizations.append(ly.name)
                 last = (gd, hinv)
                 old = w.detach().clone()
+                given = None if fixed is None else fixed[ly.name].to(w.device)
                 new, keep = obs_prune(old, None, sparsity=sparsity, n=n, m=m,
-                                      blocksize=blocksize, hinv=hinv)
+                                      blocksize=blocksize, hinv=hinv, keep=given)
+                if refine_iters:
+                    new = refine_fixed_mask(old, new, keep, gd, iters=refine_iters,
+                                            percdamp=percdamp)
                 with torch.no_grad():
                     w.copy_(new)
                 masks[ly.name] = keep.to(block.home)
@@ -136,6 +153,7 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
         run = run_blockwise(vlm, data, layers, visit, gram=True, inputs=next_block_inputs,
                             max_cache_bytes=max_cache_bytes, cache_dir=cache_dir, device=device)
     details = {"blocksize": int(blocksize), "percdamp": float(percdamp), "sequential": True,
+               "refine_iters": int(refine_iters),
                "engine": "blockwise", "next_block_inputs": next_block_inputs,
                "factorizations": len(factorizations),
                "captures": run.captures, "block_runs": run.block_runs,
@@ -150,7 +168,8 @@ def solve(ctx, layers) -> Solved:
     """The registry's entry point: :func:`sparsegpt_prune` with the run's method options."""
     pat, progress, o = ctx.cfg.pattern, ctx.progress or NULL, ctx.cfg.method_options
     kw = dict(blocksize=o["blocksize"], percdamp=o["percdamp"],
-              next_block_inputs=o["next_block_inputs"], progress=progress, **cache_kwargs(o))
+              next_block_inputs=o["next_block_inputs"], progress=progress,
+              refine_iters=o["refine_iters"], **cache_kwargs(o))
     if pat.is_nm:
         return sparsegpt_prune(ctx.vlm, layers, ctx.data, n=pat.n, m=pat.m, **kw)
     return sparsegpt_prune(ctx.vlm, layers, ctx.data, sparsity=float(ctx.cfg.sparsity), **kw)

@@ -455,5 +455,5 @@ def _check_semi_structured():
 register(_Runtime("torch", "cuda", "fp16", MODEL, _cuda_factory(False), _check_cuda,
                   description="PyTorch eager, CUDA, fp16"))
 register(_Runtime("torch-2:4", "cuda", "fp16", MODEL, _cuda_factory(True), _check_semi_structured,
-                  patterns=("2:4",),
+                  patterns=("2:4",), accelerates=("structured", "2:4"),
                   description="PyTorch CUDA fp16, 2:4 weights as semi-structured sparse tensors"))

@@ -84,6 +84,9 @@ class Runtime:
     check: Callable[[], object] = _always
     patterns: tuple[str, ...] | None = None
     description: str = ""
+    #: the patterns whose zeros this runtime turns into speed: ``structured`` (smaller dense
+    #: matrices: every runtime) and, where its kernels use them, ``2:4`` (sparse tensor cores)
+    accelerates: tuple[str, ...] = ("structured",)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -144,6 +147,28 @@ def runtime_names() -> list[str]:
 
 def allowed() -> str:
     return ", ".join(r.label for r in _REGISTRY.values())
+
+
+def expected_speedup(runtime: Runtime, pattern) -> dict:
+    """What ``pattern`` can bring on ``runtime``, from the entries' ``accelerates``
+    declarations: ``{"accelerated": bool, "by": ["name/device" of the entries that accelerate
+    it], "text": one sentence}`` (the report puts it before the latency table)."""
+    p = str(pattern)
+    by = list(dict.fromkeys(f"{r.name}/{r.device}" for r in _REGISTRY.values()
+                            if p in r.accelerates))
+    every = {r.name for r in _REGISTRY.values()}
+    structured = [r.name for r in _REGISTRY.values() if "structured" in r.accelerates]
+    s_by = "every runtime" if set(structured) == every else ", ".join(dict.fromkeys(structured))
+    if p in runtime.accelerates:
+        what = ("smaller dense matrices" if p == "structured" else "sparse kernels")
+        text = (f"{p} is accelerated by {runtime.label} ({what}): expect a speedup where the "
+                "pruned matmuls dominate the time (measured below)")
+    else:
+        where = f"{p} is accelerated by {', '.join(by)}" if by else \
+            f"no registered runtime accelerates {p}"
+        text = (f"{p} runs dense on {runtime.label}: expect 1.0x; {where}; structured pruning "
+                f"speeds up {s_by}")
+    return {"accelerated": p in runtime.accelerates, "by": by, "text": text}
 
 
 def canonical(name: str) -> str:
@@ -216,4 +241,5 @@ class LatencyConfig:
 
 
 __all__ = ["Runtime", "LatencyConfig", "Artefacts", "BuildOptions", "Built", "register", "runtimes",
-           "runtime_names", "get_runtime", "canonical", "allowed", "ONNX", "MODEL", "ENGINE"]
+           "runtime_names", "get_runtime", "canonical", "allowed", "expected_speedup", "ONNX", "MODEL",
+           "ENGINE"]

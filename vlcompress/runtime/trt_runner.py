@@ -408,13 +408,16 @@ def _trt_factory_for(precision: str):
 
 _trt_factory = _trt_factory_for("fp16")
 register(_Runtime("tensorrt", "cuda", "fp16", ENGINE, _trt_factory, check_tensorrt,
+                  accelerates=("structured", "2:4"),
                   description="TensorRT engines from fp16 ONNX, strongly typed (2:4 sparse "
                               "weights for 2:4)"))
 register(_Runtime("tensorrt", "cuda", "int8", ENGINE, _trt_factory_for("int8"), check_tensorrt,
+                  accelerates=("structured", "2:4"),
                   description="TensorRT engines from explicit QDQ int8 ONNX (symmetric, "
                               "per-channel weights), strongly typed: int8 MatMul/Gemm/Conv, "
                               "the rest in the ONNX's float type (2:4 sparse int8 for 2:4)"))
 register(_Runtime("tensorrt", "cuda", "fp8", ENGINE, _trt_factory_for("fp8"), check_tensorrt_fp8,
+                  accelerates=("structured", "2:4"),
                   description="TensorRT engines from explicit QDQ fp8 (e4m3) ONNX, strongly "
                               "typed: fp8 MatMul/Gemm/Conv, the rest in the ONNX's float type "
                               "(2:4 sparse weights for 2:4); GPUs of compute capability >= 8.9"))

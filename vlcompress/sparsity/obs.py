@@ -83,8 +83,15 @@ def _tri_inverse_lower(low: torch.Tensor) -> torch.Tensor | None:
 def obs_prune(weight: torch.Tensor, gram: torch.Tensor | None, *, sparsity: float | None = None,
               n: int = 0, m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
               hinv: tuple[torch.Tensor, torch.Tensor] | None = None,
-              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype = torch.float32, keep: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one layer: ``(new_weight, keep)`` for ``weight`` [d_out, d_in].
+
+    ``keep`` (Bool, shaped like ``weight``, True = kept): a mask chosen beforehand (by any
+    scorer): the sweep does not choose, it only compensates, the reference's column loop with
+    the mask fixed (:func:`_sweep_columns`); ``sparsity`` / ``n`` / ``m`` are then ignored and
+    the returned mask is ``keep``. This is the mask-fixed update of
+    :mod:`vlcompress.methods.reconstruct`.
 
     ``gram`` is ``X^T X`` [d_in, d_in] over calibration tokens. Give ``sparsity``
     (unstructured, the layer loses exactly ``floor(sparsity * numel)``) or ``n`` and ``m``
@@ -111,6 +118,11 @@ def obs_prune(weight: torch.Tensor, gram: torch.Tensor | None, *, sparsity: floa
         raise ValueError("give gram or hinv")
     if gram is not None and tuple(gram.shape) != (d_in, d_in):
         raise ValueError(f"gram has shape {tuple(gram.shape)}; expected {(d_in, d_in)}")
+    if keep is not None:
+        if tuple(keep.shape) != (d_out, d_in):
+            raise ValueError(f"keep has shape {tuple(keep.shape)}; expected {(d_out, d_in)}")
+        n = m = 0
+        sparsity = 0.0  # unused: the mask is given
     nm = m > 0
     if nm:
         if not 0 < n < m:
@@ -128,8 +140,9 @@ def obs_prune(weight: torch.Tensor, gram: torch.Tensor | None, *, sparsity: floa
         raise ValueError(f"hinv has shape {tuple(u.shape)}; expected {(d_in, d_in)}")
     w = weight.detach().to(dtype=dtype, copy=True)
     w[:, dead] = 0.0
-    pruned = torch.zeros(d_out, d_in, dtype=torch.bool, device=w.device)
-    total = 0 if nm else prune_count(float(sparsity), d_out * d_in)
+    pruned = (torch.zeros(d_out, d_in, dtype=torch.bool, device=w.device) if keep is None
+              else ~keep.to(device=w.device, dtype=torch.bool))
+    total = 0 if nm or keep is not None else prune_count(float(sparsity), d_out * d_in)
     done = 0  # weights pruned so far (unstructured), for exact per-block counts
 
     for i1 in range(0, d_in, blocksize):
@@ -140,7 +153,9 @@ def obs_prune(weight: torch.Tensor, gram: torch.Tensor | None, *, sparsity: floa
         d1 = torch.diagonal(u1)
         err1 = torch.zeros_like(w1)
         p1 = pruned[:, i1:i2]
-        if nm:
+        if keep is not None:
+            _sweep_columns(w1, u1, err1, p1)
+        elif nm:
             _sweep_nm(w1, u1, d1, err1, p1, n, m)
         else:
             # this block's share: floor(s * numel * i2 / d_in) minus what earlier blocks took
@@ -188,6 +203,49 @@ def _sweep_nm(w1, u1, d1, err1, p1, n: int, m: int) -> None:
         e = err1[:, g0:g1]
         e.scatter_(1, idx, torch.stack(es, 1))
         w1[:, g0:] -= e @ u1[g0:g1, g0:]
+
+
+def refine_fixed_mask(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor,
+                      gram: torch.Tensor, *, iters: int = 50, percdamp: float = 0.01,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The mask-fixed least-squares solution ``min ||(W - W') X^T||^2`` over ``W'`` zero where
+    ``keep`` is False, approached from ``start`` (the sweep's result) by ``iters`` steps of
+    Jacobi-preconditioned conjugate gradients, every row at once (each row is its own problem
+    on its kept columns, with the same dampened Hessian ``H = X^T X + lambda I`` as the sweep).
+
+    Why: with the mask fixed, the OBS sweep is greedy (a pruned weight's error is absorbed by
+    the columns to its right only, and kept columns to the left are frozen); on a synthetic
+    layer with correlated inputs (``tests/test_reconstruct.py``) the sweep leaves 0.56 of plain
+    masking's output error where the exact solution leaves 0.003. The exact per-row solve costs
+    ``d_out`` factorizations of ``d_in/2``-wide systems; CG costs one ``[d_out, d_in] x
+    [d_in, d_in]`` product per step and never gets worse than its start (each step lowers the
+    objective). Zeros stay exactly where ``keep`` is False."""
+    m = keep.to(device=start.device, dtype=dtype)
+    h = gram.to(device=start.device, dtype=dtype).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(float(percdamp) * float(torch.diag(h).mean()))
+    w = weight.detach().to(device=start.device, dtype=dtype)
+    x = start.detach().to(dtype=dtype, copy=True) * m
+    x[:, dead] = 0.0
+    pre = (1.0 / torch.diag(h)).unsqueeze(0) * m  # Jacobi, on the kept columns only
+    r = ((w - x) @ h) * m  # minus the gradient, projected on the kept columns
+    z = r * pre
+    p = z.clone()
+    rz = (r * z).sum(1)
+    for _ in range(int(iters)):
+        ap = (p @ h) * m
+        den = (p * ap).sum(1)
+        alpha = torch.where(den > 0, rz / den.clamp_min(1e-30), torch.zeros_like(den))
+        x.add_(alpha.unsqueeze(1) * p)
+        r.sub_(alpha.unsqueeze(1) * ap)
+        z = r * pre
+        rz_new = (r * z).sum(1)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        p = z + beta.unsqueeze(1) * p
+        rz = rz_new
+    x[keep.to(x.device) == 0] = 0.0
+    return x.to(start.dtype)
 
 
 def obs_prune_columns(weight: torch.Tensor, gram: torch.Tensor, *, sparsity: float | None = None,
