@@ -78,7 +78,8 @@ def batches():
     return next(it), next(it)
 
 
-#: generative families: no ONNX export yet, exercised by their own tests (tests/test_llava.py)
+#: generative families: no per-tower ONNX export; their three-graph export and pruning are
+#: exercised by their own tests (tests/test_llava.py, tests/test_generative_export.py)
 GENERATIVE = {"llava"}
 
 

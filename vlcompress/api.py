@@ -1,4 +1,4 @@
-"""Python entry points behind the CLI's ``prune`` and ``export`` commands.
+"""Python entry points behind the CLI's ``prune``, ``export`` and ``generate`` commands.
 
 Both validate every option before loading anything and publish their output folder
 atomically (temporary sibling folder, renamed when complete).
@@ -140,3 +140,72 @@ def export(model, out, *, fp16=False, force=False, calibration="shapes", progres
     res.quantized = quantized
     return res
 
+
+
+def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens: int = 24,
+             threads: int | None = None) -> str:
+    """The answer of a generative run's exported ONNX graphs (``pruned/``, or ``dense/`` with
+    ``dense``) to ``prompt`` about ``image`` (a path), generated greedily on ONNX Runtime
+    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`). Everything is checked before the
+    graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
+    context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
+    longer than the context. Nothing is written."""
+    from .errors import DataError
+    from .eval.generative import check_max_new_tokens
+    from .runtime.ort_generate import OrtGenerator, prompt_inputs, read_spec
+
+    run_dir = Path(run_dir)
+    rep = run_dir / "report.json"
+    if not rep.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run folder (no report.json); allowed: the "
+                          "--out folder of a prune-export run of a generative model")
+    report = json.loads(rep.read_text())
+    model = report.get("model") or {}
+    if not model.get("generative"):
+        raise ConfigError(f"generate needs a generative run; {str(run_dir)!r} is a retrieval run "
+                          f"of {model.get('name')} ({model.get('family')}); allowed: a "
+                          "prune-export run of a generative model (llava)")
+    check_max_new_tokens(max_new_tokens)
+    folder = run_dir / ("dense" if dense else "pruned")
+    spec = read_spec(folder)
+    ctx = int(spec["context"])
+    if max_new_tokens > ctx:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} is above the context of "
+                          f"{model.get('name')} ({ctx} tokens); allowed: 1..{ctx}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            img = im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"image {str(image)!r} cannot be read ({type(exc).__name__}); allowed: "
+                        "an image file PIL opens (PNG, JPEG, ...)") from None
+    from transformers import AutoProcessor
+
+    from .models.llava import render_prompt
+
+    proc_dir = run_dir / ((report.get("export") or {}).get("paths", {}).get("model")
+                          or "pruned/model")
+    try:
+        processor = AutoProcessor.from_pretrained(str(proc_dir))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the processor of the run from {str(proc_dir)!r} "
+                          f"({type(exc).__name__}); allowed: a run folder prune-export wrote"
+                          ) from None
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "longer than the maximum" warning: refused below
+    try:
+        enc = prompt_inputs(processor, [render_prompt(processor, prompt,
+                                                      str(model.get("name")))], [img])
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    n = int(enc["input_ids"].shape[1])
+    if n + max_new_tokens > ctx:
+        raise ConfigError(f"--prompt is {n} tokens with the image's, and with --max-new-tokens "
+                          f"{max_new_tokens} exceeds the context of {model.get('name')} ({ctx} "
+                          f"tokens); allowed: prompt tokens + new tokens <= {ctx}")
+    tokens = OrtGenerator(folder, threads).generate(enc["input_ids"], enc["attention_mask"],
+                                                    enc["pixel_values"], max_new_tokens)[0]
+    return " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())

@@ -232,7 +232,6 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     if cfg.baseline:
         baseline = load_report(cfg.baseline, "baseline")
         check_compatible(baseline, "baseline")
-        _check_gated_metrics(cfg.gate.metrics, baseline)
     run_dir = Path(cfg.run_dir)
     run = read_run(run_dir)
     rp = cfg.report_path
@@ -244,6 +243,8 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
 
         for m in cfg.gate.metrics:
             check_caption_metric(m, (run.get("accuracy") or {}).get("dataset", ""))
+    if baseline is not None:
+        _check_gated_metrics(cfg.gate.metrics, baseline)
     lc = _plan(cfg, run, baseline) if cfg.latency and not generative else None
     if lc is not None:  # no GPU, no TensorRT: one sentence, before anything is measured
         lc.runtime_entry.check()

@@ -333,8 +333,9 @@ def prune_export_cmd(
     for t in console_tables(report):
         out.print(t)
     if report["model"].get("generative"):
-        out.print(f"wrote {out_dir}/report.json, report.md, pruned/model (generative model: no "
-                  "ONNX export or latency yet)", soft_wrap=True)
+        out.print(f"wrote {out_dir}/report.json, report.md, dense/ and pruned/ (vision.onnx, "
+                  "embed.onnx, decoder.onnx, validated), pruned/model (generative model: no "
+                  "latency yet)", soft_wrap=True)
         return
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
@@ -425,6 +426,25 @@ def export_cmd(
         out.print(f"{tower} {q['quantize']} ({q['method']}, {q['target']}): {q['path']}"
                   + (f" (min cosine vs PyTorch {vs['min_cosine']:.4f})" if vs else ""),
                   soft_wrap=True)
+
+
+@app.command("generate")
+@_errors
+def generate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A prune-export run folder of a generative "
+                                                 "model.")],
+    image: Annotated[Path, typer.Option("--image", help="The image to ask about.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The question or instruction.")],
+    dense: Annotated[bool, typer.Option("--dense", help="Answer with the dense export "
+                                                        "(default: the pruned one).")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens",
+                                                help="Most tokens to generate.")] = 24,
+):
+    """Answer a prompt about an image with a run's exported ONNX graphs (greedy, ONNX Runtime)."""
+    from .api import generate
+
+    out.print(generate(run_dir, image, prompt, dense=dense, max_new_tokens=max_new_tokens),
+              soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command("models")

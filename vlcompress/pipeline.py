@@ -244,7 +244,7 @@ def check_run(cfg: RunConfig):
     info = peek_model(cfg.model, tower=cfg.tower)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
-    if info.generative:  # pruned and evaluated in PyTorch: no export, runtime or recovery yet
+    if info.generative:  # pruned, evaluated in PyTorch, exported to ONNX (no latency yet)
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("quantize", cfg.quantize if cfg.quantize != "none" else None),
@@ -255,7 +255,8 @@ def check_run(cfg: RunConfig):
         if unused:
             raise ConfigError(f"{unused[0]} is not available for the generative model "
                               f"{cfg.model} ({info.family}): it is pruned and evaluated in "
-                              "PyTorch (no ONNX export, runtime or recovery yet)")
+                              "PyTorch and exported to fp32 ONNX (no runtime choice, "
+                              "quantization, fp16 or recovery yet)")
     if cfg.parts is not None:
         if not info.generative:
             raise ConfigError(f"--parts chooses the parts of a generative model (llava); "
@@ -527,40 +528,69 @@ def _prune_generative(vlm, cfg: RunConfig, calib, progress):
     return first
 
 
+#: evaluation prompts per data set on which a generative export is validated
+GENERATIVE_VALIDATION_PROMPTS = 8
+
+
+def _export_generative(vlm, evals, folder, cfg: RunConfig, progress) -> dict:
+    """Export one variant to ``folder`` (vision/embed/decoder.onnx) and validate it on the
+    first :data:`GENERATIVE_VALIDATION_PROMPTS` items of each evaluation set; the report's
+    entry, its paths relative to the run folder."""
+    from .eval.generative import validation_items
+    from .exporters.generative import export_generative
+
+    images, questions = validation_items(evals, GENERATIVE_VALIDATION_PROMPTS)
+    with (progress or NULL).task(f"export {folder.name} onnx", total=1) as t:
+        res = export_generative(vlm, folder, images=images, questions=questions,
+                                max_new_tokens=cfg.max_new_tokens)
+        t.advance(1)
+    out = res.to_dict()
+    out["paths"] = {k: f"{folder.name}/{v.rsplit('/', 1)[-1]}" for k, v in out["paths"].items()}
+    return out
+
+
 def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     """prune-export of a generative model (llava): load -> evaluate dense (generation,
-    next-token log-probabilities) -> prune the chosen parts -> evaluate pruned -> save ->
-    report. No ONNX export or latency yet (a later issue): the report says so."""
+    next-token log-probabilities) -> export dense ONNX -> prune the chosen parts -> evaluate
+    pruned -> export pruned ONNX -> save -> report. Each export (vision, embed, decoder;
+    :mod:`vlcompress.exporters.generative`) is validated against its PyTorch twin on the
+    first evaluation prompts. No latency yet (a later issue): the report says so."""
     from .data import generative_eval_data, load_calibration
     from .envinfo import env_info
     from .eval.generative import generative_accuracy, run_all
+    from .exporters.generative import check_exportable
     from .models import load_model
     from .report import build_report, write_report
 
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=8, seed=cfg.seed)
     vlm = load_model(cfg.model)
+    check_exportable(vlm)  # a decoder the export cannot build: refused before any work
     is_preset = vlm.source.startswith("preset:")
     evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
                                  else cfg.eval_size)
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_total, dense_nonzero = vlm.num_parameters()
         dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+        exports = {"dense": _export_generative(vlm, evals, tmp / "dense", cfg, progress)}
         prune_section = _prune_generative(vlm, cfg, calib, progress)
         pruned = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+        exports["pruned"] = _export_generative(vlm, evals, tmp / "pruned", cfg, progress)
         accuracy = generative_accuracy(evals, dense, pruned, random_weights=is_preset)
         vlm.save(tmp / "pruned" / "model")
         total, nonzero = vlm.num_parameters()
         notes = data_notes(cfg, is_preset)
-        notes.append("generative model: pruned and evaluated in PyTorch; ONNX export and "
-                     "latency of generative models are not built yet (no latency rows)")
+        notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
+                     "(vision, embed, decoder) and validated; latency of generative models is "
+                     "not built yet (no latency rows)")
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
                    "generative": True, "parts": list(vlm.towers),
                    "params_total": total, "params_nonzero": nonzero,
                    "params_nonzero_dense": dense_nonzero},
             prune=prune_section,
-            export={"format": None, "paths": {"model": "pruned/model"}},
+            export={"format": "onnx", "paths": {"model": "pruned/model"},
+                    "generative": exports},
             accuracy=accuracy, latency=[], env=env_info(),
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )

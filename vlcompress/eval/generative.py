@@ -129,6 +129,17 @@ def _items(data):
     return "caption", [imgs[k] for k in order], None, [refs[k] for k in order]
 
 
+def validation_items(datasets, per_set: int) -> tuple[list, list[str | None]]:
+    """The first ``per_set`` generated items (images, questions; None: the caption prompt) of
+    each data set: the prompts an ONNX export is validated on."""
+    images, questions = [], []
+    for d in datasets:
+        _, im, qs, _ = _items(d)
+        images += im[:per_set]
+        questions += (qs or [None] * len(im))[:per_set]
+    return images, questions
+
+
 @torch.no_grad()
 def run_generative(vlm, data, *, max_new_tokens: int = 24, batch_size: int = 16,
                    fidelity_sequences: int = FIDELITY_SEQUENCES, progress=None) -> GenerativeRun:

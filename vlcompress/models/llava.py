@@ -56,6 +56,26 @@ PROMPT_WORDS = ("user", "assistant", ":", "describe", "image", ".", "?", "what",
                 "color", "colour", "is", "size", "where", "it", "yes", "no", "how", "big")
 
 
+def conversation(text: str, answer: str | None = None) -> list[dict]:
+    """One user turn holding the image and ``text``, and the assistant's ``answer`` if given."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return msgs
+
+
+def render_prompt(processor, text: str, name: str = "") -> str:
+    """The chat-template prompt of ``processor`` for one image and ``text``, ending where the
+    assistant's answer starts (shared by PyTorch generation and the ONNX ``generate``)."""
+    out = processor.apply_chat_template(conversation(text), add_generation_prompt=True,
+                                        tokenize=False)
+    if processor.image_token not in out:
+        raise DataError(f"the chat template of {name!r} renders no image token "
+                        f"({processor.image_token!r}) for an image turn; allowed: a "
+                        "template that places the image token")
+    return out
+
+
 def check_llava_config(cfg) -> None:
     """One line when a LLaVA config's vision tower is not CLIP/SigLIP or its decoder is not of
     the LLaMA/Qwen2 layout."""
@@ -251,22 +271,13 @@ class Llava(VLM):
 
     # --- prompts and data ----------------------------------------------------------------
     def _conversation(self, question: str | None, answer: str | None = None) -> list[dict]:
-        text = self.prompts["caption"] if question is None else question
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        if answer is not None:
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return msgs
+        return conversation(self.prompts["caption"] if question is None else question, answer)
 
     def prompt(self, question: str | None = None) -> str:
         """The chat-template prompt for one image and ``question`` (None: the caption
         prompt), ending where the assistant's answer starts."""
-        out = self.processor.apply_chat_template(self._conversation(question),
-                                                 add_generation_prompt=True, tokenize=False)
-        if self.processor.image_token not in out:
-            raise DataError(f"the chat template of {self.name!r} renders no image token "
-                            f"({self.processor.image_token!r}) for an image turn; allowed: a "
-                            "template that places the image token")
-        return out
+        return render_prompt(self.processor, self.prompts["caption"] if question is None
+                             else question, self.name)
 
     def _questions(self, batch) -> list[str | None]:
         qs = getattr(batch, "questions", None)
@@ -362,10 +373,10 @@ class Llava(VLM):
     def decode(self, ids: list[list[int]]) -> list[str]:
         return [" ".join(self.tokenizer.decode(s, skip_special_tokens=True).split()) for s in ids]
 
-    # --- export (part 2 of the generative work) ------------------------------------------
+    # --- export: three graphs, see vlcompress.exporters.generative ----------------------
     def tower_module(self, tower):
-        raise ModelError("ONNX export of generative models (llava) is not built yet; the run "
-                         "prunes and evaluates in PyTorch")
+        raise ModelError("llava has no per-tower ONNX export; its vision, embed and decoder "
+                         "graphs are written by prune-export (vlcompress.exporters.generative)")
 
     # --- io ------------------------------------------------------------------------------
     def save(self, path) -> None:

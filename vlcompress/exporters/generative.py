@@ -1,0 +1,341 @@
+"""ONNX export of a generative VLM (llava) in three graphs, validated against PyTorch.
+
+    result = export_generative(vlm, "run/pruned", images=val_images, questions=None)
+    result.paths  # {"vision": .../vision.onnx, "embed": .../embed.onnx, "decoder": ...}
+
+The split is the one ONNX Runtime GenAI and transformers.js use for VLMs (Optimum has no
+LLaVA config):
+
+- ``vision.onnx``: ``pixel_values`` [batch, 3, H, W] -> ``image_embeds`` [batch, tokens,
+  hidden]: the vision tower up to ``vision_feature_layer``, the feature selection
+  (``default`` drops CLS) and the projector (``LlavaModel.get_image_features``);
+- ``embed.onnx``: ``input_ids`` [batch, sequence] -> ``inputs_embeds``;
+- ``decoder.onnx``: ``inputs_embeds`` [batch, sequence, hidden], ``attention_mask`` [batch,
+  past_sequence + sequence] (1 = token, 0 = left padding), ``position_ids`` [batch, sequence]
+  and ``past.{i}.key`` / ``past.{i}.value`` [batch, kv_heads, past_sequence, head_dim] per layer
+  -> ``logits`` [batch, sequence, vocab] and ``present.{i}.key`` / ``present.{i}.value`` (the
+  past with this call's keys/values appended). One merged graph: prefill is a call with an
+  empty past (``past_sequence`` 0), decode a call with one token. Grouped-query attention keeps
+  ``num_key_value_heads`` heads in the cache.
+
+The decoder is wrapped (:class:`DecoderGraph`): it runs the language model's own decoder
+layers, rotary embedding, final norm and LM head, with the cache given as flat tensors (a
+small cache object whose ``update`` concatenates, as transformers' ``DynamicLayer`` does) and
+the additive 4-D mask built here from the 2-D mask (causal over past + sequence, padding
+masked; ``finfo.min`` rather than -inf, so a padding row's softmax stays finite). Attention is
+traced in transformers' ``eager`` implementation (set for the export, restored after): the
+SDPA path's GQA argument has no TorchScript-ONNX symbolic. The exporter is TorchScript
+(``dynamo=False``), whose tracing records the tensor shapes the wrapper reads as graph ops;
+the encoder export (:mod:`vlcompress.exporters.onnx`) tries ``dynamo=True`` first.
+
+Validation (:func:`validate_generative`), on inputs the export never saw, collects every
+mismatch into ONE :class:`ExportError`: the vision and embedding outputs and the decoder's
+logits and presents (prefill at batch 3 with left padding, then one decode step on that
+cache) within ``atol + rtol * |torch|``, and greedy generation on the ONNX graphs
+(:class:`vlcompress.runtime.ort_generate.OrtGenerator`) token for token equal to PyTorch's
+``generate`` on every validation prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from ..errors import ExportError, ModelError
+from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, prompt_inputs
+from .onnx import _name_initializers, _quiet, _short, save_onnx
+
+__all__ = ["GenerativeExport", "export_generative", "validate_generative", "DecoderGraph",
+           "TOLERANCE"]
+
+OPSET = 17
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
+FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
+
+
+@dataclass
+class GenerativeExport:
+    paths: dict[str, Path]
+    validation: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"paths": {k: str(v) for k, v in self.paths.items()}, "precision": "fp32",
+                "exporter": "torchscript", "validation": self.validation,
+                "seconds": round(self.seconds, 2)}
+
+
+class _FlatCache:
+    """The cache interface the decoder layers call (``update``): past tensors in, the
+    concatenated keys/values kept as this call's presents."""
+
+    def __init__(self, past: list[torch.Tensor]):
+        self.keys = list(past[0::2])
+        self.values = list(past[1::2])
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
+        self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def presents(self) -> list[torch.Tensor]:
+        return [t for kv in zip(self.keys, self.values, strict=True) for t in kv]
+
+
+class VisionGraph(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        """``LlavaModel.get_image_features`` without its final per-image split (a list,
+        which tracing would fix to the example's batch size)."""
+        cfg = self.model.config
+        hs = self.model.model.vision_tower(pixel_values, output_hidden_states=True,
+                                           return_dict=True).hidden_states
+        layers = cfg.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        crop = 1 if cfg.vision_feature_select_strategy == "default" else 0
+        feats = torch.cat([hs[i][:, crop:] for i in layers], dim=-1)
+        return self.model.model.multi_modal_projector(feats)
+
+
+class EmbedGraph(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.model.language_model.embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class DecoderGraph(torch.nn.Module):
+    """The language model with a flat KV cache (module doc)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model.model.language_model
+        self.head = model.lm_head
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        seq = inputs_embeds.shape[1]
+        total = attention_mask.shape[1]
+        q = torch.arange(seq, device=inputs_embeds.device) + (total - seq)
+        k = torch.arange(total, device=inputs_embeds.device)
+        allowed = (k[None, :] <= q[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
+        cache = _FlatCache(list(past))
+        h = inputs_embeds
+        pe = self.lm.rotary_emb(h, position_ids=position_ids)
+        for layer in self.lm.layers:
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=position_ids,
+                      cache=cache, use_cache=True)
+            h = h[0] if isinstance(h, tuple) else h
+        logits = self.head(self.lm.norm(h))
+        return (logits, *cache.presents())
+
+
+def _text_cfg(model):
+    return model.config.text_config
+
+
+def _kv_shape(model) -> tuple[int, int, int]:
+    tc = _text_cfg(model)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return tc.num_hidden_layers, tc.num_key_value_heads or tc.num_attention_heads, head_dim
+
+
+@contextlib.contextmanager
+def _eager_attention(model):
+    cfgs = [model.config, model.config.text_config, model.config.vision_config]
+    old = [getattr(c, "_attn_implementation", None) for c in cfgs]
+    try:
+        for c in cfgs:
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for c, o in zip(cfgs, old, strict=True):
+            c._attn_implementation = o
+
+
+def _decoder_names(n_layers: int):
+    past = [f"past.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [p.replace("past.", "present.", 1) for p in past]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def _export(module, args, path: Path, inputs, outputs, axes, props: dict, root) -> None:
+    """Trace ``module`` to ``path``; weights renamed after the model's parameters (``root``),
+    as the encoder export names them (so ``onnx_sparsity`` reads per-layer sparsity)."""
+    with tempfile.TemporaryDirectory(prefix=".ts-export-", dir=path.parent) as d:
+        f = Path(d) / "model.onnx"
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(module, tuple(args), str(f), dynamo=False, input_names=inputs,
+                                  output_names=outputs, dynamic_axes=axes, opset_version=OPSET,
+                                  do_constant_folding=True)
+        except Exception as exc:  # noqa: BLE001 - one line naming the part
+            raise ExportError(f"could not export {path.name}: {_short(exc)}") from None
+        proto = onnx.load(str(f))
+    _name_initializers(proto, module, root)
+    helper.set_model_props(proto, {**props, "vlcompress.exporter": "torchscript",
+                                   "vlcompress.precision": "fp32"})
+    save_onnx(proto, path)
+
+
+def _example_pixels(vlm, batch: int, seed: int) -> torch.Tensor:
+    v = vlm.model.config.vision_config
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, v.num_channels, v.image_size, v.image_size, generator=g)
+
+
+def _decoder_args(vlm, batch: int, seq: int, past: int, seed: int, pad: int = 0):
+    n, kvh, hd = _kv_shape(vlm.model)
+    hidden = _text_cfg(vlm.model).hidden_size
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    if pad:
+        mask[0, :pad] = 0  # row 0 left-padded
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    pasts = [torch.randn(batch, kvh, past, hd, generator=g) for _ in range(2 * n)]
+    return [torch.randn(batch, seq, hidden, generator=g), mask, pos, *pasts]
+
+
+def check_exportable(vlm) -> None:
+    """One line, before any work, when the decoder cannot go through this exporter."""
+    tc = _text_cfg(vlm.model)
+    if getattr(tc, "sliding_window", None) and getattr(tc, "use_sliding_window", False):
+        raise ModelError(f"the decoder of {vlm.name!r} uses sliding-window attention, which the "
+                         "generative ONNX export does not build; allowed: full attention")
+    layer_types = getattr(tc, "layer_types", None) or []
+    bad = sorted({t for t in layer_types if t != "full_attention"})
+    if bad:
+        raise ModelError(f"the decoder of {vlm.name!r} has {bad[0]} layers, which the "
+                         "generative ONNX export does not build; allowed: full_attention")
+
+
+def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
+                      max_new_tokens: int = 16, validate: bool = True) -> GenerativeExport:
+    """Write ``vision.onnx``, ``embed.onnx``, ``decoder.onnx`` and ``generation.json`` into
+    ``out_dir`` and (``validate``) check them against PyTorch on ``images`` / ``questions``
+    (raises one ExportError naming every mismatch)."""
+    t0 = time.perf_counter()
+    check_exportable(vlm)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = vlm.model.eval()
+    n, kvh, hd = _kv_shape(model)
+    props = {"vlcompress.model": str(vlm.name), "vlcompress.family": vlm.family}
+    paths = {p: out / f for p, f in FILES.items()}
+    with _eager_attention(model):
+        _export(VisionGraph(model), [_example_pixels(vlm, 2, 0)], paths["vision"],
+                ["pixel_values"], ["image_embeds"],
+                {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+                {**props, "vlcompress.part": "vision"}, model)
+        _export(EmbedGraph(model), [torch.tensor([[1, 2, 3], [3, 2, 1]])], paths["embed"],
+                ["input_ids"], ["inputs_embeds"],
+                {"input_ids": {0: "batch", 1: "sequence"},
+                 "inputs_embeds": {0: "batch", 1: "sequence"}},
+                {**props, "vlcompress.part": "embed"}, model)
+        ins, outs = _decoder_names(n)
+        axes = {"inputs_embeds": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "total_sequence"},
+                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+        axes |= {k: {0: "batch", 2: "past_sequence"} for k in ins[3:]}
+        axes |= {k: {0: "batch", 2: "total_sequence"} for k in outs[1:]}
+        _export(DecoderGraph(model), _decoder_args(vlm, 2, 3, 2, 0), paths["decoder"], ins, outs,
+                axes, {**props, "vlcompress.part": "decoder"}, model)
+    tc = _text_cfg(model)
+    tok = vlm.tokenizer
+    spec = {"family": vlm.family, "model": str(vlm.name), "files": dict(FILES),
+            "image_token_id": int(model.config.image_token_index),
+            "vocab_size": int(tc.vocab_size), "eos_token_id": int(tok.eos_token_id),
+            "pad_token_id": int(tok.pad_token_id), "num_layers": n, "num_key_value_heads": kvh,
+            "head_dim": hd, "context": int(tc.max_position_embeddings), "precision": "fp32"}
+    (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
+    res = GenerativeExport(paths)
+    if validate:
+        res.validation = validate_generative(vlm, out, images=images, questions=questions,
+                                             max_new_tokens=max_new_tokens)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _diff(onnx_out: np.ndarray, ref: torch.Tensor, atol: float, rtol: float) -> tuple[float, bool]:
+    r = ref.detach().float().numpy()
+    d = np.abs(onnx_out - r)
+    return float(d.max()) if d.size else 0.0, bool((d <= atol + rtol * np.abs(r)).all())
+
+
+@torch.no_grad()
+def validate_generative(vlm, folder: str | Path, *, images, questions=None,
+                        max_new_tokens: int = 16, atol: float = TOLERANCE["atol"],
+                        rtol: float = TOLERANCE["rtol"]) -> dict:
+    """Compare the export in ``folder`` with PyTorch (module doc); raise one ExportError
+    listing every mismatch, else return the measured figures."""
+    model = vlm.model.eval()
+    gen = OrtGenerator(folder)
+    diffs, problems = {}, []
+
+    def check(name, got, ref):
+        d, ok = _diff(got, ref, atol, rtol)
+        diffs[name] = d
+        if not ok:
+            problems.append(f"{name} max abs diff {d:.3g}")
+
+    px = _example_pixels(vlm, 3, 1)
+    check("vision", gen.image_embeds(px.numpy()), VisionGraph(model)(px))
+    ids = torch.tensor([[1, 5, 7, 3, 2], [2, 2, 6, 1, 0], [3, 4, 1, 0, 2]]) % _text_cfg(model).vocab_size
+    check("embed", gen.sessions["embed"].run(None, {"input_ids": ids.numpy()})[0],
+          EmbedGraph(model)(ids))
+    dec = DecoderGraph(model)
+    with _eager_attention(model):
+        # prefill (batch 3, row 0 left-padded, empty past), then one decode step on its cache
+        args = _decoder_args(vlm, 3, 6, 0, 2, pad=2)
+        ref = dec(*args)
+        logits, past = gen.decode_step(args[0].numpy(), args[1].numpy(), args[2].numpy(),
+                                       {k: v.numpy() for k, v in zip(_decoder_names(
+                                           _kv_shape(model)[0])[0][3:], args[3:], strict=True)})
+        check("decoder prefill logits", logits, ref[0])
+        check("decoder prefill presents", np.concatenate([v.ravel() for v in past.values()]),
+              torch.cat([t.ravel() for t in ref[1:]]))
+        step = _decoder_args(vlm, 3, 1, 0, 3)[0]
+        mask = torch.cat([args[1], torch.ones(3, 1, dtype=torch.long)], 1)
+        pos = args[2][:, -1:] + 1
+        ref2 = dec(step, mask, pos, *ref[1:])
+        logits2, _ = gen.decode_step(step.numpy(), mask.numpy(), pos.numpy(), past)
+        check("decoder decode logits", logits2, ref2[0])
+    # greedy generation, token for token, against PyTorch generate (Llava.generate)
+    images = list(images)
+    qs = list(questions) if questions is not None else [None] * len(images)
+    exact, per_prompt = 0, []
+    for i in range(0, len(images), 8):
+        im, q = images[i:i + 8], qs[i:i + 8]
+        torch_tokens = vlm.generate(im, q, max_new_tokens=max_new_tokens)
+        enc = prompt_inputs(vlm.processor, [vlm.prompt(x) for x in q], im)
+        onnx_tokens = gen.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
+                                   max_new_tokens)
+        for j, (a, b) in enumerate(zip(torch_tokens, onnx_tokens, strict=True)):
+            exact += a == b
+            if a != b:
+                per_prompt.append(i + j)
+    n = len(images)
+    if per_prompt:
+        problems.append(f"greedy generation differs from PyTorch on {len(per_prompt)} of {n} "
+                        f"prompts (first: #{per_prompt[0]})")
+    if problems:
+        raise ExportError(f"generative ONNX export in {str(folder)!r} does not match PyTorch: "
+                          + "; ".join(problems) + f" (tolerance atol={atol:g} rtol={rtol:g})")
+    return {"max_abs_diff": diffs, "atol": atol, "rtol": rtol, "prompts": n,
+            "token_exact": exact / max(1, n), "max_new_tokens": int(max_new_tokens)}
+
