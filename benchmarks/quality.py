@@ -1,7 +1,7 @@
 """Accuracy of tiny-clip after pruning, per method and sparsity setting.
 
     python benchmarks/quality.py            # writes benchmarks/results/quality.json and prints
-                                            # the Markdown table that goes in the README
+                                            # the Markdown table for docs/benchmarks.md
 
 Every cell: load the dense model, prune it with the method at the setting (calibration: 256
 bundled calibration pairs), evaluate on the bundled eval split (720 pairs, 36 classes).

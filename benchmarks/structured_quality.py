@@ -1,7 +1,7 @@
 """Accuracy of tiny-clip after structured pruning (heads and MLP neurons physically removed).
 
     python benchmarks/structured_quality.py     # writes benchmarks/results/structured_quality.json
-                                                # and prints the Markdown table for the README
+                                                # and prints the Markdown table for docs/benchmarks.md
 
 Every cell: load the dense model, ``prune(..., pattern="structured")`` at the sparsity
 (heads and neurons, widths rounded to 8; calibration: 256 bundled calibration pairs, of which

@@ -324,7 +324,7 @@ def release_freed_memory() -> None:
     from the heap and the small survivors pin its pages: the resident set creeps up block
     after block. Trimming after each block's visit and each OBS layer keeps it flat; the
     effect on peak RSS, and the calls' time inside the prune times, are in
-    ``benchmarks/prune_cost.py``'s results (README "SparseGPT block by block").
+    ``benchmarks/prune_cost.py``'s results (docs/benchmarks.md, "SparseGPT block by block").
     """
     global _TRIM
     if _TRIM is None:

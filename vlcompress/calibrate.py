@@ -53,9 +53,9 @@ def _masked_sq_sum(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
 
     ``mask`` (float, 1 = real token) applies when its shape is the input's token layout
     ``x.shape[:-1]``; an input laid out otherwise (cross-attention keys/values reading the
-    other modality's tokens) is summed unfiltered, as design §5 says. Float32 within one batch
-    (plenty for a few thousand tokens), on the input's device, and no host synchronisation (the
-    mask is multiplied in, not used as an index).
+    other modality's tokens) is summed unfiltered (docs/design.md, "The model contract").
+    Float32 within one batch (plenty for a few thousand tokens), on the input's device, and no
+    host synchronisation (the mask is multiplied in, not used as an index).
     """
     d = x.shape[-1]
     x2 = x.detach().float().square().reshape(-1, d)

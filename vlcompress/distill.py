@@ -217,7 +217,8 @@ def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
     on tiny-clip, multiflow structured 50%, 600 steps, 3600 eval pairs (retained zero-shot /
     i2t R@1): at lr 2e-4 cosine 94.9 / 83.3% (``recover_quality_lr2e-4_600.json``) and constant 94.7 /
     83.0% (``recover_quality_constant_lr.json``); at lr 1e-3 cosine and constant in
-    ``recover_quality_lr1e-3_cosine.json`` and ``..._constant.json`` (README "Recovery"): the
+    ``recover_quality_lr1e-3_cosine.json`` and ``..._constant.json`` (docs/benchmarks.md, "The
+    recovery recipe, measured on the first tiny-clip"): the
     decay is what lets a higher rate be used. A resumed run continues the schedule of its own
     ``steps``."""
     if schedule == "constant" or steps <= 1:

@@ -30,7 +30,7 @@ def require_cuda():
     return torch
 
 
-#: how to get the CUDA execution provider (README "GPU install"; scripts/install_ort_gpu.sh)
+#: how to get the CUDA execution provider (docs/runtimes.md "GPU install"; scripts/install_ort_gpu.sh)
 ORT_GPU_STEPS = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.18' "
                  "(one package: onnxruntime and onnxruntime-gpu both install the module "
                  "`onnxruntime`, and together the CPU build wins)")

@@ -1,4 +1,4 @@
-"""The run report: one JSON schema (design.md §7), a Markdown rendering and a console table."""
+"""The run report: one JSON schema (docs/report.md), a Markdown rendering and a console table."""
 
 from __future__ import annotations
 

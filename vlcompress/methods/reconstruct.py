@@ -26,7 +26,8 @@ When it runs (:func:`resolve`): only for methods that score (kinds ``score`` and
 pattern (whole heads and neurons are sliced; the mask-fixed sweep is not defined for the
 sliced shapes), refuse an explicit request with one line. By default (``None``) it is on
 wherever it applies and calibration data is there: measured on tiny-clip for every scorer at
-50% and 2:4 (``benchmarks/quality.py --reconstruct both``; notes/recon.md).
+50% and 2:4 (``benchmarks/quality.py --reconstruct both``; docs/benchmarks.md, "Reconstruction
+after any scorer").
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def resolve(asked: bool | None, method, pattern, has_data: bool) -> tuple[bool, 
 
 
 #: conjugate-gradient steps after the sweep (sparsity/obs.py refine_fixed_mask): measured on
-#: real MiniLM and tiny-clip (notes/recon.md); the objective only falls with each step
+#: real MiniLM and tiny-clip (docs/methods.md, "Reconstruction after a scorer"); the objective
+#: only falls with each step
 REFINE_ITERS = 50
 
 

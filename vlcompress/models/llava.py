@@ -9,11 +9,12 @@
 
 Each part is one "tower" of the adapter (``select_towers`` / ``--parts``) and one modality of
 its prunable layers. Embeddings, the LM head, norms and the patch convolution are never
-pruned (design §5). A prompt is built with the model's own processor and chat template: one
-user turn holding the image and the instruction (the caption prompt, or the question), then
-the assistant's turn; calibration sequences append the target text (caption or answer) and
-the tokenizer's end-of-sequence token, so the language model is calibrated on the sequences
-it will produce. Generation is greedy by default, batched, with left padding.
+pruned (docs/design.md, "The model contract"). A prompt is built with the model's own
+processor and chat template: one user turn holding the image and the instruction (the
+caption prompt, or the question), then the assistant's turn; calibration sequences append
+the target text (caption or answer) and the tokenizer's end-of-sequence token, so the
+language model is calibrated on the sequences it will produce. Generation is greedy by
+default, batched, with left padding.
 
 The caption prompt comes from the model card (``vlcompress.json``: ``"caption_prompt"`` or
 ``"prompts": {"caption": ...}``) when the folder has one, else :data:`CAPTION_PROMPT`; the

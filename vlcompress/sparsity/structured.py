@@ -11,8 +11,9 @@ Groups (Torch-Pruning's word: weights that must go together):
   cross-attention, has none).
 
 Any weight scorer feeds this: a group's score is the sum of its weights' scores
-(:func:`group_scores_from_weights`). A scorer may instead score groups itself by attaching
-``fn.group_importance(vlm, blocks, data, ...)`` (MoPE does, and ``fn.layer_importance`` for
+(:func:`group_scores_from_weights`). A method may instead score groups itself: a ``group``
+method declares ``Method.group_importance(ctx, blocks)`` in the registry
+(:mod:`vlcompress.methods.registry`; MoPE does, and ``Method.layer_importance`` for
 ``depth``).
 
 Allocation (how many groups each layer keeps), from the scorer's weight allocation:
