@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from vlcompress.data import shapes
 from vlcompress.data.tokenizer import build_shapes_tokenizer
+from vlcompress.distill import lr_at
 
 # What `vlcompress recover` starts from on this model when the user sets no --lr /
 # --distill-weight (vlcompress.recover.recovery_recipe). Measured on the shipped model by
@@ -176,14 +176,8 @@ def main():
     epx, _, elabels, efull, _ = make_pool("eval", 720)
     print(f"data: {time.time() - t0:.1f}s")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    warm = max(1, args.steps // 20)
-
-    def lr_at(step):
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # warm-up 5% of the steps, cosine to 0
+        opt, lambda step: lr_at(step, args.steps, 1.0, "cosine", max_warmup=None))
     g = torch.Generator().manual_seed(args.seed)
     model.train()
     best, best_state, history, best_step = -1.0, None, [], 0

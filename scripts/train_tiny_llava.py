@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's vlcompress
 
 from vlcompress.data import shapes  # noqa: E402
+from vlcompress.distill import lr_at  # noqa: E402
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 IMAGE, USER, ASSISTANT = "<image>", "<|user|>", "<|assistant|>"
@@ -326,14 +327,8 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": rest, "lr": args.lr},
                              {"params": vision, "lr": args.lr * args.vision_lr_scale}],
                             weight_decay=0.01)
-    warm = max(1, args.steps // 20)
-
-    def lr_at(step):
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # warm-up 5% of the steps, cosine to 0
+        opt, lambda step: lr_at(step, args.steps, 1.0, "cosine", max_warmup=None))
     g = torch.Generator().manual_seed(args.seed)
     model.train()
     best, best_state, best_step, history = -1.0, None, 0, []

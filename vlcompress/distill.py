@@ -210,7 +210,7 @@ SCHEDULES = ("cosine", "constant")
 WARMUP = 0.05  # of the steps, at most 100: the linear warm-up of the cosine schedule
 
 
-def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
+def lr_at(step: int, steps: int, lr: float, schedule: str, max_warmup: int | None = 100) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``steps``: ``constant``, or
     ``cosine`` (the default): a linear warm-up over ``WARMUP`` of the steps (at most 100),
     then a cosine decay to 0 at the last step. Measured with ``benchmarks/recover_quality.py``
@@ -220,10 +220,14 @@ def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
     ``recover_quality_lr1e-3_cosine.json`` and ``..._constant.json`` (docs/benchmarks.md, "The
     recovery recipe, measured on the first tiny-clip"): the
     decay is what lets a higher rate be used. A resumed run continues the schedule of its own
-    ``steps``."""
+    ``steps``. ``max_warmup=None`` lifts the 100-step cap on the warm-up (the training
+    scripts of the embedded models use the uncapped schedule their shipped weights were
+    trained with)."""
     if schedule == "constant" or steps <= 1:
         return lr
-    warm = min(100, max(1, int(WARMUP * steps)))
+    warm = max(1, int(WARMUP * steps))
+    if max_warmup is not None:
+        warm = min(max_warmup, warm)
     if step < warm:
         return lr * (step + 1) / warm
     t = (step - warm) / max(1, steps - warm)
