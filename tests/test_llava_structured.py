@@ -95,9 +95,9 @@ def test_tiny_llava_structured_decoder(tmp_path, calib):
     _check_sliced(dense, vlm, res, calib, tmp_path)
 
 
-def test_prune_export_structured_language_reloads(tmp_path):
-    import json
-
+def _prune_export_language(tmp_path, *options):
+    """``prune-export`` of a tiny LLaVA folder, language part only, on a 4-pair captions
+    folder; returns the CLI result and the run folder."""
     from typer.testing import CliRunner
 
     from vlcompress.cli import app
@@ -108,9 +108,16 @@ def test_prune_export_structured_language_reloads(tmp_path):
     caps = save_pairs(pairs, tmp_path / "caps", captions=pairs.retrieval_captions)
     out = tmp_path / "run"
     res = CliRunner().invoke(app, [
-        "prune-export", "--model", str(folder), "--method", "wanda", "--pattern", "structured",
-        "--sparsity", "0.5", "--parts", "language", "--calibration", str(caps),
+        "prune-export", "--model", str(folder), "--method", "wanda", *options,
+        "--parts", "language", "--calibration", str(caps),
         "--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4", "--out", str(out)])
+    return res, out
+
+
+def test_prune_export_structured_language_reloads(tmp_path):
+    import json
+
+    res, out = _prune_export_language(tmp_path, "--pattern", "structured", "--sparsity", "0.5")
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["prune"]["per_modality"]) == {"language"}
@@ -144,16 +151,8 @@ def test_prune_export_recover_steps_on_a_generative_model(tmp_path):
     from typer.testing import CliRunner
 
     from vlcompress.cli import app
-    from vlcompress.data import load_eval, save_pairs
 
-    folder = make_tiny_llava_folder(tmp_path)
-    pairs = load_eval("shapes", n=4, batch_size=4)
-    caps = save_pairs(pairs, tmp_path / "caps", captions=pairs.retrieval_captions)
-    out = tmp_path / "run"
-    res = CliRunner().invoke(app, [
-        "prune-export", "--model", str(folder), "--method", "wanda", "--pattern", "2:4",
-        "--parts", "language", "--calibration", str(caps), "--recover-steps", "3",
-        "--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4", "--out", str(out)])
+    res, out = _prune_export_language(tmp_path, "--pattern", "2:4", "--recover-steps", "3")
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     rec = rep["prune"]["details"]["recover"]
