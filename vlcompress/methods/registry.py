@@ -113,6 +113,11 @@ NM_OPTIONS = (
            "layer that produces them) so the N:M groups keep more importance; N:M only"),
     Option("permute_seconds", float, 30.0, "time budget of the permutation search, whole "
            "model", minimum=0.0),
+    Option("permute_rounds", int, 0, "cap on each layer's search rounds, for a run that "
+           "repeats on any load (0: no cap, the time budget alone)", minimum=0),
+    Option("permute_objective", str, "score", "what the search maximises: the kept scores "
+           "summed over the matrix (score), or each output row's kept share (row)",
+           choices=("score", "row")),
 )
 
 
