@@ -333,6 +333,9 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=4096)
     ap.add_argument("--holdout-fraction", type=float, default=0.0)
     ap.add_argument("--holdout-every", type=int, default=25)
+    ap.add_argument("--reconstruct-iters", type=int, default=None,
+                    help="conjugate-gradient steps of the reconstruction after a scorer's mask "
+                         "(default: methods/reconstruct.py REFINE_ITERS)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--permutation", action="store_true",
                     help="instead: each method at 2:4 without / with channel permutation and RIA "
@@ -345,6 +348,10 @@ def main() -> None:
         keep = {{"2:4": ("2:4", 0.5), "50%": ("unstructured", 0.5),
                  "70%": ("unstructured", 0.7)}[k] for k in a.settings.split(",")}
         ORDER[:] = [o for o in ORDER if o in keep]
+    if a.reconstruct_iters is not None:
+        from vlcompress.methods import reconstruct as recon
+
+        recon.REFINE_ITERS = a.reconstruct_iters  # recorded in each row's "reconstruct"
     model = model_path()
     if a.permutation:
         t0, git = time.perf_counter(), git_state()
