@@ -167,7 +167,13 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
             secs = time.perf_counter() - t
             row = {"method": method, "pattern": pattern, "sparsity": sparsity,
                    "achieved": round(pr.achieved, 4), "prune_seconds": round(secs, 2),
-                   "reconstruct": pr.reconstruct, **cosine(dense, vlm, data)}
+                   "reconstruct": pr.reconstruct, "loadavg": os.getloadavg(),
+                   **cosine(dense, vlm, data)}
+            if "permute" in pr.details:
+                d = pr.details["permute"]
+                row["permutation"] = {k: d.get(k) for k in (
+                    "seconds", "budget_seconds", "max_rounds", "objective", "stopped",
+                    "mean_gain", "permuted")}
             rows.append(row)
             print(f"{method:10s} {pattern:12s} {sparsity:.0%} cos={row['cosine']:.4f} "
                   f"p05={row['cosine_p05']:.4f} {secs:.1f}s", flush=True)
