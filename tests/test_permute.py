@@ -234,3 +234,18 @@ def test_prune_records_objective_and_rounds():
     assert d["objective"] == "row" and d["max_rounds"] == 3
     assert all(ly["rounds"] <= 3 and ly["objective"] == "row" for ly in d["layers"].values())
     assert sum(d["stopped"].values()) == d["permuted"] == 8
+
+
+def test_auto_objective_divides_out_multiflows_row_factor_only():
+    from vlcompress.methods import get_method
+
+    assert get_method("multiflow").permute_objective("auto") == "row"
+    for name in ("wanda", "magnitude", "ria", "sparsegpt"):
+        assert get_method(name).permute_objective("auto") == "score", name
+    assert get_method("multiflow").permute_objective("score") == "score"  # asked wins
+    calib = load_calibration("shapes", n=8, batch_size=8)
+    for name, want in (("multiflow", "row"), ("wanda", "score")):
+        res = prune(make_tiny_random_clip(), name, None, "2:4", calibration=calib,
+                    reconstruct=False, method_options={"permute": "true", "permute_rounds": "2"})
+        d = res.details["permute"]
+        assert d["objective"] == want and res.details["method_options"]["permute_objective"] == "auto"

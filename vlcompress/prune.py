@@ -261,7 +261,7 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
 
             details["permute"] = permute_for_nm(
                 vlm, layers, scores, pat.n, pat.m, seed=cfg.seed, progress=progress,
-                **_permute_options(cfg))
+                **_permute_options(cfg, m))
         counts = None
         if allocation not in ("nm", "per_row", "per_block"):
             counts = allocate(allocation, layers, scores, target)
@@ -309,11 +309,12 @@ def _score_options(m: Method, cfg) -> dict:
         if m.kind == "score" and m.options else {}
 
 
-def _permute_options(cfg) -> dict:
-    """The permutation search's budget, round cap and objective from the method options."""
+def _permute_options(cfg, m: Method) -> dict:
+    """The permutation search's budget, round cap and objective (``auto`` resolved by the
+    method: :meth:`Method.permute_objective`) from the method options."""
     o = cfg.method_options
     return {"seconds": o["permute_seconds"], "rounds": o["permute_rounds"] or None,
-            "objective": o["permute_objective"]}
+            "objective": m.permute_objective(o["permute_objective"])}
 
 
 def _permute_for_solver(ctx: Context, layers, pat) -> dict:
@@ -333,7 +334,8 @@ def _permute_for_solver(ctx: Context, layers, pat) -> dict:
               for ly in targets}
     calib = time.perf_counter() - t0
     out = permute_for_nm(ctx.vlm, layers, scores, pat.n, pat.m, seed=ctx.cfg.seed,
-                         progress=ctx.progress, **_permute_options(ctx.cfg))
+                         progress=ctx.progress,
+                         **_permute_options(ctx.cfg, get_method(ctx.cfg.method)))
     out["importance"] = "|W| * ||x_j|| (wanda)" if stats else "|W| (no calibration data)"
     out["calibration_seconds"] = calib
     return out
