@@ -233,7 +233,7 @@ def main():
                     help="with --permutation: cap on each layer's search rounds (0: none)")
     ap.add_argument("--permute-objectives", default="score",
                     help="with --permutation: comma-separated search objectives, one row each "
-                         "(score, row)")
+                         "(auto, score, row)")
     a = ap.parse_args()
     if a.settings:
         keep = a.settings.split(",")
@@ -244,9 +244,9 @@ def main():
     if a.permutation:
         methods = PERM_METHODS if a.methods == ",".join(METHODS) else a.methods.split(",")
         objectives = tuple(a.permute_objectives.split(","))
-        bad = [o for o in objectives if o not in ("score", "row")]
+        bad = [o for o in objectives if o not in ("auto", "score", "row")]
         if bad:
-            ap.error(f"unknown permutation objective {bad[0]!r}; allowed: score, row")
+            ap.error(f"unknown permutation objective {bad[0]!r}; allowed: auto, score, row")
         res = run_permutation(a.model, methods, a.calibration_size, a.eval_size,
                               a.permute_seconds, objectives, a.permute_rounds,
                               "off" if a.reconstruct == "default" else a.reconstruct)
