@@ -114,7 +114,7 @@ def test_sparsegpt_options_reach_the_solver(calib, tmp_path):
     assert rb.details["block_runs"] == n_blocks
     assert rb.details["next_block_inputs"] == "dense" and rb.details["blocksize"] == 64
     assert rb.details["method_options"] == {"blocksize": 64, "percdamp": 0.01,
-                                            "next_block_inputs": "dense", "refine_iters": 0,
+                                            "next_block_inputs": "dense", "refine_iters": 50,
                                             "max_cache_mb": -1.0,
                                             "cache_dir": "", "device": ""}
     wa = a.prunable_layers()[-1].weight
