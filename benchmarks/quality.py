@@ -235,6 +235,9 @@ def main():
                     help="with --permutation: comma-separated search objectives, one row each "
                          "(auto, score, row)")
     a = ap.parse_args()
+    from _common import provenance
+
+    provenance()  # the git state as the run starts (the results are written at the end)
     if a.settings:
         keep = a.settings.split(",")
         bad = [k for k in keep if k not in {s[0] for s in SETTINGS}]
