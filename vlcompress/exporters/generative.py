@@ -91,6 +91,18 @@ class _FlatCache:
         return [t for kv in zip(self.keys, self.values, strict=True) for t in kv]
 
 
+def additive_mask(inputs_embeds, attention_mask):
+    """The 4-D additive mask [batch, 1, sequence, past + sequence] of one decoder call: causal
+    over past + sequence, padding (0 in ``attention_mask``) masked, ``finfo.min`` not -inf."""
+    seq = inputs_embeds.shape[1]
+    total = attention_mask.shape[1]
+    q = torch.arange(seq, device=inputs_embeds.device) + (total - seq)
+    k = torch.arange(total, device=inputs_embeds.device)
+    allowed = (k[None, :] <= q[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+    mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+    return mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
+
+
 class VisionGraph(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -127,13 +139,7 @@ class DecoderGraph(torch.nn.Module):
         self.head = model.lm_head
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        seq = inputs_embeds.shape[1]
-        total = attention_mask.shape[1]
-        q = torch.arange(seq, device=inputs_embeds.device) + (total - seq)
-        k = torch.arange(total, device=inputs_embeds.device)
-        allowed = (k[None, :] <= q[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
+        mask = additive_mask(inputs_embeds, attention_mask)
         cache = _FlatCache(list(past))
         h = inputs_embeds
         pe = self.lm.rotary_emb(h, position_ids=position_ids)
@@ -145,6 +151,16 @@ class DecoderGraph(torch.nn.Module):
         return (logits, *cache.presents())
 
 
+def graphs(vlm) -> tuple[type, type, type]:
+    """The (vision, embed, decoder) wrapper classes of ``vlm``'s family: LLaVA's here, BLIP-2's
+    (Q-Former vision graph, OPT decoder) in :mod:`vlcompress.exporters.generative_opt`."""
+    if vlm.family == "blip2":
+        from .generative_opt import Blip2VisionGraph, OptDecoderGraph, OptEmbedGraph
+
+        return Blip2VisionGraph, OptEmbedGraph, OptDecoderGraph
+    return VisionGraph, EmbedGraph, DecoderGraph
+
+
 def _text_cfg(model):
     return model.config.text_config
 
@@ -152,12 +168,21 @@ def _text_cfg(model):
 def _kv_shape(model) -> tuple[int, int, int]:
     tc = _text_cfg(model)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    return tc.num_hidden_layers, tc.num_key_value_heads or tc.num_attention_heads, head_dim
+    kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads  # OPT: no GQA
+    return tc.num_hidden_layers, kv, head_dim
+
+
+def _embed_width(model) -> int:
+    """The width of ``inputs_embeds`` (OPT's ``word_embed_proj_dim`` may differ from its
+    hidden size: ``project_in`` maps it, inside the decoder graph)."""
+    tc = _text_cfg(model)
+    return getattr(tc, "word_embed_proj_dim", None) or tc.hidden_size
 
 
 @contextlib.contextmanager
 def _eager_attention(model):
-    cfgs = [model.config, model.config.text_config, model.config.vision_config]
+    cfgs = [model.config, model.config.text_config, model.config.vision_config,
+            *([model.config.qformer_config] if hasattr(model.config, "qformer_config") else [])]
     old = [getattr(c, "_attn_implementation", None) for c in cfgs]
     try:
         for c in cfgs:
@@ -196,12 +221,13 @@ def _export(module, args, path: Path, inputs, outputs, axes, props: dict, root) 
 def _example_pixels(vlm, batch: int, seed: int) -> torch.Tensor:
     v = vlm.model.config.vision_config
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, v.num_channels, v.image_size, v.image_size, generator=g)
+    return torch.randn(batch, getattr(v, "num_channels", 3), v.image_size, v.image_size,
+                       generator=g)
 
 
 def _decoder_args(vlm, batch: int, seq: int, past: int, seed: int, pad: int = 0):
     n, kvh, hd = _kv_shape(vlm.model)
-    hidden = _text_cfg(vlm.model).hidden_size
+    hidden = _embed_width(vlm.model)
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     if pad:
@@ -237,12 +263,13 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
     n, kvh, hd = _kv_shape(model)
     props = {"vlcompress.model": str(vlm.name), "vlcompress.family": vlm.family}
     paths = {p: out / f for p, f in FILES.items()}
+    vision_graph, embed_graph, decoder_graph = graphs(vlm)
     with _eager_attention(model):
-        _export(VisionGraph(model), [_example_pixels(vlm, 2, 0)], paths["vision"],
+        _export(vision_graph(model), [_example_pixels(vlm, 2, 0)], paths["vision"],
                 ["pixel_values"], ["image_embeds"],
                 {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
                 {**props, "vlcompress.part": "vision"}, model)
-        _export(EmbedGraph(model), [torch.tensor([[1, 2, 3], [3, 2, 1]])], paths["embed"],
+        _export(embed_graph(model), [torch.tensor([[1, 2, 3], [3, 2, 1]])], paths["embed"],
                 ["input_ids"], ["inputs_embeds"],
                 {"input_ids": {0: "batch", 1: "sequence"},
                  "inputs_embeds": {0: "batch", 1: "sequence"}},
@@ -253,13 +280,14 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
                 "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
         axes |= {k: {0: "batch", 2: "past_sequence"} for k in ins[3:]}
         axes |= {k: {0: "batch", 2: "total_sequence"} for k in outs[1:]}
-        _export(DecoderGraph(model), _decoder_args(vlm, 2, 3, 2, 0), paths["decoder"], ins, outs,
+        _export(decoder_graph(model), _decoder_args(vlm, 2, 3, 2, 0), paths["decoder"], ins, outs,
                 axes, {**props, "vlcompress.part": "decoder"}, model)
     tc = _text_cfg(model)
     tok = vlm.tokenizer
     spec = {"family": vlm.family, "model": str(vlm.name), "files": dict(FILES),
             "image_token_id": int(model.config.image_token_index),
-            "vocab_size": int(tc.vocab_size), "eos_token_id": int(tok.eos_token_id),
+            "vocab_size": int(tc.vocab_size),
+            "eos_token_id": int(getattr(vlm, "eos_token_id", None) or tok.eos_token_id),
             "pad_token_id": int(tok.pad_token_id), "num_layers": n, "num_key_value_heads": kvh,
             "head_dim": hd, "context": int(tc.max_position_embeddings), "precision": "fp32"}
     (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
@@ -285,6 +313,7 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
     listing every mismatch, else return the measured figures."""
     model = vlm.model.eval()
     gen = OrtGenerator(folder)
+    vision_graph, embed_graph, decoder_graph = graphs(vlm)
     diffs, problems = {}, []
 
     def check(name, got, ref):
@@ -294,11 +323,11 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
             problems.append(f"{name} max abs diff {d:.3g}")
 
     px = _example_pixels(vlm, 3, 1)
-    check("vision", gen.image_embeds(px.numpy()), VisionGraph(model)(px))
+    check("vision", gen.image_embeds(px.numpy()), vision_graph(model)(px))
     ids = torch.tensor([[1, 5, 7, 3, 2], [2, 2, 6, 1, 0], [3, 4, 1, 0, 2]]) % _text_cfg(model).vocab_size
     check("embed", gen.sessions["embed"].run(None, {"input_ids": ids.numpy()})[0],
-          EmbedGraph(model)(ids))
-    dec = DecoderGraph(model)
+          embed_graph(model)(ids))
+    dec = decoder_graph(model)
     with _eager_attention(model):
         # prefill (batch 3, row 0 left-padded, empty past), then one decode step on its cache
         args = _decoder_args(vlm, 3, 6, 0, 2, pad=2)
