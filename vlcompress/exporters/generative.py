@@ -172,6 +172,15 @@ def _kv_shape(model) -> tuple[int, int, int]:
     return tc.num_hidden_layers, kv, head_dim
 
 
+def _layer_kv_heads(vlm) -> list[int]:
+    """Key/value heads per decoder layer (``vlm.LANGUAGE_STACK``), from the k projections (a
+    structurally pruned OPT keeps its own head count per layer; GQA slicing keeps every KV
+    head)."""
+    head_dim = _kv_shape(vlm.model)[2]
+    layers = vlm.model.get_submodule(vlm.LANGUAGE_STACK)
+    return [int(ly.self_attn.k_proj.out_features) // head_dim for ly in layers]
+
+
 def _embed_width(model) -> int:
     """The width of ``inputs_embeds`` (OPT's ``word_embed_proj_dim`` may differ from its
     hidden size: ``project_in`` maps it, inside the decoder graph)."""
@@ -226,14 +235,15 @@ def _example_pixels(vlm, batch: int, seed: int) -> torch.Tensor:
 
 
 def _decoder_args(vlm, batch: int, seq: int, past: int, seed: int, pad: int = 0):
-    n, kvh, hd = _kv_shape(vlm.model)
+    hd = _kv_shape(vlm.model)[2]
     hidden = _embed_width(vlm.model)
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     if pad:
         mask[0, :pad] = 0  # row 0 left-padded
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-    pasts = [torch.randn(batch, kvh, past, hd, generator=g) for _ in range(2 * n)]
+    pasts = [torch.randn(batch, h, past, hd, generator=g)
+             for h in _layer_kv_heads(vlm) for _ in range(2)]
     return [torch.randn(batch, seq, hidden, generator=g), mask, pos, *pasts]
 
 
@@ -289,6 +299,7 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
             "vocab_size": int(tc.vocab_size),
             "eos_token_id": int(getattr(vlm, "eos_token_id", None) or tok.eos_token_id),
             "pad_token_id": int(tok.pad_token_id), "num_layers": n, "num_key_value_heads": kvh,
+            "kv_heads": _layer_kv_heads(vlm),
             "head_dim": hd, "context": int(tc.max_position_embeddings), "precision": "fp32"}
     (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
     res = GenerativeExport(paths)

@@ -92,9 +92,10 @@ class OrtGenerator:
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         s = self.spec
-        shape = (batch, int(s["num_key_value_heads"]), 0, int(s["head_dim"]))
-        return {f"past.{i}.{kv}": np.zeros(shape, np.float32)
-                for i in range(int(s["num_layers"])) for kv in ("key", "value")}
+        # per layer: a structurally pruned OPT decoder keeps its own head count per layer
+        heads = s.get("kv_heads") or [int(s["num_key_value_heads"])] * int(s["num_layers"])
+        return {f"past.{i}.{kv}": np.zeros((batch, int(h), 0, int(s["head_dim"])), np.float32)
+                for i, h in enumerate(heads) for kv in ("key", "value")}
 
     def decode_step(self, embeds, mask, positions, past):
         """One decoder call: (logits, presents keyed as the next call's past)."""
