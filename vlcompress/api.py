@@ -197,8 +197,14 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "longer than the maximum" warning: refused below
     try:
-        enc = prompt_inputs(processor, [render_prompt(processor, prompt,
-                                                      str(model.get("name")))], [img])
+        if model.get("family") == "blip2":  # plain-text prompts: the run's question format
+            from .models.blip2 import QUESTION_PROMPT
+
+            fmt = ((report.get("data") or {}).get("prompts") or {}).get("question")
+            text = (fmt or QUESTION_PROMPT).format(prompt)
+        else:
+            text = render_prompt(processor, prompt, str(model.get("name")))
+        enc = prompt_inputs(processor, [text], [img])
     finally:
         hf_logging.set_verbosity(verbosity)
     n = int(enc["input_ids"].shape[1])

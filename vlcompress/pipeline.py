@@ -266,7 +266,8 @@ def check_run(cfg: RunConfig):
         if bad:
             raise ConfigError(f"--parts {bad[0]} is not a part of {cfg.model} ({info.family}); "
                               f"allowed: {', '.join(info.towers)}")
-        sliceable = getattr(families()[info.family], "structured_parts", info.towers)
+        fam = next(c for c in families().values() if c.family == info.family)  # by family name
+        sliceable = getattr(fam, "structured_parts", info.towers)  # (blip2's model_type: blip-2)
         if cfg.prune_config.pattern.is_structured and \
                 not any(p in sliceable for p in parse_parts(cfg.parts)):
             raise ConfigError(f"--pattern structured cannot slice --parts {cfg.parts} of "
