@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .generative import _FlatCache, additive_mask
+from ._decoder import FlatCache, additive_mask
 
 
 class Blip2VisionGraph(torch.nn.Module):
@@ -61,7 +61,7 @@ class OptDecoderGraph(torch.nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         d = self.dec
         mask = additive_mask(inputs_embeds, attention_mask)
-        cache = _FlatCache(list(past))
+        cache = FlatCache(list(past))
         h = inputs_embeds if d.project_in is None else d.project_in(inputs_embeds)
         h = h + d.embed_positions(attention_mask, position_ids=position_ids)
         for layer in d.layers:
