@@ -91,6 +91,7 @@ def ensure_run(name: str, path: Path) -> dict:
         return {"path": str(path), "built": False, **_run_summary(path)}
     from vlcompress import prune_export
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     settings = GEN_RUN_SETTINGS if name in GENERATIVE else RUN_SETTINGS
     prune_export(model=MODELS.get(name, name), out=str(path), **settings)
