@@ -121,8 +121,9 @@ def measure(run: Path, tower: str, levels: list[int], seconds: float, max_reques
             feeds, tokens = {}, {}
             for v, m in models.items():
                 for r in range(rounds):
-                    if tower == GENERATE:
-                        feeds[v, r], tokens[v, r] = _generate_request(srv, m, max_new_tokens, r)
+                    if tower == GENERATE:  # the same image and prompt every round: the
+                        # variants' answers differ in length, so tokens/s is their comparison
+                        feeds[v, r], tokens[v, r] = _generate_request(srv, m, max_new_tokens, 0)
                     else:
                         feeds[v, r], tokens[v, r] = example_inputs(m, batch=1, seed=r), None
             rows = []
@@ -157,6 +158,9 @@ def measure(run: Path, tower: str, levels: list[int], seconds: float, max_reques
                         row[v]["tokens_per_s"] = toks / wall if wall else 0.0
                 if "dense" in row and "pruned" in row and row["dense"]["rps"]:
                     row["pruned_over_dense_rps"] = row["pruned"]["rps"] / row["dense"]["rps"]
+                    if tower == GENERATE and row["dense"]["tokens_per_s"]:
+                        row["pruned_over_dense_tokens_per_s"] = (row["pruned"]["tokens_per_s"]
+                                                                 / row["dense"]["tokens_per_s"])
                 rows.append(row)
         return {"start_seconds": round(srv.start_seconds or 0.0, 2), "notes": srv.notes,
                 "tower": tower, **({"max_new_tokens": max_new_tokens} if tower == GENERATE else {}),
@@ -198,8 +202,10 @@ def main(argv=None) -> int:
     for name, r in results.items():
         for row in r["rows"]:
             ratio = row.get("pruned_over_dense_rps")
+            toks = (f", tokens/s dense {row['dense']['tokens_per_s']:.1f} pruned "
+                    f"{row['pruned']['tokens_per_s']:.1f}" if "tokens_per_s" in row["dense"] else "")
             print(f"{name} c={row['concurrency']}: dense {row['dense']['rps']:.1f} req/s, pruned "
-                  f"{row['pruned']['rps']:.1f} req/s, ratio {ratio:.2f}x, failed "
+                  f"{row['pruned']['rps']:.1f} req/s, ratio {ratio:.2f}x{toks}, failed "
                   f"{row['dense']['failed'] + row['pruned']['failed']}")
     print(f"wrote {path}")
     return 0

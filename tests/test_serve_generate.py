@@ -193,3 +193,33 @@ def test_serve_check_generates_through_the_real_server(gen_run, gen_repo, tmp_pa
     res = runner.invoke(app, ["serve-check", str(bad.path)])
     assert res.exit_code == 1, res.output
     assert "MISMATCH" in res.output and "direct" in res.output
+
+
+def _prune_export_args(tmp_path):
+    from llava_factory import make_tiny_llava_folder
+
+    model = make_tiny_llava_folder(tmp_path, seed=1)
+    return ["prune-export", "--model", str(model), "--method", "magnitude", "--pattern",
+            "unstructured", "--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4"]
+
+
+def test_prune_export_triton_other_than_python_is_refused_before_work(tmp_path):
+    res = runner.invoke(app, [*_prune_export_args(tmp_path), "--out", str(tmp_path / "bad"),
+                              "--triton", "onnxruntime"])
+    assert res.exit_code == 2 and not (tmp_path / "bad").exists()
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "allowed: --triton python" in lines[0], res.output
+
+
+@pytest.mark.slow  # a whole prune-export (evaluations, exports, validation): ~1 min here
+def test_prune_export_triton_python_writes_the_generation_repository(tmp_path):
+    """`prune-export --triton python` on a generative model writes OUT/triton, the same
+    repository export-triton writes."""
+    res = runner.invoke(app, [*_prune_export_args(tmp_path), "--out", str(tmp_path / "run"),
+                              "--triton", "python"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert rep["export"]["triton"]["models"] == ["dense_generate", "pruned_generate"]
+    repo = TritonRepo.load(tmp_path / "run" / "triton")
+    assert repo.backend == "python" and repo.run_dir == ".."
+    assert (tmp_path / "run" / "triton" / "pruned_generate" / "1" / "decoder.onnx").is_file()
