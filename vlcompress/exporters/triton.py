@@ -489,26 +489,28 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _generate_snippet(m: TritonModel) -> str:
+    px = ", ".join(map(str, next(t.dims for t in m.inputs if t.name == "pixel_values")))
     return "\n".join([
         f"### `{m.name}`", "", "```python", "import numpy as np",
         "import tritonclient.http as httpclient", "",
         'client = httpclient.InferenceServerClient("127.0.0.1:8000")',
-        'image = np.array([[open("photo.png", "rb").read()]], dtype=object)  # [batch, 1]',
-        'prompt = np.array([["describe the picture.".encode()]], dtype=object)',
+        "# byte strings travel as UINT8 rows [batch, n] (right-padded with zero bytes)",
+        'image = np.frombuffer(open("photo.png", "rb").read(), np.uint8)[None]',
+        'prompt = np.frombuffer("describe the picture.".encode(), np.uint8)[None]',
         "new = np.array([[24]], dtype=np.int32)  # optional: max_new_tokens",
         "inputs = []",
-        'for name, a, t in (("image", image, "BYTES"), ("prompt", prompt, "BYTES"),',
+        'for name, a, t in (("image", image, "UINT8"), ("prompt", prompt, "UINT8"),',
         '                   ("max_new_tokens", new, "INT32")):',
         "    x = httpclient.InferInput(name, list(a.shape), t)",
         "    x.set_data_from_numpy(a)",
         "    inputs.append(x)",
         f'res = client.infer("{m.name}", inputs)',
-        'text = res.as_numpy("text")[0, 0].decode()  # the answer',
+        'text = res.as_numpy("text")[0].tobytes().rstrip(b"\\0").decode()  # the answer',
         'ids = res.as_numpy("token_ids")[0]  # new token ids, padded with -1',
         "```", "",
-        f"Instead of `image`, `pixel_values` (FP32 `[batch, {', '.join(map(str, m.inputs[2].dims))}]`, "
-        "the processor's output) may be sent. Default max_new_tokens: "
-        f"{m.parameters.get('max_new_tokens')}.", "", f"Batching: {m.rule}.", ""])
+        f"Instead of `image`, `pixel_values` (FP32 `[batch, {px}]`, the processor's output) may "
+        f"be sent. Default max_new_tokens: {m.parameters.get('max_new_tokens')}. "
+        "`vlcompress.serve.generate_feeds` builds these inputs.", "", f"Batching: {m.rule}.", ""])
 
 
 def _client_snippet(m: TritonModel) -> str:
