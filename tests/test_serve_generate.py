@@ -78,6 +78,8 @@ def test_generation_config_parses_with_tritons_protobuf(gen_repo):
     assert cfg.backend == "python" and cfg.max_batch_size == 4
     assert {i.name: i.optional for i in cfg.input} == {
         "prompt": False, "image": True, "pixel_values": True, "max_new_tokens": True}
+    # prompts and files of different lengths may share a batch (the model pads them)
+    assert {i.name for i in cfg.input if i.allow_ragged_batch} == {"prompt", "image"}
     assert [o.name for o in cfg.output] == ["text", "token_ids", "num_tokens"]
     assert cfg.parameters["max_new_tokens"].string_value == str(MAX_NEW)
     assert cfg.parameters["model_name"].string_value == "llava"

@@ -98,6 +98,7 @@ class Tensor:
     datatype: str    # KServe / tritonclient datatype (FP32, INT64, ...)
     dims: list[int]  # without the batch axis when batched; -1 = dynamic
     optional: bool = False  # a request may leave it out (the generation model's inputs)
+    ragged: bool = False    # requests of different lengths may share a batch (allow_ragged_batch)
 
 
 @dataclass
@@ -356,8 +357,10 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
         pixels = PromptEncoder(processor_dir(run, report), name, int(spec["context"])).pixel_shape
         # byte strings travel as UINT8 (see _triton_generate_model.py: the wheel's stub
         # misreads Triton's BYTES type under numpy 2)
-        ins = [Tensor("prompt", "TYPE_UINT8", "uint8", "UINT8", [-1]),
-               Tensor("image", "TYPE_UINT8", "uint8", "UINT8", [-1], optional=True),
+        # ragged: the scheduler may hand prompts and files of different lengths to one execute
+        # (the model pads them itself); without it only same-length requests are batched
+        ins = [Tensor("prompt", "TYPE_UINT8", "uint8", "UINT8", [-1], ragged=True),
+               Tensor("image", "TYPE_UINT8", "uint8", "UINT8", [-1], optional=True, ragged=True),
                Tensor("pixel_values", "TYPE_FP32", "float32", "FP32", list(pixels), optional=True),
                Tensor("max_new_tokens", "TYPE_INT32", "int32", "INT32", [1], optional=True)]
         outs = [Tensor("text", "TYPE_UINT8", "uint8", "UINT8", [-1]),
@@ -453,7 +456,8 @@ def model_config_text(m: TritonModel, backend: str, device: str, *, threads: int
     def tensors(kind, ts):
         body = ",\n".join(f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ '
                           f'{", ".join(str(d) for d in t.dims)} ]'
-                          + (" optional: true" if t.optional else "") + " }" for t in ts)
+                          + (" optional: true" if t.optional else "")
+                          + (" allow_ragged_batch: true" if t.ragged else "") + " }" for t in ts)
         return f"{kind} [\n{body}\n]"
 
     lines = [f'name: "{m.name}"']
