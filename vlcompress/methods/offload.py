@@ -296,7 +296,7 @@ def load_empty(source: str | Path, name: str = ""):
 
     source = Path(source)
     cfg = AutoConfig.from_pretrained(source)
-    fam = family_for(cfg.model_type)
+    fam = family_for(cfg.model_type, getattr(cfg, "architectures", None))
     if hasattr(fam, "check_config"):
         fam.check_config(cfg)
     with init_empty_weights():
