@@ -333,9 +333,10 @@ def prune_export_cmd(
     for t in console_tables(report):
         out.print(t)
     if report["model"].get("generative"):
-        out.print(f"wrote {out_dir}/report.json, report.md, dense/ and pruned/ (vision.onnx, "
-                  "embed.onnx, decoder.onnx, validated), pruned/model (generative model: no "
-                  "latency yet)", soft_wrap=True)
+        files = ((report.get("export") or {}).get("generative") or {}).get("pruned", {})
+        names = ", ".join(v.rsplit("/", 1)[-1] for v in (files.get("paths") or {}).values())
+        out.print(f"wrote {out_dir}/report.json, report.md, dense/ and pruned/ ({names}, "
+                  "validated), pruned/model (generative model: no latency yet)", soft_wrap=True)
         return
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)

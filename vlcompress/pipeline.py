@@ -544,7 +544,11 @@ def _export_generative(vlm, evals, folder, cfg: RunConfig, progress) -> dict:
     first :data:`GENERATIVE_VALIDATION_PROMPTS` items of each evaluation set; the report's
     entry, its paths relative to the run folder."""
     from .eval.generative import validation_items
-    from .exporters.generative import export_generative
+
+    if getattr(vlm, "onnx_generation", "llava") == "blip":  # vision + decoder, cross-attention
+        from .exporters.generative_blip import export_blip as export_generative
+    else:
+        from .exporters.generative import export_generative
 
     images, questions = validation_items(evals, GENERATIVE_VALIDATION_PROMPTS)
     with (progress or NULL).task(f"export {folder.name} onnx", total=1) as t:
@@ -572,7 +576,8 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=8, seed=cfg.seed)
     vlm = load_model(cfg.model)
-    check_exportable(vlm)  # a decoder the export cannot build: refused before any work
+    if getattr(vlm, "onnx_generation", "llava") == "llava":
+        check_exportable(vlm)  # a decoder the export cannot build: refused before any work
     is_preset = vlm.source.startswith("preset:")
     evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
                                  else cfg.eval_size)

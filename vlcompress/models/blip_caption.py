@@ -29,14 +29,14 @@ Sequences, as BLIP trains and generates them (``salesforce/BLIP`` ``blip.py`` /
   the model card (``vlcompress.json``: ``"prompts": {"caption": ...}``), else
   :data:`CAPTION_PROMPT` (BLIP's own ``"a picture of "``); the generated tokens are those
   after the prompt.
-- VQA: the question goes through the text encoder (``[CLS] question [SEP]``, right-padded, its
-  cross-attention reading the image), the decoder starts from ``[DEC]`` and cross-attends the
-  question states **with the question's padding mask**, as BLIP's ``blip_vqa.py`` does and as
-  transformers' ``BlipForQuestionAnswering.forward`` (training) does. Its ``generate`` passes
-  an all-ones mask instead (padded question positions attended, so an answer changes with
-  the batch's longest question): :meth:`BlipVqa.generate` calls the decoder's ``generate``
-  itself, with the mask. Caption data given to a VQA model is read as the caption prompt as
-  the question and the caption as the answer.
+- VQA: the question goes through the text encoder (``[CLS] question [SEP]``, padded as the
+  tokenizer pads: right; BLIP's text encoder has absolute positions), the decoder starts from
+  ``[DEC]`` and cross-attends the question states. transformers' BLIP text layers hand no
+  mask to a cross-attention (``BlipTextAttention`` drops it), so every question position is
+  attended, padding included: an answer can change with the batch's longest question. We
+  keep PyTorch's computation (the ONNX export matches it token for token) and say so here.
+  Caption data given to a VQA model is read as the caption prompt as the question and the
+  caption as the answer.
 
 Generation is greedy, batched; caption prompts are left-padded (every prompt is the same, so
 no padding arises), questions padded as the tokenizer pads (right: BLIP's text encoder has
@@ -130,6 +130,18 @@ def _default_processors(cfg):
     return tok, None
 
 
+def decoder_start(tokenizer, prompt: str, n: int, bos_id: int, return_tensors: str = "pt"):
+    """The decoder's start for ``n`` captions, ``(ids, mask)``, left-padded: the tokenizer's
+    ``[CLS] prompt [SEP]`` with [CLS] replaced by ``[DEC]`` (``bos_id``) and [SEP] dropped,
+    as ``BlipForConditionalGeneration.generate`` feeds its decoder (PyTorch and the ONNX
+    generator both start here)."""
+    with _with_padding(tokenizer, "left"):
+        enc = tokenizer([prompt] * n, padding=True, return_tensors=return_tensors)
+    ids = enc["input_ids"].copy() if return_tensors == "np" else enc["input_ids"].clone()
+    ids[:, 0] = bos_id
+    return ids[:, :-1], enc["attention_mask"][:, :-1]
+
+
 def _with_padding(tok, side: str):
     class _Side:
         def __enter__(self):
@@ -149,6 +161,8 @@ class BlipCaption(VLM):
     family = "blip-caption"
     towers = CAPTION_PARTS
     generative = True
+    #: its ONNX export: vision + decoder with cross-attention (exporters.generative_blip)
+    onnx_generation = "blip"
     #: UPop / EfficientVLM distil it (next-token logits at the caption positions, ``features``)
     image_text = True
     structured = True
@@ -327,14 +341,8 @@ class BlipCaption(VLM):
         return [r[:next((i for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
 
     def prompt_ids(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[DEC] prompt`` ids and mask for ``n`` rows, left-padded (what ``generate`` feeds
-        the decoder: the processor's ``[CLS] prompt [SEP]`` with [CLS] replaced and [SEP]
-        dropped, as ``BlipForConditionalGeneration.generate`` does)."""
-        with _with_padding(self.tokenizer, "left"):
-            enc = self.tokenizer([self.prompts["caption"]] * n, padding=True, return_tensors="pt")
-        ids = enc["input_ids"].clone()
-        ids[:, 0] = self.bos_id
-        return ids[:, :-1], enc["attention_mask"][:, :-1]
+        """``[DEC] prompt`` ids and mask for ``n`` rows (:func:`decoder_start`)."""
+        return decoder_start(self.tokenizer, self.prompts["caption"], n, self.bos_id)
 
     @torch.no_grad()
     def generate(self, images, questions=None, max_new_tokens: int = 24) -> list[list[int]]:
@@ -456,7 +464,8 @@ class BlipVqa(BlipCaption):
     @torch.no_grad()
     def generate(self, images, questions=None, max_new_tokens: int = 24) -> list[list[int]]:
         """Greedy answer ids per (image, question) (None: the caption prompt as the
-        question), the decoder cross-attending the question with its padding mask."""
+        question): the decoder's ``generate`` from ``[DEC]`` on the question states (what
+        ``BlipForQuestionAnswering.generate`` does)."""
         qs = [self.prompts["caption"] if q is None else q
               for q in (questions or [None] * len(images))]
         enc = self._question_ids(qs)
