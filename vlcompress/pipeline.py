@@ -288,6 +288,7 @@ def check_data_sources(cfg: RunConfig, info) -> None:
     """Each data source exists and holds what the model reads (images for a vision or fusion
     tower): one line naming the option and what is allowed, before any data is loaded."""
     from .data import source_kind
+    from .models.registry import families
 
     needs_images = any(t in ("vision", "fusion") for t in info.towers)
     sources = [("--calibration", cfg.calibration), ("--eval-data", cfg.eval_data)]
@@ -295,6 +296,12 @@ def check_data_sources(cfg: RunConfig, info) -> None:
         sources.append(("--train-data", cfg.train_data))
     for option, src in sources:
         kind = source_kind(src)  # raises DataError for a missing or unreadable source
+        if kind == "vqa" and info.generative and \
+                not getattr(families().get(info.family), "answers_questions", True):
+            raise ConfigError(f"{option} {src!r} holds questions and answers (vqa.jsonl), and "
+                              f"{cfg.model} ({info.family}) captions images, answering no "
+                              "questions; allowed: a folder with captions.jsonl, or a VQA model "
+                              "(BlipForQuestionAnswering, llava)")
         if kind == "vqa" and not info.generative:
             raise ConfigError(f"{option} {src!r} holds questions and answers (vqa.jsonl), which "
                               f"{cfg.model} ({info.family}) does not read; allowed: image-caption "

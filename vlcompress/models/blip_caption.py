@@ -161,6 +161,7 @@ class BlipCaption(VLM):
     family = "blip-caption"
     towers = CAPTION_PARTS
     generative = True
+    answers_questions = False  # VQA data is refused before any work (pipeline)
     #: its ONNX export: vision + decoder with cross-attention (exporters.generative_blip)
     onnx_generation = "blip"
     #: UPop / EfficientVLM distil it (next-token logits at the caption positions, ``features``)
@@ -389,6 +390,7 @@ class BlipVqa(BlipCaption):
 
     family = "blip-vqa"
     towers = VQA_PARTS
+    answers_questions = True
     structured_parts = VQA_PARTS
 
     @staticmethod
