@@ -217,6 +217,16 @@ def test_prune_export_sparsegpt_24_on_user_captions(folders, tmp_path):
             "blip-caption"
     again = load_model(str(out / "pruned" / "model"))
     assert again.family == "blip-caption" and again.prompts["caption"] == "a picture of"
+    # `generate` answers from the exported files what the pruned PyTorch model generates
+    from PIL import Image
+
+    img = sorted(p for p in (folders["caps"]).rglob("*.png"))[0]
+    res = CliRunner().invoke(app, ["generate", str(out), "--image", str(img), "--prompt",
+                                   "a picture of", "--max-new-tokens", "5"])
+    assert res.exit_code == 0, res.output
+    with Image.open(img) as im:
+        want = again.decode(again.generate([im.convert("RGB")], max_new_tokens=5))[0]
+    assert res.output.strip() == want
 
 
 def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):

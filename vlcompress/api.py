@@ -192,6 +192,9 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
         raise ConfigError(f"cannot load the processor of the run from {str(proc_dir)!r} "
                           f"({type(exc).__name__}); allowed: a run folder prune-export wrote"
                           ) from None
+    if spec.get("kind", "llava") != "llava":  # BLIP: vision + decoder with cross-attention
+        return _generate_blip(folder, spec, processor, img, prompt, max_new_tokens, threads,
+                              str(model.get("name")))
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -208,4 +211,28 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
                           f"tokens); allowed: prompt tokens + new tokens <= {ctx}")
     tokens = OrtGenerator(folder, threads).generate(enc["input_ids"], enc["attention_mask"],
                                                     enc["pixel_values"], max_new_tokens)[0]
+    return " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())
+
+
+def _generate_blip(folder, spec: dict, processor, img, prompt: str, max_new_tokens: int,
+                   threads, name: str) -> str:
+    """:func:`generate` on a BLIP export: ``prompt`` is the caption's start (captioning, as
+    BLIP's "a picture of") or the question (VQA); greedy on ONNX Runtime
+    (:class:`vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`)."""
+    from .runtime.ort_generate_blip import BlipOrtGenerator, blip_inputs
+
+    vqa = spec["kind"] == "blip-vqa"
+    feed = blip_inputs(processor.tokenizer, processor.image_processor, [img],
+                       bos_id=int(spec["bos_token_id"]), prompt="" if vqa else prompt,
+                       questions=[prompt] if vqa else None)
+    ctx = int(spec["context"])
+    n = int(feed["input_ids"].shape[1])
+    q = int(feed["question_ids"].shape[1]) if vqa else 0
+    if n + max_new_tokens > ctx or q > ctx:
+        raise ConfigError(f"--prompt is {max(n, q)} tokens, and with --max-new-tokens "
+                          f"{max_new_tokens} exceeds the context of {name} ({ctx} tokens); "
+                          f"allowed: prompt tokens + new tokens <= {ctx}")
+    tokens = BlipOrtGenerator(folder, threads).generate(
+        feed["input_ids"], feed["attention_mask"], feed["pixel_values"], max_new_tokens,
+        question_ids=feed.get("question_ids"), question_mask=feed.get("question_mask"))[0]
     return " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())
