@@ -249,6 +249,10 @@ def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):
                                    "--calibration", str(folders["vqadata"]), "--out", str(bad)])
     assert res.exit_code == 2 and "answering no questions" in res.output, res.output
     assert "Traceback" not in res.output and not bad.exists()
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption"]),
+                                   "--triton", "python", "--out", str(bad)])
+    assert res.exit_code == 2 and "serves LLaVA-style exports" in res.output, res.output
+    assert not bad.exists()
 
 
 def test_tokenizer_ids_follow_the_text_config():
