@@ -97,7 +97,12 @@ def presets() -> list[Entry]:
     if root.is_dir():
         for f in sorted(root.glob("*.json")):
             cfg = json.loads(f.read_text())
-            out.append(Entry(f.stem, "preset", cfg.get("model_type", "?"),
+            fam = cfg.get("model_type", "?")
+            if cfg.get("architectures"):  # blip: retrieval, captioning, VQA share the type
+                _import_families()
+                fam = next((_ARCHITECTURES[a].family for a in cfg["architectures"]
+                            if a in _ARCHITECTURES), fam)
+            out.append(Entry(f.stem, "preset", fam,
                              cfg.pop("_description", "randomly initialised"), f))
     return out
 
