@@ -30,7 +30,6 @@ of ``blip_structured.py`` so it gets near 50% within them, and the JSON records 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -41,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from _common import write_result  # noqa: E402
-from blip_structured import EFFICIENTVLM_OPTIONS, n_params  # noqa: E402
+from blip_structured import n_params, prune_structured  # noqa: E402
 
-from vlcompress import load_calibration, load_eval, load_model, prune  # noqa: E402
+from vlcompress import load_calibration, load_eval, load_model  # noqa: E402
 from vlcompress.eval.generative import generative_fidelity, run_generative  # noqa: E402
 from vlcompress.exporters.generative_blip import export_blip  # noqa: E402
-from vlcompress.models.surgery import find_blocks, is_sliced  # noqa: E402
+from vlcompress.models.surgery import is_sliced  # noqa: E402
 
 #: ``--model tiny``: a BLIP captioning config of tiny-clip's sizes (128 wide, 4 layers, 4
 #: heads, 48 px at patch 8), random init, the shapes words (the issue's "tiny-clip-sized
@@ -97,18 +96,8 @@ def export_check(vlm, folder, images, max_new_tokens: int) -> dict:
 
 
 def run_method(method: str, dense, dense_run, calib, evals, a, tmp: Path) -> dict:
-    vlm = copy.deepcopy(dense)
-    if method == "upop":
-        opts = {"search_steps": a.search_steps, "retrain_steps": a.retrain_steps}
-    else:
-        opts = {"train_steps": a.gate_steps, "retrain_steps": a.retrain_steps,
-                **EFFICIENTVLM_OPTIONS}
-    t = time.perf_counter()
-    res = prune(vlm, method, a.sparsity, "structured", calibration=calib, round_to=a.round_to,
-                method_options=opts)
-    secs = time.perf_counter() - t
+    vlm, res, opts, secs, blocks = prune_structured(method, dense, calib, a)
     d = res.details[method]
-    blocks = {b.prefix: (b.num_heads, b.mlp_width) for b in find_blocks(vlm)}
     t2 = time.perf_counter()
     folder = tmp / f"{method}-model"
     vlm.save(folder)
