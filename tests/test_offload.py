@@ -32,7 +32,8 @@ def _data():
     return shapes_pairs("calibration", 6, batch_size=3)
 
 
-@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("wanda-seq", "unstructured")])
+@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("wanda-seq", "unstructured"),
+                                            ("sparsegpt", "2:4")])
 def test_offloaded_masks_equal_resident(sharded, tmp_path, method, pattern):
     from vlcompress import load_model
     from vlcompress.config import Pattern
@@ -44,9 +45,14 @@ def test_offloaded_masks_equal_resident(sharded, tmp_path, method, pattern):
     vlm = load_model(str(sharded))
     pat = Pattern.parse(pattern)
     layers = vlm.prunable_layers()
-    ref = wanda_sequential(vlm, layers, _data(), sparsity=None if pat.is_nm else 0.5,
-                           n=pat.n if pat.is_nm else 0, m=pat.m if pat.is_nm else 0,
-                           inputs="dense" if method == "wanda" else "pruned")
+    nm = dict(n=pat.n, m=pat.m) if pat.is_nm else {}
+    if method == "sparsegpt":
+        from vlcompress.methods.sparsegpt import sparsegpt_prune
+
+        ref = sparsegpt_prune(vlm, layers, _data(), sparsity=None if pat.is_nm else 0.5, **nm)
+    else:
+        ref = wanda_sequential(vlm, layers, _data(), sparsity=None if pat.is_nm else 0.5, **nm,
+                               inputs="dense" if method == "wanda" else "pruned")
     ref.achieved = sparsity_of(ref.masks, layers)
     out = tmp_path / "pruned"
     res = prune_offloaded(sharded, out, _data(), method=method, pattern=pattern)
@@ -106,7 +112,7 @@ def test_bad_offload_combinations_refused(sharded, tmp_path):
 
     with pytest.raises(ConfigError, match="allowed: none, disk"):
         check_offload("ram", "wanda", "2:4", sharded, tmp_path)
-    with pytest.raises(ConfigError, match="allowed: wanda, wanda-seq"):
+    with pytest.raises(ConfigError, match="allowed: wanda, wanda-seq, sparsegpt"):
         check_offload("disk", "multiflow", "2:4", sharded, tmp_path)
     with pytest.raises(ConfigError, match="structured"):
         check_offload("disk", "wanda", "structured", sharded, tmp_path)
@@ -139,8 +145,8 @@ def test_cli_prune_offload_disk(sharded, tmp_path, monkeypatch):
 
     bad = tmp_path / "bad"
     one_line(runner.invoke(app, [*args[:-1], str(bad), "--offload", "ram"]), "allowed: none, disk")
-    one_line(runner.invoke(app, [*args[:-1], str(bad), "--method", "sparsegpt"]),
-             "allowed: wanda, wanda-seq")
+    one_line(runner.invoke(app, [*args[:-1], str(bad), "--method", "multiflow"]),
+             "allowed: wanda, wanda-seq, sparsegpt")
     monkeypatch.setattr(offload, "free_disk_bytes", lambda p: 10)
     one_line(runner.invoke(app, [*args[:-1], str(bad)]), "GB free")
     assert not bad.exists()
@@ -242,7 +248,8 @@ def test_prune_export_offload_disk(sharded, tmp_path, monkeypatch):
         assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
         assert not bad.exists()
 
-    one_line(["--method", "sparsegpt"], "allowed: wanda, wanda-seq")
+    one_line(["--method", "snip"], "allowed: wanda, wanda-seq, sparsegpt")
+    one_line(["--reconstruct"], "--reconstruct is not available with --offload disk")
     one_line(["--pattern", "structured"], "allowed: unstructured, N:M")
     one_line(["--recover-steps", "5"], "recovery trains the whole model in memory")
     one_line(["--method-option", "permute=true"], "--method-option permute")

@@ -382,7 +382,7 @@ def prune_cmd(
     offload: Annotated[str, typer.Option(
         "--offload", help="none, or disk: prune a model folder of safetensors shards bigger "
         "than memory, block by block (its decoder read from the shards for each block's turn, "
-        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq.")] = "none",
+        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq, sparsegpt.")] = "none",
 ):
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save

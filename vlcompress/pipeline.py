@@ -243,7 +243,9 @@ def _check_offload_options(cfg: RunConfig) -> None:
                (f"--recover-steps {cfg.recover_steps}", "recovery trains the whole model in "
                 "memory") if cfg.recover_steps else None,
                (f"--target-speedup {cfg.target_speedup}", "it searches on a resident model")
-               if cfg.target_speedup is not None else None]
+               if cfg.target_speedup is not None else None,
+               ("--reconstruct", "it fits a scorer's masks on a resident model")
+               if cfg.reconstruct else None]
     if cfg.parts is not None and any(v is not None for v in parse_parts(cfg.parts).values()):
         refused.append((f"--parts {cfg.parts}", "one sparsity for every part offloaded"))
     hit = next((r for r in refused if r), None)

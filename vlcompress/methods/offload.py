@@ -26,9 +26,13 @@ activation cache (two copies of the calibration sequences' hidden states) and th
 (one bit per weight); measured in ``benchmarks/prune_big.py``.
 
 Methods: ``wanda`` (one-shot: each block's statistics on the dense model's activations, which
-are exactly ``wanda``'s masks, ``tests/test_offload.py``) and ``wanda-seq`` (each block on the
-pruned earlier blocks' outputs). Other methods need whole-model passes (gradients, scores of
-every layer at once) or state across blocks and are refused in one line.
+are exactly ``wanda``'s masks, ``tests/test_offload.py``), ``wanda-seq`` (each block on the
+pruned earlier blocks' outputs) and ``sparsegpt`` (its own block-sequential driver, default
+options: the reference's order, each block on the pruned earlier blocks' outputs). The
+others need whole-model passes (gradients: snip, ecoflap; every layer's scores at once for
+a global or per-modality allocation: magnitude, lamp, multiflow; a search: upop,
+efficientvlm; the reconstruction after a scorer, which needs the scorer's masks first) and
+are refused in one line.
 
 GPU: each block can run its turn on one ``device`` (read from disk into host memory, moved
 there, back, written, freed).
@@ -57,7 +61,7 @@ import torch
 from ..errors import ConfigError, ModelError
 
 OFFLOAD_MODES = ("none", "disk")
-OFFLOAD_METHODS = ("wanda", "wanda-seq")
+OFFLOAD_METHODS = ("wanda", "wanda-seq", "sparsegpt")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 #: files of a hub folder copied next to the pruned weights
@@ -355,10 +359,17 @@ def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method:
                 if ly.weight.shape[1] % pat.m:
                     check_nm(ly.weight.shape[1], pat.n, pat.m, ly.name)
         counts = None if keep_masks else MaskCounts()
-        solved = wanda_sequential(vlm, layers, calibration, sparsity=sparsity,
-                                  n=pat.n if pat.is_nm else 0, m=pat.m if pat.is_nm else 0,
-                                  inputs="dense" if method == "wanda" else "pruned",
-                                  masks=counts, device=device)
+        nm = dict(n=pat.n, m=pat.m) if pat.is_nm else {}
+        if method == "sparsegpt":
+            from .sparsegpt import sparsegpt_prune
+
+            solved = sparsegpt_prune(vlm, layers, calibration,
+                                     sparsity=None if pat.is_nm else sparsity, **nm,
+                                     masks=counts, device=device)
+        else:
+            solved = wanda_sequential(vlm, layers, calibration, sparsity=sparsity, **nm,
+                                      inputs="dense" if method == "wanda" else "pruned",
+                                      masks=counts, device=device)
         store.finish()
     finally:
         vlm.block_store = None
