@@ -49,10 +49,12 @@ IMAGE, USER, ASSISTANT = "<image>", "<|user|>", "<|assistant|>"
 SPECIALS = (PAD, UNK, BOS, EOS, IMAGE, USER, ASSISTANT)  # ids 0..6
 CAPTION_PROMPT = "describe the picture."
 #: what ``recover`` / ``--recover-steps`` start from on tiny-llava (its model card): trained from
-#: scratch at 2e-3, it is distilled best at 2e-4 over 300 steps (1e-3 overshoots a pruned model
-#: already close to the dense one; measured, benchmarks/results/generative_quality_*_lr2e-4.json)
+#: scratch at 2e-3, a structurally sliced decoder recovers at 2e-4 over 300 steps (1e-3
+#: overshoots; measured, generative_quality_*_lr2e-4.json and, at the merged HEAD,
+#: generative_quality_recover_structured*.json). A reconstructed 2:4 model needs no recovery:
+#: 2e-4 lowers its fidelity, 5e-5 less so (generative_quality_recover_24_*.json)
 RECOVER_RECIPE = {"lr": 2e-4, "min_steps": 300,
-                  "measured": "benchmarks/results/generative_quality_recover_24.json"}
+                  "measured": "benchmarks/results/generative_quality_recover_structured.json"}
 PATCH = 8  # tiny-clip's patch size: 48 px -> 6 x 6 = 36 image tokens (CLS dropped)
 TINY_CLIP = ROOT / "vlcompress" / "assets" / "models" / "tiny-clip"
 
