@@ -265,6 +265,12 @@ def test_layers_with_different_kv_heads_export_per_layer_caches(tmp_path, calib)
     exp = export_generative(vlm, out, images=next(iter(calib.batches())).images, max_new_tokens=4)
     assert exp.validation["token_exact"] == 1.0
     assert json.loads((out / "generation.json").read_text())["num_key_value_heads"] == [1, 2]
+    # GenAI's config has one KV head count for all layers: refused in one line, not truncated
+    from vlcompress.errors import ExportError
+    from vlcompress.runtime.genai_generate import genai_config
+
+    with pytest.raises(ExportError, match=r"has \[1, 2\].*allowed: the onnxruntime generator"):
+        genai_config(out)
 
 
 @pytest.mark.parametrize("method,pattern,model,needle", [
