@@ -72,6 +72,10 @@ def _prune_offloaded(model, out: Path, pc, offload: str, calibration, calibratio
     if method_options:  # the user's, not the defaults PruneConfig fills in
         raise ConfigError(f"--offload {offload} takes no --method-option (got "
                           f"{', '.join(method_options)}); allowed: none")
+    if pc.reconstruct:
+        raise ConfigError(f"--reconstruct is not available with --offload {offload} (it fits a "
+                          "scorer's masks on a resident model); allowed: --no-reconstruct or "
+                          "neither")
     check_family(get_method(pc.method), pc.pattern, peek_model(model))
     calib = load_calibration(calibration, n=calibration_size)
     with atomic_dir(out, overwrite=force) as tmp:

@@ -293,6 +293,10 @@ def prune_export_cmd(
         "--max-new-tokens", help="Generative models: greedy tokens generated per caption or "
         "answer in the evaluation.")] = 24,
     cuda_graphs: CudaGraphsOpt = False,
+    offload: Annotated[str, typer.Option(
+        "--offload", help="none, or disk: a generative model folder bigger than memory, pruned "
+        "block by block from its shards and evaluated with its blocks on disk (no ONNX "
+        "export).")] = "none",
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
     from .pipeline import RunConfig, prune_export
@@ -317,7 +321,7 @@ def prune_export_cmd(
                     method_options=parse_method_options(method_option), parts=parts,
                     max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
                     reconstruct=reconstruct, holdout_fraction=holdout_fraction,
-                    holdout_every=holdout_every)
+                    holdout_every=holdout_every, offload=offload)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -379,7 +383,7 @@ def prune_cmd(
     offload: Annotated[str, typer.Option(
         "--offload", help="none, or disk: prune a model folder of safetensors shards bigger "
         "than memory, block by block (its decoder read from the shards for each block's turn, "
-        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq.")] = "none",
+        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq, sparsegpt.")] = "none",
 ):
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save
