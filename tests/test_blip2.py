@@ -166,7 +166,7 @@ def test_structured_slices_opt_and_vit_reloads_and_exports(folder, calib, tmp_pa
                             max_new_tokens=6)
     assert res.validation["token_exact"] == 1.0
     spec = json.loads((tmp_path / "onnx" / "generation.json").read_text())
-    assert spec["kv_heads"] == [2, 2]  # OPT slices its key/value heads with the queries
+    assert spec["num_key_value_heads"] == 2  # OPT slices its key/value heads with the queries
 
 
 def test_export_is_token_exact_dense_and_pruned(folder, calib, tmp_path):

@@ -51,7 +51,7 @@ import torch
 from onnx import helper
 
 from ..errors import ExportError, ModelError
-from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, prompt_inputs
+from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, kv_heads_of, prompt_inputs
 from ._decoder import FlatCache as _FlatCache
 from ._decoder import additive_mask
 from .onnx import _name_initializers, _quiet, _short, save_onnx
@@ -138,20 +138,24 @@ def _text_cfg(model):
     return model.config.text_config
 
 
-def _kv_shape(model) -> tuple[int, int, int]:
+def _kv_shape(model) -> tuple[int, int | list[int], int]:
+    """``(layers, key/value heads, head_dim)``; the heads are one int, or one per layer when
+    structured pruning removed whole key/value groups (read from each layer's k projection)."""
     tc = _text_cfg(model)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads  # OPT: no GQA
-    return tc.num_hidden_layers, kv, head_dim
+    layers = _decoder_layers(model)
+    per = [int(ly.self_attn.k_proj.out_features) // int(ly.self_attn.head_dim) for ly in layers]
+    return len(layers), per[0] if len(set(per)) == 1 else per, head_dim
 
 
-def _layer_kv_heads(vlm) -> list[int]:
-    """Key/value heads per decoder layer (``vlm.LANGUAGE_STACK``), from the k projections (a
-    structurally pruned OPT keeps its own head count per layer; GQA slicing keeps every KV
-    head)."""
-    head_dim = _kv_shape(vlm.model)[2]
-    layers = vlm.model.get_submodule(vlm.LANGUAGE_STACK)
-    return [int(ly.self_attn.k_proj.out_features) // head_dim for ly in layers]
+def _decoder_layers(model):
+    """The decoder layers: LLaVA's ``model.language_model.layers``, BLIP-2's OPT
+    ``language_model.model.decoder.layers`` (a head-sliced OPT keeps its own key/value head
+    count per layer: OPT has no grouped-query attention)."""
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    if lm is not None and hasattr(lm, "layers"):
+        return lm.layers
+    return model.language_model.model.decoder.layers
 
 
 def _embed_width(model) -> int:
@@ -208,15 +212,15 @@ def _example_pixels(vlm, batch: int, seed: int) -> torch.Tensor:
 
 
 def _decoder_args(vlm, batch: int, seq: int, past: int, seed: int, pad: int = 0):
-    hd = _kv_shape(vlm.model)[2]
+    n, kvh, hd = _kv_shape(vlm.model)
     hidden = _embed_width(vlm.model)
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     if pad:
         mask[0, :pad] = 0  # row 0 left-padded
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-    pasts = [torch.randn(batch, h, past, hd, generator=g)
-             for h in _layer_kv_heads(vlm) for _ in range(2)]
+    pasts = [torch.randn(batch, kv_heads_of(kvh, i // 2), past, hd, generator=g)
+             for i in range(2 * n)]
     return [torch.randn(batch, seq, hidden, generator=g), mask, pos, *pasts]
 
 
@@ -272,7 +276,6 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
             "vocab_size": int(tc.vocab_size),
             "eos_token_id": int(getattr(vlm, "eos_token_id", None) or tok.eos_token_id),
             "pad_token_id": int(tok.pad_token_id), "num_layers": n, "num_key_value_heads": kvh,
-            "kv_heads": _layer_kv_heads(vlm),
             "head_dim": hd, "context": int(tc.max_position_embeddings), "precision": "fp32"}
     (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
     res = GenerativeExport(paths)
