@@ -626,11 +626,18 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
                 # a stack fed by another through code the capture cannot see (LLaVA: the
                 # decoder's image tokens come from the vision tower) waits for it too
                 reads = getattr(vlm, "stack_inputs", lambda s: ())
+                # a declared reader whose inputs are all done is ready (BLIP VQA: the
+                # question encoder after the vision encoder, the decoder after the encoder)
+                dependent -= {s for s in pending if reads(s) and not set(reads(s)) & set(pending)}
                 dependent |= {s for s in pending if set(reads(s)) & (set(pending) - {s})}
                 run.forward_seconds += time.perf_counter() - t
                 # A stack that reads another tower waits for the stacks it may read; when
-                # every pending stack does, they go ahead (nothing left to wait for).
-                ready = [s for s in pending if s not in dependent] or list(pending)
+                # every pending stack does, those that read no pending stack go ahead (BLIP-2
+                # pruned without its ViT: the Q-Former before the decoder that reads it), and
+                # when none is left to wait for, all of them.
+                ready = [s for s in pending if s not in dependent] or \
+                    [s for s in pending if not set(reads(s)) & (set(pending) - {s})] or \
+                    list(pending)
                 for s in pending:
                     if s not in ready:
                         for st in streams[s]:

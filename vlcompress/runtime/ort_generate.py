@@ -61,6 +61,13 @@ def read_spec(folder: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+def kv_heads_of(spec_heads, layer: int) -> int:
+    """The key/value heads of ``layer`` from ``generation.json``'s ``num_key_value_heads``
+    (an int for every layer, or a list with one per layer after whole key/value groups were
+    sliced away)."""
+    return int(spec_heads[layer] if isinstance(spec_heads, list) else spec_heads)
+
+
 class OrtGenerator:
     """The three sessions of one export folder and the greedy loop over them."""
 
@@ -92,8 +99,8 @@ class OrtGenerator:
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         s = self.spec
-        shape = (batch, int(s["num_key_value_heads"]), 0, int(s["head_dim"]))
-        return {f"past.{i}.{kv}": np.zeros(shape, np.float32)
+        return {f"past.{i}.{kv}": np.zeros((batch, kv_heads_of(s["num_key_value_heads"], i), 0,
+                                            int(s["head_dim"])), np.float32)
                 for i in range(int(s["num_layers"])) for kv in ("key", "value")}
 
     def decode_step(self, embeds, mask, positions, past):
