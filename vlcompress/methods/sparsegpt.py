@@ -102,7 +102,7 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
                     blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
                     next_block_inputs: str = "pruned", max_cache_bytes: int | None = None, cache_dir=None,
                     device=None, progress=NULL, fixed=None, label: str = "sparsegpt",
-                    refine_iters: int = 0, masks=None) -> Solved:
+                    refine_iters: int = REFINE_ITERS, masks=None) -> Solved:
     """Prune ``layers`` of ``vlm`` in place with SparseGPT, block by block on cached inputs.
 
     ``sparsity`` (unstructured, uniform per layer) or ``n``/``m`` (N:M). ``max_cache_bytes``
