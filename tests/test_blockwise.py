@@ -84,7 +84,7 @@ def test_sparsegpt_blockwise_matches_sequential_on_tiny_clip(calib, kw):
     ref = _tiny_clip()
     new = copy.deepcopy(ref)
     want = _sequential_reference(ref, ref.prunable_layers(), calib, **kw)
-    res = sparsegpt_prune(new, new.prunable_layers(), calib, **kw)
+    res = sparsegpt_prune(new, new.prunable_layers(), calib, refine_iters=0, **kw)  # the sweep
     assert res.masks.keys() == want.keys()
     differ = [k for k in want if not torch.equal(res.masks[k], want[k])]
     assert not differ, differ
