@@ -114,9 +114,11 @@ def test_sampling_is_seeded_and_bounded(tiny):
 def test_timing_refuses_a_prompt_that_leaves_no_room(tiny):
     inputs = {1: {"input_ids": np.zeros((1, 100), np.int64)}}
     assert check_timing_context(inputs, 133) == 100
-    with pytest.raises(ConfigError, match="above the context of m .128 tokens.; allowed: new "
-                                          "tokens <= 27"):
+    with pytest.raises(ConfigError, match="above the context of m .128 tokens.; allowed: timed "
+                                          "\\+ warm-up tokens <= 27"):
         check_timing_context(inputs, 128, model="m")
+    with pytest.raises(ConfigError, match="with 1 warm-up"):
+        check_timing_context(inputs, 133, warmup=1)
     with pytest.raises(ConfigError, match=f">= {DECODE_TOKENS}"):
         check_timing_context(inputs, 1000, new_tokens=8)
 
