@@ -90,6 +90,22 @@ def test_steps_write_the_cache_into_the_preallocated_buffers(tiny):
         g.step(st, st.logits.argmax(-1))
 
 
+def test_prefill_from_image_embeddings_skips_the_vision_graph(tiny):
+    """Given image embeddings, both prefills skip vision (ONNX Runtime never loads the graph)
+    and give the logits of the pixel path."""
+    enc, vlm = tiny["enc"], tiny["vlm"]
+    g, t = OrtGenerator(tiny["root"] / "dense"), TorchGenerator(vlm)
+    emb = t.image_embeds(enc["pixel_values"])
+    st = g.prefill(enc["input_ids"], enc["attention_mask"], None, 2, image_embeds=emb)
+    assert "vision" not in g.sessions
+    ref = g.prefill(enc["input_ids"], enc["attention_mask"], enc["pixel_values"], 2)
+    np.testing.assert_allclose(st.logits, ref.logits, atol=1e-5)
+    got = t.prefill(enc["input_ids"], enc["attention_mask"], None, 2, image_embeds=emb).logits
+    np.testing.assert_allclose(got, t.prefill(enc["input_ids"], enc["attention_mask"],
+                                              enc["pixel_values"], 2).logits, atol=1e-5)
+    np.testing.assert_allclose(got, ref.logits, atol=1e-4)
+
+
 def test_sampling_is_seeded_and_bounded(tiny):
     g, enc = OrtGenerator(tiny["root"] / "dense"), tiny["enc"]
     greedy = _gen(enc, g, 8)
