@@ -115,9 +115,10 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         m = load_model(a.model)
         if a.vision_layers:  # decode never runs the tower: keep the export's memory small
-            vm = m.model.model.vision_tower.vision_model
-            vm.encoder.layers = vm.encoder.layers[: a.vision_layers]
-            m.model.config.vision_config.num_hidden_layers = len(vm.encoder.layers)
+            vt = m.model.model.vision_tower
+            enc = getattr(vt, "vision_model", vt).encoder
+            enc.layers = enc.layers[: a.vision_layers]
+            m.model.config.vision_config.num_hidden_layers = len(enc.layers)
             gc.collect()
         return m
 
