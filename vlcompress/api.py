@@ -72,6 +72,10 @@ def _prune_offloaded(model, out: Path, pc, offload: str, calibration, calibratio
     if method_options:  # the user's, not the defaults PruneConfig fills in
         raise ConfigError(f"--offload {offload} takes no --method-option (got "
                           f"{', '.join(method_options)}); allowed: none")
+    if pc.reconstruct:
+        raise ConfigError(f"--reconstruct is not available with --offload {offload} (it fits a "
+                          "scorer's masks on a resident model); allowed: --no-reconstruct or "
+                          "neither")
     check_family(get_method(pc.method), pc.pattern, peek_model(model))
     calib = load_calibration(calibration, n=calibration_size)
     with atomic_dir(out, overwrite=force) as tmp:
@@ -194,6 +198,12 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     img = read_image(image)
     proc_dir = run_dir / ((report.get("export") or {}).get("paths", {}).get("model")
                           or "pruned/model")
+    if spec.get("kind", "llava") != "llava":  # BLIP: vision + decoder with cross-attention
+        if runtime == "genai":
+            raise ConfigError(f"--runtime genai runs LLaVA-style exports; {str(run_dir)!r} is a "
+                              f"{spec['kind']} export; allowed: --runtime onnxruntime")
+        return _generate_blip(folder, spec, proc_dir, img, prompt, max_new_tokens, threads,
+                              str(model.get("name")))
     encoder = PromptEncoder(proc_dir, str(model.get("name")), ctx)
     enc = encoder.encode([img], [prompt])
     encoder.check_length(int(enc["input_ids"].shape[1]), max_new_tokens)
@@ -207,3 +217,35 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     tokens = generator.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
                                 max_new_tokens, **extra)[0]
     return encoder.decode(tokens)
+
+
+def _generate_blip(folder, spec: dict, proc_dir, img, prompt: str, max_new_tokens: int,
+                   threads, name: str) -> str:
+    """:func:`generate` on a BLIP export: ``prompt`` is the caption's start (captioning, as
+    BLIP's "a picture of") or the question (VQA); greedy on ONNX Runtime
+    (:class:`vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`)."""
+    from transformers import AutoProcessor
+
+    from .runtime.ort_generate_blip import BlipOrtGenerator, blip_inputs
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(proc_dir))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the processor of the run from {str(proc_dir)!r} "
+                          f"({type(exc).__name__}); allowed: a run folder prune-export wrote"
+                          ) from None
+    vqa = spec["kind"] == "blip-vqa"
+    feed = blip_inputs(processor.tokenizer, processor.image_processor, [img],
+                       bos_id=int(spec["bos_token_id"]), prompt="" if vqa else prompt,
+                       questions=[prompt] if vqa else None)
+    ctx = int(spec["context"])
+    n = int(feed["input_ids"].shape[1])
+    q = int(feed["question_ids"].shape[1]) if vqa else 0
+    if n + max_new_tokens > ctx or q > ctx:
+        raise ConfigError(f"--prompt is {max(n, q)} tokens, and with --max-new-tokens "
+                          f"{max_new_tokens} exceeds the context of {name} ({ctx} tokens); "
+                          f"allowed: prompt tokens + new tokens <= {ctx}")
+    tokens = BlipOrtGenerator(folder, threads).generate(
+        feed["input_ids"], feed["attention_mask"], feed["pixel_values"], max_new_tokens,
+        question_ids=feed.get("question_ids"), question_mask=feed.get("question_mask"))[0]
+    return " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())

@@ -293,6 +293,10 @@ def prune_export_cmd(
         "--max-new-tokens", help="Generative models: greedy tokens generated per caption or "
         "answer in the evaluation.")] = 24,
     cuda_graphs: CudaGraphsOpt = False,
+    offload: Annotated[str, typer.Option(
+        "--offload", help="none, or disk: a generative model folder bigger than memory, pruned "
+        "block by block from its shards and evaluated with its blocks on disk (no ONNX "
+        "export).")] = "none",
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
     from .pipeline import RunConfig, prune_export
@@ -317,7 +321,7 @@ def prune_export_cmd(
                     method_options=parse_method_options(method_option), parts=parts,
                     max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
                     reconstruct=reconstruct, holdout_fraction=holdout_fraction,
-                    holdout_every=holdout_every)
+                    holdout_every=holdout_every, offload=offload)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -333,9 +337,10 @@ def prune_export_cmd(
     for t in console_tables(report):
         out.print(t)
     if report["model"].get("generative"):
-        out.print(f"wrote {out_dir}/report.json, report.md, dense/ and pruned/ (vision.onnx, "
-                  "embed.onnx, decoder.onnx, validated), pruned/model (generative model: no "
-                  "latency yet)", soft_wrap=True)
+        files = ((report.get("export") or {}).get("generative") or {}).get("pruned", {})
+        names = ", ".join(v.rsplit("/", 1)[-1] for v in (files.get("paths") or {}).values())
+        out.print(f"wrote {out_dir}/report.json, report.md, dense/ and pruned/ ({names}, "
+                  "validated), pruned/model (generative model: no latency yet)", soft_wrap=True)
         return
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
@@ -378,7 +383,7 @@ def prune_cmd(
     offload: Annotated[str, typer.Option(
         "--offload", help="none, or disk: prune a model folder of safetensors shards bigger "
         "than memory, block by block (its decoder read from the shards for each block's turn, "
-        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq.")] = "none",
+        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq, sparsegpt.")] = "none",
 ):
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save

@@ -118,6 +118,11 @@ def genai_config(folder: str | Path, threads: int | None = None) -> dict:
     hidden = next(i for i in dec.graph.input if i.name == "inputs_embeds") \
         .type.tensor_type.shape.dim[-1].dim_value
     session = {"log_severity_level": 3, **({"intra_op_num_threads": int(threads)} if threads else {})}
+    if isinstance(spec["num_key_value_heads"], list):  # whole KV groups sliced, per layer
+        raise ExportError(f"onnxruntime-genai takes one num_key_value_heads for every layer; the "
+                          f"export {str(folder)!r} has {spec['num_key_value_heads']} (structured "
+                          "pruning removed whole key/value groups per layer); allowed: the "
+                          "onnxruntime generator, or a prune with --method-option kv_groups=within")
     heads = int(spec.get("num_attention_heads") or spec["num_key_value_heads"])
     return {"model": {
         "type": PIPELINE_TYPE, "vocab_size": int(spec["vocab_size"]),
