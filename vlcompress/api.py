@@ -143,10 +143,12 @@ def export(model, out, *, fp16=False, force=False, calibration="shapes", progres
 
 
 def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens: int = 24,
-             threads: int | None = None) -> str:
+             threads: int | None = None, reduced_tokens: bool = False) -> str:
     """The answer of a generative run's exported ONNX graphs (``pruned/``, or ``dense/`` with
     ``dense``) to ``prompt`` about ``image`` (a path), generated greedily on ONNX Runtime
-    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`). Everything is checked before the
+    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`); ``reduced_tokens``: the run's
+    ``dense_tokens/`` or ``pruned_tokens/`` export (``--visual-tokens``), whose prompt carries
+    as many image tokens as its ``generation.json`` records. Everything is checked before the
     graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
     context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
     longer than the context. Nothing is written."""
@@ -166,7 +168,11 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
                           f"of {model.get('name')} ({model.get('family')}); allowed: a "
                           "prune-export run of a generative model (llava)")
     check_max_new_tokens(max_new_tokens)
-    folder = run_dir / ("dense" if dense else "pruned")
+    variant = ("dense" if dense else "pruned") + ("_tokens" if reduced_tokens else "")
+    if reduced_tokens and variant not in ((report.get("export") or {}).get("generative") or {}):
+        raise ConfigError(f"--reduced-tokens: {str(run_dir)!r} has no token-reduced export "
+                          f"({variant}/); allowed: a run made with prune-export --visual-tokens K")
+    folder = run_dir / variant
     spec = read_spec(folder)
     ctx = int(spec["context"])
     if max_new_tokens > ctx:
@@ -198,7 +204,8 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     hf_logging.set_verbosity_error()  # its "longer than the maximum" warning: refused below
     try:
         enc = prompt_inputs(processor, [render_prompt(processor, prompt,
-                                                      str(model.get("name")))], [img])
+                                                      str(model.get("name")))], [img],
+                            image_tokens=spec.get("image_tokens"))
     finally:
         hf_logging.set_verbosity(verbosity)
     n = int(enc["input_ids"].shape[1])

@@ -292,6 +292,10 @@ def prune_export_cmd(
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", help="Generative models: greedy tokens generated per caption or "
         "answer in the evaluation.")] = 24,
+    visual_tokens: Annotated[int | None, typer.Option(
+        "--visual-tokens", help="Generative models: keep K of the vision tower's tokens per "
+        "image (VisionZip: dominant tokens by attention, the rest merged); adds the "
+        "dense_tokens and pruned_tokens variants.")] = None,
     cuda_graphs: CudaGraphsOpt = False,
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
@@ -316,7 +320,7 @@ def prune_export_cmd(
                     quantize_method=quantize_method, target_speedup=target_speedup, triton=triton,
                     method_options=parse_method_options(method_option), parts=parts,
                     max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
-                    reconstruct=reconstruct, holdout_fraction=holdout_fraction,
+                    visual_tokens=visual_tokens, reconstruct=reconstruct, holdout_fraction=holdout_fraction,
                     holdout_every=holdout_every)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
@@ -439,11 +443,15 @@ def generate_cmd(
                                                         "(default: the pruned one).")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens",
                                                 help="Most tokens to generate.")] = 24,
+    reduced_tokens: Annotated[bool, typer.Option(
+        "--reduced-tokens", help="Answer with the run's token-reduced export (dense_tokens / "
+        "pruned_tokens: a run made with --visual-tokens K).")] = False,
 ):
     """Answer a prompt about an image with a run's exported ONNX graphs (greedy, ONNX Runtime)."""
     from .api import generate
 
-    out.print(generate(run_dir, image, prompt, dense=dense, max_new_tokens=max_new_tokens),
+    out.print(generate(run_dir, image, prompt, dense=dense, max_new_tokens=max_new_tokens,
+                       reduced_tokens=reduced_tokens),
               soft_wrap=True, highlight=False, markup=False)
 
 

@@ -133,15 +133,26 @@ class OrtGenerator:
         return [seq[:seq.index(pad)] if pad in seq else seq for seq in out]
 
 
-def prompt_inputs(processor, prompts: list[str], images) -> dict[str, np.ndarray]:
-    """Left-padded numpy inputs of ``prompts`` (chat-template text) and ``images``."""
+def prompt_inputs(processor, prompts: list[str], images,
+                  image_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """Left-padded numpy inputs of ``prompts`` (chat-template text) and ``images``, the image
+    token expanded into ``image_tokens`` tokens (``generation.json``'s ``image_tokens``: what
+    the export's vision graph outputs; None: the processor's own count)."""
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = "left"
+    before = processor.__dict__.get("replace_image_token")
+    if image_tokens is not None:  # the vision graph's count, not the processor's
+        processor.replace_image_token = lambda *a, **k: processor.image_token * int(image_tokens)
     try:
         enc = processor(images=list(images), text=list(prompts), padding=True, return_tensors="np")
     finally:
         tok.padding_side = old
+        if image_tokens is not None:
+            if before is None:
+                del processor.replace_image_token
+            else:
+                processor.replace_image_token = before
     return {"input_ids": enc["input_ids"].astype(np.int64),
             "attention_mask": enc["attention_mask"].astype(np.int64),
             "pixel_values": enc["pixel_values"].astype(np.float32)}
