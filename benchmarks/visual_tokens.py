@@ -122,7 +122,7 @@ def prefill(args) -> dict:
 
     from vlcompress.exporters.generative import export_generative
     from vlcompress.models import load_model
-    from vlcompress.models.visual_tokens import tower_tokens
+    from vlcompress.models.visual_tokens import position_ids, tower_tokens
     from vlcompress.runtime.ort_generate import OrtGenerator, _session, prompt_inputs, read_spec
 
     vlm = load_model(args.latency_model)
@@ -158,7 +158,7 @@ def prefill(args) -> dict:
         def one(name):
             g, e = gens[name], encs[name]
             t0 = time.perf_counter()
-            img_emb = g.image_embeds(e["pixel_values"])
+            img_emb, index = g.image_outputs(e["pixel_values"])
             t1 = time.perf_counter()
             ids = e["input_ids"]
             is_image = ids == int(g.spec["image_token_id"])
@@ -167,7 +167,9 @@ def prefill(args) -> dict:
             emb = g.sessions["embed"].run(None, {"input_ids": safe})[0]
             emb[is_image] = img_emb.reshape(-1, img_emb.shape[-1])
             mask = e["attention_mask"]
-            pos = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
+            pos = (np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
+                   if index is None else position_ids(ids, mask, int(g.spec["image_token_id"]),
+                                                      index, t_tokens))
             logits, _ = g.decode_step(emb, mask, pos, g.empty_past(1))
             first = int(logits[0, -1].argmax())
             t2 = time.perf_counter()

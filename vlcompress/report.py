@@ -147,6 +147,7 @@ def to_markdown(r: dict) -> str:
                          f"{row['speedup']:.2f}x |")
         lines.append("")
     lines += _quantize_markdown(r)
+    lines += _visual_tokens_markdown(r)
     ex = r.get("export") or {}
     if ex.get("max_abs_diff"):
         prec = ex.get("precision") or {}
@@ -220,6 +221,28 @@ def _quantize_markdown(r: dict) -> list[str]:
             lines += ["", f"Full timing of the chosen model ({fin['variant']}, batch "
                       f"{fin['batch']}): {fin['speedup']:.2f}x over dense, {verdict}."]
         lines.append("")
+    return lines
+
+
+def _visual_tokens_markdown(r: dict) -> list[str]:
+    """Weights alone, visual tokens alone and both (``--visual-tokens``): each variant's
+    metrics, the share of dense it keeps, and its fidelity to dense."""
+    acc = r.get("accuracy") or {}
+    var, vt = acc.get("variants"), acc.get("visual_tokens")
+    if not var or not vt:
+        return []
+    names = list(next(iter(var.values()))["metrics"])
+    fid = list(next(iter(var.values()))["fidelity"])
+    lines = [f"## Visual tokens ({vt['kept']} of {vt['of']} per image, {vt['method']}: "
+             f"{vt['dominant']} dominant + {vt['contextual']} contextual)", "",
+             "| variant | " + " | ".join([f"{METRIC_NAMES.get(k, k)} (retained)" for k in names]
+                                        + [f"fidelity {k.replace('_', ' ')}" for k in fid]) + " |",
+             "|---|" + "---:|" * (len(names) + len(fid))]
+    for name, v in var.items():
+        cells = [f"{_metric(k, v['metrics'][k])} ({_pct(v['retained'][k])})" for k in names]
+        cells += [f"{v['fidelity'].get(k, float('nan')):.3f}" for k in fid]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
     return lines
 
 

@@ -8,7 +8,11 @@ LLaVA config):
 
 - ``vision.onnx``: ``pixel_values`` [batch, 3, H, W] -> ``image_embeds`` [batch, tokens,
   hidden]: the vision tower up to ``vision_feature_layer``, the feature selection
-  (``default`` drops CLS) and the projector (``LlavaModel.get_image_features``);
+  (``default`` drops CLS) and the projector (``LlavaModel.get_image_features``); with
+  ``visual_tokens`` K (``--visual-tokens``) the graph keeps K tokens per image
+  (:mod:`vlcompress.models.visual_tokens`) and also outputs ``image_positions`` [batch, K],
+  each kept token's index among the tower's tokens, from which the generation loop places
+  it at its full-prompt position;
 - ``embed.onnx``: ``input_ids`` [batch, sequence] -> ``inputs_embeds``;
 - ``decoder.onnx``: ``inputs_embeds`` [batch, sequence, hidden], ``attention_mask`` [batch,
   past_sequence + sequence] (1 = token, 0 = left padding), ``position_ids`` [batch, sequence]
@@ -104,7 +108,9 @@ class VisionGraph(torch.nn.Module):
         which tracing would fix to the example's batch size), keeping ``visual_tokens`` of
         the tower's tokens when given (:mod:`vlcompress.models.visual_tokens`, the same
         function the PyTorch evaluation runs)."""
-        return image_features(self.model, pixel_values, self.visual_tokens)
+        if self.visual_tokens is None:
+            return image_features(self.model, pixel_values)
+        return image_features(self.model, pixel_values, self.visual_tokens, with_index=True)
 
 
 class EmbedGraph(torch.nn.Module):
@@ -251,9 +257,10 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
     available = tower_tokens(model.config)
     image_tokens = available if visual_tokens is None else min(int(visual_tokens), available)
     with _eager_attention(model):
+        v_out = ["image_embeds"] + (["image_positions"] if visual_tokens is not None else [])
         _export(VisionGraph(model, visual_tokens), [_example_pixels(vlm, 2, 0)],
-                paths["vision"], ["pixel_values"], ["image_embeds"],
-                {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+                paths["vision"], ["pixel_values"], v_out,
+                {"pixel_values": {0: "batch"}, **{o: {0: "batch"} for o in v_out}},
                 {**props, "vlcompress.part": "vision",
                  "vlcompress.image_tokens": str(image_tokens)}, model)
         if reuse is not None:
@@ -274,7 +281,7 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
     if visual_tokens is not None:
         dom, ctx = split_tokens(image_tokens)
         spec["visual_tokens"] = {"method": "visionzip", "kept": image_tokens, "of": available,
-                                 "dominant": dom, "contextual": ctx}
+                                 "dominant": dom, "contextual": ctx, "positions": "original"}
     (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
     res = GenerativeExport(paths)
     if validate:
@@ -328,7 +335,13 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
             problems.append(f"{name} max abs diff {d:.3g}")
 
     px = _example_pixels(vlm, 3, 1)
-    check("vision", gen.image_embeds(px.numpy()), VisionGraph(model, visual_tokens)(px))
+    v_ref = VisionGraph(model, visual_tokens)(px)
+    v_got, v_index = gen.image_outputs(px.numpy())
+    if visual_tokens is not None:
+        v_ref, index_ref = v_ref
+        if v_index is None or not np.array_equal(v_index, index_ref.numpy()):
+            problems.append("vision image_positions differ from PyTorch's kept tokens")
+    check("vision", v_got, v_ref)
     ids = torch.tensor([[1, 5, 7, 3, 2], [2, 2, 6, 1, 0], [3, 4, 1, 0, 2]]) % _text_cfg(model).vocab_size
     check("embed", gen.sessions["embed"].run(None, {"input_ids": ids.numpy()})[0],
           EmbedGraph(model)(ids))

@@ -73,22 +73,39 @@ class OrtGenerator:
     def context(self) -> int:
         return int(self.spec["context"])
 
-    def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.sessions["vision"].run(
-            None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+    def image_outputs(self, pixel_values: np.ndarray):
+        """(image embeddings, each one's index among the tower's tokens or None): a
+        token-reduced vision graph (``--visual-tokens``) also outputs ``image_positions``."""
+        outs = self.sessions["vision"].run(None, {"pixel_values": pixel_values.astype(np.float32)})
+        return outs[0], (outs[1] if len(outs) > 1 else None)
 
-    def prompt_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
-        """Token embeddings with the image token positions replaced by the image embeddings."""
+    def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.image_outputs(pixel_values)[0]
+
+    def prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+               pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token embeddings with the image token positions replaced by the image embeddings,
+        position ids: ``cumsum(mask) - 1``, 0 at padding; a token-reduced export places each
+        kept token where the full prompt had it, ``models.visual_tokens.position_ids``)."""
         image_id = int(self.spec["image_token_id"])
         is_image = input_ids == image_id
         safe = np.where(is_image & (image_id >= int(self.spec["vocab_size"])), 0, input_ids)
         emb = self.sessions["embed"].run(None, {"input_ids": safe.astype(np.int64)})[0]
-        img = self.image_embeds(pixel_values)
+        img, index = self.image_outputs(pixel_values)
         if int(is_image.sum()) != img.shape[0] * img.shape[1]:
             raise ExportError(f"the prompt holds {int(is_image.sum())} image tokens and the "
                               f"vision graph gives {img.shape[0] * img.shape[1]} embeddings")
         emb[is_image] = img.reshape(-1, img.shape[-1])
-        return emb
+        mask = attention_mask.astype(np.int64)
+        if index is None:
+            return emb, np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
+        from ..models.visual_tokens import position_ids
+
+        return emb, position_ids(input_ids, mask, image_id, index, int(self.spec["tower_tokens"]))
+
+    def prompt_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
+        """Token embeddings with the image token positions replaced by the image embeddings."""
+        return self.prompt(input_ids, np.ones_like(input_ids), pixel_values)[0]
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         s = self.spec
@@ -111,8 +128,7 @@ class OrtGenerator:
         """Greedy new token ids per row (left-padded inputs), cut at the end token."""
         eos, pad = int(self.spec["eos_token_id"]), int(self.spec["pad_token_id"])
         mask = attention_mask.astype(np.int64)
-        embeds = self.prompt_embeds(input_ids, pixel_values)
-        positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
+        embeds, positions = self.prompt(input_ids, mask, pixel_values)
         past = self.empty_past(input_ids.shape[0])
         done = np.zeros(input_ids.shape[0], bool)
         out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
