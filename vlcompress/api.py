@@ -208,7 +208,9 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
                             image_tokens=spec.get("image_tokens"))
     finally:
         hf_logging.set_verbosity(verbosity)
-    n = int(enc["input_ids"].shape[1])
+    # a token-reduced prompt's positions run as far as the full prompt's (visual_tokens.position_ids)
+    n = int(enc["input_ids"].shape[1]) + int(spec.get("tower_tokens", 0) or 0) \
+        - int(spec.get("image_tokens", spec.get("tower_tokens", 0)) or 0)
     if n + max_new_tokens > ctx:
         raise ConfigError(f"--prompt is {n} tokens with the image's, and with --max-new-tokens "
                           f"{max_new_tokens} exceeds the context of {model.get('name')} ({ctx} "
