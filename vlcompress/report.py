@@ -142,7 +142,7 @@ def to_markdown(r: dict) -> str:
         for row in r["latency"]:
             d, q = row["dense_ms"], row["pruned_ms"]
             lines.append(f"| {row['runtime']} | {row['device']} | {row.get('precision', '?')} | "
-                         f"{row.get('provider', '?')} | {row['tower']} | {row['batch']} | "
+                         f"{row.get('provider', '?')} | {_tower(row)} | {row['batch']} | "
                          f"{d['p50']:.3f} | {q['p50']:.3f} | {d['p90']:.3f} | {q['p90']:.3f} | "
                          f"{row['speedup']:.2f}x |")
         lines.append("")
@@ -166,12 +166,19 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tower(row: dict) -> str:
+    """A latency row's part, with its unit when not ms per call (a generative decode row is
+    ms per generated token)."""
+    unit = row.get("unit", "ms")
+    return row["tower"] if unit == "ms" else f"{row['tower']} ({unit})"
+
+
 def _quantize_markdown(r: dict) -> list[str]:
     """The four variants (dense, dense quantized, pruned, pruned quantized) per tower and
     batch, timed interleaved in one run, their accuracy, and what pruning buys over
     quantization alone; the --target-speedup search."""
     lines = []
-    rows = [row for row in r.get("latency") or [] if row.get("variants")]
+    rows = [row for row in r.get("latency") or [] if row.get("variants") and row.get("quantize")]
     quant = r.get("quantize") or {}
     if rows:
         q = rows[0].get("quantize", "?")
@@ -243,6 +250,19 @@ def _visual_tokens_markdown(r: dict) -> list[str]:
         cells += [f"{v['fidelity'].get(k, float('nan')):.3f}" for k in fid]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
+    rows = [row for row in r.get("latency") or []
+            if row.get("variants") and not row.get("quantize")]
+    if rows:  # the same variants timed (runtime.gen_latency), interleaved in one process
+        order = list(var) if all(k in rows[0]["variants"] for k in var) else list(rows[0]["variants"])
+        lines += ["| runtime | part | batch | " + " | ".join(order) + " |",
+                  "|---|---|---:|" + "---:|" * len(order)]
+        for row in rows:
+            v = row["variants"]
+            lines.append(f"| {row['runtime']} | {_tower(row)} | {row['batch']} | " + " | ".join(
+                f"{v[k]['ms']['p50']:.3f} ({v[k]['speedup']:.2f}x)" if k in v else "" for k in order)
+                + " |")
+        lines += ["", "p50 ms (speedup over dense); prefill is time to first token."]
+        lines.append("")
     return lines
 
 
@@ -273,7 +293,7 @@ def console_tables(r: dict):
             t.add_column(c, justify="right" if c in ("batch", "dense", "pruned", "speedup") else "left")
         for row in r["latency"]:
             prec = f", {row['precision']}" if row.get("precision") else ""
-            t.add_row(f"{row['runtime']} ({row['device']}{prec})", row["tower"], str(row["batch"]),
+            t.add_row(f"{row['runtime']} ({row['device']}{prec})", _tower(row), str(row["batch"]),
                       f"{row['dense_ms']['p50']:.3f}", f"{row['pruned_ms']['p50']:.3f}",
                       f"{row['speedup']:.2f}x")
         out.append(t)

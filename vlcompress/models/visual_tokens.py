@@ -237,6 +237,28 @@ def position_ids(input_ids, attention_mask, image_token_id: int, index, tower: i
     return pos
 
 
+def shrink_prompt(input_ids, attention_mask, image_token_id: int, k: int):
+    """``(input_ids, attention_mask)`` of a tokenised prompt whose image blocks hold T tokens,
+    cut to K per block: what the processor gives with the image token expanded K times (a
+    block is a run of one repeated token, so the first K of it are the K-token prompt). Every
+    row must hold the same number of images (one per prompt, as LLaVA's are). numpy."""
+    import numpy as np
+
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    is_img = ids == int(image_token_id)
+    start = np.zeros_like(is_img)
+    start[:, 1:] = is_img[:, 1:] & ~is_img[:, :-1]
+    start[:, 0] = is_img[:, 0]
+    run = np.cumsum(is_img, -1) - np.maximum.accumulate(
+        np.where(start, np.cumsum(is_img, -1) - 1, 0), -1)  # 1-based index within the block
+    keep = ~is_img | (run <= int(k))
+    counts = keep.sum(1)
+    if len(set(counts.tolist())) != 1:
+        raise ValueError("every prompt of a batch must hold the same number of images")
+    n = int(counts[0])
+    return ids[keep].reshape(-1, n), mask[keep].reshape(-1, n)
+
+
 def active_tokens(model) -> int | None:
     """K while :func:`reduced_tokens` is installed on ``model``, else None."""
     return getattr(model.model, "vlc_visual_tokens", None)
