@@ -178,7 +178,8 @@ def _quantize_markdown(r: dict) -> list[str]:
     batch, timed interleaved in one run, their accuracy, and what pruning buys over
     quantization alone; the --target-speedup search."""
     lines = []
-    rows = [row for row in r.get("latency") or [] if row.get("variants") and row.get("quantize")]
+    rows = [row for row in r.get("latency") or []
+            if row.get("variants") and row.get("quantize")]
     quant = r.get("quantize") or {}
     if rows:
         q = rows[0].get("quantize", "?")
@@ -253,14 +254,16 @@ def _visual_tokens_markdown(r: dict) -> list[str]:
     rows = [row for row in r.get("latency") or []
             if row.get("variants") and not row.get("quantize")]
     if rows:  # the same variants timed (runtime.gen_latency), interleaved in one process
-        order = list(var) if all(k in rows[0]["variants"] for k in var) else list(rows[0]["variants"])
+        timed = rows[0]["variants"]
+        order = list(var) if all(k in timed for k in var) else list(timed)
         lines += ["| runtime | part | batch | " + " | ".join(order) + " |",
                   "|---|---|---:|" + "---:|" * len(order)]
         for row in rows:
             v = row["variants"]
-            lines.append(f"| {row['runtime']} | {_tower(row)} | {row['batch']} | " + " | ".join(
-                f"{v[k]['ms']['p50']:.3f} ({v[k]['speedup']:.2f}x)" if k in v else "" for k in order)
-                + " |")
+            cells = [f"{v[k]['ms']['p50']:.3f} ({v[k]['speedup']:.2f}x)" if k in v else ""
+                     for k in order]
+            lines.append(f"| {row['runtime']} | {_tower(row)} | {row['batch']} | "
+                         + " | ".join(cells) + " |")
         lines += ["", "p50 ms (speedup over dense); prefill is time to first token."]
         lines.append("")
     return lines

@@ -56,6 +56,7 @@ import torch
 from onnx import helper
 
 from ..errors import ExportError, ModelError
+from ..models.visual_tokens import METHOD as VISUAL_TOKENS_METHOD
 from ..models.visual_tokens import image_features, reduced_tokens, split_tokens, tower_tokens
 from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, prompt_inputs
 from .onnx import _name_initializers, _quiet, _short, save_onnx
@@ -280,8 +281,9 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
             "head_dim": hd, "context": int(tc.max_position_embeddings), "precision": "fp32"}
     if visual_tokens is not None:
         dom, ctx = split_tokens(image_tokens)
-        spec["visual_tokens"] = {"method": "visionzip", "kept": image_tokens, "of": available,
-                                 "dominant": dom, "contextual": ctx, "positions": "original"}
+        spec["visual_tokens"] = {"method": VISUAL_TOKENS_METHOD, "kept": image_tokens,
+                                 "of": available, "dominant": dom, "contextual": ctx,
+                                 "positions": "original"}
     (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
     res = GenerativeExport(paths)
     if validate:
