@@ -8,7 +8,9 @@ sparsity: accuracy on tiny-llava, prefill time on the llava-qwen2-0.5b preset.
    model with every image token, dense with K = a quarter of the tower's tokens (tokens
    alone), ``--method`` at ``--sparsity`` unstructured (weights alone), and both. Caption
    attribute accuracy and VQA exact match with 95% Wilson intervals, ``retained`` = variant /
-   dense. Targets: tokens alone retain >= 97%, weights and tokens >= 95%.
+   dense. Targets: tokens alone retain >= 97%, weights and tokens >= 95%. ``--ablation``
+   adds ``dense_tokens_renumbered``: the same K tokens numbered contiguously, as VisionZip
+   builds its prompt (we keep each token's full-prompt position; models/visual_tokens.py).
 2. **Prefill** (``--latency-model llava-qwen2-0.5b``, random weights: a SigLIP-so400m/14-384
    tower, 729 tokens, and the Qwen2-0.5B decoder), ONNX Runtime CPU, one process, full and
    quarter tokens interleaved repetition by repetition: the exported ``vision.onnx`` of each
@@ -70,9 +72,9 @@ def accuracy(args) -> dict:
     evals = generative_eval_data(args.eval_data, n=args.eval_size)
     calib = load_calibration(args.calibration, n=args.calibration_size, batch_size=8)
 
-    def evaluate(vlm, tokens):
+    def evaluate(vlm, tokens, keep_positions=True):
         t = time.perf_counter()
-        with reduced_tokens(vlm.model, vlm.processor, tokens):
+        with reduced_tokens(vlm.model, vlm.processor, tokens, keep_positions=keep_positions):
             runs = run_all(vlm, evals, max_new_tokens=args.max_new_tokens)
         return runs, time.perf_counter() - t
 
@@ -80,6 +82,8 @@ def accuracy(args) -> dict:
     dense_runs, secs = evaluate(dense, None)
     variants["dense"] = (dense_runs, secs)
     variants["dense_tokens"] = evaluate(dense, k)
+    if args.ablation:  # VisionZip's contiguous numbering of the K tokens (no target)
+        variants["dense_tokens_renumbered"] = evaluate(dense, k, keep_positions=False)
     pruned = copy.deepcopy(dense)
     res = prune(pruned, args.method, args.sparsity, "unstructured", calibration=calib)
     variants["pruned"] = evaluate(pruned, None)
@@ -232,6 +236,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parts", default="accuracy,prefill")
     ap.add_argument("--tmp", default=None, help="folder for the preset's exports (several GB)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also dense with the K tokens numbered contiguously (VisionZip's prompt)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 

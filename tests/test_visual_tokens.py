@@ -131,8 +131,15 @@ def test_reduction_changes_what_the_decoder_sees(tmp_path):
         enc = vlm.encode(batch)
         assert int((enc["input_ids"] == vlm.model.config.image_token_index).sum()) == 10
         red = vlm.logits(enc)
+        pos = enc["position_ids"]
     full = vlm.logits(vlm.encode(batch))
     assert red.shape[1] == full.shape[1] - 11  # 16 image tokens per prompt became 5
+    # the kept tokens sit where the full prompt had them: positions run 11 past the length
+    assert int(pos.max()) == int(enc["attention_mask"].sum(1).max()) - 1 + 11
+    with reduced_tokens(vlm.model, vlm.processor, 5, keep_positions=False):  # VisionZip's
+        enc2 = vlm.encode(batch)
+        assert int(enc2["position_ids"].max()) == int(enc2["attention_mask"].sum(1).max()) - 1
+        assert not torch.allclose(vlm.logits(enc2), red)
 
 
 def test_position_ids_put_kept_tokens_where_the_full_prompt_had_them():

@@ -276,9 +276,12 @@ def reduced_inputs(model, enc: dict, *, precomputed: bool) -> dict:
     if k is None:
         return enc
     feats, index = image_features(model, enc["pixel_values"], k, with_index=True)
+    renumber = not getattr(model.model, "vlc_keep_positions", True)  # VisionZip's numbering
+    if renumber:
+        index = torch.arange(k, device=index.device).expand(index.shape[0], k)
     pos = position_ids(enc["input_ids"].cpu().numpy(), enc["attention_mask"].cpu().numpy(),
                        model.config.image_token_index, index.cpu().numpy(),
-                       tower_tokens(model.config))
+                       k if renumber else tower_tokens(model.config))
     out = {**enc, "position_ids": torch.from_numpy(pos).to(enc["input_ids"].device)}
     if precomputed:
         out.pop("pixel_values")
@@ -288,10 +291,12 @@ def reduced_inputs(model, enc: dict, *, precomputed: bool) -> dict:
 
 
 @contextlib.contextmanager
-def reduced_tokens(model, processor, k: int | None):
+def reduced_tokens(model, processor, k: int | None, *, keep_positions: bool = True):
     """Within: the model's ``get_image_features`` keeps K tokens (:func:`image_features`) and
     ``processor`` expands the image token into K tokens, so ``forward``, ``generate`` and the
-    processor agree. ``k`` None: nothing changes. Both are restored after."""
+    processor agree. ``k`` None: nothing changes. Both are restored after.
+    ``keep_positions=False`` numbers the K tokens contiguously, as VisionZip does (PyTorch
+    only, for the ablation in ``benchmarks/visual_tokens.py``; exports keep positions)."""
     if k is None:
         yield
         return
@@ -308,10 +313,12 @@ def reduced_tokens(model, processor, k: int | None):
 
     inner.get_image_features = get_image_features
     inner.vlc_visual_tokens = int(k)  # read by the adapter (Llava): position ids
+    inner.vlc_keep_positions = bool(keep_positions)
     processor.replace_image_token = replace_image_token
     try:
         yield
     finally:
         del inner.get_image_features
         del inner.vlc_visual_tokens
+        del inner.vlc_keep_positions
         del processor.replace_image_token
