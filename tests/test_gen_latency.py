@@ -90,6 +90,22 @@ def test_steps_write_the_cache_into_the_preallocated_buffers(tiny):
         g.step(st, st.logits.argmax(-1))
 
 
+def test_prefill_from_image_embeddings_skips_the_vision_graph(tiny):
+    """Given image embeddings, both prefills skip vision (ONNX Runtime never loads the graph)
+    and give the logits of the pixel path."""
+    enc, vlm = tiny["enc"], tiny["vlm"]
+    g, t = OrtGenerator(tiny["root"] / "dense"), TorchGenerator(vlm)
+    emb = t.image_embeds(enc["pixel_values"])
+    st = g.prefill(enc["input_ids"], enc["attention_mask"], None, 2, image_embeds=emb)
+    assert "vision" not in g.sessions
+    ref = g.prefill(enc["input_ids"], enc["attention_mask"], enc["pixel_values"], 2)
+    np.testing.assert_allclose(st.logits, ref.logits, atol=1e-5)
+    got = t.prefill(enc["input_ids"], enc["attention_mask"], None, 2, image_embeds=emb).logits
+    np.testing.assert_allclose(got, t.prefill(enc["input_ids"], enc["attention_mask"],
+                                              enc["pixel_values"], 2).logits, atol=1e-5)
+    np.testing.assert_allclose(got, ref.logits, atol=1e-4)
+
+
 def test_sampling_is_seeded_and_bounded(tiny):
     g, enc = OrtGenerator(tiny["root"] / "dense"), tiny["enc"]
     greedy = _gen(enc, g, 8)
@@ -114,9 +130,11 @@ def test_sampling_is_seeded_and_bounded(tiny):
 def test_timing_refuses_a_prompt_that_leaves_no_room(tiny):
     inputs = {1: {"input_ids": np.zeros((1, 100), np.int64)}}
     assert check_timing_context(inputs, 133) == 100
-    with pytest.raises(ConfigError, match="above the context of m .128 tokens.; allowed: new "
-                                          "tokens <= 27"):
+    with pytest.raises(ConfigError, match="above the context of m .128 tokens.; allowed: timed "
+                                          "\\+ warm-up tokens <= 27"):
         check_timing_context(inputs, 128, model="m")
+    with pytest.raises(ConfigError, match="with 1 warm-up"):
+        check_timing_context(inputs, 133, warmup=1)
     with pytest.raises(ConfigError, match=f">= {DECODE_TOKENS}"):
         check_timing_context(inputs, 1000, new_tokens=8)
 

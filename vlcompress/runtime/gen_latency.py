@@ -153,8 +153,8 @@ def _time_decode(gens: dict, feed: dict, config, new_tokens: int) -> dict[str, l
         warm = min(int(config.warmup), new_tokens) if r == 0 else 0
         for k, g in gens.items():  # untimed: a fresh cache of the prompt, room for the round
             f = variant_feed(g, feed)
-            states[k] = g.prefill(f["input_ids"], f["attention_mask"], f["pixel_values"],
-                                  warm + new_tokens + 1)
+            states[k] = g.prefill(f["input_ids"], f["attention_mask"], f.get("pixel_values"),
+                                  warm + new_tokens + 1, image_embeds=f.get("image_embeds"))
         for k, v in measure(runners, warmup=warm, iterations=new_tokens).items():
             times[k] += v
     states.clear()
