@@ -142,8 +142,13 @@ def export(model, out, *, fp16=False, force=False, calibration="shapes", progres
 
 
 
+#: generation runtimes of ``generate``: our loop on onnxruntime, or ONNX Runtime GenAI
+GENERATE_RUNTIMES = ("onnxruntime", "genai")
+
+
 def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens: int = 24,
-             threads: int | None = None, sampling=None, reduced_tokens: bool = False) -> str:
+             threads: int | None = None, sampling=None, reduced_tokens: bool = False,
+             runtime: str = "onnxruntime") -> str:
     """The answer of a generative run's exported ONNX graphs (``pruned/``, or ``dense/`` with
     ``dense``) to ``prompt`` about ``image`` (a path), generated on ONNX Runtime
     (:class:`vlcompress.runtime.ort_generate.OrtGenerator`): greedily, or drawn with
@@ -153,11 +158,20 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     ``generation.json`` records. Everything is checked before the
     graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
     context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
-    longer than the context. Nothing is written."""
-    from .errors import DataError
+    longer than the context. ``runtime="genai"`` generates with ONNX Runtime GenAI instead
+    (:class:`vlcompress.runtime.genai_generate.GenaiGenerator`, the ``[genai]`` extra).
+    Nothing is written."""
     from .eval.generative import check_max_new_tokens
-    from .runtime.ort_generate import OrtGenerator, prompt_inputs, read_spec
+    from .runtime.gen_inputs import PromptEncoder, read_image
+    from .runtime.ort_generate import OrtGenerator, read_spec
 
+    if runtime not in GENERATE_RUNTIMES:
+        raise ConfigError(f"--runtime {runtime!r} is not a generation runtime; allowed: "
+                          f"{', '.join(GENERATE_RUNTIMES)}")
+    if runtime == "genai":
+        from .optional_deps import require_onnxruntime_genai
+
+        require_onnxruntime_genai()
     run_dir = Path(run_dir)
     rep = run_dir / "report.json"
     if not rep.is_file():
@@ -180,44 +194,27 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     if max_new_tokens > ctx:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} is above the context of "
                           f"{model.get('name')} ({ctx} tokens); allowed: 1..{ctx}")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(image) as im:
-            img = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"image {str(image)!r} cannot be read ({type(exc).__name__}); allowed: "
-                        "an image file PIL opens (PNG, JPEG, ...)") from None
-    from transformers import AutoProcessor
-
-    from .models.llava import render_prompt
-
+    img = read_image(image)
     proc_dir = run_dir / ((report.get("export") or {}).get("paths", {}).get("model")
                           or "pruned/model")
-    try:
-        processor = AutoProcessor.from_pretrained(str(proc_dir))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the processor of the run from {str(proc_dir)!r} "
-                          f"({type(exc).__name__}); allowed: a run folder prune-export wrote"
-                          ) from None
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its "longer than the maximum" warning: refused below
-    try:
-        enc = prompt_inputs(processor, [render_prompt(processor, prompt,
-                                                      str(model.get("name")))], [img],
+    encoder = PromptEncoder(proc_dir, str(model.get("name")), ctx,
                             image_tokens=spec.get("image_tokens"))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    # a token-reduced prompt's positions run as far as the full prompt's (visual_tokens.position_ids)
-    n = int(enc["input_ids"].shape[1]) + int(spec.get("tower_tokens", 0) or 0) \
-        - int(spec.get("image_tokens", spec.get("tower_tokens", 0)) or 0)
-    if n + max_new_tokens > ctx:
-        raise ConfigError(f"--prompt is {n} tokens with the image's, and with --max-new-tokens "
-                          f"{max_new_tokens} exceeds the context of {model.get('name')} ({ctx} "
-                          f"tokens); allowed: prompt tokens + new tokens <= {ctx}")
-    tokens = OrtGenerator(folder, threads).generate(enc["input_ids"], enc["attention_mask"],
-                                                    enc["pixel_values"], max_new_tokens,
-                                                    sampling=sampling)[0]
-    return " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())
+    enc = encoder.encode([img], [prompt])
+    # a token-reduced prompt's positions run as far as the full prompt's (visual_tokens)
+    skipped = int(spec.get("tower_tokens") or 0) - int(spec.get("image_tokens")
+                                                        or spec.get("tower_tokens") or 0)
+    encoder.check_length(int(enc["input_ids"].shape[1]) + skipped, max_new_tokens)
+    if runtime == "genai":
+        from .runtime.genai_generate import GenaiGenerator
+
+        if sampling is not None:
+            raise ConfigError("--sample is for --runtime onnxruntime (vlcompress's loop); "
+                              "allowed: greedy with --runtime genai")
+        generator = GenaiGenerator(folder, threads)
+        tokens = generator.generate(enc["input_ids"], enc["attention_mask"],
+                                    enc["pixel_values"], max_new_tokens)[0]
+    else:
+        tokens = OrtGenerator(folder, threads).generate(
+            enc["input_ids"], enc["attention_mask"], enc["pixel_values"], max_new_tokens,
+            sampling=sampling)[0]
+    return encoder.decode(tokens)

@@ -456,6 +456,9 @@ def generate_cmd(
     reduced_tokens: Annotated[bool, typer.Option(
         "--reduced-tokens", help="Answer with the run's token-reduced export (dense_tokens / "
         "pruned_tokens: a run made with --visual-tokens K).")] = False,
+    runtime: Annotated[str, typer.Option(
+        "--runtime", help="onnxruntime (vlcompress's generation loop) or genai (ONNX Runtime "
+        "GenAI, the [genai] extra).")] = "onnxruntime",
 ):
     """Answer a prompt about an image with a run's exported ONNX graphs (ONNX Runtime; greedy,
     or seeded sampling with --sample)."""
@@ -466,7 +469,7 @@ def generate_cmd(
                               for name in ("seed", "temperature", "top_k", "top_p")])
     sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
     out.print(generate(run_dir, image, prompt, dense=dense, max_new_tokens=max_new_tokens,
-                       sampling=sampling, reduced_tokens=reduced_tokens),
+                       sampling=sampling, reduced_tokens=reduced_tokens, runtime=runtime),
               soft_wrap=True, highlight=False, markup=False)
 
 
@@ -761,9 +764,10 @@ def recover_cmd(
 
 
 # Serving: a Triton model repository from a run, checked on the real tritonserver.
-TritonBackendOpt = Annotated[str, typer.Option(
+TritonBackendOpt = Annotated[str | None, typer.Option(
     "--backend", help="onnxruntime (CPU or GPU), tensorrt (the run's engines) or python "
-    "(onnxruntime inside Triton's Python backend: runs on any Triton).")]
+    "(onnxruntime inside Triton's Python backend: runs on any Triton). Default: onnxruntime; "
+    "python for a generative run (its generation loop runs there).")]
 
 
 @app.command("export-triton")
@@ -771,7 +775,7 @@ TritonBackendOpt = Annotated[str, typer.Option(
 def export_triton_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A `vlcompress prune-export --out` folder.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Repository folder (new or empty).")],
-    backend: TritonBackendOpt = "onnxruntime",
+    backend: TritonBackendOpt = None,
     device: Annotated[str | None, typer.Option(
         "--device", help="cpu or gpu instances (default: the run's device; gpu for tensorrt).")] = None,
     variants: Annotated[str | None, typer.Option(
@@ -815,9 +819,15 @@ def serve_check_cmd(
             what = (f"batch {r['batch']}" if r["kind"] == "batch" else
                     f"{r['requests']} concurrent single requests"
                     + (f" ({r['executions']} executions)" if "executions" in r else ""))
-            text = (f"{r['model']} ({r['precision']}): {what}, max abs diff "
-                    f"{r['max_abs_diff']:.2e}, min cosine {r['min_cosine']:.5f} vs {r['reference']}"
-                    + (f": {r['error']}" if r.get("error") else ""))
+            if r.get("generate"):
+                text = (f"{r['model']} ({r['precision']}): {what}, {r.get('rows_equal', 0)}/"
+                        f"{r.get('rows', 0)} rows token-for-token equal ({r.get('new_tokens', 0)} "
+                        f"new tokens) vs {r['reference']}")
+            else:
+                text = (f"{r['model']} ({r['precision']}): {what}, max abs diff "
+                        f"{r['max_abs_diff']:.2e}, min cosine {r['min_cosine']:.5f} vs "
+                        f"{r['reference']}")
+            text += f": {r['error']}" if r.get("error") else ""
             out.print(f"{mark} {escape(text)}", markup=True, soft_wrap=True)
         for n in res.notes:
             out.print(f"note: {n}", soft_wrap=True)

@@ -253,10 +253,14 @@ def check_run(cfg: RunConfig):
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
     if info.generative:  # pruned, recovered, evaluated in PyTorch, exported to fp32 ONNX, timed
+        if cfg.triton not in (None, "python"):
+            raise ConfigError(f"--triton {cfg.triton} cannot serve the generative model "
+                              f"{cfg.model}: its token loop runs in a Python-backend generation "
+                              "model; allowed: --triton python")
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("quantize", cfg.quantize if cfg.quantize != "none" else None),
-            ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
+            ("target_speedup", cfg.target_speedup),
             ("fp16", cfg.fp16 or None),
             ("cuda_graphs", cfg.cuda_graphs or None))
             if v is not None]
@@ -685,5 +689,13 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
                                                    "with the model's processor and chat template",
                           "prompts": dict(vlm.prompts),
                           "eval": [_describe(d) for d in evals], "notes": notes}
+        if cfg.triton is not None:  # OUT/triton: one generation model per variant
+            from .exporters.triton import export_triton
+
+            write_report(report, tmp)  # export_triton reads the model and config from it
+            repo = export_triton(tmp, tmp / "triton", backend=cfg.triton)
+            report["export"]["triton"] = {"path": "triton", "backend": repo.backend,
+                                          "device": repo.device,
+                                          "models": [m.name for m in repo.models]}
         write_report(report, tmp)
     return report
