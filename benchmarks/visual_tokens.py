@@ -162,7 +162,8 @@ def prefill(args) -> dict:
         quarter = copy.copy(full)
         quarter.folder = Path(d) / "quarter"
         quarter.spec = read_spec(quarter.folder)
-        quarter.sessions = {**full.sessions,
+        shared = {part: full.sessions[part] for part in ("embed", "decoder")}  # lazily loaded
+        quarter.sessions = {**shared,
                             "vision": _session(quarter.folder / "vision.onnx", args.threads)}
         gens = {"full": full, "quarter": quarter}
         lengths = {n: int(e["input_ids"].shape[1]) for n, e in encs.items()}
