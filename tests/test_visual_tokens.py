@@ -218,3 +218,13 @@ def test_prune_export_with_visual_tokens_reports_four_variants(tmp_path):
                                  "--reduced-tokens"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == want
+
+
+def test_reduced_tokens_on_genai_is_one_line(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"model": {"name": "x",
+                                                                "generative": True}}))
+    res = CliRunner().invoke(app, ["generate", str(tmp_path), "--image", "x.png", "--prompt",
+                                   "hi", "--reduced-tokens", "--runtime", "genai"])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--reduced-tokens needs --runtime onnxruntime" in lines[0]
