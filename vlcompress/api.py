@@ -168,6 +168,11 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     if runtime not in GENERATE_RUNTIMES:
         raise ConfigError(f"--runtime {runtime!r} is not a generation runtime; allowed: "
                           f"{', '.join(GENERATE_RUNTIMES)}")
+    if reduced_tokens and runtime == "genai":
+        raise ConfigError("--reduced-tokens needs --runtime onnxruntime: the GenAI adapter "
+                          "numbers the image tokens contiguously, not at their full-prompt "
+                          "positions (the kept tokens' image_positions); allowed: --runtime "
+                          "onnxruntime with --reduced-tokens")
     if runtime == "genai":
         from .optional_deps import require_onnxruntime_genai
 
@@ -184,11 +189,6 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
                           f"of {model.get('name')} ({model.get('family')}); allowed: a "
                           "prune-export run of a generative model (llava)")
     check_max_new_tokens(max_new_tokens)
-    if reduced_tokens and runtime == "genai":
-        raise ConfigError("--reduced-tokens needs --runtime onnxruntime: the GenAI adapter "
-                          "numbers the image tokens contiguously, not at their full-prompt "
-                          "positions (the kept tokens' image_positions); allowed: --runtime "
-                          "onnxruntime with --reduced-tokens")
     variant = ("dense" if dense else "pruned") + ("_tokens" if reduced_tokens else "")
     if reduced_tokens and variant not in ((report.get("export") or {}).get("generative") or {}):
         raise ConfigError(f"--reduced-tokens: {str(run_dir)!r} has no token-reduced export "
