@@ -248,16 +248,17 @@ def check_run(cfg: RunConfig):
     if info.generative:  # pruned, recovered, evaluated in PyTorch, exported to ONNX (no latency yet)
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
-            ("quantize", cfg.quantize if cfg.quantize != "none" else None),
             ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
-            ("fp16", cfg.fp16 or None),
             ("cuda_graphs", cfg.cuda_graphs or None))
             if v is not None]
         if unused:
             raise ConfigError(f"{unused[0]} is not available for the generative model "
                               f"{cfg.model} ({info.family}): it is pruned and evaluated in "
-                              "PyTorch and exported to fp32 ONNX (no runtime choice, "
-                              "quantization or fp16 yet)")
+                              "PyTorch and exported to ONNX (no runtime choice yet)")
+        from .exporters.generative_quant import check_generative_precision
+
+        check_generative_precision(cfg.quantize, cfg.quantize_method, cfg.fp16,
+                                   cfg.latency_config.runtime_entry)  # --fp16 / --quantize int8
     if cfg.parts is not None:
         if not info.generative:
             raise ConfigError(f"--parts chooses the parts of a generative model (llava); "
@@ -553,7 +554,45 @@ def _export_generative(vlm, evals, folder, cfg: RunConfig, progress) -> dict:
         t.advance(1)
     out = res.to_dict()
     out["paths"] = {k: f"{folder.name}/{v.rsplit('/', 1)[-1]}" for k, v in out["paths"].items()}
+    precision = _generative_precision(cfg)
+    if precision:  # --fp16 / --quantize int8: <folder>_<precision>/, built while vlm holds
+        from .exporters.generative_quant import build_variant  # the weights it validates against
+
+        with (progress or NULL).task(f"export {folder.name}_{precision} onnx", total=1) as t:
+            out[precision] = build_variant(vlm, folder, precision, images=images,
+                                           questions=questions, max_new_tokens=cfg.max_new_tokens)
+            t.advance(1)
     return out
+
+
+def _generative_precision(cfg: RunConfig) -> str | None:
+    """The precision variant of a generative run: fp16 (--fp16), int8 (--quantize int8) or None."""
+    from .exporters.generative_quant import check_generative_precision
+
+    return check_generative_precision(cfg.quantize, cfg.quantize_method, cfg.fp16,
+                                      cfg.latency_config.runtime_entry)
+
+
+def _generative_variants(vlm, cfg, exports, root, evals, dense, pruned, is_preset, progress):
+    """Move each variant's ``--fp16`` / ``--quantize int8`` twin into ``exports`` as
+    ``dense_<p>`` / ``pruned_<p>`` and measure their accuracy from their files (ONNX Runtime);
+    the report's ``quantize`` section, or None without a precision variant."""
+    precision = _generative_precision(cfg)
+    if precision is None:
+        return None
+    from .exporters.generative_quant import variants_accuracy
+
+    names = []
+    for v in ("dense", "pruned"):
+        exports[f"{v}_{precision}"] = exports[v].pop(precision)
+        names.append(f"{v}_{precision}")
+    acc = variants_accuracy(vlm, root, names, evals, dense, pruned,
+                            max_new_tokens=cfg.max_new_tokens, random_weights=is_preset,
+                            progress=progress)
+    return {"quantize": precision, "method": exports[names[0]]["method"],
+            "runtime": "onnxruntime/cpu", "quantized_from": "the run's fp32 ONNX (dense/, pruned/)",
+            "files": {n: exports[n]["files"] for n in names},
+            "validation": {n: exports[n]["validation"] for n in names}, "accuracy": acc}
 
 
 def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
@@ -597,12 +636,20 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
         pruned = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
         exports["pruned"] = _export_generative(vlm, evals, tmp / "pruned", cfg, progress)
         accuracy = generative_accuracy(evals, dense, pruned, random_weights=is_preset)
+        quant = _generative_variants(vlm, cfg, exports, tmp, evals, dense, pruned, is_preset,
+                                     progress)
         vlm.save(tmp / "pruned" / "model")
         total, nonzero = vlm.num_parameters()
         notes = data_notes(cfg, is_preset)
         notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
                      "(vision, embed, decoder) and validated; latency of generative models is "
                      "not built yet (no latency rows)")
+        if quant is not None:
+            notes.append(f"--{'fp16' if quant['quantize'] == 'fp16' else 'quantize int8'}: "
+                         f"dense_{quant['quantize']}/ and pruned_{quant['quantize']}/ validated "
+                         "against PyTorch per precision (logits cosine, top-1 agreement; greedy "
+                         "tokens reported, not required) and evaluated from their files on ONNX "
+                         "Runtime CPU")
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
                    "generative": True, "parts": list(vlm.towers),
@@ -614,6 +661,8 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
             accuracy=accuracy, latency=[], env=env_info(),
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
+        if quant is not None:
+            report["quantize"] = quant
         report["data"] = {"calibration": _describe(calib),
                           "calibration_sequences": "image tokens + prompt + target text, built "
                                                    "with the model's processor and chat template",

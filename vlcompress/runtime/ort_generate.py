@@ -93,7 +93,8 @@ class OrtGenerator:
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         s = self.spec
         shape = (batch, int(s["num_key_value_heads"]), 0, int(s["head_dim"]))
-        return {f"past.{i}.{kv}": np.zeros(shape, np.float32)
+        dtype = np.dtype(s.get("kv_dtype", "float32"))  # fp16 exports carry an fp16 cache
+        return {f"past.{i}.{kv}": np.zeros(shape, dtype)
                 for i in range(int(s["num_layers"])) for kv in ("key", "value")}
 
     def decode_step(self, embeds, mask, positions, past):
