@@ -44,3 +44,16 @@ def make_tiny_llava_folder(root: Path, seed: int = 0, vision: str = "clip", text
     model.save_pretrained(folder)
     build_processor(model.config, tok).save_pretrained(folder)
     return folder
+
+
+def prune_export_tiny_llava(out: Path, method: str, pattern: str, *options: str) -> Path:
+    """``vlcompress prune-export --model tiny-llava`` into ``out`` with small calibration and
+    evaluation sizes (and ``options``); asserts it succeeded."""
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+
+    res = CliRunner().invoke(app, ["prune-export", "--model", "tiny-llava", "--method", method,
+                                   "--pattern", pattern, "--out", str(out), *options])
+    assert res.exit_code == 0, res.output
+    return out

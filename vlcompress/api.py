@@ -143,10 +143,12 @@ def export(model, out, *, fp16=False, force=False, calibration="shapes", progres
 
 
 def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens: int = 24,
-             threads: int | None = None) -> str:
+             threads: int | None = None, sampling=None) -> str:
     """The answer of a generative run's exported ONNX graphs (``pruned/``, or ``dense/`` with
-    ``dense``) to ``prompt`` about ``image`` (a path), generated greedily on ONNX Runtime
-    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`). Everything is checked before the
+    ``dense``) to ``prompt`` about ``image`` (a path), generated on ONNX Runtime
+    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`): greedily, or drawn with
+    ``sampling`` (a :class:`~vlcompress.runtime.ort_generate.Sampling`: seeded temperature /
+    top-k / top-p). Everything is checked before the
     graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
     context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
     longer than the context. Nothing is written."""
@@ -207,5 +209,6 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
                           f"{max_new_tokens} exceeds the context of {model.get('name')} ({ctx} "
                           f"tokens); allowed: prompt tokens + new tokens <= {ctx}")
     tokens = OrtGenerator(folder, threads).generate(enc["input_ids"], enc["attention_mask"],
-                                                    enc["pixel_values"], max_new_tokens)[0]
+                                                    enc["pixel_values"], max_new_tokens,
+                                                    sampling=sampling)[0]
     return " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())

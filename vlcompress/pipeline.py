@@ -245,7 +245,7 @@ def check_run(cfg: RunConfig):
     info = peek_model(cfg.model, tower=cfg.tower)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
-    if info.generative:  # pruned, recovered, evaluated in PyTorch, exported to ONNX (no latency yet)
+    if info.generative:  # pruned, recovered, evaluated in PyTorch, exported to fp32 ONNX, timed
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
@@ -600,13 +600,15 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     next-token log-probabilities) -> export dense ONNX -> prune the chosen parts -> evaluate
     pruned -> export pruned ONNX -> save -> report. Each export (vision, embed, decoder;
     :mod:`vlcompress.exporters.generative`) is validated against its PyTorch twin on the
-    first evaluation prompts. No latency yet (a later issue): the report says so."""
+    first evaluation prompts; then vision / prefill / decode latency of every variant
+    (:func:`vlcompress.runtime.gen_latency.generative_latency`)."""
     from .data import generative_eval_data, load_calibration
     from .envinfo import env_info
     from .eval.generative import generative_accuracy, run_all
     from .exporters.generative import check_exportable
     from .models import load_model
     from .report import build_report, write_report
+    from .runtime import gen_latency
 
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=8, seed=cfg.seed)
@@ -615,6 +617,12 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     is_preset = vlm.source.startswith("preset:")
     evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
                                  else cfg.eval_size)
+    # latency inputs: the first evaluation prompt; a prompt + timed tokens past the context:
+    # refused now
+    lat_inputs = gen_latency.latency_inputs(vlm, evals, cfg.latency_config.batch_sizes)
+    gen_latency.check_timing_context(
+        lat_inputs, int(vlm.model.config.text_config.max_position_embeddings), model=cfg.model,
+        warmup=cfg.latency_config.warmup)
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_total, dense_nonzero = vlm.num_parameters()
         dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
@@ -639,11 +647,16 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
         quant = _generative_variants(vlm, cfg, exports, tmp, evals, dense, pruned, is_preset,
                                      progress)
         vlm.save(tmp / "pruned" / "model")
+        latency = gen_latency.generative_latency(
+            gen_latency.variant_folders(tmp, tuple(exports)), load_model(cfg.model), vlm,
+            lat_inputs, cfg.latency_config, progress=progress)
         total, nonzero = vlm.num_parameters()
         notes = data_notes(cfg, is_preset)
         notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
-                     "(vision, embed, decoder) and validated; latency of generative models is "
-                     "not built yet (no latency rows)")
+                     "(vision, embed, decoder) and validated; latency: vision, prefill (time to "
+                     "first token) and decode (ms per token, forced past the end token) of every "
+                     "variant on ONNX Runtime and of dense and pruned in PyTorch eager, "
+                     "interleaved, on the first evaluation prompt")
         if quant is not None:
             notes.append(f"--{'fp16' if quant['quantize'] == 'fp16' else 'quantize int8'}: "
                          f"dense_{quant['quantize']}/ and pruned_{quant['quantize']}/ validated "
@@ -658,7 +671,7 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
             prune=prune_section,
             export={"format": "onnx", "paths": {"model": "pruned/model"},
                     "generative": exports},
-            accuracy=accuracy, latency=[], env=env_info(),
+            accuracy=accuracy, latency=latency, env=env_info(),
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
         if quant is not None:

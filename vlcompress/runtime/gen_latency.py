@@ -19,8 +19,8 @@ Three parts per batch size, each one latency row per runtime, shaped as the enco
   (untimed), then times ``new_tokens`` (at least :data:`DECODE_TOKENS`) steps, the variants
   interleaved step by step (``A B``, ``B A``, ...: step i of every variant sees the same
   context length, so the samples pair); the tokens are the arg-max, end tokens ignored
-  (forced). ``ceil(iterations / new_tokens)`` timed rounds, plus one untimed warm-up round when
-  ``warmup`` > 0. ``tokens_per_s`` = batch x 1000 / p50.
+  (forced). ``ceil(iterations / new_tokens)`` timed rounds, the first after ``min(warmup,
+  new_tokens)`` untimed steps. ``tokens_per_s`` = batch x 1000 / p50.
 
 The vision and prefill parts use the one harness (:func:`~vlcompress.runtime.latency.measure`:
 ``warmup`` untimed calls, ``iterations`` timed ones, interleaved, collector off). Variants
@@ -80,18 +80,20 @@ def latency_inputs(vlm, evals, batch_sizes) -> dict[int, dict[str, np.ndarray]]:
 
 
 def check_timing_context(inputs: dict[int, dict], context: int, new_tokens: int = DECODE_TOKENS,
-                         model: str = "the model") -> int:
-    """The prompt length of ``inputs``; one line when the prompt and the ``new_tokens`` timed
-    (plus the first, from the prefill) do not fit the context."""
+                         model: str = "the model", warmup: int = 0) -> int:
+    """The prompt length of ``inputs``; one line when the prompt, the ``new_tokens`` timed,
+    the warm-up steps and the first token (from the prefill) do not fit the context."""
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or \
             new_tokens < DECODE_TOKENS:
         raise ConfigError(f"decode timing over {new_tokens!r} new tokens; allowed: an integer "
                           f">= {DECODE_TOKENS}")
     prompt = max(int(v["input_ids"].shape[1]) for v in inputs.values())
-    if prompt + new_tokens + 1 > context:
-        raise ConfigError(f"timing decode needs {prompt} prompt tokens + {new_tokens + 1} new "
-                          f"tokens, above the context of {model} ({context} tokens); allowed: "
-                          f"new tokens <= {context - prompt - 1}")
+    warm = min(int(warmup), new_tokens)
+    if prompt + new_tokens + warm + 1 > context:
+        raise ConfigError(f"timing decode needs {prompt} prompt tokens + {new_tokens + warm + 1} "
+                          f"new tokens (with {warm} warm-up), above the context of {model} "
+                          f"({context} tokens); allowed: timed + warm-up tokens <= "
+                          f"{context - prompt - 1}")
     return prompt
 
 
@@ -119,7 +121,9 @@ def _label(key: tuple[str, str]) -> str:
 
 
 def _time_decode(gens: dict, feed: dict, config, new_tokens: int) -> dict[str, list[float]]:
-    """Per-step decode times, label -> ms (module doc)."""
+    """Per-step decode times, label -> ms (module doc). The first round runs
+    ``min(warmup, new_tokens)`` more steps first, untimed (one prefill per variant and round:
+    on a large model the prefill costs far more than the steps)."""
     states = {}
 
     def stepper(key):
@@ -129,16 +133,15 @@ def _time_decode(gens: dict, feed: dict, config, new_tokens: int) -> dict[str, l
         return fn
 
     runners = {_label(k): (_Call(_label(k), stepper(k), k[0]), feed) for k in gens}
-    rounds = max(1, math.ceil(config.iterations / new_tokens)) + (1 if config.warmup > 0 else 0)
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in range(rounds):
+    for r in range(max(1, math.ceil(config.iterations / new_tokens))):
+        warm = min(int(config.warmup), new_tokens) if r == 0 else 0
         for k, g in gens.items():  # untimed: a fresh cache of the prompt, room for the round
             states[k] = g.prefill(feed["input_ids"], feed["attention_mask"],
-                                  feed["pixel_values"], new_tokens + 1)
-        got = measure(runners, warmup=0, iterations=new_tokens)
-        if r > 0 or config.warmup == 0:
-            for k, v in got.items():
-                times[k] += v
+                                  feed.get("pixel_values"), warm + new_tokens + 1,
+                                  image_embeds=feed.get("image_embeds"))
+        for k, v in measure(runners, warmup=warm, iterations=new_tokens).items():
+            times[k] += v
     states.clear()
     return times
 
@@ -186,7 +189,8 @@ def time_generation(gens: dict[tuple[str, str], object], inputs: dict[int, dict]
     if missing:
         raise ConfigError(f"no generation inputs at batch size {missing[0]}")
     threads = int(threads or config.threads or default_threads())
-    prompt = check_timing_context(inputs, min(int(g.context) for g in gens.values()), new_tokens)
+    prompt = check_timing_context(inputs, min(int(g.context) for g in gens.values()), new_tokens,
+                                  warmup=config.warmup)
     rows = []
     with torch_threads(threads), \
             progress.task("generation latency", total=len(PARTS) * len(config.batch_sizes)) as t:
@@ -199,6 +203,38 @@ def time_generation(gens: dict[tuple[str, str], object], inputs: dict[int, dict]
                          for rt in runtimes]
                 t.advance()
     return rows
+
+
+def variant_folders(root, first=("dense", "pruned")) -> dict:
+    """The export folders of a run folder ``root`` to time: ``dense``, ``pruned``, then every
+    other sub-folder holding a ``generation.json`` (a quantized or visual-token variant)."""
+    from pathlib import Path
+
+    from .ort_generate import GENERATION_JSON
+
+    root = Path(root)
+    out = {k: root / k for k in first}
+    for d in sorted(root.iterdir()):
+        if d.name not in out and (d / GENERATION_JSON).is_file():
+            out[d.name] = d
+    return out
+
+
+def generative_latency(folders: dict, dense_vlm, pruned_vlm, inputs: dict, config, *,
+                       new_tokens: int = DECODE_TOKENS, progress=NULL) -> list[dict]:
+    """The latency rows of a generative run: every export folder (``variant -> folder``) on
+    ONNX Runtime CPU and the dense and pruned PyTorch models eager, interleaved in one
+    measurement (:func:`time_generation`), ``config.threads`` (default: every CPU this
+    process may use) for both runtimes."""
+    from .ort_generate import OrtGenerator
+    from .torch_generate import TorchGenerator
+
+    threads = int(config.threads or default_threads())
+    gens = {("onnxruntime", k): OrtGenerator(f, threads) for k, f in folders.items()}
+    gens[("torch", "dense")] = TorchGenerator(dense_vlm)
+    gens[("torch", "pruned")] = TorchGenerator(pruned_vlm)
+    return time_generation(gens, inputs, config, new_tokens=new_tokens, threads=threads,
+                           progress=progress)
 
 
 def _row(rt: str, part: str, batch: int, times: dict, gens: dict, prompt: int,
@@ -229,5 +265,5 @@ def _row(rt: str, part: str, batch: int, times: dict, gens: dict, prompt: int,
     return row
 
 
-__all__ = ["time_generation", "measure_part", "torch_threads", "latency_inputs",
-           "check_timing_context", "DECODE_TOKENS", "PARTS"]
+__all__ = ["time_generation", "generative_latency", "variant_folders", "measure_part",
+           "torch_threads", "latency_inputs", "check_timing_context", "DECODE_TOKENS", "PARTS"]

@@ -161,13 +161,28 @@ class Decoding:
         return m
 
 
+class _Sessions(dict):
+    """The sessions of an export folder, each loaded on first use (a caller that feeds image
+    embeddings never loads the vision graph)."""
+
+    def __init__(self, folder: Path, files: dict, threads: int | None):
+        super().__init__()
+        self.folder, self.files, self.threads = folder, files, threads
+
+    def __missing__(self, part: str):
+        if part not in PARTS:
+            raise KeyError(part)
+        self[part] = _session(self.folder / self.files[part], self.threads)
+        return self[part]
+
+
 class OrtGenerator:
     """The three sessions of one export folder and the generation loop over them."""
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         self.folder = Path(folder)
         self.spec = read_spec(self.folder)
-        self.sessions = {p: _session(self.folder / self.spec["files"][p], threads) for p in PARTS}
+        self.sessions = _Sessions(self.folder, self.spec["files"], threads)
         dec = self.sessions["decoder"]
         self._cache_names = [i.name for i in dec.get_inputs() if i.name.startswith("past.")]
         out = {o.name: o for o in dec.get_outputs()}
@@ -192,13 +207,15 @@ class OrtGenerator:
         return self.sessions["vision"].run(
             None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
-    def prompt_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
-        """Token embeddings with the image token positions replaced by the image embeddings."""
+    def prompt_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray | None,
+                      image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """Token embeddings with the image token positions replaced by the image embeddings
+        (of ``pixel_values``, or ``image_embeds`` already computed)."""
         image_id = int(self.spec["image_token_id"])
         is_image = input_ids == image_id
         safe = np.where(is_image & (image_id >= int(self.spec["vocab_size"])), 0, input_ids)
         emb = self.sessions["embed"].run(None, {"input_ids": safe.astype(np.int64)})[0]
-        img = self.image_embeds(pixel_values)
+        img = self.image_embeds(pixel_values) if image_embeds is None else image_embeds
         if int(is_image.sum()) != img.shape[0] * img.shape[1]:
             raise ExportError(f"the prompt holds {int(is_image.sum())} image tokens and the "
                               f"vision graph gives {img.shape[0] * img.shape[1]} embeddings")
@@ -251,13 +268,15 @@ class OrtGenerator:
         st.side, st.length = other, st.length + new
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                pixel_values: np.ndarray, max_new_tokens: int) -> Decoding:
-        """Vision, embedding and the decoder over the (left-padded) prompt; the state holds the
-        logits of the first new token (``state.logits``) and room for ``max_new_tokens``."""
+                pixel_values: np.ndarray | None, max_new_tokens: int,
+                image_embeds: np.ndarray | None = None) -> Decoding:
+        """Vision (skipped when ``image_embeds`` are given), embedding and the decoder over the
+        (left-padded) prompt; the state holds the logits of the first new token
+        (``state.logits``) and room for ``max_new_tokens``."""
         mask = attention_mask.astype(np.int64)
         b, p = mask.shape
         st = Decoding(self, mask, self.check_capacity(p, max_new_tokens))
-        embeds = self.prompt_embeds(input_ids, pixel_values)
+        embeds = self.prompt_embeds(input_ids, pixel_values, image_embeds)
         positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
         logits = np.empty((b, p, int(self.spec["vocab_size_out"])), np.float32)
         self._run_decoder(st, embeds, st.mask_view(p), positions, p, logits)

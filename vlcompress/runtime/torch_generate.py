@@ -63,7 +63,11 @@ class TorchGenerator:
             return out.numpy()
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                pixel_values: np.ndarray, max_new_tokens: int) -> TorchDecoding:
+                pixel_values: np.ndarray | None, max_new_tokens: int,
+                image_embeds: np.ndarray | None = None) -> TorchDecoding:
+        """The model's forward over the prompt with a fresh cache; with ``image_embeds``
+        (already computed) the vision tower is skipped: the prompt's token embeddings get them
+        at the image token positions, as the model itself scatters its image features."""
         import torch
         from transformers import DynamicCache
 
@@ -77,9 +81,16 @@ class TorchGenerator:
             mask = torch.from_numpy(attention_mask.astype(np.int64))
             pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
             cache = DynamicCache(config=self.model.config.text_config)
-            out = self.model(input_ids=torch.from_numpy(input_ids.astype(np.int64)),
-                             pixel_values=torch.from_numpy(pixel_values.astype(np.float32)),
-                             attention_mask=mask, position_ids=pos, use_cache=True,
+            ids = torch.from_numpy(input_ids.astype(np.int64))
+            if image_embeds is None:
+                inputs = {"input_ids": ids,
+                          "pixel_values": torch.from_numpy(pixel_values.astype(np.float32))}
+            else:
+                is_image = ids == self.model.config.image_token_index
+                emb = self.model.get_input_embeddings()(ids.masked_fill(is_image, 0))
+                img = torch.from_numpy(np.ascontiguousarray(image_embeds, np.float32))
+                inputs = {"inputs_embeds": emb.masked_scatter(is_image[..., None], img)}
+            out = self.model(**inputs, attention_mask=mask, position_ids=pos, use_cache=True,
                              logits_to_keep=1, **{self._cache_kw: cache})
             return TorchDecoding(cache, mask, pos[:, -1:],
                                  out.logits[:, -1].float().numpy(), need)
