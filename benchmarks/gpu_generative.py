@@ -341,6 +341,8 @@ def main(argv=None) -> int:
     vocab = int(vlm.model.config.text_config.vocab_size)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(4, min(vocab, 30000), (1, a.prompt), generator=g)
+    image_id = int(vlm.model.config.image_token_index)  # text only: no image token
+    prompt[prompt == image_id] = 4
     capacity = a.prompt + a.new_tokens + 1
 
     eager = {}
