@@ -90,7 +90,10 @@ def fidelity(dense, pruned, pairs) -> dict:
     return out
 
 
-def run_method(method: str, dense, calib, pairs, a) -> dict:
+def prune_structured(method: str, dense, calib, a):
+    """A copy of ``dense`` pruned by ``method`` (upop / efficientvlm) at ``a.sparsity``
+    structured with the run's step counts: ``(vlm, result, options, seconds, {unit: (heads,
+    MLP width)})`` (shared with blip_caption_structured.py)."""
     vlm = copy.deepcopy(dense)
     if method == "upop":
         opts = {"search_steps": a.search_steps, "retrain_steps": a.retrain_steps}
@@ -101,9 +104,14 @@ def run_method(method: str, dense, calib, pairs, a) -> dict:
     res = prune(vlm, method, a.sparsity, "structured", calibration=calib, round_to=a.round_to,
                 method_options=opts)
     secs = time.perf_counter() - t
+    blocks = {b.prefix: (b.num_heads, b.mlp_width) for b in find_blocks(vlm)}
+    return vlm, res, opts, secs, blocks
+
+
+def run_method(method: str, dense, calib, pairs, a) -> dict:
+    vlm, res, opts, secs, blocks = prune_structured(method, dense, calib, a)
     st = res.details["structured"]
     d = res.details[method]
-    blocks = {b.prefix: (b.num_heads, b.mlp_width) for b in find_blocks(vlm)}
     with tempfile.TemporaryDirectory() as tmp:
         t2 = time.perf_counter()
         vlm.save(tmp)

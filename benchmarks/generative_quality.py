@@ -121,7 +121,11 @@ def main(argv=None):
     ap.add_argument("--structured-sparsity", type=float, default=0.3)
     ap.add_argument("--units", default="heads,neurons")
     ap.add_argument("--recover-steps", type=int, default=0)
-    ap.add_argument("--recover-lr", type=float, default=1e-3)
+    ap.add_argument("--recover-lr", type=float, default=None,
+                    help="default: the model card's recover_recipe lr, else 1e-3")
+    ap.add_argument("--reconstruct", choices=("default", "off"), default="default",
+                    help="default: prune()'s policy (reconstruction after a scorer's mask, on "
+                         "wherever it applies); off: the scorer's mask alone")
     ap.add_argument("--train-data", default="shapes")
     ap.add_argument("--train-size", type=int, default=2048)
     ap.add_argument("--out", default=None)
@@ -140,6 +144,10 @@ def main(argv=None):
     calib = load_calibration(args.calibration, n=args.calibration_size, batch_size=8)
     evals = generative_eval_data(args.eval_data, n=args.eval_size)
     train = _train_data(args) if args.recover_steps else None
+    if args.recover_steps and args.recover_lr is None:
+        from vlcompress.recover import recovery_recipe
+
+        args.recover_lr = recovery_recipe(dense)[0].get("lr", 1e-3)
     t = time.perf_counter()
     dense_runs = run_all(dense, evals, max_new_tokens=args.max_new_tokens)
     rows = [{"method": "dense", "pattern": None, "seconds_eval": round(time.perf_counter() - t, 1),
@@ -156,7 +164,8 @@ def main(argv=None):
                         "structured": args.structured_sparsity}.get(pattern)
             extra = {"units": args.units} if pattern == "structured" else {}
             res = prune(vlm, method, sparsity, pattern, calibration=calib, scope=scope,
-                        method_options=opts or None, **extra)
+                        method_options=opts or None,
+                        reconstruct=False if args.reconstruct == "off" else None, **extra)
             secs = time.perf_counter() - t
             rec = None
             if args.recover_steps:
@@ -169,6 +178,8 @@ def main(argv=None):
             rows.append({"method": spec, "pattern": pattern, "achieved": round(res.achieved, 4),
                          "per_part": {k: round(v, 4) for k, v in res.per_modality.items()},
                          "seconds_prune": round(secs, 1), "metrics": m,
+                         "reconstruct": {k: (res.reconstruct or {}).get(k)
+                                         for k in ("enabled", "why", "seconds")},
                          **({"structured": {k: v for k, v in res.details["structured"].items()
                                             if k in ("units", "allocation", "layers")}}
                             if pattern == "structured" else {}),
@@ -181,6 +192,7 @@ def main(argv=None):
         "eval": [f"{d.source} (n={len(d)})" for d in evals],
         "max_new_tokens": args.max_new_tokens, "sparsity": args.sparsity,
         "structured_sparsity": args.structured_sparsity, "units": args.units,
+        "reconstruct": args.reconstruct,
         "recover": ({"steps": args.recover_steps, "lr": args.recover_lr, "schedule": "cosine",
                      "train": train.source, "n": len(train)} if train is not None else None),
         "rows": rows, "loadavg": {"start": load0, "end": os.getloadavg()},

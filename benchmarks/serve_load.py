@@ -1,5 +1,10 @@
 """Serving under load: the python-backend Triton repository of a run, on the real tritonserver.
 
+A generative run (NAME `llava`: tiny-llava) is served by its `*_generate` models: one request
+= one image (PNG bytes) and one prompt, answered with up to `--max-new-tokens` greedy tokens;
+the rows add the tokens each answer has and generated tokens per second (requests/s x
+tokens per answer), and the latency percentiles are per generated answer.
+
 For each run (tiny-clip, and clip-vit-b16 structured 50%), `vlcompress export-triton RUN
 --backend python` is served by the `tritonserver` of the `[serve]` extra (127.0.0.1 only) and
 driven with `tritonclient` (HTTP), one request = one image (batch 1; Triton's dynamic batching
@@ -28,12 +33,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from vlcompress.exporters.triton import export_triton  # noqa: E402
-from vlcompress.serve import TritonServer, drive_load, example_inputs  # noqa: E402
+from vlcompress.exporters.triton import GENERATE, export_triton  # noqa: E402
+from vlcompress.serve import (  # noqa: E402
+    TritonServer,
+    answer_tokens,
+    concurrent_infer,
+    drive_load,
+    example_inputs,
+    generate_examples,
+    generate_feeds,
+)
 
 RUN_SETTINGS = {"method": "magnitude", "pattern": "structured", "sparsity": 0.5,
                 "calibration_size": 32, "eval_size": 16, "iterations": 10, "batch_sizes": "1,4,16"}
-MODELS = {"tiny": "tiny-clip", "b16": "clip-vit-b16"}
+#: a generative run: structured 50% of the decoder (heads and MLP neurons) so that pruned
+#: answers cost fewer weight bytes per token; batch sizes = the server's max batch
+GEN_RUN_SETTINGS = {"method": "magnitude", "pattern": "structured", "sparsity": 0.5,
+                    "calibration_size": 8, "eval_size": 8, "max_new_tokens": 16,
+                    "batch_sizes": "1,4,8"}
+MODELS = {"tiny": "tiny-clip", "b16": "clip-vit-b16", "llava": "tiny-llava"}
+GENERATIVE = {"llava"}
 
 
 def _git() -> dict:
@@ -72,18 +91,41 @@ def ensure_run(name: str, path: Path) -> dict:
         return {"path": str(path), "built": False, **_run_summary(path)}
     from vlcompress import prune_export
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    prune_export(model=MODELS.get(name, name), out=str(path), **RUN_SETTINGS)
-    return {"path": str(path), "built": True, "settings": RUN_SETTINGS, **_run_summary(path),
+    settings = GEN_RUN_SETTINGS if name in GENERATIVE else RUN_SETTINGS
+    prune_export(model=MODELS.get(name, name), out=str(path), **settings)
+    return {"path": str(path), "built": True, "settings": settings, **_run_summary(path),
             "seconds": round(time.perf_counter() - t, 1)}
 
 
+def _generate_request(srv, m, max_new_tokens: int, seed: int) -> tuple[dict, int]:
+    """One generation request (a shapes image as PNG bytes and a prompt) and the number of
+    tokens its answer has (asked once, before the timing)."""
+    files, prompts = generate_examples(1, seed=seed)
+    feeds = generate_feeds(prompts, images=files, max_new_tokens=max_new_tokens)
+    answer = concurrent_infer(srv.url, m, [feeds])[0]
+    if isinstance(answer, BaseException):
+        raise answer
+    return feeds, len(answer_tokens(answer)[0])
+
+
 def measure(run: Path, tower: str, levels: list[int], seconds: float, max_requests: int,
-            rounds: int) -> dict:
+            rounds: int, max_new_tokens: int = 16) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         repo = export_triton(run, Path(tmp) / "repo", backend="python")
+        if any(m.tower == GENERATE for m in repo.models):
+            tower = GENERATE
         models = {m.variant: m for m in repo.models if m.tower == tower}
         with TritonServer(repo.path) as srv:
+            feeds, tokens = {}, {}
+            for v, m in models.items():
+                for r in range(rounds):
+                    if tower == GENERATE:  # the same image and prompt every round: the
+                        # variants' answers differ in length, so tokens/s is their comparison
+                        feeds[v, r], tokens[v, r] = _generate_request(srv, m, max_new_tokens, 0)
+                    else:
+                        feeds[v, r], tokens[v, r] = example_inputs(m, batch=1, seed=r), None
             rows = []
             for c in levels:
                 acc = {v: [] for v in models}
@@ -91,12 +133,14 @@ def measure(run: Path, tower: str, levels: list[int], seconds: float, max_reques
                 for r in range(rounds):  # interleaved: dense, pruned, pruned, dense, ...
                     for v in (order if r % 2 == 0 else order[::-1]):
                         m = models[v]
-                        res = drive_load(srv.url, m, example_inputs(m, batch=1, seed=r),
-                                         concurrency=c, seconds=seconds / rounds,
+                        res = drive_load(srv.url, m, feeds[v, r], concurrency=c,
+                                         seconds=seconds / rounds,
                                          max_requests=max_requests // rounds)
+                        res["tokens_per_answer"] = tokens[v, r]
                         acc[v].append(res)
                         print(f"{run.name} c={c} {v}: {res['rps']:.1f} req/s p50 {res['p50_ms']:.1f} ms "
-                              f"p99 {res['p99_ms']:.1f} ms failed {res['failed']}", flush=True)
+                              f"p90 {res['p90_ms']:.1f} ms p99 {res['p99_ms']:.1f} ms failed "
+                              f"{res['failed']}", flush=True)
                 row = {"concurrency": c}
                 for v, parts in acc.items():
                     n = sum(p["requests"] for p in parts)
@@ -105,12 +149,21 @@ def measure(run: Path, tower: str, levels: list[int], seconds: float, max_reques
                               "seconds": round(wall, 2), "rps": n / wall if wall else 0.0,
                               # per-round percentiles: the median of rounds is reported
                               "p50_ms": sorted(p["p50_ms"] for p in parts)[len(parts) // 2],
+                              "p90_ms": sorted(p["p90_ms"] for p in parts)[len(parts) // 2],
                               "p99_ms": max(p["p99_ms"] for p in parts),
                               "errors": [e for p in parts for e in p["errors"]][:3]}
+                    if tower == GENERATE:  # generated tokens/s over the rounds' answers
+                        toks = sum(p["requests"] * p["tokens_per_answer"] for p in parts)
+                        row[v]["tokens_per_answer"] = [p["tokens_per_answer"] for p in parts]
+                        row[v]["tokens_per_s"] = toks / wall if wall else 0.0
                 if "dense" in row and "pruned" in row and row["dense"]["rps"]:
                     row["pruned_over_dense_rps"] = row["pruned"]["rps"] / row["dense"]["rps"]
+                    if tower == GENERATE and row["dense"]["tokens_per_s"]:
+                        row["pruned_over_dense_tokens_per_s"] = (row["pruned"]["tokens_per_s"]
+                                                                 / row["dense"]["tokens_per_s"])
                 rows.append(row)
         return {"start_seconds": round(srv.start_seconds or 0.0, 2), "notes": srv.notes,
+                "tower": tower, **({"max_new_tokens": max_new_tokens} if tower == GENERATE else {}),
                 "batching": {v: {"max_batch_size": m.max_batch_size,
                                  "preferred_batch_size": m.preferred_batch_size,
                                  "max_queue_delay_microseconds": m.max_queue_delay_microseconds,
@@ -127,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=12.0, help="per concurrency and variant")
     ap.add_argument("--max-requests", type=int, default=5000, help="per concurrency and variant")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency")
+    ap.add_argument("--max-new-tokens", type=int, default=16,
+                    help="per generation request (generative runs)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     levels = [int(x) for x in a.concurrency.split(",")]
@@ -137,7 +192,7 @@ def main(argv=None) -> int:
         name, path = item.split("=", 1)
         info = ensure_run(name, Path(path))
         results[name] = {"run": info, **measure(Path(path), a.tower, levels, a.seconds,
-                                                a.max_requests, a.rounds)}
+                                                a.max_requests, a.rounds, a.max_new_tokens)}
     payload = {"command": "python " + " ".join(sys.argv), "git": git, "serve": _versions(),
                "tower": a.tower, "request_batch": 1, "concurrency": levels,
                "seconds_per_level_and_variant": a.seconds, "rounds": a.rounds,
@@ -147,8 +202,10 @@ def main(argv=None) -> int:
     for name, r in results.items():
         for row in r["rows"]:
             ratio = row.get("pruned_over_dense_rps")
+            toks = (f", tokens/s dense {row['dense']['tokens_per_s']:.1f} pruned "
+                    f"{row['pruned']['tokens_per_s']:.1f}" if "tokens_per_s" in row["dense"] else "")
             print(f"{name} c={row['concurrency']}: dense {row['dense']['rps']:.1f} req/s, pruned "
-                  f"{row['pruned']['rps']:.1f} req/s, ratio {ratio:.2f}x, failed "
+                  f"{row['pruned']['rps']:.1f} req/s, ratio {ratio:.2f}x{toks}, failed "
                   f"{row['dense']['failed'] + row['pruned']['failed']}")
     print(f"wrote {path}")
     return 0

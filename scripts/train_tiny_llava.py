@@ -48,6 +48,13 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 IMAGE, USER, ASSISTANT = "<image>", "<|user|>", "<|assistant|>"
 SPECIALS = (PAD, UNK, BOS, EOS, IMAGE, USER, ASSISTANT)  # ids 0..6
 CAPTION_PROMPT = "describe the picture."
+#: what ``recover`` / ``--recover-steps`` start from on tiny-llava (its model card): trained from
+#: scratch at 2e-3, a structurally sliced decoder recovers at 2e-4 over 300 steps (1e-3
+#: overshoots; measured, generative_quality_*_lr2e-4.json and, at the merged HEAD,
+#: generative_quality_recover_structured*.json). A reconstructed 2:4 model needs no recovery:
+#: 2e-4 lowers its fidelity, 5e-5 less so (generative_quality_recover_24_*.json)
+RECOVER_RECIPE = {"lr": 2e-4, "min_steps": 300,
+                  "measured": "benchmarks/results/generative_quality_recover_structured.json"}
 PATCH = 8  # tiny-clip's patch size: 48 px -> 6 x 6 = 36 image tokens (CLS dropped)
 TINY_CLIP = ROOT / "vlcompress" / "assets" / "models" / "tiny-clip"
 
@@ -395,6 +402,7 @@ def main(argv=None):
         "caption_prompt": CAPTION_PROMPT,
         "training": training, "data": data, "selection": selection,
         "dense_metrics_eval": {k: v for k, v in final.items() if k != "examples"},
+        "recover_recipe": RECOVER_RECIPE,
         "history": history,
     }, indent=2) + "\n")
     write_result("tiny_llava_eval", {"model": str(out), "training": training, "data": data,

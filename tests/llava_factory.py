@@ -57,3 +57,29 @@ def prune_export_tiny_llava(out: Path, method: str, pattern: str, *options: str)
                                    "--pattern", pattern, "--out", str(out), *options])
     assert res.exit_code == 0, res.output
     return out
+
+
+def make_generative_run(root: Path, *, max_new_tokens: int = 8, text: str = "llama",
+                        seeds: tuple[int, int] = (1, 2)) -> Path:
+    """A generative run folder as prune-export writes it, in seconds: dense/ and pruned/
+    exports (two random tiny LLaVAs of ``seeds``, so their answers differ; not validated),
+    pruned/model (weights, processor, chat template) and a report.json naming the model."""
+    import json
+    import shutil
+
+    from vlcompress.data import load_eval
+    from vlcompress.exporters.generative import export_generative
+    from vlcompress.models import load_model
+
+    run = Path(root) / "run"
+    images = load_eval("shapes", n=2, batch_size=2).images
+    for variant, seed in zip(("dense", "pruned"), seeds, strict=True):
+        folder = make_tiny_llava_folder(Path(root) / variant, seed=seed, text=text)
+        export_generative(load_model(str(folder)), run / variant, images=images,
+                          max_new_tokens=4, validate=False)
+    shutil.copytree(folder, run / "pruned" / "model")
+    (run / "report.json").write_text(json.dumps({
+        "model": {"name": "llava", "family": "llava", "generative": True},
+        "config": {"max_new_tokens": max_new_tokens, "batch_sizes": [1, 4]},
+        "export": {"paths": {"model": "pruned/model"}}}))
+    return run

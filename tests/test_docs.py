@@ -24,7 +24,7 @@ ARTEFACTS = {"report.json", "bench-report.json", "prune.json", "recover.json", "
              "vlcompress.json", "vlcompress_triton.json", "vlcompress_manifest.json",
              "classes.json", "config.json", "tokenizer.json", "vocab.json",
              "preprocessor_config.json", "model.safetensors.index.json", "old.json",
-             "sweep.json", "baseline.json"}
+             "sweep.json", "baseline.json", "generation.json", "genai_config.json"}
 
 
 def _text(page: Path) -> str:

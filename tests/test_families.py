@@ -79,8 +79,9 @@ def batches():
 
 
 #: generative families: no per-tower ONNX export; their three-graph export and pruning are
-#: exercised by their own tests (tests/test_llava.py, tests/test_generative_export.py)
-GENERATIVE = {"llava"}
+#: exercised by their own tests (tests/test_llava.py, tests/test_generative_export.py,
+#: tests/test_blip_caption.py)
+GENERATIVE = {"llava", "blip-caption", "blip-vqa"}
 
 
 def test_every_registered_family_is_exercised():

@@ -86,7 +86,7 @@ def test_vqa_folder_parts_and_per_part_sparsity(folders, tmp_path):
     (["--pattern", "structured", "--parts", "bridge"],
      "--pattern structured cannot slice --parts bridge of"),
     (["--parts", "vision=2"], "the sparsity is not valid"),
-    (["--triton", "python"], "--triton python is not available for the generative model"),
+    (["--engine", "torch"], "--engine torch is not available for the generative model"),
 ])
 def test_bad_input_is_one_line(folders, tmp_path, args, message):
     model, caps, _ = folders
@@ -128,3 +128,47 @@ def test_bundled_tiny_llava_sparsegpt_24_keeps_its_captions(tmp_path):
     acc = rep["accuracy"]["metrics"]["attribute_accuracy"]
     assert acc["dense"] == 1.0 and acc["pruned"] >= 0.75, acc
     assert rep["accuracy"]["fidelity"]["greedy_agreement"] > 0.9
+
+
+def _broken_copy(model, tmp_path, name, edit):
+    bad = tmp_path / name
+    bad.mkdir()
+    for f in model.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    edit(bad)
+    return bad
+
+
+def _vit_vision(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_config"]["model_type"] = "vit"
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _no_image_template(folder):
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}{% endfor %}")
+
+
+@pytest.mark.parametrize("edit,args,message", [
+    (_vit_vision, [], "llava model's vision tower is 'vit'; allowed: clip_vision_model"),
+    (_no_image_template, [], "renders no image token"),
+    (None, ["--pattern", "2:4", "--method-option", "kv_groups=whole"],
+     "kv_groups=whole removes whole key/value groups of a structured prune, not 2:4"),
+    (None, ["--pattern", "structured", "--sparsity", "0.5", "--method", "upop",
+            "--method-option", "kv_groups=auto"], "kv_groups=auto is not available with 'upop'"),
+    (None, ["--offload", "disk", "--method", "wanda", "--pattern", "structured"],
+     "--offload disk with --pattern structured"),
+    (None, ["--offload", "tape"], "--offload 'tape'; allowed: none, disk"),
+])
+def test_bad_model_folders_and_options_are_one_line_nothing_written(folders, tmp_path, edit,
+                                                                    args, message):
+    """The issue's bad-input list through the CLI: exit 2, one line, no output folder."""
+    model, caps, _ = folders
+    if edit is not None:
+        model = _broken_copy(model, tmp_path, "bad", edit)
+    out = tmp_path / "run"
+    res = _run(["--model", str(model), "--calibration", str(caps), "--out", str(out), *RUN, *args])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and message in lines[0], res.output
+    assert "Traceback" not in res.output and not out.exists()

@@ -29,6 +29,7 @@ def shipped():
 def test_shipped_folder_is_a_small_hub_layout_llava():
     card = json.loads((SHIPPED / "vlcompress.json").read_text())
     assert card["family"] == "llava" and card["caption_prompt"] == train.CAPTION_PROMPT
+    assert card["recover_recipe"] == train.RECOVER_RECIPE
     assert "scripts/train_tiny_llava.py" in card["training"]["command"]
     dense = card["dense_metrics_eval"]
     assert dense["caption_attribute_accuracy"] >= 0.95 and dense["vqa_exact_match"] >= 0.95

@@ -72,6 +72,10 @@ def _prune_offloaded(model, out: Path, pc, offload: str, calibration, calibratio
     if method_options:  # the user's, not the defaults PruneConfig fills in
         raise ConfigError(f"--offload {offload} takes no --method-option (got "
                           f"{', '.join(method_options)}); allowed: none")
+    if pc.reconstruct:
+        raise ConfigError(f"--reconstruct is not available with --offload {offload} (it fits a "
+                          "scorer's masks on a resident model); allowed: --no-reconstruct or "
+                          "neither")
     check_family(get_method(pc.method), pc.pattern, peek_model(model))
     calib = load_calibration(calibration, n=calibration_size)
     with atomic_dir(out, overwrite=force) as tmp:
@@ -142,8 +146,13 @@ def export(model, out, *, fp16=False, force=False, calibration="shapes", progres
 
 
 
+#: generation runtimes of ``generate``: our loop on onnxruntime, or ONNX Runtime GenAI
+GENERATE_RUNTIMES = ("onnxruntime", "genai")
+
+
 def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens: int = 24,
-             threads: int | None = None, sampling=None) -> str:
+             threads: int | None = None, runtime: str = "onnxruntime",
+             sampling=None) -> str:
     """The answer of a generative run's exported ONNX graphs (``pruned/``, or ``dense/`` with
     ``dense``) to ``prompt`` about ``image`` (a path), generated on ONNX Runtime
     (:class:`vlcompress.runtime.ort_generate.OrtGenerator`): greedily, or drawn with
@@ -151,11 +160,23 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     top-k / top-p). Everything is checked before the
     graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
     context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
-    longer than the context. Nothing is written."""
-    from .errors import DataError
+    longer than the context. ``runtime="genai"`` generates with ONNX Runtime GenAI instead
+    (:class:`vlcompress.runtime.genai_generate.GenaiGenerator`, the ``[genai]`` extra).
+    Nothing is written."""
     from .eval.generative import check_max_new_tokens
-    from .runtime.ort_generate import OrtGenerator, prompt_inputs, read_spec
+    from .runtime.gen_inputs import PromptEncoder, read_image
+    from .runtime.ort_generate import OrtGenerator, read_spec
 
+    if runtime not in GENERATE_RUNTIMES:
+        raise ConfigError(f"--runtime {runtime!r} is not a generation runtime; allowed: "
+                          f"{', '.join(GENERATE_RUNTIMES)}")
+    if sampling is not None and runtime != "onnxruntime":
+        raise ConfigError(f"sampling runs on vlcompress's own loop; --runtime {runtime} is "
+                          "greedy only; allowed: sampling with --runtime onnxruntime")
+    if runtime == "genai":
+        from .optional_deps import require_onnxruntime_genai
+
+        require_onnxruntime_genai()
     run_dir = Path(run_dir)
     rep = run_dir / "report.json"
     if not rep.is_file():
@@ -174,41 +195,57 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     if max_new_tokens > ctx:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} is above the context of "
                           f"{model.get('name')} ({ctx} tokens); allowed: 1..{ctx}")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(image) as im:
-            img = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"image {str(image)!r} cannot be read ({type(exc).__name__}); allowed: "
-                        "an image file PIL opens (PNG, JPEG, ...)") from None
-    from transformers import AutoProcessor
-
-    from .models.llava import render_prompt
-
+    img = read_image(image)
     proc_dir = run_dir / ((report.get("export") or {}).get("paths", {}).get("model")
                           or "pruned/model")
+    if spec.get("kind", "llava") != "llava":  # BLIP: vision + decoder with cross-attention
+        if runtime == "genai":
+            raise ConfigError(f"--runtime genai runs LLaVA-style exports; {str(run_dir)!r} is a "
+                              f"{spec['kind']} export; allowed: --runtime onnxruntime")
+        return _generate_blip(folder, spec, proc_dir, img, prompt, max_new_tokens, threads,
+                              str(model.get("name")))
+    encoder = PromptEncoder(proc_dir, str(model.get("name")), ctx)
+    enc = encoder.encode([img], [prompt])
+    encoder.check_length(int(enc["input_ids"].shape[1]), max_new_tokens)
+    if runtime == "genai":
+        from .runtime.genai_generate import GenaiGenerator
+
+        generator = GenaiGenerator(folder, threads)
+    else:
+        generator = OrtGenerator(folder, threads)
+    extra = {} if sampling is None else {"sampling": sampling}
+    tokens = generator.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
+                                max_new_tokens, **extra)[0]
+    return encoder.decode(tokens)
+
+
+def _generate_blip(folder, spec: dict, proc_dir, img, prompt: str, max_new_tokens: int,
+                   threads, name: str) -> str:
+    """:func:`generate` on a BLIP export: ``prompt`` is the caption's start (captioning, as
+    BLIP's "a picture of") or the question (VQA); greedy on ONNX Runtime
+    (:class:`vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`)."""
+    from transformers import AutoProcessor
+
+    from .runtime.ort_generate_blip import BlipOrtGenerator, blip_inputs
+
     try:
         processor = AutoProcessor.from_pretrained(str(proc_dir))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the processor of the run from {str(proc_dir)!r} "
                           f"({type(exc).__name__}); allowed: a run folder prune-export wrote"
                           ) from None
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its "longer than the maximum" warning: refused below
-    try:
-        enc = prompt_inputs(processor, [render_prompt(processor, prompt,
-                                                      str(model.get("name")))], [img])
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    n = int(enc["input_ids"].shape[1])
-    if n + max_new_tokens > ctx:
-        raise ConfigError(f"--prompt is {n} tokens with the image's, and with --max-new-tokens "
-                          f"{max_new_tokens} exceeds the context of {model.get('name')} ({ctx} "
-                          f"tokens); allowed: prompt tokens + new tokens <= {ctx}")
-    tokens = OrtGenerator(folder, threads).generate(enc["input_ids"], enc["attention_mask"],
-                                                    enc["pixel_values"], max_new_tokens,
-                                                    sampling=sampling)[0]
+    vqa = spec["kind"] == "blip-vqa"
+    feed = blip_inputs(processor.tokenizer, processor.image_processor, [img],
+                       bos_id=int(spec["bos_token_id"]), prompt="" if vqa else prompt,
+                       questions=[prompt] if vqa else None)
+    ctx = int(spec["context"])
+    n = int(feed["input_ids"].shape[1])
+    q = int(feed["question_ids"].shape[1]) if vqa else 0
+    if n + max_new_tokens > ctx or q > ctx:
+        raise ConfigError(f"--prompt is {max(n, q)} tokens, and with --max-new-tokens "
+                          f"{max_new_tokens} exceeds the context of {name} ({ctx} tokens); "
+                          f"allowed: prompt tokens + new tokens <= {ctx}")
+    tokens = BlipOrtGenerator(folder, threads).generate(
+        feed["input_ids"], feed["attention_mask"], feed["pixel_values"], max_new_tokens,
+        question_ids=feed.get("question_ids"), question_mask=feed.get("question_mask"))[0]
     return " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())

@@ -626,6 +626,9 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
                 # a stack fed by another through code the capture cannot see (LLaVA: the
                 # decoder's image tokens come from the vision tower) waits for it too
                 reads = getattr(vlm, "stack_inputs", lambda s: ())
+                # a declared reader whose inputs are all done is ready (BLIP VQA: the
+                # question encoder after the vision encoder, the decoder after the encoder)
+                dependent -= {s for s in pending if reads(s) and not set(reads(s)) & set(pending)}
                 dependent |= {s for s in pending if set(reads(s)) & (set(pending) - {s})}
                 run.forward_seconds += time.perf_counter() - t
                 # A stack that reads another tower waits for the stacks it may read; when

@@ -293,6 +293,10 @@ def prune_export_cmd(
         "--max-new-tokens", help="Generative models: greedy tokens generated per caption or "
         "answer in the evaluation.")] = 24,
     cuda_graphs: CudaGraphsOpt = False,
+    offload: Annotated[str, typer.Option(
+        "--offload", help="none, or disk: a generative model folder bigger than memory, pruned "
+        "block by block from its shards and evaluated with its blocks on disk (no ONNX "
+        "export).")] = "none",
 ):
     """Prune a model, export dense and pruned ONNX, and compare accuracy and latency."""
     from .pipeline import RunConfig, prune_export
@@ -317,7 +321,7 @@ def prune_export_cmd(
                     method_options=parse_method_options(method_option), parts=parts,
                     max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
                     reconstruct=reconstruct, holdout_fraction=holdout_fraction,
-                    holdout_every=holdout_every)
+                    holdout_every=holdout_every, offload=offload)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -333,9 +337,10 @@ def prune_export_cmd(
     for t in console_tables(report):
         out.print(t)
     if report["model"].get("generative"):
-        out.print(f"wrote {out_dir}/report.json, report.md, dense/ and pruned/ (vision.onnx, "
-                  "embed.onnx, decoder.onnx, validated), pruned/model (generative model: no "
-                  "latency yet)", soft_wrap=True)
+        files = ((report.get("export") or {}).get("generative") or {}).get("pruned", {})
+        names = ", ".join(v.rsplit("/", 1)[-1] for v in (files.get("paths") or {}).values())
+        out.print(f"wrote {out_dir}/report.json, report.md, dense/ and pruned/ ({names}, "
+                  "validated), pruned/model (generative model: no latency yet)", soft_wrap=True)
         return
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
@@ -378,7 +383,7 @@ def prune_cmd(
     offload: Annotated[str, typer.Option(
         "--offload", help="none, or disk: prune a model folder of safetensors shards bigger "
         "than memory, block by block (its decoder read from the shards for each block's turn, "
-        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq.")] = "none",
+        "the pruned blocks written to OUT shard by shard); methods wanda, wanda-seq, sparsegpt.")] = "none",
 ):
     """Prune a model and save it (safetensors + config + prune.json)."""
     from .api import prune_and_save
@@ -449,17 +454,24 @@ def generate_cmd(
                                                        "tokens (0: all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="With --sample: keep the most likely "
                                                          "tokens up to this mass (1: all).")] = 1.0,
+    runtime: Annotated[str, typer.Option(
+        "--runtime", help="onnxruntime (vlcompress's generation loop) or genai (ONNX Runtime "
+        "GenAI, the [genai] extra).")] = "onnxruntime",
 ):
     """Answer a prompt about an image with a run's exported ONNX graphs (ONNX Runtime; greedy,
     or seeded sampling with --sample)."""
     from .api import generate
     from .runtime.ort_generate import Sampling
 
-    _refuse_meaningless(ctx, [(name, sample, "applies to sampling; add --sample")
-                              for name in ("seed", "temperature", "top_k", "top_p")])
+    _refuse_meaningless(ctx, [
+        *((name, sample, "applies to sampling; add --sample")
+          for name in ("seed", "temperature", "top_k", "top_p")),
+        ("sample", runtime == "onnxruntime", "runs on vlcompress's own loop; allowed: --sample "
+                                             "with --runtime onnxruntime (GenAI: greedy only)")])
     sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
     out.print(generate(run_dir, image, prompt, dense=dense, max_new_tokens=max_new_tokens,
-                       sampling=sampling), soft_wrap=True, highlight=False, markup=False)
+                       runtime=runtime, sampling=sampling),
+              soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command("models")
@@ -753,9 +765,10 @@ def recover_cmd(
 
 
 # Serving: a Triton model repository from a run, checked on the real tritonserver.
-TritonBackendOpt = Annotated[str, typer.Option(
+TritonBackendOpt = Annotated[str | None, typer.Option(
     "--backend", help="onnxruntime (CPU or GPU), tensorrt (the run's engines) or python "
-    "(onnxruntime inside Triton's Python backend: runs on any Triton).")]
+    "(onnxruntime inside Triton's Python backend: runs on any Triton). Default: onnxruntime; "
+    "python for a generative run (its generation loop runs there).")]
 
 
 @app.command("export-triton")
@@ -763,7 +776,7 @@ TritonBackendOpt = Annotated[str, typer.Option(
 def export_triton_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A `vlcompress prune-export --out` folder.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Repository folder (new or empty).")],
-    backend: TritonBackendOpt = "onnxruntime",
+    backend: TritonBackendOpt = None,
     device: Annotated[str | None, typer.Option(
         "--device", help="cpu or gpu instances (default: the run's device; gpu for tensorrt).")] = None,
     variants: Annotated[str | None, typer.Option(
@@ -807,9 +820,15 @@ def serve_check_cmd(
             what = (f"batch {r['batch']}" if r["kind"] == "batch" else
                     f"{r['requests']} concurrent single requests"
                     + (f" ({r['executions']} executions)" if "executions" in r else ""))
-            text = (f"{r['model']} ({r['precision']}): {what}, max abs diff "
-                    f"{r['max_abs_diff']:.2e}, min cosine {r['min_cosine']:.5f} vs {r['reference']}"
-                    + (f": {r['error']}" if r.get("error") else ""))
+            if r.get("generate"):
+                text = (f"{r['model']} ({r['precision']}): {what}, {r.get('rows_equal', 0)}/"
+                        f"{r.get('rows', 0)} rows token-for-token equal ({r.get('new_tokens', 0)} "
+                        f"new tokens) vs {r['reference']}")
+            else:
+                text = (f"{r['model']} ({r['precision']}): {what}, max abs diff "
+                        f"{r['max_abs_diff']:.2e}, min cosine {r['min_cosine']:.5f} vs "
+                        f"{r['reference']}")
+            text += f": {r['error']}" if r.get("error") else ""
             out.print(f"{mark} {escape(text)}", markup=True, soft_wrap=True)
         for n in res.notes:
             out.print(f"note: {n}", soft_wrap=True)

@@ -170,6 +170,13 @@ class PruneConfig:
         why = reconstruct_refusal(m, pat) if self.reconstruct else None
         if why:
             raise ConfigError(why)
+        kv = self.method_options.get("kv_groups", "within")
+        if kv != "within" and not pat.is_structured:
+            raise ConfigError(f"method option kv_groups={kv} removes whole key/value groups of "
+                              f"a structured prune, not {pat}; use --pattern structured or drop it")
+        if kv != "within" and m.search is not None:
+            raise ConfigError(f"method option kv_groups={kv} is not available with {m.name!r} "
+                              "(its search sets the head counts); allowed: kv_groups=within")
         if self.method_options.get("permute") and not pat.is_nm:
             raise ConfigError(f"method option permute=true permutes input channels for an N:M "
                               f"pattern, not {pat}; use --pattern 2:4 (or another N:M) or drop it")

@@ -75,6 +75,17 @@ def require_onnxruntime_provider(provider: str):
     return ort
 
 
+def require_onnxruntime_genai():
+    """ONNX Runtime GenAI (the ``[genai]`` extra): a second generation runtime for generative
+    exports (:mod:`vlcompress.runtime.genai_generate`)."""
+    try:
+        import onnxruntime_genai as og  # noqa: PLC0415
+    except ImportError as exc:
+        raise MissingDependencyError("onnxruntime-genai is not installed: install it with "
+                                     "`pip install vlcompress[genai]`.") from exc
+    return og
+
+
 _SERVE_HINT = "install it with `pip install vlcompress[serve]` (nvidia-pytriton, tritonclient[http])"
 
 

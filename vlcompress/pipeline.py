@@ -75,10 +75,15 @@ class RunConfig:
     parts: str | tuple[str, ...] | None = None
     max_new_tokens: int = 24
     cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay (runtime.graphs)
+    # generative models bigger than memory: "disk" prunes and evaluates block by block from
+    # the shards (methods/offload.py); no ONNX export then
+    offload: str = "none"
     prune_config: PruneConfig = field(init=False, repr=False)
     latency_config: LatencyConfig = field(init=False, repr=False)
 
     def __post_init__(self):
+        if self.offload != "none":  # before the options are completed with their defaults
+            _check_offload_options(self)
         if self.target_speedup is not None and self.sparsity is not None:
             raise ConfigError(f"--target-speedup {self.target_speedup} chooses the sparsity; "
                               f"--sparsity {self.sparsity} is not allowed with it (allowed: "
@@ -225,6 +230,30 @@ def format_parts(parts: dict[str, float | None]) -> str:
     return ",".join(k if v is None else f"{k}={v:g}" for k, v in parts.items())
 
 
+def _check_offload_options(cfg: RunConfig) -> None:
+    """One line for what ``prune-export --offload disk`` cannot do (the model, method,
+    pattern, folder and free disk are checked by :func:`vlcompress.methods.offload.check_offload`
+    in :func:`check_run`)."""
+    from .methods.offload import OFFLOAD_MODES
+
+    if cfg.offload not in OFFLOAD_MODES:
+        raise ConfigError(f"--offload {cfg.offload!r}; allowed: {', '.join(OFFLOAD_MODES)}")
+    refused = [(f"--method-option {','.join(cfg.method_options)}", "the offloaded methods take "
+                "no options") if cfg.method_options else None,
+               (f"--recover-steps {cfg.recover_steps}", "recovery trains the whole model in "
+                "memory") if cfg.recover_steps else None,
+               (f"--target-speedup {cfg.target_speedup}", "it searches on a resident model")
+               if cfg.target_speedup is not None else None,
+               ("--reconstruct", "it fits a scorer's masks on a resident model")
+               if cfg.reconstruct else None]
+    if cfg.parts is not None and any(v is not None for v in parse_parts(cfg.parts).values()):
+        refused.append((f"--parts {cfg.parts}", "one sparsity for every part offloaded"))
+    hit = next((r for r in refused if r), None)
+    if hit:
+        raise ConfigError(f"{hit[0]} is not available with --offload {cfg.offload} ({hit[1]}); "
+                          "allowed: wanda or wanda-seq, unstructured or N:M, part names alone")
+
+
 def check_engine(engine: str, device: str | None = None, precision: str | None = None) -> None:
     """Fail before any work when the runtime ``(engine, device, precision)`` does not exist
     (ConfigError) or cannot run here (MissingDependencyError: one sentence, exit 2)."""
@@ -243,12 +272,36 @@ def check_run(cfg: RunConfig):
     from .models.registry import families
 
     info = peek_model(cfg.model, tower=cfg.tower)
+    if cfg.offload != "none":
+        from .methods.offload import check_offload
+
+        if not info.generative:
+            raise ConfigError(f"--offload {cfg.offload} in prune-export is for generative models "
+                              f"(llava) bigger than memory; {cfg.model} is {info.family} (allowed: "
+                              "a llava folder; vlcompress prune --offload disk for other folders)")
+        check_offload(cfg.offload, cfg.method, str(cfg.prune_config.pattern), cfg.model, cfg.out)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
     if info.generative:  # pruned, recovered, evaluated in PyTorch, exported to fp32 ONNX, timed
+        if cfg.triton not in (None, "python"):
+            raise ConfigError(f"--triton {cfg.triton} cannot serve the generative model "
+                              f"{cfg.model}: its token loop runs in a Python-backend generation "
+                              "model; allowed: --triton python")
+        if cfg.triton is not None and \
+                getattr(families().get(info.family), "onnx_generation", "llava") != "llava":
+            raise ConfigError(f"--triton {cfg.triton} serves LLaVA-style exports; {cfg.model} "
+                              f"({info.family}) exports a vision and a cross-attention decoder "
+                              "graph, which the generation model does not run yet; allowed: no "
+                              "--triton")
+        if (cfg.quantize != "none" or cfg.fp16) and \
+                getattr(families().get(info.family), "onnx_generation", "llava") != "llava":
+            raise ConfigError(f"--{'fp16' if cfg.fp16 else 'quantize ' + cfg.quantize} builds "
+                              f"precision variants of LLaVA-style exports; {cfg.model} "
+                              f"({info.family}) exports a vision and a cross-attention decoder "
+                              "graph; allowed: no --fp16 / --quantize")
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
-            ("triton", cfg.triton), ("target_speedup", cfg.target_speedup),
+            ("target_speedup", cfg.target_speedup),
             ("cuda_graphs", cfg.cuda_graphs or None))
             if v is not None]
         if unused:
@@ -289,6 +342,7 @@ def check_data_sources(cfg: RunConfig, info) -> None:
     """Each data source exists and holds what the model reads (images for a vision or fusion
     tower): one line naming the option and what is allowed, before any data is loaded."""
     from .data import source_kind
+    from .models.registry import families
 
     needs_images = any(t in ("vision", "fusion") for t in info.towers)
     sources = [("--calibration", cfg.calibration), ("--eval-data", cfg.eval_data)]
@@ -296,6 +350,12 @@ def check_data_sources(cfg: RunConfig, info) -> None:
         sources.append(("--train-data", cfg.train_data))
     for option, src in sources:
         kind = source_kind(src)  # raises DataError for a missing or unreadable source
+        if kind == "vqa" and info.generative and \
+                not getattr(families().get(info.family), "answers_questions", True):
+            raise ConfigError(f"{option} {src!r} holds questions and answers (vqa.jsonl), and "
+                              f"{cfg.model} ({info.family}) captions images, answering no "
+                              "questions; allowed: a folder with captions.jsonl, or a VQA model "
+                              "(BlipForQuestionAnswering, llava)")
         if kind == "vqa" and not info.generative:
             raise ConfigError(f"{option} {src!r} holds questions and answers (vqa.jsonl), which "
                               f"{cfg.model} ({info.family}) does not read; allowed: image-caption "
@@ -356,6 +416,8 @@ def prune_export(config: RunConfig | None = None, progress=NULL, **kw) -> dict:
 
         quantized_runtime(cfg.latency_config.runtime_entry, cfg.quantize).check()
     info = check_run(cfg)  # method x pattern x family x data, from the model's config alone
+    if info.generative and cfg.offload != "none":
+        return _prune_export_offloaded(cfg, out, progress)
     if info.generative:
         return _prune_export_generative(cfg, out, progress)
     t_start = time.perf_counter()
@@ -536,6 +598,78 @@ def _prune_generative(vlm, cfg: RunConfig, calib, progress):
     return first
 
 
+def _prune_export_offloaded(cfg: RunConfig, out, progress) -> dict:
+    """prune-export of a generative model bigger than memory (``--offload disk``): the dense
+    model evaluated with its blocks on disk (:func:`vlcompress.methods.offload.load_offloaded`:
+    a ``device_map`` over the GPUs, bounded host memory and the shards), pruned block by block
+    from the shards into ``pruned/model`` (:func:`~vlcompress.methods.offload.prune_offloaded`),
+    then evaluated the same way. No ONNX export (tracing needs the whole model in memory) and
+    no latency: the report says so."""
+    import tempfile
+
+    from .data import generative_eval_data, load_calibration
+    from .envinfo import env_info
+    from .eval.generative import generative_accuracy, run_all
+    from .methods.offload import checkpoint_counts, load_offloaded, prune_offloaded
+    from .report import build_report, write_report
+
+    t_start = time.perf_counter()
+    calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=8, seed=cfg.seed)
+    evals = generative_eval_data(cfg.eval_data, n=cfg.eval_size)
+    parts = list(parse_parts(cfg.parts)) if cfg.parts is not None else \
+        ([cfg.tower] if cfg.tower else None)
+    device = cfg.device or ("cuda" if _cuda_available() else None)
+    with atomic_dir(out, overwrite=cfg.force) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".offload-", dir=tmp) as off:
+            vlm, plan = load_offloaded(cfg.model, off, device=cfg.device)
+            dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+            del vlm
+        res = prune_offloaded(cfg.model, tmp / "pruned" / "model", calib, method=cfg.method,
+                              pattern=str(cfg.prune_config.pattern),
+                              sparsity=cfg.prune_config.sparsity, parts=parts, keep_masks=False,
+                              device=device)
+        with tempfile.TemporaryDirectory(prefix=".offload-", dir=tmp) as off:
+            vlm, _ = load_offloaded(tmp / "pruned" / "model", off, device=cfg.device)
+            pruned = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+            towers = list(vlm.towers)
+            del vlm
+        accuracy = generative_accuracy(evals, dense, pruned, random_weights=False)
+        _, dense_nonzero = checkpoint_counts(cfg.model)  # the weights as stored, tensor by tensor
+        total, nonzero = checkpoint_counts(tmp / "pruned" / "model")
+        notes = data_notes(cfg, False)
+        notes.append("--offload disk: pruned block by block from the checkpoint's shards and "
+                     "evaluated with a device_map (GPUs, bounded host memory, the rest read from "
+                     "disk at each forward); no ONNX export or latency (tracing needs the whole "
+                     "model in memory)")
+        report = build_report(
+            model={"name": cfg.model, "family": "llava", "source": str(cfg.model),
+                   "generative": True, "parts": towers, "params_total": total,
+                   "params_nonzero": nonzero, "params_nonzero_dense": dense_nonzero},
+            prune={"method": cfg.method, "pattern": str(cfg.prune_config.pattern),
+                   "target": cfg.prune_config.sparsity, "achieved": res["achieved"],
+                   "per_modality": res["per_modality"],
+                   "seconds": round(res["seconds"], 2), "scope": parts or towers,
+                   "offload": {"mode": cfg.offload, "stacks": res["offloaded_stacks"],
+                               "block_loads": res["block_loads"],
+                               "shards_written": res["shards_written"],
+                               "bytes_written": res["bytes_written"], "device": device,
+                               "eval_device_map": sorted(set(map(str, plan.values())))},
+                   "details": res["details"]},
+            export={"format": None, "paths": {"model": "pruned/model"}},
+            accuracy=accuracy, latency=[], env=env_info(),
+            config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)})
+        report["data"] = {"calibration": _describe(calib),
+                          "eval": [_describe(d) for d in evals], "notes": notes}
+        write_report(report, tmp)
+    return report
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 #: evaluation prompts per data set on which a generative export is validated
 GENERATIVE_VALIDATION_PROMPTS = 8
 
@@ -545,7 +679,11 @@ def _export_generative(vlm, evals, folder, cfg: RunConfig, progress) -> dict:
     first :data:`GENERATIVE_VALIDATION_PROMPTS` items of each evaluation set; the report's
     entry, its paths relative to the run folder."""
     from .eval.generative import validation_items
-    from .exporters.generative import export_generative
+
+    if getattr(vlm, "onnx_generation", "llava") == "blip":  # vision + decoder, cross-attention
+        from .exporters.generative_blip import export_blip as export_generative
+    else:
+        from .exporters.generative import export_generative
 
     images, questions = validation_items(evals, GENERATIVE_VALIDATION_PROMPTS)
     with (progress or NULL).task(f"export {folder.name} onnx", total=1) as t:
@@ -613,7 +751,8 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=8, seed=cfg.seed)
     vlm = load_model(cfg.model)
-    check_exportable(vlm)  # a decoder the export cannot build: refused before any work
+    if getattr(vlm, "onnx_generation", "llava") == "llava":
+        check_exportable(vlm)  # a decoder the export cannot build: refused before any work
     is_preset = vlm.source.startswith("preset:")
     evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
                                  else cfg.eval_size)
@@ -681,5 +820,13 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
                                                    "with the model's processor and chat template",
                           "prompts": dict(vlm.prompts),
                           "eval": [_describe(d) for d in evals], "notes": notes}
+        if cfg.triton is not None:  # OUT/triton: one generation model per variant
+            from .exporters.triton import export_triton
+
+            write_report(report, tmp)  # export_triton reads the model and config from it
+            repo = export_triton(tmp, tmp / "triton", backend=cfg.triton)
+            report["export"]["triton"] = {"path": "triton", "backend": repo.backend,
+                                          "device": repo.device,
+                                          "models": [m.name for m in repo.models]}
         write_report(report, tmp)
     return report

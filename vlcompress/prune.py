@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from .config import PruneConfig
+from .errors import ConfigError
 from .methods import reconstruct as recon
 from .methods.registry import Context, Method, check_family, get_method
 from .models import family_info
@@ -358,7 +359,9 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
         compare_outputs,
         group_scores_from_weights,
         keep_counts,
-        keep_heads,
+        keep_heads_kv,
+        kv_group_scores,
+        kv_masks,
         probe_inputs,
         top_k,
         tower_outputs,
@@ -371,6 +374,14 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
     target = float(cfg.sparsity)
     units = tuple(cfg.units)
     allocation = _structured_allocation(m, cfg)
+    kv_mode = cfg.method_options.get("kv_groups", "within")
+    if kv_mode != "within" and not any(b.layout.kv_paths for b in blocks):
+        raise ConfigError(f"method option kv_groups={kv_mode} removes key/value groups of a "
+                          f"grouped-query decoder; {vlm.name!r} has none in scope (allowed: a "
+                          "llava model's language part)")
+    if kv_mode != "within" and "heads" not in units:
+        raise ConfigError(f"method option kv_groups={kv_mode} removes attention heads; --units "
+                          f"{','.join(units)} removes none (allowed: --units heads or heads,neurons)")
 
     calib_seconds = 0.0
     calib_desc = None
@@ -381,6 +392,7 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
 
     head_s: dict[str, torch.Tensor] = {}
     neur_s: dict[str, torch.Tensor] = {}
+    kv_s: dict[str, torch.Tensor] = {}  # per grouped-query block: its k/v heads' scores
     counts = None
     method_details: dict = {}
     dense = None
@@ -396,6 +408,11 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
             head_s, neur_s = m.group_importance(ctx, blocks)
         else:
             lys = [ly for b in blocks for ly in b.linears.values()]
+            by_name = {ly.name: ly for ly in scope_layers}
+            kv_lys = {b.prefix: [by_name[f"{b.layer_prefix}.{p}"] for p in b.layout.kv_paths.values()]
+                      for b in blocks if kv_mode != "within" and b.layout.kv_paths
+                      and all(f"{b.layer_prefix}.{p}" in by_name for p in b.layout.kv_paths.values())}
+            lys += [ly for v in kv_lys.values() for ly in v]
             stats: dict = {}
             if m.needs_calibration:
                 from .calibrate import collect_stats
@@ -407,22 +424,34 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
                                            **_score_options(m, cfg))
                           for ly in b.linears.values()}
                     head_s[b.prefix], neur_s[b.prefix] = group_scores_from_weights(b, sc)
+                    if b.prefix in kv_lys:
+                        kv_s[b.prefix] = kv_group_scores(b, {
+                            ly.name: m.score(ly, stats.get(ly.name), seed=cfg.seed,
+                                             **_score_options(m, cfg)) for ly in kv_lys[b.prefix]})
                     task.advance()
         if m.needs_calibration:
             calib_seconds = time.perf_counter() - tc
     if counts is None:
-        counts = keep_counts(blocks, head_s, neur_s, allocation, target, units, cfg.round_to)
+        counts = keep_counts(blocks, head_s, neur_s, allocation, target, units, cfg.round_to,
+                             kv_mode)
 
-    keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    keep: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    kv_used: dict[str, str] = {}
     masks = PackedMasks()
     for b in blocks:
         h, f = counts[b.prefix]
-        hk = torch.arange(b.num_heads) if h == b.num_heads else keep_heads(b, head_s[b.prefix], h)
+        hk, kvk = torch.arange(b.num_heads), None
+        if h != b.num_heads:
+            hk, kvk, kv_used[b.prefix] = keep_heads_kv(b, head_s[b.prefix], h, kv_mode,
+                                                       kv_s.get(b.prefix))
         fk = torch.arange(b.mlp_width) if f == b.mlp_width else top_k(neur_s[b.prefix], f)
-        keep[b.prefix] = (hk, fk)
+        keep[b.prefix] = (hk, fk, kvk)
         masks.update(weight_masks(b, hk, fk))
+        if kvk is not None:
+            masks.update(kv_masks(b, kvk))
 
     shapes_before = {b.prefix: (b.num_heads, b.mlp_width) for b in blocks}
+    kv_before = {b.prefix: b.kv_groups for b in blocks if b.layout.kv_paths}
     # Sparsity is measured against the original shapes: stand-ins that outlive the slicing.
     orig_layers = [SimpleNamespace(name=ly.name, modality=ly.modality,
                                    weight=torch.empty(tuple(ly.weight.shape), device="meta"))
@@ -435,9 +464,9 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
         ref = tower_outputs(vlm, probe)
         with progress.task("slice", total=len(changed)) as task:
             for b in changed:
-                hk, fk = keep[b.prefix]
+                hk, fk, kvk = keep[b.prefix]
                 slice_block(b, hk if len(hk) != b.num_heads else None,
-                            fk if len(fk) != b.mlp_width else None)
+                            fk if len(fk) != b.mlp_width else None, kvk)
                 task.advance()
         setattr(vlm.model, STRUCTURED_FLAG, True)
         verify = compare_outputs(ref, tower_outputs(vlm, probe))
@@ -473,8 +502,14 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
         "layers": {b.prefix: {"modality": b.modality,
                               "heads": [int(counts[b.prefix][0]), shapes_before[b.prefix][0]],
                               "mlp": [int(counts[b.prefix][1]), shapes_before[b.prefix][1]],
-                              "removed": b.index in removed.get(b.stack, [])}
+                              "removed": b.index in removed.get(b.stack, []),
+                              **({"kv_heads": [len(keep[b.prefix][2]) if keep[b.prefix][2]
+                                               is not None else kv_before[b.prefix],
+                                               kv_before[b.prefix]],
+                                  "kv_groups": kv_used.get(b.prefix, "within")}
+                                 if b.prefix in kv_before else {})}
                    for b in blocks},
+        "kv_groups": kv_mode,
         "removed_layers": removed,
         "layer_importance": layer_scores,
         "verify_max_abs_diff": verify,

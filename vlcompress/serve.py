@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -40,11 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, ServeError
-from .exporters.triton import TritonModel, TritonRepo
+from .exporters.triton import GENERATE, TritonModel, TritonRepo
 from .optional_deps import require_tritonclient_http, require_tritonserver
 
 __all__ = ["TritonServer", "serve_check", "ServeCheck", "example_inputs", "drive_load", "free_port",
-           "concurrent_infer", "check_serve_options", "SERVE_TOLERANCES", "CONCURRENT"]
+           "concurrent_infer", "check_serve_options", "SERVE_TOLERANCES", "CONCURRENT",
+           "generate_feeds", "generate_examples", "answer_texts", "answer_tokens", "byte_rows"]
 
 #: (atol, rtol, min per-row cosine) of a served answer against the run's PyTorch model, by the
 #: precision of the served file. fp32: the export's own check. fp16: the fp16 engines' check.
@@ -130,9 +132,19 @@ class TritonServer:
         env = os.environ.copy()
         libs = str(self.libs)
         env["LD_LIBRARY_PATH"] = f"{env['LD_LIBRARY_PATH']}:{libs}" if env.get("LD_LIBRARY_PATH") else libs
+        # The stub links libpython3.X.so by name: without this it may load the system's copy
+        # (another patch release) beside this interpreter's stdlib, and extension modules
+        # built for this one (ssl, which transformers imports) then fail to load.
+        pylib = sysconfig.get_config_var("LIBDIR")
+        if pylib and sysconfig.get_config_var("LDLIBRARY") and \
+                (Path(pylib) / sysconfig.get_config_var("LDLIBRARY")).is_file():
+            env["LD_LIBRARY_PATH"] = f"{pylib}:{env['LD_LIBRARY_PATH']}"
         # The Python-backend stub embeds libpython and finds its prefix (and so this
         # environment's numpy and onnxruntime) through the first `python3` on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        # The stub's embedded Python ignores PYTHONPATH; a generation model imports vlcompress
+        # from this folder first, so the server runs the same vlcompress that checks it.
+        env["VLCOMPRESS_PATH"] = str(Path(__file__).resolve().parent.parent)
         return env
 
     def _pick_port(self) -> int:
@@ -244,9 +256,51 @@ def example_inputs(m: TritonModel, batch: int | None = 2, seq: int = 8, seed: in
     return feeds
 
 
+def byte_rows(rows: list[bytes]):
+    """Byte strings as one UINT8 ``[B, N]`` array right-padded with zero bytes: how a
+    generation model takes image files and prompts (``exporters/_triton_generate_model.py``
+    says why not Triton's BYTES type)."""
+    import numpy as np
+
+    width = max([len(r) for r in rows] + [1])
+    out = np.zeros((len(rows), width), np.uint8)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = np.frombuffer(bytes(r), np.uint8)
+    return out
+
+
+def generate_feeds(prompts: list[str], *, images: list[bytes] | None = None, pixel_values=None,
+                   max_new_tokens: int | list[int] | None = None) -> dict:
+    """The inputs of a ``*_generate`` model: prompts with image files (bytes) or pixels."""
+    import numpy as np
+
+    feeds = {"prompt": byte_rows([p.encode("utf-8") for p in prompts])}
+    if images is not None:
+        feeds["image"] = byte_rows(images)
+    if pixel_values is not None:
+        feeds["pixel_values"] = np.ascontiguousarray(pixel_values, dtype=np.float32)
+    if max_new_tokens is not None:
+        n = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+        feeds["max_new_tokens"] = np.array(n, np.int32).reshape(-1, 1)
+    return feeds
+
+
+def answer_texts(answer: dict) -> list[str]:
+    """The ``text`` rows of a generation model's answer."""
+    return [bytes(r).rstrip(b"\0").decode("utf-8") for r in answer["text"]]
+
+
+def answer_tokens(answer: dict) -> list[list[int]]:
+    """The ``token_ids`` rows of a generation model's answer, without their -1 padding."""
+    return [[int(t) for t in r[:int(n)]] for r, n in
+            zip(answer["token_ids"], answer["num_tokens"].reshape(-1), strict=True)]
+
+
 def _infer(client, httpclient, m: TritonModel, feeds: dict) -> dict:
     inputs = []
     for t in m.inputs:
+        if t.optional and t.name not in feeds:
+            continue
         x = httpclient.InferInput(t.name, list(feeds[t.name].shape), t.datatype)
         x.set_data_from_numpy(feeds[t.name])
         inputs.append(x)
@@ -356,7 +410,7 @@ class _References:
         self.model = report.get("model") or {}
         self.vlms: dict = {}
         self.kinds: dict = {}
-        refs = {m.reference or m.variant for m in repo.models}
+        refs = {m.reference or m.variant for m in repo.models if m.tower != GENERATE}
         for ref in sorted(refs):
             folder = self.run / ref / "model"
             if ref == "pruned" and not folder.is_dir():
@@ -460,11 +514,17 @@ def serve_check(repo: str | Path, *, port: int | None = None, ready_timeout: flo
     httpclient = require_tritonclient_http()
     require_tritonserver()
     refs = _References(rep)
+    gen_refs = _GenReferences(refs.run, rep) if any(m.tower == GENERATE for m in rep.models) else None
     with TritonServer(rep.path, port=port, ready_timeout=ready_timeout) as srv:
         res = ServeCheck(str(rep.path), rep.backend, srv.url, srv.start_seconds, notes=srv.notes)
         client = httpclient.InferenceServerClient(srv.url, network_timeout=120.0)
         try:
             for m in rep.models:
+                if m.tower == GENERATE:
+                    res.rows.append(_check_generate_batch(client, httpclient, m, gen_refs))
+                    res.rows.append(_check_generate_concurrent(client, srv.url, m, gen_refs,
+                                                               concurrent))
+                    continue
                 res.rows.append(_check_batch(client, httpclient, m, refs))
                 res.rows.append(_check_concurrent(client, srv.url, m, refs, concurrent))
         finally:
@@ -519,6 +579,136 @@ def _check_concurrent(client, url: str, m: TritonModel, refs: _References, n: in
     out = {**row, "passed": ok, "max_abs_diff": worst_diff, "min_cosine": worst_cos}
     if errors:
         out["error"] = "; ".join(errors[:3])
+    return out
+
+
+#: prompts serve-check sends a generation model (cycled): different lengths, so a batch is
+#: left-padded
+GENERATE_PROMPTS = ("describe the picture.", "what color is it ?", "what shape is it ?",
+                    "where is the shape in the picture ?")
+
+
+def generate_examples(n: int, seed: int = 0) -> tuple[list[bytes], list[str]]:
+    """``n`` PNG files of the bundled shapes set (from image ``seed`` on) and prompts."""
+    import io
+
+    from .data import load_eval
+
+    images = load_eval("shapes", n=n + seed, batch_size=n + seed).images[seed:]
+    files = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        files.append(buf.getvalue())
+    return files, [GENERATE_PROMPTS[(seed + i) % len(GENERATE_PROMPTS)] for i in range(n)]
+
+
+class _GenReferences:
+    """What each generation model must reproduce: :class:`OrtGenerator` run directly on the
+    run's own export folder (``dense/``, ``pruned/``) with the run's processor, on the same
+    image bytes (or pixels), prompts and ``max_new_tokens``."""
+
+    def __init__(self, run: Path, repo: TritonRepo):
+        from .exporters.triton import _read_report, processor_dir
+        from .runtime.gen_inputs import PromptEncoder
+        from .runtime.ort_generate import OrtGenerator, read_spec
+
+        report = _read_report(run)
+        models = [m for m in repo.models if m.tower == GENERATE]
+        spec = read_spec(run / models[0].reference)
+        self.encoder = PromptEncoder(processor_dir(run, report),
+                                     models[0].parameters.get("model_name", "model"),
+                                     int(spec["context"]))
+        self.generators = {m.reference: OrtGenerator(run / m.reference) for m in models}
+        self.context = int(spec["context"])
+
+    def kind(self, m: TritonModel) -> str:
+        return f"OrtGenerator on the run's {m.reference}/ export (direct)"
+
+    def tokens(self, m: TritonModel, feeds: dict, prompts: list[str], limit: int,
+               images: list[bytes] | None = None) -> list[list[int]]:
+        from .runtime.gen_inputs import read_image
+
+        enc = (self.encoder.encode([read_image(f) for f in images], prompts) if images is not None
+               else self.encoder.encode_pixels(feeds["pixel_values"], prompts))
+        return self.generators[m.reference].generate(enc["input_ids"], enc["attention_mask"],
+                                                     enc["pixel_values"], limit)
+
+
+def _gen_row(m: TritonModel, refs: _GenReferences, kind: str, batch: int, requests: int) -> dict:
+    return {"model": m.name, "variant": m.variant, "precision": m.precision, "kind": kind,
+            "batch": batch, "requests": requests, "reference": refs.kind(m), "generate": True}
+
+
+def _compare_tokens(got: list, want: list, texts: list, refs: _GenReferences, row: dict) -> dict:
+    """Token-for-token agreement of served and direct rows (and the served text = the decoded
+    direct tokens)."""
+    same = [g == w for g, w in zip(got, want, strict=True)]
+    bad = [f"row {i}: served {g} {t!r}, direct {w} {refs.encoder.decode(w)!r}"
+           for i, (g, w, t, ok) in enumerate(zip(got, want, texts, same, strict=True)) if not ok]
+    bad += [f"row {i}: served text {t!r} is not the decoded tokens {refs.encoder.decode(g)!r}"
+            for i, (g, t) in enumerate(zip(got, texts, strict=True)) if t != refs.encoder.decode(g)]
+    out = {**row, "passed": not bad, "rows_equal": sum(same), "rows": len(same),
+           "new_tokens": sum(len(g) for g in got)}
+    if bad:
+        out["error"] = "; ".join(bad[:2])
+    return out
+
+
+def _check_generate_batch(client, httpclient, m: TritonModel, refs: _GenReferences) -> dict:
+    batch = min(m.max_batch_size, 4)
+    limit = int(m.parameters.get("max_new_tokens", 24))
+    files, prompts = generate_examples(batch, seed=0)
+    feeds = generate_feeds(prompts, images=files, max_new_tokens=limit)
+    row = _gen_row(m, refs, "batch", batch, 1)
+    t0 = time.perf_counter()
+    try:
+        got = _infer(client, httpclient, m, feeds)
+    except Exception as exc:  # noqa: BLE001 - tritonclient raises its own types
+        return {**row, "passed": False, "error": f"request failed: {_error_text(exc)}"}
+    row["ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    want = refs.tokens(m, feeds, prompts, limit, images=files)  # the same batch, left-padded
+    return _compare_tokens(answer_tokens(got), want, answer_texts(got), refs, row)
+
+
+def _check_generate_concurrent(client, url: str, m: TritonModel, refs: _GenReferences,
+                               n: int) -> dict:
+    """``n`` single requests at once: alternately image bytes and processor pixels, with
+    different prompts and ``max_new_tokens``; each compared with its own direct run alone."""
+    from .runtime.gen_inputs import read_image
+
+    limit = int(m.parameters.get("max_new_tokens", 24))
+    files, prompts = generate_examples(n, seed=8)
+    cases = []
+    for i in range(n):
+        lim = max(1, limit - (i % 3) * (limit // 3))  # the batcher may merge different limits
+        if i % 2:
+            px = refs.encoder.encode([read_image(files[i])], [prompts[i]])["pixel_values"]
+            cases.append((generate_feeds([prompts[i]], pixel_values=px, max_new_tokens=lim),
+                          None, lim))
+        else:
+            cases.append((generate_feeds([prompts[i]], images=[files[i]], max_new_tokens=lim),
+                          [files[i]], lim))
+    row = _gen_row(m, refs, "concurrent", 1, n)
+    before = _model_counts(client, m.name)
+    t0 = time.perf_counter()
+    answers = concurrent_infer(url, m, [c[0] for c in cases])
+    row["ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    after = _model_counts(client, m.name, at_least=None if before is None else before[0] + n)
+    if before is not None and after is not None:
+        row["inferences"], row["executions"] = after[0] - before[0], after[1] - before[1]
+    got, want, texts, errors = [], [], [], []
+    for i, ((feeds, imgs, lim), ans) in enumerate(zip(cases, answers, strict=True)):
+        if isinstance(ans, BaseException):
+            errors.append(f"request {i}: {_error_text(ans)}")
+            continue
+        got += answer_tokens(ans)
+        texts += answer_texts(ans)
+        want += refs.tokens(m, feeds, [prompts[i]], lim, images=imgs)
+    out = _compare_tokens(got, want, texts, refs, row)
+    if errors:
+        out["passed"] = False
+        out["error"] = "; ".join(errors[:3] + ([out["error"]] if "error" in out else []))
     return out
 
 
@@ -598,5 +788,6 @@ def drive_load(url: str, m: TritonModel, feeds: dict, *, concurrency: int, secon
     ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
     return {"concurrency": concurrency, "requests": len(lat), "failed": failed[0],
             "seconds": round(wall, 3), "rps": len(lat) / wall,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)),
             "errors": errors}

@@ -51,7 +51,7 @@ import torch
 from onnx import helper
 
 from ..errors import ExportError, ModelError
-from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, prompt_inputs
+from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, kv_heads_of, prompt_inputs
 from .onnx import _name_initializers, _quiet, _short, save_onnx
 
 __all__ = ["GenerativeExport", "export_generative", "validate_generative", "DecoderGraph",
@@ -149,10 +149,15 @@ def _text_cfg(model):
     return model.config.text_config
 
 
-def _kv_shape(model) -> tuple[int, int, int]:
+def _kv_shape(model) -> tuple[int, int | list[int], int]:
+    """``(layers, key/value heads, head_dim)``; the heads are one int, or one per layer when
+    structured pruning removed whole key/value groups (read from each layer's k projection)."""
     tc = _text_cfg(model)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    return tc.num_hidden_layers, tc.num_key_value_heads or tc.num_attention_heads, head_dim
+    layers = model.model.language_model.layers
+    per = [int(ly.self_attn.k_proj.out_features) // int(ly.self_attn.head_dim) for ly in layers]
+    return len(layers), per[0] if len(set(per)) == 1 else per, head_dim
+
 
 
 @contextlib.contextmanager
@@ -207,7 +212,8 @@ def _decoder_args(vlm, batch: int, seq: int, past: int, seed: int, pad: int = 0)
     if pad:
         mask[0, :pad] = 0  # row 0 left-padded
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-    pasts = [torch.randn(batch, kvh, past, hd, generator=g) for _ in range(2 * n)]
+    pasts = [torch.randn(batch, kv_heads_of(kvh, i // 2), past, hd, generator=g)
+             for i in range(2 * n)]
     return [torch.randn(batch, seq, hidden, generator=g), mask, pos, *pasts]
 
 

@@ -69,6 +69,14 @@ VARIANTS = ("dense", "pruned")
 #: quantized variants only TensorRT serves (explicit QDQ made for it)
 TENSORRT_ONLY = ("fp8",)
 TOWERS = ("vision", "text", "fusion")
+#: the "tower" of a generative run's one model per variant (the whole generation loop)
+GENERATE = "generate"
+#: queue delay of a generation model: one answer is a prefill plus a decoder call per token
+#: (tens of ms even on tiny-llava), so waiting up to 5 ms for company costs little and lets
+#: concurrent requests share one batched generate call
+GENERATE_DELAY_US = 5000
+#: files of a run's model folder the generation model needs (tokenizer, processor, template)
+_PROCESSOR_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 MANIFEST = "vlcompress_triton.json"
 MIN_DELAY_US, MAX_DELAY_US, DEFAULT_DELAY_US = 50, 100_000, 100
 
@@ -89,6 +97,8 @@ class Tensor:
     numpy: str       # numpy dtype name
     datatype: str    # KServe / tritonclient datatype (FP32, INT64, ...)
     dims: list[int]  # without the batch axis when batched; -1 = dynamic
+    optional: bool = False  # a request may leave it out (the generation model's inputs)
+    ragged: bool = False    # requests of different lengths may share a batch (allow_ragged_batch)
 
 
 @dataclass
@@ -107,6 +117,7 @@ class TritonModel:
     vocab_size: int | None = None  # token-id inputs: ids must stay below it
     precision: str = "fp32"        # of the served file: fp32, fp16, int8, fp8
     reference: str = ""            # the run's PyTorch model it must reproduce: dense | pruned
+    parameters: dict = field(default_factory=dict)  # extra config.pbtxt parameters (strings)
 
 
 @dataclass
@@ -293,8 +304,98 @@ def run_batch_sizes(report: dict) -> list[int]:
     return sorted({int(r["batch"]) for r in report.get("latency") or [] if "batch" in r})
 
 
+def is_generative(report: dict) -> bool:
+    """A run of a generative model (llava): served by one generation model per variant."""
+    return bool((report.get("model") or {}).get("generative"))
+
+
+def processor_dir(run: Path, report: dict) -> Path:
+    """The run's model folder that holds its processor (tokenizer, image processor, chat
+    template): the export's ``paths.model``, else ``pruned/model``."""
+    return run / ((report.get("export") or {}).get("paths", {}).get("model") or "pruned/model")
+
+
+def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
+                     variants) -> tuple[list[TritonModel], str]:
+    """One Python-backend model per variant that runs the whole generation loop (see
+    ``_triton_generate_model.py``): an ensemble cannot express a token loop (Triton ensembles
+    are acyclic graphs of single calls; looping needs BLS, i.e. Python code anyway), and one
+    model keeps the KV cache in one process instead of shipping it through the server per token."""
+    from ..runtime.gen_inputs import PromptEncoder
+    from ..runtime.ort_generate import read_spec
+
+    if backend != "python":
+        raise ConfigError(f"--backend {backend} cannot serve the generative run {str(run)!r}: its "
+                          "token loop (prefill, then one decoder call per new token with the KV "
+                          "cache) runs in a Python-backend model; allowed: --backend python")
+    if device == "gpu":
+        raise ConfigError("--device gpu is not available for a generative run: its generation "
+                          "model runs OrtGenerator on onnxruntime's CPU provider; allowed: "
+                          "--device cpu")
+    available = {v: {"precision": "fp32"} for v in VARIANTS if (run / v / "generation.json").is_file()}
+    if not available:
+        raise ConfigError(f"run folder {str(run)!r} has no generative export (dense/ or pruned/ "
+                          "with generation.json); allowed: a prune-export folder of a generative "
+                          "model")
+    chosen = check_variants(variants, available, backend, run)
+    sizes = run_batch_sizes(report)
+    max_batch = max(sizes) if sizes else 8
+    rule = (f"generation: max_batch_size {max_batch} = the largest batch size the run measured"
+            if sizes else f"generation: max_batch_size {max_batch} (the run names no batch sizes)")
+    rule += (f"; queue delay {GENERATE_DELAY_US} us (an answer takes a prefill and one decoder "
+             "call per token, so a short wait for company is cheap); each batch is one "
+             "left-padded generate call")
+    name = (report.get("model") or {}).get("name") or run.name
+    max_new = (report.get("config") or {}).get("max_new_tokens") or 24
+    models = []
+    for variant in chosen:
+        spec = read_spec(run / variant)
+        missing = [f for f in spec["files"].values() if not (run / variant / f).is_file()]
+        if missing:
+            raise ConfigError(f"run folder {str(run)!r} lacks {variant}/{missing[0]}; allowed: a "
+                              "prune-export folder with its generative export in place")
+        pixels = PromptEncoder(processor_dir(run, report), name, int(spec["context"])).pixel_shape
+        # byte strings travel as UINT8 (see _triton_generate_model.py: the wheel's stub
+        # misreads Triton's BYTES type under numpy 2)
+        # ragged: the scheduler may hand prompts and files of different lengths to one execute
+        # (the model pads them itself); without it only same-length requests are batched
+        ins = [Tensor("prompt", "TYPE_UINT8", "uint8", "UINT8", [-1], ragged=True),
+               Tensor("image", "TYPE_UINT8", "uint8", "UINT8", [-1], optional=True, ragged=True),
+               Tensor("pixel_values", "TYPE_FP32", "float32", "FP32", list(pixels), optional=True),
+               Tensor("max_new_tokens", "TYPE_INT32", "int32", "INT32", [1], optional=True)]
+        outs = [Tensor("text", "TYPE_UINT8", "uint8", "UINT8", [-1]),
+                Tensor("token_ids", "TYPE_INT64", "int64", "INT64", [-1]),
+                Tensor("num_tokens", "TYPE_INT32", "int32", "INT32", [1])]
+        models.append(TritonModel(
+            name=f"{variant}_{GENERATE}", variant=variant, tower=GENERATE, source=variant,
+            reference_onnx=f"{variant}/{spec['files']['decoder']}", max_batch_size=max_batch,
+            inputs=ins, outputs=outs, rule=rule, vocab_size=int(spec["vocab_size"]),
+            max_queue_delay_microseconds=GENERATE_DELAY_US,
+            precision=str(spec.get("precision", "fp32")), reference=variant,
+            parameters={"model_name": name, "max_new_tokens": str(max_new)}))
+    return models, "cpu"
+
+
+def _write_generate_model(run: Path, report: dict, m: TritonModel, folder: Path) -> None:
+    """``1/`` of a generation model: the variant's three graphs and generation.json, the run's
+    processor files, and model.py."""
+    src = run / m.source
+    spec = json.loads((src / "generation.json").read_text(encoding="utf-8"))
+    for f in [*spec["files"].values(), "generation.json"]:
+        _link_or_copy(src / f, folder / f)
+        if (src / f"{f}.data").is_file():
+            _link_or_copy(src / f"{f}.data", folder / f"{f}.data")
+    (folder / "processor").mkdir()
+    for f in sorted(processor_dir(run, report).iterdir()):
+        if f.is_file() and f.suffix in _PROCESSOR_SUFFIXES and f.name != "vlcompress.json":
+            shutil.copyfile(f, folder / "processor" / f.name)
+    shutil.copyfile(Path(__file__).with_name("_triton_generate_model.py"), folder / "model.py")
+
+
 def _plan(run: Path, backend: str, device: str | None, variants) -> tuple[list[TritonModel], str]:
     report = _read_report(run)
+    if is_generative(report):
+        return _plan_generative(run, report, backend, device, variants)
     available = run_variants(run, report)
     chosen = check_variants(variants, available, backend, run)
     run_device = (report.get("config", {}).get("runtime") or {}).get("device", "cpu")
@@ -354,7 +455,9 @@ def model_config_text(m: TritonModel, backend: str, device: str, *, threads: int
     """``config.pbtxt`` of one model (protobuf text format of Triton's ModelConfig)."""
     def tensors(kind, ts):
         body = ",\n".join(f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ '
-                          f'{", ".join(str(d) for d in t.dims)} ] }}' for t in ts)
+                          f'{", ".join(str(d) for d in t.dims)} ]'
+                          + (" optional: true" if t.optional else "")
+                          + (" allow_ragged_batch: true" if t.ragged else "") + " }" for t in ts)
         return f"{kind} [\n{body}\n]"
 
     lines = [f'name: "{m.name}"']
@@ -371,10 +474,14 @@ def model_config_text(m: TritonModel, backend: str, device: str, *, threads: int
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     lines.append(f"instance_group [ {{ kind: {kind} count: 1 }} ]")
     if backend == "python":
-        lines.append('parameters { key: "onnx_file" value: { string_value: "model.onnx" } }')
+        if m.tower != GENERATE:
+            lines.append('parameters { key: "onnx_file" value: { string_value: "model.onnx" } }')
         lines.append(f'parameters {{ key: "intra_op_threads" value: {{ string_value: "{threads}" }} }}')
         if m.vocab_size:  # token ids checked per request against it (_triton_model.py)
             lines.append(f'parameters {{ key: "vocab_size" value: {{ string_value: "{m.vocab_size}" }} }}')
+        for k, v in m.parameters.items():
+            value = json.dumps(str(v), ensure_ascii=False)
+            lines.append(f'parameters {{ key: "{k}" value: {{ string_value: {value} }} }}')
     return "\n".join(lines) + "\n"
 
 
@@ -385,7 +492,34 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _generate_snippet(m: TritonModel) -> str:
+    px = ", ".join(map(str, next(t.dims for t in m.inputs if t.name == "pixel_values")))
+    return "\n".join([
+        f"### `{m.name}`", "", "```python", "import numpy as np",
+        "import tritonclient.http as httpclient", "",
+        'client = httpclient.InferenceServerClient("127.0.0.1:8000")',
+        "# byte strings travel as UINT8 rows [batch, n] (right-padded with zero bytes)",
+        'image = np.frombuffer(open("photo.png", "rb").read(), np.uint8)[None]',
+        'prompt = np.frombuffer("describe the picture.".encode(), np.uint8)[None]',
+        "new = np.array([[24]], dtype=np.int32)  # optional: max_new_tokens",
+        "inputs = []",
+        'for name, a, t in (("image", image, "UINT8"), ("prompt", prompt, "UINT8"),',
+        '                   ("max_new_tokens", new, "INT32")):',
+        "    x = httpclient.InferInput(name, list(a.shape), t)",
+        "    x.set_data_from_numpy(a)",
+        "    inputs.append(x)",
+        f'res = client.infer("{m.name}", inputs)',
+        'text = res.as_numpy("text")[0].tobytes().rstrip(b"\\0").decode()  # the answer',
+        'ids = res.as_numpy("token_ids")[0]  # new token ids, padded with -1',
+        "```", "",
+        f"Instead of `image`, `pixel_values` (FP32 `[batch, {px}]`, the processor's output) may "
+        f"be sent. Default max_new_tokens: {m.parameters.get('max_new_tokens')}. "
+        "`vlcompress.serve.generate_feeds` builds these inputs.", "", f"Batching: {m.rule}.", ""])
+
+
 def _client_snippet(m: TritonModel) -> str:
+    if m.tower == GENERATE:
+        return _generate_snippet(m)
     shape = lambda t: [1] + [8 if d == -1 else d for d in t.dims] if m.max_batch_size else \
         [8 if d == -1 else d for d in t.dims]  # noqa: E731
     lines = [f"### `{m.name}`", "", "```python", "import numpy as np",
@@ -418,7 +552,14 @@ def _readme(repo: TritonRepo) -> str:
             "a free loopback port, sends each model a batch it accepts and several concurrent "
             "single requests (the dynamic batcher's path), and compares every answer with the "
             "run's PyTorch model (dense or pruned) at the tolerance of the served precision.", ""]
-    if repo.backend == "python":
+    if any(m.tower == GENERATE for m in repo.models):
+        head[-1:] = ["For a generative run, each `*_generate` model takes an image (file bytes) "
+                     "and a prompt and returns the answer: it runs vlcompress's greedy generation "
+                     "loop (OrtGenerator) on `1/vision.onnx`, `1/embed.onnx`, `1/decoder.onnx` "
+                     "with the run's processor in `1/processor/`, so the server's Python needs "
+                     "vlcompress installed. `serve-check` compares its tokens one for one with "
+                     "the direct OrtGenerator run on the same inputs.", ""]
+    elif repo.backend == "python":
         head += ["The Python backend runs `1/model.onnx` with onnxruntime: the server's Python "
                  "needs numpy and onnxruntime.", ""]
     return "\n".join(head + [_client_snippet(m) for m in repo.models])
@@ -440,16 +581,19 @@ def _check_out_vs_run(out: Path, run: Path, force: bool) -> None:
                           + "; allowed: a new folder, e.g. inside the run (RUN/triton)")
 
 
-def export_triton(run_dir: str | Path, out: str | Path, *, backend: str = "onnxruntime",
+def export_triton(run_dir: str | Path, out: str | Path, *, backend: str | None = None,
                   device: str | None = None, variants=None, threads: int = 0,
                   force: bool = False) -> TritonRepo:
     """Write a Triton model repository for ``run_dir`` into ``out`` (new, or empty, or
     ``force``); every check runs before anything is written, and ``out`` appears complete or
     not at all. ``variants``: the run's variants to serve (default: all it holds, quantized
-    ones included; a list or ``"dense,pruned"``)."""
+    ones included; a list or ``"dense,pruned"``). ``backend``: default ``onnxruntime``, and
+    ``python`` for a generative run (its only backend: one generation model per variant)."""
+    run = Path(run_dir)
+    if backend is None:
+        backend = "python" if run.is_dir() and is_generative(_read_report(run)) else "onnxruntime"
     backend, device = check_triton_options(backend, device)
     threads = _check_threads(threads)
-    run = Path(run_dir)
     _check_out_vs_run(Path(out), run, force)
     models, device = _plan(run, backend, device, variants)
     out = check_output_folder(out, force)
@@ -460,7 +604,9 @@ def export_triton(run_dir: str | Path, out: str | Path, *, backend: str = "onnxr
             folder = tmp / m.name / "1"
             folder.mkdir(parents=True)
             src = run / m.source
-            if backend == "tensorrt":
+            if m.tower == GENERATE:
+                _write_generate_model(run, _read_report(run), m, folder)
+            elif backend == "tensorrt":
                 _link_or_copy(src, folder / "model.plan")
             else:
                 _link_or_copy(src, folder / "model.onnx")

@@ -26,13 +26,24 @@ activation cache (two copies of the calibration sequences' hidden states) and th
 (one bit per weight); measured in ``benchmarks/prune_big.py``.
 
 Methods: ``wanda`` (one-shot: each block's statistics on the dense model's activations, which
-are exactly ``wanda``'s masks, ``tests/test_offload.py``) and ``wanda-seq`` (each block on the
-pruned earlier blocks' outputs). Other methods need whole-model passes (gradients, scores of
-every layer at once) or state across blocks and are refused in one line.
+are exactly ``wanda``'s masks, ``tests/test_offload.py``), ``wanda-seq`` (each block on the
+pruned earlier blocks' outputs) and ``sparsegpt`` (its own block-sequential driver, default
+options: the reference's order, each block on the pruned earlier blocks' outputs). The
+others need whole-model passes (gradients: snip, ecoflap; every layer's scores at once for
+a global or per-modality allocation: magnitude, lamp, multiflow; a search: upop,
+efficientvlm; the reconstruction after a scorer, which needs the scorer's masks first) and
+are refused in one line.
 
 GPU: each block can run its turn on one ``device`` (read from disk into host memory, moved
-there, back, written, freed). A ``device_map`` across several GPUs (blocks and resident parts
-spread with accelerate's ``infer_auto_device_map``) is not built.
+there, back, written, freed).
+
+Inference past memory (``prune-export --offload disk`` evaluates the dense and the pruned model
+this way): :func:`load_offloaded` loads a folder with a ``device_map`` planned by
+:func:`plan_device_map` (accelerate's ``infer_auto_device_map`` on the empty model, whole
+blocks never split): the GPUs first where there are several (each up to 90% of its free
+memory), then host memory up to :func:`host_budget` (the parts every token needs plus two
+decoder blocks), the rest on ``disk``, read from the safetensors shards at each forward by
+accelerate's hooks.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ import torch
 from ..errors import ConfigError, ModelError
 
 OFFLOAD_MODES = ("none", "disk")
-OFFLOAD_METHODS = ("wanda", "wanda-seq")
+OFFLOAD_METHODS = ("wanda", "wanda-seq", "sparsegpt")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 #: files of a hub folder copied next to the pruned weights
@@ -296,7 +307,7 @@ def load_empty(source: str | Path, name: str = ""):
 
     source = Path(source)
     cfg = AutoConfig.from_pretrained(source)
-    fam = family_for(cfg.model_type)
+    fam = family_for(cfg.model_type, getattr(cfg, "architectures", None))
     if hasattr(fam, "check_config"):
         fam.check_config(cfg)
     with init_empty_weights():
@@ -348,10 +359,17 @@ def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method:
                 if ly.weight.shape[1] % pat.m:
                     check_nm(ly.weight.shape[1], pat.n, pat.m, ly.name)
         counts = None if keep_masks else MaskCounts()
-        solved = wanda_sequential(vlm, layers, calibration, sparsity=sparsity,
-                                  n=pat.n if pat.is_nm else 0, m=pat.m if pat.is_nm else 0,
-                                  inputs="dense" if method == "wanda" else "pruned",
-                                  masks=counts, device=device)
+        nm = dict(n=pat.n, m=pat.m) if pat.is_nm else {}
+        if method == "sparsegpt":
+            from .sparsegpt import sparsegpt_prune
+
+            solved = sparsegpt_prune(vlm, layers, calibration,
+                                     sparsity=None if pat.is_nm else sparsity, **nm,
+                                     masks=counts, device=device)
+        else:
+            solved = wanda_sequential(vlm, layers, calibration, sparsity=sparsity, **nm,
+                                      inputs="dense" if method == "wanda" else "pruned",
+                                      masks=counts, device=device)
         store.finish()
     finally:
         vlm.block_store = None
@@ -359,10 +377,99 @@ def prune_offloaded(source: str | Path, out: str | Path, calibration, *, method:
         if f.is_file() and f.name != INDEX and not f.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(f, out / f.name)
     achieved = counts.sparsity() if counts is not None else sparsity_of(solved.masks, layers)
+    kept: dict[str, list[int]] = {}  # per part: [kept, total]
+    for ly in layers:
+        k, t = counts[ly.name] if counts is not None else \
+            (int(solved.masks[ly.name].sum()), ly.weight.numel())
+        acc = kept.setdefault(ly.modality, [0, 0])
+        acc[0], acc[1] = acc[0] + k, acc[1] + t
     return {"masks": solved.masks if keep_masks else None, "achieved": achieved,
+            "per_modality": {m: 1.0 - k / t for m, (k, t) in kept.items() if t},
             "seconds": time.perf_counter() - t0, "details": solved.details,
             "offloaded_stacks": list(stacks), "block_loads": store.loads,
             "shards_written": store.writer.shards, "bytes_written": store.writer.total}
+
+
+def checkpoint_counts(folder: str | Path) -> tuple[int, int]:
+    """``(parameters, nonzero)`` of a safetensors folder, one tensor in memory at a time
+    (a tied weight stored once is counted once)."""
+    index = ShardIndex.open(folder)
+    total = nonzero = 0
+    for key in index.weight_map:
+        t = index.read(key)
+        total += t.numel()
+        nonzero += int(torch.count_nonzero(t))
+        del t
+    return total, nonzero
+
+
+def host_budget(model: torch.nn.Module, stacks: Sequence[str], blocks: int = 2) -> int:
+    """Host-memory bytes for offloaded inference: every parameter outside ``stacks`` (the
+    vision tower, projector, embeddings, LM head, norms) plus ``blocks`` of the largest block
+    of ``stacks``."""
+    def nbytes(mod):
+        return sum(p.numel() * p.element_size() for p in mod.parameters())
+
+    inside = [m for s in stacks for m in model.get_submodule(s)]
+    largest = max((nbytes(m) for m in inside), default=0)
+    return nbytes(model) - sum(nbytes(m) for m in inside) + blocks * largest
+
+
+def gpu_memory(fraction: float = 0.9) -> dict:
+    """``{gpu index: bytes}``: ``fraction`` of each visible GPU's free memory (empty without
+    CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {i: int(torch.cuda.mem_get_info(i)[0] * fraction)
+            for i in range(torch.cuda.device_count())}
+
+
+def plan_device_map(model: torch.nn.Module, max_memory: dict) -> dict:
+    """``{module name: device}`` for ``model`` (on ``meta``, or loaded) under ``max_memory``
+    (``{gpu index: bytes, "cpu": bytes}``): accelerate's ``infer_auto_device_map`` with the
+    model's ``_no_split_modules`` kept whole (a decoder layer is never split across devices),
+    in module order; what does not fit goes to ``"disk"``."""
+    from ..optional_deps import require_accelerate
+
+    require_accelerate()
+    import logging
+
+    from accelerate import infer_auto_device_map
+
+    log = logging.getLogger("accelerate.utils.modeling")  # "Device 0 is not available" when
+    level = log.level                                     # planning for GPUs not present
+    log.setLevel(logging.ERROR)
+    try:
+        return dict(infer_auto_device_map(
+            model, max_memory=dict(max_memory),
+            no_split_module_classes=sorted(getattr(model, "_no_split_modules", None) or [])))
+    finally:
+        log.setLevel(level)
+
+
+def offload_memory(model: torch.nn.Module, stacks: Sequence[str], device: str | None = None
+                   ) -> dict:
+    """The ``max_memory`` of offloaded inference: every GPU (unless ``device`` is ``cpu``),
+    then :func:`host_budget` of host memory."""
+    gpus = {} if device is not None and str(device).startswith("cpu") else gpu_memory()
+    return {**gpus, "cpu": host_budget(model, stacks)}
+
+
+def load_offloaded(source: str | Path, offload_dir: str | Path, name: str = "",
+                   device: str | None = None):
+    """``(vlm, device_map)``: the model of folder ``source`` loaded for inference with
+    :func:`plan_device_map` (GPUs, bounded host memory, then the shards on disk, read by
+    accelerate's hooks at each forward; safetensors are read in place, ``offload_dir`` holds
+    what accelerate must copy out)."""
+    fam, empty, _, _ = load_empty(source, name)
+    vlm0 = fam.from_folder(empty, str(source), name or Path(source).name)
+    plan = plan_device_map(empty, offload_memory(empty, offloaded_stacks(vlm0, _stacks_of(vlm0)),
+                                                 device))
+    del vlm0, empty
+    model = fam.hf_class().from_pretrained(str(source), device_map=plan, dtype="auto",
+                                           offload_folder=str(offload_dir))
+    model.eval()
+    return fam.from_folder(model, str(source), name or Path(source).name), plan
 
 
 def _stacks_of(vlm) -> list[str]:

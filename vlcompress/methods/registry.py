@@ -115,6 +115,18 @@ NM_OPTIONS = (
            "model", minimum=0.0),
 )
 
+#: Options of every method that supports structured pruning (``--method-option kv_groups=``):
+#: how a grouped-query attention (a LLaMA / Qwen2 decoder) loses heads. ``within``: query heads
+#: only, the same number from each key/value group (every k/v head stays); ``whole``: whole
+#: groups (a group's query heads with its k/v head; ``num_key_value_heads`` shrinks);
+#: ``auto``: per layer, whichever the scores make cheaper (see ``sparsity.structured``).
+KV_GROUP_MODES = ("within", "whole", "auto")
+STRUCTURED_OPTIONS = (
+    Option("kv_groups", str, "within", "grouped-query attention: remove query heads within "
+           "each key/value group, whole groups (k/v projections shrink), or per layer as the "
+           "scores say; structured only", choices=KV_GROUP_MODES),
+)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -172,8 +184,10 @@ class Method:
 
     @property
     def run_options(self) -> tuple[Option, ...]:
-        """Options every method of a pattern gets (:data:`NM_OPTIONS` for N:M methods)."""
-        return NM_OPTIONS if "nm" in self.patterns else ()
+        """Options every method of a pattern gets (:data:`NM_OPTIONS` for N:M methods,
+        :data:`STRUCTURED_OPTIONS` for structured ones)."""
+        return (NM_OPTIONS if "nm" in self.patterns else ()) + \
+            (STRUCTURED_OPTIONS if "structured" in self.patterns else ())
 
     def check_options(self, given: dict | None) -> dict:
         """Every option of this method, ``given`` ones checked and cast, the rest defaulted;

@@ -89,7 +89,7 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
                     blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
                     next_block_inputs: str = "pruned", max_cache_bytes: int | None = None, cache_dir=None,
                     device=None, progress=NULL, fixed=None, label: str = "sparsegpt",
-                    refine_iters: int = 0) -> Solved:
+                    refine_iters: int = 0, masks=None) -> Solved:
     """Prune ``layers`` of ``vlm`` in place with SparseGPT, block by block on cached inputs.
 
     ``sparsity`` (unstructured, uniform per layer) or ``n``/``m`` (N:M). ``max_cache_bytes``
@@ -109,10 +109,13 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
     update; :mod:`vlcompress.methods.reconstruct`), ``sparsity``/``n``/``m`` unused.
     ``refine_iters``: conjugate-gradient steps after each layer's sweep toward the exact
     least-squares weights for its mask (:func:`~vlcompress.sparsity.obs.refine_fixed_mask`).
+    ``masks``: where each layer's mask goes (``masks[name] = keep``; default: a new
+    ``PackedMasks``; the offloaded run keeps only counts, ``methods/offload.MaskCounts``).
     """
     from ..blockwise import run_blockwise
 
-    masks = PackedMasks()  # packed as each block's masks come: one bit per weight
+    if masks is None:
+        masks = PackedMasks()  # packed as each block's masks come: one bit per weight
     ratios: list[float] = []
     factorizations: list[str] = []
 

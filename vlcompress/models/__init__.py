@@ -209,7 +209,7 @@ def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
         from .towers import load_nested_vision_tower
 
         return load_nested_vision_tower(path, cfg, random_init=random_init, name=name)
-    fam = family_for(cfg.model_type)
+    fam = family_for(cfg.model_type, getattr(cfg, "architectures", None))
     getattr(fam, "check_config", lambda c: None)(cfg)
     model_cls = fam.hf_class()
     manifest = None
@@ -246,7 +246,7 @@ def _load_preset(entry) -> VLM:
     cfg_dict = json.loads(entry.path.read_text())
     cfg_dict.pop("_description", None)
     model_type = cfg_dict.pop("model_type")
-    fam = family_for(model_type)
+    fam = family_for(model_type, cfg_dict.get("architectures"))
     cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
     model = fam.hf_class()(cfg)
     tok, img = fam.default_processors(cfg)
@@ -267,7 +267,8 @@ def peek_model(name_or_path: str | Path, *, tower: str | None = None):
     name = str(name_or_path)
     preset, path, cfg = _resolve(name)
     if preset is not None:
-        fam = family_for(json.loads(preset.path.read_text()).get("model_type"))
+        spec = json.loads(preset.path.read_text())
+        fam = family_for(spec.get("model_type"), spec.get("architectures"))
     else:
         if tower == "vision" and _nested_vision(cfg):
             from .towers import NESTED_VISION
@@ -278,7 +279,7 @@ def peek_model(name_or_path: str | Path, *, tower: str | None = None):
                                  f"(vision_config: {getattr(vcfg, 'model_type', None)}); --tower "
                                  "vision needs one")
             return family_info(NESTED_VISION[vcfg.model_type])
-        fam = family_for(cfg.model_type)
+        fam = family_for(cfg.model_type, getattr(cfg, "architectures", None))
         getattr(fam, "check_config", lambda c: None)(cfg)
     if tower is not None and tower not in fam.towers:
         raise ModelError(f"{fam.family} model has no tower {tower}; towers: {', '.join(fam.towers)}")

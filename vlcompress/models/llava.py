@@ -74,12 +74,15 @@ def _set_decoder_heads(attn, n: int, head_dim: int) -> None:
 #: projections are not listed: every key/value head stays, and each group keeps the same
 #: number of query heads, see ``kv_groups``) and the gated MLP's neurons (gate, up and down
 #: rows/columns together). ``head_dim`` is unchanged, so the rotary embedding stays correct.
+#: With ``--method-option kv_groups=whole|auto`` whole groups go: the k/v projections
+#: (``kv_paths``) lose the group's rows and ``num_key_value_groups`` is set from what stays.
 DECODER_LAYOUT = register_layout(Layout(
     "llama-decoder", "self_attn",
     {"attn.q": "self_attn.q_proj", "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj",
      "mlp.in": "mlp.up_proj", "mlp.out": "mlp.down_proj"},
     get_heads=lambda attn: int(attn.q_proj.out_features) // int(attn.head_dim),
-    set_heads=_set_decoder_heads, kv_groups=_kv_heads))
+    set_heads=_set_decoder_heads, kv_groups=_kv_heads,
+    kv_paths={"kv.k": "self_attn.k_proj", "kv.v": "self_attn.v_proj"}))
 
 
 def conversation(text: str, answer: str | None = None) -> list[dict]:
@@ -90,11 +93,34 @@ def conversation(text: str, answer: str | None = None) -> list[dict]:
     return msgs
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS token in front of the text it encodes."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def single_bos(tokenizer, text: str) -> str:
+    """``text`` (a rendered chat template) without its leading BOS when ``tokenizer`` adds one
+    itself: hub templates write ``{{ bos_token }}`` and the processor's tokenizer adds BOS
+    again, which would give the model two (transformers' own ``apply_chat_template(...,
+    tokenize=True)`` avoids it by tokenizing without special tokens; we call the processor on
+    text, so the template's copy goes)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    body = text.lstrip()
+    if bos and body.startswith(bos) and adds_bos(tokenizer):
+        return body[len(bos):]
+    return text
+
+
 def render_prompt(processor, text: str, name: str = "") -> str:
     """The chat-template prompt of ``processor`` for one image and ``text``, ending where the
     assistant's answer starts (shared by PyTorch generation and the ONNX ``generate``)."""
-    out = processor.apply_chat_template(conversation(text), add_generation_prompt=True,
-                                        tokenize=False)
+    out = single_bos(processor.tokenizer,
+                     processor.apply_chat_template(conversation(text), add_generation_prompt=True,
+                                                   tokenize=False))
     if processor.image_token not in out:
         raise DataError(f"the chat template of {name!r} renders no image token "
                         f"({processor.image_token!r}) for an image turn; allowed: a "
@@ -256,6 +282,13 @@ class Llava(VLM):
     # --- structure -----------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device, or for a model loaded with a
+        ``device_map`` (offloaded, several GPUs) the first device of the map that is not
+        ``disk`` (accelerate's hooks move activations between the others)."""
+        dm = getattr(self.model, "hf_device_map", None)
+        if dm:
+            d = next((v for v in dm.values() if v != "disk"), "cpu")
+            return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
         return next(self.model.parameters()).device
 
     @property
@@ -328,7 +361,8 @@ class Llava(VLM):
             raise DataError(f"llava model {self.name!r} needs images; the data is text-only")
         qs = self._questions(batch)
         prompts = [self.prompt(q) for q in qs]
-        texts = [self.processor.apply_chat_template(self._conversation(q, t), tokenize=False)
+        texts = [single_bos(self.tokenizer, self.processor.apply_chat_template(
+                     self._conversation(q, t), tokenize=False))
                  for q, t in zip(qs, self._targets(batch), strict=True)]
         tok = self.tokenizer
         old = tok.padding_side

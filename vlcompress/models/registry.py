@@ -17,12 +17,17 @@ from ..errors import ModelError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 _FAMILIES: dict[str, type] = {}
+#: HF architecture name -> family, for model types several families share (``blip``:
+#: retrieval, captioning, VQA); consulted before the model type
+_ARCHITECTURES: dict[str, type] = {}
 
 
-def register_family(*model_types: str):
+def register_family(*model_types: str, architectures: tuple[str, ...] = ()):
     def deco(cls):
         for mt in model_types:
             _FAMILIES[mt] = cls
+        for arch in architectures:
+            _ARCHITECTURES[arch] = cls
         return cls
 
     return deco
@@ -92,13 +97,24 @@ def presets() -> list[Entry]:
     if root.is_dir():
         for f in sorted(root.glob("*.json")):
             cfg = json.loads(f.read_text())
-            out.append(Entry(f.stem, "preset", cfg.get("model_type", "?"),
+            fam = cfg.get("model_type", "?")
+            if cfg.get("architectures"):  # blip: retrieval, captioning, VQA share the type
+                _import_families()
+                fam = next((_ARCHITECTURES[a].family for a in cfg["architectures"]
+                            if a in _ARCHITECTURES), fam)
+            out.append(Entry(f.stem, "preset", fam,
                              cfg.pop("_description", "randomly initialised"), f))
     return out
 
 
-def family_for(model_type: str):
+def family_for(model_type: str, architectures=None):
+    """The family of a config: by its ``architectures`` where a family registered one of
+    them (a BLIP captioning config is ``model_type`` ``blip`` like a retrieval one), else by
+    its ``model_type``."""
     fams = families()
+    for arch in architectures or ():
+        if arch in _ARCHITECTURES:
+            return _ARCHITECTURES[arch]
     if model_type not in fams:
         raise ModelError(
             f"model_type {model_type!r} is not supported; supported families: "
@@ -122,7 +138,8 @@ def family_info(vlm_or_cls, towers=None):
     return FamilyInfo(family=cls.family, towers=towers,
                       has_loss=whole and cls.loss is not VLM.loss,
                       structured=bool(getattr(cls, "structured", False)),
-                      image_text=whole and "vision" in towers and "text" in towers,
+                      image_text=whole and (("vision" in towers and "text" in towers)
+                                            or bool(getattr(cls, "image_text", False))),
                       generative=bool(getattr(cls, "generative", False)),
                       structured_families=tuple(sorted(
                           n for n, c in families().items() if getattr(c, "structured", False))))

@@ -71,7 +71,10 @@ class Layout:
     ``kv_groups(attn)``: the key/value heads of a grouped-query attention (its k/v projections
     are then not among ``paths`` and stay whole; query heads are removed the same number from
     each group, so the kept head count is a multiple of it); default 1 (no constraint). A gated
-    MLP names its gate projection ``mlp.gate`` (sliced with ``mlp.in``).
+    MLP names its gate projection ``mlp.gate`` (sliced with ``mlp.in``). ``kv_paths``: role
+    (``kv.k``, ``kv.v``) -> the k/v projections of a grouped-query attention, which
+    :func:`slice_unit` cuts to the kept key/value heads when whole groups are removed (they are
+    not among ``paths``: query-head slicing leaves them whole).
     """
 
     name: str
@@ -83,6 +86,7 @@ class Layout:
     set_heads: Callable | None = None
     get_heads: Callable | None = None
     kv_groups: Callable | None = None
+    kv_paths: Mapping[str, str] | None = None
 
     @property
     def fused(self) -> bool:
@@ -193,6 +197,12 @@ class Block:
     def kv_groups(self) -> int:
         return self.layout.groups(self.attn)
 
+    @property
+    def kv_linears(self) -> dict[str, nn.Linear]:
+        """The k/v projections (role -> Linear) of a grouped-query unit (else empty)."""
+        return {r: self.root.get_submodule(f"{self.layer_prefix}.{p}")
+                for r, p in (self.layout.kv_paths or {}).items()}
+
     def names(self) -> list[str]:
         return [ly.name for ly in self.linears.values()]
 
@@ -254,9 +264,18 @@ def qkv_rows(heads: torch.Tensor, head_dim: int, width: int) -> torch.Tensor:
 
 
 def slice_unit(layout: Layout, attn: nn.Module, lins: Mapping[str, nn.Linear], heads_keep=None,
-               neurons_keep=None) -> None:
+               neurons_keep=None, kv_keep=None) -> None:
     """Slice one unit (``lins``: canonical role -> Linear) in place to the kept heads and
-    neurons (index tensors; None keeps all)."""
+    neurons (index tensors; None keeps all). ``kv_keep``: the key/value heads a grouped-query
+    unit keeps (its ``kv.k`` / ``kv.v`` rows in ``lins``), cut before the query heads so the
+    attention's group size is set from the new key/value count."""
+    if kv_keep is not None:
+        kv_keep = torch.as_tensor(kv_keep, dtype=torch.long).sort().values
+        if kv_keep.numel() < 1 or not layout.kv_paths:
+            raise ValueError("a grouped-query layer must keep at least one key/value head")
+        rows = head_rows(kv_keep, layout.head_dim(attn))
+        for role in layout.kv_paths:
+            _slice_linear(lins[role], out_idx=rows)
     if heads_keep is not None:
         heads_keep = torch.as_tensor(heads_keep, dtype=torch.long).sort().values
         if heads_keep.numel() < 1:
@@ -282,10 +301,11 @@ def slice_unit(layout: Layout, attn: nn.Module, lins: Mapping[str, nn.Linear], h
         _slice_linear(lins["mlp.out"], in_idx=neurons_keep)
 
 
-def slice_block(block: Block, heads_keep=None, neurons_keep=None) -> None:
+def slice_block(block: Block, heads_keep=None, neurons_keep=None, kv_keep=None) -> None:
     """:func:`slice_unit` on a :class:`Block`."""
-    slice_unit(block.layout, block.attn, {r: block.lin(r) for r in block.linears},
-               heads_keep, neurons_keep)
+    slice_unit(block.layout, block.attn,
+               {**{r: block.lin(r) for r in block.linears}, **block.kv_linears},
+               heads_keep, neurons_keep, kv_keep)
 
 
 def _stack_config(model: nn.Module, stack: str):
@@ -332,6 +352,8 @@ def structure_of(vlm) -> dict:
         shape = {"num_heads": b.num_heads, "head_dim": b.head_dim}
         if b.has_mlp:
             shape["intermediate_size"] = b.mlp_width
+        if b.layout.kv_paths:
+            shape["num_key_value_heads"] = b.kv_groups
         if b.layout.sub:
             entry[b.layout.sub] = shape
         else:
@@ -353,7 +375,9 @@ def is_sliced(vlm) -> bool:
         if cfg is None:
             continue
         if b.num_heads != getattr(cfg, "num_attention_heads", b.num_heads) or \
-                (b.has_mlp and b.mlp_width != getattr(cfg, "intermediate_size", b.mlp_width)):
+                (b.has_mlp and b.mlp_width != getattr(cfg, "intermediate_size", b.mlp_width)) or \
+                (b.layout.kv_paths and b.kv_groups != getattr(cfg, "num_key_value_heads",
+                                                              b.kv_groups)):
             return True
     return False
 
@@ -511,7 +535,8 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
                     continue  # this unit was not in scope: left as the config builds it
                 try:
                     attn = layer.get_submodule(lay.attn)
-                    mods = {r: layer.get_submodule(p) for r, p in lay.paths.items()}
+                    mods = {r: layer.get_submodule(p)
+                            for r, p in {**lay.paths, **(lay.kv_paths or {})}.items()}
                 except AttributeError:
                     raise ModelError(f"{stack}.{i} does not have the {lay.name!r} layout the "
                                      "manifest names") from None
@@ -519,9 +544,12 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
                     raise ModelError(f"{stack}.{i}: head_dim {lay.head_dim(attn)} != manifest "
                                      f"{entry['head_dim']}")
                 width = entry.get("intermediate_size")
+                kv = entry.get("num_key_value_heads")
                 slice_unit(lay, attn, mods, heads_keep=torch.arange(int(entry["num_heads"])),
                            neurons_keep=torch.arange(int(width))
-                           if lay.has_mlp and width is not None else None)
+                           if lay.has_mlp and width is not None else None,
+                           kv_keep=torch.arange(int(kv)) if kv is not None and lay.kv_paths
+                           else None)
     setattr(model, STRUCTURED_FLAG, True)
 
 

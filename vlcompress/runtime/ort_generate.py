@@ -78,6 +78,13 @@ def read_spec(folder: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+def kv_heads_of(spec_heads, layer: int) -> int:
+    """The key/value heads of ``layer`` from ``generation.json``'s ``num_key_value_heads``
+    (an int for every layer, or a list with one per layer after whole key/value groups were
+    sliced away)."""
+    return int(spec_heads[layer] if isinstance(spec_heads, list) else spec_heads)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Seeded sampling instead of the arg-max: ``temperature`` > 0 divides the logits, then
@@ -132,8 +139,10 @@ class Decoding:
         s = gen.spec
         b, p = prompt_mask.shape
         self.batch, self.prompt_len, self.capacity = b, p, int(capacity)
-        self.kv_shape = (b, int(s["num_key_value_heads"]), int(s["head_dim"]))
-        self.n_cache = 2 * int(s["num_layers"])
+        self.kv_heads = [kv_heads_of(s["num_key_value_heads"], j // 2)
+                         for j in range(2 * int(s["num_layers"]))]  # per cache tensor
+        self.kv_shape = (b, max(self.kv_heads), int(s["head_dim"]))
+        self.n_cache = len(self.kv_heads)
         per = b * self.kv_shape[1] * self.capacity * self.kv_shape[2]
         # the two ping-pong sides, in the decoder's cache dtype (fp16 exports: float16)
         self.cache = np.zeros((2, self.n_cache, per), gen.kv_dtype)
@@ -150,9 +159,10 @@ class Decoding:
         self.binding = gen.sessions["decoder"].io_binding()
 
     def cache_view(self, side: int, j: int, length: int) -> tuple[int, tuple]:
-        """(pointer, shape) of cache tensor ``j`` on ``side`` at ``length`` tokens."""
-        b, h, d = self.kv_shape
-        return self.cache[side, j].ctypes.data, (b, h, length, d)
+        """(pointer, shape) of cache tensor ``j`` on ``side`` at ``length`` tokens (its
+        layer's key/value heads: whole groups may have been sliced away)."""
+        b, _, d = self.kv_shape
+        return self.cache[side, j].ctypes.data, (b, self.kv_heads[j], length, d)
 
     def mask_view(self, length: int) -> np.ndarray:
         m = self.mask[: self.batch * length].reshape(self.batch, length)
@@ -224,8 +234,8 @@ class OrtGenerator:
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         s = self.spec
-        shape = (batch, int(s["num_key_value_heads"]), 0, int(s["head_dim"]))
-        return {f"past.{i}.{kv}": np.zeros(shape, self.kv_dtype)
+        return {f"past.{i}.{kv}": np.zeros((batch, kv_heads_of(s["num_key_value_heads"], i), 0,
+                                            int(s["head_dim"])), self.kv_dtype)
                 for i in range(int(s["num_layers"])) for kv in ("key", "value")}
 
     def decode_step(self, embeds, mask, positions, past):

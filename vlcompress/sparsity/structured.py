@@ -52,7 +52,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ConfigError, PatternError
-from ..models.surgery import QKV_ROLES, Block, find_blocks
+from ..models.surgery import QKV_ROLES, Block, find_blocks, head_rows
 from .allocation import per_modality_counts, prune_count, threshold_counts
 from .apply import select_layers
 
@@ -200,10 +200,28 @@ def _pooled_keep(blocks, scores: dict[str, torch.Tensor], sparsity: float, sizes
     return out
 
 
+def round_gqa_heads(raw: float, block: Block, round_to: int, kv_mode: str = "within") -> int:
+    """Kept query heads of a grouped-query ``block`` (``g`` key/value groups of ``H / g``
+    heads): ``within`` keeps a multiple of ``g`` (the same number per group), ``whole`` a
+    multiple of ``H / g`` (whole groups), ``auto`` whichever of the two is nearer ``raw``
+    (ties: the larger count). A multi-head attention (``H / g == 1``) can lose heads only as
+    whole groups."""
+    H, g = block.num_heads, block.kv_groups
+    within = round_heads(raw, H, block.head_dim, round_to, g)
+    if kv_mode == "within" or not block.layout.kv_paths:
+        return within
+    whole = round_heads(raw, H, block.head_dim, round_to, H // g)
+    if kv_mode == "whole":
+        return whole
+    return min((within, whole), key=lambda k: (abs(k - raw), -k))
+
+
 def keep_counts(blocks: Sequence[Block], head_scores: dict[str, torch.Tensor],
                 neuron_scores: dict[str, torch.Tensor], allocation: str, sparsity: float,
-                units: Sequence[str], round_to: int) -> dict[str, tuple[int, int]]:
-    """``{block prefix: (heads kept, neurons kept)}`` after allocation and rounding."""
+                units: Sequence[str], round_to: int, kv_mode: str = "within"
+                ) -> dict[str, tuple[int, int]]:
+    """``{block prefix: (heads kept, neurons kept)}`` after allocation and rounding
+    (``kv_mode``: :func:`round_gqa_heads`)."""
     raw_h = {b.prefix: float(b.num_heads) for b in blocks}
     raw_f = {b.prefix: float(b.mlp_width) for b in blocks}
     s = float(sparsity)
@@ -237,8 +255,7 @@ def keep_counts(blocks: Sequence[Block], head_scores: dict[str, torch.Tensor],
                     raw_f[b.prefix] = b.mlp_width * (1.0 - s)
     out = {}
     for b in blocks:
-        h = round_heads(raw_h[b.prefix], b.num_heads, b.head_dim, round_to, b.kv_groups) \
-            if "heads" in units \
+        h = round_gqa_heads(raw_h[b.prefix], b, round_to, kv_mode) if "heads" in units \
             else b.num_heads
         f = round_neurons(raw_f[b.prefix], b.mlp_width, round_to) if "neurons" in units \
             else b.mlp_width
@@ -266,10 +283,63 @@ def keep_heads(block: Block, scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([top_k(scores[i * per:(i + 1) * per], k_per) + i * per for i in range(g)])
 
 
+def kv_group_scores(block: Block, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[g]``: the summed weight scores of each key/value head's k and v rows (``scores`` by
+    layer name, holding the block's k/v projections)."""
+    g, hd = block.kv_groups, block.head_dim
+    out = torch.zeros(g, dtype=torch.float64)
+    for path in block.layout.kv_paths.values():
+        s = _clean(scores[f"{block.layer_prefix}.{path}"]).double().cpu()
+        out += s.reshape(g, hd, -1).sum(dim=(1, 2))
+    return out.float()
+
+
+def keep_heads_kv(block: Block, scores: torch.Tensor, k: int, kv_mode: str = "within",
+                  kv_scores: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """``(query heads kept, key/value heads kept or None, mode used)`` of a grouped-query
+    ``block`` keeping ``k`` query heads.
+
+    - ``within``: :func:`keep_heads` (every k/v head stays: None);
+    - ``whole``: the ``k / (H / g)`` groups with the highest score (their query heads' scores
+      plus, when given, ``kv_scores``: the group's k/v rows), all their query heads kept;
+    - ``auto``: where ``k`` allows both, the one that removes the less score per removed
+      weight (a group's k/v weights count as removed with it; without ``kv_scores`` they
+      count as removed at no score, so whole groups win only where their query heads are
+      the weakest); else the one ``k`` allows.
+    """
+    H, g = block.num_heads, block.kv_groups
+    per = H // g
+    k = int(k)
+    can_within, can_whole = k % g == 0, k % per == 0 and block.layout.kv_paths is not None
+    if kv_mode == "within" or k == H or not can_whole:
+        return keep_heads(block, scores, k), None, "within"
+    groups = scores.double().reshape(g, per).sum(1)
+    if kv_scores is not None:
+        groups = groups + kv_scores.double()
+    kv_keep = top_k(groups, k // per)
+    heads = head_rows(kv_keep, per)  # the query heads of the kept groups
+    if kv_mode == "whole" or not can_within:
+        return heads, kv_keep, "whole"
+    within = keep_heads(block, scores, k)
+    per_head, _ = _group_sizes(block)
+    kv_size = 2 * block.head_dim * block.lin("attn.o").out_features
+    total = scores.double().sum()
+    lost_within = float(total - scores.double()[within].sum())
+    lost_whole = float(total - scores.double()[heads].sum())
+    if kv_scores is not None:
+        dropped = torch.ones(g, dtype=torch.bool)
+        dropped[kv_keep] = False
+        lost_whole += float(kv_scores.double()[dropped].sum())
+    removed = (H - k) * per_head
+    if lost_whole / (removed + (g - len(kv_keep)) * kv_size) < lost_within / removed:
+        return heads, kv_keep, "whole"
+    return within, None, "within"
+
+
 def weight_masks(block: Block, heads_keep: torch.Tensor, neurons_keep: torch.Tensor
                  ) -> dict[str, torch.Tensor]:
     """Bool masks (True = kept) shaped like each of ``block``'s weights."""
-    from ..models.surgery import head_rows
 
     out = {}
     rows = torch.zeros(block.lin("attn.o").in_features, dtype=torch.bool)
@@ -289,6 +359,17 @@ def weight_masks(block: Block, heads_keep: torch.Tensor, neurons_keep: torch.Ten
         else:
             m = neur[None, :].expand(w.shape)
         out[ly.name] = m.to(w.device).contiguous()
+    return out
+
+
+def kv_masks(block: Block, kv_keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Bool masks (True = kept) of ``block``'s k/v projections keeping ``kv_keep`` heads."""
+    out = {}
+    for path, lin in zip(block.layout.kv_paths.values(), block.kv_linears.values(), strict=True):
+        rows = torch.zeros(lin.out_features, dtype=torch.bool)
+        rows[head_rows(kv_keep, block.head_dim)] = True
+        out[f"{block.layer_prefix}.{path}"] = rows[:, None].expand(lin.weight.shape) \
+            .to(lin.weight.device).contiguous()
     return out
 
 
