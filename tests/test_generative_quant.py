@@ -216,3 +216,17 @@ def test_fp16_cache_on_a_graph_that_reads_it_in_fp32_is_refused():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ExportError, match="does not type-check"):
         kv_cache_fp16(m)
+
+
+def test_precision_variants_of_a_blip_caption_export_are_refused(tmp_path):
+    """BLIP's generative export (vision + cross-attention decoder) has no precision variant:
+    one line, before any work."""
+    from blip_caption_factory import make_tiny_blip_caption_folder
+
+    model = make_tiny_blip_caption_folder(tmp_path)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(model), "--out", str(out),
+                                   "--quantize", "int8", "--quantize-method", "dynamic"])
+    assert res.exit_code == 2, res.output
+    assert "builds precision variants of LLaVA-style exports" in res.output
+    assert "Traceback" not in res.output and not out.exists()
