@@ -342,10 +342,14 @@ def prune_export_cmd(
     for t in console_tables(report):
         out.print(t)
     if report["model"].get("generative"):
-        files = ((report.get("export") or {}).get("generative") or {}).get("pruned", {})
+        exports = (report.get("export") or {}).get("generative") or {}
+        files = exports.get("pruned", {})
         names = ", ".join(v.rsplit("/", 1)[-1] for v in (files.get("paths") or {}).values())
-        out.print(f"wrote {out_dir}/report.json, report.md, dense/ and pruned/ ({names}, "
-                  "validated), pruned/model (generative model: no latency yet)", soft_wrap=True)
+        folders = " ".join(f"{v}/" for v in exports)
+        more = ("; every variant's accuracy and latency: report.md"
+                if len(exports) > 2 else "")
+        out.print(f"wrote {out_dir}/report.json, report.md, {folders} ({names}, validated), "
+                  f"pruned/model{more}", soft_wrap=True)
         return
     out.print(f"wrote {out_dir}/report.json, report.md, dense/*.onnx, pruned/*.onnx, pruned/model"
               + (f", triton/ ({triton} backend)" if triton else ""), soft_wrap=True)
