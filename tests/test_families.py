@@ -80,8 +80,8 @@ def batches():
 
 #: generative families: no per-tower ONNX export; their three-graph export and pruning are
 #: exercised by their own tests (tests/test_llava.py, tests/test_generative_export.py,
-#: tests/test_blip_caption.py)
-GENERATIVE = {"llava", "blip-caption", "blip-vqa"}
+#: tests/test_blip_caption.py, tests/test_blip2.py; blip2's model_type is "blip-2")
+GENERATIVE = {"llava", "blip-caption", "blip-vqa", "blip-2"}
 
 
 def test_every_registered_family_is_exercised():

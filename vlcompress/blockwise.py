@@ -632,8 +632,12 @@ def run_blockwise(vlm: VLM, data, layers: Sequence[PrunableLayer],
                 dependent |= {s for s in pending if set(reads(s)) & (set(pending) - {s})}
                 run.forward_seconds += time.perf_counter() - t
                 # A stack that reads another tower waits for the stacks it may read; when
-                # every pending stack does, they go ahead (nothing left to wait for).
-                ready = [s for s in pending if s not in dependent] or list(pending)
+                # every pending stack does, those that read no pending stack go ahead (BLIP-2
+                # pruned without its ViT: the Q-Former before the decoder that reads it), and
+                # when none is left to wait for, all of them.
+                ready = [s for s in pending if s not in dependent] or \
+                    [s for s in pending if not set(reads(s)) & (set(pending) - {s})] or \
+                    list(pending)
                 for s in pending:
                     if s not in ready:
                         for st in streams[s]:

@@ -313,7 +313,8 @@ def check_run(cfg: RunConfig):
         if bad:
             raise ConfigError(f"--parts {bad[0]} is not a part of {cfg.model} ({info.family}); "
                               f"allowed: {', '.join(info.towers)}")
-        sliceable = getattr(families()[info.family], "structured_parts", info.towers)
+        fam = next(c for c in families().values() if c.family == info.family)  # by family name
+        sliceable = getattr(fam, "structured_parts", info.towers)  # (blip2's model_type: blip-2)
         if cfg.prune_config.pattern.is_structured and \
                 not any(p in sliceable for p in parse_parts(cfg.parts)):
             raise ConfigError(f"--pattern structured cannot slice --parts {cfg.parts} of "
@@ -562,10 +563,14 @@ def _prune_generative(vlm, cfg: RunConfig, calib, progress):
     from .prune import prune
 
     pc = cfg.prune_config
+    dense: dict[str, str] = {}
     if cfg.parts is not None:
         parts = parse_parts(cfg.parts)
-    else:  # --tower PART names one part; neither: every part
-        parts = dict.fromkeys((cfg.tower,) if cfg.tower else vlm.towers)
+    else:  # --tower PART names one part; neither: every part but those the family keeps
+        # dense by default (BLIP-2's Q-Former, as in ECoFLaP), which the report names
+        dense = {} if cfg.tower else dict(getattr(vlm, "dense_parts", {}))
+        parts = dict.fromkeys((cfg.tower,) if cfg.tower else
+                              [t for t in vlm.towers if t not in dense])
     groups: dict[float, list[str]] = {}
     for part in vlm.towers:
         if part in parts:
@@ -588,6 +593,8 @@ def _prune_generative(vlm, cfg: RunConfig, calib, progress):
         first["seconds"] = sum(r.seconds for _, r in results)
     first["parts"] = format_parts({p: parts[p] for p in vlm.towers if p in parts})
     first["scope"] = [p for p in vlm.towers if p in parts]
+    if dense:
+        first["dense_parts"] = dense
     return first
 
 
@@ -736,6 +743,7 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
         notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
                      "(vision, embed, decoder) and validated; latency of generative models is "
                      "not built yet (no latency rows)")
+        notes += [f"{p} kept dense: {why}" for p, why in prune_section.get("dense_parts", {}).items()]
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
                    "generative": True, "parts": list(vlm.towers),

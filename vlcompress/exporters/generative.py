@@ -52,6 +52,8 @@ from onnx import helper
 
 from ..errors import ExportError, ModelError
 from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, kv_heads_of, prompt_inputs
+from ._decoder import FlatCache as _FlatCache
+from ._decoder import additive_mask
 from .onnx import _name_initializers, _quiet, _short, save_onnx
 
 __all__ = ["GenerativeExport", "export_generative", "validate_generative", "DecoderGraph",
@@ -72,23 +74,6 @@ class GenerativeExport:
         return {"paths": {k: str(v) for k, v in self.paths.items()}, "precision": "fp32",
                 "exporter": "torchscript", "validation": self.validation,
                 "seconds": round(self.seconds, 2)}
-
-
-class _FlatCache:
-    """The cache interface the decoder layers call (``update``): past tensors in, the
-    concatenated keys/values kept as this call's presents."""
-
-    def __init__(self, past: list[torch.Tensor]):
-        self.keys = list(past[0::2])
-        self.values = list(past[1::2])
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
-        self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def presents(self) -> list[torch.Tensor]:
-        return [t for kv in zip(self.keys, self.values, strict=True) for t in kv]
 
 
 class VisionGraph(torch.nn.Module):
@@ -127,13 +112,7 @@ class DecoderGraph(torch.nn.Module):
         self.head = model.lm_head
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        seq = inputs_embeds.shape[1]
-        total = attention_mask.shape[1]
-        q = torch.arange(seq, device=inputs_embeds.device) + (total - seq)
-        k = torch.arange(total, device=inputs_embeds.device)
-        allowed = (k[None, :] <= q[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
+        mask = additive_mask(inputs_embeds, attention_mask)
         cache = _FlatCache(list(past))
         h = inputs_embeds
         pe = self.lm.rotary_emb(h, position_ids=position_ids)
@@ -145,6 +124,16 @@ class DecoderGraph(torch.nn.Module):
         return (logits, *cache.presents())
 
 
+def graphs(vlm) -> tuple[type, type, type]:
+    """The (vision, embed, decoder) wrapper classes of ``vlm``'s family: LLaVA's here, BLIP-2's
+    (Q-Former vision graph, OPT decoder) in :mod:`vlcompress.exporters.generative_opt`."""
+    if vlm.family == "blip2":
+        from .generative_opt import Blip2VisionGraph, OptDecoderGraph, OptEmbedGraph
+
+        return Blip2VisionGraph, OptEmbedGraph, OptDecoderGraph
+    return VisionGraph, EmbedGraph, DecoderGraph
+
+
 def _text_cfg(model):
     return model.config.text_config
 
@@ -154,15 +143,32 @@ def _kv_shape(model) -> tuple[int, int | list[int], int]:
     structured pruning removed whole key/value groups (read from each layer's k projection)."""
     tc = _text_cfg(model)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    layers = model.model.language_model.layers
+    layers = _decoder_layers(model)
     per = [int(ly.self_attn.k_proj.out_features) // int(ly.self_attn.head_dim) for ly in layers]
     return len(layers), per[0] if len(set(per)) == 1 else per, head_dim
 
 
+def _decoder_layers(model):
+    """The decoder layers: LLaVA's ``model.language_model.layers``, BLIP-2's OPT
+    ``language_model.model.decoder.layers`` (a head-sliced OPT keeps its own key/value head
+    count per layer: OPT has no grouped-query attention)."""
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    if lm is not None and hasattr(lm, "layers"):
+        return lm.layers
+    return model.language_model.model.decoder.layers
+
+
+def _embed_width(model) -> int:
+    """The width of ``inputs_embeds`` (OPT's ``word_embed_proj_dim`` may differ from its
+    hidden size: ``project_in`` maps it, inside the decoder graph)."""
+    tc = _text_cfg(model)
+    return getattr(tc, "word_embed_proj_dim", None) or tc.hidden_size
+
 
 @contextlib.contextmanager
 def _eager_attention(model):
-    cfgs = [model.config, model.config.text_config, model.config.vision_config]
+    cfgs = [model.config, model.config.text_config, model.config.vision_config,
+            *([model.config.qformer_config] if hasattr(model.config, "qformer_config") else [])]
     old = [getattr(c, "_attn_implementation", None) for c in cfgs]
     try:
         for c in cfgs:
@@ -201,12 +207,13 @@ def _export(module, args, path: Path, inputs, outputs, axes, props: dict, root) 
 def _example_pixels(vlm, batch: int, seed: int) -> torch.Tensor:
     v = vlm.model.config.vision_config
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, v.num_channels, v.image_size, v.image_size, generator=g)
+    return torch.randn(batch, getattr(v, "num_channels", 3), v.image_size, v.image_size,
+                       generator=g)
 
 
 def _decoder_args(vlm, batch: int, seq: int, past: int, seed: int, pad: int = 0):
     n, kvh, hd = _kv_shape(vlm.model)
-    hidden = _text_cfg(vlm.model).hidden_size
+    hidden = _embed_width(vlm.model)
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     if pad:
@@ -243,12 +250,13 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
     n, kvh, hd = _kv_shape(model)
     props = {"vlcompress.model": str(vlm.name), "vlcompress.family": vlm.family}
     paths = {p: out / f for p, f in FILES.items()}
+    vision_graph, embed_graph, decoder_graph = graphs(vlm)
     with _eager_attention(model):
-        _export(VisionGraph(model), [_example_pixels(vlm, 2, 0)], paths["vision"],
+        _export(vision_graph(model), [_example_pixels(vlm, 2, 0)], paths["vision"],
                 ["pixel_values"], ["image_embeds"],
                 {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
                 {**props, "vlcompress.part": "vision"}, model)
-        _export(EmbedGraph(model), [torch.tensor([[1, 2, 3], [3, 2, 1]])], paths["embed"],
+        _export(embed_graph(model), [torch.tensor([[1, 2, 3], [3, 2, 1]])], paths["embed"],
                 ["input_ids"], ["inputs_embeds"],
                 {"input_ids": {0: "batch", 1: "sequence"},
                  "inputs_embeds": {0: "batch", 1: "sequence"}},
@@ -259,13 +267,14 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
                 "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
         axes |= {k: {0: "batch", 2: "past_sequence"} for k in ins[3:]}
         axes |= {k: {0: "batch", 2: "total_sequence"} for k in outs[1:]}
-        _export(DecoderGraph(model), _decoder_args(vlm, 2, 3, 2, 0), paths["decoder"], ins, outs,
+        _export(decoder_graph(model), _decoder_args(vlm, 2, 3, 2, 0), paths["decoder"], ins, outs,
                 axes, {**props, "vlcompress.part": "decoder"}, model)
     tc = _text_cfg(model)
     tok = vlm.tokenizer
     spec = {"family": vlm.family, "model": str(vlm.name), "files": dict(FILES),
             "image_token_id": int(model.config.image_token_index),
-            "vocab_size": int(tc.vocab_size), "eos_token_id": int(tok.eos_token_id),
+            "vocab_size": int(tc.vocab_size),
+            "eos_token_id": int(getattr(vlm, "eos_token_id", None) or tok.eos_token_id),
             "pad_token_id": int(tok.pad_token_id), "num_layers": n, "num_key_value_heads": kvh,
             "head_dim": hd, "context": int(tc.max_position_embeddings), "precision": "fp32"}
     (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
@@ -291,6 +300,7 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
     listing every mismatch, else return the measured figures."""
     model = vlm.model.eval()
     gen = OrtGenerator(folder)
+    vision_graph, embed_graph, decoder_graph = graphs(vlm)
     diffs, problems = {}, []
 
     def check(name, got, ref):
@@ -300,11 +310,11 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
             problems.append(f"{name} max abs diff {d:.3g}")
 
     px = _example_pixels(vlm, 3, 1)
-    check("vision", gen.image_embeds(px.numpy()), VisionGraph(model)(px))
+    check("vision", gen.image_embeds(px.numpy()), vision_graph(model)(px))
     ids = torch.tensor([[1, 5, 7, 3, 2], [2, 2, 6, 1, 0], [3, 4, 1, 0, 2]]) % _text_cfg(model).vocab_size
     check("embed", gen.sessions["embed"].run(None, {"input_ids": ids.numpy()})[0],
-          EmbedGraph(model)(ids))
-    dec = DecoderGraph(model)
+          embed_graph(model)(ids))
+    dec = decoder_graph(model)
     with _eager_attention(model):
         # prefill (batch 3, row 0 left-padded, empty past), then one decode step on its cache
         args = _decoder_args(vlm, 3, 6, 0, 2, pad=2)

@@ -52,13 +52,17 @@ ITC_TEMPERATURE = 0.07
 
 # --- structured layouts ------------------------------------------------------------------
 def _sliced_vision_forward(self, hidden_states, **kwargs):
-    """``BlipAttention.forward`` with the head dim its own, not ``hidden_size // num_heads``
-    (the same computation when no head is removed)."""
+    """``BlipAttention.forward`` (and ``Blip2Attention``'s, the same fused-qkv attention) with
+    the head dim its own, not ``hidden_size // num_heads`` (the same computation when no head
+    is removed)."""
     bsz, tgt_len, _ = hidden_states.size()
     qkv = (self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim)
            .permute(2, 0, 3, 1, 4))
     scores = torch.matmul(qkv[0], qkv[1].transpose(-1, -2)) * self.scale
-    probs = self.dropout(F.softmax(scores, dim=-1))
+    probs = F.softmax(scores, dim=-1)
+    drop = getattr(self, "dropout", None)  # BLIP's module; BLIP-2 keeps a probability
+    probs = drop(probs) if drop is not None else F.dropout(
+        probs, p=float(getattr(self, "attention_dropout", 0.0)), training=self.training)
     ctx = torch.matmul(probs, qkv[2]).permute(0, 2, 1, 3)
     ctx = ctx.reshape(bsz, tgt_len, self.num_heads * self.head_dim)
     return self.projection(ctx), probs
@@ -67,21 +71,26 @@ def _sliced_vision_forward(self, hidden_states, **kwargs):
 _SLICED: dict[str, type] = {}
 
 
-def sliced_attention_class() -> type:
-    """``SlicedBlipAttention``: a ``BlipAttention`` whose forward works with any head count
-    (built on first use: importing transformers' BLIP modelling code is not free)."""
-    if "cls" not in _SLICED:
+def sliced_attention_class(base: type | None = None) -> type:
+    """``Sliced<base>``: a subclass of a fused-qkv vision attention (``BlipAttention`` by
+    default, or BLIP-2's ``Blip2Attention``) whose forward works with any head count (built
+    on first use: importing transformers' BLIP modelling code is not free)."""
+    if base is None:
         from transformers.models.blip.modeling_blip import BlipAttention
 
-        cls = type("SlicedBlipAttention", (BlipAttention,), {"forward": _sliced_vision_forward,
-                                                             "__module__": __name__})
-        globals()["SlicedBlipAttention"] = _SLICED["cls"] = cls
-    return _SLICED["cls"]
+        base = BlipAttention
+    if base.__name__.startswith("Sliced"):
+        return base
+    name = f"Sliced{base.__name__}"
+    if name not in _SLICED:
+        cls = type(name, (base,), {"forward": _sliced_vision_forward, "__module__": __name__})
+        globals()[name] = _SLICED[name] = cls
+    return _SLICED[name]
 
 
 def _set_vision_heads(attn, n: int, head_dim: int) -> None:
     attn.num_heads = n
-    attn.__class__ = sliced_attention_class()
+    attn.__class__ = sliced_attention_class(type(attn))
 
 
 def _set_text_heads(attn, n: int, head_dim: int) -> None:

@@ -9,7 +9,8 @@ reference share, so the served answer and the direct one are encoded the same wa
     print(enc.decode(tokens[0]))
 
 A prompt is the user's text; it is rendered with the model's chat template (one image turn,
-:func:`vlcompress.models.llava.render_prompt`) and tokenized with the image tokens expanded by
+:func:`vlcompress.models.llava.render_prompt`; a BLIP-2 run: its question prompt,
+``Question: {} Answer:``, from the saved model card) and tokenized with the image tokens expanded by
 the model's processor; a batch is left-padded. ``encode_pixels`` takes pixels the processor
 already made (``[batch, 3, H, W]`` float32 at the processor's size): the prompt is tokenized
 with a blank image of that size (the image-token count depends on the size only) and the
@@ -58,6 +59,11 @@ class PromptEncoder:
                               ) from None
         self.model_name = str(model_name)
         self.context = int(context)
+        from ..models.registry import model_card
+
+        card = model_card(Path(processor_dir))  # BLIP-2: plain-text prompts, no chat template
+        self.question = ((card.get("prompts") or {}).get("question")
+                         if card.get("family") == "blip2" else None)
         from PIL import Image
 
         blank = Image.new("RGB", (32, 32))
@@ -78,7 +84,8 @@ class PromptEncoder:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its "longer than the maximum" warning: see check_length
         try:
-            text = [render_prompt(self.processor, p, self.model_name) for p in prompts]
+            text = [self.question.format(p) if self.question else
+                    render_prompt(self.processor, p, self.model_name) for p in prompts]
             return prompt_inputs(self.processor, text, images)
         finally:
             hf_logging.set_verbosity(verbosity)
