@@ -117,8 +117,15 @@ def markdown(res: dict) -> str:
 
 # --permutation: channel permutation for N:M (issue 26), and RIA
 PERM_METHODS = ["magnitude", "wanda", "multiflow", "lamp", "snip", "ecoflap", "ria", "sparsegpt"]
-PERM_SETTINGS = [("2:4", "2:4", None, False), ("2:4 + permutation", "2:4", None, True)]
-RIA_SETTINGS = [("50%", "unstructured", 0.5, False)]
+RIA_SETTINGS = [("50%", "unstructured", 0.5, None)]
+
+
+def perm_settings(objectives: list[str]) -> list[tuple[str, str, None, str | None]]:
+    """``(label, pattern, sparsity, objective)``: 2:4 without permutation, then with it under
+    each objective (``score`` keeps the label these rows were first published under)."""
+    return [("2:4", "2:4", None, None)] + [
+        ("2:4 + permutation" + ("" if o == "score" else f" ({o})"), "2:4", None, o)
+        for o in objectives]
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
@@ -130,8 +137,11 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
 
 
 def run_permutation(model: str, methods: list[str], calib_n: int, eval_n: int,
-                    permute_seconds: float) -> dict:
-    """Each method at 2:4 without and with ``permute=true``, and RIA at 50% unstructured."""
+                    permute_seconds: float, objectives: tuple[str, ...] = ("score",),
+                    rounds: int = 0, reconstruct: str = "off") -> dict:
+    """Each method at 2:4 without and with ``permute=true`` (one row per search objective),
+    and RIA at 50% unstructured; ``reconstruct`` ``off`` (permutation alone, as these rows
+    were first measured), ``on`` or ``both`` (rows ``... +rec`` too)."""
     import os
 
     load_start = os.getloadavg()
@@ -140,49 +150,62 @@ def run_permutation(model: str, methods: list[str], calib_n: int, eval_n: int,
     dense = evaluate(load_model(model), data)
     rows = []
     for method in methods:
-        settings = PERM_SETTINGS + (RIA_SETTINGS if method == "ria" else [])
-        for label, pattern, sparsity, permute in settings:
-            opts = {"permute": True, "permute_seconds": permute_seconds} if permute else None
+        settings = perm_settings(list(objectives)) + (RIA_SETTINGS if method == "ria" else [])
+        # a solver (sparsegpt) runs once, as prune() allows it (its sweep is its own update)
+        modes = [rc for _, rc in variants(method, reconstruct)]
+        for (label, pattern, sparsity, objective), rc in (
+                (st, rc) for st in settings for rc in modes):
+            opts = None
+            if objective:
+                opts = {"permute": True, "permute_seconds": permute_seconds,
+                        "permute_rounds": rounds, "permute_objective": objective}
             vlm = load_model(model)
             t = time.perf_counter()
-            # permutation alone, as these rows were measured (reconstruction: --reconstruct)
             res = prune(vlm, method, sparsity, pattern, calibration=calib, method_options=opts,
-                        reconstruct=False)
+                        reconstruct=rc)
             secs = time.perf_counter() - t
             m = evaluate(vlm, data)
-            row = {"method": method, "setting": label, "pattern": pattern, "permute": permute,
+            label = label + (" +rec" if rc else "")
+            row = {"method": method, "setting": label, "pattern": pattern,
+                   "permute": bool(objective), "objective": objective,
+                   "reconstruct": res.reconstruct,
                    "achieved": res.achieved, "prune_seconds": round(secs, 2), **m,
                    "zeroshot_top1_95": wilson(m["zeroshot_top1"], len(data)),
                    "i2t_r1_95": wilson(m["i2t_r1"], len(data))}
-            if permute:
+            if objective:
                 d = res.details["permute"]
-                row["permute"] = {k: d[k] for k in ("seconds", "budget_seconds", "mean_gain",
-                                                    "permuted")}
+                row["permute"] = {k: d.get(k) for k in (
+                    "seconds", "budget_seconds", "max_rounds", "objective", "stopped",
+                    "mean_gain", "permuted")}
             rows.append(row)
-            print(f"{method:10s} {label:18s} zs={m['zeroshot_top1']:.3f} "
+            print(f"{method:10s} {label:30s} zs={m['zeroshot_top1']:.3f} "
                   f"i2t@1={m['i2t_r1']:.3f} {secs:.1f}s", flush=True)
     return {"model": model, "calibration_pairs": calib_n, "eval_pairs": eval_n, "dense": dense,
-            "permute_seconds": permute_seconds, "interval": "95% Wilson score interval",
+            "permute_seconds": permute_seconds, "permute_rounds": rounds,
+            "objectives": list(objectives), "reconstruct": reconstruct,
+            "interval": "95% Wilson score interval",
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
             "note": "times on a shared 2-core machine under others' load", "rows": rows}
 
 
 def markdown_permutation(res: dict) -> str:
+    """One column per setting (2:4, each permutation objective, +rec, RIA's 50%): zero-shot /
+    i2t R@1, and the zero-shot 95% interval of each cell under the table."""
     d = res["dense"]
-    lines = ["| method | 2:4 zs / i2t | 2:4 + permutation zs / i2t | zs 95% (none -> perm) "
-             "| 50% zs / i2t |", "|---|---:|---:|---|---:|",
-             f"| dense | {100 * d['zeroshot_top1']:.1f} / {100 * d['i2t_r1']:.1f} | | | |"]
+    labels = list(dict.fromkeys(r["setting"] for r in res["rows"]))
+    lines = ["| method | " + " | ".join(f"{x} zs / i2t" for x in labels) + " |",
+             "|---|" + "---:|" * len(labels),
+             "| dense | " + " | ".join(f"{100 * d['zeroshot_top1']:.1f} / {100 * d['i2t_r1']:.1f}"
+                                       if i == 0 else "" for i in range(len(labels))) + " |"]
     for m in dict.fromkeys(r["method"] for r in res["rows"]):
         c = {r["setting"]: r for r in res["rows"] if r["method"] == m}
-
-        def cell(label, c=c):
-            r = c.get(label)
-            return f"{100 * r['zeroshot_top1']:.1f} / {100 * r['i2t_r1']:.1f}" if r else "-"
-
-        iv = " -> ".join(f"[{100 * c[k]['zeroshot_top1_95'][0]:.1f}, "
-                         f"{100 * c[k]['zeroshot_top1_95'][1]:.1f}]"
-                         for k in ("2:4", "2:4 + permutation") if k in c)
-        lines.append(f"| {m} | {cell('2:4')} | {cell('2:4 + permutation')} | {iv} | {cell('50%')} |")
+        lines.append(f"| {m} | " + " | ".join(
+            f"{100 * c[x]['zeroshot_top1']:.1f} / {100 * c[x]['i2t_r1']:.1f}" if x in c else "-"
+            for x in labels) + " |")
+    lines.append("")
+    lines.append("zero-shot 95% Wilson intervals: " + "; ".join(
+        f"{r['method']} {r['setting']} [{100 * r['zeroshot_top1_95'][0]:.1f}, "
+        f"{100 * r['zeroshot_top1_95'][1]:.1f}]" for r in res["rows"]))
     return "\n".join(lines)
 
 
@@ -195,7 +218,8 @@ def main():
     ap.add_argument("--timing-repeats", type=int, default=0,
                     help="timed prune() calls per cell after one warm-up (0: no time; else >= 3)")
     ap.add_argument("--reconstruct", choices=sorted(RECONSTRUCT), default="default",
-                    help="reconstruction after scoring methods' masks (both: rows with and without)")
+                    help="reconstruction after scoring methods' masks (both: rows with and without; "
+                         "with --permutation, default means off: permutation alone)")
     ap.add_argument("--settings", default=None,
                     help=f"columns to run (default all: {','.join(s[0] for s in SETTINGS)})")
     ap.add_argument("--out", default=None)
@@ -205,7 +229,15 @@ def main():
                          + ",".join(PERM_METHODS) + ")")
     ap.add_argument("--permute-seconds", type=float, default=30.0,
                     help="with --permutation: the permutation search's budget per model")
+    ap.add_argument("--permute-rounds", type=int, default=0,
+                    help="with --permutation: cap on each layer's search rounds (0: none)")
+    ap.add_argument("--permute-objectives", default="score",
+                    help="with --permutation: comma-separated search objectives, one row each "
+                         "(auto, score, row)")
     a = ap.parse_args()
+    from _common import provenance
+
+    provenance()  # the git state as the run starts (the results are written at the end)
     if a.settings:
         keep = a.settings.split(",")
         bad = [k for k in keep if k not in {s[0] for s in SETTINGS}]
@@ -214,8 +246,13 @@ def main():
         SETTINGS[:] = [s for s in SETTINGS if s[0] in keep]
     if a.permutation:
         methods = PERM_METHODS if a.methods == ",".join(METHODS) else a.methods.split(",")
+        objectives = tuple(a.permute_objectives.split(","))
+        bad = [o for o in objectives if o not in ("auto", "score", "row")]
+        if bad:
+            ap.error(f"unknown permutation objective {bad[0]!r}; allowed: auto, score, row")
         res = run_permutation(a.model, methods, a.calibration_size, a.eval_size,
-                              a.permute_seconds)
+                              a.permute_seconds, objectives, a.permute_rounds,
+                              "off" if a.reconstruct == "default" else a.reconstruct)
         res["table_markdown"] = markdown_permutation(res)
         path = write_result("quality_permutation", res, a.out)
         print(res["table_markdown"])

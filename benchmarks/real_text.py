@@ -27,12 +27,23 @@ takes options as ``name:key=value;key=value`` (``sparsegpt:refine_iters=50``). `
 benchmarks/data/sentences_train.txt`` (2326 more sentences from the same docstrings, looser
 filter, disjoint from calibration and eval by construction: ``scripts/make_sentences.py
 --train``; checked again here) and ``--holdout-fraction 0.1`` (a slice of it never trained
-on, fidelity on it every ``--holdout-every`` steps, the best state kept).
+on, fidelity on it every ``--holdout-every`` steps, the best state kept; ``--patience N``
+stops after N evaluations without improvement); ``--lr``, ``--schedule``, ``--batch-size``
+set the recovery run. No eval sentence is in the training data: checked (case and white
+space ignored) before any work and recorded as ``train_data.eval_sentences_in_training``.
+
+Only the rows needed: ``--methods SPEC --settings 2:4`` prunes that one model and recovers it
+(``--steps 0``: no recovery row), e.g. the recovery row alone::
+
+    python benchmarks/real_text.py --methods sparsegpt:refine_iters=50 --settings 2:4 \
+        --train-data benchmarks/data/sentences_train.txt --holdout-fraction 0.1 \
+        --holdout-every 50 --steps 1000 --lr 1e-4
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,9 +122,10 @@ def variants(spec: str, mode: str) -> list[tuple[str, bool | None]]:
 
 def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: int, lr: float,
         seed: int, save=None, reconstruct: str = "default", train_data=None, train_n: int = 4096,
-        holdout: float = 0.0, holdout_every: int = 25) -> dict:
+        holdout: float = 0.0, holdout_every: int = 25, batch_size: int = 32,
+        schedule: str = "cosine", patience: int = 0) -> dict:
     """Every row; ``save(result)`` after each one (a run cut short leaves its rows so far,
-    with ``complete: false``)."""
+    with ``complete: false``). ``steps`` 0: the one-shot rows only, no recovery."""
     calib = load_calibration(DATA / "sentences_calibration.txt", n=calib_n)
     data = load_eval(DATA / "sentences_eval.txt", n=eval_n)
     # sorted by length: batches pad less (each sentence's embedding does not depend on its
@@ -125,8 +137,10 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
         from vlcompress.data import load_train
 
         train = load_train(train_data, n=train_n, seed=seed)
-        ev = {c.lower() for c in data.captions}
-        assert not any(c.lower() in ev for c in train.captions), "no eval sentence in training"
+    # no eval sentence in training (the held-out slice is cut from ``train``, so this covers
+    # it too); compared case- and space-insensitively, counted, and recorded
+    overlap = eval_overlap(data.captions, train.captions)
+    assert not overlap, f"{len(overlap)} eval sentences are in the training data: {overlap[:3]}"
     dense_vlm = load_model(model)
     dense = embed_eval(dense_vlm, data)
     rows = []
@@ -136,7 +150,12 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
            "metric": "mean cosine of pruned to dense mean-pooled sentence embeddings",
            "methods": method_names, "rows": rows, "complete": False, "reconstruct": reconstruct,
            "train_data": {"source": train.source, "n": len(train),
-                          "disjoint_from_eval": True}}
+                          "eval_sentences_in_training": len(overlap),
+                          "disjoint_from_eval": not overlap},
+           "recover_options": {"steps": steps, "lr": lr, "batch_size": batch_size,
+                               "schedule": schedule, "holdout_fraction": holdout,
+                               "holdout_every": holdout_every, "patience": patience},
+           "loadavg_start": os.getloadavg()}
     best24 = None  # (cosine, method, model): recovery starts from the best one-shot 2:4 model
     for pattern, sparsity in ORDER:
         for method, rc in [v for s in method_names for v in variants(s, reconstruct)]:
@@ -148,7 +167,13 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
             secs = time.perf_counter() - t
             row = {"method": method, "pattern": pattern, "sparsity": sparsity,
                    "achieved": round(pr.achieved, 4), "prune_seconds": round(secs, 2),
-                   "reconstruct": pr.reconstruct, **cosine(dense, vlm, data)}
+                   "reconstruct": pr.reconstruct, "loadavg": os.getloadavg(),
+                   **cosine(dense, vlm, data)}
+            if "permute" in pr.details:
+                d = pr.details["permute"]
+                row["permutation"] = {k: d.get(k) for k in (
+                    "seconds", "budget_seconds", "max_rounds", "objective", "stopped",
+                    "mean_gain", "permuted")}
             rows.append(row)
             print(f"{method:10s} {pattern:12s} {sparsity:.0%} cos={row['cosine']:.4f} "
                   f"p05={row['cosine_p05']:.4f} {secs:.1f}s", flush=True)
@@ -156,13 +181,15 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
                 best24 = (row["cosine"], method, vlm)
             if save:
                 save(res)
-        if pattern == "2:4":
+        if pattern == "2:4" and steps:
             _, method, vlm = best24
             rec = recover(vlm, steps=steps, teacher=dense_copy(dense_vlm), data=train,
                           n=len(train), lr=lr, seed=seed, evaluate=False,
+                          batch_size=batch_size, schedule=schedule, patience=patience,
                           holdout_fraction=holdout, holdout_every=holdout_every)
             row = {"method": f"{method} + recover", "pattern": "2:4", "sparsity": 0.5,
-                   "steps": steps, "lr": lr, "recover_seconds": round(rec.seconds, 2),
+                   "steps": steps, "lr": lr, "batch_size": batch_size, "schedule": schedule,
+                   "recover_seconds": round(rec.seconds, 2),
                    "recover_data": rec.data, "pattern_preserved": rec.pattern_preserved,
                    "holdout": rec.holdout,
                    "loss_first": rec.losses[0], "loss_last": rec.losses[-1],
@@ -174,7 +201,18 @@ def run(model: str, method_names: list[str], calib_n: int, eval_n: int, steps: i
             if save:
                 save(res)
     res["complete"] = True
+    res["loadavg_end"] = os.getloadavg()
     return res
+
+
+def eval_overlap(eval_captions, train_captions) -> list[str]:
+    """The eval sentences that also occur in the training sentences (case and runs of
+    white space ignored)."""
+    def norm(c: str) -> str:
+        return " ".join(c.lower().split())
+
+    train = {norm(c) for c in train_captions}
+    return [c for c in eval_captions if norm(c) in train]
 
 
 # --permutation: channel permutation for N:M (issue 26), and RIA
@@ -191,8 +229,6 @@ def run_permutation(model: str, method_names: list[str], calib_n: int, eval_n: i
                     permute_seconds: float, save=None) -> dict:
     """Each method at 2:4 without and with ``permute=true`` (cosine, its interval and the
     paired per-sentence gain's interval), and RIA at 50% unstructured."""
-    import os
-
     calib = load_calibration(DATA / "sentences_calibration.txt", n=calib_n)
     data = load_eval(DATA / "sentences_eval.txt", n=eval_n)
     data.captions = sorted(data.captions, key=lambda c: (len(c), c))
@@ -286,8 +322,15 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated (default: every allowed one)")
     ap.add_argument("--calibration-size", type=int, default=400)
     ap.add_argument("--eval-size", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=100, help="recovery distillation steps")
+    ap.add_argument("--steps", type=int, default=100,
+                    help="recovery distillation steps (0: the one-shot rows only)")
     ap.add_argument("--lr", type=float, default=2e-4, help="recovery learning rate")
+    ap.add_argument("--batch-size", type=int, default=32, help="recovery batch size")
+    ap.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                    help="recovery learning-rate schedule (distill.lr_at)")
+    ap.add_argument("--patience", type=int, default=0,
+                    help="with --holdout-fraction: stop after this many held-out evaluations "
+                         "without improvement (0: run every step, keep the best)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reconstruct", choices=sorted(RECONSTRUCT), default="default")
     ap.add_argument("--settings", default=None, help="e.g. 2:4 (default: 2:4, 50%%, 70%%)")
@@ -296,6 +339,9 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=4096)
     ap.add_argument("--holdout-fraction", type=float, default=0.0)
     ap.add_argument("--holdout-every", type=int, default=25)
+    ap.add_argument("--reconstruct-iters", type=int, default=None,
+                    help="conjugate-gradient steps of the reconstruction after a scorer's mask "
+                         "(default: methods/reconstruct.py REFINE_ITERS)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--permutation", action="store_true",
                     help="instead: each method at 2:4 without / with channel permutation and RIA "
@@ -308,6 +354,10 @@ def main() -> None:
         keep = {{"2:4": ("2:4", 0.5), "50%": ("unstructured", 0.5),
                  "70%": ("unstructured", 0.7)}[k] for k in a.settings.split(",")}
         ORDER[:] = [o for o in ORDER if o in keep]
+    if a.reconstruct_iters is not None:
+        from vlcompress.methods import reconstruct as recon
+
+        recon.REFINE_ITERS = a.reconstruct_iters  # recorded in each row's "reconstruct"
     model = model_path()
     if a.permutation:
         t0, git = time.perf_counter(), git_state()
@@ -340,7 +390,8 @@ def main() -> None:
         return write_result("real_text", res, a.out)
 
     res = run(model, names, a.calibration_size, a.eval_size, a.steps, a.lr, a.seed, save,
-              a.reconstruct, a.train_data, a.train_size, a.holdout_fraction, a.holdout_every)
+              a.reconstruct, a.train_data, a.train_size, a.holdout_fraction, a.holdout_every,
+              a.batch_size, a.schedule, a.patience)
     path = save(res)
     print(markdown(res))
     print(f"wrote {path} in {res['total_seconds']}s")

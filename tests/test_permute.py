@@ -19,6 +19,7 @@ from vlcompress.errors import ConfigError
 from vlcompress.prune import prune
 from vlcompress.sparsity.permute import (
     kept_importance,
+    objective_scores,
     permutable_pairs,
     permute_for_nm,
     reallocation_order,
@@ -183,3 +184,68 @@ def test_cli_refuses_permutation_without_nm_before_any_work(tmp_path, monkeypatc
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "permute" in lines[0] and "N:M" in lines[0], res.output
     assert not out.exists()
+
+
+def test_search_settings_without_permute_and_structured_permute_are_refused():
+    for opts in ({"permute_rounds": "5"}, {"permute": "false", "permute_seconds": "5"},
+                 {"permute_objective": "row"}):
+        with pytest.raises(ConfigError, match="runs only with permute=true"):
+            PruneConfig(method="wanda", pattern="2:4", method_options=opts)
+    # a recorded options dict (every value, defaults included) is accepted again
+    full = PruneConfig(method="wanda", pattern="2:4", method_options={"permute": "false"})
+    assert PruneConfig(method="wanda", pattern="2:4",
+                       method_options=full.method_options).method_options == full.method_options
+    with pytest.raises(ConfigError, match="permute=true .* N:M pattern, not structured"):
+        PruneConfig(method="wanda", pattern="structured", sparsity=0.3,
+                    method_options={"permute": "true"})
+    for bad in ({"permute": "true", "permute_rounds": "-1"},
+                {"permute": "true", "permute_objective": "column"}):
+        with pytest.raises(ConfigError, match="allowed"):
+            PruneConfig(method="wanda", pattern="2:4", method_options=bad)
+
+
+def test_row_objective_ignores_row_scales_and_rounds_cap_repeats():
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(8, 32, generator=g) * torch.rand(32, generator=g).pow(4)
+    row_scale = torch.logspace(-3, 3, 8).unsqueeze(1)  # rows weighted 1e-3 .. 1e3
+    # the row objective is blind to a factor per row (N:M ranks inside each row) ...
+    o1, i1 = search_permutation(base, 2, 4, objective="row", seed=1)
+    o2, i2 = search_permutation(base * row_scale, 2, 4, objective="row", seed=1)
+    assert torch.equal(o1, o2) and i1["objective"] == "row"
+    # ... the summed score is not: the heaviest rows dominate what it keeps
+    share = objective_scores(base, "row")
+    o3 = search_permutation(base * row_scale, 2, 4, objective="score", seed=1)[0]
+    assert kept_importance(share[:, o1], 2, 4) >= kept_importance(share[:, o3], 2, 4)
+    # a rounds cap stops the search there, and the same seed and cap give the same order
+    a, ia = search_permutation(base, 2, 4, max_rounds=2, seed=5, patience=100)
+    b, ib = search_permutation(base, 2, 4, max_rounds=2, seed=5, patience=100)
+    assert ia["rounds"] == 2 and ia["stopped"] == "rounds" and torch.equal(a, b)
+    _, ic = search_permutation(base, 2, 4, deadline=time.perf_counter() - 1)
+    assert ic["stopped"] == "budget" and ic["rounds"] == 0
+
+
+def test_prune_records_objective_and_rounds():
+    vlm = make_tiny_random_clip()
+    res = prune(vlm, "multiflow", None, "2:4",
+                calibration=load_calibration("shapes", n=8, batch_size=8), reconstruct=False,
+                method_options={"permute": "true", "permute_rounds": "3",
+                                "permute_objective": "row", "permute_seconds": "60"})
+    d = res.details["permute"]
+    assert d["objective"] == "row" and d["max_rounds"] == 3
+    assert all(ly["rounds"] <= 3 and ly["objective"] == "row" for ly in d["layers"].values())
+    assert sum(d["stopped"].values()) == d["permuted"] == 8
+
+
+def test_auto_objective_divides_out_multiflows_row_factor_only():
+    from vlcompress.methods import get_method
+
+    assert get_method("multiflow").permute_objective("auto") == "row"
+    for name in ("wanda", "magnitude", "ria", "sparsegpt"):
+        assert get_method(name).permute_objective("auto") == "score", name
+    assert get_method("multiflow").permute_objective("score") == "score"  # asked wins
+    calib = load_calibration("shapes", n=8, batch_size=8)
+    for name, want in (("multiflow", "row"), ("wanda", "score")):
+        res = prune(make_tiny_random_clip(), name, None, "2:4", calibration=calib,
+                    reconstruct=False, method_options={"permute": "true", "permute_rounds": "2"})
+        d = res.details["permute"]
+        assert d["objective"] == want and res.details["method_options"]["permute_objective"] == "auto"

@@ -85,3 +85,17 @@ def test_cli_slice_larger_than_training_data_is_one_line(tmp_path):
         assert res.exit_code == 2, res.output
         assert "holdout" in res.output and "Traceback" not in res.output
         assert not (tmp_path / "o").exists()
+
+
+def test_cli_recover_slice_larger_than_training_data_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+
+    run = tmp_path / "run"  # refused before the run folder is even read
+    res = CliRunner().invoke(app, ["recover", str(run), "--steps", "5", "--size", "10",
+                                   "--holdout-fraction", "0.95"])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "leaving none to train on" in lines[0], res.output
+    assert not run.exists()

@@ -62,3 +62,24 @@ def test_ria_prunes_unstructured_and_nm_and_the_exponent_reaches_it():
     assert res.allocation == "layerwise"
     for v in res.per_layer.values():  # the reference prunes each layer as a whole
         assert v == pytest.approx(0.6, abs=0.01)
+
+
+def test_cli_exponent_out_of_range_is_one_line_exit_2_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import vlcompress.data as data_mod
+    import vlcompress.models as models_mod
+    from vlcompress.cli import app
+
+    def boom(*a, **k):
+        raise AssertionError("loaded before the refusal")
+
+    monkeypatch.setattr(data_mod, "load_calibration", boom)
+    monkeypatch.setattr(models_mod, "load_model", boom)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["prune-export", "--method", "ria", "--pattern", "2:4",
+                                   "--method-option", "a=3", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "ria.a" in lines[0] and "2" in lines[0], res.output
+    assert not out.exists()

@@ -90,7 +90,7 @@ def test_sweep_method_options_reach_each_method(model_dir, tmp_path):
     rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
     by = {r["method"]: r for r in rows}
     assert by["sparsegpt"]["method_options"] == {"blocksize": 64, "percdamp": 0.01,
-                                                 "next_block_inputs": "dense", "refine_iters": 0,
+                                                 "next_block_inputs": "dense", "refine_iters": 50,
                                                  "max_cache_mb": -1.0, "cache_dir": "",
                                                  "device": ""}
     assert "method_options" not in by["magnitude"]

@@ -162,8 +162,8 @@ class PruneConfig:
             raise ConfigError(f"--depth {self.depth} removes whole layers: it needs pattern "
                               f"structured, not {pat}")
         m = check_method(self.method, pat, depth=self.depth)
-        object.__setattr__(self, "method_options",
-                           m.check_options(parse_method_options(self.method_options)))
+        given = parse_method_options(self.method_options)
+        object.__setattr__(self, "method_options", m.check_options(given))
         if self.reconstruct not in (None, True, False):
             raise ConfigError(f"reconstruct {self.reconstruct!r} is not valid; allowed: True, "
                               "False or None (where it applies)")
@@ -180,6 +180,16 @@ class PruneConfig:
         if self.method_options.get("permute") and not pat.is_nm:
             raise ConfigError(f"method option permute=true permutes input channels for an N:M "
                               f"pattern, not {pat}; use --pattern 2:4 (or another N:M) or drop it")
+        if "permute" in self.method_options and not self.method_options["permute"]:
+            # a search setting without the search (a default value passes: a recorded
+            # method_options dict holds them all)
+            defaults = {o.name: o.default for o in m.run_options}
+            idle = [k for k in ("permute_seconds", "permute_rounds", "permute_objective")
+                    if k in given and self.method_options[k] != defaults[k]]
+            if idle:
+                raise ConfigError(f"method option {idle[0]} sets the channel permutation "
+                                  "search, which runs only with permute=true; add "
+                                  "--method-option permute=true or drop it")
         if pat.is_nm:
             implied = pat.implied_sparsity
             if self.sparsity is not None:

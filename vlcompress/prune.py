@@ -262,7 +262,7 @@ def prune(vlm: VLM, method: str = "multiflow", sparsity: float | None = None,
 
             details["permute"] = permute_for_nm(
                 vlm, layers, scores, pat.n, pat.m, seed=cfg.seed, progress=progress,
-                seconds=cfg.method_options["permute_seconds"])
+                **_permute_options(cfg, m))
         counts = None
         if allocation not in ("nm", "per_row", "per_block"):
             counts = allocate(allocation, layers, scores, target)
@@ -310,6 +310,14 @@ def _score_options(m: Method, cfg) -> dict:
         if m.kind == "score" and m.options else {}
 
 
+def _permute_options(cfg, m: Method) -> dict:
+    """The permutation search's budget, round cap and objective (``auto`` resolved by the
+    method: :meth:`Method.permute_objective`) from the method options."""
+    o = cfg.method_options
+    return {"seconds": o["permute_seconds"], "rounds": o["permute_rounds"] or None,
+            "objective": m.permute_objective(o["permute_objective"])}
+
+
 def _permute_for_solver(ctx: Context, layers, pat) -> dict:
     """Channel permutation before a solver (SparseGPT, auto) masks the weights itself: the
     importance is ``|W_ij| * a_j`` (wanda; SparseGPT's OBS saliency ``w^2 / [H^-1]_jj`` with a
@@ -328,7 +336,7 @@ def _permute_for_solver(ctx: Context, layers, pat) -> dict:
     calib = time.perf_counter() - t0
     out = permute_for_nm(ctx.vlm, layers, scores, pat.n, pat.m, seed=ctx.cfg.seed,
                          progress=ctx.progress,
-                         seconds=ctx.cfg.method_options["permute_seconds"])
+                         **_permute_options(ctx.cfg, get_method(ctx.cfg.method)))
     out["importance"] = "|W| * ||x_j|| (wanda)" if stats else "|W| (no calibration data)"
     out["calibration_seconds"] = calib
     return out

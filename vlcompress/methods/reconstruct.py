@@ -36,6 +36,7 @@ import time
 
 from ..errors import ConfigError
 from ..progress import NULL
+from ..sparsity.obs import REFINE_ITERS as OBS_REFINE_ITERS
 from .registry import SCORING_KINDS
 from .registry import reconstruct_refusal as refusal
 
@@ -69,11 +70,11 @@ def resolve(asked: bool | None, method, pattern, has_data: bool) -> tuple[bool, 
 
 #: conjugate-gradient steps after the sweep (sparsity/obs.py refine_fixed_mask): measured on
 #: real MiniLM and tiny-clip (docs/methods.md, "Reconstruction after a scorer"); the objective
-#: only falls with each step
-REFINE_ITERS = 50
+#: only falls with each step. The same count as SparseGPT's default ``refine_iters``.
+REFINE_ITERS = OBS_REFINE_ITERS
 
 
-def reconstruct(vlm, layers, masks, data, *, progress=NULL, refine_iters: int = REFINE_ITERS,
+def reconstruct(vlm, layers, masks, data, *, progress=NULL, refine_iters: int | None = None,
                 **sweep) -> dict:
     """Update ``layers`` of ``vlm`` in place: each weight keeps ``masks[name]`` (True = kept;
     the weights must still be **dense**, the masks not yet applied) and its survivors are
@@ -84,6 +85,8 @@ def reconstruct(vlm, layers, masks, data, *, progress=NULL, refine_iters: int = 
     below 1 when it helps), ``block_runs``."""
     from .sparsegpt import sparsegpt_prune
 
+    if refine_iters is None:  # read here, so a benchmark can measure another count
+        refine_iters = REFINE_ITERS
     t0 = time.perf_counter()
     solved = sparsegpt_prune(vlm, layers, data, fixed=masks, progress=progress,
                              label="reconstruct", refine_iters=refine_iters, **sweep)

@@ -113,6 +113,12 @@ NM_OPTIONS = (
            "layer that produces them) so the N:M groups keep more importance; N:M only"),
     Option("permute_seconds", float, 30.0, "time budget of the permutation search, whole "
            "model", minimum=0.0),
+    Option("permute_rounds", int, 0, "cap on each layer's search rounds, for a run that "
+           "repeats on any load (0: no cap, the time budget alone)", minimum=0),
+    Option("permute_objective", str, "auto", "what the search maximises: the kept scores "
+           "summed over the matrix (score), each output row's kept share (row), or auto: row "
+           "for a scorer whose score carries a factor per output row (MULTIFLOW's I_out), "
+           "score for the others", choices=("auto", "score", "row")),
 )
 
 #: Options of every method that supports structured pruning (``--method-option kv_groups=``):
@@ -148,6 +154,9 @@ class Method:
     retrain: Callable | None = None
     structured_allocation: str | None = None  # the label a search reports
     options: tuple[Option, ...] = ()  # what the method exposes (its reference's knobs)
+    #: its score multiplies each output row by one factor (MULTIFLOW's I_out): an N:M mask
+    #: never sees it, so the permutation search's ``auto`` objective divides it out ("row")
+    row_factor: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -181,6 +190,10 @@ class Method:
                 "description": self.description,
                 "options": {o.name: {"type": o.type.__name__, "default": o.default,
                                      "help": o.help} for o in self.options}}
+
+    def permute_objective(self, asked: str) -> str:
+        """The permutation search's objective for ``asked`` (``auto``: see :attr:`row_factor`)."""
+        return ("row" if self.row_factor else "score") if asked == "auto" else asked
 
     @property
     def run_options(self) -> tuple[Option, ...]:

@@ -25,6 +25,18 @@ paper's setting), the mask chosen block by block during the sweep by OBS salienc
 each row, every M columns, the ``M - N`` lowest saliencies go. This is the strongest method
 at 2:4 when the weight updates pay off (they reduce each layer's reconstruction error).
 
+Where we deviate from the reference: by default (``refine_iters``, 50) each layer's sweep is
+followed by conjugate-gradient steps toward the exact least-squares weights for the mask the
+sweep chose (:func:`~vlcompress.sparsity.obs.refine_fixed_mask`). The mask is SparseGPT's own
+and the objective is the paper's (``min ||W X^T - W' X^T||^2`` over the survivors); the
+sweep solves it greedily (a pruned weight's error only reaches the columns right of it), the
+refinement solves it further and never increases it. The same step follows every scorer's
+mask in the reconstruction (:mod:`vlcompress.methods.reconstruct`), so sparsegpt and the
+reconstructed scorers are compared on one solver. Measured at 2:4: real all-MiniLM-L6-v2
+cosine to dense 0.897 -> 0.928, tiny-clip zero-shot 99.6 -> 99.9 (75% unstructured: 93.9 ->
+99.2); it costs ~1.7x the prune time (MiniLM). ``--method-option refine_iters=0`` is the
+reference's sweep alone.
+
 Because it changes weights it uses the registry's ``solve`` extension (``updates_weights``);
 its ``fn`` is the pure OBS saliency ``w^2 / [H^-1]_jj`` (no updates), for inspection.
 """
@@ -37,6 +49,7 @@ from ..blockwise import CACHE_OPTIONS, cache_kwargs, release_freed_memory
 from ..errors import ConfigError
 from ..progress import NULL
 from ..sparsity.obs import (
+    REFINE_ITERS,
     inverse_hessian_cholesky,
     obs_prune,
     reconstruction_error,
@@ -57,8 +70,8 @@ OPTIONS = (
     Option("next_block_inputs", str, "pruned", "what the next block is calibrated on: the "
            "pruned block's outputs (the reference) or the dense ones (one block run instead of "
            "two)", choices=("pruned", "dense")),
-    Option("refine_iters", int, 0, "after each layer's sweep, this many conjugate-gradient "
-           "steps toward the exact least-squares weights for the chosen mask "
+    Option("refine_iters", int, REFINE_ITERS, "after each layer's sweep, this many "
+           "conjugate-gradient steps toward the exact least-squares weights for the chosen mask "
            "(sparsity/obs.py refine_fixed_mask; 0: the reference's sweep alone)", minimum=0),
     *CACHE_OPTIONS,
 )
@@ -89,7 +102,7 @@ def sparsegpt_prune(vlm, layers, data, *, sparsity: float | None = None, n: int 
                     blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP,
                     next_block_inputs: str = "pruned", max_cache_bytes: int | None = None, cache_dir=None,
                     device=None, progress=NULL, fixed=None, label: str = "sparsegpt",
-                    refine_iters: int = 0, masks=None) -> Solved:
+                    refine_iters: int = REFINE_ITERS, masks=None) -> Solved:
     """Prune ``layers`` of ``vlm`` in place with SparseGPT, block by block on cached inputs.
 
     ``sparsity`` (unstructured, uniform per layer) or ``n``/``m`` (N:M). ``max_cache_bytes``

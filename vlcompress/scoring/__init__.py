@@ -19,17 +19,19 @@ from ..methods.registry import Method, Option, register_method
 
 
 def register_scorer(name: str, *, needs_calibration: bool, allocation: str, description: str = "",
-                    options: tuple[Option, ...] = ()):
+                    options: tuple[Option, ...] = (), row_factor: bool = False):
     """Register ``fn(layer, stats, *, seed) -> Tensor`` as the method ``name`` (kind score).
 
     A scorer that declares ``options`` (its reference's knobs, ``--method-option``) is called
-    with ``options=`` the checked values as well."""
+    with ``options=`` the checked values as well. ``row_factor``: its score multiplies each
+    output row by one factor (``Method.row_factor``; the permutation search divides it out)."""
 
     def deco(fn):
         register_method(Method(name=name, kind="score", description=description,
                                patterns=("unstructured", "nm", "structured"),
                                needs=("calibration",) if needs_calibration else (),
-                               allocation=allocation, score=fn, options=tuple(options)))
+                               allocation=allocation, score=fn, options=tuple(options),
+                               row_factor=row_factor))
         return fn
 
     return deco

@@ -24,7 +24,8 @@ from . import register_scorer
 
 
 @register_scorer("multiflow", needs_calibration=True, allocation="per_modality",
-                 description="information flow I_out*|W|*I_in, per-modality magnitude budget")
+                 description="information flow I_out*|W|*I_in, per-modality magnitude budget",
+                 row_factor=True)  # I_out(i): one factor per output row
 def multiflow(layer, stats, *, seed: int = 0) -> torch.Tensor:
     """``S = I_out[:, None] * |W| * I_in[None, :]`` as float32, shaped like the weight."""
     w = layer.weight.detach().float().abs()

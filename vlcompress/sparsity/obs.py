@@ -205,8 +205,15 @@ def _sweep_nm(w1, u1, d1, err1, p1, n: int, m: int) -> None:
         w1[:, g0:] -= e @ u1[g0:g1, g0:]
 
 
+#: Default conjugate-gradient steps of :func:`refine_fixed_mask` after a sweep, for SparseGPT
+#: and for the reconstruction after any scorer. Measured (2:4): real MiniLM sparsegpt cosine
+#: 0.897 -> 0.928, tiny-clip sparsegpt zero-shot 99.6 -> 99.9 (75%: 93.9 -> 99.2), wanda +
+#: reconstruction 0.863 -> 0.916 on MiniLM; ~1.7x sparsegpt's prune time on MiniLM.
+REFINE_ITERS = 50
+
+
 def refine_fixed_mask(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor,
-                      gram: torch.Tensor, *, iters: int = 50, percdamp: float = 0.01,
+                      gram: torch.Tensor, *, iters: int = REFINE_ITERS, percdamp: float = 0.01,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The mask-fixed least-squares solution ``min ||(W - W') X^T||^2`` over ``W'`` zero where
     ``keep`` is False, approached from ``start`` (the sweep's result) by ``iters`` steps of
