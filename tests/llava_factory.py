@@ -46,6 +46,19 @@ def make_tiny_llava_folder(root: Path, seed: int = 0, vision: str = "clip", text
     return folder
 
 
+def prune_export_tiny_llava(out: Path, method: str, pattern: str, *options: str) -> Path:
+    """``vlcompress prune-export --model tiny-llava`` into ``out`` with small calibration and
+    evaluation sizes (and ``options``); asserts it succeeded."""
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+
+    res = CliRunner().invoke(app, ["prune-export", "--model", "tiny-llava", "--method", method,
+                                   "--pattern", pattern, "--out", str(out), *options])
+    assert res.exit_code == 0, res.output
+    return out
+
+
 def make_generative_run(root: Path, *, max_new_tokens: int = 8, text: str = "llama",
                         seeds: tuple[int, int] = (1, 2)) -> Path:
     """A generative run folder as prune-export writes it, in seconds: dense/ and pruned/

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from llava_factory import make_tiny_llava_folder
+from llava_factory import make_tiny_llava_folder, prune_export_tiny_llava
 from typer.testing import CliRunner
 
 from vlcompress.cli import app
@@ -103,13 +103,10 @@ def test_pruned_export_equals_its_torch_twin(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """prune-export of the shipped tiny-llava (sparsegpt 2:4): dense/ and pruned/ exports."""
-    out = tmp_path_factory.mktemp("genrun") / "run"
-    res = CliRunner().invoke(app, ["prune-export", "--model", "tiny-llava", "--method",
-                                   "sparsegpt", "--pattern", "2:4", "--out", str(out),
+    return prune_export_tiny_llava(tmp_path_factory.mktemp("genrun") / "run", "sparsegpt", "2:4",
                                    "--calibration-size", "8", "--eval-size", "4",
-                                   "--max-new-tokens", "12"])
-    assert res.exit_code == 0, res.output
-    return out
+                                   "--max-new-tokens", "12", "--batch-sizes", "1",
+                                   "--iterations", "3")
 
 
 def test_prune_export_writes_validated_generative_exports(run_dir):

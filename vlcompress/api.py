@@ -151,10 +151,13 @@ GENERATE_RUNTIMES = ("onnxruntime", "genai")
 
 
 def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens: int = 24,
-             threads: int | None = None, runtime: str = "onnxruntime") -> str:
+             threads: int | None = None, runtime: str = "onnxruntime",
+             sampling=None) -> str:
     """The answer of a generative run's exported ONNX graphs (``pruned/``, or ``dense/`` with
-    ``dense``) to ``prompt`` about ``image`` (a path), generated greedily on ONNX Runtime
-    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`). Everything is checked before the
+    ``dense``) to ``prompt`` about ``image`` (a path), generated on ONNX Runtime
+    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`): greedily, or drawn with
+    ``sampling`` (a :class:`~vlcompress.runtime.ort_generate.Sampling`: seeded temperature /
+    top-k / top-p). Everything is checked before the
     graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
     context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
     longer than the context. ``runtime="genai"`` generates with ONNX Runtime GenAI instead
@@ -167,6 +170,9 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     if runtime not in GENERATE_RUNTIMES:
         raise ConfigError(f"--runtime {runtime!r} is not a generation runtime; allowed: "
                           f"{', '.join(GENERATE_RUNTIMES)}")
+    if sampling is not None and runtime != "onnxruntime":
+        raise ConfigError(f"sampling runs on vlcompress's own loop; --runtime {runtime} is "
+                          "greedy only; allowed: sampling with --runtime onnxruntime")
     if runtime == "genai":
         from .optional_deps import require_onnxruntime_genai
 
@@ -207,8 +213,9 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
         generator = GenaiGenerator(folder, threads)
     else:
         generator = OrtGenerator(folder, threads)
+    extra = {} if sampling is None else {"sampling": sampling}
     tokens = generator.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
-                                max_new_tokens)[0]
+                                max_new_tokens, **extra)[0]
     return encoder.decode(tokens)
 
 

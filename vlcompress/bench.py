@@ -237,7 +237,7 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     rp = cfg.report_path
     if rp.is_dir():
         raise ConfigError(f"--report {str(rp)!r} is a folder; allowed: a .json file path")
-    generative = bool(run["model"].get("generative"))  # no export yet: accuracy only
+    generative = bool(run["model"].get("generative"))  # generation metrics, gen_latency rows
     if generative and cfg.gate.metrics:  # a caption metric of questions-only data: refused now
         from .eval.generative import check_caption_metric
 
@@ -248,6 +248,7 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     lc = _plan(cfg, run, baseline) if cfg.latency and not generative else None
     if lc is not None:  # no GPU, no TensorRT: one sentence, before anything is measured
         lc.runtime_entry.check()
+    glc = _plan_generative(cfg, run, baseline) if cfg.latency and generative else None
     rc = run.get("config") or {}
 
     from .models import load_model
@@ -272,6 +273,9 @@ def benchmark(config: BenchConfig | str | Path | None = None, progress=NULL, **k
     latency = []
     if lc is not None:
         latency = _latency(lc, run_dir, run, pruned, dense, cfg.seed, progress)
+    elif glc is not None:
+        latency = _generative_latency(glc, cfg, run_dir, run, pruned, dense, progress)
+        lc = glc
     report = build_report(
         model=run["model"], prune=run["prune"], export=run["export"], accuracy=accuracy,
         latency=latency, env=env_info(),
@@ -316,6 +320,62 @@ def _precheck(baseline: dict | None, data, lc: LatencyConfig | None) -> None:
                     f"baseline field 'latency[{i}]' is {cell[0]}/{cell[1]} {cell[2]}@{cell[3]}, "
                     f"which this run does not measure ({lc.runtime}/{lc.device}, batch sizes "
                     f"{','.join(map(str, lc.batch_sizes))}); match --runtime and --batch-sizes")
+
+
+def _plan_generative(cfg: BenchConfig, run: dict, baseline: dict | None) -> LatencyConfig:
+    """How a generative run is re-timed: ONNX Runtime CPU (every exported variant) with PyTorch
+    eager beside it, vision / prefill / decode, at ``--batch-sizes``, else the baseline's, else
+    the run's; what cannot apply is refused, and the baseline's cells are checked, before
+    anything is measured."""
+    from .errors import BaselineError
+    from .runtime.gen_latency import PARTS
+
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in (
+        ("runtime", cfg.runtime), ("device", cfg.device), ("precision", cfg.precision),
+        ("cuda_graphs", cfg.cuda_graphs or None)) if v is not None]
+    if given:
+        raise ConfigError(f"{given[0]} does not apply to a generative run: its exported graphs "
+                          "are timed on onnxruntime (CPU) with PyTorch eager beside it; allowed: "
+                          "--batch-sizes, --iterations, --warmup, --threads")
+    base_rows = (baseline or {}).get("latency") or []
+    if cfg.batch_sizes:
+        bs = cfg.batch_sizes
+    elif base_rows:
+        bs = tuple(sorted({int(r["batch"]) for r in base_rows}))
+    else:
+        bs = parse_batch_sizes((run.get("config") or {}).get("batch_sizes", (1, 8)))
+    for i, row in enumerate(base_rows):
+        cell = (canonical(row["runtime"]), row["device"], row["tower"], int(row["batch"]))
+        if cell[0] not in ("onnxruntime", "torch") or cell[1] != "cpu" or cell[2] not in PARTS \
+                or cell[3] not in bs:
+            raise BaselineError(
+                f"baseline field 'latency[{i}]' is {cell[0]}/{cell[1]} {cell[2]}@{cell[3]}, "
+                "which a generative run does not measure (onnxruntime and torch on cpu: "
+                f"{', '.join(PARTS)}, batch sizes {','.join(map(str, bs))}); match --batch-sizes")
+    return LatencyConfig(batch_sizes=bs, warmup=cfg.warmup, iterations=cfg.iterations,
+                         threads=cfg.threads, towers=PARTS)
+
+
+def _generative_latency(lc: LatencyConfig, cfg: BenchConfig, run_dir: Path, run: dict, pruned,
+                        dense, progress) -> list[dict]:
+    """Vision / prefill / decode of every exported variant of the run folder on ONNX Runtime
+    and of the dense and pruned models in PyTorch eager, interleaved
+    (:func:`vlcompress.runtime.gen_latency.generative_latency`), on the first prompt of the
+    run's evaluation data (or ``--eval-data``), as prune-export timed them."""
+    from .data import generative_eval_data
+    from .runtime.gen_latency import generative_latency, latency_inputs, variant_folders
+
+    rc = run.get("config") or {}
+    names = tuple((run["export"].get("generative") or {}) or ("dense", "pruned"))
+    for n in names:
+        if not (run_dir / n / "generation.json").is_file():
+            raise ConfigError(f"run folder {str(run_dir)!r} lacks the {n} generative export "
+                              f"({n}/generation.json)")
+    evals = generative_eval_data(cfg.eval_data or rc.get("eval_data", "shapes"), n=1)
+    inputs = latency_inputs(pruned, evals, lc.batch_sizes)
+    dense = dense or _load_dense(run["model"])
+    return generative_latency(variant_folders(run_dir, names), dense, pruned, inputs, lc,
+                              progress=progress)
 
 
 def _generative_accuracy(cfg: BenchConfig, run: dict, pruned, baseline, progress):

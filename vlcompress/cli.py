@@ -436,6 +436,7 @@ def export_cmd(
 @app.command("generate")
 @_errors
 def generate_cmd(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="A prune-export run folder of a generative "
                                                  "model.")],
     image: Annotated[Path, typer.Option("--image", help="The image to ask about.")],
@@ -444,15 +445,32 @@ def generate_cmd(
                                                         "(default: the pruned one).")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens",
                                                 help="Most tokens to generate.")] = 24,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample the tokens (seeded) instead "
+                                                          "of the greedy arg-max.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="With --sample: the generator's seed.")] = 0,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", help="With --sample: divides the logits (> 0).")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="With --sample: keep the k most likely "
+                                                       "tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="With --sample: keep the most likely "
+                                                         "tokens up to this mass (1: all).")] = 1.0,
     runtime: Annotated[str, typer.Option(
         "--runtime", help="onnxruntime (vlcompress's generation loop) or genai (ONNX Runtime "
         "GenAI, the [genai] extra).")] = "onnxruntime",
 ):
-    """Answer a prompt about an image with a run's exported ONNX graphs (greedy, ONNX Runtime)."""
+    """Answer a prompt about an image with a run's exported ONNX graphs (ONNX Runtime; greedy,
+    or seeded sampling with --sample)."""
     from .api import generate
+    from .runtime.ort_generate import Sampling
 
+    _refuse_meaningless(ctx, [
+        *((name, sample, "applies to sampling; add --sample")
+          for name in ("seed", "temperature", "top_k", "top_p")),
+        ("sample", runtime == "onnxruntime", "runs on vlcompress's own loop; allowed: --sample "
+                                             "with --runtime onnxruntime (GenAI: greedy only)")])
+    sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
     out.print(generate(run_dir, image, prompt, dense=dense, max_new_tokens=max_new_tokens,
-                       runtime=runtime),
+                       runtime=runtime, sampling=sampling),
               soft_wrap=True, highlight=False, markup=False)
 
 

@@ -282,7 +282,7 @@ def check_run(cfg: RunConfig):
         check_offload(cfg.offload, cfg.method, str(cfg.prune_config.pattern), cfg.model, cfg.out)
     method = get_method(cfg.method)
     check_family(method, cfg.prune_config.pattern, info)
-    if info.generative:  # pruned, recovered, evaluated in PyTorch, exported to ONNX (no latency yet)
+    if info.generative:  # pruned, recovered, evaluated in PyTorch, exported to fp32 ONNX, timed
         if cfg.triton not in (None, "python"):
             raise ConfigError(f"--triton {cfg.triton} cannot serve the generative model "
                               f"{cfg.model}: its token loop runs in a Python-backend generation "
@@ -700,13 +700,15 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     next-token log-probabilities) -> export dense ONNX -> prune the chosen parts -> evaluate
     pruned -> export pruned ONNX -> save -> report. Each export (vision, embed, decoder;
     :mod:`vlcompress.exporters.generative`) is validated against its PyTorch twin on the
-    first evaluation prompts. No latency yet (a later issue): the report says so."""
+    first evaluation prompts; then vision / prefill / decode latency of every variant
+    (:func:`vlcompress.runtime.gen_latency.generative_latency`)."""
     from .data import generative_eval_data, load_calibration
     from .envinfo import env_info
     from .eval.generative import generative_accuracy, run_all
     from .exporters.generative import check_exportable
     from .models import load_model
     from .report import build_report, write_report
+    from .runtime import gen_latency
 
     t_start = time.perf_counter()
     calib = load_calibration(cfg.calibration, n=cfg.calibration_size, batch_size=8, seed=cfg.seed)
@@ -716,6 +718,12 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     is_preset = vlm.source.startswith("preset:")
     evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
                                  else cfg.eval_size)
+    # latency inputs: the first evaluation prompt; a prompt + timed tokens past the context:
+    # refused now
+    lat_inputs = gen_latency.latency_inputs(vlm, evals, cfg.latency_config.batch_sizes)
+    gen_latency.check_timing_context(
+        lat_inputs, int(vlm.model.config.text_config.max_position_embeddings), model=cfg.model,
+        warmup=cfg.latency_config.warmup)
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_total, dense_nonzero = vlm.num_parameters()
         dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
@@ -738,11 +746,16 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
         exports["pruned"] = _export_generative(vlm, evals, tmp / "pruned", cfg, progress)
         accuracy = generative_accuracy(evals, dense, pruned, random_weights=is_preset)
         vlm.save(tmp / "pruned" / "model")
+        latency = gen_latency.generative_latency(
+            gen_latency.variant_folders(tmp, tuple(exports)), load_model(cfg.model), vlm,
+            lat_inputs, cfg.latency_config, progress=progress)
         total, nonzero = vlm.num_parameters()
         notes = data_notes(cfg, is_preset)
         notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
-                     "(vision, embed, decoder) and validated; latency of generative models is "
-                     "not built yet (no latency rows)")
+                     "(vision, embed, decoder) and validated; latency: vision, prefill (time to "
+                     "first token) and decode (ms per token, forced past the end token) of every "
+                     "variant on ONNX Runtime and of dense and pruned in PyTorch eager, "
+                     "interleaved, on the first evaluation prompt")
         notes += [f"{p} kept dense: {why}" for p, why in prune_section.get("dense_parts", {}).items()]
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
@@ -752,7 +765,7 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
             prune=prune_section,
             export={"format": "onnx", "paths": {"model": "pruned/model"},
                     "generative": exports},
-            accuracy=accuracy, latency=[], env=env_info(),
+            accuracy=accuracy, latency=latency, env=env_info(),
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
         report["data"] = {"calibration": _describe(calib),

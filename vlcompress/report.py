@@ -142,7 +142,7 @@ def to_markdown(r: dict) -> str:
         for row in r["latency"]:
             d, q = row["dense_ms"], row["pruned_ms"]
             lines.append(f"| {row['runtime']} | {row['device']} | {row.get('precision', '?')} | "
-                         f"{row.get('provider', '?')} | {row['tower']} | {row['batch']} | "
+                         f"{row.get('provider', '?')} | {_tower(row)} | {row['batch']} | "
                          f"{d['p50']:.3f} | {q['p50']:.3f} | {d['p90']:.3f} | {q['p90']:.3f} | "
                          f"{row['speedup']:.2f}x |")
         lines.append("")
@@ -163,6 +163,13 @@ def to_markdown(r: dict) -> str:
                  f"{pk.get('torch')}, onnxruntime {pk.get('onnxruntime')}, transformers "
                  f"{pk.get('transformers')}_")
     return "\n".join(lines) + "\n"
+
+
+def _tower(row: dict) -> str:
+    """A latency row's part, with its unit when not ms per call (a generative decode row is
+    ms per generated token)."""
+    unit = row.get("unit", "ms")
+    return row["tower"] if unit == "ms" else f"{row['tower']} ({unit})"
 
 
 def _quantize_markdown(r: dict) -> list[str]:
@@ -250,7 +257,7 @@ def console_tables(r: dict):
             t.add_column(c, justify="right" if c in ("batch", "dense", "pruned", "speedup") else "left")
         for row in r["latency"]:
             prec = f", {row['precision']}" if row.get("precision") else ""
-            t.add_row(f"{row['runtime']} ({row['device']}{prec})", row["tower"], str(row["batch"]),
+            t.add_row(f"{row['runtime']} ({row['device']}{prec})", _tower(row), str(row["batch"]),
                       f"{row['dense_ms']['p50']:.3f}", f"{row['pruned_ms']['p50']:.3f}",
                       f"{row['speedup']:.2f}x")
         out.append(t)

@@ -1,5 +1,5 @@
-"""Greedy generation of a generative VLM (llava) on ONNX Runtime, over its three exported
-graphs (see :mod:`vlcompress.exporters.generative`):
+"""Generation with a generative VLM (llava) on ONNX Runtime, over its three exported graphs
+(see :mod:`vlcompress.exporters.generative`):
 
 - ``vision.onnx``: ``pixel_values`` -> ``image_embeds`` (the language model's image
   embeddings, projector included);
@@ -12,13 +12,29 @@ graphs (see :mod:`vlcompress.exporters.generative`):
 The loop follows transformers' ``generate`` step for step, so the tokens can be compared one
 for one: the image token positions of the prompt embeddings are overwritten with the image
 embeddings (``masked_scatter``, in order), position ids are ``cumsum(attention_mask) - 1``
-(0 at padding), prompts are left-padded, each step appends the arg-max token and a 1 to the
+(0 at padding), prompts are left-padded, each step appends the chosen token and a 1 to the
 mask, and a finished row keeps receiving the pad token. It stops when every row has produced
 the end token or after ``max_new_tokens``; a row's tokens are cut at its end (or pad) token,
 as :meth:`vlcompress.models.llava.Llava.generate` cuts PyTorch's.
 
-The KV cache is passed as plain numpy feeds: each step hands the presents back as the next
-step's past (onnxruntime allocates the outputs; no IOBinding, no pre-allocated buffers yet).
+The KV cache lives in pre-allocated buffers bound with IOBinding (:class:`Decoding`): two
+buffers per cache tensor, each of the whole generation's capacity (prompt + new tokens), used
+in turn ("ping-pong", the scheme ONNX Runtime GenAI uses for a decoder whose present is the
+past with this step appended): a step reads its past from one buffer (bound at ``[batch,
+kv_heads, past, head_dim]``) and ONNX Runtime writes the present straight into the other
+(bound at ``past + 1``), so no cache tensor is allocated per token. The attention mask, the
+position ids, the step's token ids and embeddings (the embedding graph writes into the
+decoder's input buffer) and the step's logits are pre-allocated too. The merged graph
+concatenates past and new keys inside (the export's design), so each step still copies the
+cache once, into the other buffer; only a graph that updates a static cache in place (ORT
+GenAI's ``past_present_share_buffer``) would avoid that copy.
+
+Entry points a timer calls one by one (:mod:`vlcompress.runtime.gen_latency`):
+:meth:`OrtGenerator.image_embeds` (the vision graph), :meth:`OrtGenerator.prefill` (vision,
+embedding and the decoder over the prompt: the logits of the first new token) and
+:meth:`OrtGenerator.step` (one decode step). :meth:`OrtGenerator.generate` is greedy by
+default and samples with a seeded generator given a :class:`Sampling` (temperature, then
+top-k, then top-p: the order of transformers' logits processors).
 ``generation.json`` beside the graphs holds what the loop needs (token ids, layer and head
 counts, the context length).
 """
@@ -26,6 +42,7 @@ counts, the context length).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,29 +85,140 @@ def kv_heads_of(spec_heads, layer: int) -> int:
     return int(spec_heads[layer] if isinstance(spec_heads, list) else spec_heads)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded sampling instead of the arg-max: ``temperature`` > 0 divides the logits, then
+    ``top_k`` (0: off) keeps the k largest, then ``top_p`` (1: off) keeps the smallest set of
+    tokens whose probability reaches p (the most likely token always stays), as transformers'
+    ``TemperatureLogitsWarper`` / ``TopKLogitsWarper`` / ``TopPLogitsWarper`` do. The draws
+    come from ``numpy.random.default_rng(seed)``: the same seed gives the same tokens on the
+    same graphs (not the tokens PyTorch's generator would draw)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"--temperature {self.temperature!r} is not valid; allowed: a "
+                              "number > 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"--top-k {self.top_k!r} is not valid; allowed: an integer >= 0 "
+                              "(0: off)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ConfigError(f"--top-p {self.top_p!r} is not valid; allowed: 0 < p <= 1 (1: off)")
+
+    def choose(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One token per row of ``logits`` [batch, vocab]."""
+        x = logits.astype(np.float64) / float(self.temperature)
+        if self.top_k and self.top_k < x.shape[-1]:
+            kth = np.partition(x, -self.top_k, axis=-1)[:, -self.top_k][:, None]
+            x = np.where(x < kth, -np.inf, x)
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        if self.top_p < 1:
+            order = np.argsort(-p, axis=-1, kind="stable")
+            sp = np.take_along_axis(p, order, -1)
+            # keep a token when the mass before it is below top_p (the first always stays)
+            keep_sorted = (np.cumsum(sp, -1) - sp) < self.top_p
+            keep = np.zeros_like(keep_sorted)
+            np.put_along_axis(keep, order, keep_sorted, -1)
+            p = np.where(keep, p, 0.0)
+            p /= p.sum(-1, keepdims=True)
+        u = rng.random((p.shape[0], 1))
+        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+
+
+class Decoding:
+    """The state of one batched generation: the pre-allocated buffers (module doc), the
+    prompt's mask, the current length and the last logits. Built by :meth:`OrtGenerator.prefill`,
+    advanced by :meth:`OrtGenerator.step`."""
+
+    def __init__(self, gen: OrtGenerator, prompt_mask: np.ndarray, capacity: int):
+        s = gen.spec
+        b, p = prompt_mask.shape
+        self.batch, self.prompt_len, self.capacity = b, p, int(capacity)
+        self.kv_heads = [kv_heads_of(s["num_key_value_heads"], j // 2)
+                         for j in range(2 * int(s["num_layers"]))]  # per cache tensor
+        self.kv_shape = (b, max(self.kv_heads), int(s["head_dim"]))
+        self.n_cache = len(self.kv_heads)
+        per = b * self.kv_shape[1] * self.capacity * self.kv_shape[2]
+        self.cache = np.zeros((2, self.n_cache, per), np.float32)  # the two ping-pong sides
+        self.side = 0  # the side holding the past
+        self.prompt_mask = prompt_mask.astype(np.int64)
+        self.mask = np.ones(b * self.capacity, np.int64)  # flat: viewed [batch, length]
+        self.positions = np.zeros((b, 1), np.int64)
+        self.ids = np.zeros((b, 1), np.int64)
+        self.embeds = np.zeros((b, 1, int(gen.hidden)), np.float32)
+        self.step_logits = np.zeros((b, 1, int(s["vocab_size_out"])), np.float32)
+        self.length = 0  # tokens in the cache
+        self.logits: np.ndarray | None = None  # [batch, vocab] of the last position
+        self.embed_binding = gen.sessions["embed"].io_binding()
+        self.binding = gen.sessions["decoder"].io_binding()
+
+    def cache_view(self, side: int, j: int, length: int) -> tuple[int, tuple]:
+        """(pointer, shape) of cache tensor ``j`` on ``side`` at ``length`` tokens (its
+        layer's key/value heads: whole groups may have been sliced away)."""
+        b, _, d = self.kv_shape
+        return self.cache[side, j].ctypes.data, (b, self.kv_heads[j], length, d)
+
+    def mask_view(self, length: int) -> np.ndarray:
+        m = self.mask[: self.batch * length].reshape(self.batch, length)
+        m[:, : self.prompt_len] = self.prompt_mask
+        m[:, self.prompt_len:] = 1
+        return m
+
+
+class _Sessions(dict):
+    """The sessions of an export folder, each loaded on first use (a caller that feeds image
+    embeddings never loads the vision graph)."""
+
+    def __init__(self, folder: Path, files: dict, threads: int | None):
+        super().__init__()
+        self.folder, self.files, self.threads = folder, files, threads
+
+    def __missing__(self, part: str):
+        if part not in PARTS:
+            raise KeyError(part)
+        self[part] = _session(self.folder / self.files[part], self.threads)
+        return self[part]
+
+
 class OrtGenerator:
-    """The three sessions of one export folder and the greedy loop over them."""
+    """The three sessions of one export folder and the generation loop over them."""
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         self.folder = Path(folder)
         self.spec = read_spec(self.folder)
-        self.sessions = {p: _session(self.folder / self.spec["files"][p], threads) for p in PARTS}
+        self.sessions = _Sessions(self.folder, self.spec["files"], threads)
+        dec = self.sessions["decoder"]
+        self._cache_names = [i.name for i in dec.get_inputs() if i.name.startswith("past.")]
+        out = {o.name: o for o in dec.get_outputs()}
+        self.hidden = int(dec.get_inputs()[0].shape[-1])
+        vocab_out = out["logits"].shape[-1]
+        # the LM head's width (the embedding table may hold extra rows, e.g. the image token)
+        self.spec.setdefault("vocab_size_out", vocab_out if isinstance(vocab_out, int)
+                             else int(self.spec["vocab_size"]))
 
     @property
     def context(self) -> int:
         return int(self.spec["context"])
 
+    # -- the three graphs ----------------------------------------------------------------------
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.sessions["vision"].run(
             None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
-    def prompt_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
-        """Token embeddings with the image token positions replaced by the image embeddings."""
+    def prompt_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray | None,
+                      image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """Token embeddings with the image token positions replaced by the image embeddings
+        (of ``pixel_values``, or ``image_embeds`` already computed)."""
         image_id = int(self.spec["image_token_id"])
         is_image = input_ids == image_id
         safe = np.where(is_image & (image_id >= int(self.spec["vocab_size"])), 0, input_ids)
         emb = self.sessions["embed"].run(None, {"input_ids": safe.astype(np.int64)})[0]
-        img = self.image_embeds(pixel_values)
+        img = self.image_embeds(pixel_values) if image_embeds is None else image_embeds
         if int(is_image.sum()) != img.shape[0] * img.shape[1]:
             raise ExportError(f"the prompt holds {int(is_image.sum())} image tokens and the "
                               f"vision graph gives {img.shape[0] * img.shape[1]} embeddings")
@@ -104,7 +232,8 @@ class OrtGenerator:
                 for i in range(int(s["num_layers"])) for kv in ("key", "value")}
 
     def decode_step(self, embeds, mask, positions, past):
-        """One decoder call: (logits, presents keyed as the next call's past)."""
+        """One decoder call on plain numpy feeds (no buffers): (logits, presents keyed as the
+        next call's past). What the export's validation compares with PyTorch."""
         feed = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask,
                 "position_ids": positions, **past}
         outs = self.sessions["decoder"].run(None, feed)
@@ -113,31 +242,99 @@ class OrtGenerator:
         return res["logits"], {k.replace("present.", "past.", 1): v for k, v in res.items()
                                if k.startswith("present.")}
 
-    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                 pixel_values: np.ndarray, max_new_tokens: int) -> list[list[int]]:
-        """Greedy new token ids per row (left-padded inputs), cut at the end token."""
-        eos, pad = int(self.spec["eos_token_id"]), int(self.spec["pad_token_id"])
+    # -- the buffered loop ---------------------------------------------------------------------
+    def check_capacity(self, prompt_len: int, max_new_tokens: int) -> int:
+        need = int(prompt_len) + int(max_new_tokens)
+        if need > self.context:
+            raise ConfigError(f"{prompt_len} prompt tokens + {max_new_tokens} new tokens exceed "
+                              f"the context of {self.spec.get('model')} ({self.context} tokens); "
+                              f"allowed: prompt + new tokens <= {self.context}")
+        return need
+
+    def _run_decoder(self, st: Decoding, embeds: np.ndarray, mask: np.ndarray,
+                     positions: np.ndarray, new: int, logits: np.ndarray) -> None:
+        """Bind the inputs, the past (``st.length`` tokens on ``st.side``) and the presents
+        (``st.length + new`` on the other side), run, flip the sides."""
+        io = st.binding
+        io.bind_cpu_input("inputs_embeds", embeds)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", positions)
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        other = 1 - st.side
+        for j, name in enumerate(self._cache_names):
+            ptr, shape = st.cache_view(st.side, j, st.length)
+            io.bind_input(name, "cpu", 0, np.float32, list(shape), ptr)
+            ptr, shape = st.cache_view(other, j, st.length + new)
+            io.bind_output(name.replace("past.", "present.", 1), "cpu", 0, np.float32,
+                           list(shape), ptr)
+        self.sessions["decoder"].run_with_iobinding(io)
+        st.side, st.length = other, st.length + new
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                pixel_values: np.ndarray | None, max_new_tokens: int,
+                image_embeds: np.ndarray | None = None) -> Decoding:
+        """Vision (skipped when ``image_embeds`` are given), embedding and the decoder over the
+        (left-padded) prompt; the state holds the logits of the first new token
+        (``state.logits``) and room for ``max_new_tokens``."""
         mask = attention_mask.astype(np.int64)
-        embeds = self.prompt_embeds(input_ids, pixel_values)
+        b, p = mask.shape
+        st = Decoding(self, mask, self.check_capacity(p, max_new_tokens))
+        embeds = self.prompt_embeds(input_ids, pixel_values, image_embeds)
         positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
-        past = self.empty_past(input_ids.shape[0])
-        done = np.zeros(input_ids.shape[0], bool)
-        out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-        for _ in range(int(max_new_tokens)):
-            logits, past = self.decode_step(embeds, mask, positions, past)
-            nxt = logits[:, -1].argmax(-1).astype(np.int64)
-            nxt = np.where(done, pad, nxt)
-            for r in np.flatnonzero(~done):
-                if nxt[r] != eos:
-                    out[r].append(int(nxt[r]))
-            done |= nxt == eos
-            if done.all():
-                break
-            embeds = self.sessions["embed"].run(None, {"input_ids": nxt[:, None]})[0]
-            positions = positions[:, -1:] + 1
-            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
-        # cut at a pad token too, as Llava.generate does with PyTorch's tokens
-        return [seq[:seq.index(pad)] if pad in seq else seq for seq in out]
+        logits = np.empty((b, p, int(self.spec["vocab_size_out"])), np.float32)
+        self._run_decoder(st, embeds, st.mask_view(p), positions, p, logits)
+        st.positions[:] = positions[:, -1:]
+        st.logits = logits[:, -1]
+        return st
+
+    def step(self, st: Decoding, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row; the logits [batch, vocab] of the next."""
+        if st.length >= st.capacity:
+            raise ConfigError(f"the generation holds {st.capacity} tokens (prompt + "
+                              "max_new_tokens); no room for another step")
+        st.ids[:, 0] = tokens
+        eb = st.embed_binding
+        eb.bind_cpu_input("input_ids", st.ids)
+        eb.bind_output("inputs_embeds", "cpu", 0, np.float32, list(st.embeds.shape),
+                       st.embeds.ctypes.data)
+        self.sessions["embed"].run_with_iobinding(eb)
+        st.positions += 1
+        self._run_decoder(st, st.embeds, st.mask_view(st.length + 1), st.positions, 1,
+                          st.step_logits)
+        st.logits = st.step_logits[:, -1]
+        return st.logits
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 pixel_values: np.ndarray, max_new_tokens: int, sampling: Sampling | None = None
+                 ) -> list[list[int]]:
+        """New token ids per row (left-padded inputs), cut at the end token: greedy, or drawn
+        with ``sampling``."""
+        rng = np.random.default_rng(sampling.seed) if sampling is not None else None
+        st = self.prefill(input_ids, attention_mask, pixel_values, max_new_tokens)
+        return token_loop(self, st, max_new_tokens, int(self.spec["eos_token_id"]),
+                          int(self.spec["pad_token_id"]),
+                          None if sampling is None else lambda x: sampling.choose(x, rng))
+
+
+def token_loop(gen, st, max_new_tokens: int, eos: int, pad: int, choose=None
+               ) -> list[list[int]]:
+    """The generation loop after the prefill ``st`` of ``gen`` (an ONNX Runtime or a PyTorch
+    generator): pick a token per row (arg-max, or ``choose(logits)``), a finished row gets
+    the pad token, stop when every row has ended or after ``max_new_tokens``; each row cut at
+    its end (or pad) token, as ``Llava.generate`` cuts PyTorch's."""
+    done = np.zeros(st.batch, bool)
+    out: list[list[int]] = [[] for _ in range(st.batch)]
+    for i in range(int(max_new_tokens)):
+        nxt = st.logits.argmax(-1).astype(np.int64) if choose is None else choose(st.logits)
+        nxt = np.where(done, pad, nxt)
+        for r in np.flatnonzero(~done):
+            if nxt[r] != eos:
+                out[r].append(int(nxt[r]))
+        done |= nxt == eos
+        if done.all() or i == int(max_new_tokens) - 1:
+            break
+        gen.step(st, nxt)
+    return [seq[:seq.index(pad)] if pad in seq else seq for seq in out]
 
 
 def prompt_inputs(processor, prompts: list[str], images) -> dict[str, np.ndarray]:
