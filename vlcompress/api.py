@@ -151,13 +151,15 @@ GENERATE_RUNTIMES = ("onnxruntime", "genai")
 
 
 def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens: int = 24,
-             threads: int | None = None, runtime: str = "onnxruntime",
-             sampling=None) -> str:
+             threads: int | None = None, sampling=None, reduced_tokens: bool = False,
+             runtime: str = "onnxruntime") -> str:
     """The answer of a generative run's exported ONNX graphs (``pruned/``, or ``dense/`` with
     ``dense``) to ``prompt`` about ``image`` (a path), generated on ONNX Runtime
     (:class:`vlcompress.runtime.ort_generate.OrtGenerator`): greedily, or drawn with
     ``sampling`` (a :class:`~vlcompress.runtime.ort_generate.Sampling`: seeded temperature /
-    top-k / top-p). Everything is checked before the
+    top-k / top-p); ``reduced_tokens``: the run's ``dense_tokens/`` or ``pruned_tokens/``
+    export (``--visual-tokens``), whose prompt carries as many image tokens as its
+    ``generation.json`` records. Everything is checked before the
     graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
     context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
     longer than the context. ``runtime="genai"`` generates with ONNX Runtime GenAI instead
@@ -173,6 +175,11 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     if sampling is not None and runtime != "onnxruntime":
         raise ConfigError(f"sampling runs on vlcompress's own loop; --runtime {runtime} is "
                           "greedy only; allowed: sampling with --runtime onnxruntime")
+    if reduced_tokens and runtime == "genai":
+        raise ConfigError("--reduced-tokens needs --runtime onnxruntime: the GenAI adapter "
+                          "numbers the image tokens contiguously, not at their full-prompt "
+                          "positions (the kept tokens' image_positions); allowed: --runtime "
+                          "onnxruntime with --reduced-tokens")
     if runtime == "genai":
         from .optional_deps import require_onnxruntime_genai
 
@@ -189,7 +196,11 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
                           f"of {model.get('name')} ({model.get('family')}); allowed: a "
                           "prune-export run of a generative model (llava)")
     check_max_new_tokens(max_new_tokens)
-    folder = run_dir / ("dense" if dense else "pruned")
+    variant = ("dense" if dense else "pruned") + ("_tokens" if reduced_tokens else "")
+    if reduced_tokens and variant not in ((report.get("export") or {}).get("generative") or {}):
+        raise ConfigError(f"--reduced-tokens: {str(run_dir)!r} has no token-reduced export "
+                          f"({variant}/); allowed: a run made with prune-export --visual-tokens K")
+    folder = run_dir / variant
     spec = read_spec(folder)
     ctx = int(spec["context"])
     if max_new_tokens > ctx:
@@ -202,20 +213,29 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
         if runtime == "genai":
             raise ConfigError(f"--runtime genai runs LLaVA-style exports; {str(run_dir)!r} is a "
                               f"{spec['kind']} export; allowed: --runtime onnxruntime")
+        if sampling is not None or reduced_tokens:
+            raise ConfigError(f"{'--sample' if sampling is not None else '--reduced-tokens'} "
+                              f"runs on LLaVA-style exports; {str(run_dir)!r} is a "
+                              f"{spec['kind']} export (greedy only); allowed: greedy generation")
         return _generate_blip(folder, spec, proc_dir, img, prompt, max_new_tokens, threads,
                               str(model.get("name")))
-    encoder = PromptEncoder(proc_dir, str(model.get("name")), ctx)
+    encoder = PromptEncoder(proc_dir, str(model.get("name")), ctx,
+                            image_tokens=spec.get("image_tokens"))
     enc = encoder.encode([img], [prompt])
-    encoder.check_length(int(enc["input_ids"].shape[1]), max_new_tokens)
+    # a token-reduced prompt's positions run as far as the full prompt's (visual_tokens)
+    skipped = int(spec.get("tower_tokens") or 0) - int(spec.get("image_tokens")
+                                                        or spec.get("tower_tokens") or 0)
+    encoder.check_length(int(enc["input_ids"].shape[1]) + skipped, max_new_tokens)
     if runtime == "genai":
         from .runtime.genai_generate import GenaiGenerator
 
         generator = GenaiGenerator(folder, threads)
+        tokens = generator.generate(enc["input_ids"], enc["attention_mask"],
+                                    enc["pixel_values"], max_new_tokens)[0]
     else:
-        generator = OrtGenerator(folder, threads)
-    extra = {} if sampling is None else {"sampling": sampling}
-    tokens = generator.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
-                                max_new_tokens, **extra)[0]
+        tokens = OrtGenerator(folder, threads).generate(
+            enc["input_ids"], enc["attention_mask"], enc["pixel_values"], max_new_tokens,
+            sampling=sampling)[0]
     return encoder.decode(tokens)
 
 

@@ -292,6 +292,10 @@ def prune_export_cmd(
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", help="Generative models: greedy tokens generated per caption or "
         "answer in the evaluation.")] = 24,
+    visual_tokens: Annotated[int | None, typer.Option(
+        "--visual-tokens", help="Generative models: keep K of the vision tower's tokens per "
+        "image (VisionZip: dominant tokens by attention, the rest merged); adds the "
+        "dense_tokens and pruned_tokens variants.")] = None,
     cuda_graphs: CudaGraphsOpt = False,
     offload: Annotated[str, typer.Option(
         "--offload", help="none, or disk: a generative model folder bigger than memory, pruned "
@@ -320,8 +324,9 @@ def prune_export_cmd(
                     quantize_method=quantize_method, target_speedup=target_speedup, triton=triton,
                     method_options=parse_method_options(method_option), parts=parts,
                     max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
-                    reconstruct=reconstruct, holdout_fraction=holdout_fraction,
-                    holdout_every=holdout_every, offload=offload)
+                    visual_tokens=visual_tokens, reconstruct=reconstruct,
+                    holdout_fraction=holdout_fraction, holdout_every=holdout_every,
+                    offload=offload)
     with _progress() as prog:
         report = prune_export(cfg, progress=prog)
     if as_json:
@@ -454,6 +459,9 @@ def generate_cmd(
                                                        "tokens (0: all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="With --sample: keep the most likely "
                                                          "tokens up to this mass (1: all).")] = 1.0,
+    reduced_tokens: Annotated[bool, typer.Option(
+        "--reduced-tokens", help="Answer with the run's token-reduced export (dense_tokens / "
+        "pruned_tokens: a run made with --visual-tokens K).")] = False,
     runtime: Annotated[str, typer.Option(
         "--runtime", help="onnxruntime (vlcompress's generation loop) or genai (ONNX Runtime "
         "GenAI, the [genai] extra).")] = "onnxruntime",
@@ -470,7 +478,7 @@ def generate_cmd(
                                              "with --runtime onnxruntime (GenAI: greedy only)")])
     sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
     out.print(generate(run_dir, image, prompt, dense=dense, max_new_tokens=max_new_tokens,
-                       runtime=runtime, sampling=sampling),
+                       sampling=sampling, reduced_tokens=reduced_tokens, runtime=runtime),
               soft_wrap=True, highlight=False, markup=False)
 
 

@@ -74,6 +74,9 @@ class RunConfig:
     # each where given) and the greedy generation length of the evaluation
     parts: str | tuple[str, ...] | None = None
     max_new_tokens: int = 24
+    # generative models: keep K of the vision tower's tokens (models/visual_tokens.py,
+    # VisionZip); adds the dense_tokens and pruned_tokens variants
+    visual_tokens: int | None = None
     cuda_graphs: bool = False  # torch on CUDA: time under CUDA-graph replay (runtime.graphs)
     # generative models bigger than memory: "disk" prunes and evaluates block by block from
     # the shards (methods/offload.py); no ONNX export then
@@ -132,6 +135,10 @@ class RunConfig:
         from .eval.generative import check_max_new_tokens
 
         check_max_new_tokens(self.max_new_tokens)
+        vt = self.visual_tokens
+        if vt is not None and (isinstance(vt, bool) or not isinstance(vt, int) or vt < 1):
+            raise ConfigError(f"--visual-tokens {vt} is not valid; allowed: a positive integer "
+                              "(at most the tokens the model's vision tower produces)")
         bs = parse_batch_sizes(self.batch_sizes)
         object.__setattr__(self, "batch_sizes", bs)
         lc = LatencyConfig(batch_sizes=bs, warmup=self.warmup, iterations=self.iterations,
@@ -305,6 +312,23 @@ def check_run(cfg: RunConfig):
                               f"{cfg.model} ({info.family}): it is pruned and evaluated in "
                               "PyTorch and exported to fp32 ONNX (no runtime choice, "
                               "quantization or fp16 yet)")
+    if cfg.visual_tokens is not None:
+        if not info.generative:
+            raise ConfigError(f"--visual-tokens {cfg.visual_tokens} keeps image tokens of a "
+                              f"generative model (llava); {cfg.model} ({info.family}) is not "
+                              "one; allowed: a generative model, or no --visual-tokens")
+        if info.family != "llava":
+            raise ConfigError(f"--visual-tokens {cfg.visual_tokens} reduces the image tokens a "
+                              f"LLaVA decoder reads; {cfg.model} ({info.family}) feeds its "
+                              "decoder otherwise; allowed: a llava model, or no --visual-tokens")
+        if cfg.offload != "none":
+            raise ConfigError(f"--visual-tokens {cfg.visual_tokens} is not available with "
+                              f"--offload {cfg.offload} (no ONNX export there); allowed: one of "
+                              "the two")
+        from .models import peek_config
+        from .models.visual_tokens import check_visual_tokens, tower_tokens
+
+        check_visual_tokens(cfg.visual_tokens, tower_tokens(peek_config(cfg.model)), cfg.model)
     if cfg.parts is not None:
         if not info.generative:
             raise ConfigError(f"--parts chooses the parts of a generative model (llava); "
@@ -674,10 +698,15 @@ def _cuda_available() -> bool:
 GENERATIVE_VALIDATION_PROMPTS = 8
 
 
-def _export_generative(vlm, evals, folder, cfg: RunConfig, progress) -> dict:
+def _export_generative(vlm, evals, folder, cfg: RunConfig, progress,
+                       visual_tokens: int | None = None, reuse=None) -> dict:
     """Export one variant to ``folder`` (vision/embed/decoder.onnx) and validate it on the
     first :data:`GENERATIVE_VALIDATION_PROMPTS` items of each evaluation set; the report's
-    entry, its paths relative to the run folder."""
+    entry, its paths relative to the run folder. ``visual_tokens``: the vision graph keeps K
+    tokens, and ``reuse`` (the full-token twin's folder) lends it embed and decoder."""
+    import json
+    from pathlib import Path
+
     from .eval.generative import validation_items
 
     if getattr(vlm, "onnx_generation", "llava") == "blip":  # vision + decoder, cross-attention
@@ -687,12 +716,31 @@ def _export_generative(vlm, evals, folder, cfg: RunConfig, progress) -> dict:
 
     images, questions = validation_items(evals, GENERATIVE_VALIDATION_PROMPTS)
     with (progress or NULL).task(f"export {folder.name} onnx", total=1) as t:
+        tokens = {} if visual_tokens is None else {"visual_tokens": visual_tokens, "reuse": reuse}
         res = export_generative(vlm, folder, images=images, questions=questions,
-                                max_new_tokens=cfg.max_new_tokens)
+                                max_new_tokens=cfg.max_new_tokens, **tokens)
         t.advance(1)
     out = res.to_dict()
-    out["paths"] = {k: f"{folder.name}/{v.rsplit('/', 1)[-1]}" for k, v in out["paths"].items()}
+    root = folder.parent
+    out["paths"] = {k: Path(v).relative_to(root).as_posix() for k, v in out["paths"].items()}
+    if visual_tokens is not None:
+        out["visual_tokens"] = json.loads((folder / "generation.json").read_text())["visual_tokens"]
     return out
+
+
+def _token_variant(vlm, evals, tmp, base: str, cfg: RunConfig, progress):
+    """The ``{base}_tokens`` variant: the same weights evaluated in PyTorch with K visual
+    tokens (``models.visual_tokens``), then its vision graph exported beside ``base``'s
+    embed and decoder and validated; (runs, export entry)."""
+    from .eval.generative import run_all
+    from .models.visual_tokens import reduced_tokens
+
+    k = cfg.visual_tokens
+    with reduced_tokens(vlm.model, vlm.processor, k):
+        runs = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
+    entry = _export_generative(vlm, evals, tmp / f"{base}_tokens", cfg, progress,
+                               visual_tokens=k, reuse=tmp / base)
+    return runs, entry
 
 
 def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
@@ -728,6 +776,10 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
         dense_total, dense_nonzero = vlm.num_parameters()
         dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
         exports = {"dense": _export_generative(vlm, evals, tmp / "dense", cfg, progress)}
+        runs = {"dense": dense}
+        if cfg.visual_tokens is not None:  # tokens alone: the dense weights, K tokens
+            runs["dense_tokens"], exports["dense_tokens"] = _token_variant(
+                vlm, evals, tmp, "dense", cfg, progress)
         teacher = None
         if cfg.recover_steps:
             from .distill import dense_copy
@@ -744,7 +796,16 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
             del teacher
         pruned = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
         exports["pruned"] = _export_generative(vlm, evals, tmp / "pruned", cfg, progress)
+        runs["pruned"] = pruned
+        if cfg.visual_tokens is not None:  # both: the pruned weights, K tokens
+            runs["pruned_tokens"], exports["pruned_tokens"] = _token_variant(
+                vlm, evals, tmp, "pruned", cfg, progress)
         accuracy = generative_accuracy(evals, dense, pruned, random_weights=is_preset)
+        if cfg.visual_tokens is not None:
+            from .eval.generative import variants_accuracy
+
+            accuracy["variants"] = variants_accuracy(runs, random_weights=is_preset)
+            accuracy["visual_tokens"] = exports["dense_tokens"]["visual_tokens"]
         vlm.save(tmp / "pruned" / "model")
         latency = gen_latency.generative_latency(
             gen_latency.variant_folders(tmp, tuple(exports)), load_model(cfg.model), vlm,

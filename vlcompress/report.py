@@ -147,6 +147,7 @@ def to_markdown(r: dict) -> str:
                          f"{row['speedup']:.2f}x |")
         lines.append("")
     lines += _quantize_markdown(r)
+    lines += _visual_tokens_markdown(r)
     ex = r.get("export") or {}
     if ex.get("max_abs_diff"):
         prec = ex.get("precision") or {}
@@ -177,7 +178,8 @@ def _quantize_markdown(r: dict) -> list[str]:
     batch, timed interleaved in one run, their accuracy, and what pruning buys over
     quantization alone; the --target-speedup search."""
     lines = []
-    rows = [row for row in r.get("latency") or [] if row.get("variants")]
+    rows = [row for row in r.get("latency") or []
+            if row.get("variants") and row.get("quantize")]
     quant = r.get("quantize") or {}
     if rows:
         q = rows[0].get("quantize", "?")
@@ -226,6 +228,43 @@ def _quantize_markdown(r: dict) -> list[str]:
                 "falls short of the target (the search's brief timing was optimistic)")
             lines += ["", f"Full timing of the chosen model ({fin['variant']}, batch "
                       f"{fin['batch']}): {fin['speedup']:.2f}x over dense, {verdict}."]
+        lines.append("")
+    return lines
+
+
+def _visual_tokens_markdown(r: dict) -> list[str]:
+    """Weights alone, visual tokens alone and both (``--visual-tokens``): each variant's
+    metrics, the share of dense it keeps, and its fidelity to dense."""
+    acc = r.get("accuracy") or {}
+    var, vt = acc.get("variants"), acc.get("visual_tokens")
+    if not var or not vt:
+        return []
+    names = list(next(iter(var.values()))["metrics"])
+    fid = list(next(iter(var.values()))["fidelity"])
+    lines = [f"## Visual tokens ({vt['kept']} of {vt['of']} per image, {vt['method']}: "
+             f"{vt['dominant']} dominant + {vt['contextual']} contextual)", "",
+             "| variant | " + " | ".join([f"{METRIC_NAMES.get(k, k)} (retained)" for k in names]
+                                        + [f"fidelity {k.replace('_', ' ')}" for k in fid]) + " |",
+             "|---|" + "---:|" * (len(names) + len(fid))]
+    for name, v in var.items():
+        cells = [f"{_metric(k, v['metrics'][k])} ({_pct(v['retained'][k])})" for k in names]
+        cells += [f"{v['fidelity'].get(k, float('nan')):.3f}" for k in fid]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    rows = [row for row in r.get("latency") or []
+            if row.get("variants") and not row.get("quantize")]
+    if rows:  # the same variants timed (runtime.gen_latency), interleaved in one process
+        timed = rows[0]["variants"]
+        order = list(var) if all(k in timed for k in var) else list(timed)
+        lines += ["| runtime | part | batch | " + " | ".join(order) + " |",
+                  "|---|---|---:|" + "---:|" * len(order)]
+        for row in rows:
+            v = row["variants"]
+            cells = [f"{v[k]['ms']['p50']:.3f} ({v[k]['speedup']:.2f}x)" if k in v else ""
+                     for k in order]
+            lines.append(f"| {row['runtime']} | {_tower(row)} | {row['batch']} | "
+                         + " | ".join(cells) + " |")
+        lines += ["", "p50 ms (speedup over dense); prefill is time to first token."]
         lines.append("")
     return lines
 

@@ -254,3 +254,27 @@ def generative_accuracy(datasets, dense: list[GenerativeRun], pruned: list[Gener
                                           for i in range(min(3, r.n))]}
                     for d, r, p in zip(datasets, dense, pruned, strict=True)}
     return acc
+
+
+def variants_accuracy(runs: dict[str, list[GenerativeRun]], *,
+                      random_weights: bool = False) -> dict:
+    """Per variant (``dense``, ``pruned``, ``dense_tokens``, ``pruned_tokens``: weights alone,
+    visual tokens alone, both): each task's metrics, the share of the dense metric it keeps
+    (``retained``), and its fidelity to the dense model (module doc). Metrics are left out for
+    random weights (a preset: fidelity only)."""
+    dense = runs["dense"]
+    dm = {}
+    if not random_weights:
+        for r in dense:
+            dm.update(generative_metrics(r))
+    out = {}
+    for name, rs in runs.items():
+        m = {}
+        if not random_weights:
+            for r in rs:
+                m.update(generative_metrics(r))
+        out[name] = {"metrics": m,
+                     "retained": {k: (v / dm[k] if dm.get(k) else float("nan"))
+                                  for k, v in m.items()},
+                     "fidelity": generative_fidelity(merged_runs(dense), merged_runs(rs))}
+    return out

@@ -8,7 +8,11 @@ LLaVA config):
 
 - ``vision.onnx``: ``pixel_values`` [batch, 3, H, W] -> ``image_embeds`` [batch, tokens,
   hidden]: the vision tower up to ``vision_feature_layer``, the feature selection
-  (``default`` drops CLS) and the projector (``LlavaModel.get_image_features``);
+  (``default`` drops CLS) and the projector (``LlavaModel.get_image_features``); with
+  ``visual_tokens`` K (``--visual-tokens``) the graph keeps K tokens per image
+  (:mod:`vlcompress.models.visual_tokens`) and also outputs ``image_positions`` [batch, K],
+  each kept token's index among the tower's tokens, from which the generation loop places
+  it at its full-prompt position;
 - ``embed.onnx``: ``input_ids`` [batch, sequence] -> ``inputs_embeds``;
 - ``decoder.onnx``: ``inputs_embeds`` [batch, sequence, hidden], ``attention_mask`` [batch,
   past_sequence + sequence] (1 = token, 0 = left padding), ``position_ids`` [batch, sequence]
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,6 +56,8 @@ import torch
 from onnx import helper
 
 from ..errors import ExportError, ModelError
+from ..models.visual_tokens import METHOD as VISUAL_TOKENS_METHOD
+from ..models.visual_tokens import image_features, reduced_tokens, split_tokens, tower_tokens
 from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, kv_heads_of, prompt_inputs
 from ._decoder import FlatCache as _FlatCache
 from ._decoder import additive_mask
@@ -77,21 +84,19 @@ class GenerativeExport:
 
 
 class VisionGraph(torch.nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, visual_tokens: int | None = None):
         super().__init__()
         self.model = model
+        self.visual_tokens = visual_tokens
 
     def forward(self, pixel_values):
         """``LlavaModel.get_image_features`` without its final per-image split (a list,
-        which tracing would fix to the example's batch size)."""
-        cfg = self.model.config
-        hs = self.model.model.vision_tower(pixel_values, output_hidden_states=True,
-                                           return_dict=True).hidden_states
-        layers = cfg.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        crop = 1 if cfg.vision_feature_select_strategy == "default" else 0
-        feats = torch.cat([hs[i][:, crop:] for i in layers], dim=-1)
-        return self.model.model.multi_modal_projector(feats)
+        which tracing would fix to the example's batch size), keeping ``visual_tokens`` of
+        the tower's tokens when given (:mod:`vlcompress.models.visual_tokens`, the same
+        function the PyTorch evaluation runs)."""
+        if self.visual_tokens is None:
+            return image_features(self.model, pixel_values)
+        return image_features(self.model, pixel_values, self.visual_tokens, with_index=True)
 
 
 class EmbedGraph(torch.nn.Module):
@@ -238,10 +243,17 @@ def check_exportable(vlm) -> None:
 
 
 def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
-                      max_new_tokens: int = 16, validate: bool = True) -> GenerativeExport:
+                      max_new_tokens: int = 16, validate: bool = True,
+                      visual_tokens: int | None = None,
+                      reuse: str | Path | None = None) -> GenerativeExport:
     """Write ``vision.onnx``, ``embed.onnx``, ``decoder.onnx`` and ``generation.json`` into
     ``out_dir`` and (``validate``) check them against PyTorch on ``images`` / ``questions``
-    (raises one ExportError naming every mismatch)."""
+    (raises one ExportError naming every mismatch). ``visual_tokens`` K: ``vision.onnx``
+    outputs K image embeddings per image (:mod:`vlcompress.models.visual_tokens`) and
+    ``generation.json`` records ``image_tokens`` K, so prompts carry K image tokens.
+    ``reuse``: the folder of an export of the same weights whose ``embed.onnx`` and
+    ``decoder.onnx`` this one shares (only ``vision.onnx`` differs between a token-reduced
+    variant and its full-token twin); ``generation.json`` names them by relative path."""
     t0 = time.perf_counter()
     check_exportable(vlm)
     out = Path(out_dir)
@@ -249,13 +261,65 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
     model = vlm.model.eval()
     n, kvh, hd = _kv_shape(model)
     props = {"vlcompress.model": str(vlm.name), "vlcompress.family": vlm.family}
-    paths = {p: out / f for p, f in FILES.items()}
-    vision_graph, embed_graph, decoder_graph = graphs(vlm)
+    files = dict(FILES)
+    if reuse is not None:
+        if Path(reuse).resolve().parent != out.resolve().parent:
+            raise ExportError(f"cannot reuse {str(reuse)!r}: it is not beside {str(out)!r}")
+        rel = Path("..") / Path(reuse).name
+        files |= {p: str(rel / f) for p, f in FILES.items() if p != "vision"}
+    paths = {p: out / f for p, f in files.items()}
+    vision_graph, _, _ = graphs(vlm)
+    if visual_tokens is not None and vision_graph is not VisionGraph:
+        raise ExportError(f"visual_tokens: {vlm.family} exports its own vision graph; allowed: "
+                          "a llava model")
+    llava = vision_graph is VisionGraph
+    available = tower_tokens(model.config) if llava else None
+    image_tokens = available if visual_tokens is None else min(int(visual_tokens), available)
     with _eager_attention(model):
-        _export(vision_graph(model), [_example_pixels(vlm, 2, 0)], paths["vision"],
-                ["pixel_values"], ["image_embeds"],
-                {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
-                {**props, "vlcompress.part": "vision"}, model)
+        v_out = ["image_embeds"] + (["image_positions"] if visual_tokens is not None else [])
+        _export(VisionGraph(model, visual_tokens) if llava else vision_graph(model),
+                [_example_pixels(vlm, 2, 0)],
+                paths["vision"], ["pixel_values"], v_out,
+                {"pixel_values": {0: "batch"}, **{o: {0: "batch"} for o in v_out}},
+                {**props, "vlcompress.part": "vision",
+                 "vlcompress.image_tokens": str(image_tokens)}, model)
+        if reuse is not None:
+            paths = {p: Path(os.path.normpath(v)) for p, v in paths.items()}
+            missing = [str(v) for v in paths.values() if not v.is_file()]
+            if missing:
+                raise ExportError(f"cannot reuse {missing[0]!r}: it is not there")
+    if reuse is None:
+        _export_text_graphs(vlm, paths, props, n)
+    tc = _text_cfg(model)
+    tok = vlm.tokenizer
+    spec = {"family": vlm.family, "model": str(vlm.name), "files": files,
+            "image_token_id": int(model.config.image_token_index),
+            "vocab_size": int(tc.vocab_size),
+            "eos_token_id": int(getattr(vlm, "eos_token_id", None) or tok.eos_token_id),
+            "pad_token_id": int(tok.pad_token_id), "num_layers": n, "num_key_value_heads": kvh,
+            "head_dim": hd, "context": int(tc.max_position_embeddings), "precision": "fp32"}
+    if llava:
+        spec |= {"image_tokens": image_tokens, "tower_tokens": available}
+    if visual_tokens is not None:
+        dom, ctx = split_tokens(image_tokens)
+        spec["visual_tokens"] = {"method": VISUAL_TOKENS_METHOD, "kept": image_tokens,
+                                 "of": available, "dominant": dom, "contextual": ctx,
+                                 "positions": "original"}
+    (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
+    res = GenerativeExport(paths)
+    if validate:
+        res.validation = validate_generative(vlm, out, images=images, questions=questions,
+                                             max_new_tokens=max_new_tokens,
+                                             visual_tokens=visual_tokens)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _export_text_graphs(vlm, paths: dict, props: dict, n: int) -> None:
+    """``embed.onnx`` and the merged ``decoder.onnx`` (module doc)."""
+    model = vlm.model
+    _, embed_graph, decoder_graph = graphs(vlm)
+    with _eager_attention(model):
         _export(embed_graph(model), [torch.tensor([[1, 2, 3], [3, 2, 1]])], paths["embed"],
                 ["input_ids"], ["inputs_embeds"],
                 {"input_ids": {0: "batch", 1: "sequence"},
@@ -269,21 +333,6 @@ def export_generative(vlm, out_dir: str | Path, *, images, questions=None,
         axes |= {k: {0: "batch", 2: "total_sequence"} for k in outs[1:]}
         _export(decoder_graph(model), _decoder_args(vlm, 2, 3, 2, 0), paths["decoder"], ins, outs,
                 axes, {**props, "vlcompress.part": "decoder"}, model)
-    tc = _text_cfg(model)
-    tok = vlm.tokenizer
-    spec = {"family": vlm.family, "model": str(vlm.name), "files": dict(FILES),
-            "image_token_id": int(model.config.image_token_index),
-            "vocab_size": int(tc.vocab_size),
-            "eos_token_id": int(getattr(vlm, "eos_token_id", None) or tok.eos_token_id),
-            "pad_token_id": int(tok.pad_token_id), "num_layers": n, "num_key_value_heads": kvh,
-            "head_dim": hd, "context": int(tc.max_position_embeddings), "precision": "fp32"}
-    (out / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
-    res = GenerativeExport(paths)
-    if validate:
-        res.validation = validate_generative(vlm, out, images=images, questions=questions,
-                                             max_new_tokens=max_new_tokens)
-    res.seconds = time.perf_counter() - t0
-    return res
 
 
 def _diff(onnx_out: np.ndarray, ref: torch.Tensor, atol: float, rtol: float) -> tuple[float, bool]:
@@ -295,9 +344,10 @@ def _diff(onnx_out: np.ndarray, ref: torch.Tensor, atol: float, rtol: float) -> 
 @torch.no_grad()
 def validate_generative(vlm, folder: str | Path, *, images, questions=None,
                         max_new_tokens: int = 16, atol: float = TOLERANCE["atol"],
-                        rtol: float = TOLERANCE["rtol"]) -> dict:
+                        rtol: float = TOLERANCE["rtol"], visual_tokens: int | None = None) -> dict:
     """Compare the export in ``folder`` with PyTorch (module doc); raise one ExportError
-    listing every mismatch, else return the measured figures."""
+    listing every mismatch, else return the measured figures. ``visual_tokens``: the
+    PyTorch side keeps the same K tokens (``models.visual_tokens.reduced_tokens``)."""
     model = vlm.model.eval()
     gen = OrtGenerator(folder)
     vision_graph, embed_graph, decoder_graph = graphs(vlm)
@@ -310,7 +360,14 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
             problems.append(f"{name} max abs diff {d:.3g}")
 
     px = _example_pixels(vlm, 3, 1)
-    check("vision", gen.image_embeds(px.numpy()), vision_graph(model)(px))
+    v_ref = (VisionGraph(model, visual_tokens) if vision_graph is VisionGraph
+             else vision_graph(model))(px)
+    v_got, v_index = gen.image_outputs(px.numpy())
+    if visual_tokens is not None:
+        v_ref, index_ref = v_ref
+        if v_index is None or not np.array_equal(v_index, index_ref.numpy()):
+            problems.append("vision image_positions differ from PyTorch's kept tokens")
+    check("vision", v_got, v_ref)
     ids = torch.tensor([[1, 5, 7, 3, 2], [2, 2, 6, 1, 0], [3, 4, 1, 0, 2]]) % _text_cfg(model).vocab_size
     check("embed", gen.sessions["embed"].run(None, {"input_ids": ids.numpy()})[0],
           embed_graph(model)(ids))
@@ -337,8 +394,10 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
     exact, per_prompt = 0, []
     for i in range(0, len(images), 8):
         im, q = images[i:i + 8], qs[i:i + 8]
-        torch_tokens = vlm.generate(im, q, max_new_tokens=max_new_tokens)
-        enc = prompt_inputs(vlm.processor, [vlm.prompt(x) for x in q], im)
+        with reduced_tokens(model, vlm.processor, visual_tokens):
+            torch_tokens = vlm.generate(im, q, max_new_tokens=max_new_tokens)
+        enc = prompt_inputs(vlm.processor, [vlm.prompt(x) for x in q], im,
+                            image_tokens=gen.spec.get("image_tokens"))
         onnx_tokens = gen.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
                                    max_new_tokens)
         for j, (a, b) in enumerate(zip(torch_tokens, onnx_tokens, strict=True)):

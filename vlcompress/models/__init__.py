@@ -240,14 +240,25 @@ def _load_model(name_or_path, *, random_init: bool, tower: str | None) -> VLM:
     return fam(model, tok, img, name=name, source=path)
 
 
-def _load_preset(entry) -> VLM:
+def _preset_config(entry):
     import transformers
 
     cfg_dict = json.loads(entry.path.read_text())
     cfg_dict.pop("_description", None)
     model_type = cfg_dict.pop("model_type")
-    fam = family_for(model_type, cfg_dict.get("architectures"))
-    cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+    return transformers.AutoConfig.for_model(model_type, **cfg_dict)
+
+
+def peek_config(name_or_path: str | Path):
+    """The HF config of a model (a preset's too), no weights loaded: for checks that need a
+    shape (e.g. how many tokens a vision tower produces) before any work."""
+    preset, _, cfg = _resolve(str(name_or_path))
+    return _preset_config(preset) if preset is not None else cfg
+
+
+def _load_preset(entry) -> VLM:
+    cfg = _preset_config(entry)
+    fam = family_for(cfg.model_type, getattr(cfg, "architectures", None))
     model = fam.hf_class()(cfg)
     tok, img = fam.default_processors(cfg)
     return fam(model, tok, img, name=entry.name, source=f"preset:{entry.name}")

@@ -33,6 +33,7 @@ from .base import VLM, PrunableLayer
 from .clip import encoder_linears
 from .registry import model_card, register_family
 from .surgery import Layout, register_layout
+from .visual_tokens import reduced_inputs
 
 CAPTION_PROMPT = "describe the image ."
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
@@ -379,9 +380,11 @@ class Llava(VLM):
         # logits at position i predict token i+1: the targets start at index plen
         target = (pos >= (plen - 1).unsqueeze(1)) & (pos < (am.sum(1) - 1).unsqueeze(1))
         dev = self.device
-        return {"input_ids": enc["input_ids"].to(dev), "attention_mask": am.to(dev),
-                "pixel_values": enc["pixel_values"].to(dev, self._dtype),
-                "target_mask": target.to(dev)}
+        out = {"input_ids": enc["input_ids"].to(dev), "attention_mask": am.to(dev),
+               "pixel_values": enc["pixel_values"].to(dev, self._dtype),
+               "target_mask": target.to(dev)}
+        # --visual-tokens (models.visual_tokens): the kept tokens at their full-prompt positions
+        return reduced_inputs(self.model, out, precomputed=False)
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -430,6 +433,7 @@ class Llava(VLM):
             tok.padding_side = old
         enc = {k: v.to(self.device) for k, v in enc.items()}
         enc["pixel_values"] = enc["pixel_values"].to(self._dtype)
+        enc = reduced_inputs(self.model, enc, precomputed=True)  # --visual-tokens
         out = self.model.generate(**enc, max_new_tokens=int(max_new_tokens), do_sample=False,
                                   num_beams=1, pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id)

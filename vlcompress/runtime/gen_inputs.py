@@ -48,7 +48,8 @@ def read_image(source, name: str = "image"):
 class PromptEncoder:
     """The processor of a generative run, its chat template and the model's context."""
 
-    def __init__(self, processor_dir: str | Path, model_name: str, context: int):
+    def __init__(self, processor_dir: str | Path, model_name: str, context: int,
+                 image_tokens: int | None = None):
         from transformers import AutoProcessor
 
         try:
@@ -64,6 +65,9 @@ class PromptEncoder:
         card = model_card(Path(processor_dir))  # BLIP-2: plain-text prompts, no chat template
         self.question = ((card.get("prompts") or {}).get("question")
                          if card.get("family") == "blip2" else None)
+        # image tokens per image: the export's generation.json (a --visual-tokens export
+        # keeps fewer than the processor expands); None: the processor's count
+        self.image_tokens = image_tokens
         from PIL import Image
 
         blank = Image.new("RGB", (32, 32))
@@ -86,7 +90,7 @@ class PromptEncoder:
         try:
             text = [self.question.format(p) if self.question else
                     render_prompt(self.processor, p, self.model_name) for p in prompts]
-            return prompt_inputs(self.processor, text, images)
+            return prompt_inputs(self.processor, text, images, image_tokens=self.image_tokens)
         finally:
             hf_logging.set_verbosity(verbosity)
 

@@ -120,6 +120,21 @@ def _label(key: tuple[str, str]) -> str:
     return f"{key[0]}:{key[1]}"
 
 
+def variant_feed(gen, feed: dict) -> dict:
+    """``feed`` as ``gen`` reads it: a token-reduced export (``--visual-tokens``: its
+    ``generation.json`` keeps K of the tower's T image tokens) gets the prompt with K image
+    tokens per image (``models.visual_tokens.shrink_prompt``); any other, ``feed`` itself."""
+    spec = getattr(gen, "spec", {}) or {}
+    k, t = spec.get("image_tokens"), spec.get("tower_tokens")
+    if k is None or t is None or int(k) >= int(t):
+        return feed
+    from ..models.visual_tokens import shrink_prompt
+
+    ids, mask = shrink_prompt(feed["input_ids"], feed["attention_mask"],
+                              int(spec["image_token_id"]), int(k))
+    return {**feed, "input_ids": ids, "attention_mask": mask}
+
+
 def _time_decode(gens: dict, feed: dict, config, new_tokens: int) -> dict[str, list[float]]:
     """Per-step decode times, label -> ms (module doc). The first round runs
     ``min(warmup, new_tokens)`` more steps first, untimed (one prefill per variant and round:
@@ -137,9 +152,9 @@ def _time_decode(gens: dict, feed: dict, config, new_tokens: int) -> dict[str, l
     for r in range(max(1, math.ceil(config.iterations / new_tokens))):
         warm = min(int(config.warmup), new_tokens) if r == 0 else 0
         for k, g in gens.items():  # untimed: a fresh cache of the prompt, room for the round
-            states[k] = g.prefill(feed["input_ids"], feed["attention_mask"],
-                                  feed.get("pixel_values"), warm + new_tokens + 1,
-                                  image_embeds=feed.get("image_embeds"))
+            f = variant_feed(g, feed)
+            states[k] = g.prefill(f["input_ids"], f["attention_mask"], f.get("pixel_values"),
+                                  warm + new_tokens + 1, image_embeds=f.get("image_embeds"))
         for k, v in measure(runners, warmup=warm, iterations=new_tokens).items():
             times[k] += v
     states.clear()
@@ -163,8 +178,8 @@ def measure_part(gens: dict, part: str, feed: dict, config, new_tokens: int = DE
     if part == "decode":
         times = _time_decode(gens, feed, config, new_tokens)
     else:
-        runners = {_label(k): (_Call(_label(k), _CALLS[part](g), str(k[0])), feed)
-                   for k, g in gens.items()}
+        runners = {_label(k): (_Call(_label(k), _CALLS[part](g), str(k[0])),
+                               variant_feed(g, feed)) for k, g in gens.items()}
         times = measure(runners, warmup=config.warmup, iterations=config.iterations)
     return {k: times[_label(k)] for k in gens}
 
@@ -260,6 +275,7 @@ def _row(rt: str, part: str, batch: int, times: dict, gens: dict, prompt: int,
     if len(labels) > 2:  # a quantized / visual-token variant beside dense and pruned
         row["variants"] = {k[1]: {"ms": sm[k[1]], "speedup": d["p50"] / sm[k[1]]["p50"],
                                   "precision": getattr(gens[k], "spec", {}).get("precision"),
+                                  "image_tokens": getattr(gens[k], "spec", {}).get("image_tokens"),
                                   "samples_ms": [round(x, 4) for x in times[_label(k)]]}
                            for k in labels}
     return row

@@ -206,24 +206,44 @@ class OrtGenerator:
         return int(self.spec["context"])
 
     # -- the three graphs ----------------------------------------------------------------------
+    def image_outputs(self, pixel_values: np.ndarray):
+        """(image embeddings, each one's index among the tower's tokens or None): a
+        token-reduced vision graph (``--visual-tokens``) also outputs ``image_positions``."""
+        outs = self.sessions["vision"].run(None, {"pixel_values": pixel_values.astype(np.float32)})
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.sessions["vision"].run(
-            None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+        return self.image_outputs(pixel_values)[0]
+
+    def prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+               pixel_values: np.ndarray | None, image_embeds: np.ndarray | None = None,
+               image_positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(token embeddings with the image token positions replaced by the image embeddings
+        (of ``pixel_values``, or ``image_embeds`` already computed), position ids:
+        ``cumsum(mask) - 1``, 0 at padding; a token-reduced export places each kept token
+        where the full prompt had it, ``models.visual_tokens.position_ids``)."""
+        image_id = int(self.spec["image_token_id"])
+        is_image = input_ids == image_id
+        safe = np.where(is_image & (image_id >= int(self.spec["vocab_size"])), 0, input_ids)
+        emb = self.sessions["embed"].run(None, {"input_ids": safe.astype(np.int64)})[0]
+        img, index = (self.image_outputs(pixel_values) if image_embeds is None
+                      else (image_embeds, image_positions))
+        if int(is_image.sum()) != img.shape[0] * img.shape[1]:
+            raise ExportError(f"the prompt holds {int(is_image.sum())} image tokens and the "
+                              f"vision graph gives {img.shape[0] * img.shape[1]} embeddings")
+        emb[is_image] = img.reshape(-1, img.shape[-1])
+        mask = attention_mask.astype(np.int64)
+        if index is None:
+            return emb, np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
+        from ..models.visual_tokens import position_ids
+
+        return emb, position_ids(input_ids, mask, image_id, index, int(self.spec["tower_tokens"]))
 
     def prompt_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray | None,
                       image_embeds: np.ndarray | None = None) -> np.ndarray:
         """Token embeddings with the image token positions replaced by the image embeddings
         (of ``pixel_values``, or ``image_embeds`` already computed)."""
-        image_id = int(self.spec["image_token_id"])
-        is_image = input_ids == image_id
-        safe = np.where(is_image & (image_id >= int(self.spec["vocab_size"])), 0, input_ids)
-        emb = self.sessions["embed"].run(None, {"input_ids": safe.astype(np.int64)})[0]
-        img = self.image_embeds(pixel_values) if image_embeds is None else image_embeds
-        if int(is_image.sum()) != img.shape[0] * img.shape[1]:
-            raise ExportError(f"the prompt holds {int(is_image.sum())} image tokens and the "
-                              f"vision graph gives {img.shape[0] * img.shape[1]} embeddings")
-        emb[is_image] = img.reshape(-1, img.shape[-1])
-        return emb
+        return self.prompt(input_ids, np.ones_like(input_ids), pixel_values, image_embeds)[0]
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         s = self.spec
@@ -279,8 +299,7 @@ class OrtGenerator:
         mask = attention_mask.astype(np.int64)
         b, p = mask.shape
         st = Decoding(self, mask, self.check_capacity(p, max_new_tokens))
-        embeds = self.prompt_embeds(input_ids, pixel_values, image_embeds)
-        positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
+        embeds, positions = self.prompt(input_ids, mask, pixel_values, image_embeds)
         logits = np.empty((b, p, int(self.spec["vocab_size_out"])), np.float32)
         self._run_decoder(st, embeds, st.mask_view(p), positions, p, logits)
         st.positions[:] = positions[:, -1:]
@@ -337,15 +356,26 @@ def token_loop(gen, st, max_new_tokens: int, eos: int, pad: int, choose=None
     return [seq[:seq.index(pad)] if pad in seq else seq for seq in out]
 
 
-def prompt_inputs(processor, prompts: list[str], images) -> dict[str, np.ndarray]:
-    """Left-padded numpy inputs of ``prompts`` (chat-template text) and ``images``."""
+def prompt_inputs(processor, prompts: list[str], images,
+                  image_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """Left-padded numpy inputs of ``prompts`` (chat-template text) and ``images``, the image
+    token expanded into ``image_tokens`` tokens (``generation.json``'s ``image_tokens``: what
+    the export's vision graph outputs; None: the processor's own count)."""
     tok = processor.tokenizer
     old = tok.padding_side
     tok.padding_side = "left"
+    before = processor.__dict__.get("replace_image_token")
+    if image_tokens is not None:  # the vision graph's count, not the processor's
+        processor.replace_image_token = lambda *a, **k: processor.image_token * int(image_tokens)
     try:
         enc = processor(images=list(images), text=list(prompts), padding=True, return_tensors="np")
     finally:
         tok.padding_side = old
+        if image_tokens is not None:
+            if before is None:
+                del processor.replace_image_token
+            else:
+                processor.replace_image_token = before
     return {"input_ids": enc["input_ids"].astype(np.int64),
             "attention_mask": enc["attention_mask"].astype(np.int64),
             "pixel_values": enc["pixel_values"].astype(np.float32)}
