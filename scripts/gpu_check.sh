@@ -32,23 +32,9 @@
 # Where the tree is a copy without .git, name its commit: VLC_COMMIT=<hash> bash scripts/...
 # (the results JSON records it). Logs, the JSON and a Markdown summary also go to $OUT if set.
 # Exit status: 0 all passed and measured; 1 tests failed; 3 benchmark incomplete; 2 usage.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-command -v "$PY" >/dev/null 2>&1 || PY=python
-DRY=0
-for a in "$@"; do
-  case "$a" in
-    --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown option $a (allowed: --dry-run)" >&2; exit 2 ;;
-  esac
-done
-BUDGET=${VLC_CHECK_BUDGET_S:-480}
-END=$((SECONDS + BUDGET))
-left() { echo $((END - SECONDS)); }
-if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; LOGS=$OUT; else LOGS=$(mktemp -d); fi
-export VLC_COMMIT=${VLC_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
+HELP_LINES='2,32p' DEFAULT_BUDGET=480
+# shellcheck source=scripts/_gpu_common.sh
+source "$(dirname "$0")/_gpu_common.sh"
 status=0
 
 if [ "$DRY" = 1 ]; then

@@ -86,7 +86,7 @@ def test_vqa_folder_parts_and_per_part_sparsity(folders, tmp_path):
     (["--pattern", "structured", "--parts", "bridge"],
      "--pattern structured cannot slice --parts bridge of"),
     (["--parts", "vision=2"], "the sparsity is not valid"),
-    (["--quantize", "int8"], "--quantize int8 is not available for the generative model"),
+    (["--engine", "torch"], "--engine torch is not available for the generative model"),
 ])
 def test_bad_input_is_one_line(folders, tmp_path, args, message):
     model, caps, _ = folders

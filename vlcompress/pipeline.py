@@ -300,18 +300,25 @@ def check_run(cfg: RunConfig):
                               f"({info.family}) exports a vision and a cross-attention decoder "
                               "graph, which the generation model does not run yet; allowed: no "
                               "--triton")
+        if (cfg.quantize != "none" or cfg.fp16) and \
+                getattr(families().get(info.family), "onnx_generation", "llava") != "llava":
+            raise ConfigError(f"--{'fp16' if cfg.fp16 else 'quantize ' + cfg.quantize} builds "
+                              f"precision variants of LLaVA-style exports; {cfg.model} "
+                              f"({info.family}) exports a vision and a cross-attention decoder "
+                              "graph; allowed: no --fp16 / --quantize")
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
-            ("quantize", cfg.quantize if cfg.quantize != "none" else None),
             ("target_speedup", cfg.target_speedup),
-            ("fp16", cfg.fp16 or None),
             ("cuda_graphs", cfg.cuda_graphs or None))
             if v is not None]
         if unused:
             raise ConfigError(f"{unused[0]} is not available for the generative model "
                               f"{cfg.model} ({info.family}): it is pruned and evaluated in "
-                              "PyTorch and exported to fp32 ONNX (no runtime choice, "
-                              "quantization or fp16 yet)")
+                              "PyTorch and exported to ONNX (no runtime choice yet)")
+        from .exporters.generative_quant import check_generative_precision
+
+        check_generative_precision(cfg.quantize, cfg.quantize_method, cfg.fp16,
+                                   cfg.latency_config.runtime_entry)  # --fp16 / --quantize int8
     if cfg.visual_tokens is not None:
         if not info.generative:
             raise ConfigError(f"--visual-tokens {cfg.visual_tokens} keeps image tokens of a "
@@ -725,6 +732,16 @@ def _export_generative(vlm, evals, folder, cfg: RunConfig, progress,
     out["paths"] = {k: Path(v).relative_to(root).as_posix() for k, v in out["paths"].items()}
     if visual_tokens is not None:
         out["visual_tokens"] = json.loads((folder / "generation.json").read_text())["visual_tokens"]
+    precision = _generative_precision(cfg)
+    # --fp16 / --quantize int8: <folder>_<precision>/, built while vlm holds the weights it
+    # validates against (a token variant gets none: its twin's precision variant serves)
+    if precision and visual_tokens is None:
+        from .exporters.generative_quant import build_variant
+
+        with (progress or NULL).task(f"export {folder.name}_{precision} onnx", total=1) as t:
+            out[precision] = build_variant(vlm, folder, precision, images=images,
+                                           questions=questions, max_new_tokens=cfg.max_new_tokens)
+            t.advance(1)
     return out
 
 
@@ -741,6 +758,36 @@ def _token_variant(vlm, evals, tmp, base: str, cfg: RunConfig, progress):
     entry = _export_generative(vlm, evals, tmp / f"{base}_tokens", cfg, progress,
                                visual_tokens=k, reuse=tmp / base)
     return runs, entry
+
+
+def _generative_precision(cfg: RunConfig) -> str | None:
+    """The precision variant of a generative run: fp16 (--fp16), int8 (--quantize int8) or None."""
+    from .exporters.generative_quant import check_generative_precision
+
+    return check_generative_precision(cfg.quantize, cfg.quantize_method, cfg.fp16,
+                                      cfg.latency_config.runtime_entry)
+
+
+def _generative_variants(vlm, cfg, exports, root, evals, dense, pruned, is_preset, progress):
+    """Move each variant's ``--fp16`` / ``--quantize int8`` twin into ``exports`` as
+    ``dense_<p>`` / ``pruned_<p>`` and measure their accuracy from their files (ONNX Runtime);
+    the report's ``quantize`` section, or None without a precision variant."""
+    precision = _generative_precision(cfg)
+    if precision is None:
+        return None
+    from .exporters.generative_quant import variants_accuracy
+
+    names = []
+    for v in ("dense", "pruned"):
+        exports[f"{v}_{precision}"] = exports[v].pop(precision)
+        names.append(f"{v}_{precision}")
+    acc = variants_accuracy(vlm, root, names, evals, dense, pruned,
+                            max_new_tokens=cfg.max_new_tokens, random_weights=is_preset,
+                            progress=progress)
+    return {"quantize": precision, "method": exports[names[0]]["method"],
+            "runtime": "onnxruntime/cpu", "quantized_from": "the run's fp32 ONNX (dense/, pruned/)",
+            "files": {n: exports[n]["files"] for n in names},
+            "validation": {n: exports[n]["validation"] for n in names}, "accuracy": acc}
 
 
 def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
@@ -806,6 +853,8 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
 
             accuracy["variants"] = variants_accuracy(runs, random_weights=is_preset)
             accuracy["visual_tokens"] = exports["dense_tokens"]["visual_tokens"]
+        quant = _generative_variants(vlm, cfg, exports, tmp, evals, dense, pruned, is_preset,
+                                     progress)
         vlm.save(tmp / "pruned" / "model")
         latency = gen_latency.generative_latency(
             gen_latency.variant_folders(tmp, tuple(exports)), load_model(cfg.model), vlm,
@@ -817,6 +866,12 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
                      "first token) and decode (ms per token, forced past the end token) of every "
                      "variant on ONNX Runtime and of dense and pruned in PyTorch eager, "
                      "interleaved, on the first evaluation prompt")
+        if quant is not None:
+            notes.append(f"--{'fp16' if quant['quantize'] == 'fp16' else 'quantize int8'}: "
+                         f"dense_{quant['quantize']}/ and pruned_{quant['quantize']}/ validated "
+                         "against PyTorch per precision (logits cosine, top-1 agreement; greedy "
+                         "tokens reported, not required) and evaluated from their files on ONNX "
+                         "Runtime CPU")
         notes += [f"{p} kept dense: {why}" for p, why in prune_section.get("dense_parts", {}).items()]
         report = build_report(
             model={"name": cfg.model, "family": vlm.family, "source": vlm.source,
@@ -829,6 +884,8 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
             accuracy=accuracy, latency=latency, env=env_info(),
             config={**cfg.to_dict(), "seconds_total": round(time.perf_counter() - t_start, 2)},
         )
+        if quant is not None:
+            report["quantize"] = quant
         report["data"] = {"calibration": _describe(calib),
                           "calibration_sequences": "image tokens + prompt + target text, built "
                                                    "with the model's processor and chat template",

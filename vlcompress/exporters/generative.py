@@ -341,6 +341,26 @@ def _diff(onnx_out: np.ndarray, ref: torch.Tensor, atol: float, rtol: float) -> 
     return float(d.max()) if d.size else 0.0, bool((d <= atol + rtol * np.abs(r)).all())
 
 
+def greedy_pairs(vlm, gen, images, questions=None, max_new_tokens: int = 16,
+                 visual_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(PyTorch ``generate``'s tokens, the ONNX generator's tokens) per prompt, in batches of
+    8 with left padding; ``visual_tokens``: PyTorch keeps the same K tokens and the prompts
+    carry the export's ``image_tokens``."""
+    images = list(images)
+    qs = list(questions) if questions is not None else [None] * len(images)
+    pairs = []
+    for i in range(0, len(images), 8):
+        im, q = images[i:i + 8], qs[i:i + 8]
+        with reduced_tokens(vlm.model, vlm.processor, visual_tokens):
+            torch_tokens = vlm.generate(im, q, max_new_tokens=max_new_tokens)
+        enc = prompt_inputs(vlm.processor, [vlm.prompt(x) for x in q], im,
+                            image_tokens=gen.spec.get("image_tokens"))
+        onnx_tokens = gen.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
+                                   max_new_tokens)
+        pairs += list(zip(torch_tokens, onnx_tokens, strict=True))
+    return pairs
+
+
 @torch.no_grad()
 def validate_generative(vlm, folder: str | Path, *, images, questions=None,
                         max_new_tokens: int = 16, atol: float = TOLERANCE["atol"],
@@ -389,22 +409,11 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
         logits2, _ = gen.decode_step(step.numpy(), mask.numpy(), pos.numpy(), past)
         check("decoder decode logits", logits2, ref2[0])
     # greedy generation, token for token, against PyTorch generate (Llava.generate)
-    images = list(images)
-    qs = list(questions) if questions is not None else [None] * len(images)
-    exact, per_prompt = 0, []
-    for i in range(0, len(images), 8):
-        im, q = images[i:i + 8], qs[i:i + 8]
-        with reduced_tokens(model, vlm.processor, visual_tokens):
-            torch_tokens = vlm.generate(im, q, max_new_tokens=max_new_tokens)
-        enc = prompt_inputs(vlm.processor, [vlm.prompt(x) for x in q], im,
-                            image_tokens=gen.spec.get("image_tokens"))
-        onnx_tokens = gen.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
-                                   max_new_tokens)
-        for j, (a, b) in enumerate(zip(torch_tokens, onnx_tokens, strict=True)):
-            exact += a == b
-            if a != b:
-                per_prompt.append(i + j)
-    n = len(images)
+    pairs = greedy_pairs(vlm, gen, images, questions, max_new_tokens,
+                         visual_tokens)
+    exact = sum(a == b for a, b in pairs)
+    per_prompt = [i for i, (a, b) in enumerate(pairs) if a != b]
+    n = len(pairs)
     if per_prompt:
         problems.append(f"greedy generation differs from PyTorch on {len(per_prompt)} of {n} "
                         f"prompts (first: #{per_prompt[0]})")

@@ -232,13 +232,15 @@ def _count_ops(model) -> dict[str, int]:
 def quantize_onnx(src: str | Path, dst: str | Path, quantize: str = "int8", *,
                   calibration: Iterable[dict] | None = None, method: str = "static",
                   target: str = "onnxruntime", quantize_activation_matmuls: bool = False,
-                  float16: bool = False) -> QuantizeResult:
+                  float16: bool = False, op_types: Iterable[str] = INT8_OPS) -> QuantizeResult:
     """Write a quantized copy of the ONNX file ``src`` to ``dst`` (see the module doc).
 
     ``calibration``: feeds (input name -> array) for static int8/fp8, e.g. the user's
     calibration pairs through :func:`vlcompress.runtime.latency.make_feeds`.
     ``quantize_activation_matmuls`` also quantizes the attention MatMuls (off: measured worse).
     ``float16``: int8 / fp8 for TensorRT only: the float parts of the QDQ graph in fp16.
+    ``op_types``: the weighted op types quantized (a subset of :data:`INT8_OPS`; the
+    generative int8 variant leaves the vision tower's patch Conv in float).
     """
     import onnx
 
@@ -273,7 +275,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, quantize: str = "int8", *,
             raise ConfigError(f"{q} quantization needs an fp32 ONNX; {src.name} is "
                               f"{meta.get('vlcompress.precision')}")
         out, res = _quantize_int(model, src, dst, q, calibration, method, target,
-                                 quantize_activation_matmuls)
+                                 quantize_activation_matmuls, tuple(op_types))
         props = {**meta}
         if float16:
             out = qdq_to_fp16(out)
@@ -294,13 +296,17 @@ def quantize_onnx(src: str | Path, dst: str | Path, quantize: str = "int8", *,
     return res
 
 
-def _quantize_int(model, src, dst, q, calibration, method, target, act_matmuls):
+def _quantize_int(model, src, dst, q, calibration, method, target, act_matmuls,
+                  ops=INT8_OPS):
     import onnx
     from onnxruntime import quantization as oq
 
-    weights, activations = weight_matmuls(model)
+    bad = [o for o in ops if o not in INT8_OPS]
+    if bad:
+        raise ConfigError(f"op type {bad[0]!r} is not quantized; allowed: {', '.join(INT8_OPS)}")
+    weights, activations = weight_matmuls(model, ops)
     include = weights + (activations if act_matmuls else [])
-    float_ops = sorted({n.op_type for n in model.graph.node} - set(INT8_OPS)
+    float_ops = sorted({n.op_type for n in model.graph.node} - set(ops)
                        - {"QuantizeLinear", "DequantizeLinear"})
     if not act_matmuls and activations:
         float_ops = sorted(set(float_ops) | {"MatMul (activation x activation)"})
@@ -312,7 +318,7 @@ def _quantize_int(model, src, dst, q, calibration, method, target, act_matmuls):
                         all_tensors_to_one_file=True, location="in.onnx.data", size_threshold=1024)
         stage_out = work / "out.onnx"
         common = {"per_channel": True, "nodes_to_quantize": include,
-                  "op_types_to_quantize": list(INT8_OPS), "use_external_data_format": True}
+                  "op_types_to_quantize": list(ops), "use_external_data_format": True}
         if method == "dynamic":
             oq.quantize_dynamic(stage_in, stage_out, weight_type=oq.QuantType.QInt8,
                                 extra_options={"MatMulConstBOnly": not act_matmuls}, **common)

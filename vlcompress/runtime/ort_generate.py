@@ -144,7 +144,8 @@ class Decoding:
         self.kv_shape = (b, max(self.kv_heads), int(s["head_dim"]))
         self.n_cache = len(self.kv_heads)
         per = b * self.kv_shape[1] * self.capacity * self.kv_shape[2]
-        self.cache = np.zeros((2, self.n_cache, per), np.float32)  # the two ping-pong sides
+        # the two ping-pong sides, in the decoder's cache dtype (fp16 exports: float16)
+        self.cache = np.zeros((2, self.n_cache, per), gen.kv_dtype)
         self.side = 0  # the side holding the past
         self.prompt_mask = prompt_mask.astype(np.int64)
         self.mask = np.ones(b * self.capacity, np.int64)  # flat: viewed [batch, length]
@@ -202,6 +203,12 @@ class OrtGenerator:
                              else int(self.spec["vocab_size"]))
 
     @property
+    def kv_dtype(self) -> np.dtype:
+        """The KV cache's dtype (``generation.json``'s ``kv_dtype``: float16 for an fp16
+        export, whose decoder takes and returns its past in fp16; else float32)."""
+        return np.dtype(self.spec.get("kv_dtype", "float32"))
+
+    @property
     def context(self) -> int:
         return int(self.spec["context"])
 
@@ -248,7 +255,7 @@ class OrtGenerator:
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         s = self.spec
         return {f"past.{i}.{kv}": np.zeros((batch, kv_heads_of(s["num_key_value_heads"], i), 0,
-                                            int(s["head_dim"])), np.float32)
+                                            int(s["head_dim"])), self.kv_dtype)
                 for i in range(int(s["num_layers"])) for kv in ("key", "value")}
 
     def decode_step(self, embeds, mask, positions, past):
@@ -283,9 +290,9 @@ class OrtGenerator:
         other = 1 - st.side
         for j, name in enumerate(self._cache_names):
             ptr, shape = st.cache_view(st.side, j, st.length)
-            io.bind_input(name, "cpu", 0, np.float32, list(shape), ptr)
+            io.bind_input(name, "cpu", 0, st.cache.dtype, list(shape), ptr)
             ptr, shape = st.cache_view(other, j, st.length + new)
-            io.bind_output(name.replace("past.", "present.", 1), "cpu", 0, np.float32,
+            io.bind_output(name.replace("past.", "present.", 1), "cpu", 0, st.cache.dtype,
                            list(shape), ptr)
         self.sessions["decoder"].run_with_iobinding(io)
         st.side, st.length = other, st.length + new

@@ -1,0 +1,69 @@
+"""The generative evaluation (:mod:`vlcompress.eval.generative`) run from an exported folder on
+ONNX Runtime CPU, so the accuracy of what ships (an fp16 or int8 variant) is measured on its
+files, not on a PyTorch stand-in.
+
+    run = ort_run_generative(OrtGenerator("run/pruned_int8"), vlm, eval_data, max_new_tokens=24)
+    generative_metrics(run); generative_fidelity(dense_torch_run, run)
+
+The same items as :func:`vlcompress.eval.generative.run_generative`: greedy generation per
+distinct image (captions) or per question (VQA), batched with left padding
+(:meth:`vlcompress.runtime.ort_generate.OrtGenerator.generate`), and the next-token
+log-probabilities of the first ``fidelity_sequences`` whole conversations (the same right-padded
+sequences and target positions as ``vlm.encode``), from one prefill call of the decoder graph
+each. ``vlm`` supplies the processor, chat template and tokenizer only; its weights are not
+used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .generative import FIDELITY_SEQUENCES, GenerativeRun, _items, check_max_new_tokens
+
+__all__ = ["ort_run_generative", "ort_logits"]
+
+
+def ort_logits(gen, input_ids: np.ndarray, attention_mask: np.ndarray,
+               pixel_values: np.ndarray) -> np.ndarray:
+    """The decoder's logits over whole (right-padded) sequences: one prefill call."""
+    mask = attention_mask.astype(np.int64)
+    embeds = gen.prompt_embeds(input_ids.astype(np.int64), pixel_values.astype(np.float32))
+    positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
+    logits, _ = gen.decode_step(embeds, mask, positions, gen.empty_past(input_ids.shape[0]))
+    return logits
+
+
+def ort_run_generative(gen, vlm, data, *, max_new_tokens: int = 24, batch_size: int = 16,
+                       fidelity_sequences: int = FIDELITY_SEQUENCES,
+                       progress=None) -> GenerativeRun:
+    """A :class:`GenerativeRun` of the export behind ``gen`` (an ``OrtGenerator``) on
+    ``data`` (module doc)."""
+    from ..progress import NULL
+    from ..runtime.ort_generate import prompt_inputs
+
+    progress = progress or NULL
+    check_max_new_tokens(max_new_tokens)
+    task, images, questions, refs = _items(data)
+    tokens: list[list[int]] = []
+    with progress.task(f"generate onnx {gen.folder.name}", total=len(images)) as t:
+        for i in range(0, len(images), batch_size):
+            im = images[i:i + batch_size]
+            qs = [None] * len(im) if questions is None else questions[i:i + batch_size]
+            enc = prompt_inputs(vlm.processor, [vlm.prompt(q) for q in qs], im)
+            tokens += gen.generate(enc["input_ids"], enc["attention_mask"],
+                                   enc["pixel_values"], max_new_tokens)
+            t.advance(len(im))
+    logprobs: list[torch.Tensor] = []
+    for batch in data.batches():
+        if len(logprobs) >= fidelity_sequences:
+            break
+        enc = vlm.encode(batch)
+        logits = ort_logits(gen, enc["input_ids"].cpu().numpy(),
+                            enc["attention_mask"].cpu().numpy(),
+                            enc["pixel_values"].float().cpu().numpy())
+        lp = torch.log_softmax(torch.from_numpy(np.asarray(logits, np.float32)), -1)
+        for row, mask in zip(lp, enc["target_mask"].cpu(), strict=True):
+            if len(logprobs) < fidelity_sequences:
+                logprobs.append(row[mask])
+    return GenerativeRun(task, tokens, vlm.decode(tokens), refs, logprobs, len(images))

@@ -1,0 +1,394 @@
+"""fp16 and int8 variants of a generative (llava) ONNX export, validated per precision.
+
+    folder = export_generative(vlm, "run/pruned", images=..., ...)        # fp32, token-exact
+    fp16 = make_fp16_variant("run/pruned", "run/pruned_fp16")               # three fp16 graphs
+    int8 = make_int8_variant("run/pruned", "run/pruned_int8")               # dynamic int8
+    figures = validate_variant(vlm, "run/pruned_int8", images=..., precision="int8")
+
+**fp16** (``--fp16`` on a generative run): each graph is converted by the export's own
+converter (:func:`vlcompress.exporters.onnx.convert_fp16`: weights and activations fp16,
+normalisations, softmax, reductions and transcendental ops in fp32 behind casts, constants
+saturated, so the decoder's ``finfo(float32).min`` mask becomes -65504). The graph inputs and
+outputs stay fp32 (``pixel_values``, ``image_embeds``, ``inputs_embeds``, ``logits``) -- except
+the KV cache: the decoder's ``past.*`` inputs and ``present.*`` outputs are fp16
+(:func:`kv_cache_fp16`), so the cache a generator carries from step to step is half the bytes
+and no cast runs on it per token. ``generation.json`` says so (``"kv_dtype": "float16"``); the
+generator (:class:`vlcompress.runtime.ort_generate.OrtGenerator`) allocates its past in that
+dtype.
+
+**int8** (``--quantize int8 --quantize-method dynamic`` on a generative run, ONNX Runtime CPU):
+ONNX Runtime's dynamic quantization (``quantize_dynamic`` through
+:func:`vlcompress.exporters.quantize.quantize_onnx`): the weight of every ``MatMul`` whose
+second input is a weight (every Linear of the decoder and the LM head, the vision tower's and
+projector's Linears) is stored int8, symmetric, one scale per output channel; the activation is
+quantized per call (uint8, per tensor, computed from the tensor itself: no calibration, so a
+long prompt and a one-token decode step both get their own range). At batch 1 a decode step
+reads every weight once per token, so its time is bound by the weight bytes: int8 reads a
+quarter of fp32's. What stays float: the embedding table (``embed.onnx``: a ``Gather``, one row
+read per token, no arithmetic to save), the vision tower's patch ``Conv`` (ONNX Runtime's
+``ConvInteger`` is slower than its float convolution on CPU), attention's activation x
+activation MatMuls, norms, softmax, rotary embedding and the KV cache (fp32). Static QDQ
+(calibrated activation ranges) is not built for the decoder: its inputs include the KV cache,
+whose ranges grow with the sequence; a static int8 request for a generative run is refused.
+
+**Validation per precision** (:func:`validate_variant`, on inputs the export never saw): the
+vision embeddings and the decoder's logits (prefill at batch 3 with left padding, then one
+decode step on that cache) against the fp32 PyTorch model, by cosine similarity (per row) and
+top-1 agreement over the logit positions, with one floor per precision (:data:`TOLERANCE`);
+every shortfall goes into one :class:`ExportError`. Greedy generation on ONNX Runtime is
+compared with PyTorch's ``generate`` on every validation prompt and *reported* (share of
+prompts token-exact, share of tokens equal), not required: rounding a weight or an activation
+moves a near-tie arg-max, and from there the continuation differs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..errors import ConfigError, ExportError
+from ..runtime.ort_generate import GENERATION_JSON, PARTS, read_spec
+
+__all__ = ["TOLERANCE", "GENERATIVE_QUANTIZE", "check_generative_precision", "make_fp16_variant",
+           "make_int8_variant", "kv_cache_fp16", "validate_variant", "variant_name"]
+
+#: what a generative run accepts: --quantize int8 (dynamic, ONNX Runtime CPU) and --fp16
+GENERATIVE_QUANTIZE = ("none", "int8")
+#: which parts the int8 variant quantizes (embed.onnx is a Gather: copied as it is)
+INT8_PARTS = ("vision", "decoder")
+#: floors per precision: cosine similarity of every logit row (and every image embedding row)
+#: with the fp32 PyTorch model's, and the share of logit rows whose arg-max agrees. fp16
+#: rounds activations to 11 significant bits; dynamic int8 rounds each weight to 1/254 of its
+#: row's range and each activation to 1/255 of its tensor's range, so its floors are lower.
+TOLERANCE = {"fp16": {"min_cosine": 0.999, "min_top1": 0.95},
+             "int8": {"min_cosine": 0.98, "min_top1": 0.85}}
+
+
+def variant_name(variant: str, precision: str) -> str:
+    """The folder of ``variant`` (dense, pruned) in ``precision``: ``pruned_fp16``,
+    ``dense_int8`` (the encoder runs name their quantized variants the same way)."""
+    return f"{variant}_{precision}"
+
+
+def check_generative_precision(quantize: str, method: str, fp16: bool, runtime) -> str | None:
+    """The precision variant a generative run adds (``"fp16"``, ``"int8"`` or None), or one
+    ConfigError line for a combination that makes no sense, before any work. ``runtime``: the
+    run's registry entry (``RunConfig.latency_config.runtime_entry``)."""
+    q = str(quantize or "none").strip().lower()
+    if q == "fp8":
+        raise ConfigError("--quantize fp8 is not available for a generative model: fp8 runs on "
+                          "TensorRT engines, and a generative run is exported for ONNX Runtime; "
+                          "allowed: --quantize int8 --quantize-method dynamic, or --fp16")
+    if q == "fp16":
+        raise ConfigError("--quantize fp16 is not how a generative run gets fp16: allowed: --fp16 "
+                          "(adds dense_fp16/ and pruned_fp16/ beside the validated fp32 export)")
+    if q not in GENERATIVE_QUANTIZE:
+        raise ConfigError(f"unknown --quantize {quantize!r}; allowed for a generative model: "
+                          f"{', '.join(GENERATIVE_QUANTIZE)}")
+    if q == "int8":
+        if fp16:
+            raise ConfigError("--quantize int8 quantizes the fp32 export; drop --fp16 (one "
+                              "precision variant per generative run)")
+        if (runtime.name, runtime.device) != ("onnxruntime", "cpu"):
+            raise ConfigError(f"--quantize int8 of a generative model runs on onnxruntime/cpu "
+                              f"(dynamic int8 MatMuls), not {runtime.label}; allowed: --engine "
+                              "onnxruntime --device cpu")
+        if method != "dynamic":
+            raise ConfigError(f"--quantize-method {method} is not built for a generative "
+                              "decoder (its KV cache inputs have no fixed range to calibrate); "
+                              "allowed: --quantize int8 --quantize-method dynamic")
+        return "int8"
+    if fp16:
+        return "fp16"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# fp16
+# --------------------------------------------------------------------------------------------
+def kv_cache_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """In a decoder converted by ``convert_fp16`` (graph inputs and outputs fp32), make the
+    ``past.*`` inputs and ``present.*`` outputs fp16: the converter's casts at the boundary are
+    dropped (readers of a past read it directly; a present is the fp16 value the graph
+    computed). The result is type-checked: a past read by a node that runs in fp32 would
+    leave it ill-typed (ExportError naming the problem; none in our decoder, whose cache is
+    read by Concat only)."""
+    g = model.graph
+    F16 = TensorProto.FLOAT16
+    past = {i.name for i in g.input if i.name.startswith("past.")}
+    present = {o.name for o in g.output if o.name.startswith("present.")}
+    rename: dict[str, str] = {}
+    keep = []
+    for n in g.node:
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        if n.op_type == "Cast" and n.input[0] in past and to == F16:
+            rename[n.output[0]] = n.input[0]  # readers of the fp16 copy read the input itself
+            continue
+        keep.append(n)
+    # present.x = Cast(to fp32)(fp16 value): drop the cast, name the fp16 value present.x
+    producer_cast = {n.output[0]: n for n in keep if n.op_type == "Cast" and n.output[0] in present}
+    out_rename = {}
+    for name, n in producer_cast.items():
+        src = rename.get(n.input[0], n.input[0])
+        out_rename[src] = name
+        keep.remove(n)
+    for n in keep:
+        for k, x in enumerate(n.input):
+            x = rename.get(x, x)
+            n.input[k] = out_rename.get(x, x)
+        for k, x in enumerate(n.output):
+            n.output[k] = out_rename.get(x, x)
+    missing = [o for o in present if o not in {y for n in keep for y in n.output}]
+    if missing:
+        raise ExportError(f"fp16 KV cache: the decoder computes no fp16 {missing[0]}")
+    del g.node[:]
+    g.node.extend(keep)
+    for vi in list(g.input) + list(g.output):
+        if vi.name in past or vi.name in present:
+            vi.type.tensor_type.elem_type = F16
+    try:  # on a weightless copy (a decoder past 2 GB cannot be serialised for the checker)
+        weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in g.initializer]
+        light = helper.make_model(helper.make_graph(list(g.node), g.name or "g",
+                                                    list(g.input) + weights, list(g.output)),
+                                  opset_imports=list(model.opset_import),
+                                  ir_version=model.ir_version)
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001 - one line naming the problem
+        raise ExportError(f"fp16 KV cache: the decoder does not type-check "
+                          f"({' '.join(str(exc).split())[:200]})") from None
+    return model
+
+
+def _write_spec(src: Path, dst: Path, **changes) -> dict:
+    spec = {**read_spec(src), **changes}
+    (dst / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
+    return spec
+
+
+def _props(model: onnx.ModelProto, **changes) -> None:
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update(changes)
+    del model.metadata_props[:]
+    helper.set_model_props(model, meta)
+
+
+def make_fp16_variant(src: str | Path, dst: str | Path) -> dict:
+    """Write the fp16 copy of the export in ``src`` (vision, embed, decoder and
+    generation.json) to ``dst``; returns what was written (the report's ``files``)."""
+    from .onnx import convert_fp16, save_onnx
+
+    src, dst = Path(src), Path(dst)
+    spec = read_spec(src)
+    if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
+        raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
+                          "allowed: an fp32 generative export")
+    dst.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    files = {}
+    for part in PARTS:
+        name = spec["files"][part]
+        model = convert_fp16(onnx.load(str(src / name)))
+        if part == "decoder":
+            model = kv_cache_fp16(model)
+        _props(model, **{"vlcompress.precision": "fp16", "vlcompress.quantize": "fp16",
+                         "vlcompress.quantize_method": "cast"})
+        save_onnx(model, dst / name)
+        files[part] = {"path": f"{dst.name}/{name}", "bytes": _bytes(dst / name)}
+    _write_spec(src, dst, precision="fp16", kv_dtype="float16", quantize="fp16",
+                quantized_from=src.name)
+    return {"precision": "fp16", "method": "cast", "kv_dtype": "float16", "files": files,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+# --------------------------------------------------------------------------------------------
+# int8
+# --------------------------------------------------------------------------------------------
+def make_int8_variant(src: str | Path, dst: str | Path, parts=INT8_PARTS) -> dict:
+    """Write the dynamic int8 copy of the export in ``src`` to ``dst`` (``parts`` quantized,
+    the others copied); returns what was written."""
+    from .quantize import quantize_onnx
+
+    src, dst = Path(src), Path(dst)
+    spec = read_spec(src)
+    if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
+        raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
+                          "allowed: an fp32 generative export")
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ConfigError(f"int8 part {bad[0]!r} is not a part of a generative export; allowed: "
+                          f"{', '.join(PARTS)}")
+    dst.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    files = {}
+    for part in PARTS:
+        name = spec["files"][part]
+        if part in parts:
+            res = quantize_onnx(src / name, dst / name, "int8", method="dynamic",
+                                op_types=("MatMul",))
+            files[part] = {"path": f"{dst.name}/{name}", "quantized_layers": res.quantized_layers,
+                           "quantized_nodes": res.quantized_nodes}
+        else:
+            for f in src.glob(name + "*"):  # the graph and any external data beside it
+                shutil.copy2(f, dst / f.name)
+            files[part] = {"path": f"{dst.name}/{name}", "quantized_layers": {},
+                           "note": "copied in fp32 (a Gather: no arithmetic to save)"
+                           if part == "embed" else "copied in fp32"}
+        files[part]["bytes"] = _bytes(dst / name)
+    _write_spec(src, dst, precision="fp32", kv_dtype="float32", quantize="int8",
+                quantize_method="dynamic", quantized_parts=list(parts), quantized_from=src.name)
+    return {"precision": "int8", "method": "dynamic", "kv_dtype": "float32",
+            "quantized_parts": list(parts), "files": files,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _rows(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, np.float64).reshape(-1, a.shape[-1])
+
+
+def logit_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray | None = None) -> dict:
+    """Cosine similarity per row (min and mean) and top-1 agreement of two [..., vocab] arrays
+    (``valid``: a boolean mask over the leading positions, e.g. not padding)."""
+    g, r = _rows(got), _rows(ref)
+    if valid is not None:
+        keep = np.asarray(valid).reshape(-1)
+        g, r = g[keep], r[keep]
+    cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1),
+                                       1e-30)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "top1": float((g.argmax(-1) == r.argmax(-1)).mean()), "rows": int(len(g))}
+
+
+def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new_tokens: int = 16,
+                     precision: str | None = None) -> dict:
+    """Compare the fp16 or int8 export in ``folder`` with the fp32 PyTorch model (module doc):
+    raise one ExportError naming every figure under its floor, else return the figures."""
+    import torch
+
+    from ..runtime.ort_generate import OrtGenerator
+    from .generative import (
+        DecoderGraph,
+        VisionGraph,
+        _decoder_args,
+        _eager_attention,
+        _example_pixels,
+        greedy_pairs,
+    )
+
+    gen = OrtGenerator(folder)
+    precision = precision or gen.spec.get("quantize") or gen.spec.get("precision", "fp32")
+    if precision not in TOLERANCE:
+        raise ConfigError(f"no tolerance for precision {precision!r}; allowed: "
+                          f"{', '.join(TOLERANCE)}")
+    tol = TOLERANCE[precision]
+    model = vlm.model.eval()
+    figures: dict[str, dict] = {}
+    with torch.no_grad(), _eager_attention(model):
+        px = _example_pixels(vlm, 3, 1)
+        figures["vision"] = logit_agreement(gen.image_embeds(px.numpy()), VisionGraph(model)(px))
+        figures["vision"].pop("top1")  # an embedding row has no arg-max to agree on
+        dec = DecoderGraph(model)
+        args = _decoder_args(vlm, 3, 6, 0, 2, pad=2)
+        ref = dec(*args)
+        past = gen.empty_past(3)
+        logits, past = gen.decode_step(args[0].numpy(), args[1].numpy(), args[2].numpy(), past)
+        valid = args[1].numpy()[:, -6:] > 0  # left padding: its logits are not compared
+        figures["decoder prefill logits"] = logit_agreement(logits, ref[0], valid)
+        step = _decoder_args(vlm, 3, 1, 0, 3)[0]
+        mask = torch.cat([args[1], torch.ones(3, 1, dtype=torch.long)], 1)
+        pos = args[2][:, -1:] + 1
+        ref2 = dec(step, mask, pos, *ref[1:])
+        logits2, _ = gen.decode_step(step.numpy(), mask.numpy(), pos.numpy(), past)
+        figures["decoder decode logits"] = logit_agreement(logits2, ref2[0])
+    problems = []
+    for part, f in figures.items():
+        if f["min_cosine"] < tol["min_cosine"]:
+            problems.append(f"{part} cosine {f['min_cosine']:.4f} < {tol['min_cosine']}")
+        if "top1" in f and f["top1"] < tol["min_top1"]:
+            problems.append(f"{part} top-1 agreement {f['top1']:.3f} < {tol['min_top1']}")
+    # greedy generation against PyTorch generate: measured and reported, not required
+    pairs = greedy_pairs(vlm, gen, images, questions, max_new_tokens)
+    exact = sum(a == b for a, b in pairs)
+    same = total = 0
+    for a, b in pairs:  # as generative_fidelity's greedy_agreement counts
+        same += sum(int(x == y) for x, y in zip(a, b, strict=False)) if (a or b) else 1
+        total += max(len(a), len(b), 1)
+    if problems:
+        raise ExportError(f"{precision} generative ONNX export in {str(folder)!r} is not within "
+                          f"its tolerance of PyTorch: " + "; ".join(problems)
+                          + f" (floors: cosine {tol['min_cosine']}, top-1 {tol['min_top1']})")
+    n = len(pairs)
+    return {"precision": precision, "against": "fp32 PyTorch", "tolerance": dict(tol),
+            "logits": figures, "prompts": n, "token_exact": exact / max(1, n),
+            "greedy_agreement": same / max(1, total), "max_new_tokens": int(max_new_tokens),
+            "token_exact_required": False}
+
+
+# --------------------------------------------------------------------------------------------
+# inside a prune-export run
+# --------------------------------------------------------------------------------------------
+def build_variant(vlm, src: str | Path, precision: str, *, images, questions=None,
+                  max_new_tokens: int = 16) -> dict:
+    """Write ``<src>_<precision>/`` beside the fp32 export ``src`` (while ``vlm`` holds the
+    weights ``src`` was exported from) and validate it against ``vlm``; the report's export
+    entry, its paths relative to the run folder."""
+    src = Path(src)
+    dst = src.parent / variant_name(src.name, precision)
+    make = make_fp16_variant if precision == "fp16" else make_int8_variant
+    info = make(src, dst)
+    info["validation"] = validate_variant(vlm, dst, images=images, questions=questions,
+                                          max_new_tokens=max_new_tokens, precision=precision)
+    spec = read_spec(dst)
+    info["paths"] = {p: f"{dst.name}/{spec['files'][p]}" for p in PARTS}
+    return info
+
+
+def variants_accuracy(vlm, root: str | Path, names: list[str], evals, dense_runs, pruned_runs, *,
+                      max_new_tokens: int, random_weights: bool = False, progress=None) -> dict:
+    """The accuracy of each variant folder ``root/<name>`` measured from its files on ONNX
+    Runtime CPU (:func:`vlcompress.eval.generative_ort.ort_run_generative`): the tasks' metrics
+    (none for random weights) and the fidelity to the dense PyTorch model (``dense_runs``), as
+    the report's ``quantize.accuracy``. ``dense`` and ``pruned`` are the PyTorch runs (their
+    fp32 ONNX is validated token-exact against them)."""
+    from ..eval.generative import dataset_name, generative_fidelity, generative_metrics, merged_runs
+    from ..eval.generative_ort import ort_run_generative
+    from ..runtime.ort_generate import OrtGenerator
+
+    def metrics(runs):
+        out = {}
+        if not random_weights:
+            for r in runs:
+                out.update(generative_metrics(r))
+        return out
+
+    ref = merged_runs(dense_runs)
+    acc = {"dataset": dataset_name(evals, random_weights=random_weights),
+           "measured_on": "ONNX Runtime CPU (dense, pruned: PyTorch, whose fp32 ONNX is "
+                          "validated token-exact)",
+           "variants": {"dense": {"metrics": metrics(dense_runs),
+                                  "fidelity": generative_fidelity(ref, ref)},
+                        "pruned": {"metrics": metrics(pruned_runs),
+                                   "fidelity": generative_fidelity(ref, merged_runs(pruned_runs))}}}
+    for name in names:
+        gen = OrtGenerator(Path(root) / name)
+        runs = [ort_run_generative(gen, vlm, d, max_new_tokens=max_new_tokens, progress=progress)
+                for d in evals]
+        twin = pruned_runs if name.startswith("pruned") else dense_runs
+        acc["variants"][name] = {
+            "metrics": metrics(runs), "fidelity": generative_fidelity(ref, merged_runs(runs)),
+            "fidelity_to_float_twin": generative_fidelity(merged_runs(twin), merged_runs(runs)),
+            "examples": [{"text": t} for t in runs[0].texts[:3]]}
+    return acc
