@@ -23,7 +23,8 @@ TOPICS = ("methods", "runtimes", "data", "benchmarks", "serving", "ci", "report"
 ARTEFACTS = {"report.json", "bench-report.json", "prune.json", "recover.json", "quantize.json",
              "vlcompress.json", "vlcompress_triton.json", "vlcompress_manifest.json",
              "classes.json", "config.json", "tokenizer.json", "vocab.json",
-             "preprocessor_config.json", "model.safetensors.index.json", "old.json",
+             "preprocessor_config.json", "processor_config.json",
+             "model.safetensors.index.json", "old.json",
              "sweep.json", "baseline.json", "generation.json", "genai_config.json"}
 
 
@@ -105,8 +106,12 @@ def _script_options() -> dict[str, set[str]]:
     out = {}
     for f in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "scripts").glob("*")]:
         if f.is_file():
-            out[str(f.relative_to(REPO))] = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)",
-                                                           f.read_text(encoding="utf-8")))
+            src = f.read_text(encoding="utf-8")
+            opts = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", src))
+            # argparse.BooleanOptionalAction also accepts --no-NAME
+            opts |= {"--no-" + o for o in re.findall(
+                r"[\"']--([a-z0-9][a-z0-9-]*)[\"'][^\n]*BooleanOptionalAction", src)}
+            out[str(f.relative_to(REPO))] = opts
     return out
 
 
