@@ -50,13 +50,18 @@ class TorchGenerator:
         self.model = vlm.model.eval()
         self.context = int(self.model.config.text_config.max_position_embeddings)
         self._cache_kw = _cache_keyword()
+        # the module a step calls: LLaVA's whole model; BLIP-2's language model (its top
+        # model's forward needs pixel values on every call)
+        self._lm = self.model.language_model if vlm.family == "blip2" else self.model
 
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
             px = torch.from_numpy(np.ascontiguousarray(pixel_values, np.float32))
-            out = self.model.model.get_image_features(pixel_values=px)
+            # LLaVA: its inner model's; BLIP-2: the top model's (Q-Former + projection)
+            owner = self.model.model if hasattr(self.model, "model") else self.model
+            out = owner.get_image_features(pixel_values=px)
             out = getattr(out, "pooler_output", out)
             if isinstance(out, (list, tuple)):
                 out = torch.stack(list(out))
@@ -82,6 +87,8 @@ class TorchGenerator:
             pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
             cache = DynamicCache(config=self.model.config.text_config)
             ids = torch.from_numpy(input_ids.astype(np.int64))
+            if image_embeds is None and self._lm is not self.model:
+                image_embeds = self.image_embeds(pixel_values)
             if image_embeds is None:
                 inputs = {"input_ids": ids,
                           "pixel_values": torch.from_numpy(pixel_values.astype(np.float32))}
@@ -90,7 +97,7 @@ class TorchGenerator:
                 emb = self.model.get_input_embeddings()(ids.masked_fill(is_image, 0))
                 img = torch.from_numpy(np.ascontiguousarray(image_embeds, np.float32))
                 inputs = {"inputs_embeds": emb.masked_scatter(is_image[..., None], img)}
-            out = self.model(**inputs, attention_mask=mask, position_ids=pos, use_cache=True,
+            out = self._lm(**inputs, attention_mask=mask, position_ids=pos, use_cache=True,
                              logits_to_keep=1, **{self._cache_kw: cache})
             return TorchDecoding(cache, mask, pos[:, -1:],
                                  out.logits[:, -1].float().numpy(), need)
@@ -107,7 +114,7 @@ class TorchGenerator:
             st.mask = torch.cat([st.mask, st.mask.new_ones(st.batch, 1)], 1)
             st.positions = st.positions + 1
             ids = torch.from_numpy(np.asarray(tokens, np.int64).reshape(-1, 1))
-            out = self.model(input_ids=ids, attention_mask=st.mask, position_ids=st.positions,
+            out = self._lm(input_ids=ids, attention_mask=st.mask, position_ids=st.positions,
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: st.cache})
             st.length += 1  # the model appended this step's keys / values to st.cache
             st.logits = out.logits[:, -1].float().numpy()
