@@ -35,13 +35,13 @@ layout). The Q-Former is not sliced (its layers match no layout): ``--pattern st
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import DataError, ModelError
-from .base import VLM, PrunableLayer
+from .base import PrunableLayer
+from .generative import GenerativeVLM
 from .registry import model_card, register_family
 from .surgery import Layout, register_layout
 
@@ -122,7 +122,7 @@ def build_processor(cfg, tokenizer, image_processor=None):
 
 
 @register_family("blip-2")
-class Blip2(VLM):
+class Blip2(GenerativeVLM):
     family = "blip2"
     towers = PARTS
     generative = True
@@ -141,14 +141,7 @@ class Blip2(VLM):
     def __init__(self, model, tokenizer=None, image_processor=None, name: str = "",
                  source: str = "", processor=None, prompts: dict | None = None):
         super().__init__(model, tokenizer, image_processor, name=name, source=source)
-        if processor is None:
-            if tokenizer is None:
-                raise ModelError(f"blip-2 model {self.name!r} has no tokenizer; allowed: a "
-                                 "folder with the tokenizer files it was trained with")
-            processor = build_processor(model.config, tokenizer, image_processor)
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
+        self._set_processor(model, tokenizer, image_processor, processor, build_processor)
         self.prompts = {"caption": CAPTION_PROMPT, "question": QUESTION_PROMPT, **(prompts or {})}
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -361,23 +354,10 @@ class Blip2(VLM):
         stop = {self.eos_token_id, tok.pad_token_id}
         return [seq[:next((i for i, t in enumerate(seq) if t in stop), len(seq))] for seq in new]
 
-    def decode(self, ids: list[list[int]]) -> list[str]:
-        return [" ".join(self.tokenizer.decode(s, skip_special_tokens=True).split()) for s in ids]
-
-    # --- export: three graphs, see vlcompress.exporters.generative ----------------------
-    def tower_module(self, tower):
-        raise ModelError("blip2 has no per-tower ONNX export; its vision, embed and decoder "
-                         "graphs are written by prune-export (vlcompress.exporters.generative)")
-
     # --- io ------------------------------------------------------------------------------
     def save(self, path) -> None:
+        super().save(path)
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.processor.save_pretrained(path)
-        card = model_card(Path(self.source)) if self.source and Path(self.source).is_dir() else {}
-        card = {**card, "family": "blip2", "prompts": dict(self.prompts)}
-        (path / "vlcompress.json").write_text(json.dumps(card, indent=2))
         from .surgery import write_manifest
 
         write_manifest(self, path)  # sliced layers: per-layer widths (config.json cannot)

@@ -45,15 +45,15 @@ absolute positions, left padding would shift them).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, ModelError
-from .base import VLM, PrunableLayer
+from .base import PrunableLayer
 from .blip import _VISION_ROLES, text_linears
+from .generative import GenerativeVLM
 from .registry import model_card, register_family
 
 #: BLIP's captioning prompt (``salesforce/BLIP`` ``configs/caption_coco.yaml``: "a picture of ")
@@ -155,7 +155,7 @@ def _with_padding(tok, side: str):
 
 
 @register_family("blip-caption", architectures=("BlipForConditionalGeneration",))
-class BlipCaption(VLM):
+class BlipCaption(GenerativeVLM):
     """``BlipForConditionalGeneration``: vision encoder + text decoder (module doc)."""
 
     family = "blip-caption"
@@ -164,6 +164,7 @@ class BlipCaption(VLM):
     answers_questions = False  # VQA data is refused before any work (pipeline)
     #: its ONNX export: vision + decoder with cross-attention (exporters.generative_blip)
     onnx_generation = "blip"
+    export_module = "vlcompress.exporters.generative_blip"
     #: UPop / EfficientVLM distil it (next-token logits at the caption positions, ``features``)
     image_text = True
     structured = True
@@ -174,14 +175,7 @@ class BlipCaption(VLM):
     def __init__(self, model, tokenizer=None, image_processor=None, name: str = "",
                  source: str = "", processor=None, prompts: dict | None = None):
         super().__init__(model, tokenizer, image_processor, name=name, source=source)
-        if processor is None:
-            if tokenizer is None:
-                raise ModelError(f"{self.family} model {self.name!r} has no tokenizer; allowed: "
-                                 "a folder with the tokenizer files it was trained with")
-            processor = build_processor(model.config, tokenizer, image_processor)
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
+        self._set_processor(model, tokenizer, image_processor, processor, build_processor)
         self.prompts = {"caption": CAPTION_PROMPT, **(prompts or {})}
         tc = model.config.text_config
         self.bos_id, self.sep_id, self.pad_id = (int(tc.bos_token_id), int(tc.sep_token_id),
@@ -362,25 +356,11 @@ class BlipCaption(VLM):
             max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1)
         return self._cut(out[:, ids.shape[1]:].tolist())
 
-    def decode(self, ids: list[list[int]]) -> list[str]:
-        return [" ".join(self.tokenizer.decode(s, skip_special_tokens=True).split()) for s in ids]
-
-    # --- export: see vlcompress.exporters.generative_blip -------------------------------
-    def tower_module(self, tower):
-        raise ModelError(f"{self.family} has no per-tower ONNX export; its vision and decoder "
-                         "graphs are written by prune-export (vlcompress.exporters.generative_blip)")
-
     # --- io ------------------------------------------------------------------------------
     def save(self, path) -> None:
         from .surgery import write_manifest
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.processor.save_pretrained(path)
-        card = model_card(Path(self.source)) if self.source and Path(self.source).is_dir() else {}
-        card = {**card, "family": self.family, "prompts": dict(self.prompts)}
-        (path / "vlcompress.json").write_text(json.dumps(card, indent=2))
+        super().save(path)
         write_manifest(self, path)
 
 

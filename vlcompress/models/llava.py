@@ -23,14 +23,14 @@ report records the prompt used.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import DataError, ModelError
-from .base import VLM, PrunableLayer
+from .base import PrunableLayer
 from .clip import encoder_linears
+from .generative import GenerativeVLM
 from .registry import model_card, register_family
 from .surgery import Layout, register_layout
 from .visual_tokens import reduced_inputs
@@ -186,7 +186,7 @@ def build_processor(cfg, tokenizer, image_processor=None, chat_template: str | N
 
 
 @register_family("llava")
-class Llava(VLM):
+class Llava(GenerativeVLM):
     family = "llava"
     towers = PARTS
     generative = True
@@ -201,14 +201,7 @@ class Llava(VLM):
     def __init__(self, model, tokenizer=None, image_processor=None, name: str = "",
                  source: str = "", processor=None, prompts: dict | None = None):
         super().__init__(model, tokenizer, image_processor, name=name, source=source)
-        if processor is None:
-            if tokenizer is None:
-                raise ModelError(f"llava model {self.name!r} has no tokenizer; allowed: a folder "
-                                 "with the tokenizer files it was trained with")
-            processor = build_processor(model.config, tokenizer, image_processor)
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
+        self._set_processor(model, tokenizer, image_processor, processor, build_processor)
         self.prompts = {"caption": CAPTION_PROMPT, **(prompts or {})}
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -445,23 +438,10 @@ class Llava(VLM):
             res.append(seq[:cut])
         return res
 
-    def decode(self, ids: list[list[int]]) -> list[str]:
-        return [" ".join(self.tokenizer.decode(s, skip_special_tokens=True).split()) for s in ids]
-
-    # --- export: three graphs, see vlcompress.exporters.generative ----------------------
-    def tower_module(self, tower):
-        raise ModelError("llava has no per-tower ONNX export; its vision, embed and decoder "
-                         "graphs are written by prune-export (vlcompress.exporters.generative)")
-
     # --- io ------------------------------------------------------------------------------
     def save(self, path) -> None:
+        super().save(path)
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.processor.save_pretrained(path)
-        card = model_card(Path(self.source)) if self.source and Path(self.source).is_dir() else {}
-        card = {**card, "family": "llava", "prompts": dict(self.prompts)}
-        (path / "vlcompress.json").write_text(json.dumps(card, indent=2))
         from .surgery import is_sliced, write_manifest
 
         if is_sliced(self):  # weights under the module names the manifest's rebuild loads:
