@@ -30,7 +30,8 @@ def ort_logits(gen, input_ids: np.ndarray, attention_mask: np.ndarray,
     mask = attention_mask.astype(np.int64)
     embeds = gen.prompt_embeds(input_ids.astype(np.int64), pixel_values.astype(np.float32))
     positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
-    logits, _ = gen.decode_step(embeds, mask, positions, gen.empty_past(input_ids.shape[0]))
+    logits, _ = gen.decode_step(embeds, mask, positions, gen.empty_past(input_ids.shape[0]),
+                                logits_to_keep=0)  # every position: teacher-forced targets
     return logits
 
 

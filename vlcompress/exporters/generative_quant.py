@@ -305,7 +305,9 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
         ref = dec(*args)
         past = gen.empty_past(3)
         logits, past = gen.decode_step(args[0].numpy(), args[1].numpy(), args[2].numpy(), past)
-        valid = args[1].numpy()[:, -6:] > 0  # left padding: its logits are not compared
+        # the positions the graph returns logits for (the last only; an older export: all),
+        # left padding's not compared
+        valid = args[1].numpy()[:, -logits.shape[1]:] > 0
         figures["decoder prefill logits"] = logit_agreement(logits, ref[0], valid)
         step = _decoder_args(vlm, 3, 1, 0, 3)[0]
         mask = torch.cat([args[1], torch.ones(3, 1, dtype=torch.long)], 1)

@@ -24,8 +24,9 @@ embeddings in order; a zero row is appended so that decode steps, which have no 
 features, still gather in bounds). The pipeline's own image processor is not used: the
 prompt's ``input_ids`` and ``pixel_values`` come from the run's processor (as for
 OrtGenerator) and are handed to GenAI with ``num_image_tokens``. Greedy search only. The
-GenAI model folder (``genai_config.json``, the adapter, links to the two graphs) is built in a
-temporary folder; nothing is written into the run.
+GenAI model folder (``genai_config.json``, the adapter, links to the two graphs; the decoder's
+graph rewritten with its optional ``logits_to_keep`` fixed at 1, :func:`last_logits_decoder`,
+its weights linked) is built in a temporary folder; nothing is written into the run.
 
 Rows are generated one at a time (one generator per prompt, its left padding removed): GenAI's
 multimodal pipeline takes one prompt and image per generator here.
@@ -147,6 +148,29 @@ def genai_config(folder: str | Path, threads: int | None = None) -> dict:
         "search": {"do_sample": False, "num_beams": 1, "max_length": int(spec["context"])}}
 
 
+def last_logits_decoder(src: Path, dst: Path) -> bool:
+    """Write ``dst``: the decoder ``src`` with its optional ``logits_to_keep`` input fixed at
+    its default (1) and ``logits`` declared [batch, 1, vocab]. GenAI sizes its logits buffer
+    from that declaration: a symbolic middle axis makes it bind [batch, sequence, vocab] at
+    the prompt, which a last-position graph cannot fill. Only the graph is rewritten; the
+    weights stay in ``src``'s data file (linked beside ``dst`` by the caller). False (nothing
+    written) for an export without ``logits_to_keep`` (every position's logits, as GenAI
+    expects them)."""
+    import onnx
+
+    m = onnx.load(str(src), load_external_data=False)
+    g = m.graph
+    keep = [i for i in g.input if i.name == "logits_to_keep"]
+    if not keep or not any(t.name == "logits_to_keep" for t in g.initializer):
+        return False
+    g.input.remove(keep[0])  # the initializer (value 1) remains: a constant now
+    dim = next(o for o in g.output if o.name == "logits").type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = 1
+    onnx.save(m, str(dst))
+    return True
+
+
 def _link(src: Path, dst: Path) -> None:
     try:
         os.symlink(src.resolve(), dst)
@@ -165,7 +189,8 @@ class GenaiGenerator:
         work = Path(self._tmp.name)
         for part in ("vision", "decoder"):
             f = self.spec["files"][part]
-            _link(self.folder / f, work / f)
+            if part != "decoder" or not last_logits_decoder(self.folder / f, work / f):
+                _link(self.folder / f, work / f)
             if (self.folder / f"{f}.data").is_file():
                 _link(self.folder / f"{f}.data", work / f"{f}.data")
         build_embed_merge(self.folder, work / MERGED_EMBED)
