@@ -44,6 +44,7 @@ moves a near-tie arg-max, and from there the continuation differs.
 from __future__ import annotations
 
 import json
+import posixpath
 import shutil
 import time
 from pathlib import Path
@@ -166,6 +167,24 @@ def kv_cache_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _shared(src: Path, spec: dict, dst: Path, shared: Path | None) -> dict[str, str]:
+    """part -> the file ``dst``'s generation.json names for each part ``src`` borrows from its
+    full-token twin (a ``--visual-tokens`` variant holds only its vision graph): the same part
+    of ``shared``, the twin's variant in this precision, relative to ``dst``. Empty when ``src``
+    owns every part."""
+    borrowed = [p for p in PARTS if Path(spec["files"][p]).parent != Path(".")]
+    if not borrowed:
+        return {}
+    if shared is None:
+        raise ConfigError(f"{str(src)!r} borrows its {borrowed[0]} graph from its full-token "
+                          "twin; allowed: shared= the twin's variant in this precision")
+    if shared.resolve().parent != dst.resolve().parent:
+        raise ConfigError(f"shared {str(shared)!r} is not beside {str(dst)!r}; allowed: the "
+                          "twin's variant folder in the same run folder")
+    twin = read_spec(shared)
+    return {p: (Path("..") / shared.name / twin["files"][p]).as_posix() for p in borrowed}
+
+
 def _write_spec(src: Path, dst: Path, **changes) -> dict:
     spec = {**read_spec(src), **changes}
     (dst / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
@@ -179,13 +198,16 @@ def _props(model: onnx.ModelProto, **changes) -> None:
     helper.set_model_props(model, meta)
 
 
-def make_fp16_variant(src: str | Path, dst: str | Path) -> dict:
+def make_fp16_variant(src: str | Path, dst: str | Path, shared: str | Path | None = None) -> dict:
     """Write the fp16 copy of the export in ``src`` (vision, embed, decoder and
-    generation.json) to ``dst``; returns what was written (the report's ``files``)."""
+    generation.json) to ``dst``; returns what was written (the report's ``files``).
+    ``shared``: for a token variant whose embed and decoder are its twin's, the twin's fp16
+    folder, whose graphs ``dst`` names instead of converting them again."""
     from .onnx import convert_fp16, save_onnx
 
     src, dst = Path(src), Path(dst)
     spec = read_spec(src)
+    borrowed = _shared(src, spec, dst, None if shared is None else Path(shared))
     if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
         raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
                           "allowed: an fp32 generative export")
@@ -194,6 +216,10 @@ def make_fp16_variant(src: str | Path, dst: str | Path) -> dict:
     files = {}
     for part in PARTS:
         name = spec["files"][part]
+        if part in borrowed:
+            files[part] = {"path": posixpath.normpath(f"{dst.name}/{borrowed[part]}"),
+                           "shared": True}
+            continue
         model = convert_fp16(onnx.load(str(src / name)))
         if part == "decoder":
             model = kv_cache_fp16(model)
@@ -202,7 +228,7 @@ def make_fp16_variant(src: str | Path, dst: str | Path) -> dict:
         save_onnx(model, dst / name)
         files[part] = {"path": f"{dst.name}/{name}", "bytes": _bytes(dst / name)}
     _write_spec(src, dst, precision="fp16", kv_dtype="float16", quantize="fp16",
-                quantized_from=src.name)
+                quantized_from=src.name, files={**spec["files"], **borrowed})
     return {"precision": "fp16", "method": "cast", "kv_dtype": "float16", "files": files,
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -214,13 +240,16 @@ def _bytes(path: Path) -> int:
 # --------------------------------------------------------------------------------------------
 # int8
 # --------------------------------------------------------------------------------------------
-def make_int8_variant(src: str | Path, dst: str | Path, parts=INT8_PARTS) -> dict:
+def make_int8_variant(src: str | Path, dst: str | Path, parts=INT8_PARTS,
+                      shared: str | Path | None = None) -> dict:
     """Write the dynamic int8 copy of the export in ``src`` to ``dst`` (``parts`` quantized,
-    the others copied); returns what was written."""
+    the others copied); returns what was written. ``shared``: as for
+    :func:`make_fp16_variant` (the twin's int8 folder)."""
     from .quantize import quantize_onnx
 
     src, dst = Path(src), Path(dst)
     spec = read_spec(src)
+    borrowed = _shared(src, spec, dst, None if shared is None else Path(shared))
     if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
         raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
                           "allowed: an fp32 generative export")
@@ -233,6 +262,10 @@ def make_int8_variant(src: str | Path, dst: str | Path, parts=INT8_PARTS) -> dic
     files = {}
     for part in PARTS:
         name = spec["files"][part]
+        if part in borrowed:
+            files[part] = {"path": posixpath.normpath(f"{dst.name}/{borrowed[part]}"),
+                           "shared": True}
+            continue
         if part in parts:
             res = quantize_onnx(src / name, dst / name, "int8", method="dynamic",
                                 op_types=("MatMul",))
@@ -246,7 +279,8 @@ def make_int8_variant(src: str | Path, dst: str | Path, parts=INT8_PARTS) -> dic
                            if part == "embed" else "copied in fp32"}
         files[part]["bytes"] = _bytes(dst / name)
     _write_spec(src, dst, precision="fp32", kv_dtype="float32", quantize="int8",
-                quantize_method="dynamic", quantized_parts=list(parts), quantized_from=src.name)
+                quantize_method="dynamic", quantized_parts=list(parts), quantized_from=src.name,
+                files={**spec["files"], **borrowed})
     return {"precision": "int8", "method": "dynamic", "kv_dtype": "float32",
             "quantized_parts": list(parts), "files": files,
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -273,9 +307,13 @@ def logit_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray | None =
 
 
 def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new_tokens: int = 16,
-                     precision: str | None = None) -> dict:
+                     precision: str | None = None, visual_tokens: int | None = None) -> dict:
     """Compare the fp16 or int8 export in ``folder`` with the fp32 PyTorch model (module doc):
-    raise one ExportError naming every figure under its floor, else return the figures."""
+    raise one ExportError naming every figure under its floor, else return the figures.
+    ``visual_tokens`` K (a token variant): the reference keeps the same K tokens; the share of
+    kept tokens the ONNX vision graph chose as PyTorch did is reported (``kept_agreement``:
+    rounding moves near-ties of the attention ranking) and the embeddings are compared on the
+    tokens both kept."""
     import torch
 
     from ..runtime.ort_generate import OrtGenerator
@@ -298,8 +336,16 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
     figures: dict[str, dict] = {}
     with torch.no_grad(), _eager_attention(model):
         px = _example_pixels(vlm, 3, 1)
-        figures["vision"] = logit_agreement(gen.image_embeds(px.numpy()), VisionGraph(model)(px))
+        got, index = gen.image_outputs(px.numpy())
+        ref = VisionGraph(model, visual_tokens)(px)
+        same = None
+        if visual_tokens is not None:
+            ref, ref_index = ref
+            same = index == ref_index.numpy()
+        figures["vision"] = logit_agreement(got, ref, same)
         figures["vision"].pop("top1")  # an embedding row has no arg-max to agree on
+        if same is not None:
+            figures["vision"]["kept_agreement"] = float(same.mean())
         dec = DecoderGraph(model)
         args = _decoder_args(vlm, 3, 6, 0, 2, pad=2)
         ref = dec(*args)
@@ -322,7 +368,7 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
         if "top1" in f and f["top1"] < tol["min_top1"]:
             problems.append(f"{part} top-1 agreement {f['top1']:.3f} < {tol['min_top1']}")
     # greedy generation against PyTorch generate: measured and reported, not required
-    pairs = greedy_pairs(vlm, gen, images, questions, max_new_tokens)
+    pairs = greedy_pairs(vlm, gen, images, questions, max_new_tokens, visual_tokens)
     exact = sum(a == b for a, b in pairs)
     same = total = 0
     for a, b in pairs:  # as generative_fidelity's greedy_agreement counts
@@ -343,27 +389,34 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
 # inside a prune-export run
 # --------------------------------------------------------------------------------------------
 def build_variant(vlm, src: str | Path, precision: str, *, images, questions=None,
-                  max_new_tokens: int = 16) -> dict:
+                  max_new_tokens: int = 16, visual_tokens: int | None = None,
+                  shared: str | Path | None = None) -> dict:
     """Write ``<src>_<precision>/`` beside the fp32 export ``src`` (while ``vlm`` holds the
     weights ``src`` was exported from) and validate it against ``vlm``; the report's export
-    entry, its paths relative to the run folder."""
+    entry, its paths relative to the run folder. A token variant (``visual_tokens`` K):
+    its vision graph in ``precision``, the embed and decoder of ``shared`` (its twin's
+    variant in this precision), validated with the K tokens."""
     src = Path(src)
     dst = src.parent / variant_name(src.name, precision)
     make = make_fp16_variant if precision == "fp16" else make_int8_variant
-    info = make(src, dst)
+    info = make(src, dst, shared=shared)
     info["validation"] = validate_variant(vlm, dst, images=images, questions=questions,
-                                          max_new_tokens=max_new_tokens, precision=precision)
+                                          max_new_tokens=max_new_tokens, precision=precision,
+                                          visual_tokens=visual_tokens)
     spec = read_spec(dst)
-    info["paths"] = {p: f"{dst.name}/{spec['files'][p]}" for p in PARTS}
+    info["paths"] = {p: posixpath.normpath(f"{dst.name}/{spec['files'][p]}") for p in PARTS}
     return info
 
 
 def variants_accuracy(vlm, root: str | Path, names: list[str], evals, dense_runs, pruned_runs, *,
-                      max_new_tokens: int, random_weights: bool = False, progress=None) -> dict:
+                      max_new_tokens: int, random_weights: bool = False, progress=None,
+                      float_twins: dict | None = None) -> dict:
     """The accuracy of each variant folder ``root/<name>`` measured from its files on ONNX
     Runtime CPU (:func:`vlcompress.eval.generative_ort.ort_run_generative`): the tasks' metrics
     (none for random weights) and the fidelity to the dense PyTorch model (``dense_runs``), as
-    the report's ``quantize.accuracy``. ``dense`` and ``pruned`` are the PyTorch runs (their
+    the report's ``quantize.accuracy``; ``float_twins`` (variant -> its PyTorch runs, e.g.
+    ``dense_tokens``) gives the runs ``<variant>_<precision>`` is compared with (default: dense
+    or pruned by the name). ``dense`` and ``pruned`` are the PyTorch runs (their
     fp32 ONNX is validated token-exact against them)."""
     from ..eval.generative import dataset_name, generative_fidelity, generative_metrics, merged_runs
     from ..eval.generative_ort import ort_run_generative
@@ -388,7 +441,8 @@ def variants_accuracy(vlm, root: str | Path, names: list[str], evals, dense_runs
         gen = OrtGenerator(Path(root) / name)
         runs = [ort_run_generative(gen, vlm, d, max_new_tokens=max_new_tokens, progress=progress)
                 for d in evals]
-        twin = pruned_runs if name.startswith("pruned") else dense_runs
+        twin = (float_twins or {}).get(name.rsplit("_", 1)[0]) or (
+            pruned_runs if name.startswith("pruned") else dense_runs)
         acc["variants"][name] = {
             "metrics": metrics(runs), "fidelity": generative_fidelity(ref, merged_runs(runs)),
             "fidelity_to_float_twin": generative_fidelity(merged_runs(twin), merged_runs(runs)),
