@@ -41,11 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ExportError
+from ..errors import ConfigError, ExportError
 from ..optional_deps import require_onnxruntime_genai
 from .ort_generate import read_spec
 
-__all__ = ["GenaiGenerator", "genai_config", "build_embed_merge"]
+__all__ = ["GenaiGenerator", "genai_config", "build_embed_merge", "check_sampling"]
 
 #: GenAI's model type whose pipeline runs our graphs (see the module docstring)
 PIPELINE_TYPE = "gemma3"
@@ -154,20 +154,42 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+#: GenAI's ``random_seed`` is a 32-bit int (-1: a random seed), drawn with std::mt19937
+MAX_SEED = 2**31 - 1
+#: the largest batch one GenAI generator takes (its kMaxBatchSize)
+MAX_BATCH = 32
+
+
+def check_sampling(sampling) -> None:
+    """One line when ``sampling`` (a :class:`~vlcompress.runtime.ort_generate.Sampling`)
+    cannot be given to GenAI as it is (checked before any work)."""
+    if sampling is not None and not 0 <= int(sampling.seed) <= MAX_SEED:
+        raise ConfigError(f"--seed {sampling.seed} does not fit onnxruntime-genai's random_seed "
+                          f"(a 32-bit int; negative: a random seed); allowed: 0..{MAX_SEED} "
+                          "with --runtime genai")
+
+
 class GenaiGenerator:
     """An export folder on ONNX Runtime GenAI (see the module docstring)."""
 
+    runtime = "genai"
+
     def __init__(self, folder: str | Path, threads: int | None = None):
         og = require_onnxruntime_genai()
+        import onnx
+
         self.folder = Path(folder)
         self.spec = read_spec(self.folder)
+        dec = onnx.load(str(self.folder / self.spec["files"]["decoder"]), load_external_data=False)
+        logits = next(o for o in dec.graph.output if o.name == "logits").type.tensor_type.shape
+        #: the decoder returns the last position's logits only ([batch, 1, vocab]): GenAI then
+        #: reads them as each row's next-token logits ("pruned" logits, its Model::IsPruned)
+        self.last_logits_only = logits.dim[1].dim_value == 1
         self._tmp = tempfile.TemporaryDirectory(prefix="vlc-genai-")
         work = Path(self._tmp.name)
-        for part in ("vision", "decoder"):
-            f = self.spec["files"][part]
-            _link(self.folder / f, work / f)
-            if (self.folder / f"{f}.data").is_file():
-                _link(self.folder / f"{f}.data", work / f"{f}.data")
+        for f in self.folder.iterdir():  # the graphs and their external data, as named
+            if f.is_file() and f.name != "genai_config.json":
+                _link(f, work / f.name)
         build_embed_merge(self.folder, work / MERGED_EMBED)
         (work / "genai_config.json").write_text(json.dumps(genai_config(self.folder, threads),
                                                            indent=1))
@@ -182,35 +204,142 @@ class GenaiGenerator:
     def context(self) -> int:
         return int(self.spec["context"])
 
-    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                 pixel_values: np.ndarray, max_new_tokens: int) -> list[list[int]]:
-        """Greedy new token ids per row (left-padded inputs, one image per row), cut at the end
-        token, as :meth:`OrtGenerator.generate` returns them."""
-        og = self._og
-        eos, pad = int(self.spec["eos_token_id"]), int(self.spec["pad_token_id"])
-        image_id = int(self.spec["image_token_id"])
-        out = []
-        for ids, mask, px in zip(input_ids, attention_mask, pixel_values, strict=True):
-            ids = ids[mask.astype(bool)][None].astype(np.int32)  # this row, padding removed
-            params = og.GeneratorParams(self.model)
-            params.set_search_options(max_length=ids.shape[1] + int(max_new_tokens),
-                                      do_sample=False)
-            gen = og.Generator(self.model, params)
-            named = og.NamedTensors()
-            named["input_ids"] = ids
-            named["pixel_values"] = np.ascontiguousarray(px[None], dtype=np.float32)
-            named["num_image_tokens"] = np.array([int((ids == image_id).sum())], np.int64)
-            gen.set_inputs(named)
-            row: list[int] = []
-            while not gen.is_done() and len(row) < int(max_new_tokens):
-                gen.generate_next_token()
-                t = int(gen.get_next_tokens()[0])
-                if t == eos:
-                    break
-                row.append(t)
-            out.append(row[:row.index(pad)] if pad in row else row)
+    def right_padded(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The left-padded batch (OrtGenerator's layout) as GenAI reads a batch: each row's
+        tokens first, ``pad_token_id`` after them (GenAI masks the trailing pad tokens of a
+        row, numbers the rest 0.. and takes each row's logits at its last real token). One
+        line for what GenAI would read wrongly. Columns that are padding in every row are
+        dropped (GenAI takes a batch of one row as unpadded)."""
+        mask = np.asarray(attention_mask).astype(bool)
+        ids = np.asarray(input_ids)
+        if not 1 <= len(ids) <= MAX_BATCH:
+            raise ConfigError(f"a batch of {len(ids)} prompts: one onnxruntime-genai generator "
+                              f"takes 1..{MAX_BATCH} rows; allowed: batches of 1..{MAX_BATCH} "
+                              "with --runtime genai")
+        pad, image_id = int(self.spec["pad_token_id"]), int(self.spec["image_token_id"])
+        n_img = int(self.spec.get("image_tokens") or 0)
+        lengths = mask.sum(-1)
+        out = np.full(ids.shape, pad, np.int32)
+        for r, (row, m, n) in enumerate(zip(ids, mask, lengths, strict=True)):
+            if n == 0 or m[: len(m) - n].any() or not m[len(m) - n:].all():
+                raise ConfigError(f"row {r} of the attention mask is not left-padded "
+                                  "(zeros, then ones); allowed: prompts as the run's processor "
+                                  "left-pads them")
+            if int(row[-1]) == pad:
+                raise ConfigError(f"row {r} ends with the pad token {pad}: onnxruntime-genai "
+                                  "reads trailing pad tokens as padding; allowed: prompts that "
+                                  "do not end with the pad token")
+            if n_img and int((row[m] == image_id).sum()) != n_img:
+                raise ConfigError(f"row {r} holds {int((row[m] == image_id).sum())} image tokens; "
+                                  f"allowed: one image of {n_img} tokens per row with --runtime "
+                                  "genai (GenAI sizes the image features by one count for all "
+                                  "images)")
+            out[r, :n] = row[m]
+        # no column of padding only: GenAI reads a batch of 1 as unpadded (every token attended)
+        out = out[:, : int(lengths.max())]
+        if self.last_logits_only and len(set(lengths.tolist())) > 1:
+            raise ConfigError(f"prompts of {sorted(set(lengths.tolist()))} tokens in one batch: "
+                              f"the decoder of {str(self.folder)!r} returns the last position's "
+                              "logits only and GenAI right-pads a batch (a shorter row's last "
+                              "position is padding); allowed: one prompt length per batch, "
+                              "batch 1, or --runtime onnxruntime")
         return out
+
+    def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
+              max_new_tokens: int, sampling=None, min_new_tokens: int = 0):
+        """A GenAI generator with the batch's inputs set (nothing run yet: its first
+        ``generate_next_token`` runs the vision graph, the embedding and the prompt's decoder
+        call and picks the first token). ``min_new_tokens``: GenAI suppresses the end token
+        until that many (for timings over a fixed number of steps)."""
+        og = self._og
+        check_sampling(sampling)
+        ids = self.right_padded(input_ids, attention_mask)
+        b, p = ids.shape
+        if p + int(max_new_tokens) > self.context:
+            raise ConfigError(f"{p} prompt tokens + {max_new_tokens} new tokens exceed the "
+                              f"context of {self.spec.get('model')} ({self.context} tokens); "
+                              f"allowed: prompt + new tokens <= {self.context}")
+        params = og.GeneratorParams(self.model)
+        opts = {"batch_size": b, "max_length": p + int(max_new_tokens), "num_beams": 1,
+                "min_length": p + int(min_new_tokens), "do_sample": sampling is not None}
+        if sampling is not None:  # GenAI's defaults (top_k 50, ...) never apply
+            opts.update(temperature=float(sampling.temperature), top_k=int(sampling.top_k),
+                        top_p=float(sampling.top_p), random_seed=int(sampling.seed))
+        params.set_search_options(**opts)
+        gen = og.Generator(self.model, params)
+        named = og.NamedTensors()
+        named["input_ids"] = ids
+        named["pixel_values"] = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        # GenAI sizes the image features [images, sum(num_image_tokens), hidden]: one count
+        # (each image's) so that the vision graph's [images, tokens, hidden] fits
+        named["num_image_tokens"] = np.array(
+            [int((ids[0] == int(self.spec["image_token_id"])).sum())], np.int64)
+        gen.set_inputs(named)
+        return gen
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 pixel_values: np.ndarray, max_new_tokens: int, sampling=None
+                 ) -> list[list[int]]:
+        """New token ids per row (left-padded inputs, one image per row), greedy or drawn with
+        ``sampling`` (GenAI's own seeded sampler), cut at the end token, as
+        :meth:`OrtGenerator.generate` returns them."""
+        eos, pad = int(self.spec["eos_token_id"]), int(self.spec["pad_token_id"])
+        gen = self.start(input_ids, attention_mask, pixel_values, max_new_tokens, sampling)
+        b = int(input_ids.shape[0])
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros(b, bool)
+        for _ in range(int(max_new_tokens)):
+            if gen.is_done():
+                break
+            gen.generate_next_token()
+            nxt = np.asarray(gen.get_next_tokens()).reshape(-1)
+            for r in np.flatnonzero(~done):
+                if int(nxt[r]) != eos:
+                    out[r].append(int(nxt[r]))
+            done |= nxt == eos
+            if done.all():
+                break
+        return [row[:row.index(pad)] if pad in row else row for row in out]
 
     def close(self) -> None:
         self.model = None
         self._tmp.cleanup()
+
+
+# -- comparing sampled draws (GenAI's sampler draws other tokens than numpy's for one seed) ----
+def draw_check(probs: np.ndarray, draws, quantile: float = 0.999, trials: int = 2000,
+               seed: int = 0) -> dict:
+    """Whether ``draws`` (token ids) look drawn from ``probs`` [vocab]: the total variation
+    distance of their histogram to ``probs``, against the ``quantile`` of that distance over
+    ``trials`` simulated draws of the same size from ``probs`` itself (so the bound is what
+    chance alone gives at this sample size), and the draws outside the support (probability
+    0: a token top-k / top-p removed)."""
+    p = np.asarray(probs, np.float64)
+    d = np.asarray(draws, np.int64).reshape(-1)
+    n = len(d)
+    hist = np.bincount(d, minlength=len(p))[: len(p)] / n
+    tv = 0.5 * float(np.abs(hist - p).sum())
+    sims = np.random.default_rng(seed).multinomial(n, p / p.sum(), size=trials) / n
+    bound = float(np.quantile(0.5 * np.abs(sims - p).sum(-1), quantile))
+    outside = int((p[d] == 0).sum() + (d >= len(p)).sum())
+    return {"draws": n, "tv": tv, "tv_bound": bound, "quantile": quantile,
+            "outside_support": outside, "ok": bool(tv <= bound and outside == 0)}
+
+
+def support_violations(ort, feeds: tuple, sequences: list[list[int]], sampling) -> dict:
+    """Teacher-forced on ``ort`` (an :class:`OrtGenerator` of the same export, batch 1), the
+    tokens of ``sequences`` (each drawn for ``feeds``) that ``sampling``'s kept set (top-k /
+    top-p at its temperature) excludes at their position; and their mean log-probability."""
+    bad, logp, n = 0, 0.0, 0
+    for seq in sequences:
+        if not seq:
+            continue
+        st = ort.prefill(*feeds, len(seq))
+        for i, t in enumerate(seq):
+            p = sampling.probs(st.logits)[0]  # st.logits: the last position's, [1, vocab]
+            bad += int(p[t] == 0)
+            logp += float(np.log(max(p[t], 1e-300)))
+            n += 1
+            if i < len(seq) - 1:
+                ort.step(st, np.array([t], np.int64))
+    return {"tokens": n, "outside_support": bad, "mean_logprob": logp / max(n, 1)}
