@@ -10,7 +10,10 @@ Expected (onnxruntime-genai 0.18.0):
         dynamic-batching Engine.
     gemma3 pipeline, our embed.onnx: RuntimeError: Model input was not found: image_features
     llava: RuntimeError: Unsupported model_type in config.json: llava
-    gemma3 pipeline + embed_merge.onnx (GenaiGenerator): ran, tokens equal OrtGenerator: True
+    gemma3 pipeline + embed_merge.onnx (GenaiGenerator, a batch of 2 left-padded prompts):
+        ran, tokens equal OrtGenerator: True
+    the same batch handed to GenAI left-padded as it is: tokens equal OrtGenerator: False
+        (GenAI masks trailing pad tokens only: it attends to the leading ones)
 """
 
 from __future__ import annotations
@@ -74,8 +77,13 @@ def main(run: str) -> None:
     e = enc.encode(load_eval("shapes", n=2, batch_size=2).images,
                    ["describe the picture.", "what color is it ?"])
     feeds = (e["input_ids"], e["attention_mask"], e["pixel_values"])
-    same = gen.generate(*feeds, 12) == OrtGenerator(src).generate(*feeds, 12)
-    print(f"gemma3 pipeline + embed_merge.onnx (GenaiGenerator): ran, tokens equal OrtGenerator: {same}")
+    want = OrtGenerator(src).generate(*feeds, 12)
+    same = gen.generate(*feeds, 12) == want
+    print("gemma3 pipeline + embed_merge.onnx (GenaiGenerator, a batch of 2 left-padded prompts):"
+          f" ran, tokens equal OrtGenerator: {same}")
+    gen.right_padded = lambda ids, mask: ids.astype(np.int32)  # GenAI reads the layout as is
+    raw = gen.generate(*feeds, 12) == want
+    print(f"the same batch handed to GenAI left-padded as it is: tokens equal OrtGenerator: {raw}")
     gen.close()
 
 

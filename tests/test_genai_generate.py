@@ -83,6 +83,48 @@ def test_genai_batch_equals_ortgenerator_and_rows_alone(gen_run, feeds, variant)
     assert got == want and alone == want and sum(len(r) for r in want) > 8
 
 
+def last_position_copy(folder, out):
+    """``folder``'s export with a decoder that returns the last position's logits only
+    ([batch, 1, vocab]), as the exporter now writes it: the old graph's logits sliced."""
+    import shutil
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out.mkdir()
+    for f in folder.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    m = onnx.load(str(out / "decoder.onnx"))
+    g = m.graph
+    for n in g.node:
+        n.output[:] = ["logits_all" if x == "logits" else x for x in n.output]
+    g.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), k) for k, v in
+                          (("last_s", -1), ("last_e", 2**62), ("last_ax", 1))])
+    g.node.append(helper.make_node("Slice", ["logits_all", "last_s", "last_e", "last_ax"],
+                                   ["logits"]))
+    out_logits = next(o for o in g.output if o.name == "logits")
+    out_logits.type.tensor_type.shape.dim[1].ClearField("dim_param")
+    out_logits.type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(m, str(out / "decoder.onnx"))
+    return out
+
+
+@needs_genai
+def test_last_position_decoder_batched_behind_the_left_padding_adapter(gen_run, feeds, tmp_path):
+    from vlcompress.runtime.genai_generate import GenaiGenerator
+
+    want = OrtGenerator(gen_run / "pruned").generate(*feeds, 10)
+    gen = GenaiGenerator(last_position_copy(gen_run / "pruned", tmp_path / "last"), threads=1)
+    try:
+        assert gen.last_logits_only
+        assert gen.generate(*feeds, 10) == want  # mixed prompt lengths: right-padded for GenAI
+        s = Sampling(1.3, 4, 1.0, seed=5)
+        assert gen.generate(*feeds, 10, s) == gen.generate(*feeds, 10, s)
+    finally:
+        gen.close()
+
+
 @needs_genai
 def test_right_padding_and_what_genai_would_misread(gen_run, feeds):
     from vlcompress.runtime.genai_generate import GenaiGenerator
@@ -102,10 +144,7 @@ def test_right_padding_and_what_genai_would_misread(gen_run, feeds):
         tail[:, -1] = gen.spec["pad_token_id"]
         with pytest.raises(ConfigError, match="ends with the pad token"):
             gen.right_padded(tail, mask)
-        gen.last_logits_only = True  # a decoder with logits [batch, 1, vocab]
-        with pytest.raises(ConfigError, match="one prompt length per batch"):
-            gen.right_padded(ids, mask)
-        gen.right_padded(ids[:1], mask[:1])  # batch 1: no padding, fine
+        assert gen.right_padded(ids[:1], mask[:1]).shape == (1, int(n[0]))  # batch 1: unpadded
         with pytest.raises(ConfigError, match="takes 1..32 rows"):
             gen.right_padded(np.repeat(ids, 9, 0), np.repeat(mask, 9, 0))
         with pytest.raises(ConfigError, match=f"allowed: 0..{2**31 - 1}"):

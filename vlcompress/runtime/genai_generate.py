@@ -1,7 +1,8 @@
-"""Greedy generation of a generative export on ONNX Runtime GenAI (``onnxruntime-genai``, the
+"""Generation of a generative export on ONNX Runtime GenAI (``onnxruntime-genai``, the
 ``[genai]`` extra), with the same call as :class:`vlcompress.runtime.ort_generate.OrtGenerator`:
 
-    tokens = GenaiGenerator(run / "pruned").generate(input_ids, attention_mask, pixel_values, 24)
+    tokens = GenaiGenerator(run / "pruned").generate(input_ids, attention_mask, pixel_values, 24,
+                                                     sampling=None)   # or a Sampling
 
 GenAI has no LLaVA model type (its types: LLMs such as ``llama``/``qwen2`` that it feeds token
 ids, and the VLMs ``phi3v``, ``gemma3``, ``qwen2_5_vl``, ... each with its own processor), and
@@ -23,12 +24,35 @@ plus one adapter graph built here, ``embed_merge.onnx`` = ``embed.onnx`` with an
 embeddings in order; a zero row is appended so that decode steps, which have no image
 features, still gather in bounds). The pipeline's own image processor is not used: the
 prompt's ``input_ids`` and ``pixel_values`` come from the run's processor (as for
-OrtGenerator) and are handed to GenAI with ``num_image_tokens``. Greedy search only. The
-GenAI model folder (``genai_config.json``, the adapter, links to the two graphs) is built in a
-temporary folder; nothing is written into the run.
+OrtGenerator) and are handed to GenAI with ``num_image_tokens`` (one count: GenAI sizes the
+image features ``[images, sum(num_image_tokens), hidden]``, and our vision graph gives
+``[images, tokens, hidden]``). The GenAI model folder (``genai_config.json``, the adapter,
+links to the export's files) is built in a temporary folder; nothing is written into the run.
 
-Rows are generated one at a time (one generator per prompt, its left padding removed): GenAI's
-multimodal pipeline takes one prompt and image per generator here.
+Batches: GenAI (0.18) reads a batch as RIGHT-padded: a row's trailing ``pad_token_id`` tokens
+get mask 0 and every token before them mask 1 and position = its index; each row's first new
+token comes from the logits at its last real token, and a batch of one row is taken as
+unpadded. Our prompts are left-padded (the processor's, OrtGenerator's and transformers'
+layout), so :meth:`GenaiGenerator.right_padded` moves each row's tokens to the front and drops
+columns that are padding in every row. The real tokens get the positions and the attention
+they get with left padding (positions ``cumsum(mask) - 1``, pads masked), so greedy tokens
+equal OrtGenerator's; only the cache layout differs (the pad slots sit between the prompt and
+the new tokens). What GenAI would read wrongly is refused in one line: a row ending with the
+pad token (GenAI takes it as padding) and more than 32 rows (its largest batch). A decoder
+that returns the last position's logits only (``logits`` [batch, 1, vocab]) is what GenAI
+calls "pruned" logits: it takes them as every row's next-token logits, which for a shorter
+right-padded row would be a pad's; such a decoder runs behind :func:`build_decoder_left`,
+a few nodes that sort each row's columns back into the left-padded layout (pads first) before
+the export's own graph, so its last position is every row's last real token and its cache is
+laid out as OrtGenerator's.
+
+Sampling: GenAI's own seeded sampler (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+``random_seed``; top-k first, then the nucleus within it, as our
+:class:`~vlcompress.runtime.ort_generate.Sampling`): the same distribution, other draws for
+one seed (std::mt19937, not numpy), so :func:`draw_check` and :func:`support_violations`
+compare distributions, not tokens. GenAI's ``random_seed`` is a 32-bit int (negative: a
+random seed): other seeds are refused. Stops on the end token (per row; finished rows get
+the pad token, as ours) or after ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -45,11 +69,13 @@ from ..errors import ConfigError, ExportError
 from ..optional_deps import require_onnxruntime_genai
 from .ort_generate import read_spec
 
-__all__ = ["GenaiGenerator", "genai_config", "build_embed_merge", "check_sampling"]
+__all__ = ["GenaiGenerator", "genai_config", "build_embed_merge", "build_decoder_left",
+           "check_sampling", "draw_check", "support_violations"]
 
 #: GenAI's model type whose pipeline runs our graphs (see the module docstring)
 PIPELINE_TYPE = "gemma3"
 MERGED_EMBED = "embed_merge.onnx"
+LEFT_DECODER = "decoder_left.onnx"
 
 
 def build_embed_merge(folder: str | Path, out: str | Path) -> None:
@@ -107,9 +133,84 @@ def build_embed_merge(folder: str | Path, out: str | Path) -> None:
     onnx.save(m, str(out))
 
 
-def genai_config(folder: str | Path, threads: int | None = None) -> dict:
+def last_logits_only(folder: str | Path) -> bool:
+    """Whether the export's decoder returns the last position's logits only (``logits``
+    [batch, 1, vocab]; older exports return every position's)."""
+    import onnx
+
+    folder = Path(folder)
+    dec = onnx.load(str(folder / read_spec(folder)["files"]["decoder"]), load_external_data=False)
+    shape = next(o for o in dec.graph.output if o.name == "logits").type.tensor_type.shape
+    return shape.dim[1].dim_value == 1
+
+
+def build_decoder_left(folder: str | Path, out: str | Path) -> None:
+    """``decoder_left.onnx``: the export's decoder behind a few nodes that turn GenAI's
+    right-padded layout into the left-padded one the decoder was exported for (module doc):
+    per row, a stable sort of the attention mask's columns (pads first, every other column in
+    order) reorders the mask, and the same sort over the call's own columns reorders
+    ``inputs_embeds`` and ``position_ids`` (the prompt in the prefill; a decode step's single
+    column stays). The cache is then written left-padded, so the decoder's last position is
+    every row's last real token. The weights are not copied: the graph keeps its external
+    data references (the work folder links the export's files)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = Path(folder)
+    spec = read_spec(folder)
+    m = onnx.load(str(folder / spec["files"]["decoder"]), load_external_data=False)
+    g = m.graph
+    names = {"inputs_embeds", "attention_mask", "position_ids"}
+    for i in g.input:
+        if i.name in names:
+            i.name += "_genai"
+    for k, v in {"zero_l": np.int64(0), "one_l": np.int64(1), "one_1d": np.array([1], np.int64),
+                 "minus1_1d": np.array([-1], np.int64)}.items():
+        g.initializer.append(numpy_helper.from_array(np.asarray(v), k))
+    node = helper.make_node
+    pre = []
+
+    def stable_perm(mask: str, tag: str) -> str:
+        """Column order per row of ``mask`` [batch, n]: zeros first, then ones, each in order."""
+        pre.extend([
+            node("Shape", [mask], [f"{tag}_shape"]),
+            node("Gather", [f"{tag}_shape", "one_l"], [f"{tag}_n"], axis=0),
+            node("Range", ["zero_l", f"{tag}_n", "one_l"], [f"{tag}_idx"]),
+            node("Mul", [mask, f"{tag}_n"], [f"{tag}_hi"]),
+            node("Add", [f"{tag}_hi", f"{tag}_idx"], [f"{tag}_key"]),
+            node("Unsqueeze", [f"{tag}_n", "zero_l"], [f"{tag}_k"]),
+            node("TopK", [f"{tag}_key", f"{tag}_k"], [f"{tag}_sorted", f"{tag}_perm"], axis=-1,
+                 largest=0, sorted=1)])
+        return f"{tag}_perm"
+
+    pre.append(node("Cast", ["attention_mask_genai"], ["mask64"], to=TensorProto.INT64))
+    perm = stable_perm("mask64", "all")
+    pre.append(node("GatherElements", ["attention_mask_genai", perm], ["attention_mask"], axis=1))
+    # the call's own columns: the mask's last `sequence` columns
+    pre.extend([node("Shape", ["inputs_embeds_genai"], ["emb_shape"]),
+                node("Gather", ["emb_shape", "one_l"], ["seq"], axis=0),
+                node("Unsqueeze", ["seq", "zero_l"], ["seq_1d"]),
+                node("Neg", ["seq_1d"], ["neg_seq"]),
+                node("Shape", ["mask64"], ["mask_shape"]),
+                node("Gather", ["mask_shape", "one_1d"], ["total_1d"], axis=0),
+                node("Slice", ["mask64", "neg_seq", "total_1d", "one_1d"], ["mask_new"])])
+    new = stable_perm("mask_new", "new")
+    pre.extend([node("GatherElements", ["position_ids_genai", new], ["position_ids"], axis=1),
+                node("Unsqueeze", [new, "minus1_1d"], ["new_perm3"]),
+                node("Expand", ["new_perm3", "emb_shape"], ["new_perm_h"]),
+                node("GatherElements", ["inputs_embeds_genai", "new_perm_h"], ["inputs_embeds"],
+                     axis=1)])
+    nodes = pre + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(m, str(out))
+
+
+def genai_config(folder: str | Path, threads: int | None = None,
+                 decoder_file: str | None = None) -> dict:
     """The ``genai_config.json`` of an export folder (GenAI's ``gemma3`` pipeline, our input
-    and output names, greedy search)."""
+    and output names, greedy search); ``decoder_file``: ``decoder_left.onnx``
+    (:func:`build_decoder_left`) instead of the export's decoder."""
     import onnx
 
     folder = Path(folder)
@@ -124,17 +225,19 @@ def genai_config(folder: str | Path, threads: int | None = None) -> dict:
                           "pruning removed whole key/value groups per layer); allowed: the "
                           "onnxruntime generator, or a prune with --method-option kv_groups=within")
     heads = int(spec.get("num_attention_heads") or spec["num_key_value_heads"])
+    suffix = "_genai" if decoder_file == LEFT_DECODER else ""  # build_decoder_left's inputs
     return {"model": {
         "type": PIPELINE_TYPE, "vocab_size": int(spec["vocab_size"]),
         "context_length": int(spec["context"]), "eos_token_id": int(spec["eos_token_id"]),
         "pad_token_id": int(spec["pad_token_id"]), "bos_token_id": int(spec.get("bos_token_id", 0)),
         "decoder": {
-            "filename": spec["files"]["decoder"], "session_options": session,
+            "filename": decoder_file or spec["files"]["decoder"], "session_options": session,
             "hidden_size": int(hidden), "head_size": int(spec["head_dim"]),
             "num_attention_heads": heads, "num_key_value_heads": int(spec["num_key_value_heads"]),
             "num_hidden_layers": int(spec["num_layers"]),
-            "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
-                       "position_ids": "position_ids", "past_key_names": "past.%d.key",
+            "inputs": {"inputs_embeds": "inputs_embeds" + suffix,
+                       "attention_mask": "attention_mask" + suffix,
+                       "position_ids": "position_ids" + suffix, "past_key_names": "past.%d.key",
                        "past_value_names": "past.%d.value"},
             "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                         "present_value_names": "present.%d.value"}},
@@ -176,23 +279,24 @@ class GenaiGenerator:
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         og = require_onnxruntime_genai()
-        import onnx
-
         self.folder = Path(folder)
         self.spec = read_spec(self.folder)
-        dec = onnx.load(str(self.folder / self.spec["files"]["decoder"]), load_external_data=False)
-        logits = next(o for o in dec.graph.output if o.name == "logits").type.tensor_type.shape
-        #: the decoder returns the last position's logits only ([batch, 1, vocab]): GenAI then
-        #: reads them as each row's next-token logits ("pruned" logits, its Model::IsPruned)
-        self.last_logits_only = logits.dim[1].dim_value == 1
+        #: the decoder returns the last position's logits only ([batch, 1, vocab]): GenAI
+        #: takes them as every row's next-token logits (its "pruned" logits), so it runs the
+        #: decoder behind build_decoder_left (the last position is then each row's last token)
+        self.last_logits_only = last_logits_only(self.folder)
         self._tmp = tempfile.TemporaryDirectory(prefix="vlc-genai-")
         work = Path(self._tmp.name)
         for f in self.folder.iterdir():  # the graphs and their external data, as named
             if f.is_file() and f.name != "genai_config.json":
                 _link(f, work / f.name)
         build_embed_merge(self.folder, work / MERGED_EMBED)
-        (work / "genai_config.json").write_text(json.dumps(genai_config(self.folder, threads),
-                                                           indent=1))
+        decoder = None
+        if self.last_logits_only:
+            build_decoder_left(self.folder, work / LEFT_DECODER)
+            decoder = LEFT_DECODER
+        (work / "genai_config.json").write_text(json.dumps(
+            genai_config(self.folder, threads, decoder), indent=1))
         self._og = og
         try:
             self.model = og.Model(str(work))
@@ -237,12 +341,6 @@ class GenaiGenerator:
             out[r, :n] = row[m]
         # no column of padding only: GenAI reads a batch of 1 as unpadded (every token attended)
         out = out[:, : int(lengths.max())]
-        if self.last_logits_only and len(set(lengths.tolist())) > 1:
-            raise ConfigError(f"prompts of {sorted(set(lengths.tolist()))} tokens in one batch: "
-                              f"the decoder of {str(self.folder)!r} returns the last position's "
-                              "logits only and GenAI right-pads a batch (a shorter row's last "
-                              "position is padding); allowed: one prompt length per batch, "
-                              "batch 1, or --runtime onnxruntime")
         return out
 
     def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
