@@ -83,6 +83,22 @@ def test_genai_batch_equals_ortgenerator_and_rows_alone(gen_run, feeds, variant)
     assert got == want and alone == want and sum(len(r) for r in want) > 8
 
 
+@needs_genai
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_genai_runs_the_precision_variants(gen_run, feeds, tmp_path, precision):
+    from vlcompress.exporters.generative_quant import make_fp16_variant, make_int8_variant
+    from vlcompress.runtime.genai_generate import GenaiGenerator
+
+    make = make_fp16_variant if precision == "fp16" else make_int8_variant
+    make(gen_run / "pruned", tmp_path / precision)  # fp16: the KV cache in fp16 too
+    want = OrtGenerator(tmp_path / precision).generate(*feeds, 8)
+    gen = GenaiGenerator(tmp_path / precision, threads=1)
+    try:
+        assert gen.generate(*feeds, 8) == want
+    finally:
+        gen.close()
+
+
 def last_position_copy(folder, out):
     """``folder``'s export with a decoder that returns the last position's logits only
     ([batch, 1, vocab]), as the exporter now writes it: the old graph's logits sliced."""
