@@ -349,9 +349,10 @@ def _available_bytes() -> int:
 def big_model(a, say, save) -> dict:
     """The ``--big`` preset, each variant and batch size timed as tiny-llava's (no warm-up
     round: a 738-token prefill costs minutes on the shared cores; the decode steps follow a
-    prefill either way). A batch is left out, with the reason, when its logits buffers
-    (both runtimes' [batch, prompt, vocab] fp32 for a decoder that returns every position's)
-    do not fit the memory available, or when ``--big-budget-s`` has passed."""
+    prefill either way). A batch is left out, with the reason, when its prefill (both
+    runtimes' [batch, prompt, vocab] fp32 logits for a decoder that returns every position's,
+    plus activations) would not fit the memory available, or when ``--big-budget-s`` has
+    passed."""
     import subprocess
 
     from vlcompress.runtime.genai_generate import GenaiGenerator
@@ -381,12 +382,17 @@ def big_model(a, say, save) -> dict:
                                                      "pixel_values"))
             p = int(feeds[0].shape[1])
             rows = 1 if genai.last_logits_only else p
-            need = 2 * b * rows * int(spec.get("vocab_size_out") or spec["vocab_size"]) * 4
+            logits = 2 * b * rows * int(spec.get("vocab_size_out") or spec["vocab_size"]) * 4
+            # the prefill's activations and arenas beside the logits: about 1 MiB per prompt
+            # token and row for Qwen2-0.5B (measured: batch 4 x 738 tokens took the process
+            # from ~4.5 to 11.2 GB, 3.6 GB of it the two runtimes' logits)
+            need = logits + b * p * 2**20 + 2**30
             elapsed = time.perf_counter() - a.t0
             why = None
-            if need + 2**30 > _available_bytes():
-                why = (f"its logits buffers need {need / 2**30:.1f} GiB (+1 GiB margin), "
-                       f"{_available_bytes() / 2**30:.1f} GiB available on the shared machine")
+            if need > _available_bytes():
+                why = (f"its prefill needs about {need / 2**30:.1f} GiB ({logits / 2**30:.1f} "
+                       f"GiB of logits, 1 GiB margin), {_available_bytes() / 2**30:.1f} GiB "
+                       "available on the shared machine")
             elif elapsed > a.big_budget_s:
                 why = f"{elapsed:.0f} s elapsed, above --big-budget-s {a.big_budget_s}"
             if why:
