@@ -178,7 +178,7 @@ def test_genai_sampling_draws_from_our_distribution(gen_run, feeds):
     logits = ort.prefill(*one, 1).logits
     gen = GenaiGenerator(gen_run / "pruned", threads=1)
     try:
-        for t, k, p in ((1.0, 0, 1.0), (0.8, 4, 1.0), (1.5, 6, 0.7)):
+        for t, k, p in ((1.0, 0, 1.0), (0.8, 4, 1.0), (2.0, 0, 0.5), (1.5, 6, 0.7)):
             draws = []
             for seed in range(12):  # a batch of copies: each row drawn on its own
                 rows = gen.generate(*(np.repeat(x, 32, 0) for x in one), 1,
