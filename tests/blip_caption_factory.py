@@ -23,7 +23,7 @@ def make_tiny_blip_caption_model(seed: int = 0, vqa: bool = False, layers: int =
 
     tok = build_blip_tokenizer(shapes.vocabulary(), pad_id=PAD, sep_id=SEP, bos_id=DEC)
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=40,
+                num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64,
                 encoder_hidden_size=32 if vqa else 48, pad_token_id=PAD, bos_token_id=DEC, eos_token_id=SEP,
                 sep_token_id=SEP)
     vision = dict(hidden_size=32 if vqa else 48, intermediate_size=96, num_hidden_layers=layers,
