@@ -275,6 +275,10 @@ def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["accuracy"]["metrics"]) == {"vqa_accuracy"}
     assert set(rep["prune"]["per_modality"]) == {"text", "language"}
+    # VQA is timed too: the prefill runs the question encoder; the decoder starts from [DEC]
+    prefill = [r for r in rep["latency"] if r["tower"] == "prefill"]
+    assert {r["runtime"] for r in prefill} == {"onnxruntime", "torch"}
+    assert all(r["prompt_tokens"] == 1 and r["speedup"] > 0 for r in prefill)
     assert (out / "pruned" / "question.onnx").is_file()
     assert load_model(str(out / "pruned" / "model")).num_parameters()[0] < \
         load_model(str(folders["vqa"])).num_parameters()[0]
