@@ -310,8 +310,7 @@ def test_step_entry_points_generate_what_pytorch_generates(folders, calib, kind,
     once) give ``BlipCaption.generate``'s tokens; a step past the capacity is refused."""
     from vlcompress.errors import ConfigError
     from vlcompress.exporters.generative_blip import export_blip
-    from vlcompress.runtime.ort_generate import open_generator
-    from vlcompress.runtime.ort_generate_blip import BlipOrtGenerator, blip_inputs
+    from vlcompress.runtime.ort_generate_blip import BlipOrtGenerator, blip_inputs, open_generator
     from vlcompress.runtime.torch_generate import BlipTorchGenerator, torch_generator
 
     vlm = load_model(str(folders[kind]))

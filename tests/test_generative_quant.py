@@ -226,7 +226,7 @@ def test_blip_fp16_variant_keeps_both_caches_in_fp16_and_validates(tmp_path, vqa
     from blip_caption_factory import make_tiny_blip_caption_folder
 
     from vlcompress.exporters.generative_blip import export_blip
-    from vlcompress.runtime.ort_generate import open_generator
+    from vlcompress.runtime.ort_generate_blip import open_generator
 
     vlm = load_model(str(make_tiny_blip_caption_folder(tmp_path, vqa=vqa)))
     images = _images(4)

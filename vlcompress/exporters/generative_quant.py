@@ -298,7 +298,7 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
     raise one ExportError naming every figure under its floor, else return the figures."""
     import torch
 
-    from ..runtime.ort_generate import open_generator
+    from ..runtime.ort_generate_blip import open_generator
     from .generative import (
         DecoderGraph,
         VisionGraph,
@@ -401,7 +401,7 @@ def variants_accuracy(vlm, root: str | Path, names: list[str], evals, dense_runs
     fp32 ONNX is validated token-exact against them)."""
     from ..eval.generative import dataset_name, generative_fidelity, generative_metrics, merged_runs
     from ..eval.generative_ort import ort_run_generative
-    from ..runtime.ort_generate import open_generator
+    from ..runtime.ort_generate_blip import open_generator
 
     def metrics(runs):
         out = {}

@@ -262,7 +262,7 @@ def generative_latency(folders: dict, dense_vlm, pruned_vlm, inputs: dict, confi
     ONNX Runtime CPU and the dense and pruned PyTorch models eager, interleaved in one
     measurement (:func:`time_generation`), ``config.threads`` (default: every CPU this
     process may use) for both runtimes."""
-    from .ort_generate import open_generator
+    from .ort_generate_blip import open_generator
     from .torch_generate import torch_generator
 
     threads = int(config.threads or default_threads())

@@ -352,19 +352,6 @@ class OrtGenerator:
                           None if sampling is None else lambda x: sampling.choose(x, rng))
 
 
-def open_generator(folder: str | Path, threads: int | None = None):
-    """The generator of an export folder, by its ``generation.json`` ``kind``: BLIP
-    captioning / VQA (:class:`~.ort_generate_blip.BlipOrtGenerator`), else LLaVA-style
-    (:class:`OrtGenerator`). Both have the same entry points (``image_embeds``, ``prefill``,
-    ``step``, ``generate``)."""
-    kind = read_spec(folder).get("kind", "llava")
-    if kind in ("blip-caption", "blip-vqa"):
-        from .ort_generate_blip import BlipOrtGenerator
-
-        return BlipOrtGenerator(folder, threads)
-    return OrtGenerator(folder, threads)
-
-
 def token_loop(gen, st, max_new_tokens: int, eos: int, pad: int, choose=None
                ) -> list[list[int]]:
     """The generation loop after the prefill ``st`` of ``gen`` (an ONNX Runtime or a PyTorch

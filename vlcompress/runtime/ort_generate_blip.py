@@ -157,6 +157,16 @@ class BlipOrtGenerator(OrtGenerator):
                           int(self.spec["pad_token_id"]))
 
 
+def open_generator(folder: str | Path, threads: int | None = None):
+    """The generator of an export folder, by its ``generation.json`` ``kind``: BLIP
+    captioning / VQA (:class:`BlipOrtGenerator`), else LLaVA-style
+    (:class:`~vlcompress.runtime.ort_generate.OrtGenerator`). Both have the same entry points
+    (``image_embeds``, ``prefill``, ``step``, ``generate``)."""
+    if read_spec(folder).get("kind", "llava") in KINDS:
+        return BlipOrtGenerator(folder, threads)
+    return OrtGenerator(folder, threads)
+
+
 def blip_inputs(tokenizer, image_processor, images, *, bos_id: int, prompt: str = "",
                 questions: list[str] | None = None) -> dict[str, np.ndarray]:
     """The numpy inputs of :meth:`BlipOrtGenerator.generate`, built with the model's own
