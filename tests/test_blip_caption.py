@@ -30,6 +30,9 @@ def folders(tmp_path_factory):
     pairs = load_eval("shapes", n=4, batch_size=4)
     return {"caption": make_tiny_blip_caption_folder(root),
             "vqa": make_tiny_blip_caption_folder(root, vqa=True),
+            # prune-export times decode: 32 tokens + 5 warm-up past a 4-token prompt
+            "caption64": make_tiny_blip_caption_folder(root, name="cap64", context=64),
+            "vqa64": make_tiny_blip_caption_folder(root, vqa=True, name="vqa64", context=64),
             "caps": save_pairs(pairs, root / "caps", captions=pairs.retrieval_captions),
             "vqadata": save_vqa(pairs.images, ["what color is it ?"] * 4,
                                 [[c.split()[1], "a " + c.split()[1]] for c in pairs.captions],
@@ -210,7 +213,7 @@ def test_export_validation_catches_a_wrong_graph(folders, calib, tmp_path):
 
 def test_prune_export_sparsegpt_24_on_user_captions(folders, tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption"]),
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption64"]),
                                    "--method", "sparsegpt", "--pattern", "2:4", "--calibration",
                                    str(folders["caps"]), "--out", str(out), *RUN])
     assert res.exit_code == 0, res.output
@@ -266,7 +269,7 @@ def test_prune_export_sparsegpt_24_on_user_captions(folders, tmp_path):
 
 def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["vqa"]), "--method",
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["vqa64"]), "--method",
                                    "upop", "--pattern", "structured", "--parts", "text,language",
                                    "--calibration", str(folders["vqadata"]), "--out", str(out),
                                    "--method-option", "search_steps=2",
@@ -281,7 +284,7 @@ def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):
     assert all(r["prompt_tokens"] == 1 and r["speedup"] > 0 for r in prefill)
     assert (out / "pruned" / "question.onnx").is_file()
     assert load_model(str(out / "pruned" / "model")).num_parameters()[0] < \
-        load_model(str(folders["vqa"])).num_parameters()[0]
+        load_model(str(folders["vqa64"])).num_parameters()[0]
     # questions for a captioning model: one line, nothing written
     bad = tmp_path / "bad"
     res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption"]),

@@ -262,7 +262,7 @@ def test_prune_export_of_blip_caption_writes_an_int8_variant_timed_beside_fp32(t
     the same interleaving (the rows' variants)."""
     from blip_caption_factory import make_tiny_blip_caption_folder
 
-    model = make_tiny_blip_caption_folder(tmp_path)
+    model = make_tiny_blip_caption_folder(tmp_path, context=64)  # room to time 32 tokens
     pairs = load_eval("shapes", n=4, batch_size=4)
     caps = save_pairs(pairs, tmp_path / "caps", captions=pairs.retrieval_captions)
     out = tmp_path / "run"
