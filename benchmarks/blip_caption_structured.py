@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import write_result  # noqa: E402
+from _common import provenance, write_result  # noqa: E402
 from blip_structured import (  # noqa: E402
     SEARCH_MEMORY,
     PeakRSS,
@@ -201,6 +201,7 @@ def main():
                     help="no ONNX export check (the preset's export is minutes per model)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    provenance()  # the commit this run starts from, whatever lands in the checkout meanwhile
     torch.manual_seed(0)
     t0 = time.perf_counter()
     holder = tempfile.TemporaryDirectory()

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import write_result  # noqa: E402
+from _common import provenance, write_result  # noqa: E402
 
 from vlcompress import load_calibration, load_eval, load_model, prune  # noqa: E402
 from vlcompress.models.surgery import find_blocks, is_sliced  # noqa: E402
@@ -211,6 +211,7 @@ def main():
                     help="vision initializer_range of the random model (0: the preset's own)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    provenance()  # the commit this run starts from, whatever lands in the checkout meanwhile
     torch.manual_seed(0)
     t0 = time.perf_counter()
     dense = load_model(a.model)
