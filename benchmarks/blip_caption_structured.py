@@ -164,6 +164,7 @@ def _after_prune(method, vlm, res, opts, secs, blocks, dense_info, dense_run, ca
            "kept": d.get("kept_by_search") or d.get("kept_by_gates"),
            "expected_sparsity_final": d.get("expected_sparsity_final"),
            "budget_fit": d.get("budget_fit"), "retrain": d.get("retrain"),
+           "peak_rss_by_phase": res.details["peak_rss_by_phase"],
            "heads_mlp_per_unit": {k: list(v) for k, v in blocks.items()},
            "reload": reload, "fidelity": fid,
            "examples": [{"dense": x, "pruned": y} for x, y in

@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +43,7 @@ from _common import provenance, write_result  # noqa: E402
 
 from vlcompress import load_calibration, load_eval, load_model, prune  # noqa: E402
 from vlcompress.models.surgery import find_blocks, is_sliced  # noqa: E402
+from vlcompress.progress import Progress, _NullTask  # noqa: E402
 from vlcompress.sparsity.structured import probe_inputs, tower_outputs  # noqa: E402
 
 EFFICIENTVLM_OPTIONS = {"gate_lr": 2.0, "lambda_lr": 5.0, "warmup_fraction": 0.25}
@@ -79,6 +81,21 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+class PhaseRSS(Progress):
+    """A progress sink for prune(): the process's peak resident set while each task it opens
+    runs (``upop search``, ``efficientvlm``, ``slice``, the retraining's ...), by name."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+
+    @contextmanager
+    def task(self, description: str, total: int | None = None):
+        with PeakRSS() as m:
+            yield _NullTask()
+        key = description.split(" (")[0]
+        self.peaks[key] = max(self.peaks.get(key, 0), m.peak)
 
 
 def model_bytes(vlm) -> int:
@@ -148,9 +165,11 @@ def prune_structured(method: str, dense, calib, a):
         opts = {"train_steps": a.gate_steps, "retrain_steps": a.retrain_steps,
                 **EFFICIENTVLM_OPTIONS}
     t = time.perf_counter()
+    phases = PhaseRSS()
     res = prune(vlm, method, a.sparsity, "structured", calibration=calib, round_to=a.round_to,
-                method_options=opts)
+                method_options=opts, progress=phases)
     secs = time.perf_counter() - t
+    res.details["peak_rss_by_phase"] = phases.peaks
     blocks = {b.prefix: (b.num_heads, b.mlp_width) for b in find_blocks(vlm)}
     return vlm, res, opts, secs, blocks
 
@@ -182,6 +201,7 @@ def run_method(method: str, dense, calib, pairs, a) -> dict:
            "expected_sparsity_final": d.get("expected_sparsity_final"),
            "budget_fit": d.get("budget_fit"),
            "peak_rss_bytes_prune": mem.peak, "rss_bytes_before_prune": mem.start,
+           "peak_rss_by_phase": res.details["peak_rss_by_phase"],
            "retrain": d.get("retrain"),
            "heads_mlp_per_unit": {k: list(v) for k, v in blocks.items()},
            "reload": reload, "fidelity": fidelity(dense, vlm, pairs)}

@@ -98,3 +98,46 @@ def test_unreachable_sparsity_is_refused_before_any_search(method, calib, monkey
               method_options=OPTIONS[method])
     assert "\n" not in str(e.value)
     assert all(torch.equal(p, before[n]) for n, p in vlm.model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["upop", "efficientvlm"])
+def test_activation_checkpointing_changes_nothing_but_memory(method, calib, monkeypatch):
+    """The search runs with the HF model's activation checkpointing (BLIP's vision encoder
+    and text encoder layers); the units kept and the trained weights are those of a search
+    without it (EfficientVLM's sampled gates included: the RNG state is restored)."""
+    from contextlib import contextmanager
+
+    import vlcompress.methods.efficientvlm as evlm
+    import vlcompress.methods.upop as upop
+
+    def run():
+        vlm = tiny_blip()
+        res = prune(vlm, method, 0.5, "structured", calibration=calib, round_to=1,
+                    method_options=OPTIONS[method])
+        return res, {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
+
+    seen = []
+    real = upop.checkpointed
+
+    @contextmanager
+    def spy(model):
+        with real(model) as on:
+            seen.append((on, model.vision_model.encoder.gradient_checkpointing,
+                         model.text_encoder.encoder.gradient_checkpointing))
+            yield on
+
+    monkeypatch.setattr(upop, "checkpointed", spy)
+    monkeypatch.setattr(evlm, "checkpointed", spy)
+    res_on, w_on = run()
+    assert seen == [(True, True, True)] and res_on.details[method]["activation_checkpointing"]
+
+    @contextmanager
+    def off(model):
+        yield False
+
+    monkeypatch.setattr(upop, "checkpointed", off)
+    monkeypatch.setattr(evlm, "checkpointed", off)
+    res_off, w_off = run()
+    assert res_on.details["structured"]["layers"] == res_off.details["structured"]["layers"]
+    assert w_on.keys() == w_off.keys()
+    assert all(torch.allclose(w_on[k], w_off[k], atol=1e-6) for k in w_on)

@@ -5,6 +5,8 @@ given."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..distill import DEFAULTS as DISTILL_DEFAULTS
@@ -100,6 +102,32 @@ def search_batches(vlm, data, batch_size: int = SEARCH_BATCH) -> list[dict]:
             with torch.no_grad():
                 out.append(vlm.encode(PairBatch(im, cap)))
     return out
+
+
+@contextmanager
+def checkpointed(model):
+    """Activation checkpointing for the duration of a search, where the HF model supports
+    it (``activation_checkpointing_enable``, non-reentrant: the RNG state is restored for the
+    recomputation, so EfficientVLM's sampled gates are the same twice): each layer's
+    activations are recomputed in the backward pass instead of kept, so a search step holds
+    about one layer's activations, not the whole stack's (at 384 px on BLIP-base, 2 pairs,
+    the difference is about 2 GB; it grows with the pairs per step). Yields whether it is on.
+    The gradients are the same; a step costs about one more forward."""
+    new = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.x's name
+    on = bool(getattr(model, "supports_gradient_checkpointing", False)) and \
+        (new or hasattr(model, "gradient_checkpointing_enable"))
+    if on:
+        kw = {"use_reentrant": False}
+        if new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    try:
+        yield on
+    finally:
+        if on:
+            (model.activation_checkpointing_disable if new
+             else model.gradient_checkpointing_disable)()
 
 
 def search_setup(ctx):

@@ -78,6 +78,7 @@ from ..progress import NULL
 from ._search import (
     RETRAIN_OPTIONS,
     GroupGates,
+    checkpointed,
     counts_sparsity,
     fill_untouched,
     fit_counts,
@@ -208,7 +209,7 @@ def _search(ctx, blocks):
     model = vlm.model
     model.train()
     try:
-        with gates, progress.task("efficientvlm (L0 gates)", total=T) as task:
+        with checkpointed(model) as ckpt, gates, progress.task("efficientvlm (L0 gates)", total=T) as task:
             for t in range(1, T + 1):
                 enc = batches[(t - 1) % len(batches)]
                 with torch.no_grad():
@@ -250,6 +251,7 @@ def _search(ctx, blocks):
     searched = {b.prefix: (int(raw_h.get(b.prefix, b.num_heads)),
                            int(raw_f.get(b.prefix, b.mlp_width))) for b in blocks}
     details = {"train_steps": T, "gate_lr": o["gate_lr"], "weight_lr": o["weight_lr"],
+               "activation_checkpointing": ckpt,
                "lambda_lr": o["lambda_lr"], "warmup_steps": warm,
                "expected_sparsity_final": round(s_final, 4), "target": target,
                "budget_offset": round(offset, 4),

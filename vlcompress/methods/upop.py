@@ -64,6 +64,7 @@ from ..progress import NULL
 from ._search import (
     RETRAIN_OPTIONS,
     GroupGates,
+    checkpointed,
     counts_sparsity,
     fill_untouched,
     fit_counts,
@@ -151,7 +152,7 @@ def _search(ctx, blocks):
     torch.manual_seed(cfg.seed)
     model.train()
     try:
-        with gates, progress.task("upop search", total=T) as task:
+        with checkpointed(model) as ckpt, gates, progress.task("upop search", total=T) as task:
             for i in range(T):
                 enc = batches[i % len(batches)]
                 with torch.no_grad():
@@ -191,6 +192,7 @@ def _search(ctx, blocks):
     searched = {k: (int(raw_h.get(k, b_h)), int(raw_f.get(k, b_f)))
                 for k, (b_h, b_f) in ((b.prefix, (b.num_heads, b.mlp_width)) for b in blocks)}
     details = {"search_steps": T, "search_lr": o["search_lr"], "update_every": every,
+               "activation_checkpointing": ckpt,
                "ratio_schedule": "p * ((1 - cos(pi t / T)) / 2) ** 0.5", "ratios": ratios,
                "standardised": "per unit type, pooled over modalities",
                "ranking": "one pool (heads and neurons), weighted by parameter cost; largest "
