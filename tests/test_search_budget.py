@@ -141,3 +141,20 @@ def test_activation_checkpointing_changes_nothing_but_memory(method, calib, monk
     assert res_on.details["structured"]["layers"] == res_off.details["structured"]["layers"]
     assert w_on.keys() == w_off.keys()
     assert all(torch.allclose(w_on[k], w_off[k], atol=1e-6) for k in w_on)
+
+
+def test_cli_unreachable_sparsity_is_one_line_exit_2_nothing_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlcompress.cli import app
+
+    folder = tmp_path / "blip"
+    tiny_blip(layers=1).save(folder)
+    out = tmp_path / "pruned"
+    res = CliRunner().invoke(app, [
+        "prune", "--model", str(folder), "--method", "upop", "--pattern", "structured",
+        "--sparsity", "0.5", "--round-to", "32", "--calibration-size", "8", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot reach structured sparsity 0.5" in lines[0], res.output
+    assert "Traceback" not in res.output and not out.exists()

@@ -245,8 +245,9 @@ def check_reachable(method: str, blocks, units, round_to: int, target: float) ->
         raise PatternError(
             f"{method} cannot reach structured sparsity {target:g} on these blocks with --units "
             f"{','.join(units)} and --round-to {round_to}: every layer keeps at least one head "
-            f"and {round_to} neurons, so at most {bud['max_sparsity']:.4f} of their weights can "
-            f"go; allowed: --sparsity <= {bud['max_sparsity']:.4f}, or a smaller --round-to")
+            f"(its kept width a multiple of {round_to}) and {round_to} neurons, so at most "
+            f"{bud['max_sparsity']:.4f} of their weights can go; allowed: --sparsity <= "
+            f"{bud['max_sparsity']:.4f}, or a smaller --round-to")
     return bud
 
 
