@@ -23,6 +23,18 @@ sparsity: accuracy on tiny-llava, prefill time on the llava-qwen2-0.5b preset.
    prefill). ``--parts prefill`` / ``--parts accuracy`` run one half and write
    ``visual_tokens_<part>.json`` (each half fits the 15-minute budget under a shared load).
 
+3. **Time to first token with the full tower** (``--parts prefill_full``, llava-qwen2-0.5b
+   with every SigLIP-so400m layer): the exported full and quarter vision graphs, and the
+   prefill of the dense and a structured-pruned (``--method-structured`` at ``--sparsity``,
+   decoder only) language model at full and quarter tokens: weights alone, tokens alone and
+   both against dense, interleaved; TTFT = vision p50 + prefill p50. ``amdahl``: the
+   reduction sits at the encoder output, so the tower's time stays and bounds the TTFT
+   speedup at (vision + prefill) / quarter vision whatever the decoder does; beside it the
+   2.5x target. ``logits_to_keep``: one decoder call at each prompt length with the LM head
+   on the last position (the export's default) and on every position (the former graph), the
+   same graph and the same first token. ``memory``: peak RSS of this process per phase (each
+   ONNX file's export its own), sampled every 20 ms, with the host's available memory.
+
 Writes ``benchmarks/results/visual_tokens.json`` (or ``--out``) with the command, commit,
 machine and load average (a shared machine: timings are indicative, the ratios interleaved).
 """
@@ -225,6 +237,235 @@ def prefill(args) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+class Memory:
+    """Peak resident memory per phase of this process: a thread samples ``VmRSS`` every
+    20 ms; ``phase(name)`` records the RSS at entry, the peak inside and at exit (MB), plus
+    the host's ``MemAvailable`` at entry (the machine is shared)."""
+
+    def __init__(self):
+        import threading
+
+        self.rows: list[dict] = []
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _status(key: str, path: str = "/proc/self/status") -> float:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MB
+        return float("nan")
+
+    def rss(self) -> float:
+        return self._status("VmRSS")
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, self.rss())
+
+    def phase(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            gc.collect()
+            row = {"phase": name, "rss_start_mb": round(self.rss()),
+                   "host_available_mb": round(self._status("MemAvailable", "/proc/meminfo"))}
+            self._peak = self.rss()
+            t = time.perf_counter()
+            try:
+                yield row
+            finally:
+                self._peak = max(self._peak, self.rss())
+                row |= {"rss_peak_mb": round(self._peak), "rss_end_mb": round(self.rss()),
+                        "seconds": round(time.perf_counter() - t, 1)}
+                self.rows.append(row)
+                print(f"[mem] {name}: {row}", flush=True)
+        return cm()
+
+    def close(self) -> dict:
+        self._stop.set()
+        return {"phases": self.rows, "process_peak_mb": round(self._status("VmHWM"))}
+
+
+def prefill_full(args) -> dict:
+    """The full llava-qwen2-0.5b (every SigLIP layer): time to first token = vision graph +
+    prefill, for dense / structured-pruned decoder x full / quarter tokens, interleaved (the
+    vision graph of each token count timed once per repetition: the tower is not pruned, so
+    both weights run the same graph); the decoder's logits_to_keep (last position vs every
+    position) at both prompt lengths; peak RSS per phase."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from vlcompress.data import load_calibration
+    from vlcompress.exporters import generative as G
+    from vlcompress.models import load_model
+    from vlcompress.models.visual_tokens import tower_tokens
+    from vlcompress.prune import prune
+    from vlcompress.runtime.ort_generate import GENERATION_JSON, OrtGenerator, _session, prompt_inputs
+
+    mem = Memory()
+    t_start = time.perf_counter()
+    export_one = G._export
+
+    def traced(module, a, path, *rest, **kw):  # each ONNX file its own memory phase
+        with mem.phase(f"export {path.parent.name}/{path.name}"):
+            return export_one(module, a, path, *rest, **kw)
+
+    G._export = traced
+    try:
+        with mem.phase("load model"):
+            torch.manual_seed(0)  # a preset has random weights: seeded
+            vlm = load_model(args.latency_model)
+        t_tokens = tower_tokens(vlm.model.config)
+        k = args.latency_tokens or t_tokens // 4
+        v = vlm.model.config.vision_config
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        img = Image.fromarray(rng.integers(0, 255, (v.image_size, v.image_size, 3), dtype=np.uint8))
+        prompt = vlm.prompt(None)
+        encs = {"full": prompt_inputs(vlm.processor, [prompt], [img], image_tokens=t_tokens),
+                "quarter": prompt_inputs(vlm.processor, [prompt], [img], image_tokens=k)}
+        work = Path(tempfile.mkdtemp(prefix="vtok-full-", dir=args.tmp))
+        G.export_generative(vlm, work / "dense", images=[], validate=False)
+        G.export_generative(vlm, work / "quarter", images=[], validate=False, visual_tokens=k,
+                            reuse=work / "dense")
+        with mem.phase("prune structured (language)"):
+            calib = load_calibration("shapes", n=4, batch_size=2, seed=0)
+            pr = prune(vlm, args.method_structured, args.sparsity, "structured",
+                       calibration=calib, scope=("language",)).to_dict()
+        # the pruned decoder only: the tower is untouched (scope language), its vision graph
+        # is dense's
+        pdir = work / "pruned"
+        pdir.mkdir()
+        n, kvh, hd = G._kv_shape(vlm.model)
+        G._export_text_graphs(vlm, {p: pdir / f for p, f in G.FILES.items() if p != "vision"},
+                              {"vlcompress.model": str(vlm.name), "vlcompress.family": vlm.family},
+                              n)
+        spec = json.loads((work / "dense" / GENERATION_JSON).read_text())
+        spec |= {"num_layers": n, "num_key_value_heads": kvh, "head_dim": hd,
+                 "files": {"vision": "../dense/vision.onnx", "embed": "embed.onnx",
+                           "decoder": "decoder.onnx"}}
+        (pdir / GENERATION_JSON).write_text(json.dumps(spec))
+        del vlm
+    finally:
+        G._export = export_one
+    gc.collect()
+    export_s = time.perf_counter() - t_start
+    nbytes = {name: sum(f.stat().st_size for f in (work / name).glob("decoder.onnx*"))
+              for name in ("dense", "pruned")}
+    with mem.phase("load sessions"):
+        dense = OrtGenerator(work / "dense", threads=args.threads)
+        pruned = OrtGenerator(work / "pruned", threads=args.threads)
+        pruned.sessions["embed"] = dense.sessions["embed"]  # the same table (checked below)
+        vision = {"full": dense.sessions["vision"],
+                  "quarter": _session(work / "quarter" / "vision.onnx", args.threads)}
+        ids = encs["full"]["input_ids"]
+        own = OrtGenerator(work / "pruned").sessions["embed"].run(None, {"input_ids": ids})[0]
+        assert np.array_equal(own, dense.sessions["embed"].run(None, {"input_ids": ids})[0])
+        del own
+    gens = {"dense": dense, "pruned": pruned}
+    outs = {}
+
+    def run_vision(tokens):
+        t0 = time.perf_counter()
+        o = vision[tokens].run(None, {"pixel_values": encs[tokens]["pixel_values"]})
+        outs[tokens] = (o[0], o[1] if len(o) > 1 else None)
+        return (time.perf_counter() - t0) * 1e3
+
+    def run_prefill(weights, tokens):
+        e, (emb, index) = encs[tokens], outs[tokens]
+        t0 = time.perf_counter()
+        st = gens[weights].prefill(e["input_ids"], e["attention_mask"], None, 1,
+                                   image_embeds=emb, image_positions=index)
+        first = int(st.logits.argmax(-1)[0])
+        return (time.perf_counter() - t0) * 1e3, first
+
+    def run_keep(tokens, keep):  # one plain decoder call, logits of the last / every position
+        e, (emb, index) = encs[tokens], outs[tokens]
+        t0 = time.perf_counter()
+        x, pos = dense.prompt(e["input_ids"], e["attention_mask"], None, emb, index)
+        logits, _ = dense.decode_step(x, e["attention_mask"], pos, dense.empty_past(1),
+                                      logits_to_keep=keep)
+        first = int(logits[0, -1].argmax())
+        return (time.perf_counter() - t0) * 1e3, first, logits.shape[1]
+
+    variants = [(w, t) for t in ("full", "quarter") for w in ("dense", "pruned")]
+    keeps = [(t, kk) for t in ("full", "quarter") for kk in ("last", "all")]
+    # the vision graph of a token count is the same for both weights (the tower is not
+    # pruned): timed once per repetition and token count, added to each weights' prefill
+    vtimes = {t: [] for t in ("full", "quarter")}
+    ptimes = {f"{w}_{t}": [] for w, t in variants}
+    ktimes = {f"{t}_{kk}": [] for t, kk in keeps}
+    firsts, kept_rows = {}, {}
+    with mem.phase("time (warm-up + interleaved repetitions)"):
+        for tokens in ("full", "quarter"):  # warm-up: first-run allocations, not timed
+            run_vision(tokens)
+        for w, t in variants:
+            run_prefill(w, t)
+        for t, kk in keeps:
+            run_keep(t, 1 if kk == "last" else 0)
+        for rep in range(args.repeats):
+            flip = rep % 2 == 1
+            for t in (("quarter", "full") if flip else ("full", "quarter")):
+                vtimes[t].append(run_vision(t))
+            for w, t in (variants[::-1] if flip else variants):
+                ms, firsts[f"{w}_{t}"] = run_prefill(w, t)
+                ptimes[f"{w}_{t}"].append(ms)
+            for t, kk in (keeps[::-1] if flip else keeps):
+                ms, first, rows = run_keep(t, 1 if kk == "last" else 0)
+                ktimes[f"{t}_{kk}"].append(ms)
+                firsts[f"keep_{t}_{kk}"], kept_rows[f"{t}_{kk}"] = first, rows
+            print("rep", rep, {n: round(x[-1]) for n, x in vtimes.items()},
+                  {n: round(x[-1]) for n, x in ptimes.items()},
+                  {n: round(x[-1]) for n, x in ktimes.items()}, flush=True)
+    memory = mem.close()
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    rows = {}
+    for n, xs in ptimes.items():
+        t = n.split("_")[1]
+        rows[n] = {"vision": _ms(vtimes[t]), "prefill": _ms(xs),
+                   "prompt_tokens": int(encs[t]["input_ids"].shape[1]), "first_token": firsts[n]}
+        rows[n]["ttft"] = {"p50": round(rows[n]["vision"]["p50"] + rows[n]["prefill"]["p50"], 2),
+                           "what": "vision p50 + prefill p50"}
+    base = rows["dense_full"]
+    for r in rows.values():
+        r["ttft_speedup"] = round(base["ttft"]["p50"] / r["ttft"]["p50"], 3)
+        r["prefill_speedup"] = round(base["prefill"]["p50"] / r["prefill"]["p50"], 3)
+    vis, pre = base["vision"]["p50"], base["prefill"]["p50"]
+    vq = rows["dense_quarter"]["vision"]["p50"]
+    quarter = rows["dense_quarter"]["ttft_speedup"]
+    bound = {
+        "what": "tokens cut at the encoder output leave the tower's time V: ttft >= V_quarter",
+        "vision_ms_full": vis, "vision_ms_quarter": vq, "prefill_ms_full": pre,
+        "vision_share_of_ttft": round(vis / (vis + pre), 3),
+        "ttft_speedup_limit_if_prefill_were_free": round((vis + pre) / vq, 3),
+        "ttft_speedup_if_prefill_scaled_by_4": round((vis + pre) / (vis + pre / 4), 3),
+        "measured_ttft_speedup_quarter": quarter,
+        "target": TARGETS["prefill_speedup"],
+        "target_reachable_by_token_reduction": (vis + pre) / vq >= TARGETS["prefill_speedup"],
+        "met": quarter >= TARGETS["prefill_speedup"]}
+    keep = {n: _ms(xs) | {"logits_rows": kept_rows[n]} for n, xs in ktimes.items()}
+    for t in ("full", "quarter"):
+        keep[f"{t}_speedup_last_over_all"] = round(
+            keep[f"{t}_all"]["p50"] / keep[f"{t}_last"]["p50"], 3)
+        assert firsts[f"keep_{t}_last"] == firsts[f"keep_{t}_all"], "first token differs"
+    return {"model": args.latency_model, "runtime": "onnxruntime CPU", "vision_layers": "all",
+            "threads": args.threads, "tower_tokens": t_tokens, "visual_tokens": k,
+            "repeats": args.repeats, "prune": pr | {"method": args.method_structured},
+            "decoder_bytes": nbytes, "export_seconds": round(export_s, 1),
+            "variants": rows, "amdahl": bound, "logits_to_keep": keep, "memory": memory,
+            "seconds_total": round(time.perf_counter() - t_start, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny-llava")
@@ -246,6 +487,9 @@ def main(argv=None):
                          "full SigLIP-so400m export is OOM-killed on a 24 GiB machine shared by "
                          "others); the prefill (decoder) is unchanged, the vision row is then "
                          "not the full tower's")
+    ap.add_argument("--method-structured", default="magnitude",
+                    help="--parts prefill_full: the structured pruning of the decoder (weights "
+                         "alone / both rows)")
     ap.add_argument("--parts", default="accuracy,prefill")
     ap.add_argument("--tmp", default=None, help="folder for the preset's exports (several GB)")
     ap.add_argument("--ablation", action="store_true",
@@ -263,6 +507,8 @@ def main(argv=None):
         payload["accuracy"] = accuracy(args)
     if "prefill" in parts:
         payload["prefill"] = prefill(args)
+    if "prefill_full" in parts:
+        payload["prefill_full"] = prefill_full(args)
     payload["loadavg"] = {"start": load0, "end": os.getloadavg()}
     name = "visual_tokens" if len(parts) > 1 else f"visual_tokens_{parts[0]}"
     path = write_result(name, payload, out=args.out)

@@ -178,9 +178,12 @@ def test_export_is_token_exact_dense_and_pruned(folder, calib, tmp_path):
     m = vlm.model
     emb = m.language_model.get_input_embeddings()(torch.tensor([[2, 5, 6, 7, 8]]))
     with torch.no_grad():  # the wrapper is OPT's forward (learned positions at +2)
-        ours = OptDecoderGraph(m)(emb, torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None],
-                                  *[torch.zeros(1, 4, 0, 8)] * 4)
-        torch.testing.assert_close(ours[0], m.language_model(inputs_embeds=emb).logits)
+        args = (emb, torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None],
+                *[torch.zeros(1, 4, 0, 8)] * 4)
+        ref = m.language_model(inputs_embeds=emb).logits
+        # the last position's logits by default, every position's at logits_to_keep=0
+        torch.testing.assert_close(OptDecoderGraph(m)(*args)[0], ref[:, -1:])
+        torch.testing.assert_close(OptDecoderGraph(m)(*args, logits_to_keep=0)[0], ref)
     for name in ("dense", "pruned"):
         if name == "pruned":
             prune(vlm, "sparsegpt", pattern="2:4", calibration=calib)

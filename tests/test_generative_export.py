@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from llava_factory import make_tiny_llava_folder, prune_export_tiny_llava
@@ -56,8 +57,68 @@ def test_decoder_graph_is_the_model_with_a_cache(tmp_path):
                                torch.arange(5)[None], *past)
         ref = m.model.language_model(inputs_embeds=emb)
         ref = m.lm_head(ref.last_hidden_state)
-    assert torch.allclose(ours[0], ref, atol=1e-5)
+        every = DecoderGraph(m)(emb, torch.ones(1, 5, dtype=torch.long),
+                                torch.arange(5)[None], *past, logits_to_keep=0)
+        two = DecoderGraph(m)(emb, torch.ones(1, 5, dtype=torch.long),
+                              torch.arange(5)[None], *past, logits_to_keep=torch.tensor(2))
+    assert ours[0].shape == (1, 1, ref.shape[-1])  # the last position's logits by default
+    assert torch.allclose(ours[0], ref[:, -1:], atol=1e-5)
+    assert torch.allclose(every[0], ref, atol=1e-5)
+    assert torch.allclose(two[0], ref[:, -2:], atol=1e-5)
     assert ours[1].shape == (1, 2, 5, 8)  # GQA: num_key_value_heads in the cache
+
+
+def _without_logits_to_keep(src, dst):
+    """The export as written before ``logits_to_keep``: its value baked in as 0 (every
+    position's logits) and no such input."""
+    import shutil
+
+    import onnx
+
+    shutil.copytree(src, dst)
+    proto = onnx.load(str(dst / "decoder.onnx"))
+    (init,) = [t for t in proto.graph.initializer if t.name == "logits_to_keep"]
+    init.CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.int64), "logits_to_keep"))
+    (inp,) = [i for i in proto.graph.input if i.name == "logits_to_keep"]
+    proto.graph.input.remove(inp)
+    onnx.save(proto, str(dst / "decoder.onnx"))
+
+
+def test_decoder_onnx_keeps_the_last_position_and_old_exports_still_generate(tmp_path):
+    """decoder.onnx returns the last position's logits unless fed logits_to_keep (one graph
+    for prefill and decode); validation checks both against the language model's own
+    forward; an export whose decoder returns every position (the former format) generates
+    the same tokens, and the teacher-forced ONNX logits are the same from both."""
+    from vlcompress.eval.generative_ort import ort_logits
+    from vlcompress.runtime.ort_generate import prompt_inputs
+
+    vlm = load_model(str(make_tiny_llava_folder(tmp_path, seed=5, vision="siglip", text="qwen2")))
+    res = export_generative(vlm, tmp_path / "last", images=_images(3), questions=QUESTIONS[:3],
+                            max_new_tokens=6)
+    diffs = res.validation["max_abs_diff"]
+    assert diffs["decoder prefill logits vs language model"] < 1e-4
+    assert diffs["decoder prefill logits, every position"] < 1e-4
+    _without_logits_to_keep(tmp_path / "last", tmp_path / "every")
+    enc = prompt_inputs(vlm.processor, [vlm.prompt(q) for q in QUESTIONS[:3]], _images(3))
+    last, every = OrtGenerator(tmp_path / "last"), OrtGenerator(tmp_path / "every")
+    assert last.keeps_logits and not every.keeps_logits
+    assert [i.name for i in last.sessions["decoder"].get_inputs()] == \
+        [i.name for i in every.sessions["decoder"].get_inputs()]  # optional: not listed
+    p = enc["input_ids"].shape[1]
+    args = (enc["input_ids"], enc["attention_mask"], enc["pixel_values"], 4)
+    st_last, st_every = last.prefill(*args), every.prefill(*args)
+    assert abs(st_last.logits - st_every.logits).max() < 1e-4
+    emb, pos = last.prompt(enc["input_ids"], enc["attention_mask"], enc["pixel_values"])
+    one, _ = last.decode_step(emb, enc["attention_mask"], pos, last.empty_past(3))
+    assert one.shape[:2] == (3, 1)
+    # the fidelity's call: every position, from either format
+    full = [ort_logits(g, enc["input_ids"], enc["attention_mask"], enc["pixel_values"])
+            for g in (last, every)]
+    assert full[0].shape[:2] == (3, p) and abs(full[0] - full[1]).max() < 1e-4
+    assert abs(full[0][:, -1] - st_last.logits).max() < 1e-4
+    toks = [g.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"], 6)
+            for g in (last, every)]
+    assert toks[0] == toks[1] == vlm.generate(_images(3), QUESTIONS[:3], max_new_tokens=6)
 
 
 def test_validation_names_every_mismatch_in_one_error(tmp_path):

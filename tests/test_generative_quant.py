@@ -22,12 +22,14 @@ from vlcompress.eval.generative import generative_fidelity, run_generative
 from vlcompress.eval.generative_ort import ort_run_generative
 from vlcompress.exporters.generative import export_generative
 from vlcompress.exporters.generative_quant import (
+    build_variant,
     check_generative_precision,
     make_fp16_variant,
     make_int8_variant,
     validate_variant,
 )
 from vlcompress.models import load_model
+from vlcompress.models.visual_tokens import reduced_tokens, tower_tokens
 from vlcompress.runtime.ort_generate import OrtGenerator, prompt_inputs
 from vlcompress.runtime.registry import get_runtime
 
@@ -131,6 +133,52 @@ def test_ort_evaluation_of_the_fp32_files_is_pytorchs(exported):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-3)
     f = generative_fidelity(ref, got)
     assert f["greedy_agreement"] == 1.0 and f["token_kl"] < 1e-5
+
+
+def test_token_variant_gets_precision_twins_sharing_the_twins_text_graphs(exported):
+    """A --visual-tokens variant's fp16 / int8 twin: its own vision graph in that precision,
+    the embed and decoder of the full-token twin's precision folder, validated with the K
+    tokens; evaluated from the files with K-token prompts (the fp32 token export's evaluation
+    equals PyTorch's with the reduction, so the ONNX path places tokens as PyTorch does)."""
+    vlm, root = exported
+    k = max(1, tower_tokens(vlm.model.config) // 4)
+    export_generative(vlm, root / "pruned_tokens", images=_images(2), questions=QUESTIONS[:2],
+                      max_new_tokens=4, visual_tokens=k, reuse=root / "pruned")
+    data = load_eval("shapes", n=4, batch_size=4)
+    with reduced_tokens(vlm.model, vlm.processor, k):
+        ref = run_generative(vlm, data, max_new_tokens=5)
+    got = ort_run_generative(OrtGenerator(root / "pruned_tokens"), vlm, data, max_new_tokens=5)
+    assert got.tokens == ref.tokens and len(got.logprobs) == len(ref.logprobs) > 0
+    for a, b in zip(got.logprobs, ref.logprobs, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-3)
+    with pytest.raises(ConfigError, match="borrows its embed graph"):
+        make_int8_variant(root / "pruned_tokens", root / "nowhere")
+    for precision, make in (("fp16", make_fp16_variant), ("int8", make_int8_variant)):
+        twin = root / f"pruned_{precision}_twin"
+        make(root / "pruned", twin)
+        info = build_variant(vlm, root / "pruned_tokens", precision, images=_images(4, 3),
+                             questions=QUESTIONS[:4], max_new_tokens=6, visual_tokens=k,
+                             shared=twin)
+        folder = root / f"pruned_tokens_{precision}"
+        spec = json.loads((folder / "generation.json").read_text())
+        assert spec["files"] == {"vision": "vision.onnx", "embed": f"../{twin.name}/embed.onnx",
+                                 "decoder": f"../{twin.name}/decoder.onnx"}
+        assert info["paths"]["decoder"] == f"{twin.name}/decoder.onnx"
+        assert spec["image_tokens"] == k and spec["visual_tokens"]["kept"] == k
+        assert spec["quantize"] == precision and sorted(p.name for p in folder.iterdir()) == \
+            ["generation.json", "vision.onnx"]
+        vis = onnx.load(str(folder / "vision.onnx"))
+        ops = [n.op_type for n in vis.graph.node]
+        assert ("MatMulInteger" in ops) == (precision == "int8")
+        v = info["validation"]
+        assert v["precision"] == precision and v["prompts"] == 4
+        assert 0.5 <= v["logits"]["vision"]["kept_agreement"] <= 1.0
+        assert v["logits"]["vision"]["min_cosine"] >= (0.999 if precision == "fp16" else 0.98)
+        gen = OrtGenerator(folder)
+        assert gen.kv_dtype == (np.float16 if precision == "fp16" else np.float32)
+        run = ort_run_generative(gen, vlm, data, max_new_tokens=5)
+        assert sum(map(len, run.tokens)) > 0
+        assert generative_fidelity(ref, run)["greedy_agreement"] >= 0.5
 
 
 def test_refusals_name_what_is_allowed():

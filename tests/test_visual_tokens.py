@@ -228,3 +228,33 @@ def test_reduced_tokens_on_genai_is_one_line(tmp_path):
     assert res.exit_code == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--reduced-tokens needs --runtime onnxruntime" in lines[0]
+
+
+def test_token_variants_get_precision_twins_in_prune_export(tmp_path):
+    """--visual-tokens with --quantize int8: dense_tokens_int8/ and pruned_tokens_int8/ beside
+    dense_int8/ and pruned_int8/ (their vision graph int8, the text graphs their twin's),
+    validated, evaluated from their files and timed."""
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["prune-export", "--model", "tiny-llava", "--method",
+                                   "magnitude", "--visual-tokens", "9", "--quantize", "int8",
+                                   "--quantize-method", "dynamic", "--out", str(out),
+                                   "--calibration-size", "8", "--eval-size", "4",
+                                   "--max-new-tokens", "6", "--batch-sizes", "1",
+                                   "--iterations", "3"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    gen = rep["export"]["generative"]
+    names = {"dense_int8", "pruned_int8", "dense_tokens_int8", "pruned_tokens_int8"}
+    assert set(gen) == {"dense", "pruned", "dense_tokens", "pruned_tokens"} | names
+    assert gen["pruned_tokens_int8"]["paths"] == {"vision": "pruned_tokens_int8/vision.onnx",
+                                                  "embed": "pruned_int8/embed.onnx",
+                                                  "decoder": "pruned_int8/decoder.onnx"}
+    v = gen["dense_tokens_int8"]["validation"]
+    assert v["precision"] == "int8" and "kept_agreement" in v["logits"]["vision"]
+    q = rep["quantize"]
+    assert set(q["files"]) == set(q["validation"]) == names
+    acc = q["accuracy"]["variants"]
+    assert names <= set(acc)
+    assert 0 <= acc["pruned_tokens_int8"]["fidelity_to_float_twin"]["greedy_agreement"] <= 1
+    timed = {name for row in rep["latency"] for name in row.get("variants", {})}
+    assert names <= timed, timed

@@ -728,13 +728,16 @@ def _export_generative(vlm, evals, folder, cfg: RunConfig, progress,
         out["visual_tokens"] = json.loads((folder / "generation.json").read_text())["visual_tokens"]
     precision = _generative_precision(cfg)
     # --fp16 / --quantize int8: <folder>_<precision>/, built while vlm holds the weights it
-    # validates against (a token variant gets none: its twin's precision variant serves)
-    if precision and visual_tokens is None:
+    # validates against; a token variant's holds its vision graph in that precision and
+    # names its twin's (<reuse>_<precision>/) embed and decoder
+    if precision:
         from .exporters.generative_quant import build_variant
 
+        shared = None if reuse is None else Path(reuse).parent / f"{Path(reuse).name}_{precision}"
         with (progress or NULL).task(f"export {folder.name}_{precision} onnx", total=1) as t:
             out[precision] = build_variant(vlm, folder, precision, images=images,
-                                           questions=questions, max_new_tokens=cfg.max_new_tokens)
+                                           questions=questions, max_new_tokens=cfg.max_new_tokens,
+                                           visual_tokens=visual_tokens, shared=shared)
             t.advance(1)
     return out
 
@@ -762,24 +765,27 @@ def _generative_precision(cfg: RunConfig) -> str | None:
                                       cfg.latency_config.runtime_entry)
 
 
-def _generative_variants(vlm, cfg, exports, root, evals, dense, pruned, is_preset, progress):
+def _generative_variants(vlm, cfg, exports, root, evals, runs, is_preset, progress):
     """Move each variant's ``--fp16`` / ``--quantize int8`` twin into ``exports`` as
-    ``dense_<p>`` / ``pruned_<p>`` and measure their accuracy from their files (ONNX Runtime);
-    the report's ``quantize`` section, or None without a precision variant."""
+    ``dense_<p>`` / ``pruned_<p>`` (and ``dense_tokens_<p>`` / ``pruned_tokens_<p>`` with
+    ``--visual-tokens``) and measure their accuracy from their files (ONNX Runtime); the
+    report's ``quantize`` section, or None without a precision variant."""
     precision = _generative_precision(cfg)
     if precision is None:
         return None
     from .exporters.generative_quant import variants_accuracy
 
     names = []
-    for v in ("dense", "pruned"):
+    for v in [v for v in ("dense", "pruned", "dense_tokens", "pruned_tokens") if v in exports]:
         exports[f"{v}_{precision}"] = exports[v].pop(precision)
         names.append(f"{v}_{precision}")
-    acc = variants_accuracy(vlm, root, names, evals, dense, pruned,
+    acc = variants_accuracy(vlm, root, names, evals, runs["dense"], runs["pruned"],
                             max_new_tokens=cfg.max_new_tokens, random_weights=is_preset,
-                            progress=progress)
+                            progress=progress, float_twins=runs)
     return {"quantize": precision, "method": exports[names[0]]["method"],
-            "runtime": "onnxruntime/cpu", "quantized_from": "the run's fp32 ONNX (dense/, pruned/)",
+            "runtime": "onnxruntime/cpu",
+            "quantized_from": "the run's fp32 ONNX (" + ", ".join(
+                n.rsplit("_", 1)[0] + "/" for n in names) + ")",
             "files": {n: exports[n]["files"] for n in names},
             "validation": {n: exports[n]["validation"] for n in names}, "accuracy": acc}
 
@@ -847,8 +853,7 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
 
             accuracy["variants"] = variants_accuracy(runs, random_weights=is_preset)
             accuracy["visual_tokens"] = exports["dense_tokens"]["visual_tokens"]
-        quant = _generative_variants(vlm, cfg, exports, tmp, evals, dense, pruned, is_preset,
-                                     progress)
+        quant = _generative_variants(vlm, cfg, exports, tmp, evals, runs, is_preset, progress)
         vlm.save(tmp / "pruned" / "model")
         latency = gen_latency.generative_latency(
             gen_latency.variant_folders(tmp, tuple(exports)), load_model(cfg.model), vlm,
@@ -865,7 +870,7 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
                          if getattr(vlm, "onnx_generation", "llava") == "blip" else ""))
         if quant is not None:
             notes.append(f"--{'fp16' if quant['quantize'] == 'fp16' else 'quantize int8'}: "
-                         f"dense_{quant['quantize']}/ and pruned_{quant['quantize']}/ validated "
+                         + ", ".join(f"{n}/" for n in quant["files"]) + " validated "
                          "against PyTorch per precision (logits cosine, top-1 agreement; greedy "
                          "tokens reported, not required) and evaluated from their files on ONNX "
                          "Runtime CPU")

@@ -11,7 +11,9 @@ distinct image (captions) or per question (VQA), batched with left padding
 log-probabilities of the first ``fidelity_sequences`` whole conversations (the same right-padded
 sequences and target positions as ``vlm.encode``), from one prefill call of the decoder graph
 each. ``vlm`` supplies the processor, chat template and tokenizer only; its weights are not
-used.
+used. A token-reduced export (``generation.json``'s ``visual_tokens``) is run on prompts with
+its K image tokens per image, each kept token at its full-prompt position, as generation runs
+it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..models.visual_tokens import reduced_tokens
 from .generative import FIDELITY_SEQUENCES, GenerativeRun, _items, check_max_new_tokens
 
 __all__ = ["ort_run_generative", "ort_logits"]
@@ -28,9 +31,12 @@ def ort_logits(gen, input_ids: np.ndarray, attention_mask: np.ndarray,
                pixel_values: np.ndarray) -> np.ndarray:
     """The decoder's logits over whole (right-padded) sequences: one prefill call."""
     mask = attention_mask.astype(np.int64)
-    embeds = gen.prompt_embeds(input_ids.astype(np.int64), pixel_values.astype(np.float32))
-    positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0).astype(np.int64)
-    logits, _ = gen.decode_step(embeds, mask, positions, gen.empty_past(input_ids.shape[0]))
+    # positions as generation computes them (a token-reduced export: each kept image token
+    # where the full prompt had it)
+    embeds, positions = gen.prompt(input_ids.astype(np.int64), mask,
+                                   pixel_values.astype(np.float32))
+    logits, _ = gen.decode_step(embeds, mask, positions, gen.empty_past(input_ids.shape[0]),
+                                logits_to_keep=0)  # every position: teacher-forced targets
     return logits
 
 
@@ -71,8 +77,9 @@ def _hooks(gen, vlm, max_new_tokens: int):
 
         return generate, lambda enc: blip_ort_logits(gen, enc)
 
-    def generate(im, qs):
-        enc = prompt_inputs(vlm.processor, [vlm.prompt(q) for q in qs], im)
+    def generate(im, qs):  # a token-reduced export: K image tokens per image
+        enc = prompt_inputs(vlm.processor, [vlm.prompt(q) for q in qs], im,
+                            image_tokens=gen.spec.get("image_tokens"))
         return gen.generate(enc["input_ids"], enc["attention_mask"], enc["pixel_values"],
                             max_new_tokens)
 
@@ -93,6 +100,14 @@ def ort_run_generative(gen, vlm, data, *, max_new_tokens: int = 24, batch_size: 
 
     progress = progress or NULL
     check_max_new_tokens(max_new_tokens)
+    # a token-reduced export (--visual-tokens): its prompts carry K image tokens per image;
+    # the processor patched for the teacher-forced sequences too (vlm.encode)
+    k = ((getattr(gen, "spec", None) or {}).get("visual_tokens") or {}).get("kept")
+    with reduced_tokens(vlm.model, vlm.processor, k):
+        return _ort_run(gen, vlm, data, max_new_tokens, batch_size, fidelity_sequences, progress)
+
+
+def _ort_run(gen, vlm, data, max_new_tokens, batch_size, fidelity_sequences, progress):
     task, images, questions, refs = _items(data)
     generate, logits_of = _hooks(gen, vlm, max_new_tokens)
     tokens: list[list[int]] = []

@@ -1,6 +1,7 @@
 """What every generative decoder graph shares (:mod:`vlcompress.exporters.generative` for
 LLaMA/Qwen2, :mod:`vlcompress.exporters.generative_opt` for OPT): the flat KV cache the
-decoder layers update, and the additive attention mask built from the 2-D mask."""
+decoder layers update, the additive attention mask built from the 2-D mask, and the choice
+of the positions the LM head runs on (``logits_to_keep``)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,16 @@ def additive_mask(inputs_embeds, attention_mask):
     allowed = (k[None, :] <= q[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
     mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
     return mask.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
+
+
+def keep_positions(h, logits_to_keep=None):
+    """The hidden states [batch, kept, hidden] the LM head runs on: the last
+    ``logits_to_keep`` positions, every position at 0 (transformers' ``logits_to_keep``
+    semantics), the last one when None. A tensor ``logits_to_keep`` is traced as graph ops
+    (``Range`` + ``Gather``), so the exported graph takes it as an input."""
+    if logits_to_keep is None:
+        return h[:, -1].unsqueeze(1)
+    seq = h.shape[1]
+    keep = torch.as_tensor(logits_to_keep, dtype=torch.long)
+    start = torch.where(keep > 0, seq - keep, torch.zeros_like(keep)).clamp(min=0)
+    return h.index_select(1, torch.arange(start, seq))

@@ -17,10 +17,21 @@ LLaVA config):
 - ``decoder.onnx``: ``inputs_embeds`` [batch, sequence, hidden], ``attention_mask`` [batch,
   past_sequence + sequence] (1 = token, 0 = left padding), ``position_ids`` [batch, sequence]
   and ``past.{i}.key`` / ``past.{i}.value`` [batch, kv_heads, past_sequence, head_dim] per layer
-  -> ``logits`` [batch, sequence, vocab] and ``present.{i}.key`` / ``present.{i}.value`` (the
+  -> ``logits`` [batch, kept, vocab] and ``present.{i}.key`` / ``present.{i}.value`` (the
   past with this call's keys/values appended). One merged graph: prefill is a call with an
   empty past (``past_sequence`` 0), decode a call with one token. Grouped-query attention keeps
   ``num_key_value_heads`` heads in the cache.
+
+The LM head runs on the last position only unless asked (transformers' ``logits_to_keep``):
+the graph has an optional int64 input ``logits_to_keep``, an ONNX Runtime *overridable
+initializer* of default 1 (a caller that does not feed it, ONNX Runtime GenAI included, gets
+``logits`` [batch, 1, vocab]); N keeps the last N positions, 0 every position (what the
+teacher-forced fidelity of :mod:`vlcompress.eval.generative_ort` reads). Prompts are
+left-padded, so the last position is every row's next token, and generation reads nothing
+else. A head over every prompt position costs prompt x hidden x vocab multiply-adds and a
+prompt x vocab output (Qwen2's 151,936 rows: 0.45 GB of fp32 logits for a 738-token LLaVA
+prompt) that the loop throws away. Exports written before this have no ``logits_to_keep``
+and return every position's logits; the generator reads either.
 
 The decoder is wrapped (:class:`DecoderGraph`): it runs the language model's own decoder
 layers, rotary embedding, final norm and LM head, with the cache given as flat tensors (a
@@ -34,7 +45,8 @@ the encoder export (:mod:`vlcompress.exporters.onnx`) tries ``dynamo=True`` firs
 
 Validation (:func:`validate_generative`), on inputs the export never saw, collects every
 mismatch into ONE :class:`ExportError`: the vision and embedding outputs and the decoder's
-logits and presents (prefill at batch 3 with left padding, then one decode step on that
+last-position logits (also against the full language model's own forward, so the slice is
+checked, not only the trace) and presents (prefill at batch 3 with left padding, then one decode step on that
 cache) within ``atol + rtol * |torch|``, and greedy generation on the ONNX graphs
 (:class:`vlcompress.runtime.ort_generate.OrtGenerator`) token for token equal to PyTorch's
 ``generate`` on every validation prompt.
@@ -53,14 +65,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..errors import ExportError, ModelError
 from ..models.visual_tokens import METHOD as VISUAL_TOKENS_METHOD
 from ..models.visual_tokens import image_features, reduced_tokens, split_tokens, tower_tokens
 from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, kv_heads_of, prompt_inputs
 from ._decoder import FlatCache as _FlatCache
-from ._decoder import additive_mask
+from ._decoder import additive_mask, keep_positions
 from .onnx import _name_initializers, _quiet, _short, save_onnx
 
 __all__ = ["GenerativeExport", "export_generative", "validate_generative", "DecoderGraph",
@@ -69,6 +81,7 @@ __all__ = ["GenerativeExport", "export_generative", "validate_generative", "Deco
 OPSET = 17
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"}
+LOGITS_TO_KEEP = "logits_to_keep"  # the decoder's optional input (module doc)
 
 
 @dataclass
@@ -109,14 +122,15 @@ class EmbedGraph(torch.nn.Module):
 
 
 class DecoderGraph(torch.nn.Module):
-    """The language model with a flat KV cache (module doc)."""
+    """The language model with a flat KV cache (module doc); ``logits_to_keep``: the last N
+    positions' logits, 0 every position's, None the last one's."""
 
     def __init__(self, model):
         super().__init__()
         self.lm = model.model.language_model
         self.head = model.lm_head
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past, logits_to_keep=None):
         mask = additive_mask(inputs_embeds, attention_mask)
         cache = _FlatCache(list(past))
         h = inputs_embeds
@@ -125,7 +139,9 @@ class DecoderGraph(torch.nn.Module):
             h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=position_ids,
                       cache=cache, use_cache=True)
             h = h[0] if isinstance(h, tuple) else h
-        logits = self.head(self.lm.norm(h))
+        # the norm is per position: choosing the positions first gives the same numbers at a
+        # fraction of the head's work (module doc)
+        logits = self.head(self.lm.norm(keep_positions(h, logits_to_keep)))
         return (logits, *cache.presents())
 
 
@@ -184,15 +200,31 @@ def _eager_attention(model):
             c._attn_implementation = o
 
 
+class _ExportDecoder(torch.nn.Module):
+    """The traced form of a decoder graph: ``logits_to_keep`` as the last positional input
+    (after the past), as the tracer takes inputs."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *rest):
+        return self.decoder(inputs_embeds, attention_mask, position_ids, *rest[:-1],
+                            logits_to_keep=rest[-1])
+
+
 def _decoder_names(n_layers: int):
     past = [f"past.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     present = [p.replace("past.", "present.", 1) for p in past]
     return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def _export(module, args, path: Path, inputs, outputs, axes, props: dict, root) -> None:
+def _export(module, args, path: Path, inputs, outputs, axes, props: dict, root,
+            defaults: dict | None = None) -> None:
     """Trace ``module`` to ``path``; weights renamed after the model's parameters (``root``),
-    as the encoder export names them (so ``onnx_sparsity`` reads per-layer sparsity)."""
+    as the encoder export names them (so ``onnx_sparsity`` reads per-layer sparsity).
+    ``defaults``: input name -> value, kept as an initializer of the same name (ONNX
+    Runtime's overridable initializer: the input may be left out)."""
     with tempfile.TemporaryDirectory(prefix=".ts-export-", dir=path.parent) as d:
         f = Path(d) / "model.onnx"
         try:
@@ -204,6 +236,8 @@ def _export(module, args, path: Path, inputs, outputs, axes, props: dict, root) 
             raise ExportError(f"could not export {path.name}: {_short(exc)}") from None
         proto = onnx.load(str(f))
     _name_initializers(proto, module, root)
+    for name, value in (defaults or {}).items():
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     helper.set_model_props(proto, {**props, "vlcompress.exporter": "torchscript",
                                    "vlcompress.precision": "fp32"})
     save_onnx(proto, path)
@@ -328,17 +362,33 @@ def _export_text_graphs(vlm, paths: dict, props: dict, n: int) -> None:
         ins, outs = _decoder_names(n)
         axes = {"inputs_embeds": {0: "batch", 1: "sequence"},
                 "attention_mask": {0: "batch", 1: "total_sequence"},
-                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "kept"}}
         axes |= {k: {0: "batch", 2: "past_sequence"} for k in ins[3:]}
         axes |= {k: {0: "batch", 2: "total_sequence"} for k in outs[1:]}
-        _export(decoder_graph(model), _decoder_args(vlm, 2, 3, 2, 0), paths["decoder"], ins, outs,
-                axes, {**props, "vlcompress.part": "decoder"}, model)
+        # traced keeping 2 of 3 positions, so neither 1 nor "all" is baked in
+        _export(_ExportDecoder(decoder_graph(model)),
+                [*_decoder_args(vlm, 2, 3, 2, 0), torch.tensor(2)], paths["decoder"],
+                [*ins, LOGITS_TO_KEEP], outs, axes, {**props, "vlcompress.part": "decoder"},
+                model, defaults={LOGITS_TO_KEEP: np.array(1, np.int64)})
 
 
 def _diff(onnx_out: np.ndarray, ref: torch.Tensor, atol: float, rtol: float) -> tuple[float, bool]:
     r = ref.detach().float().numpy()
     d = np.abs(onnx_out - r)
     return float(d.max()) if d.size else 0.0, bool((d <= atol + rtol * np.abs(r)).all())
+
+
+def _language_model_logits(model, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+    """Every position's logits [batch, sequence, vocab] of the model's own language model
+    (no cache), the reference of the decoder graph's ``logits_to_keep``: LLaVA's
+    ``model.language_model`` + ``lm_head``, BLIP-2's OPT ``language_model``."""
+    kw = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+          "position_ids": position_ids, "use_cache": False}
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    if lm is not None and hasattr(model, "lm_head"):
+        return model.lm_head(lm(**kw).last_hidden_state)
+    kw.pop("position_ids")  # OPT derives its positions from the mask (module doc of _opt)
+    return model.language_model(**kw).logits
 
 
 def greedy_pairs(vlm, gen, images, questions=None, max_new_tokens: int = 16,
@@ -400,6 +450,14 @@ def validate_generative(vlm, folder: str | Path, *, images, questions=None,
                                        {k: v.numpy() for k, v in zip(_decoder_names(
                                            _kv_shape(model)[0])[0][3:], args[3:], strict=True)})
         check("decoder prefill logits", logits, ref[0])
+        every = _language_model_logits(model, *args[:3])
+        check("decoder prefill logits vs language model", logits, every[:, -1:])
+        # every position (logits_to_keep 0: the teacher-forced fidelity's call), padding not
+        # compared (its rows attend to nothing real)
+        all_pos, _ = gen.decode_step(args[0].numpy(), args[1].numpy(), args[2].numpy(),
+                                     gen.empty_past(3), logits_to_keep=0)
+        real = args[1].numpy()[:, -args[0].shape[1]:] > 0
+        check("decoder prefill logits, every position", all_pos[real], every[torch.from_numpy(real)])
         check("decoder prefill presents", np.concatenate([v.ravel() for v in past.values()]),
               torch.cat([t.ravel() for t in ref[1:]]))
         step = _decoder_args(vlm, 3, 1, 0, 3)[0]

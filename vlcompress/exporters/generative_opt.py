@@ -9,7 +9,8 @@ the same three graphs and the same decoder contract as LLaVA's, so
 - ``embed.onnx`` (:class:`OptEmbedGraph`): OPT's token embedding (``word_embed_proj_dim`` wide);
 - ``decoder.onnx`` (:class:`OptDecoderGraph`): ``inputs_embeds``, ``attention_mask``,
   ``position_ids`` and the flat ``past.{i}.key`` / ``past.{i}.value`` (``num_attention_heads``
-  heads: OPT has no grouped-query attention) -> ``logits`` and ``present.*``. OPT has no rotary
+  heads: OPT has no grouped-query attention) and ``logits_to_keep`` -> ``logits`` (the last
+  position's by default) and ``present.*``. OPT has no rotary
   embedding: it adds a learned position embedding indexed at ``position_ids + 2`` (OPT's
   offset, ``OPTLearnedPositionalEmbedding``) to ``project_in(inputs_embeds)`` before the
   layers, and ends with ``final_layer_norm``, ``project_out`` and the LM head. Each layer's
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._decoder import FlatCache, additive_mask
+from ._decoder import FlatCache, additive_mask, keep_positions
 
 
 class Blip2VisionGraph(torch.nn.Module):
@@ -58,7 +59,7 @@ class OptDecoderGraph(torch.nn.Module):
         self.dec = model.language_model.model.decoder
         self.head = model.language_model.lm_head
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past, logits_to_keep=None):
         d = self.dec
         mask = additive_mask(inputs_embeds, attention_mask)
         cache = FlatCache(list(past))
@@ -68,6 +69,7 @@ class OptDecoderGraph(torch.nn.Module):
             h = layer(h, attention_mask=mask, position_ids=position_ids, cache=cache,
                       use_cache=True)
             h = h[0] if isinstance(h, tuple) else h
+        h = keep_positions(h, logits_to_keep)  # (exporters.generative's module doc)
         if d.final_layer_norm is not None:
             h = d.final_layer_norm(h)
         if d.project_out is not None:

@@ -55,6 +55,7 @@ moves a near-tie arg-max, and from there the continuation differs.
 from __future__ import annotations
 
 import json
+import posixpath
 import shutil
 import time
 from pathlib import Path
@@ -181,6 +182,24 @@ def kv_cache_fp16(model: onnx.ModelProto, inputs: tuple[str, ...] = ("past.",),
     return model
 
 
+def _shared(src: Path, spec: dict, dst: Path, shared: Path | None) -> dict[str, str]:
+    """part -> the file ``dst``'s generation.json names for each part ``src`` borrows from its
+    full-token twin (a ``--visual-tokens`` variant holds only its vision graph): the same part
+    of ``shared``, the twin's variant in this precision, relative to ``dst``. Empty when ``src``
+    owns every part."""
+    borrowed = [p for p, f in spec["files"].items() if Path(f).parent != Path(".")]
+    if not borrowed:
+        return {}
+    if shared is None:
+        raise ConfigError(f"{str(src)!r} borrows its {borrowed[0]} graph from its full-token "
+                          "twin; allowed: shared= the twin's variant in this precision")
+    if shared.resolve().parent != dst.resolve().parent:
+        raise ConfigError(f"shared {str(shared)!r} is not beside {str(dst)!r}; allowed: the "
+                          "twin's variant folder in the same run folder")
+    twin = read_spec(shared)
+    return {p: (Path("..") / shared.name / twin["files"][p]).as_posix() for p in borrowed}
+
+
 def _write_spec(src: Path, dst: Path, **changes) -> dict:
     spec = {**read_spec(src), **changes}
     (dst / GENERATION_JSON).write_text(json.dumps(spec, indent=2))
@@ -194,13 +213,16 @@ def _props(model: onnx.ModelProto, **changes) -> None:
     helper.set_model_props(model, meta)
 
 
-def make_fp16_variant(src: str | Path, dst: str | Path) -> dict:
+def make_fp16_variant(src: str | Path, dst: str | Path, shared: str | Path | None = None) -> dict:
     """Write the fp16 copy of the export in ``src`` (vision, embed, decoder and
-    generation.json) to ``dst``; returns what was written (the report's ``files``)."""
+    generation.json) to ``dst``; returns what was written (the report's ``files``).
+    ``shared``: for a token variant whose embed and decoder are its twin's, the twin's fp16
+    folder, whose graphs ``dst`` names instead of converting them again."""
     from .onnx import convert_fp16, save_onnx
 
     src, dst = Path(src), Path(dst)
     spec = read_spec(src)
+    borrowed = _shared(src, spec, dst, None if shared is None else Path(shared))
     if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
         raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
                           "allowed: an fp32 generative export")
@@ -209,6 +231,10 @@ def make_fp16_variant(src: str | Path, dst: str | Path) -> dict:
     files = {}
     blip = spec.get("kind") in BLIP_KINDS
     for part, name in spec["files"].items():
+        if part in borrowed:
+            files[part] = {"path": posixpath.normpath(f"{dst.name}/{borrowed[part]}"),
+                           "shared": True}
+            continue
         model = convert_fp16(onnx.load(str(src / name)))
         if part == "decoder":  # BLIP's also takes its cross keys / values in fp16
             model = kv_cache_fp16(model, ("past.", "cross.") if blip else ("past.",))
@@ -219,7 +245,7 @@ def make_fp16_variant(src: str | Path, dst: str | Path) -> dict:
         save_onnx(model, dst / name)
         files[part] = {"path": f"{dst.name}/{name}", "bytes": _bytes(dst / name)}
     _write_spec(src, dst, precision="fp16", kv_dtype="float16", quantize="fp16",
-                quantized_from=src.name)
+                quantized_from=src.name, files={**spec["files"], **borrowed})
     return {"precision": "fp16", "method": "cast", "kv_dtype": "float16", "files": files,
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -231,15 +257,17 @@ def _bytes(path: Path) -> int:
 # --------------------------------------------------------------------------------------------
 # int8
 # --------------------------------------------------------------------------------------------
-def make_int8_variant(src: str | Path, dst: str | Path, parts=None) -> dict:
+def make_int8_variant(src: str | Path, dst: str | Path, parts=None,
+                      shared: str | Path | None = None) -> dict:
     """Write the dynamic int8 copy of the export in ``src`` to ``dst`` (``parts`` quantized,
     the others copied; default: :data:`INT8_PARTS`, or every graph of a BLIP export, whose
     graphs are all MatMul work: vision, question, cross_kv, decoder); returns what was
-    written."""
+    written. ``shared``: as for :func:`make_fp16_variant` (the twin's int8 folder)."""
     from .quantize import quantize_onnx
 
     src, dst = Path(src), Path(dst)
     spec = read_spec(src)
+    borrowed = _shared(src, spec, dst, None if shared is None else Path(shared))
     if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
         raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
                           "allowed: an fp32 generative export")
@@ -253,6 +281,10 @@ def make_int8_variant(src: str | Path, dst: str | Path, parts=None) -> dict:
     t0 = time.perf_counter()
     files = {}
     for part, name in spec["files"].items():
+        if part in borrowed:
+            files[part] = {"path": posixpath.normpath(f"{dst.name}/{borrowed[part]}"),
+                           "shared": True}
+            continue
         if part in parts:
             res = quantize_onnx(src / name, dst / name, "int8", method="dynamic",
                                 op_types=("MatMul",))
@@ -266,7 +298,8 @@ def make_int8_variant(src: str | Path, dst: str | Path, parts=None) -> dict:
                            if part == "embed" else "copied in fp32"}
         files[part]["bytes"] = _bytes(dst / name)
     _write_spec(src, dst, precision="fp32", kv_dtype="float32", quantize="int8",
-                quantize_method="dynamic", quantized_parts=list(parts), quantized_from=src.name)
+                quantize_method="dynamic", quantized_parts=list(parts), quantized_from=src.name,
+                files={**spec["files"], **borrowed})
     return {"precision": "int8", "method": "dynamic", "kv_dtype": "float32",
             "quantized_parts": list(parts), "files": files,
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -293,9 +326,13 @@ def logit_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray | None =
 
 
 def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new_tokens: int = 16,
-                     precision: str | None = None) -> dict:
+                     precision: str | None = None, visual_tokens: int | None = None) -> dict:
     """Compare the fp16 or int8 export in ``folder`` with the fp32 PyTorch model (module doc):
-    raise one ExportError naming every figure under its floor, else return the figures."""
+    raise one ExportError naming every figure under its floor, else return the figures.
+    ``visual_tokens`` K (a token variant): the reference keeps the same K tokens; the share of
+    kept tokens the ONNX vision graph chose as PyTorch did is reported (``kept_agreement``:
+    rounding moves near-ties of the attention ranking) and the embeddings are compared on the
+    tokens both kept."""
     import torch
 
     from ..runtime.ort_generate_blip import open_generator
@@ -327,14 +364,24 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
                       precision, tol, folder, max_new_tokens)
     with torch.no_grad(), _eager_attention(model):
         px = _example_pixels(vlm, 3, 1)
-        figures["vision"] = logit_agreement(gen.image_embeds(px.numpy()), VisionGraph(model)(px))
+        got, index = gen.image_outputs(px.numpy())
+        ref = VisionGraph(model, visual_tokens)(px)
+        same = None
+        if visual_tokens is not None:
+            ref, ref_index = ref
+            same = index == ref_index.numpy()
+        figures["vision"] = logit_agreement(got, ref, same)
         figures["vision"].pop("top1")  # an embedding row has no arg-max to agree on
+        if same is not None:
+            figures["vision"]["kept_agreement"] = float(same.mean())
         dec = DecoderGraph(model)
         args = _decoder_args(vlm, 3, 6, 0, 2, pad=2)
         ref = dec(*args)
         past = gen.empty_past(3)
         logits, past = gen.decode_step(args[0].numpy(), args[1].numpy(), args[2].numpy(), past)
-        valid = args[1].numpy()[:, -6:] > 0  # left padding: its logits are not compared
+        # the positions the graph returns logits for (the last only; an older export: all),
+        # left padding's not compared
+        valid = args[1].numpy()[:, -logits.shape[1]:] > 0
         figures["decoder prefill logits"] = logit_agreement(logits, ref[0], valid)
         step = _decoder_args(vlm, 3, 1, 0, 3)[0]
         mask = torch.cat([args[1], torch.ones(3, 1, dtype=torch.long)], 1)
@@ -342,8 +389,8 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
         ref2 = dec(step, mask, pos, *ref[1:])
         logits2, _ = gen.decode_step(step.numpy(), mask.numpy(), pos.numpy(), past)
         figures["decoder decode logits"] = logit_agreement(logits2, ref2[0])
-    return _judge(figures, greedy_pairs(vlm, gen, images, questions, max_new_tokens), precision,
-                  tol, folder, max_new_tokens)
+    return _judge(figures, greedy_pairs(vlm, gen, images, questions, max_new_tokens,
+                                        visual_tokens), precision, tol, folder, max_new_tokens)
 
 
 def _judge(figures: dict, pairs: list, precision: str, tol: dict, folder, max_new_tokens: int
@@ -377,27 +424,34 @@ def _judge(figures: dict, pairs: list, precision: str, tol: dict, folder, max_ne
 # inside a prune-export run
 # --------------------------------------------------------------------------------------------
 def build_variant(vlm, src: str | Path, precision: str, *, images, questions=None,
-                  max_new_tokens: int = 16) -> dict:
+                  max_new_tokens: int = 16, visual_tokens: int | None = None,
+                  shared: str | Path | None = None) -> dict:
     """Write ``<src>_<precision>/`` beside the fp32 export ``src`` (while ``vlm`` holds the
     weights ``src`` was exported from) and validate it against ``vlm``; the report's export
-    entry, its paths relative to the run folder."""
+    entry, its paths relative to the run folder. A token variant (``visual_tokens`` K):
+    its vision graph in ``precision``, the embed and decoder of ``shared`` (its twin's
+    variant in this precision), validated with the K tokens."""
     src = Path(src)
     dst = src.parent / variant_name(src.name, precision)
     make = make_fp16_variant if precision == "fp16" else make_int8_variant
-    info = make(src, dst)
+    info = make(src, dst, shared=shared)
     info["validation"] = validate_variant(vlm, dst, images=images, questions=questions,
-                                          max_new_tokens=max_new_tokens, precision=precision)
+                                          max_new_tokens=max_new_tokens, precision=precision,
+                                          visual_tokens=visual_tokens)
     spec = read_spec(dst)
-    info["paths"] = {p: f"{dst.name}/{f}" for p, f in spec["files"].items()}
+    info["paths"] = {p: posixpath.normpath(f"{dst.name}/{f}") for p, f in spec["files"].items()}
     return info
 
 
 def variants_accuracy(vlm, root: str | Path, names: list[str], evals, dense_runs, pruned_runs, *,
-                      max_new_tokens: int, random_weights: bool = False, progress=None) -> dict:
+                      max_new_tokens: int, random_weights: bool = False, progress=None,
+                      float_twins: dict | None = None) -> dict:
     """The accuracy of each variant folder ``root/<name>`` measured from its files on ONNX
     Runtime CPU (:func:`vlcompress.eval.generative_ort.ort_run_generative`): the tasks' metrics
     (none for random weights) and the fidelity to the dense PyTorch model (``dense_runs``), as
-    the report's ``quantize.accuracy``. ``dense`` and ``pruned`` are the PyTorch runs (their
+    the report's ``quantize.accuracy``; ``float_twins`` (variant -> its PyTorch runs, e.g.
+    ``dense_tokens``) gives the runs ``<variant>_<precision>`` is compared with (default: dense
+    or pruned by the name). ``dense`` and ``pruned`` are the PyTorch runs (their
     fp32 ONNX is validated token-exact against them)."""
     from ..eval.generative import dataset_name, generative_fidelity, generative_metrics, merged_runs
     from ..eval.generative_ort import ort_run_generative
@@ -422,7 +476,8 @@ def variants_accuracy(vlm, root: str | Path, names: list[str], evals, dense_runs
         gen = open_generator(Path(root) / name)
         runs = [ort_run_generative(gen, vlm, d, max_new_tokens=max_new_tokens, progress=progress)
                 for d in evals]
-        twin = pruned_runs if name.startswith("pruned") else dense_runs
+        twin = (float_twins or {}).get(name.rsplit("_", 1)[0]) or (
+            pruned_runs if name.startswith("pruned") else dense_runs)
         acc["variants"][name] = {
             "metrics": metrics(runs), "fidelity": generative_fidelity(ref, merged_runs(runs)),
             "fidelity_to_float_twin": generative_fidelity(merged_runs(twin), merged_runs(runs)),

@@ -141,7 +141,8 @@ def last_logits_only(folder: str | Path) -> bool:
     folder = Path(folder)
     dec = onnx.load(str(folder / read_spec(folder)["files"]["decoder"]), load_external_data=False)
     shape = next(o for o in dec.graph.output if o.name == "logits").type.tensor_type.shape
-    return shape.dim[1].dim_value == 1
+    # logits_to_keep (default 1) or a graph declaring one position
+    return shape.dim[1].dim_value == 1 or any(i.name == "logits_to_keep" for i in dec.graph.input)
 
 
 def build_decoder_left(folder: str | Path, out: str | Path) -> None:
@@ -152,7 +153,8 @@ def build_decoder_left(folder: str | Path, out: str | Path) -> None:
     ``inputs_embeds`` and ``position_ids`` (the prompt in the prefill; a decode step's single
     column stays). The cache is then written left-padded, so the decoder's last position is
     every row's last real token. The weights are not copied: the graph keeps its external
-    data references (the work folder links the export's files)."""
+    data references (the work folder links the export's files). The decoder's optional
+    ``logits_to_keep`` is fixed at its default, 1 (:func:`_fix_logits_to_keep`)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -160,6 +162,7 @@ def build_decoder_left(folder: str | Path, out: str | Path) -> None:
     spec = read_spec(folder)
     m = onnx.load(str(folder / spec["files"]["decoder"]), load_external_data=False)
     g = m.graph
+    _fix_logits_to_keep(g)
     names = {"inputs_embeds", "attention_mask", "position_ids"}
     for i in g.input:
         if i.name in names:
@@ -248,6 +251,20 @@ def genai_config(folder: str | Path, threads: int | None = None,
                       "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
                       "outputs": {"inputs_embeds": "inputs_embeds"}}},
         "search": {"do_sample": False, "num_beams": 1, "max_length": int(spec["context"])}}
+
+
+def _fix_logits_to_keep(g) -> None:
+    """In a decoder graph ``g`` with the optional ``logits_to_keep`` input (an overridable
+    initializer of default 1: the export's last-position logits), fix it at its default and
+    declare ``logits`` [batch, 1, vocab]: GenAI sizes its logits buffer from that declaration
+    (a symbolic middle axis makes it bind [batch, sequence, vocab] at the prompt)."""
+    keep = [i for i in g.input if i.name == "logits_to_keep"]
+    if not keep:
+        return
+    g.input.remove(keep[0])  # the initializer (value 1) remains: a constant now
+    dim = next(o for o in g.output if o.name == "logits").type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = 1
 
 
 def _link(src: Path, dst: Path) -> None:

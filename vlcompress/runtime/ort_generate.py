@@ -5,9 +5,11 @@
   embeddings, projector included);
 - ``embed.onnx``: ``input_ids`` -> ``inputs_embeds``;
 - ``decoder.onnx``: ``inputs_embeds``, ``attention_mask`` [batch, past + sequence],
-  ``position_ids`` and ``past.{i}.key`` / ``past.{i}.value`` per layer -> ``logits`` and
-  ``present.{i}.key`` / ``present.{i}.value`` (one merged graph: prefill with an empty past,
-  decode with one token).
+  ``position_ids`` and ``past.{i}.key`` / ``past.{i}.value`` per layer (and the optional
+  ``logits_to_keep``, default 1) -> ``logits`` of the last position and ``present.{i}.key`` /
+  ``present.{i}.value`` (one merged graph: prefill with an empty past, decode with one token;
+  an export written before ``logits_to_keep`` gives every position's logits, and the loop
+  reads their last).
 
 The loop follows transformers' ``generate`` step for step, so the tokens can be compared one
 for one: the image token positions of the prompt embeddings are overwritten with the image
@@ -205,6 +207,10 @@ class OrtGenerator:
         self._cache_names = [i.name for i in dec.get_inputs() if i.name.startswith("past.")]
         out = {o.name: o for o in dec.get_outputs()}
         self.hidden = int(dec.get_inputs()[0].shape[-1])
+        # the decoder takes logits_to_keep (default 1: the last position's logits only); an
+        # export written before that returns every position's
+        self.keeps_logits = "logits_to_keep" in {
+            i.name for i in dec.get_overridable_initializers()} | {i.name for i in dec.get_inputs()}
         vocab_out = out["logits"].shape[-1]
         # the LM head's width (the embedding table may hold extra rows, e.g. the image token)
         self.spec.setdefault("vocab_size_out", vocab_out if isinstance(vocab_out, int)
@@ -266,11 +272,15 @@ class OrtGenerator:
                                             int(s["head_dim"])), self.kv_dtype)
                 for i in range(int(s["num_layers"])) for kv in ("key", "value")}
 
-    def decode_step(self, embeds, mask, positions, past):
+    def decode_step(self, embeds, mask, positions, past, logits_to_keep: int | None = None):
         """One decoder call on plain numpy feeds (no buffers): (logits, presents keyed as the
-        next call's past). What the export's validation compares with PyTorch."""
+        next call's past). What the export's validation compares with PyTorch.
+        ``logits_to_keep``: the last N positions' logits, 0 every position's (None: the
+        graph's default, the last one's; an export without the input returns all)."""
         feed = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask,
                 "position_ids": positions, **past}
+        if logits_to_keep is not None and self.keeps_logits:
+            feed["logits_to_keep"] = np.array(int(logits_to_keep), np.int64)
         outs = self.sessions["decoder"].run(None, feed)
         names = [o.name for o in self.sessions["decoder"].get_outputs()]
         res = dict(zip(names, outs, strict=True))
@@ -308,15 +318,19 @@ class OrtGenerator:
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 pixel_values: np.ndarray | None, max_new_tokens: int,
-                image_embeds: np.ndarray | None = None) -> Decoding:
-        """Vision (skipped when ``image_embeds`` are given), embedding and the decoder over the
-        (left-padded) prompt; the state holds the logits of the first new token
-        (``state.logits``) and room for ``max_new_tokens``."""
+                image_embeds: np.ndarray | None = None,
+                image_positions: np.ndarray | None = None) -> Decoding:
+        """Vision (skipped when ``image_embeds`` are given, with their ``image_positions``
+        from a token-reduced vision graph), embedding and the decoder over the (left-padded)
+        prompt; the state holds the logits of the first new token (``state.logits``) and room
+        for ``max_new_tokens``."""
         mask = attention_mask.astype(np.int64)
         b, p = mask.shape
         st = Decoding(self, mask, self.check_capacity(p, max_new_tokens))
-        embeds, positions = self.prompt(input_ids, mask, pixel_values, image_embeds)
-        logits = np.empty((b, p, int(self.spec["vocab_size_out"])), np.float32)
+        embeds, positions = self.prompt(input_ids, mask, pixel_values, image_embeds,
+                                        image_positions)
+        logits = np.empty((b, 1 if self.keeps_logits else p, int(self.spec["vocab_size_out"])),
+                          np.float32)
         self._run_decoder(st, {"inputs_embeds": embeds, "attention_mask": st.mask_view(p),
                                "position_ids": positions}, p, logits)
         st.positions[:] = positions[:, -1:]
