@@ -104,10 +104,24 @@ def ensure_run(name: str, path: Path) -> dict:
     if name == "blip":  # no BLIP captioning preset of test size: the benchmarks' tiny config
         from blip_caption_structured import tiny_model
 
+        from vlcompress import load_calibration, load_eval
+        from vlcompress.data import save_pairs
+
         folder = path.with_name(path.name + "-model")
         if not (folder / "config.json").is_file():
             tiny_model(folder)
         model = str(folder)
+        # captions only: the bundled "shapes" source also holds questions, which a captioning
+        # model does not answer (its calibration and eval pairs saved as caption folders)
+        data = {}
+        for key, pairs in (("calibration", load_calibration("shapes", n=settings[
+                "calibration_size"], batch_size=8)), ("eval_data", load_eval(
+                "shapes", n=settings["eval_size"]))):
+            dst = path.with_name(f"{path.name}-{key}")
+            if not (dst / "captions.jsonl").is_file():
+                save_pairs(pairs, dst, captions=pairs.retrieval_captions)
+            data[key] = str(dst)
+        settings = {**settings, **data}
     prune_export(model=model, out=str(path), **settings)
     return {"path": str(path), "built": True, "settings": settings, **_run_summary(path),
             "seconds": round(time.perf_counter() - t, 1)}
