@@ -267,3 +267,22 @@ def test_serve_check_generates_blip_through_the_real_server(caption_repo, vqa_re
             else:
                 assert r["rows_equal"] == r["rows"] == 4 and r["new_tokens"] > 0
     assert_serve_check_catches_a_swapped_decoder(caption_run, tmp_path)
+
+
+def test_vlcompress_generate_on_vqa_answers_as_served_and_refuses_a_blank_question(
+        vqa_run, vqa_repo, monkeypatch, tmp_path):
+    """`vlcompress generate` on a BLIP VQA run shares the served model's front end: the same
+    answer; a blank question is one line, exit 2."""
+    model = _load_generate_model(monkeypatch, vqa_repo, "pruned_generate")
+    files, _ = generate_examples(1, seed=5)
+    (tmp_path / "x.png").write_bytes(files[0])
+    q = "what shape is it ?"
+    res = model.execute([generate_feeds([q], images=files, max_new_tokens=5)])
+    cli = runner.invoke(app, ["generate", str(vqa_run), "--image", str(tmp_path / "x.png"),
+                              "--prompt", q, "--max-new-tokens", "5"])
+    assert cli.exit_code == 0, cli.output
+    assert answer_texts(res[0].outputs)[0] == cli.stdout.strip()
+    bad = runner.invoke(app, ["generate", str(vqa_run), "--image", str(tmp_path / "x.png"),
+                              "--prompt", " "])
+    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert bad.exit_code == 2 and len(lines) == 1 and "blank question" in lines[0], bad.output
