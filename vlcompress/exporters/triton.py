@@ -351,8 +351,10 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
     rule = (f"generation: max_batch_size {max_batch} = the largest batch size the run measured"
             if sizes else f"generation: max_batch_size {max_batch} (the run names no batch sizes)")
     rule += (f"; queue delay {GENERATE_DELAY_US} us (an answer takes a prefill and one decoder "
-             "call per token, so a short wait for company is cheap); each batch is one "
-             "left-padded generate call")
+             "call per token, so a short wait for company is cheap); ")
+    batches = {"blip-vqa": "each batch is one generate call per question length (questions "
+                           "are never padded: BLIP attends question padding)",
+               "blip-caption": "each batch is one generate call, caption starts left-padded"}
     name = (report.get("model") or {}).get("name") or run.name
     max_new = (report.get("config") or {}).get("max_new_tokens") or 24
     models = []
@@ -384,7 +386,8 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
         models.append(TritonModel(
             name=f"{variant}_{GENERATE}", variant=variant, tower=GENERATE, source=variant,
             reference_onnx=f"{variant}/{spec['files']['decoder']}", max_batch_size=max_batch,
-            inputs=ins, outputs=outs, rule=rule, vocab_size=int(spec["vocab_size"]),
+            inputs=ins, outputs=outs, vocab_size=int(spec["vocab_size"]),
+            rule=rule + batches.get(kind, "each batch is one left-padded generate call"),
             max_queue_delay_microseconds=GENERATE_DELAY_US,
             precision=str(spec.get("precision", "fp32")), reference=variant,
             parameters={"model_name": name, "max_new_tokens": str(max_new), "kind": kind}))
