@@ -294,12 +294,6 @@ def check_run(cfg: RunConfig):
             raise ConfigError(f"--triton {cfg.triton} cannot serve the generative model "
                               f"{cfg.model}: its token loop runs in a Python-backend generation "
                               "model; allowed: --triton python")
-        if cfg.triton is not None and \
-                getattr(families().get(info.family), "onnx_generation", "llava") != "llava":
-            raise ConfigError(f"--triton {cfg.triton} serves LLaVA-style exports; {cfg.model} "
-                              f"({info.family}) exports a vision and a cross-attention decoder "
-                              "graph, which the generation model does not run yet; allowed: no "
-                              "--triton")
         if (cfg.quantize != "none" or cfg.fp16) and \
                 getattr(families().get(info.family), "onnx_generation", "llava") != "llava":
             raise ConfigError(f"--{'fp16' if cfg.fp16 else 'quantize ' + cfg.quantize} builds "
