@@ -180,10 +180,6 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
                           "numbers the image tokens contiguously, not at their full-prompt "
                           "positions (the kept tokens' image_positions); allowed: --runtime "
                           "onnxruntime with --reduced-tokens")
-    if runtime == "genai":
-        from .optional_deps import require_onnxruntime_genai
-
-        require_onnxruntime_genai()
     run_dir = Path(run_dir)
     rep = run_dir / "report.json"
     if not rep.is_file():
@@ -210,15 +206,23 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     proc_dir = run_dir / ((report.get("export") or {}).get("paths", {}).get("model")
                           or "pruned/model")
     if spec.get("kind", "llava") != "llava":  # BLIP: vision + decoder with cross-attention
-        if runtime == "genai":
-            raise ConfigError(f"--runtime genai runs LLaVA-style exports; {str(run_dir)!r} is a "
-                              f"{spec['kind']} export; allowed: --runtime onnxruntime")
+        if runtime == "genai":  # before asking for the extra: it could not run this anyway
+            raise ConfigError(f"--runtime genai cannot run the {spec['kind']} export in "
+                              f"{str(run_dir)!r}: ONNX Runtime GenAI's decoders take "
+                              "inputs_embeds or input_ids with rotary positions and no "
+                              "cross-attention, and BLIP's decoder cross-attends the image (or "
+                              "question) and adds learned absolute positions; allowed: --runtime "
+                              "onnxruntime")
         if sampling is not None or reduced_tokens:
             raise ConfigError(f"{'--sample' if sampling is not None else '--reduced-tokens'} "
                               f"runs on LLaVA-style exports; {str(run_dir)!r} is a "
                               f"{spec['kind']} export (greedy only); allowed: greedy generation")
         return _generate_blip(folder, spec, proc_dir, img, prompt, max_new_tokens, threads,
                               str(model.get("name")))
+    if runtime == "genai":
+        from .optional_deps import require_onnxruntime_genai
+
+        require_onnxruntime_genai()
     encoder = PromptEncoder(proc_dir, str(model.get("name")), ctx,
                             image_tokens=spec.get("image_tokens"))
     enc = encoder.encode([img], [prompt])
