@@ -1,7 +1,8 @@
 """Serving under load: the python-backend Triton repository of a run, on the real tritonserver.
 
 A generative run (NAME `llava`: tiny-llava; NAME `blip`: a BLIP captioning model of
-tiny-clip's sizes, `blip_caption_structured.py`'s `TINY` config, random init, built into
+tiny-clip's sizes, `blip_caption_structured.py`'s `TINY` config with 64 positions, random
+init, built into
 `<RUN_DIR>-model` first) is served by its `*_generate` models: one request = one image (PNG
 bytes) and one prompt (BLIP captioning: no prompt, so the run's caption prompt "a picture of"
 starts the caption), answered with up to `--max-new-tokens` greedy tokens; the rows add the
@@ -115,7 +116,7 @@ def ensure_run(name: str, path: Path) -> dict:
 
         folder = path.with_name(path.name + "-model")
         if not (folder / "config.json").is_file():
-            tiny_model(folder)
+            tiny_model(folder, context=64)  # prune-export times 32 decode tokens
         model = str(folder)
         # captions only: the bundled "shapes" source also holds questions, which a captioning
         # model does not answer (its calibration and eval pairs saved as caption folders)
