@@ -163,7 +163,8 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
     context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
     longer than the context. ``runtime="genai"`` generates with ONNX Runtime GenAI instead
-    (:class:`vlcompress.runtime.genai_generate.GenaiGenerator`, the ``[genai]`` extra).
+    (:class:`vlcompress.runtime.genai_generate.GenaiGenerator`, the ``[genai]`` extra; its
+    own seeded sampler with the same options: other draws than ours for one seed).
     Nothing is written."""
     from .eval.generative import check_max_new_tokens
     from .runtime.gen_inputs import PromptEncoder, read_image
@@ -172,14 +173,15 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     if runtime not in GENERATE_RUNTIMES:
         raise ConfigError(f"--runtime {runtime!r} is not a generation runtime; allowed: "
                           f"{', '.join(GENERATE_RUNTIMES)}")
-    if sampling is not None and runtime != "onnxruntime":
-        raise ConfigError(f"sampling runs on vlcompress's own loop; --runtime {runtime} is "
-                          "greedy only; allowed: sampling with --runtime onnxruntime")
     if reduced_tokens and runtime == "genai":
         raise ConfigError("--reduced-tokens needs --runtime onnxruntime: the GenAI adapter "
                           "numbers the image tokens contiguously, not at their full-prompt "
                           "positions (the kept tokens' image_positions); allowed: --runtime "
                           "onnxruntime with --reduced-tokens")
+    if runtime == "genai":
+        from .runtime.genai_generate import check_sampling
+
+        check_sampling(sampling)
     run_dir = Path(run_dir)
     rep = run_dir / "report.json"
     if not rep.is_file():
@@ -234,8 +236,11 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
         from .runtime.genai_generate import GenaiGenerator
 
         generator = GenaiGenerator(folder, threads)
-        tokens = generator.generate(enc["input_ids"], enc["attention_mask"],
-                                    enc["pixel_values"], max_new_tokens)[0]
+        try:
+            tokens = generator.generate(enc["input_ids"], enc["attention_mask"],
+                                        enc["pixel_values"], max_new_tokens, sampling=sampling)[0]
+        finally:
+            generator.close()
     else:
         tokens = OrtGenerator(folder, threads).generate(
             enc["input_ids"], enc["attention_mask"], enc["pixel_values"], max_new_tokens,

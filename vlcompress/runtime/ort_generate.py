@@ -111,6 +111,12 @@ class Sampling:
 
     def choose(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One token per row of ``logits`` [batch, vocab]."""
+        p = self.probs(logits)
+        u = rng.random((p.shape[0], 1))
+        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution [batch, vocab] a token is drawn from (zero outside the kept set)."""
         x = logits.astype(np.float64) / float(self.temperature)
         if self.top_k and self.top_k < x.shape[-1]:
             kth = np.partition(x, -self.top_k, axis=-1)[:, -self.top_k][:, None]
@@ -126,8 +132,7 @@ class Sampling:
             np.put_along_axis(keep, order, keep_sorted, -1)
             p = np.where(keep, p, 0.0)
             p /= p.sum(-1, keepdims=True)
-        u = rng.random((p.shape[0], 1))
-        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+        return p
 
 
 class Decoding:
