@@ -67,15 +67,16 @@ TINY = {"vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers
                      eos_token_id=3, bos_token_id=4)}
 
 
-def tiny_model(folder: Path):
+def tiny_model(folder: Path, context: int | None = None):
     """The ``TINY`` config, randomly initialised, saved in the hub layout and loaded as a
-    user's folder is."""
+    user's folder is; ``context``: other position embeddings than its 40 (a prune-export
+    that times 32 decode tokens needs more)."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     from vlcompress.data import shapes
     from vlcompress.models.blip_caption import build_blip_tokenizer, build_processor
 
-    tc = TINY["text"]
+    tc = {**TINY["text"], **({"max_position_embeddings": context} if context else {})}
     tok = build_blip_tokenizer(shapes.vocabulary(), pad_id=tc["pad_token_id"],
                                sep_id=tc["sep_token_id"], bos_id=tc["bos_token_id"])
     torch.manual_seed(0)

@@ -215,9 +215,15 @@ def test_prune_export_sparsegpt_24_on_user_captions(folders, tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption64"]),
                                    "--method", "sparsegpt", "--pattern", "2:4", "--calibration",
-                                   str(folders["caps"]), "--out", str(out), *RUN])
+                                   str(folders["caps"]), "--out", str(out), "--triton", "python",
+                                   *RUN])
     assert res.exit_code == 0, res.output
     assert "vision.onnx, cross_kv.onnx, decoder.onnx" in res.output
+    # --triton python: OUT/triton serves both variants with the BLIP generation model
+    repo = json.loads((out / "triton" / "vlcompress_triton.json").read_text())
+    assert [(m["name"], m["parameters"]["kind"]) for m in repo["models"]] == [
+        ("dense_generate", "blip-caption"), ("pruned_generate", "blip-caption")]
+    assert "BlipOrtGenerator" in (out / "triton" / "pruned_generate" / "1" / "model.py").read_text()
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["family"] == "blip-caption" and rep["prune"]["scope"] == ["vision",
                                                                                    "language"]
@@ -292,8 +298,8 @@ def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):
     assert res.exit_code == 2 and "answering no questions" in res.output, res.output
     assert "Traceback" not in res.output and not bad.exists()
     res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption"]),
-                                   "--triton", "python", "--out", str(bad)])
-    assert res.exit_code == 2 and "serves LLaVA-style exports" in res.output, res.output
+                                   "--triton", "onnxruntime", "--out", str(bad)])
+    assert res.exit_code == 2 and "allowed: --triton python" in res.output, res.output
     assert not bad.exists()
 
 

@@ -294,12 +294,6 @@ def check_run(cfg: RunConfig):
             raise ConfigError(f"--triton {cfg.triton} cannot serve the generative model "
                               f"{cfg.model}: its token loop runs in a Python-backend generation "
                               "model; allowed: --triton python")
-        if cfg.triton is not None and \
-                getattr(families().get(info.family), "onnx_generation", "llava") != "llava":
-            raise ConfigError(f"--triton {cfg.triton} serves LLaVA-style exports; {cfg.model} "
-                              f"({info.family}) exports a vision and a cross-attention decoder "
-                              "graph, which the generation model does not run yet; allowed: no "
-                              "--triton")
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("target_speedup", cfg.target_speedup),
