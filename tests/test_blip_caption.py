@@ -345,3 +345,20 @@ def test_step_entry_points_generate_what_pytorch_generates(folders, calib, kind,
     og.step(st, st.logits.argmax(-1))
     with pytest.raises(ConfigError, match="no room for another step"):
         og.step(st, st.logits.argmax(-1))
+
+
+def test_prune_export_captioner_on_default_shapes_leaves_questions_out(folders, tmp_path):
+    """The bundled shapes data holds captions and questions; a captioner is scored on the
+    captions and the report says the questions were left out (it used to die mid-run)."""
+    from vlcompress.data import generative_eval_data, skipped_questions
+
+    assert [d.kind for d in generative_eval_data("shapes", n=4, questions=False)] != \
+        [d.kind for d in generative_eval_data("shapes", n=4)]
+    assert skipped_questions("shapes") and not skipped_questions(folders["caps"])
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption64"]),
+                                   "--method", "magnitude", "--out", str(out), *RUN])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["accuracy"]["metrics"]) == {"cider", "attribute_accuracy"}
+    assert any("questions (vqa) left out" in n for n in rep["data"]["notes"]), rep["data"]["notes"]

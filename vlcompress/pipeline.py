@@ -791,7 +791,7 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     :mod:`vlcompress.exporters.generative`) is validated against its PyTorch twin on the
     first evaluation prompts; then vision / prefill / decode latency of every variant
     (:func:`vlcompress.runtime.gen_latency.generative_latency`)."""
-    from .data import generative_eval_data, load_calibration
+    from .data import generative_eval_data, load_calibration, skipped_questions
     from .envinfo import env_info
     from .eval.generative import generative_accuracy, run_all
     from .exporters.generative import check_exportable
@@ -805,8 +805,9 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     if getattr(vlm, "onnx_generation", "llava") == "llava":
         check_exportable(vlm)  # a decoder the export cannot build: refused before any work
     is_preset = vlm.source.startswith("preset:")
+    answers = getattr(vlm, "answers_questions", True)  # a captioner: the source's captions only
     evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
-                                 else cfg.eval_size)
+                                 else cfg.eval_size, questions=answers)
     # latency inputs: the first evaluation prompt; a prompt + timed tokens past the context:
     # refused now
     lat_inputs = gen_latency.latency_inputs(vlm, evals, cfg.latency_config.batch_sizes)
@@ -854,6 +855,10 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
             lat_inputs, cfg.latency_config, progress=progress)
         total, nonzero = vlm.num_parameters()
         notes = data_notes(cfg, is_preset)
+        if not answers and skipped_questions(cfg.eval_data):
+            notes.append(f"--eval-data {cfg.eval_data}: its questions (vqa) left out, as "
+                         f"{vlm.family} captions images and answers no questions; evaluated on "
+                         "its captions")
         notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
                      "and validated; latency: vision, prefill (time to first token) and decode "
                      "(ms per token, forced past the end token) of every variant on ONNX Runtime "
