@@ -204,9 +204,18 @@ def _export_fingerprint(module, inputs, axes, opset) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
     def put_value(key, v):
-        if isinstance(v, _PRIMITIVE) or (isinstance(v, tuple | list) and
-                                         all(isinstance(x, _PRIMITIVE) for x in v)):
+        if isinstance(v, _PRIMITIVE):
             put(key, v)
+        elif isinstance(v, torch.Tensor):  # a plain tensor attribute: its values, not its repr
+            put_tensor(key, v)
+        elif isinstance(v, tuple | list):
+            put(key, type(v).__name__, len(v))
+            for i, x in enumerate(v):
+                put_value(f"{key}[{i}]", x)
+        elif isinstance(v, dict):
+            put(key, "dict", len(v))
+            for k, x in sorted(v.items(), key=lambda kv: repr(kv[0])):
+                put_value(f"{key}[{k!r}]", x)
         elif hasattr(v, "to_dict"):  # a transformers config, with the private fields to_dict drops
             put(key, json.dumps(v.to_dict(), sort_keys=True, default=repr),
                 sorted((k, x) for k, x in vars(v).items() if isinstance(x, _PRIMITIVE)))
