@@ -63,6 +63,27 @@ def decoder_bytes(folder: Path) -> int:
     return int(total)
 
 
+def seeded_preset(name: str, vision_layers: int = 0):
+    """The llava preset ``name`` (random weights) seeded 0, the same model every load; with
+    ``vision_layers`` only that many vision encoder layers kept (decode never runs the tower:
+    the export's memory stays small, the prompt keeps its image tokens)."""
+    import gc
+
+    import torch
+
+    from vlcompress.models import load_model
+
+    torch.manual_seed(0)
+    m = load_model(name)
+    if vision_layers:
+        vt = m.model.model.vision_tower
+        enc = getattr(vt, "vision_model", vt).encoder
+        enc.layers = enc.layers[: vision_layers]
+        m.model.config.vision_config.num_hidden_layers = len(enc.layers)
+        gc.collect()
+    return m
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava-qwen2-0.5b")
@@ -94,11 +115,8 @@ def main(argv=None) -> int:
 
     import gc
 
-    import torch
-
     from vlcompress.data import generative_eval_data, load_calibration
     from vlcompress.exporters.generative import export_generative
-    from vlcompress.models import load_model
     from vlcompress.prune import prune
     from vlcompress.runtime.gen_latency import (
         check_timing_context,
@@ -118,15 +136,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t0:6.0f} s] {what}", flush=True)
 
     def dense_model():  # a preset has random weights: seeded, the same model every load
-        torch.manual_seed(0)
-        m = load_model(a.model)
-        if a.vision_layers:  # decode never runs the tower: keep the export's memory small
-            vt = m.model.model.vision_tower
-            enc = getattr(vt, "vision_model", vt).encoder
-            enc.layers = enc.layers[: a.vision_layers]
-            m.model.config.vision_config.num_hidden_layers = len(enc.layers)
-            gc.collect()
-        return m
+        return seeded_preset(a.model, a.vision_layers)
 
     vlm = dense_model()
     evals = generative_eval_data("shapes", n=1)

@@ -19,7 +19,8 @@ from vlcompress.data import load_calibration, load_eval, save_pairs, save_vqa
 from vlcompress.models import load_model, peek_model
 from vlcompress.prune import prune
 
-RUN = ["--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4"]
+RUN = ["--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4", "--batch-sizes",
+       "1", "--iterations", "3"]
 QUESTIONS = ["what color is it ?", "where is it", "what shape is the small picture ?", "size"]
 
 
@@ -29,6 +30,9 @@ def folders(tmp_path_factory):
     pairs = load_eval("shapes", n=4, batch_size=4)
     return {"caption": make_tiny_blip_caption_folder(root),
             "vqa": make_tiny_blip_caption_folder(root, vqa=True),
+            # prune-export times decode: 32 tokens + 5 warm-up past a 4-token prompt
+            "caption64": make_tiny_blip_caption_folder(root, name="cap64", context=64),
+            "vqa64": make_tiny_blip_caption_folder(root, vqa=True, name="vqa64", context=64),
             "caps": save_pairs(pairs, root / "caps", captions=pairs.retrieval_captions),
             "vqadata": save_vqa(pairs.images, ["what color is it ?"] * 4,
                                 [[c.split()[1], "a " + c.split()[1]] for c in pairs.captions],
@@ -171,15 +175,25 @@ def test_export_is_token_exact_dense_and_sliced(folders, calib, kind, tmp_path):
     assert v["token_exact"] == 1.0 and v["prompts"] == 8
     spec = read_spec(tmp_path / "dense")
     assert spec["kind"] == f"blip-{kind}" and spec["num_heads"] == [4, 4]
-    assert set(spec["files"]) == ({"vision", "question", "decoder"} if kind == "vqa"
-                                  else {"vision", "decoder"})
+    assert set(spec["files"]) == ({"vision", "question", "cross_kv", "decoder"} if kind == "vqa"
+                                  else {"vision", "cross_kv", "decoder"})
+    # the cross-attention keys / values are the decoder's inputs (computed once per request by
+    # cross_kv.onnx), not recomputed from the encoder states at every step
+    import onnx
+
+    dec_inputs = [i.name for i in onnx.load(str(tmp_path / "dense" / "decoder.onnx")).graph.input]
+    assert "encoder_hidden_states" not in dec_inputs
+    assert [n for n in dec_inputs if n.startswith("cross.")] == [
+        f"cross.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     prune(vlm, "upop", 0.5, "structured", calibration=calib,
           method_options={"search_steps": 2, "retrain_steps": 1})
     res = export_blip(vlm, tmp_path / "pruned", images=images, questions=qs, max_new_tokens=6)
     assert res.validation["token_exact"] == 1.0
-    heads = read_spec(tmp_path / "pruned")["num_heads"]
-    assert heads == [int(ly.attention.self.num_attention_heads)
-                     for ly in vlm.model.text_decoder.bert.encoder.layer]
+    spec = read_spec(tmp_path / "pruned")
+    layers = vlm.model.text_decoder.bert.encoder.layer
+    assert spec["num_heads"] == [int(ly.attention.self.num_attention_heads) for ly in layers]
+    assert spec["cross_heads"] == [ly.crossattention.self.key.out_features // 8 for ly in layers]
+    assert spec["num_heads"] != [4, 4] or spec["cross_heads"] != [4, 4]  # something was sliced
 
 
 def test_export_validation_catches_a_wrong_graph(folders, calib, tmp_path):
@@ -199,11 +213,11 @@ def test_export_validation_catches_a_wrong_graph(folders, calib, tmp_path):
 
 def test_prune_export_sparsegpt_24_on_user_captions(folders, tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption"]),
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption64"]),
                                    "--method", "sparsegpt", "--pattern", "2:4", "--calibration",
                                    str(folders["caps"]), "--out", str(out), *RUN])
     assert res.exit_code == 0, res.output
-    assert "vision.onnx, decoder.onnx" in res.output
+    assert "vision.onnx, cross_kv.onnx, decoder.onnx" in res.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["family"] == "blip-caption" and rep["prune"]["scope"] == ["vision",
                                                                                    "language"]
@@ -215,6 +229,25 @@ def test_prune_export_sparsegpt_24_on_user_captions(folders, tmp_path):
         assert gen["validation"]["token_exact"] == 1.0
         assert json.loads((out / variant / "generation.json").read_text())["kind"] == \
             "blip-caption"
+    # latency: vision / prefill / decode of both variants on ONNX Runtime and PyTorch eager
+    rows = rep["latency"]
+    assert {(r["runtime"], r["tower"], r["batch"]) for r in rows} == {
+        (rt, p, 1) for rt in ("onnxruntime", "torch") for p in ("vision", "prefill", "decode")}
+    assert all(r["speedup"] > 0 for r in rows)
+    dec = next(r for r in rows if r["tower"] == "decode" and r["runtime"] == "onnxruntime")
+    assert dec["unit"] == "ms/token" and dec["new_tokens"] >= 32
+    assert len(dec["pruned_samples_ms"]) >= 32 and dec["tokens_per_s"]["pruned"] > 0
+    assert dec["prompt_tokens"] == 4  # [DEC] a picture of
+    assert not any("not built" in n for n in rep["data"]["notes"])
+    # bench re-times it; the gate reads decode alone
+    res = CliRunner().invoke(app, ["bench", str(out), "--no-accuracy", "--baseline",
+                                   str(out / "report.json"), "--iterations", "3", "--warmup", "1",
+                                   "--threads", "1", "--report", str(tmp_path / "b.json"),
+                                   "--max-latency-regression", "10"])
+    assert res.exit_code == 0, res.output
+    names = {c["name"] for c in json.loads((tmp_path / "b.json").read_text())["gate"]["checks"]}
+    assert {"latency onnxruntime/cpu decode@1 relative",
+            "latency torch/cpu prefill@1 relative"} <= names
     again = load_model(str(out / "pruned" / "model"))
     assert again.family == "blip-caption" and again.prompts["caption"] == "a picture of"
     # `generate` answers from the exported files what the pruned PyTorch model generates
@@ -227,11 +260,16 @@ def test_prune_export_sparsegpt_24_on_user_captions(folders, tmp_path):
     with Image.open(img) as im:
         want = again.decode(again.generate([im.convert("RGB")], max_new_tokens=5))[0]
     assert res.output.strip() == want
+    # ONNX Runtime GenAI cannot run BLIP's decoder: one line, whether or not the extra is there
+    res = CliRunner().invoke(app, ["generate", str(out), "--image", str(img), "--prompt",
+                                   "a picture of", "--runtime", "genai"])
+    assert res.exit_code == 2 and "cannot run the blip-caption export" in res.output, res.output
+    assert "cross-attends" in res.output and "Traceback" not in res.output
 
 
 def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["vqa"]), "--method",
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["vqa64"]), "--method",
                                    "upop", "--pattern", "structured", "--parts", "text,language",
                                    "--calibration", str(folders["vqadata"]), "--out", str(out),
                                    "--method-option", "search_steps=2",
@@ -240,9 +278,13 @@ def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["accuracy"]["metrics"]) == {"vqa_accuracy"}
     assert set(rep["prune"]["per_modality"]) == {"text", "language"}
+    # VQA is timed too: the prefill runs the question encoder; the decoder starts from [DEC]
+    prefill = [r for r in rep["latency"] if r["tower"] == "prefill"]
+    assert {r["runtime"] for r in prefill} == {"onnxruntime", "torch"}
+    assert all(r["prompt_tokens"] == 1 and r["speedup"] > 0 for r in prefill)
     assert (out / "pruned" / "question.onnx").is_file()
     assert load_model(str(out / "pruned" / "model")).num_parameters()[0] < \
-        load_model(str(folders["vqa"])).num_parameters()[0]
+        load_model(str(folders["vqa64"])).num_parameters()[0]
     # questions for a captioning model: one line, nothing written
     bad = tmp_path / "bad"
     res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption"]),
@@ -262,3 +304,38 @@ def test_tokenizer_ids_follow_the_text_config():
     assert tok.bos_token_id == tc.bos_token_id and len(tok) == tc.vocab_size
     ids = tok("a picture of")["input_ids"]
     assert ids[0] == tok.cls_token_id and ids[-1] == tc.sep_token_id
+
+
+@pytest.mark.parametrize("kind", ["caption", "vqa"])
+def test_step_entry_points_generate_what_pytorch_generates(folders, calib, kind, tmp_path):
+    """The PyTorch eager generator the latency times (prefill / step on transformers' cache)
+    and the ONNX generator's prefill / step (IOBinding buffers, cross keys / values bound
+    once) give ``BlipCaption.generate``'s tokens; a step past the capacity is refused."""
+    from vlcompress.errors import ConfigError
+    from vlcompress.exporters.generative_blip import export_blip
+    from vlcompress.runtime.ort_generate_blip import BlipOrtGenerator, blip_inputs, open_generator
+    from vlcompress.runtime.torch_generate import BlipTorchGenerator, torch_generator
+
+    vlm = load_model(str(folders[kind]))
+    images = list(next(iter(calib.batches())).images)
+    qs = QUESTIONS if kind == "vqa" else None
+    export_blip(vlm, tmp_path / "e", images=images, questions=qs, validate=False)
+    want = vlm.generate(images, qs, max_new_tokens=6)
+    feed = blip_inputs(vlm.tokenizer, vlm.image_processor, images, bos_id=vlm.bos_id,
+                       prompt=vlm.prompts["caption"],
+                       questions=[vlm.prompt(q) for q in qs] if qs else None)
+    q = {k: feed[k] for k in ("question_ids", "question_mask") if k in feed}
+    tg = torch_generator(vlm)
+    assert isinstance(tg, BlipTorchGenerator)
+    og = open_generator(tmp_path / "e", threads=1)
+    assert isinstance(og, BlipOrtGenerator)
+    for gen in (tg, og):
+        assert gen.generate(feed["input_ids"], feed["attention_mask"], feed["pixel_values"], 6,
+                            **q) == want
+    st = og.prefill(feed["input_ids"], feed["attention_mask"], feed["pixel_values"], 1, **q)
+    ref = tg.prefill(feed["input_ids"], feed["attention_mask"], feed["pixel_values"], 1, **q)
+    torch.testing.assert_close(torch.from_numpy(st.logits), torch.from_numpy(ref.logits),
+                               atol=1e-4, rtol=1e-3)
+    og.step(st, st.logits.argmax(-1))
+    with pytest.raises(ConfigError, match="no room for another step"):
+        og.step(st, st.logits.argmax(-1))

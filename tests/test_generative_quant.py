@@ -219,15 +219,68 @@ def test_fp16_cache_on_a_graph_that_reads_it_in_fp32_is_refused():
         kv_cache_fp16(m)
 
 
-def test_precision_variants_of_a_blip_caption_export_are_refused(tmp_path):
-    """BLIP's generative export (vision + cross-attention decoder) has no precision variant:
-    one line, before any work."""
+@pytest.mark.parametrize("vqa", [False, True])
+def test_blip_fp16_variant_keeps_both_caches_in_fp16_and_validates(tmp_path, vqa):
+    """A BLIP export's fp16 twin: every graph fp16, the self-attention cache and the cross
+    keys / values carried in fp16 (cross_kv.onnx writes them, decoder.onnx reads them), within
+    its tolerance of the fp32 PyTorch model, greedy tokens reported."""
     from blip_caption_factory import make_tiny_blip_caption_folder
 
-    model = make_tiny_blip_caption_folder(tmp_path)
+    from vlcompress.exporters.generative_blip import export_blip
+    from vlcompress.runtime.ort_generate_blip import open_generator
+
+    vlm = load_model(str(make_tiny_blip_caption_folder(tmp_path, vqa=vqa)))
+    images = _images(4)
+    qs = ["what color is it ?", "where is it", "size", "what shape ?"] if vqa else None
+    export_blip(vlm, tmp_path / "e", images=images, questions=qs, max_new_tokens=5)
+    info = make_fp16_variant(tmp_path / "e", tmp_path / "e16")
+    assert set(info["files"]) == ({"vision", "question", "cross_kv", "decoder"} if vqa
+                                  else {"vision", "cross_kv", "decoder"})
+    f16 = TensorProto.FLOAT16
+    dec = onnx.load(str(tmp_path / "e16" / "decoder.onnx")).graph
+    kv = {i.name: i.type.tensor_type.elem_type for i in dec.input
+          if i.name.startswith(("past.", "cross."))}
+    assert kv and set(kv.values()) == {f16}
+    cross = onnx.load(str(tmp_path / "e16" / "cross_kv.onnx")).graph
+    assert {o.type.tensor_type.elem_type for o in cross.output} == {f16}
+    assert {o.type.tensor_type.elem_type for o in dec.output if o.name == "logits"} == {
+        TensorProto.FLOAT}
+    v = validate_variant(vlm, tmp_path / "e16", images=images, questions=qs, max_new_tokens=5)
+    assert v["precision"] == "fp16" and v["logits"]["decoder decode logits"]["top1"] >= 0.95
+    assert {"cross kv", "decoder prefill logits"} <= set(v["logits"])
+    gen = open_generator(tmp_path / "e16")
+    assert gen.kv_dtype == np.float16
+    # a BLIP int8 twin quantizes every graph's weight MatMuls (all of its graphs are MatMul work)
+    info = make_int8_variant(tmp_path / "e", tmp_path / "e8")
+    assert all(info["files"][p]["quantized_layers"] for p in info["files"])
+    with pytest.raises(ConfigError, match="not a part of a generative export"):
+        make_int8_variant(tmp_path / "e", tmp_path / "bad", parts=("embed",))
+
+
+def test_prune_export_of_blip_caption_writes_an_int8_variant_timed_beside_fp32(tmp_path):
+    """prune-export --quantize int8 of a BLIP captioner: dense_int8/ and pruned_int8/
+    validated, their accuracy measured from the files, and their decode / prefill timed in
+    the same interleaving (the rows' variants)."""
+    from blip_caption_factory import make_tiny_blip_caption_folder
+
+    model = make_tiny_blip_caption_folder(tmp_path, context=64)  # room to time 32 tokens
+    pairs = load_eval("shapes", n=4, batch_size=4)
+    caps = save_pairs(pairs, tmp_path / "caps", captions=pairs.retrieval_captions)
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["prune-export", "--model", str(model), "--out", str(out),
-                                   "--quantize", "int8", "--quantize-method", "dynamic"])
-    assert res.exit_code == 2, res.output
-    assert "builds precision variants of LLaVA-style exports" in res.output
-    assert "Traceback" not in res.output and not out.exists()
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(model), "--calibration",
+                                   str(caps), "--out", str(out), *RUN, "--quantize", "int8",
+                                   "--quantize-method", "dynamic", "--batch-sizes", "1",
+                                   "--iterations", "3"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    ex = rep["export"]["generative"]
+    assert set(ex) == {"dense", "pruned", "dense_int8", "pruned_int8"}
+    assert ex["pruned_int8"]["validation"]["precision"] == "int8"
+    assert set(ex["pruned_int8"]["paths"]) == {"vision", "cross_kv", "decoder"}
+    acc = rep["quantize"]["accuracy"]["variants"]
+    assert set(acc["pruned_int8"]["metrics"]) == {"cider", "attribute_accuracy"}
+    assert 0 <= acc["pruned_int8"]["fidelity_to_float_twin"]["greedy_agreement"] <= 1
+    decode = next(r for r in rep["latency"]
+                  if r["tower"] == "decode" and r["runtime"] == "onnxruntime")
+    assert set(decode["variants"]) == {"dense", "pruned", "dense_int8", "pruned_int8"}
+    assert decode["variants"]["pruned_int8"]["speedup"] > 0

@@ -163,7 +163,8 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     graphs are loaded: a run that is not generative, ``max_new_tokens`` above the model's
     context, an image that cannot be read, a prompt (with its image tokens) plus the new tokens
     longer than the context. ``runtime="genai"`` generates with ONNX Runtime GenAI instead
-    (:class:`vlcompress.runtime.genai_generate.GenaiGenerator`, the ``[genai]`` extra).
+    (:class:`vlcompress.runtime.genai_generate.GenaiGenerator`, the ``[genai]`` extra; its
+    own seeded sampler with the same options: other draws than ours for one seed).
     Nothing is written."""
     from .eval.generative import check_max_new_tokens
     from .runtime.gen_inputs import PromptEncoder, read_image
@@ -172,18 +173,15 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     if runtime not in GENERATE_RUNTIMES:
         raise ConfigError(f"--runtime {runtime!r} is not a generation runtime; allowed: "
                           f"{', '.join(GENERATE_RUNTIMES)}")
-    if sampling is not None and runtime != "onnxruntime":
-        raise ConfigError(f"sampling runs on vlcompress's own loop; --runtime {runtime} is "
-                          "greedy only; allowed: sampling with --runtime onnxruntime")
     if reduced_tokens and runtime == "genai":
         raise ConfigError("--reduced-tokens needs --runtime onnxruntime: the GenAI adapter "
                           "numbers the image tokens contiguously, not at their full-prompt "
                           "positions (the kept tokens' image_positions); allowed: --runtime "
                           "onnxruntime with --reduced-tokens")
     if runtime == "genai":
-        from .optional_deps import require_onnxruntime_genai
+        from .runtime.genai_generate import check_sampling
 
-        require_onnxruntime_genai()
+        check_sampling(sampling)
     run_dir = Path(run_dir)
     rep = run_dir / "report.json"
     if not rep.is_file():
@@ -210,15 +208,23 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
     proc_dir = run_dir / ((report.get("export") or {}).get("paths", {}).get("model")
                           or "pruned/model")
     if spec.get("kind", "llava") != "llava":  # BLIP: vision + decoder with cross-attention
-        if runtime == "genai":
-            raise ConfigError(f"--runtime genai runs LLaVA-style exports; {str(run_dir)!r} is a "
-                              f"{spec['kind']} export; allowed: --runtime onnxruntime")
+        if runtime == "genai":  # before asking for the extra: it could not run this anyway
+            raise ConfigError(f"--runtime genai cannot run the {spec['kind']} export in "
+                              f"{str(run_dir)!r}: ONNX Runtime GenAI's decoders take "
+                              "inputs_embeds or input_ids with rotary positions and no "
+                              "cross-attention, and BLIP's decoder cross-attends the image (or "
+                              "question) and adds learned absolute positions; allowed: --runtime "
+                              "onnxruntime")
         if sampling is not None or reduced_tokens:
             raise ConfigError(f"{'--sample' if sampling is not None else '--reduced-tokens'} "
                               f"runs on LLaVA-style exports; {str(run_dir)!r} is a "
                               f"{spec['kind']} export (greedy only); allowed: greedy generation")
         return _generate_blip(folder, spec, proc_dir, img, prompt, max_new_tokens, threads,
                               str(model.get("name")))
+    if runtime == "genai":
+        from .optional_deps import require_onnxruntime_genai
+
+        require_onnxruntime_genai()
     encoder = PromptEncoder(proc_dir, str(model.get("name")), ctx,
                             image_tokens=spec.get("image_tokens"))
     enc = encoder.encode([img], [prompt])
@@ -230,8 +236,11 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
         from .runtime.genai_generate import GenaiGenerator
 
         generator = GenaiGenerator(folder, threads)
-        tokens = generator.generate(enc["input_ids"], enc["attention_mask"],
-                                    enc["pixel_values"], max_new_tokens)[0]
+        try:
+            tokens = generator.generate(enc["input_ids"], enc["attention_mask"],
+                                        enc["pixel_values"], max_new_tokens, sampling=sampling)[0]
+        finally:
+            generator.close()
     else:
         tokens = OrtGenerator(folder, threads).generate(
             enc["input_ids"], enc["attention_mask"], enc["pixel_values"], max_new_tokens,

@@ -337,10 +337,6 @@ def _plan_generative(cfg: BenchConfig, run: dict, baseline: dict | None) -> Late
         raise ConfigError(f"{given[0]} does not apply to a generative run: its exported graphs "
                           "are timed on onnxruntime (CPU) with PyTorch eager beside it; allowed: "
                           "--batch-sizes, --iterations, --warmup, --threads")
-    family = run["model"].get("family")
-    if family in ("blip-caption", "blip-vqa"):
-        raise ConfigError(f"timing a {family} run is not built yet (its cross-attention decoder "
-                          "runs on its own generator); allowed: --no-latency")
     base_rows = (baseline or {}).get("latency") or []
     if cfg.batch_sizes:
         bs = cfg.batch_sizes

@@ -470,16 +470,14 @@ def generate_cmd(
         "--runtime", help="onnxruntime (vlcompress's generation loop) or genai (ONNX Runtime "
         "GenAI, the [genai] extra).")] = "onnxruntime",
 ):
-    """Answer a prompt about an image with a run's exported ONNX graphs (ONNX Runtime; greedy,
-    or seeded sampling with --sample)."""
+    """Answer a prompt about an image with a run's exported ONNX graphs (ONNX Runtime, or ONNX
+    Runtime GenAI with --runtime genai; greedy, or seeded sampling with --sample)."""
     from .api import generate
     from .runtime.ort_generate import Sampling
 
     _refuse_meaningless(ctx, [
         *((name, sample, "applies to sampling; add --sample")
-          for name in ("seed", "temperature", "top_k", "top_p")),
-        ("sample", runtime == "onnxruntime", "runs on vlcompress's own loop; allowed: --sample "
-                                             "with --runtime onnxruntime (GenAI: greedy only)")])
+          for name in ("seed", "temperature", "top_k", "top_p"))])
     sampling = Sampling(temperature, top_k, top_p, seed) if sample else None
     out.print(generate(run_dir, image, prompt, dense=dense, max_new_tokens=max_new_tokens,
                        sampling=sampling, reduced_tokens=reduced_tokens, runtime=runtime),

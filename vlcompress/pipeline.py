@@ -300,12 +300,6 @@ def check_run(cfg: RunConfig):
                               f"({info.family}) exports a vision and a cross-attention decoder "
                               "graph, which the generation model does not run yet; allowed: no "
                               "--triton")
-        if (cfg.quantize != "none" or cfg.fp16) and \
-                getattr(families().get(info.family), "onnx_generation", "llava") != "llava":
-            raise ConfigError(f"--{'fp16' if cfg.fp16 else 'quantize ' + cfg.quantize} builds "
-                              f"precision variants of LLaVA-style exports; {cfg.model} "
-                              f"({info.family}) exports a vision and a cross-attention decoder "
-                              "graph; allowed: no --fp16 / --quantize")
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("target_speedup", cfg.target_speedup),
@@ -815,15 +809,10 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
                                  else cfg.eval_size)
     # latency inputs: the first evaluation prompt; a prompt + timed tokens past the context:
     # refused now
-    # (LLaVA-style exports: a BLIP export's cross-attention decoder runs on its own generator,
-    # which has no prefill / step entry points to time yet)
-    timed = getattr(vlm, "onnx_generation", "llava") == "llava"
-    lat_inputs = None
-    if timed:
-        lat_inputs = gen_latency.latency_inputs(vlm, evals, cfg.latency_config.batch_sizes)
-        gen_latency.check_timing_context(
-            lat_inputs, int(vlm.model.config.text_config.max_position_embeddings),
-            model=cfg.model, warmup=cfg.latency_config.warmup)
+    lat_inputs = gen_latency.latency_inputs(vlm, evals, cfg.latency_config.batch_sizes)
+    gen_latency.check_timing_context(
+        lat_inputs, int(vlm.model.config.text_config.max_position_embeddings),
+        model=cfg.model, warmup=cfg.latency_config.warmup)
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         dense_total, dense_nonzero = vlm.num_parameters()
         dense = run_all(vlm, evals, max_new_tokens=cfg.max_new_tokens, progress=progress)
@@ -863,17 +852,17 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
         vlm.save(tmp / "pruned" / "model")
         latency = gen_latency.generative_latency(
             gen_latency.variant_folders(tmp, tuple(exports)), load_model(cfg.model), vlm,
-            lat_inputs, cfg.latency_config, progress=progress) if timed else []
+            lat_inputs, cfg.latency_config, progress=progress)
         total, nonzero = vlm.num_parameters()
         notes = data_notes(cfg, is_preset)
         notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
-                     "and validated; " + (
-                         "latency: vision, prefill (time to first token) and decode (ms per "
-                         "token, forced past the end token) of every variant on ONNX Runtime and "
-                         "of dense and pruned in PyTorch eager, interleaved, on the first "
-                         "evaluation prompt" if timed else
-                         f"no latency rows: timing {vlm.family} exports (vision + a decoder with "
-                         "cross-attention, on their own generator) is not built yet"))
+                     "and validated; latency: vision, prefill (time to first token) and decode "
+                     "(ms per token, forced past the end token) of every variant on ONNX Runtime "
+                     "and of dense and pruned in PyTorch eager, interleaved, on the first "
+                     "evaluation prompt" + (
+                         " (BLIP: the cross-attention keys / values computed once per request, "
+                         "in the prefill)"
+                         if getattr(vlm, "onnx_generation", "llava") == "blip" else ""))
         if quant is not None:
             notes.append(f"--{'fp16' if quant['quantize'] == 'fp16' else 'quantize int8'}: "
                          f"dense_{quant['quantize']}/ and pruned_{quant['quantize']}/ validated "

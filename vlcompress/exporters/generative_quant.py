@@ -1,4 +1,5 @@
-"""fp16 and int8 variants of a generative (llava) ONNX export, validated per precision.
+"""fp16 and int8 variants of a generative (llava, BLIP captioning / VQA) ONNX export,
+validated per precision.
 
     folder = export_generative(vlm, "run/pruned", images=..., ...)        # fp32, token-exact
     fp16 = make_fp16_variant("run/pruned", "run/pruned_fp16")               # three fp16 graphs
@@ -15,6 +16,16 @@ the KV cache: the decoder's ``past.*`` inputs and ``present.*`` outputs are fp16
 and no cast runs on it per token. ``generation.json`` says so (``"kv_dtype": "float16"``); the
 generator (:class:`vlcompress.runtime.ort_generate.OrtGenerator`) allocates its past in that
 dtype.
+
+**BLIP** exports (``generation.json`` ``kind`` ``blip-caption`` / ``blip-vqa``) get the same
+two variants over their own graphs: fp16 converts every graph, with the self-attention cache
+AND the cross-attention keys / values in fp16 (``cross_kv.onnx`` writes them, the decoder reads
+them: computed once per request, they are carried like a cache); int8 quantizes the weight
+MatMuls of every graph (vision, question, cross_kv, decoder: BLIP has no embedding graph, its
+decoder embeds its own ids). Validation compares each graph's output (vision, question,
+cross keys / values, decoder prefill logits and presents, a decode step) with the fp32
+PyTorch model by the same floors (:func:`vlcompress.exporters.generative_blip.blip_logit_checks`)
+and reports greedy generation against ``BlipCaption.generate``.
 
 **int8** (``--quantize int8 --quantize-method dynamic`` on a generative run, ONNX Runtime CPU):
 ONNX Runtime's dynamic quantization (``quantize_dynamic`` through
@@ -53,7 +64,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import ConfigError, ExportError
-from ..runtime.ort_generate import GENERATION_JSON, PARTS, read_spec
+from ..runtime.ort_generate import GENERATION_JSON, read_spec
+from ..runtime.ort_generate_blip import KINDS as BLIP_KINDS
 
 __all__ = ["TOLERANCE", "GENERATIVE_QUANTIZE", "check_generative_precision", "make_fp16_variant",
            "make_int8_variant", "kv_cache_fp16", "validate_variant", "variant_name"]
@@ -112,17 +124,20 @@ def check_generative_precision(quantize: str, method: str, fp16: bool, runtime) 
 # --------------------------------------------------------------------------------------------
 # fp16
 # --------------------------------------------------------------------------------------------
-def kv_cache_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+def kv_cache_fp16(model: onnx.ModelProto, inputs: tuple[str, ...] = ("past.",),
+                  outputs: tuple[str, ...] = ("present.",)) -> onnx.ModelProto:
     """In a decoder converted by ``convert_fp16`` (graph inputs and outputs fp32), make the
-    ``past.*`` inputs and ``present.*`` outputs fp16: the converter's casts at the boundary are
-    dropped (readers of a past read it directly; a present is the fp16 value the graph
-    computed). The result is type-checked: a past read by a node that runs in fp32 would
-    leave it ill-typed (ExportError naming the problem; none in our decoder, whose cache is
-    read by Concat only)."""
+    ``past.*`` inputs and ``present.*`` outputs fp16 (``inputs`` / ``outputs``: the name
+    prefixes; BLIP's decoder adds its ``cross.*`` inputs, its ``cross_kv.onnx`` has the
+    ``cross.*`` outputs): the converter's casts at the boundary are dropped (readers of a
+    past read it directly; a present is the fp16 value the graph computed). The result is
+    type-checked: a past read by a node that runs in fp32 would leave it ill-typed
+    (ExportError naming the problem; none in our decoders, whose caches are read by Concat,
+    Transpose and MatMul only)."""
     g = model.graph
     F16 = TensorProto.FLOAT16
-    past = {i.name for i in g.input if i.name.startswith("past.")}
-    present = {o.name for o in g.output if o.name.startswith("present.")}
+    past = {i.name for i in g.input if i.name.startswith(tuple(inputs))}
+    present = {o.name for o in g.output if o.name.startswith(tuple(outputs))}
     rename: dict[str, str] = {}
     keep = []
     for n in g.node:
@@ -192,11 +207,13 @@ def make_fp16_variant(src: str | Path, dst: str | Path) -> dict:
     dst.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     files = {}
-    for part in PARTS:
-        name = spec["files"][part]
+    blip = spec.get("kind") in BLIP_KINDS
+    for part, name in spec["files"].items():
         model = convert_fp16(onnx.load(str(src / name)))
-        if part == "decoder":
-            model = kv_cache_fp16(model)
+        if part == "decoder":  # BLIP's also takes its cross keys / values in fp16
+            model = kv_cache_fp16(model, ("past.", "cross.") if blip else ("past.",))
+        elif part == "cross_kv":
+            model = kv_cache_fp16(model, (), ("cross.",))
         _props(model, **{"vlcompress.precision": "fp16", "vlcompress.quantize": "fp16",
                          "vlcompress.quantize_method": "cast"})
         save_onnx(model, dst / name)
@@ -214,9 +231,11 @@ def _bytes(path: Path) -> int:
 # --------------------------------------------------------------------------------------------
 # int8
 # --------------------------------------------------------------------------------------------
-def make_int8_variant(src: str | Path, dst: str | Path, parts=INT8_PARTS) -> dict:
+def make_int8_variant(src: str | Path, dst: str | Path, parts=None) -> dict:
     """Write the dynamic int8 copy of the export in ``src`` to ``dst`` (``parts`` quantized,
-    the others copied); returns what was written."""
+    the others copied; default: :data:`INT8_PARTS`, or every graph of a BLIP export, whose
+    graphs are all MatMul work: vision, question, cross_kv, decoder); returns what was
+    written."""
     from .quantize import quantize_onnx
 
     src, dst = Path(src), Path(dst)
@@ -224,15 +243,16 @@ def make_int8_variant(src: str | Path, dst: str | Path, parts=INT8_PARTS) -> dic
     if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
         raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
                           "allowed: an fp32 generative export")
-    bad = [p for p in parts if p not in PARTS]
+    if parts is None:
+        parts = tuple(spec["files"]) if spec.get("kind") in BLIP_KINDS else INT8_PARTS
+    bad = [p for p in parts if p not in spec["files"]]
     if bad:
         raise ConfigError(f"int8 part {bad[0]!r} is not a part of a generative export; allowed: "
-                          f"{', '.join(PARTS)}")
+                          f"{', '.join(spec['files'])}")
     dst.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     files = {}
-    for part in PARTS:
-        name = spec["files"][part]
+    for part, name in spec["files"].items():
         if part in parts:
             res = quantize_onnx(src / name, dst / name, "int8", method="dynamic",
                                 op_types=("MatMul",))
@@ -278,7 +298,7 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
     raise one ExportError naming every figure under its floor, else return the figures."""
     import torch
 
-    from ..runtime.ort_generate import OrtGenerator
+    from ..runtime.ort_generate_blip import open_generator
     from .generative import (
         DecoderGraph,
         VisionGraph,
@@ -288,7 +308,7 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
         greedy_pairs,
     )
 
-    gen = OrtGenerator(folder)
+    gen = open_generator(folder)
     precision = precision or gen.spec.get("quantize") or gen.spec.get("precision", "fp32")
     if precision not in TOLERANCE:
         raise ConfigError(f"no tolerance for precision {precision!r}; allowed: "
@@ -296,6 +316,15 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
     tol = TOLERANCE[precision]
     model = vlm.model.eval()
     figures: dict[str, dict] = {}
+    if gen.spec.get("kind") in BLIP_KINDS:  # vision (question), cross kv, decoder, generation
+        from .generative_blip import blip_greedy_pairs, blip_logit_checks
+
+        for name, got, ref, valid in blip_logit_checks(vlm, gen):
+            figures[name] = logit_agreement(got, ref, valid)
+            if "logits" not in name:  # an embedding / key row has no arg-max to agree on
+                figures[name].pop("top1")
+        return _judge(figures, blip_greedy_pairs(vlm, gen, images, questions, max_new_tokens),
+                      precision, tol, folder, max_new_tokens)
     with torch.no_grad(), _eager_attention(model):
         px = _example_pixels(vlm, 3, 1)
         figures["vision"] = logit_agreement(gen.image_embeds(px.numpy()), VisionGraph(model)(px))
@@ -313,6 +342,14 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
         ref2 = dec(step, mask, pos, *ref[1:])
         logits2, _ = gen.decode_step(step.numpy(), mask.numpy(), pos.numpy(), past)
         figures["decoder decode logits"] = logit_agreement(logits2, ref2[0])
+    return _judge(figures, greedy_pairs(vlm, gen, images, questions, max_new_tokens), precision,
+                  tol, folder, max_new_tokens)
+
+
+def _judge(figures: dict, pairs: list, precision: str, tol: dict, folder, max_new_tokens: int
+           ) -> dict:
+    """One ExportError naming every figure under its floor, else the report's figures with
+    the greedy generation agreement (``pairs``: PyTorch's and the export's tokens)."""
     problems = []
     for part, f in figures.items():
         if f["min_cosine"] < tol["min_cosine"]:
@@ -320,7 +357,6 @@ def validate_variant(vlm, folder: str | Path, *, images, questions=None, max_new
         if "top1" in f and f["top1"] < tol["min_top1"]:
             problems.append(f"{part} top-1 agreement {f['top1']:.3f} < {tol['min_top1']}")
     # greedy generation against PyTorch generate: measured and reported, not required
-    pairs = greedy_pairs(vlm, gen, images, questions, max_new_tokens)
     exact = sum(a == b for a, b in pairs)
     same = total = 0
     for a, b in pairs:  # as generative_fidelity's greedy_agreement counts
@@ -352,7 +388,7 @@ def build_variant(vlm, src: str | Path, precision: str, *, images, questions=Non
     info["validation"] = validate_variant(vlm, dst, images=images, questions=questions,
                                           max_new_tokens=max_new_tokens, precision=precision)
     spec = read_spec(dst)
-    info["paths"] = {p: f"{dst.name}/{spec['files'][p]}" for p in PARTS}
+    info["paths"] = {p: f"{dst.name}/{f}" for p, f in spec["files"].items()}
     return info
 
 
@@ -365,7 +401,7 @@ def variants_accuracy(vlm, root: str | Path, names: list[str], evals, dense_runs
     fp32 ONNX is validated token-exact against them)."""
     from ..eval.generative import dataset_name, generative_fidelity, generative_metrics, merged_runs
     from ..eval.generative_ort import ort_run_generative
-    from ..runtime.ort_generate import OrtGenerator
+    from ..runtime.ort_generate_blip import open_generator
 
     def metrics(runs):
         out = {}
@@ -383,7 +419,7 @@ def variants_accuracy(vlm, root: str | Path, names: list[str], evals, dense_runs
                         "pruned": {"metrics": metrics(pruned_runs),
                                    "fidelity": generative_fidelity(ref, merged_runs(pruned_runs))}}}
     for name in names:
-        gen = OrtGenerator(Path(root) / name)
+        gen = open_generator(Path(root) / name)
         runs = [ort_run_generative(gen, vlm, d, max_new_tokens=max_new_tokens, progress=progress)
                 for d in evals]
         twin = pruned_runs if name.startswith("pruned") else dense_runs

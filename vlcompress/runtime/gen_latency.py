@@ -10,10 +10,12 @@ Three parts per batch size, each one latency row per runtime, shaped as the enco
 (:func:`vlcompress.runtime.latency.compare_latency`: ``dense_ms`` / ``pruned_ms`` summaries,
 ``speedup`` = dense p50 / pruned p50, the paired raw samples the gate bootstraps):
 
-- ``vision``: the vision graph (pixels to the language model's image embeddings);
+- ``vision``: the vision graph (pixels to the language model's image embeddings; BLIP: the
+  ViT's states the decoder's cross-attention reads);
 - ``prefill``: time to first token: vision, embedding, the decoder over the whole prompt and
-  the choice of the first token, at the prompt length of the user's evaluation data (its first
-  item, repeated to the batch size);
+  the choice of the first token (BLIP: vision, the VQA question encoder, the cross-attention
+  keys / values, computed once per request, and the decoder over its start), at the prompt
+  length of the user's evaluation data (its first item, repeated to the batch size);
 - ``decode``: milliseconds per generated token: one decode step (embedding + decoder with the
   KV cache + the next token), ``unit`` ``ms/token``. Each round prefills every variant
   (untimed), then times ``new_tokens`` (at least :data:`DECODE_TOKENS`) steps, the variants
@@ -65,7 +67,8 @@ class _Call(Runner):
 def latency_inputs(vlm, evals, batch_sizes) -> dict[int, dict[str, np.ndarray]]:
     """The inputs of the generative latency at each batch size: the first item of the first
     evaluation set (its image and its prompt: the question, or the caption prompt), repeated
-    to the batch size, tokenised by the model's processor and chat template."""
+    to the batch size, tokenised by the model's processor and chat template (BLIP: the
+    decoder start ``[DEC] prompt``, and for VQA the question, ``ort_generate_blip.blip_inputs``)."""
     from ..eval.generative import validation_items
     from .ort_generate import prompt_inputs
 
@@ -73,6 +76,16 @@ def latency_inputs(vlm, evals, batch_sizes) -> dict[int, dict[str, np.ndarray]]:
     if not images:
         raise ConfigError("the evaluation data has no item to time generation on")
     out = {}
+    if getattr(vlm, "onnx_generation", "llava") == "blip":  # decoder start (+ the question)
+        from .ort_generate_blip import blip_inputs
+
+        vqa = vlm.family == "blip-vqa"
+        for b in batch_sizes:
+            out[int(b)] = blip_inputs(vlm.tokenizer, vlm.image_processor, [images[0]] * int(b),
+                                      bos_id=vlm.bos_id, prompt=vlm.prompts["caption"],
+                                      questions=[vlm.prompt(questions[0])] * int(b) if vqa
+                                      else None)
+        return out
     for b in batch_sizes:
         out[int(b)] = prompt_inputs(vlm.processor, [vlm.prompt(questions[0])] * int(b),
                                     [images[0]] * int(b))
@@ -154,17 +167,25 @@ def _time_decode(gens: dict, feed: dict, config, new_tokens: int) -> dict[str, l
         for k, g in gens.items():  # untimed: a fresh cache of the prompt, room for the round
             f = variant_feed(g, feed)
             states[k] = g.prefill(f["input_ids"], f["attention_mask"], f.get("pixel_values"),
-                                  warm + new_tokens + 1, image_embeds=f.get("image_embeds"))
+                                  warm + new_tokens + 1, image_embeds=f.get("image_embeds"),
+                                  **_question(f))
         for k, v in measure(runners, warmup=warm, iterations=new_tokens).items():
             times[k] += v
     states.clear()
     return times
 
 
+def _question(feed: dict) -> dict:
+    """A BLIP VQA feed's question (``question_ids``, ``question_mask``) as keyword
+    arguments of ``prefill``; none for any other feed."""
+    return {k: feed[k] for k in ("question_ids", "question_mask") if k in feed}
+
+
 _CALLS = {
     "vision": lambda g: lambda f: g.image_embeds(f["pixel_values"]),
     "prefill": lambda g: lambda f: g.prefill(f["input_ids"], f["attention_mask"],
-                                             f["pixel_values"], 1).logits.argmax(-1),
+                                             f["pixel_values"], 1,
+                                             **_question(f)).logits.argmax(-1),
 }
 
 
@@ -241,13 +262,13 @@ def generative_latency(folders: dict, dense_vlm, pruned_vlm, inputs: dict, confi
     ONNX Runtime CPU and the dense and pruned PyTorch models eager, interleaved in one
     measurement (:func:`time_generation`), ``config.threads`` (default: every CPU this
     process may use) for both runtimes."""
-    from .ort_generate import OrtGenerator
-    from .torch_generate import TorchGenerator
+    from .ort_generate_blip import open_generator
+    from .torch_generate import torch_generator
 
     threads = int(config.threads or default_threads())
-    gens = {("onnxruntime", k): OrtGenerator(f, threads) for k, f in folders.items()}
-    gens[("torch", "dense")] = TorchGenerator(dense_vlm)
-    gens[("torch", "pruned")] = TorchGenerator(pruned_vlm)
+    gens = {("onnxruntime", k): open_generator(f, threads) for k, f in folders.items()}
+    gens[("torch", "dense")] = torch_generator(dense_vlm)
+    gens[("torch", "pruned")] = torch_generator(pruned_vlm)
     return time_generation(gens, inputs, config, new_tokens=new_tokens, threads=threads,
                            progress=progress)
 

@@ -111,6 +111,12 @@ class Sampling:
 
     def choose(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One token per row of ``logits`` [batch, vocab]."""
+        p = self.probs(logits)
+        u = rng.random((p.shape[0], 1))
+        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution [batch, vocab] a token is drawn from (zero outside the kept set)."""
         x = logits.astype(np.float64) / float(self.temperature)
         if self.top_k and self.top_k < x.shape[-1]:
             kth = np.partition(x, -self.top_k, axis=-1)[:, -self.top_k][:, None]
@@ -126,8 +132,7 @@ class Sampling:
             np.put_along_axis(keep, order, keep_sorted, -1)
             p = np.where(keep, p, 0.0)
             p /= p.sum(-1, keepdims=True)
-        u = rng.random((p.shape[0], 1))
-        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+        return p
 
 
 class Decoding:
@@ -151,11 +156,14 @@ class Decoding:
         self.mask = np.ones(b * self.capacity, np.int64)  # flat: viewed [batch, length]
         self.positions = np.zeros((b, 1), np.int64)
         self.ids = np.zeros((b, 1), np.int64)
-        self.embeds = np.zeros((b, 1, int(gen.hidden)), np.float32)
+        # the step's embeddings, written by embed.onnx (an export whose decoder embeds its own
+        # token ids, BLIP's, has no embedding graph)
+        embeds = "embed" in s["files"]
+        self.embeds = np.zeros((b, 1, int(gen.hidden)), np.float32) if embeds else None
         self.step_logits = np.zeros((b, 1, int(s["vocab_size_out"])), np.float32)
         self.length = 0  # tokens in the cache
         self.logits: np.ndarray | None = None  # [batch, vocab] of the last position
-        self.embed_binding = gen.sessions["embed"].io_binding()
+        self.embed_binding = gen.sessions["embed"].io_binding() if embeds else None
         self.binding = gen.sessions["decoder"].io_binding()
 
     def cache_view(self, side: int, j: int, length: int) -> tuple[int, tuple]:
@@ -180,7 +188,7 @@ class _Sessions(dict):
         self.folder, self.files, self.threads = folder, files, threads
 
     def __missing__(self, part: str):
-        if part not in PARTS:
+        if part not in self.files:
             raise KeyError(part)
         self[part] = _session(self.folder / self.files[part], self.threads)
         return self[part]
@@ -278,14 +286,15 @@ class OrtGenerator:
                               f"allowed: prompt + new tokens <= {self.context}")
         return need
 
-    def _run_decoder(self, st: Decoding, embeds: np.ndarray, mask: np.ndarray,
-                     positions: np.ndarray, new: int, logits: np.ndarray) -> None:
-        """Bind the inputs, the past (``st.length`` tokens on ``st.side``) and the presents
-        (``st.length + new`` on the other side), run, flip the sides."""
+    def _run_decoder(self, st: Decoding, inputs: dict[str, np.ndarray], new: int,
+                     logits: np.ndarray) -> None:
+        """Bind ``inputs`` (name -> array: the step's embeddings or ids, mask, positions),
+        the past (``st.length`` tokens on ``st.side``) and the presents (``st.length + new``
+        on the other side), run, flip the sides. Inputs bound before and not named here
+        (BLIP's cross-attention keys / values, bound once per generation) stay bound."""
         io = st.binding
-        io.bind_cpu_input("inputs_embeds", embeds)
-        io.bind_cpu_input("attention_mask", mask)
-        io.bind_cpu_input("position_ids", positions)
+        for name, arr in inputs.items():
+            io.bind_cpu_input(name, arr)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         other = 1 - st.side
         for j, name in enumerate(self._cache_names):
@@ -308,7 +317,8 @@ class OrtGenerator:
         st = Decoding(self, mask, self.check_capacity(p, max_new_tokens))
         embeds, positions = self.prompt(input_ids, mask, pixel_values, image_embeds)
         logits = np.empty((b, p, int(self.spec["vocab_size_out"])), np.float32)
-        self._run_decoder(st, embeds, st.mask_view(p), positions, p, logits)
+        self._run_decoder(st, {"inputs_embeds": embeds, "attention_mask": st.mask_view(p),
+                               "position_ids": positions}, p, logits)
         st.positions[:] = positions[:, -1:]
         st.logits = logits[:, -1]
         return st
@@ -319,16 +329,21 @@ class OrtGenerator:
             raise ConfigError(f"the generation holds {st.capacity} tokens (prompt + "
                               "max_new_tokens); no room for another step")
         st.ids[:, 0] = tokens
+        st.positions += 1
+        self._run_decoder(st, {**self._step_tokens(st), "position_ids": st.positions,
+                               "attention_mask": st.mask_view(st.length + 1)}, 1, st.step_logits)
+        st.logits = st.step_logits[:, -1]
+        return st.logits
+
+    def _step_tokens(self, st: Decoding) -> dict[str, np.ndarray]:
+        """The decoder's token input of a step (``st.ids``): the embedding graph writes their
+        embeddings into the decoder's input buffer."""
         eb = st.embed_binding
         eb.bind_cpu_input("input_ids", st.ids)
         eb.bind_output("inputs_embeds", "cpu", 0, np.float32, list(st.embeds.shape),
                        st.embeds.ctypes.data)
         self.sessions["embed"].run_with_iobinding(eb)
-        st.positions += 1
-        self._run_decoder(st, st.embeds, st.mask_view(st.length + 1), st.positions, 1,
-                          st.step_logits)
-        st.logits = st.step_logits[:, -1]
-        return st.logits
+        return {"inputs_embeds": st.embeds}
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                  pixel_values: np.ndarray, max_new_tokens: int, sampling: Sampling | None = None

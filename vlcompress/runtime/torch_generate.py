@@ -114,11 +114,14 @@ class TorchGenerator:
             st.mask = torch.cat([st.mask, st.mask.new_ones(st.batch, 1)], 1)
             st.positions = st.positions + 1
             ids = torch.from_numpy(np.asarray(tokens, np.int64).reshape(-1, 1))
-            out = self._lm(input_ids=ids, attention_mask=st.mask, position_ids=st.positions,
-                             use_cache=True, logits_to_keep=1, **{self._cache_kw: st.cache})
+            out = self._step_forward(st, ids)
             st.length += 1  # the model appended this step's keys / values to st.cache
             st.logits = out.logits[:, -1].float().numpy()
             return st.logits
+
+    def _step_forward(self, st: TorchDecoding, ids):
+        return self._lm(input_ids=ids, attention_mask=st.mask, position_ids=st.positions,
+                        use_cache=True, logits_to_keep=1, **{self._cache_kw: st.cache})
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                  pixel_values: np.ndarray, max_new_tokens: int) -> list[list[int]]:
@@ -128,3 +131,91 @@ class TorchGenerator:
         tok = self.vlm.tokenizer
         st = self.prefill(input_ids, attention_mask, pixel_values, max_new_tokens)
         return token_loop(self, st, max_new_tokens, int(tok.eos_token_id), int(tok.pad_token_id))
+
+
+class BlipTorchGenerator(TorchGenerator):
+    """PyTorch eager prefill / decode steps of a BLIP captioning or VQA ``vlm``, the entry
+    points of :class:`~vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`: what
+    transformers' ``generate`` runs for each step of ``BlipCaption.generate`` (greedy) --
+    the vision model (and the question encoder) once, then the text decoder with an
+    ``EncoderDecoderCache`` (its cross-attention keys / values computed at the first call
+    and kept, the self-attention's appended per step), position ids ``cumsum(mask) - 1``
+    continued, ``logits_to_keep=1``."""
+
+    runtime = "torch"
+
+    def __init__(self, vlm):
+        import inspect
+
+        self.vlm = vlm
+        self.model = vlm.model.eval()
+        self.spec = {"kind": vlm.family, "precision": "fp32"}
+        self.context = int(self.model.config.text_config.max_position_embeddings)
+        params = inspect.signature(self.model.text_decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            px = torch.from_numpy(np.ascontiguousarray(pixel_values, np.float32))
+            return self.model.vision_model(pixel_values=px)[0].numpy()
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                pixel_values: np.ndarray | None, max_new_tokens: int,
+                image_embeds: np.ndarray | None = None, *, question_ids=None,
+                question_mask=None) -> TorchDecoding:
+        import torch
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        from ..errors import ConfigError
+
+        need = int(input_ids.shape[1]) + int(max_new_tokens)
+        if need > self.context:
+            raise ConfigError(f"{input_ids.shape[1]} prompt tokens + {max_new_tokens} new tokens "
+                              f"exceed the context ({self.context} tokens)")
+        with torch.inference_mode():
+            if image_embeds is None:
+                image_embeds = self.image_embeds(pixel_values)
+            enc = torch.from_numpy(np.ascontiguousarray(image_embeds, np.float32))
+            if self.vlm.family == "blip-vqa":
+                ones = torch.ones(enc.shape[:-1], dtype=torch.long)
+                enc = self.model.text_encoder(
+                    input_ids=torch.from_numpy(question_ids.astype(np.int64)),
+                    attention_mask=torch.from_numpy(question_mask.astype(np.int64)),
+                    encoder_hidden_states=enc, encoder_attention_mask=ones)[0]
+            mask = torch.from_numpy(attention_mask.astype(np.int64))
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            out = self.model.text_decoder(
+                input_ids=torch.from_numpy(input_ids.astype(np.int64)), attention_mask=mask,
+                position_ids=pos, encoder_hidden_states=enc, use_cache=True, logits_to_keep=1,
+                **{self._cache_kw: cache})
+            st = TorchDecoding(cache, mask, pos[:, -1:], out.logits[:, -1].float().numpy(), need)
+            st.encoder = enc
+            return st
+
+    def _step_forward(self, st: TorchDecoding, ids):
+        return self.model.text_decoder(
+            input_ids=ids, attention_mask=st.mask, position_ids=st.positions,
+            encoder_hidden_states=st.encoder, use_cache=True, logits_to_keep=1,
+            **{self._cache_kw: st.cache})
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 pixel_values: np.ndarray, max_new_tokens: int, *, question_ids=None,
+                 question_mask=None) -> list[list[int]]:
+        """Greedy new token ids per row, cut at the end (or pad) token, as
+        ``BlipCaption.generate``."""
+        from .ort_generate import token_loop
+
+        st = self.prefill(input_ids, attention_mask, pixel_values, max_new_tokens,
+                          question_ids=question_ids, question_mask=question_mask)
+        return token_loop(self, st, max_new_tokens, int(self.vlm.sep_id), int(self.vlm.pad_id))
+
+
+def torch_generator(vlm):
+    """The PyTorch eager generator of ``vlm``: BLIP captioning / VQA's own
+    (:class:`BlipTorchGenerator`), else :class:`TorchGenerator` (llava, blip2)."""
+    if getattr(vlm, "onnx_generation", "llava") == "blip":
+        return BlipTorchGenerator(vlm)
+    return TorchGenerator(vlm)
