@@ -30,6 +30,7 @@ of ``blip_structured.py`` so it gets near 50% within them, and the JSON records 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -39,8 +40,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import write_result  # noqa: E402
-from blip_structured import n_params, prune_structured  # noqa: E402
+from _common import provenance, write_result  # noqa: E402
+from blip_structured import (  # noqa: E402
+    SEARCH_MEMORY,
+    PeakRSS,
+    model_bytes,
+    n_params,
+    prune_structured,
+    rss_bytes,
+)
 
 from vlcompress import load_calibration, load_eval, load_model  # noqa: E402
 from vlcompress.eval.generative import generative_fidelity, run_generative  # noqa: E402
@@ -59,15 +67,16 @@ TINY = {"vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers
                      eos_token_id=3, bos_token_id=4)}
 
 
-def tiny_model(folder: Path):
+def tiny_model(folder: Path, context: int | None = None):
     """The ``TINY`` config, randomly initialised, saved in the hub layout and loaded as a
-    user's folder is."""
+    user's folder is; ``context``: other position embeddings than its 40 (a prune-export
+    that times 32 decode tokens needs more)."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     from vlcompress.data import shapes
     from vlcompress.models.blip_caption import build_blip_tokenizer, build_processor
 
-    tc = TINY["text"]
+    tc = {**TINY["text"], **({"max_position_embeddings": context} if context else {})}
     tok = build_blip_tokenizer(shapes.vocabulary(), pad_id=tc["pad_token_id"],
                                sep_id=tc["sep_token_id"], bos_id=tc["bos_token_id"])
     torch.manual_seed(0)
@@ -87,6 +96,18 @@ def params_per_part(vlm) -> dict[str, int]:
     return out
 
 
+def reinit_vision(vlm, std: float) -> None:
+    """The preset's vision tower drawn again at ``initializer_range`` ``std`` (BLIP's default
+    1e-10 gives a constant image embedding: the decoder would not see the image)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in vlm.model.vision_model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
 def export_check(vlm, folder, images, max_new_tokens: int) -> dict:
     t = time.perf_counter()
     res = export_blip(vlm, folder, images=images, max_new_tokens=max_new_tokens)
@@ -95,8 +116,25 @@ def export_check(vlm, folder, images, max_new_tokens: int) -> dict:
             "max_abs_diff": v["max_abs_diff"], "seconds": round(time.perf_counter() - t, 1)}
 
 
-def run_method(method: str, dense, dense_run, calib, evals, a, tmp: Path) -> dict:
-    vlm, res, opts, secs, blocks = prune_structured(method, dense, calib, a)
+def run_method(method: str, load_dense, dense_info: dict, dense_run, calib, evals, a,
+               tmp: Path) -> dict:
+    """Prune a fresh load of the dense folder (``load_dense``: no dense model stays resident
+    beside the one being pruned), save, reload, compare, fidelity, ONNX (unless skipped)."""
+    with PeakRSS() as mem_all:
+        with PeakRSS() as mem:
+            vlm, res, opts, secs, blocks = prune_structured(method, load_dense, calib, a)
+        row = _after_prune(method, vlm, res, opts, secs, blocks, dense_info, dense_run, calib,
+                           evals, a, tmp)
+    row["peak_rss_bytes_prune"] = mem.peak
+    row["rss_bytes_before_prune"] = mem.start
+    row["peak_rss_bytes_method"] = mem_all.peak
+    print(f"{method:12s} peak RSS {mem.peak / 1e9:.2f} GB in prune, {mem_all.peak / 1e9:.2f} GB "
+          f"in the whole method (before: {mem.start / 1e9:.2f} GB)", flush=True)
+    return row
+
+
+def _after_prune(method, vlm, res, opts, secs, blocks, dense_info, dense_run, calib, evals, a,
+                 tmp: Path) -> dict:
     d = res.details[method]
     t2 = time.perf_counter()
     folder = tmp / f"{method}-model"
@@ -114,27 +152,31 @@ def run_method(method: str, dense, dense_run, calib, evals, a, tmp: Path) -> dic
               "greedy_tokens_equal": bool(same_tokens)}
     pruned_run = run_generative(vlm, evals, max_new_tokens=a.max_new_tokens)
     fid = generative_fidelity(dense_run, pruned_run)
-    onnx = export_check(vlm, tmp / f"{method}-onnx", images, a.max_new_tokens)
+    onnx = None if a.skip_onnx else export_check(vlm, tmp / f"{method}-onnx", images,
+                                                 a.max_new_tokens)
     row = {"method": method, "target": a.sparsity, "achieved": round(res.achieved, 4),
            "per_modality": {k: round(v, 4) for k, v in res.per_modality.items()},
-           "params_before": n_params(dense), "params_after": n_params(vlm),
-           "params_ratio": round(n_params(vlm) / n_params(dense), 4),
-           "params_per_part_before": params_per_part(dense),
+           "params_before": dense_info["params"], "params_after": n_params(vlm),
+           "params_ratio": round(n_params(vlm) / dense_info["params"], 4),
+           "params_per_part_before": dense_info["parts"],
            "params_per_part_after": params_per_part(vlm),
            "prune_seconds": round(secs, 1), "method_options": opts,
            "verify_max_abs_diff": res.details["structured"]["verify_max_abs_diff"],
            "kept": d.get("kept_by_search") or d.get("kept_by_gates"),
            "expected_sparsity_final": d.get("expected_sparsity_final"),
+           "budget_fit": d.get("budget_fit"), "retrain": d.get("retrain"),
+           "peak_rss_by_phase": res.details["peak_rss_by_phase"],
            "heads_mlp_per_unit": {k: list(v) for k, v in blocks.items()},
            "reload": reload, "fidelity": fid,
            "examples": [{"dense": x, "pruned": y} for x, y in
                         zip(dense_run.texts[:3], pruned_run.texts[:3], strict=False)],
            "onnx_pruned": onnx}
-    print(f"{method:12s} achieved={res.achieved:.3f} params {row['params_before'] / 1e6:.1f}M -> "
+    print(f"{method:12s} achieved={res.achieved:.4f} params {row['params_before'] / 1e6:.1f}M -> "
           f"{row['params_after'] / 1e6:.1f}M ({secs:.0f}s) reload diff "
           f"{reload['logits_max_abs_diff']:.2g} tokens equal {same_tokens} kl "
           f"{fid['token_kl']:.4f} greedy agreement {fid['greedy_agreement']:.3f} onnx "
-          f"token-exact {onnx['token_exact']:.2f}", flush=True)
+          f"token-exact {'skipped' if onnx is None else format(onnx['token_exact'], '.2f')}",
+          flush=True)
     return row
 
 
@@ -154,32 +196,65 @@ def main():
     ap.add_argument("--search-steps", type=int, default=3, help="upop search steps")
     ap.add_argument("--gate-steps", type=int, default=4, help="efficientvlm gate training steps")
     ap.add_argument("--retrain-steps", type=int, default=1)
+    ap.add_argument("--vision-init", type=float, default=0.02,
+                    help="a preset's vision initializer_range (BLIP's 1e-10 makes a random "
+                         "vision tower's output constant); 0: the preset's own")
+    ap.add_argument("--skip-onnx", action="store_true",
+                    help="no ONNX export check (the preset's export is minutes per model)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    provenance()  # the commit this run starts from, whatever lands in the checkout meanwhile
     torch.manual_seed(0)
     t0 = time.perf_counter()
     holder = tempfile.TemporaryDirectory()
-    dense = tiny_model(Path(holder.name)) if a.model == "tiny" else load_model(a.model)
+    folder = Path(holder.name) / "dense"
+    if a.model == "tiny":
+        dense = tiny_model(folder)
+    else:
+        dense = load_model(a.model)
+        if a.vision_init:
+            reinit_vision(dense, a.vision_init)
+        dense.save(folder)  # the methods load it from here: no resident dense copy
+        dense = load_model(str(folder))
     calib = load_calibration("shapes", n=a.pairs, batch_size=a.pairs, seed=0)
     evals = load_eval("shapes", n=a.eval_pairs)
     dense_run = run_generative(dense, evals, max_new_tokens=a.max_new_tokens)
+    dense_info = {"params": n_params(dense), "parts": params_per_part(dense),
+                  "model_bytes": model_bytes(dense), "family": dense.family,
+                  "caption_prompt": dense.prompts["caption"]}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         images = list(evals.images)[:a.export_prompts]
-        dense_onnx = export_check(dense, tmp / "dense-onnx", images, a.max_new_tokens)
-        print(f"dense        onnx token-exact {dense_onnx['token_exact']:.2f} "
-              f"({dense_onnx['seconds']:.0f}s)", flush=True)
-        rows = [run_method(m, dense, dense_run, calib, evals, a, tmp)
-                for m in a.methods.split(",")]
+        dense_onnx = None
+        if not a.skip_onnx:
+            dense_onnx = export_check(dense, tmp / "dense-onnx", images, a.max_new_tokens)
+            print(f"dense        onnx token-exact {dense_onnx['token_exact']:.2f} "
+                  f"({dense_onnx['seconds']:.0f}s)", flush=True)
+        del dense  # from here on only the model being pruned (and its teacher) is resident
+        gc.collect()
+        rss_idle = rss_bytes()
+        rows = [run_method(m, lambda: load_model(str(folder)), dense_info, dense_run, calib,
+                           evals, a, tmp) for m in a.methods.split(",")]
     holder.cleanup()
-    res = {"model": a.model, "family": dense.family,
+    res = {"model": a.model, "family": dense_info["family"],
            "config": TINY if a.model == "tiny" else None,
            "init": "random (preset): no trained BLIP captioner is available offline, so "
                    "the quality figures are fidelity to the dense model, not CIDEr",
+           "vision_initializer_range": TINY["vision"]["initializer_range"] if a.model == "tiny"
+           else (a.vision_init or "preset default"),
+           "steps": {"search_steps": a.search_steps, "gate_steps": a.gate_steps,
+                     "retrain_steps": a.retrain_steps},
+           "model_bytes": dense_info["model_bytes"], "search_holds": SEARCH_MEMORY,
+           "rss_bytes_idle": rss_idle,
+           "peak_rss_note": "per row: peak_rss_bytes_prune (prune() alone) and "
+                            "peak_rss_bytes_method (prune, save, reload, fidelity, export), "
+                            "this process's resident set sampled every 20 ms; no dense model "
+                            "is resident beside them (each method loads the dense folder)",
            "pattern": "structured", "units": "heads,neurons", "round_to": a.round_to,
            "calibration_pairs": a.pairs, "fidelity_images": dense_run.n,
-           "max_new_tokens": a.max_new_tokens, "caption_prompt": dense.prompts["caption"],
-           "dense_examples": dense_run.texts[:3], "dense_onnx": dense_onnx,
+           "max_new_tokens": a.max_new_tokens, "caption_prompt": dense_info["caption_prompt"],
+           "dense_examples": dense_run.texts[:3],
+           "dense_onnx": dense_onnx if dense_onnx is not None else "skipped (--skip-onnx)",
            "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()),
            "loadavg_note": "2-core machine shared with other developers: seconds are "
                            "disturbed by their load",

@@ -1,9 +1,21 @@
 """Serving under load: the python-backend Triton repository of a run, on the real tritonserver.
 
-A generative run (NAME `llava`: tiny-llava) is served by its `*_generate` models: one request
-= one image (PNG bytes) and one prompt, answered with up to `--max-new-tokens` greedy tokens;
-the rows add the tokens each answer has and generated tokens per second (requests/s x
-tokens per answer), and the latency percentiles are per generated answer.
+A generative run (NAME `llava`: tiny-llava; NAME `blip`: a BLIP captioning model of
+tiny-clip's sizes, `blip_caption_structured.py`'s `TINY` config with 64 positions, random
+init, built into
+`<RUN_DIR>-model` first) is served by its `*_generate` models: one request = one image (PNG
+bytes) and one prompt (BLIP captioning: no prompt, so the run's caption prompt "a picture of"
+starts the caption), answered with up to `--max-new-tokens` greedy tokens; the rows add the
+tokens each answer has and generated tokens per second (requests/s x tokens per answer), and
+the latency percentiles are per generated answer.
+
+    python benchmarks/serve_load.py --runs blip=runs/serve-blip-caption-s50 --serve-check \
+        --concurrency 1,4,8 --seconds 10 --out benchmarks/results/serve_load_blip_caption.json
+
+`--serve-check` first runs `vlcompress serve-check` on each repository (the served answers
+against the direct run: for a generation model token for token, plus its refusals of
+malformed requests) and records it under `serve_check`; a failed check exits 1 after the
+result is written.
 
 For each run (tiny-clip, and clip-vit-b16 structured 50%), `vlcompress export-triton RUN
 --backend python` is served by the `tritonserver` of the `[serve]` extra (127.0.0.1 only) and
@@ -42,6 +54,7 @@ from vlcompress.serve import (  # noqa: E402
     example_inputs,
     generate_examples,
     generate_feeds,
+    serve_check,
 )
 
 RUN_SETTINGS = {"method": "magnitude", "pattern": "structured", "sparsity": 0.5,
@@ -52,7 +65,7 @@ GEN_RUN_SETTINGS = {"method": "magnitude", "pattern": "structured", "sparsity": 
                     "calibration_size": 8, "eval_size": 8, "max_new_tokens": 16,
                     "batch_sizes": "1,4,8"}
 MODELS = {"tiny": "tiny-clip", "b16": "clip-vit-b16", "llava": "tiny-llava"}
-GENERATIVE = {"llava"}
+GENERATIVE = {"llava", "blip"}
 
 
 def _git() -> dict:
@@ -94,7 +107,29 @@ def ensure_run(name: str, path: Path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     settings = GEN_RUN_SETTINGS if name in GENERATIVE else RUN_SETTINGS
-    prune_export(model=MODELS.get(name, name), out=str(path), **settings)
+    model = MODELS.get(name, name)
+    if name == "blip":  # no BLIP captioning preset of test size: the benchmarks' tiny config
+        from blip_caption_structured import tiny_model
+
+        from vlcompress import load_calibration, load_eval
+        from vlcompress.data import save_pairs
+
+        folder = path.with_name(path.name + "-model")
+        if not (folder / "config.json").is_file():
+            tiny_model(folder, context=64)  # prune-export times 32 decode tokens
+        model = str(folder)
+        # captions only: the bundled "shapes" source also holds questions, which a captioning
+        # model does not answer (its calibration and eval pairs saved as caption folders)
+        data = {}
+        for key, pairs in (("calibration", load_calibration("shapes", n=settings[
+                "calibration_size"], batch_size=8)), ("eval_data", load_eval(
+                "shapes", n=settings["eval_size"]))):
+            dst = path.with_name(f"{path.name}-{key}")
+            if not (dst / "captions.jsonl").is_file():
+                save_pairs(pairs, dst, captions=pairs.retrieval_captions)
+            data[key] = str(dst)
+        settings = {**settings, **data}
+    prune_export(model=model, out=str(path), **settings)
     return {"path": str(path), "built": True, "settings": settings, **_run_summary(path),
             "seconds": round(time.perf_counter() - t, 1)}
 
@@ -102,18 +137,35 @@ def ensure_run(name: str, path: Path) -> dict:
 def _generate_request(srv, m, max_new_tokens: int, seed: int) -> tuple[dict, int]:
     """One generation request (a shapes image as PNG bytes and a prompt) and the number of
     tokens its answer has (asked once, before the timing)."""
-    files, prompts = generate_examples(1, seed=seed)
-    feeds = generate_feeds(prompts, images=files, max_new_tokens=max_new_tokens)
+    kind = m.parameters.get("kind", "llava")
+    files, prompts = generate_examples(1, seed=seed, kind=kind)
+    feeds = generate_feeds(None if kind == "blip-caption" else prompts, images=files,
+                           max_new_tokens=max_new_tokens)
     answer = concurrent_infer(srv.url, m, [feeds])[0]
     if isinstance(answer, BaseException):
         raise answer
     return feeds, len(answer_tokens(answer)[0])
 
 
+def _serve_check(path: Path) -> dict:
+    """`vlcompress serve-check` on the repository before the load: the served answers equal
+    the direct run's (a generation model: token for token), so the load numbers time correct
+    answers."""
+    res = serve_check(path).to_dict()
+    return {"passed": res["passed"], "rows": [
+        {k: r.get(k) for k in ("model", "kind", "batch", "requests", "passed", "rows_equal",
+                               "rows", "new_tokens", "refused", "bad_requests", "reference",
+                               "max_abs_diff", "error") if k in r} for r in res["rows"]]}
+
+
 def measure(run: Path, tower: str, levels: list[int], seconds: float, max_requests: int,
-            rounds: int, max_new_tokens: int = 16) -> dict:
+            rounds: int, max_new_tokens: int = 16, check: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         repo = export_triton(run, Path(tmp) / "repo", backend="python")
+        checked = _serve_check(repo.path) if check else None
+        if checked is not None:
+            print(f"{run.name}: serve-check {'passed' if checked['passed'] else 'FAILED'}",
+                  flush=True)
         if any(m.tower == GENERATE for m in repo.models):
             tower = GENERATE
         models = {m.variant: m for m in repo.models if m.tower == tower}
@@ -163,6 +215,7 @@ def measure(run: Path, tower: str, levels: list[int], seconds: float, max_reques
                                                                  / row["dense"]["tokens_per_s"])
                 rows.append(row)
         return {"start_seconds": round(srv.start_seconds or 0.0, 2), "notes": srv.notes,
+                **({"serve_check": checked} if checked is not None else {}),
                 "tower": tower, **({"max_new_tokens": max_new_tokens} if tower == GENERATE else {}),
                 "batching": {v: {"max_batch_size": m.max_batch_size,
                                  "preferred_batch_size": m.preferred_batch_size,
@@ -182,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per concurrency")
     ap.add_argument("--max-new-tokens", type=int, default=16,
                     help="per generation request (generative runs)")
+    ap.add_argument("--serve-check", action="store_true",
+                    help="run serve-check on each repository before the load (recorded)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     levels = [int(x) for x in a.concurrency.split(",")]
@@ -192,7 +247,8 @@ def main(argv=None) -> int:
         name, path = item.split("=", 1)
         info = ensure_run(name, Path(path))
         results[name] = {"run": info, **measure(Path(path), a.tower, levels, a.seconds,
-                                                a.max_requests, a.rounds, a.max_new_tokens)}
+                                                a.max_requests, a.rounds, a.max_new_tokens,
+                                                a.serve_check)}
     payload = {"command": "python " + " ".join(sys.argv), "git": git, "serve": _versions(),
                "tower": a.tower, "request_batch": 1, "concurrency": levels,
                "seconds_per_level_and_variant": a.seconds, "rounds": a.rounds,
@@ -208,6 +264,10 @@ def main(argv=None) -> int:
                   f"{row['pruned']['rps']:.1f} req/s, ratio {ratio:.2f}x{toks}, failed "
                   f"{row['dense']['failed'] + row['pruned']['failed']}")
     print(f"wrote {path}")
+    failed = [n for n, r in results.items() if not r.get("serve_check", {"passed": True})["passed"]]
+    if failed:
+        print(f"serve-check FAILED on {', '.join(failed)}")
+        return 1
     return 0
 
 

@@ -169,3 +169,111 @@ def set_option_defaults(monkeypatch, method: str, **defaults) -> None:
     m = get_method(method)
     opts = tuple(dataclasses.replace(o, default=defaults.get(o.name, o.default)) for o in m.options)
     monkeypatch.setitem(_METHODS, method, dataclasses.replace(m, options=opts))
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX export reuse: the dynamo exporter is most of the suite's time (tens of seconds a tower
+# on a busy 2-core machine), and many tests export the very same module on the very same
+# inputs (the dense tiny-clip of every prune-export, the dense tiny random models of each
+# family). An export is a pure function of the module (classes, attributes, configs,
+# weights), its example inputs (values included), the dynamic axes and the opset, so within
+# one session its result is reused when all of those are equal; the first export of each is
+# real. Failures are never stored (a failing export fails every time). A module that sets
+# ``ONNX_EXPORT_REUSE = False`` (tests/test_export.py: the exporter itself, its quietness
+# and its fallback, is what it tests) always exports for real.
+# --------------------------------------------------------------------------------------------
+_EXPORTS: dict[str, bytes] = {}
+_EXPORT_COUNTS = {"exported": 0, "reused": 0}
+_PRIMITIVE = (bool, int, float, str, type(None))
+
+
+def _export_fingerprint(module, inputs, axes, opset) -> str:
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+
+    def put(*parts):
+        for p in parts:
+            h.update(repr(p).encode())
+            h.update(b"\x00")
+
+    def put_tensor(name, t):
+        t = t.detach().cpu().contiguous()
+        put(name, t.dtype, tuple(t.shape))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    def put_value(key, v):
+        if isinstance(v, _PRIMITIVE):
+            put(key, v)
+        elif isinstance(v, torch.Tensor):  # a plain tensor attribute: its values, not its repr
+            put_tensor(key, v)
+        elif isinstance(v, tuple | list):
+            put(key, type(v).__name__, len(v))
+            for i, x in enumerate(v):
+                put_value(f"{key}[{i}]", x)
+        elif isinstance(v, dict):
+            put(key, "dict", len(v))
+            for k, x in sorted(v.items(), key=lambda kv: repr(kv[0])):
+                put_value(f"{key}[{k!r}]", x)
+        elif hasattr(v, "to_dict"):  # a transformers config, with the private fields to_dict drops
+            put(key, json.dumps(v.to_dict(), sort_keys=True, default=repr),
+                sorted((k, x) for k, x in vars(v).items() if isinstance(x, _PRIMITIVE)))
+        elif callable(v):
+            put(key, getattr(v, "__qualname__", type(v).__qualname__), id(v))
+        else:  # dtypes, devices, enums...; an object that shows only its address: its type
+            r = repr(v)
+            put(key, type(v).__module__, type(v).__qualname__, "" if " at 0x" in r else r)
+
+    put(torch.__version__, torch.get_default_dtype(), opset,
+        sorted((k, sorted(dict(v).items()) if v else None) for k, v in axes.items()))
+    for name, m in module.named_modules(remove_duplicate=False):
+        put(name, type(m).__module__, type(m).__qualname__, id(type(m).forward))
+        for k, v in sorted(vars(m).items()):
+            if k in ("_parameters", "_buffers", "_modules") or k.endswith("hooks"):
+                if k.endswith("hooks") and v:
+                    put(k, [id(f) for f in v.values()])
+                continue
+            put_value(k, v)
+    for name, t in module.state_dict(keep_vars=True).items():
+        put_tensor(name, t)
+    for name, t in module.named_buffers(remove_duplicate=False):  # non-persistent ones too
+        put_tensor(name, t)
+    for name in sorted(inputs):
+        v = inputs[name]
+        put_tensor(name, v) if isinstance(v, torch.Tensor) else put_value(name, v)
+    return h.hexdigest()
+
+
+@pytest.fixture(autouse=True, scope="module")  # module: before the modules' own fixtures
+def _reuse_onnx_exports(request):
+    if not getattr(request.module, "ONNX_EXPORT_REUSE", True):
+        yield
+        return
+    import onnx
+
+    import vlcompress.exporters.onnx as onnx_export
+
+    real = onnx_export._export_dynamo
+
+    def export(module, inputs, axes, opset):
+        key = _export_fingerprint(module, inputs, axes, opset)
+        if key in _EXPORTS:
+            _EXPORT_COUNTS["reused"] += 1
+            return onnx.load_from_string(_EXPORTS[key])
+        proto = real(module, inputs, axes, opset)
+        _EXPORT_COUNTS["exported"] += 1
+        if proto.ByteSize() < 2**30:
+            _EXPORTS[key] = proto.SerializeToString()
+        return proto
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export, "_export_dynamo", export)
+        yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    if any(_EXPORT_COUNTS.values()):
+        terminalreporter.write_line(
+            "dynamo ONNX exports: {exported} run, {reused} reused (tests/conftest.py)".format(
+                **_EXPORT_COUNTS))

@@ -199,7 +199,8 @@ def test_prune_export_cli_and_generate(folder, tmp_path):
     res = CliRunner().invoke(app, ["prune-export", "--model", str(folder), "--method",
                                    "sparsegpt", "--pattern", "2:4", "--out", str(out),
                                    "--calibration-size", "4", "--eval-size", "3",
-                                   "--max-new-tokens", "6"])
+                                   "--max-new-tokens", "6", "--batch-sizes", "1",
+                                   "--iterations", "2"])
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["family"] == "blip2" and rep["prune"]["scope"] == ["vision", "language"]

@@ -215,9 +215,15 @@ def test_prune_export_sparsegpt_24_on_user_captions(folders, tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption64"]),
                                    "--method", "sparsegpt", "--pattern", "2:4", "--calibration",
-                                   str(folders["caps"]), "--out", str(out), *RUN])
+                                   str(folders["caps"]), "--out", str(out), "--triton", "python",
+                                   *RUN])
     assert res.exit_code == 0, res.output
     assert "vision.onnx, cross_kv.onnx, decoder.onnx" in res.output
+    # --triton python: OUT/triton serves both variants with the BLIP generation model
+    repo = json.loads((out / "triton" / "vlcompress_triton.json").read_text())
+    assert [(m["name"], m["parameters"]["kind"]) for m in repo["models"]] == [
+        ("dense_generate", "blip-caption"), ("pruned_generate", "blip-caption")]
+    assert "BlipOrtGenerator" in (out / "triton" / "pruned_generate" / "1" / "model.py").read_text()
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["family"] == "blip-caption" and rep["prune"]["scope"] == ["vision",
                                                                                    "language"]
@@ -292,8 +298,8 @@ def test_prune_export_structured_vqa_parts_and_bad_data(folders, tmp_path):
     assert res.exit_code == 2 and "answering no questions" in res.output, res.output
     assert "Traceback" not in res.output and not bad.exists()
     res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption"]),
-                                   "--triton", "python", "--out", str(bad)])
-    assert res.exit_code == 2 and "serves LLaVA-style exports" in res.output, res.output
+                                   "--triton", "onnxruntime", "--out", str(bad)])
+    assert res.exit_code == 2 and "allowed: --triton python" in res.output, res.output
     assert not bad.exists()
 
 
@@ -339,3 +345,20 @@ def test_step_entry_points_generate_what_pytorch_generates(folders, calib, kind,
     og.step(st, st.logits.argmax(-1))
     with pytest.raises(ConfigError, match="no room for another step"):
         og.step(st, st.logits.argmax(-1))
+
+
+def test_prune_export_captioner_on_default_shapes_leaves_questions_out(folders, tmp_path):
+    """The bundled shapes data holds captions and questions; a captioner is scored on the
+    captions and the report says the questions were left out (it used to die mid-run)."""
+    from vlcompress.data import generative_eval_data, skipped_questions
+
+    assert [d.kind for d in generative_eval_data("shapes", n=4, questions=False)] != \
+        [d.kind for d in generative_eval_data("shapes", n=4)]
+    assert skipped_questions("shapes") and not skipped_questions(folders["caps"])
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["prune-export", "--model", str(folders["caption64"]),
+                                   "--method", "magnitude", "--out", str(out), *RUN])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["accuracy"]["metrics"]) == {"cider", "attribute_accuracy"}
+    assert any("questions (vqa) left out" in n for n in rep["data"]["notes"]), rep["data"]["notes"]

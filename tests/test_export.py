@@ -26,6 +26,10 @@ from vlcompress.exporters import (
     validate_tower,
 )
 
+#: this module tests the exporter itself (quiet, fallback, external data): every export here is
+#: real, never one reused from an earlier identical export (tests/conftest.py)
+ONNX_EXPORT_REUSE = False
+
 
 @pytest.fixture(scope="module")
 def vlm():

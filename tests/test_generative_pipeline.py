@@ -120,7 +120,7 @@ def test_bundled_tiny_llava_sparsegpt_24_keeps_its_captions(tmp_path):
     out = tmp_path / "run"
     res = _run(["--model", "tiny-llava", "--method", "sparsegpt", "--pattern", "2:4",
                 "--calibration", str(caps), "--out", str(out), "--calibration-size", "8",
-                "--max-new-tokens", "12"])
+                "--max-new-tokens", "12", "--batch-sizes", "1", "--iterations", "3"])
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["data"]["prompts"]["caption"] == "describe the picture."  # the card's prompt

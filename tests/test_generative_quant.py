@@ -205,8 +205,9 @@ def run_inputs(tmp_path_factory):
     return model, caps
 
 
+# one latency cell, few iterations: these tests check the exported variants, not timings
 RUN = ["--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4", "--method",
-       "sparsegpt", "--pattern", "2:4"]
+       "sparsegpt", "--pattern", "2:4", "--batch-sizes", "1", "--iterations", "2"]
 
 
 @pytest.mark.parametrize("flags,p", [(["--quantize", "int8", "--quantize-method", "dynamic"],

@@ -110,7 +110,8 @@ def _prune_export_language(tmp_path, *options):
     res = CliRunner().invoke(app, [
         "prune-export", "--model", str(folder), "--method", "wanda", *options,
         "--parts", "language", "--calibration", str(caps),
-        "--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4", "--out", str(out)])
+        "--calibration-size", "4", "--eval-size", "4", "--max-new-tokens", "4",
+        "--batch-sizes", "1", "--iterations", "2", "--out", str(out)])
     return res, out
 
 

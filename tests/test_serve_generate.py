@@ -183,15 +183,22 @@ def test_serve_check_generates_through_the_real_server(gen_run, gen_repo, tmp_pa
     res = runner.invoke(app, ["serve-check", str(gen_repo.path), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["passed"] and len(out["rows"]) == 4
+    assert out["passed"] and len(out["rows"]) == 6  # batch, concurrent, refusals per model
     for r in out["rows"]:
-        assert r["rows_equal"] == r["rows"] == 4 and r["new_tokens"] > 0
         assert "OrtGenerator" in r["reference"]
-    # a served model that is not its variant's export fails, with the exit code
-    bad = export_triton(gen_run, tmp_path / "bad", variants="pruned")
+        if r["kind"] == "refusal":  # unreadable image, no image, too many tokens: one line each
+            assert r["refused"] == r["bad_requests"] == 3
+        else:
+            assert r["rows_equal"] == r["rows"] == 4 and r["new_tokens"] > 0
+    assert_serve_check_catches_a_swapped_decoder(gen_run, tmp_path)
+
+
+def assert_serve_check_catches_a_swapped_decoder(run, tmp_path):
+    """A served pruned model whose decoder is the dense one fails serve-check, exit code 1."""
+    bad = export_triton(run, tmp_path / "bad", variants="pruned")
     served = bad.path / "pruned_generate" / "1" / "decoder.onnx"
     served.unlink()  # a hard link to the run's file: replaced, never written through
-    shutil.copyfile(gen_run / "dense" / "decoder.onnx", served)
+    shutil.copyfile(run / "dense" / "decoder.onnx", served)
     res = runner.invoke(app, ["serve-check", str(bad.path)])
     assert res.exit_code == 1, res.output
     assert "MISMATCH" in res.output and "direct" in res.output

@@ -190,7 +190,8 @@ def test_prune_export_with_visual_tokens_reports_four_variants(tmp_path):
     res = CliRunner().invoke(app, ["prune-export", "--model", "tiny-llava", "--method",
                                    "sparsegpt", "--pattern", "2:4", "--visual-tokens", "9",
                                    "--out", str(out), "--calibration-size", "8",
-                                   "--eval-size", "4", "--max-new-tokens", "8"])
+                                   "--eval-size", "4", "--max-new-tokens", "8",
+                                   "--batch-sizes", "1", "--iterations", "2"])
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     gen = rep["export"]["generative"]

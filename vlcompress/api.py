@@ -251,30 +251,15 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
 def _generate_blip(folder, spec: dict, proc_dir, img, prompt: str, max_new_tokens: int,
                    threads, name: str) -> str:
     """:func:`generate` on a BLIP export: ``prompt`` is the caption's start (captioning, as
-    BLIP's "a picture of") or the question (VQA); greedy on ONNX Runtime
-    (:class:`vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`)."""
-    from transformers import AutoProcessor
+    BLIP's "a picture of") or the question (VQA: required, not blank); greedy on ONNX Runtime
+    (:class:`vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`), encoded by the same
+    front end as the served generation model
+    (:class:`vlcompress.runtime.gen_inputs.BlipPromptEncoder`)."""
+    from .runtime.gen_inputs import BlipPromptEncoder
+    from .runtime.ort_generate_blip import BlipOrtGenerator
 
-    from .runtime.ort_generate_blip import BlipOrtGenerator, blip_inputs
-
-    try:
-        processor = AutoProcessor.from_pretrained(str(proc_dir))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the processor of the run from {str(proc_dir)!r} "
-                          f"({type(exc).__name__}); allowed: a run folder prune-export wrote"
-                          ) from None
-    vqa = spec["kind"] == "blip-vqa"
-    feed = blip_inputs(processor.tokenizer, processor.image_processor, [img],
-                       bos_id=int(spec["bos_token_id"]), prompt="" if vqa else prompt,
-                       questions=[prompt] if vqa else None)
-    ctx = int(spec["context"])
-    n = int(feed["input_ids"].shape[1])
-    q = int(feed["question_ids"].shape[1]) if vqa else 0
-    if n + max_new_tokens > ctx or q > ctx:
-        raise ConfigError(f"--prompt is {max(n, q)} tokens, and with --max-new-tokens "
-                          f"{max_new_tokens} exceeds the context of {name} ({ctx} tokens); "
-                          f"allowed: prompt tokens + new tokens <= {ctx}")
-    tokens = BlipOrtGenerator(folder, threads).generate(
-        feed["input_ids"], feed["attention_mask"], feed["pixel_values"], max_new_tokens,
-        question_ids=feed.get("question_ids"), question_mask=feed.get("question_mask"))[0]
-    return " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).split())
+    encoder = BlipPromptEncoder(proc_dir, name, spec)
+    rows = encoder.encode([img], [prompt])
+    encoder.check_length(rows, max_new_tokens)
+    tokens = encoder.generate(BlipOrtGenerator(folder, threads), rows, [max_new_tokens])[0]
+    return encoder.decode(tokens)

@@ -371,7 +371,8 @@ def _generative_latency(lc: LatencyConfig, cfg: BenchConfig, run_dir: Path, run:
         if not (run_dir / n / "generation.json").is_file():
             raise ConfigError(f"run folder {str(run_dir)!r} lacks the {n} generative export "
                               f"({n}/generation.json)")
-    evals = generative_eval_data(cfg.eval_data or rc.get("eval_data", "shapes"), n=1)
+    evals = generative_eval_data(cfg.eval_data or rc.get("eval_data", "shapes"), n=1,
+                                 questions=getattr(pruned, "answers_questions", True))
     inputs = latency_inputs(pruned, evals, lc.batch_sizes)
     dense = dense or _load_dense(run["model"])
     return generative_latency(variant_folders(run_dir, names), dense, pruned, inputs, lc,
@@ -389,7 +390,8 @@ def _generative_accuracy(cfg: BenchConfig, run: dict, pruned, baseline, progress
     preset = str(run["model"].get("source", "")).startswith("preset:")
     n = cfg.eval_size or rc.get("eval_size", 720)
     evals = generative_eval_data(cfg.eval_data or rc.get("eval_data", "shapes"),
-                                 n=min(32, n) if preset else n)
+                                 n=min(32, n) if preset else n,
+                                 questions=getattr(pruned, "answers_questions", True))
     name = dataset_name(evals, random_weights=preset)
     ba = (baseline or {}).get("accuracy")
     if ba and ba.get("dataset") != name:

@@ -830,7 +830,11 @@ def serve_check_cmd(
             what = (f"batch {r['batch']}" if r["kind"] == "batch" else
                     f"{r['requests']} concurrent single requests"
                     + (f" ({r['executions']} executions)" if "executions" in r else ""))
-            if r.get("generate"):
+            if r["kind"] == "refusal":
+                text = (f"{r['model']}: {r.get('refused', 0)}/{r.get('bad_requests', 0)} "
+                        "malformed requests refused in one line each, then a valid one "
+                        f"answered as {r['reference']}")
+            elif r.get("generate"):
                 text = (f"{r['model']} ({r['precision']}): {what}, {r.get('rows_equal', 0)}/"
                         f"{r.get('rows', 0)} rows token-for-token equal ({r.get('new_tokens', 0)} "
                         f"new tokens) vs {r['reference']}")

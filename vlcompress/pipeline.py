@@ -294,12 +294,6 @@ def check_run(cfg: RunConfig):
             raise ConfigError(f"--triton {cfg.triton} cannot serve the generative model "
                               f"{cfg.model}: its token loop runs in a Python-backend generation "
                               "model; allowed: --triton python")
-        if cfg.triton is not None and \
-                getattr(families().get(info.family), "onnx_generation", "llava") != "llava":
-            raise ConfigError(f"--triton {cfg.triton} serves LLaVA-style exports; {cfg.model} "
-                              f"({info.family}) exports a vision and a cross-attention decoder "
-                              "graph, which the generation model does not run yet; allowed: no "
-                              "--triton")
         unused = [f"--{k.replace('_', '-')} {v}" for k, v in (
             ("engine", cfg.engine if cfg.engine != "onnxruntime" else None),
             ("target_speedup", cfg.target_speedup),
@@ -797,7 +791,7 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     :mod:`vlcompress.exporters.generative`) is validated against its PyTorch twin on the
     first evaluation prompts; then vision / prefill / decode latency of every variant
     (:func:`vlcompress.runtime.gen_latency.generative_latency`)."""
-    from .data import generative_eval_data, load_calibration
+    from .data import generative_eval_data, load_calibration, skipped_questions
     from .envinfo import env_info
     from .eval.generative import generative_accuracy, run_all
     from .exporters.generative import check_exportable
@@ -811,8 +805,9 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
     if getattr(vlm, "onnx_generation", "llava") == "llava":
         check_exportable(vlm)  # a decoder the export cannot build: refused before any work
     is_preset = vlm.source.startswith("preset:")
+    answers = getattr(vlm, "answers_questions", True)  # a captioner: the source's captions only
     evals = generative_eval_data(cfg.eval_data, n=min(32, cfg.eval_size) if is_preset
-                                 else cfg.eval_size)
+                                 else cfg.eval_size, questions=answers)
     # latency inputs: the first evaluation prompt; a prompt + timed tokens past the context:
     # refused now
     lat_inputs = gen_latency.latency_inputs(vlm, evals, cfg.latency_config.batch_sizes)
@@ -860,6 +855,10 @@ def _prune_export_generative(cfg: RunConfig, out, progress) -> dict:
             lat_inputs, cfg.latency_config, progress=progress)
         total, nonzero = vlm.num_parameters()
         notes = data_notes(cfg, is_preset)
+        if not answers and skipped_questions(cfg.eval_data):
+            notes.append(f"--eval-data {cfg.eval_data}: its questions (vqa) left out, as "
+                         f"{vlm.family} captions images and answers no questions; evaluated on "
+                         "its captions")
         notes.append("generative model: pruned and evaluated in PyTorch, exported to fp32 ONNX "
                      "and validated; latency: vision, prefill (time to first token) and decode "
                      "(ms per token, forced past the end token) of every variant on ONNX Runtime "

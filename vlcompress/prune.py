@@ -382,6 +382,10 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
     target = float(cfg.sparsity)
     units = tuple(cfg.units)
     allocation = _structured_allocation(m, cfg)
+    if m.search is not None and target > 0:  # refused before any search, in one line
+        from .methods._search import check_reachable
+
+        check_reachable(cfg.method, blocks, tuple(cfg.units), cfg.round_to, target)
     kv_mode = cfg.method_options.get("kv_groups", "within")
     if kv_mode != "within" and not any(b.layout.kv_paths for b in blocks):
         raise ConfigError(f"method option kv_groups={kv_mode} removes key/value groups of a "
@@ -407,7 +411,7 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
     if target > 0 and m.retrain is not None:
         from .distill import dense_copy
 
-        dense = dense_copy(vlm)
+        dense = ctx.dense = dense_copy(vlm)
     if target > 0:
         tc = time.perf_counter()
         if m.search is not None:
@@ -480,9 +484,9 @@ def _prune_structured(ctx: Context, m: Method, calibration, train, t0: float) ->
         verify = compare_outputs(ref, tower_outputs(vlm, probe))
     if dense is not None:
         method_details["retrain"] = m.retrain(ctx, dense)
+    dense = ctx.dense = None  # the teacher's memory goes back before any depth step
     if cfg.method_options:
         method_details["method_options"] = dict(cfg.method_options)
-        dense = None
 
     removed: dict[str, list[int]] = {}
     layer_scores: dict[str, list[float]] = {}

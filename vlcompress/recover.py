@@ -315,7 +315,8 @@ class _GenerativeEval:
         from .data import generative_eval_data
         from .eval.generative import run_all
 
-        self.sets = generative_eval_data(eval_data, n=eval_size)
+        self.sets = generative_eval_data(eval_data, n=eval_size,
+                                         questions=getattr(teacher, "answers_questions", True))
         self.max_new_tokens = int(max_new_tokens)
         self.dense = run_all(teacher, self.sets, max_new_tokens=self.max_new_tokens)
         self.source = ", ".join(f"{d.source} (n={len(d)})" for d in self.sets)

@@ -15,6 +15,13 @@ failure, never a broadcast), then values at the tolerance of the served precisio
 its dense weights are not saved) has its dense models compared with onnxruntime on the run's
 ONNX instead, and the row says so.
 
+A generation model (``*_generate``, a generative run) is compared token for token with the
+direct generation loop on the run's export (OrtGenerator on the same left-padded batch; a BLIP
+captioning / VQA export: BlipOrtGenerator on each row alone), in a batch, in concurrent single
+requests with different prompts and limits, and after malformed requests (an unreadable
+image, no image, too many new tokens; VQA: no question, a blank one), each of which must be
+refused in one line naming the problem while the server goes on answering.
+
 The server is the ``tritonserver`` binary of the ``nvidia-pytriton`` wheel (the ``[serve]``
 extra), which has the Python backend only: a ``--backend python`` repository serves fully; an
 ``onnxruntime`` or ``tensorrt`` one loads up to Triton's "unable to find backend library"
@@ -269,18 +276,22 @@ def byte_rows(rows: list[bytes]):
     return out
 
 
-def generate_feeds(prompts: list[str], *, images: list[bytes] | None = None, pixel_values=None,
-                   max_new_tokens: int | list[int] | None = None) -> dict:
-    """The inputs of a ``*_generate`` model: prompts with image files (bytes) or pixels."""
+def generate_feeds(prompts: list[str] | None, *, images: list[bytes] | None = None,
+                   pixel_values=None, max_new_tokens: int | list[int] | None = None) -> dict:
+    """The inputs of a ``*_generate`` model: prompts with image files (bytes) or pixels;
+    ``prompts`` None sends no prompt (a BLIP captioning model then starts from the run's
+    caption prompt)."""
     import numpy as np
 
-    feeds = {"prompt": byte_rows([p.encode("utf-8") for p in prompts])}
+    feeds = {} if prompts is None else {"prompt": byte_rows([p.encode("utf-8") for p in prompts])}
+    rows = len(prompts) if prompts is not None else \
+        len(images) if images is not None else len(pixel_values)
     if images is not None:
         feeds["image"] = byte_rows(images)
     if pixel_values is not None:
         feeds["pixel_values"] = np.ascontiguousarray(pixel_values, dtype=np.float32)
     if max_new_tokens is not None:
-        n = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+        n = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else max_new_tokens
         feeds["max_new_tokens"] = np.array(n, np.int32).reshape(-1, 1)
     return feeds
 
@@ -524,6 +535,7 @@ def serve_check(repo: str | Path, *, port: int | None = None, ready_timeout: flo
                     res.rows.append(_check_generate_batch(client, httpclient, m, gen_refs))
                     res.rows.append(_check_generate_concurrent(client, srv.url, m, gen_refs,
                                                                concurrent))
+                    res.rows.append(_check_generate_refusals(client, httpclient, m, gen_refs))
                     continue
                 res.rows.append(_check_batch(client, httpclient, m, refs))
                 res.rows.append(_check_concurrent(client, srv.url, m, refs, concurrent))
@@ -583,13 +595,18 @@ def _check_concurrent(client, url: str, m: TritonModel, refs: _References, n: in
 
 
 #: prompts serve-check sends a generation model (cycled): different lengths, so a batch is
-#: left-padded
+#: left-padded (and a BLIP VQA batch holds questions of different lengths)
 GENERATE_PROMPTS = ("describe the picture.", "what color is it ?", "what shape is it ?",
                     "where is the shape in the picture ?")
+#: caption starts sent to a BLIP captioning model (cycled; the empty one: no start)
+CAPTION_PROMPTS = ("a picture of", "", "a picture of the", "the shape is")
 
 
-def generate_examples(n: int, seed: int = 0) -> tuple[list[bytes], list[str]]:
-    """``n`` PNG files of the bundled shapes set (from image ``seed`` on) and prompts."""
+def generate_examples(n: int, seed: int = 0,
+                      kind: str = "llava") -> tuple[list[bytes], list[str]]:
+    """``n`` PNG files of the bundled shapes set (from image ``seed`` on) and prompts for a
+    generation model of ``kind`` (``TritonModel.parameters["kind"]``): caption starts for
+    ``blip-caption``, instructions / questions otherwise."""
     import io
 
     from .data import load_eval
@@ -600,39 +617,69 @@ def generate_examples(n: int, seed: int = 0) -> tuple[list[bytes], list[str]]:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         files.append(buf.getvalue())
-    return files, [GENERATE_PROMPTS[(seed + i) % len(GENERATE_PROMPTS)] for i in range(n)]
+    pool = CAPTION_PROMPTS if kind == "blip-caption" else GENERATE_PROMPTS
+    return files, [pool[(seed + i) % len(pool)] for i in range(n)]
 
 
 class _GenReferences:
-    """What each generation model must reproduce: :class:`OrtGenerator` run directly on the
+    """What each generation model must reproduce: the generation loop run directly on the
     run's own export folder (``dense/``, ``pruned/``) with the run's processor, on the same
-    image bytes (or pixels), prompts and ``max_new_tokens``."""
+    image bytes (or pixels), prompts and ``max_new_tokens``: :class:`OrtGenerator` on the same
+    left-padded batch; for a BLIP captioning / VQA export, :class:`BlipOrtGenerator` on each
+    row alone (the served model promises each row its answer alone, see
+    :class:`~vlcompress.runtime.gen_inputs.BlipPromptEncoder`)."""
 
     def __init__(self, run: Path, repo: TritonRepo):
         from .exporters.triton import _read_report, processor_dir
-        from .runtime.gen_inputs import PromptEncoder
+        from .runtime.gen_inputs import BLIP_KINDS, BlipPromptEncoder, PromptEncoder
         from .runtime.ort_generate import OrtGenerator, read_spec
 
         report = _read_report(run)
         models = [m for m in repo.models if m.tower == GENERATE]
         spec = read_spec(run / models[0].reference)
-        self.encoder = PromptEncoder(processor_dir(run, report),
-                                     models[0].parameters.get("model_name", "model"),
-                                     int(spec["context"]))
-        self.generators = {m.reference: OrtGenerator(run / m.reference) for m in models}
+        name = models[0].parameters.get("model_name", "model")
+        self.blip = spec.get("kind") in BLIP_KINDS
+        if self.blip:
+            from .runtime.ort_generate_blip import BlipOrtGenerator
+
+            self.encoder = BlipPromptEncoder(processor_dir(run, report), name, spec)
+            self.generators = {m.reference: BlipOrtGenerator(run / m.reference) for m in models}
+            self.loop = "BlipOrtGenerator"
+        else:
+            self.encoder = PromptEncoder(processor_dir(run, report), name, int(spec["context"]))
+            self.generators = {m.reference: OrtGenerator(run / m.reference) for m in models}
+            self.loop = "OrtGenerator"
         self.context = int(spec["context"])
 
     def kind(self, m: TritonModel) -> str:
-        return f"OrtGenerator on the run's {m.reference}/ export (direct)"
+        alone = ", each row alone" if self.blip else ""
+        return f"{self.loop} on the run's {m.reference}/ export (direct{alone})"
 
-    def tokens(self, m: TritonModel, feeds: dict, prompts: list[str], limit: int,
+    def tokens(self, m: TritonModel, feeds: dict, prompts: list[str] | None, limit: int,
                images: list[bytes] | None = None) -> list[list[int]]:
         from .runtime.gen_inputs import read_image
 
+        if self.blip:
+            px = feeds.get("pixel_values")
+            n = len(images) if images is not None else len(px)
+            qs = prompts if prompts is not None else [None] * n
+            rows = (self.encoder.encode([read_image(f) for f in images], qs)
+                    if images is not None else self.encoder.encode_pixels(px, qs))
+            gen = self.generators[m.reference]
+            return [self.encoder.generate(gen, [r], [limit])[0] for r in rows]
         enc = (self.encoder.encode([read_image(f) for f in images], prompts) if images is not None
                else self.encoder.encode_pixels(feeds["pixel_values"], prompts))
         return self.generators[m.reference].generate(enc["input_ids"], enc["attention_mask"],
                                                      enc["pixel_values"], limit)
+
+    def pixels(self, file: bytes, prompt: str | None):
+        """The processor's pixels ``[1, 3, H, W]`` of one image file (what a client that
+        preprocesses sends)."""
+        from .runtime.gen_inputs import read_image
+
+        if self.blip:
+            return self.encoder.encode([read_image(file)], [prompt])[0]["pixel_values"][None]
+        return self.encoder.encode([read_image(file)], [prompt])["pixel_values"]
 
 
 def _gen_row(m: TritonModel, refs: _GenReferences, kind: str, batch: int, requests: int) -> dict:
@@ -656,9 +703,14 @@ def _compare_tokens(got: list, want: list, texts: list, refs: _GenReferences, ro
 
 
 def _check_generate_batch(client, httpclient, m: TritonModel, refs: _GenReferences) -> dict:
+    """One request of several rows (a BLIP captioning model: without a prompt, so the run's
+    caption prompt starts every row)."""
     batch = min(m.max_batch_size, 4)
     limit = int(m.parameters.get("max_new_tokens", 24))
-    files, prompts = generate_examples(batch, seed=0)
+    kind = m.parameters.get("kind", "llava")
+    files, prompts = generate_examples(batch, seed=0, kind=kind)
+    if kind == "blip-caption":
+        prompts = None
     feeds = generate_feeds(prompts, images=files, max_new_tokens=limit)
     row = _gen_row(m, refs, "batch", batch, 1)
     t0 = time.perf_counter()
@@ -674,20 +726,21 @@ def _check_generate_batch(client, httpclient, m: TritonModel, refs: _GenReferenc
 def _check_generate_concurrent(client, url: str, m: TritonModel, refs: _GenReferences,
                                n: int) -> dict:
     """``n`` single requests at once: alternately image bytes and processor pixels, with
-    different prompts and ``max_new_tokens``; each compared with its own direct run alone."""
-    from .runtime.gen_inputs import read_image
-
+    different prompts and ``max_new_tokens`` (a BLIP captioning model: every fourth without a
+    prompt); each compared with its own direct run alone."""
     limit = int(m.parameters.get("max_new_tokens", 24))
-    files, prompts = generate_examples(n, seed=8)
+    kind = m.parameters.get("kind", "llava")
+    files, texts = generate_examples(n, seed=8, kind=kind)
+    prompts = [None if kind == "blip-caption" and i % 4 == 3 else t for i, t in enumerate(texts)]
     cases = []
     for i in range(n):
         lim = max(1, limit - (i % 3) * (limit // 3))  # the batcher may merge different limits
+        one = None if prompts[i] is None else [prompts[i]]
         if i % 2:
-            px = refs.encoder.encode([read_image(files[i])], [prompts[i]])["pixel_values"]
-            cases.append((generate_feeds([prompts[i]], pixel_values=px, max_new_tokens=lim),
-                          None, lim))
+            px = refs.pixels(files[i], prompts[i])
+            cases.append((generate_feeds(one, pixel_values=px, max_new_tokens=lim), None, lim))
         else:
-            cases.append((generate_feeds([prompts[i]], images=[files[i]], max_new_tokens=lim),
+            cases.append((generate_feeds(one, images=[files[i]], max_new_tokens=lim),
                           [files[i]], lim))
     row = _gen_row(m, refs, "concurrent", 1, n)
     before = _model_counts(client, m.name)
@@ -704,11 +757,69 @@ def _check_generate_concurrent(client, url: str, m: TritonModel, refs: _GenRefer
             continue
         got += answer_tokens(ans)
         texts += answer_texts(ans)
-        want += refs.tokens(m, feeds, [prompts[i]], lim, images=imgs)
+        want += refs.tokens(m, feeds, None if prompts[i] is None else [prompts[i]], lim,
+                            images=imgs)
     out = _compare_tokens(got, want, texts, refs, row)
     if errors:
         out["passed"] = False
         out["error"] = "; ".join(errors[:3] + ([out["error"]] if "error" in out else []))
+    return out
+
+
+def _bad_generate_requests(m: TritonModel, refs: _GenReferences) -> list[tuple[str, dict, str]]:
+    """(what, feeds, a phrase the refusal must hold) of malformed requests for a generation
+    model: each must get its own one-line error, and the server must go on answering."""
+    kind = m.parameters.get("kind", "llava")
+    files, prompts = generate_examples(1, seed=0, kind=kind)
+    prompt = prompts[0] or "a picture of"
+    cases = [("an image that cannot be read",
+              generate_feeds([prompt], images=[b"not an image"]), "cannot be read"),
+             ("neither image nor pixels", generate_feeds([prompt]), "exactly one of"),
+             ("max_new_tokens above the context",
+              generate_feeds([prompt], images=files, max_new_tokens=refs.context + 1),
+              f"outside 1..{refs.context}")]
+    if kind == "blip-vqa":
+        cases += [("a VQA request without a question", generate_feeds(None, images=files),
+                   "question"),
+                  ("a VQA request with a blank question", generate_feeds(["  "], images=files),
+                   "question")]
+    return cases
+
+
+def _check_generate_refusals(client, httpclient, m: TritonModel, refs: _GenReferences) -> dict:
+    """Malformed requests (:func:`_bad_generate_requests`) are each refused in one line that
+    names the problem, and a valid request right after them is still answered as the direct
+    run answers it."""
+    row = _gen_row(m, refs, "refusal", 1, 0)
+    problems, refused = [], 0
+    cases = _bad_generate_requests(m, refs)
+    for what, feeds, phrase in cases:
+        try:
+            _infer(client, httpclient, m, feeds)
+            problems.append(f"{what}: answered instead of refused")
+        except Exception as exc:  # noqa: BLE001 - tritonclient raises its own types
+            text = str(exc)
+            if "\n" in text.strip() or "invalid request" not in text or phrase not in text:
+                problems.append(f"{what}: refused with {_error_text(exc)!r}, not one line "
+                                f"naming {phrase!r}")
+            else:
+                refused += 1
+    limit = int(m.parameters.get("max_new_tokens", 24))
+    files, prompts = generate_examples(1, seed=2, kind=m.parameters.get("kind", "llava"))
+    feeds = generate_feeds(prompts, images=files, max_new_tokens=limit)
+    try:
+        got = _infer(client, httpclient, m, feeds)
+        after = _compare_tokens(answer_tokens(got), refs.tokens(m, feeds, prompts, limit,
+                                                                images=files),
+                                answer_texts(got), refs, {})
+        if not after["passed"]:
+            problems.append(f"the valid request after them: {after['error']}")
+    except Exception as exc:  # noqa: BLE001 - tritonclient raises its own types
+        problems.append(f"the valid request after them failed: {_error_text(exc)}")
+    out = {**row, "requests": len(cases) + 1, "refused": refused, "bad_requests": len(cases),
+           "passed": not problems}
+    if problems:
+        out["error"] = "; ".join(problems[:3])
     return out
 
 

@@ -74,12 +74,18 @@ def load_train(source: str | Path | PairData = "shapes", n: int = 4096, batch_si
     return load_data(source, "train", n, batch_size, seed)
 
 
-def generative_eval_data(source, n: int, batch_size: int = 16) -> list[PairData]:
+def generative_eval_data(source, n: int, batch_size: int = 16,
+                         questions: bool = True) -> list[PairData]:
     """The evaluation sets a generative model is scored on from one source: its captions
-    (``shapes``, a captions folder) and its questions (``vqa.jsonl``), whichever it holds."""
+    (``shapes``, a captions folder) and its questions (``vqa.jsonl``), whichever it holds.
+    ``questions=False`` (a model that only captions): the captions alone, the source's
+    questions left out (:func:`skipped_questions` says whether there were any, for the
+    report)."""
     sets: list[PairData] = []
     if not is_vqa_source(source):
         sets.append(load_eval(source, n=n, batch_size=batch_size))
+    if not questions:
+        return sets
     if str(source) == "shapes":  # the bundled eval split: its captions and its questions
         sets.append(shapes_vqa("eval", n, batch_size))
     elif has_vqa(source):
@@ -87,6 +93,12 @@ def generative_eval_data(source, n: int, batch_size: int = 16) -> list[PairData]
     return sets
 
 
+def skipped_questions(source) -> bool:
+    """Whether ``source`` holds questions besides its captions (the bundled ``shapes``, a
+    folder with captions.jsonl and vqa.jsonl): what a captioning-only model leaves out."""
+    return not is_vqa_source(source) and (str(source) == "shapes" or has_vqa(source))
+
+
 __all__ = ["PairBatch", "PairData", "SPLITS", "as_pair_data", "folder_pairs", "load_calibration",
            "load_data", "load_eval", "load_train", "save_pairs", "save_vqa", "shapes_pairs",
-           "source_kind", "text_data", "VqaData", "folder_vqa", "generative_eval_data"]
+           "source_kind", "text_data", "VqaData", "folder_vqa", "generative_eval_data", "skipped_questions"]

@@ -75,6 +75,11 @@ GENERATE = "generate"
 #: (tens of ms even on tiny-llava), so waiting up to 5 ms for company costs little and lets
 #: concurrent requests share one batched generate call
 GENERATE_DELAY_US = 5000
+#: the model file of a generation model, by generation.json "kind" (BLIP: vision + [question]
+#: + decoder with cross-attention, run by BlipOrtGenerator; the rest: OrtGenerator)
+GENERATE_MODEL_FILES = {"llava": "_triton_generate_model.py",
+                        "blip-caption": "_triton_generate_blip_model.py",
+                        "blip-vqa": "_triton_generate_blip_model.py"}
 #: files of a run's model folder the generation model needs (tokenizer, processor, template)
 _PROCESSOR_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 MANIFEST = "vlcompress_triton.json"
@@ -305,7 +310,8 @@ def run_batch_sizes(report: dict) -> list[int]:
 
 
 def is_generative(report: dict) -> bool:
-    """A run of a generative model (llava): served by one generation model per variant."""
+    """A run of a generative model (llava, blip2, BLIP captioning / VQA): served by one
+    generation model per variant."""
     return bool((report.get("model") or {}).get("generative"))
 
 
@@ -320,8 +326,10 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
     """One Python-backend model per variant that runs the whole generation loop (see
     ``_triton_generate_model.py``): an ensemble cannot express a token loop (Triton ensembles
     are acyclic graphs of single calls; looping needs BLS, i.e. Python code anyway), and one
-    model keeps the KV cache in one process instead of shipping it through the server per token."""
-    from ..runtime.gen_inputs import PromptEncoder
+    model keeps the KV cache in one process instead of shipping it through the server per token.
+    The model file follows the export's ``generation.json`` ``"kind"``
+    (:data:`GENERATE_MODEL_FILES`: BLIP captioning / VQA run BlipOrtGenerator)."""
+    from ..runtime.gen_inputs import BLIP_KINDS, BlipPromptEncoder, PromptEncoder
     from ..runtime.ort_generate import read_spec
 
     if backend != "python":
@@ -343,8 +351,10 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
     rule = (f"generation: max_batch_size {max_batch} = the largest batch size the run measured"
             if sizes else f"generation: max_batch_size {max_batch} (the run names no batch sizes)")
     rule += (f"; queue delay {GENERATE_DELAY_US} us (an answer takes a prefill and one decoder "
-             "call per token, so a short wait for company is cheap); each batch is one "
-             "left-padded generate call")
+             "call per token, so a short wait for company is cheap); ")
+    batches = {"blip-vqa": "each batch is one generate call per question length (questions "
+                           "are never padded: BLIP attends question padding)",
+               "blip-caption": "each batch is one generate call, caption starts left-padded"}
     name = (report.get("model") or {}).get("name") or run.name
     max_new = (report.get("config") or {}).get("max_new_tokens") or 24
     models = []
@@ -354,12 +364,19 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
         if missing:
             raise ConfigError(f"run folder {str(run)!r} lacks {variant}/{missing[0]}; allowed: a "
                               "prune-export folder with its generative export in place")
-        pixels = PromptEncoder(processor_dir(run, report), name, int(spec["context"])).pixel_shape
+        kind = str(spec.get("kind", "llava"))
+        blip = kind in BLIP_KINDS  # BLIP captioning (prompt: optional caption start) / VQA
+        pixels = (BlipPromptEncoder(processor_dir(run, report), name, spec) if blip else
+                  PromptEncoder(processor_dir(run, report), name, int(spec["context"]))
+                  ).pixel_shape
         # byte strings travel as UINT8 (see _triton_generate_model.py: the wheel's stub
         # misreads Triton's BYTES type under numpy 2)
         # ragged: the scheduler may hand prompts and files of different lengths to one execute
-        # (the model pads them itself); without it only same-length requests are batched
-        ins = [Tensor("prompt", "TYPE_UINT8", "uint8", "UINT8", [-1], ragged=True),
+        # (the model pads them itself); without it only same-length requests are batched.
+        # A BLIP model's prompt is optional to Triton: captioning falls back to the run's
+        # caption prompt, and a VQA request without its question gets the model's own
+        # one-line refusal (not Triton's generic "missing required input")
+        ins = [Tensor("prompt", "TYPE_UINT8", "uint8", "UINT8", [-1], optional=blip, ragged=True),
                Tensor("image", "TYPE_UINT8", "uint8", "UINT8", [-1], optional=True, ragged=True),
                Tensor("pixel_values", "TYPE_FP32", "float32", "FP32", list(pixels), optional=True),
                Tensor("max_new_tokens", "TYPE_INT32", "int32", "INT32", [1], optional=True)]
@@ -369,10 +386,11 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
         models.append(TritonModel(
             name=f"{variant}_{GENERATE}", variant=variant, tower=GENERATE, source=variant,
             reference_onnx=f"{variant}/{spec['files']['decoder']}", max_batch_size=max_batch,
-            inputs=ins, outputs=outs, rule=rule, vocab_size=int(spec["vocab_size"]),
+            inputs=ins, outputs=outs, vocab_size=int(spec["vocab_size"]),
+            rule=rule + batches.get(kind, "each batch is one left-padded generate call"),
             max_queue_delay_microseconds=GENERATE_DELAY_US,
             precision=str(spec.get("precision", "fp32")), reference=variant,
-            parameters={"model_name": name, "max_new_tokens": str(max_new)}))
+            parameters={"model_name": name, "max_new_tokens": str(max_new), "kind": kind}))
     return models, "cpu"
 
 
@@ -389,7 +407,8 @@ def _write_generate_model(run: Path, report: dict, m: TritonModel, folder: Path)
     for f in sorted(processor_dir(run, report).iterdir()):
         if f.is_file() and f.suffix in _PROCESSOR_SUFFIXES and f.name != "vlcompress.json":
             shutil.copyfile(f, folder / "processor" / f.name)
-    shutil.copyfile(Path(__file__).with_name("_triton_generate_model.py"), folder / "model.py")
+    source = GENERATE_MODEL_FILES.get(str(spec.get("kind", "llava")), GENERATE_MODEL_FILES["llava"])
+    shutil.copyfile(Path(__file__).with_name(source), folder / "model.py")
 
 
 def _plan(run: Path, backend: str, device: str | None, variants) -> tuple[list[TritonModel], str]:
@@ -492,15 +511,28 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+#: what ``prompt`` is to a generation model, by its kind (README and snippet)
+_PROMPT_MEANING = {
+    "blip-caption": ("a picture of", "`prompt` is optional: the caption's start (absent: the "
+                     "run's caption prompt, from `1/generation.json`; an empty row: none); the "
+                     "answer is the caption after it"),
+    "blip-vqa": ("what color is the shape?", "`prompt` is the question, required (a request "
+                 "without one, or with a blank one, is refused in one line)"),
+}
+
+
 def _generate_snippet(m: TritonModel) -> str:
     px = ", ".join(map(str, next(t.dims for t in m.inputs if t.name == "pixel_values")))
+    example, meaning = _PROMPT_MEANING.get(m.parameters.get("kind", "llava"), (
+        "describe the picture.", "`prompt` is the user's text, rendered with the model's chat "
+        "template"))
     return "\n".join([
         f"### `{m.name}`", "", "```python", "import numpy as np",
         "import tritonclient.http as httpclient", "",
         'client = httpclient.InferenceServerClient("127.0.0.1:8000")',
         "# byte strings travel as UINT8 rows [batch, n] (right-padded with zero bytes)",
         'image = np.frombuffer(open("photo.png", "rb").read(), np.uint8)[None]',
-        'prompt = np.frombuffer("describe the picture.".encode(), np.uint8)[None]',
+        f'prompt = np.frombuffer("{example}".encode(), np.uint8)[None]',
         "new = np.array([[24]], dtype=np.int32)  # optional: max_new_tokens",
         "inputs = []",
         'for name, a, t in (("image", image, "UINT8"), ("prompt", prompt, "UINT8"),',
@@ -512,8 +544,8 @@ def _generate_snippet(m: TritonModel) -> str:
         'text = res.as_numpy("text")[0].tobytes().rstrip(b"\\0").decode()  # the answer',
         'ids = res.as_numpy("token_ids")[0]  # new token ids, padded with -1',
         "```", "",
-        f"Instead of `image`, `pixel_values` (FP32 `[batch, {px}]`, the processor's output) may "
-        f"be sent. Default max_new_tokens: {m.parameters.get('max_new_tokens')}. "
+        f"{meaning}. Instead of `image`, `pixel_values` (FP32 `[batch, {px}]`, the processor's "
+        f"output) may be sent. Default max_new_tokens: {m.parameters.get('max_new_tokens')}. "
         "`vlcompress.serve.generate_feeds` builds these inputs.", "", f"Batching: {m.rule}.", ""])
 
 
@@ -552,7 +584,18 @@ def _readme(repo: TritonRepo) -> str:
             "a free loopback port, sends each model a batch it accepts and several concurrent "
             "single requests (the dynamic batcher's path), and compares every answer with the "
             "run's PyTorch model (dense or pruned) at the tolerance of the served precision.", ""]
-    if any(m.tower == GENERATE for m in repo.models):
+    gen = [m for m in repo.models if m.tower == GENERATE]
+    if gen and gen[0].parameters.get("kind") in _PROMPT_MEANING:
+        head[-1:] = ["For a BLIP captioning / VQA run, each `*_generate` model takes an image "
+                     "(file bytes) and a prompt (the caption's start, optional; or the question) "
+                     "and returns the answer: it runs vlcompress's greedy generation loop "
+                     "(BlipOrtGenerator) on `1/vision.onnx`, (VQA) `1/question.onnx` and "
+                     "`1/decoder.onnx` with the run's processor in `1/processor/`, so the "
+                     "server's Python needs vlcompress installed. Each row gets the answer it "
+                     "gets alone, whatever requests the batcher merges. `serve-check` compares "
+                     "its tokens one for one with the direct BlipOrtGenerator run of each row.",
+                     ""]
+    elif gen:
         head[-1:] = ["For a generative run, each `*_generate` model takes an image (file bytes) "
                      "and a prompt and returns the answer: it runs vlcompress's greedy generation "
                      "loop (OrtGenerator) on `1/vision.onnx`, `1/embed.onnx`, `1/decoder.onnx` "

@@ -5,11 +5,13 @@ given."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..distill import DEFAULTS as DISTILL_DEFAULTS
 from ..distill import SCHEDULES
-from ..errors import ConfigError
+from ..errors import ConfigError, PatternError
 from .registry import Option
 
 #: Pairs per search step.
@@ -102,12 +104,41 @@ def search_batches(vlm, data, batch_size: int = SEARCH_BATCH) -> list[dict]:
     return out
 
 
+@contextmanager
+def checkpointed(model):
+    """Activation checkpointing for the duration of a search, where the HF model supports
+    it (``activation_checkpointing_enable``, non-reentrant: the RNG state is restored for the
+    recomputation, so EfficientVLM's sampled gates are the same twice): each layer's
+    activations are recomputed in the backward pass instead of kept, so a search step holds
+    about one layer's activations, not the whole stack's (at 384 px on BLIP-base, 2 pairs,
+    the difference is about 2 GB; it grows with the pairs per step). Yields whether it is on.
+    The gradients are the same; a step costs about one more forward."""
+    new = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.x's name
+    on = bool(getattr(model, "supports_gradient_checkpointing", False)) and \
+        (new or hasattr(model, "gradient_checkpointing_enable"))
+    if on:
+        kw = {"use_reentrant": False}
+        if new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    try:
+        yield on
+    finally:
+        if on:
+            (model.activation_checkpointing_disable if new
+             else model.gradient_checkpointing_disable)()
+
+
 def search_setup(ctx):
-    """Shared preamble of the training-based searches: ``(units, target, batches, teacher)``."""
+    """Shared preamble of the training-based searches: ``(units, target, batches, teacher)``.
+    The teacher is the dense copy prune() keeps for the retraining (``ctx.dense``), not a
+    second one: on BLIP-base shapes each copy is 0.9 GB."""
     from ..distill import dense_copy
 
     vlm, cfg = ctx.vlm, ctx.cfg
-    return tuple(cfg.units), float(cfg.sparsity), search_batches(vlm, ctx.data), dense_copy(vlm)
+    teacher = ctx.dense if ctx.dense is not None else dense_copy(vlm)
+    return tuple(cfg.units), float(cfg.sparsity), search_batches(vlm, ctx.data), teacher
 
 
 def fill_untouched(blocks, head_s: dict, neur_s: dict) -> None:
@@ -145,6 +176,159 @@ def round_counts(blocks, raw_h: dict[str, float], raw_f: dict[str, float], units
             if "neurons" in units else b.mlp_width
         out[b.prefix] = (max(1, h), f)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the asked sparsity, kept: budget-fitted rounding, reachability, the final check
+# --------------------------------------------------------------------------------------------
+#: How far the sliced model's sparsity (of the weights of the searched blocks, what
+#: ``PruneResult.achieved`` measures) may sit from the asked one: 0.005 absolute, or half of the
+#: finest rounding step's share on a model so small that one step weighs more.
+BUDGET_TOLERANCE = 0.005
+
+
+def _steps(b, units, round_to: int) -> tuple[int, int]:
+    """The keep-count steps of ``b``'s heads and neurons (as :func:`round_counts` rounds)."""
+    from ..sparsity.structured import head_step
+
+    return max(1, head_step(b.head_dim, round_to)), max(1, int(round_to))
+
+
+def _floors(b, units, round_to: int) -> tuple[int, int]:
+    """The fewest heads / neurons :func:`round_counts` can keep in ``b`` (untouched unit
+    types keep all)."""
+    hs, fs = _steps(b, units, round_to)
+    h = (hs if hs <= b.num_heads else b.num_heads) if "heads" in units else b.num_heads
+    f = (fs if fs <= b.mlp_width else b.mlp_width) if "neurons" in units else b.mlp_width
+    return h, f
+
+
+def budget(blocks, units, round_to: int) -> dict:
+    """The weight arithmetic of a structured budget over ``blocks``: ``total`` weights, the
+    most that can be pruned (``max_sparsity``: every layer at its floor, one head and
+    ``round_to`` neurons) and the ``tolerance`` the fitted counts are held to."""
+    from ..sparsity.structured import _group_sizes
+
+    total = floor_kept = 0.0
+    finest = None
+    for b in blocks:
+        hsz, fsz = _group_sizes(b)
+        total += hsz * b.num_heads + fsz * b.mlp_width
+        h, f = _floors(b, units, round_to)
+        floor_kept += hsz * h + fsz * f
+        hs, fs = _steps(b, units, round_to)
+        for cost, on in ((hsz * hs, "heads" in units), (fsz * fs, "neurons" in units and b.has_mlp)):
+            if on and cost > 0:
+                finest = cost if finest is None else min(finest, cost)
+    total = max(total, 1.0)
+    tol = max(BUDGET_TOLERANCE, 0.5 * (finest or 0.0) / total)
+    return {"total": total, "max_sparsity": 1.0 - floor_kept / total, "tolerance": tol}
+
+
+def counts_sparsity(blocks, counts) -> float:
+    """The fraction of the blocks' weights that keeping ``counts`` (heads, neurons) removes."""
+    from ..sparsity.structured import _group_sizes
+
+    total = kept = 0.0
+    for b in blocks:
+        hsz, fsz = _group_sizes(b)
+        h, f = counts[b.prefix]
+        total += hsz * b.num_heads + fsz * b.mlp_width
+        kept += hsz * h + fsz * f
+    return 1.0 - kept / max(total, 1.0)
+
+
+def check_reachable(method: str, blocks, units, round_to: int, target: float) -> dict:
+    """Refuse, before any search, a sparsity the floors make unreachable (one line)."""
+    bud = budget(blocks, units, round_to)
+    if target > bud["max_sparsity"] + bud["tolerance"]:
+        raise PatternError(
+            f"{method} cannot reach structured sparsity {target:g} on these blocks with --units "
+            f"{','.join(units)} and --round-to {round_to}: every layer keeps at least one head "
+            f"(its kept width a multiple of {round_to}) and {round_to} neurons, so at most "
+            f"{bud['max_sparsity']:.4f} of their weights can go; allowed: --sparsity <= "
+            f"{bud['max_sparsity']:.4f}, or a smaller --round-to")
+    return bud
+
+
+def _next(count: int, total: int, step: int, down: bool) -> int | None:
+    """The allowed keep count next to ``count`` (multiples of ``step`` in [step, total] and
+    ``total``), below it (``down``) or above it; None past the ends."""
+    if step > total:
+        return None
+    top = total - total % step
+    if down:
+        if count > top:
+            return top if top >= step else None
+        return count - step if count - step >= step else None
+    if count >= total:
+        return None
+    return count + step if count + step <= top else total
+
+
+def fit_counts(blocks, raw_h: dict[str, float], raw_f: dict[str, float], units, round_to: int,
+               target: float, method: str) -> tuple[dict[str, tuple[int, int]], dict]:
+    """:func:`round_counts`, then, only where the blocks' sparsity is off the ``target`` by
+    more than :func:`budget`'s tolerance, moved step by step until it is within it (the
+    search's own counts can miss: per-layer rounding of EfficientVLM's deterministic gates,
+    UPop's per-layer floor; so can rounding every layer to its nearest allowed width).
+
+    Each move takes one rounding step off (or back onto) the layer and unit type whose
+    rounded count sits furthest above (below) the search's raw count, relative to its step,
+    so the search's decision moves least; a move that brings the sparsity no nearer the
+    target ends the fit. A result still outside the tolerance raises :class:`PatternError`:
+    never a silently smaller prune. Returns ``(counts, {"sparsity", "target", "tolerance",
+    "moves", "nearest_rounding_sparsity"})``."""
+    from ..sparsity.structured import _group_sizes
+
+    counts = round_counts(blocks, raw_h, raw_f, units, round_to)
+    bud = budget(blocks, units, round_to)
+    total, tol = bud["total"], bud["tolerance"]
+    sizes = {b.prefix: _group_sizes(b) for b in blocks}
+    raw = {b.prefix: (float(raw_h.get(b.prefix, b.num_heads)),
+                      float(raw_f.get(b.prefix, b.mlp_width))) for b in blocks}
+    work = {k: list(v) for k, v in counts.items()}
+    first = counts_sparsity(blocks, counts)
+    moves = 0
+    for _ in range(sum(b.num_heads + b.mlp_width for b in blocks)):  # each move nears the target
+        s = counts_sparsity(blocks, work)
+        gap = s - target  # > 0: too much pruned, keep more
+        if abs(gap) <= tol:
+            break
+        down = gap < 0
+        best = None
+        for b in blocks:
+            hs, fs = _steps(b, units, round_to)
+            for i, (on, n, step, cost) in enumerate((
+                    ("heads" in units, b.num_heads, hs, sizes[b.prefix][0]),
+                    ("neurons" in units and b.has_mlp, b.mlp_width, fs, sizes[b.prefix][1]))):
+                if not on or cost <= 0:
+                    continue
+                cur = work[b.prefix][i]
+                nxt = _next(cur, n, step, down)
+                if nxt is None or (i == 0 and nxt < 1):
+                    continue
+                dw = (cur - nxt) * cost / total  # sparsity gained by the move
+                if abs(gap + dw) >= abs(gap):
+                    continue
+                excess = (cur - raw[b.prefix][i]) / step  # rounded up by this many steps
+                key = excess if down else -excess
+                if best is None or key > best[0]:
+                    best = (key, b.prefix, i, nxt)
+        if best is None:
+            break
+        work[best[1]][best[2]] = best[3]
+        moves += 1
+    out = {k: (int(v[0]), int(v[1])) for k, v in work.items()}
+    got = counts_sparsity(blocks, out)
+    info = {"sparsity": round(got, 6), "target": target, "tolerance": round(tol, 6),
+            "moves": moves, "nearest_rounding_sparsity": round(first, 6)}
+    if abs(got - target) > tol:
+        raise PatternError(
+            f"{method} reached structured sparsity {got:.4f}, not the asked {target:g} (tolerance "
+            f"{tol:.4f}), after fitting the rounded widths (--round-to {round_to}); nothing was "
+            f"pruned: use --sparsity <= {bud['max_sparsity']:.4f} or a smaller --round-to")
+    return out, info
 
 
 def kept_per_modality(blocks, counts) -> dict[str, dict[str, float]]:

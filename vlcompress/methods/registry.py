@@ -247,7 +247,8 @@ class Solved:
 class Context:
     """What prune() hands a method: the model, the validated ``PruneConfig``, the calibration
     data (None when the method needs none), the training data (search+retrain), progress,
-    and ``prune``: prune() itself, for methods that run other methods (``auto``)."""
+    the dense teacher copy (search+retrain) and ``prune``: prune() itself, for methods that
+    run other methods (``auto``)."""
 
     vlm: object
     cfg: object
@@ -255,6 +256,7 @@ class Context:
     train: object = None
     progress: object = None
     prune: Callable | None = None
+    dense: object = None  # search+retrain: the frozen dense copy (teacher of search and retrain)
 
 
 _METHODS: dict[str, Method] = {}
