@@ -155,7 +155,8 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
              runtime: str = "onnxruntime") -> str:
     """The answer of a generative run's exported ONNX graphs (``pruned/``, or ``dense/`` with
     ``dense``) to ``prompt`` about ``image`` (a path), generated on ONNX Runtime
-    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`): greedily, or drawn with
+    (:class:`vlcompress.runtime.ort_generate.OrtGenerator`; a BLIP captioning / VQA run:
+    :class:`vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`): greedily, or drawn with
     ``sampling`` (a :class:`~vlcompress.runtime.ort_generate.Sampling`: seeded temperature /
     top-k / top-p); ``reduced_tokens``: the run's ``dense_tokens/`` or ``pruned_tokens/``
     export (``--visual-tokens``), whose prompt carries as many image tokens as its
@@ -215,12 +216,12 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
                               "cross-attention, and BLIP's decoder cross-attends the image (or "
                               "question) and adds learned absolute positions; allowed: --runtime "
                               "onnxruntime")
-        if sampling is not None or reduced_tokens:
-            raise ConfigError(f"{'--sample' if sampling is not None else '--reduced-tokens'} "
-                              f"runs on LLaVA-style exports; {str(run_dir)!r} is a "
-                              f"{spec['kind']} export (greedy only); allowed: greedy generation")
+        if reduced_tokens:  # prune-export --visual-tokens builds llava-style exports only
+            raise ConfigError(f"--reduced-tokens runs on LLaVA-style exports; {str(run_dir)!r} "
+                              f"is a {spec['kind']} export (no token-reduced variant); allowed: "
+                              "generate without --reduced-tokens")
         return _generate_blip(folder, spec, proc_dir, img, prompt, max_new_tokens, threads,
-                              str(model.get("name")))
+                              str(model.get("name")), sampling)
     if runtime == "genai":
         from .optional_deps import require_onnxruntime_genai
 
@@ -249,9 +250,10 @@ def generate(run_dir, image, prompt: str, *, dense: bool = False, max_new_tokens
 
 
 def _generate_blip(folder, spec: dict, proc_dir, img, prompt: str, max_new_tokens: int,
-                   threads, name: str) -> str:
+                   threads, name: str, sampling=None) -> str:
     """:func:`generate` on a BLIP export: ``prompt`` is the caption's start (captioning, as
-    BLIP's "a picture of") or the question (VQA: required, not blank); greedy on ONNX Runtime
+    BLIP's "a picture of") or the question (VQA: required, not blank); greedy, or seeded
+    ``sampling``, on ONNX Runtime
     (:class:`vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`), encoded by the same
     front end as the served generation model
     (:class:`vlcompress.runtime.gen_inputs.BlipPromptEncoder`)."""
@@ -261,5 +263,6 @@ def _generate_blip(folder, spec: dict, proc_dir, img, prompt: str, max_new_token
     encoder = BlipPromptEncoder(proc_dir, name, spec)
     rows = encoder.encode([img], [prompt])
     encoder.check_length(rows, max_new_tokens)
-    tokens = encoder.generate(BlipOrtGenerator(folder, threads), rows, [max_new_tokens])[0]
+    tokens = encoder.generate(BlipOrtGenerator(folder, threads), rows, [max_new_tokens],
+                              sampling=sampling)[0]
     return encoder.decode(tokens)

@@ -791,7 +791,8 @@ def export_triton_cmd(
         "--device", help="cpu or gpu instances (default: the run's device; gpu for tensorrt).")] = None,
     variants: Annotated[str | None, typer.Option(
         "--variants", help="Comma-separated variants to serve (default: every one the run holds: "
-        "dense, pruned, and dense_Q, pruned_Q of a --quantize Q run).")] = None,
+        "dense, pruned, and dense_Q, pruned_Q of a --quantize Q run; a generative run also "
+        "dense_fp16/_int8, dense_tokens, pruned_tokens and their _fp16/_int8 twins).")] = None,
     force: ForceOpt = False,
 ):
     """Write a Triton model repository (one model per variant and tower) from a run."""

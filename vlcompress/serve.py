@@ -623,7 +623,8 @@ def generate_examples(n: int, seed: int = 0,
 
 class _GenReferences:
     """What each generation model must reproduce: the generation loop run directly on the
-    run's own export folder (``dense/``, ``pruned/``) with the run's processor, on the same
+    run's own export folder of the served variant (``dense/``, ``pruned_int8/``,
+    ``dense_tokens/`` ...) with the run's processor, on the same
     image bytes (or pixels), prompts and ``max_new_tokens``: :class:`OrtGenerator` on the same
     left-padded batch; for a BLIP captioning / VQA export, :class:`BlipOrtGenerator` on each
     row alone (the served model promises each row its answer alone, see
@@ -646,8 +647,13 @@ class _GenReferences:
             self.generators = {m.reference: BlipOrtGenerator(run / m.reference) for m in models}
             self.loop = "BlipOrtGenerator"
         else:
-            self.encoder = PromptEncoder(processor_dir(run, report), name, int(spec["context"]))
             self.generators = {m.reference: OrtGenerator(run / m.reference) for m in models}
+            # a --visual-tokens export's prompts carry its K image tokens
+            self.encoders = {r: PromptEncoder(processor_dir(run, report), name,
+                                              int(spec["context"]),
+                                              image_tokens=g.spec.get("image_tokens"))
+                             for r, g in self.generators.items()}
+            self.encoder = next(iter(self.encoders.values()))  # decode and pixels: one for all
             self.loop = "OrtGenerator"
         self.context = int(spec["context"])
 
@@ -667,8 +673,9 @@ class _GenReferences:
                     if images is not None else self.encoder.encode_pixels(px, qs))
             gen = self.generators[m.reference]
             return [self.encoder.generate(gen, [r], [limit])[0] for r in rows]
-        enc = (self.encoder.encode([read_image(f) for f in images], prompts) if images is not None
-               else self.encoder.encode_pixels(feeds["pixel_values"], prompts))
+        encoder = self.encoders[m.reference]
+        enc = (encoder.encode([read_image(f) for f in images], prompts) if images is not None
+               else encoder.encode_pixels(feeds["pixel_values"], prompts))
         return self.generators[m.reference].generate(enc["input_ids"], enc["attention_mask"],
                                                      enc["pixel_values"], limit)
 

@@ -2,8 +2,10 @@
 
 Copied verbatim into ``<repository>/<variant>_generate/1/model.py`` by
 :func:`vlcompress.exporters.triton.export_triton` for a generative run. Beside it in ``1/``:
-the run's ``vision.onnx``, ``embed.onnx``, ``decoder.onnx`` and ``generation.json`` (one
-export folder, dense or pruned) and ``processor/`` (the run's tokenizer, image processor and
+the graphs of one export folder of the run (``vision.onnx``, ``embed.onnx``,
+``decoder.onnx``; a ``--visual-tokens`` variant's own vision graph with its full-token twin's
+embed and decoder; int8 / fp16 variants' files under their names) and a ``generation.json``
+naming them there, and ``processor/`` (the run's tokenizer, image processor and
 chat template). The generation loop is vlcompress's own :class:`OrtGenerator` (greedy, KV
 cache) and the prompt goes through the same :class:`PromptEncoder` as ``vlcompress
 generate``, so the server's Python needs vlcompress installed (with numpy, onnxruntime,
@@ -80,8 +82,15 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads", "0")) or None
         self.generator = OrtGenerator(folder, threads)
         self.context = int(self.generator.spec["context"])
+        spec = self.generator.spec
+        # a --visual-tokens export: prompts carry its K image tokens, and their positions run
+        # as far as the full prompt's (the tower's tokens minus K more), as `vlcompress
+        # generate` counts them
         self.encoder = PromptEncoder(os.path.join(folder, "processor"),
-                                     params.get("model_name", "model"), self.context)
+                                     params.get("model_name", "model"), self.context,
+                                     image_tokens=spec.get("image_tokens"))
+        self.skipped = int(spec.get("tower_tokens") or 0) - int(
+            spec.get("image_tokens") or spec.get("tower_tokens") or 0)
         self.read_image = read_image
         self.default_new = int(params.get("max_new_tokens", "24"))
         self.pad = self.encoder.processor.tokenizer.pad_token_id
@@ -127,7 +136,7 @@ class TritonPythonModel:
                     return f"input 'pixel_values' has {len(px)} images for {rows} prompts"
                 enc = self.encoder.encode_pixels(px, prompts)
             # the request's rows are generated together: its padded length counts
-            self.encoder.check_length(int(enc["input_ids"].shape[1]), max(limits))
+            self.encoder.check_length(int(enc["input_ids"].shape[1]) + self.skipped, max(limits))
         except Exception as exc:  # vlcompress's one-line errors (DataError, ConfigError)
             return " ".join(str(exc).split())
         return enc, limits
@@ -147,7 +156,7 @@ class TritonPythonModel:
         """New tokens of every row of ``parts`` (one generate call), cut to each row's limit."""
         feeds = self.merge(parts) if len(parts) > 1 else parts[0][0]
         limits = [n for _, lim in parts for n in lim]
-        if feeds["input_ids"].shape[1] + max(limits) > self.context:
+        if feeds["input_ids"].shape[1] + self.skipped + max(limits) > self.context:
             raise ValueError("the merged batch exceeds the context")
         rows = self.generator.generate(feeds["input_ids"], feeds["attention_mask"],
                                        feeds["pixel_values"], max(limits))

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -328,7 +329,10 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
     are acyclic graphs of single calls; looping needs BLS, i.e. Python code anyway), and one
     model keeps the KV cache in one process instead of shipping it through the server per token.
     The model file follows the export's ``generation.json`` ``"kind"``
-    (:data:`GENERATE_MODEL_FILES`: BLIP captioning / VQA run BlipOrtGenerator)."""
+    (:data:`GENERATE_MODEL_FILES`: BLIP captioning / VQA run BlipOrtGenerator). Every
+    generative export of the run is a variant (:func:`generative_variants`: dense, pruned,
+    their ``--fp16`` / ``--quantize int8`` twins, the ``--visual-tokens`` variants and theirs);
+    each model's ``reference`` is its own folder, which serve-check runs directly."""
     from ..runtime.gen_inputs import BLIP_KINDS, BlipPromptEncoder, PromptEncoder
     from ..runtime.ort_generate import read_spec
 
@@ -340,7 +344,7 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
         raise ConfigError("--device gpu is not available for a generative run: its generation "
                           "model runs OrtGenerator on onnxruntime's CPU provider; allowed: "
                           "--device cpu")
-    available = {v: {"precision": "fp32"} for v in VARIANTS if (run / v / "generation.json").is_file()}
+    available = generative_variants(run)
     if not available:
         raise ConfigError(f"run folder {str(run)!r} has no generative export (dense/ or pruned/ "
                           "with generation.json); allowed: a prune-export folder of a generative "
@@ -360,10 +364,7 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
     models = []
     for variant in chosen:
         spec = read_spec(run / variant)
-        missing = [f for f in spec["files"].values() if not (run / variant / f).is_file()]
-        if missing:
-            raise ConfigError(f"run folder {str(run)!r} lacks {variant}/{missing[0]}; allowed: a "
-                              "prune-export folder with its generative export in place")
+        generation_files(run, variant, spec)  # every graph in place, inside the run
         kind = str(spec.get("kind", "llava"))
         blip = kind in BLIP_KINDS  # BLIP captioning (prompt: optional caption start) / VQA
         pixels = (BlipPromptEncoder(processor_dir(run, report), name, spec) if blip else
@@ -385,24 +386,83 @@ def _plan_generative(run: Path, report: dict, backend: str, device: str | None,
                 Tensor("num_tokens", "TYPE_INT32", "int32", "INT32", [1])]
         models.append(TritonModel(
             name=f"{variant}_{GENERATE}", variant=variant, tower=GENERATE, source=variant,
-            reference_onnx=f"{variant}/{spec['files']['decoder']}", max_batch_size=max_batch,
-            inputs=ins, outputs=outs, vocab_size=int(spec["vocab_size"]),
+            reference_onnx=posixpath.normpath(f"{variant}/{spec['files']['decoder']}"),
+            max_batch_size=max_batch, inputs=ins, outputs=outs,
+            vocab_size=int(spec["vocab_size"]),
             rule=rule + batches.get(kind, "each batch is one left-padded generate call"),
             max_queue_delay_microseconds=GENERATE_DELAY_US,
-            precision=str(spec.get("precision", "fp32")), reference=variant,
+            precision=available[variant]["precision"], reference=variant,
             parameters={"model_name": name, "max_new_tokens": str(max_new), "kind": kind}))
     return models, "cpu"
 
 
+def generative_variants(run: Path) -> dict[str, dict]:
+    """Every generative export a run folder holds: label -> ``{"precision"}``, one per
+    folder directly in the run with a ``generation.json`` (``dense``, ``pruned``; with
+    ``--fp16`` / ``--quantize int8`` also ``dense_fp16`` ... ``pruned_int8``; with
+    ``--visual-tokens`` ``dense_tokens``, ``pruned_tokens`` and their precision twins
+    ``dense_tokens_int8`` ...), in that order. ``precision`` is the served graphs' (the
+    spec's ``quantize``, else its ``precision``: fp32, fp16, int8)."""
+    from ..runtime.ort_generate import read_spec
+
+    found = {}
+    for d in sorted(p for p in run.iterdir() if (p / "generation.json").is_file()):
+        spec = read_spec(d)
+        found[d.name] = {"precision": str(spec.get("quantize") or spec.get("precision", "fp32"))}
+
+    def order(name: str):
+        base, _, rest = name.partition("_")
+        tokens = rest == "tokens" or rest.startswith("tokens_")
+        precision = rest[len("tokens"):].lstrip("_") if tokens else rest
+        return (tokens, bool(precision), precision, VARIANTS.index(base)
+                if base in VARIANTS else len(VARIANTS), name)
+
+    return {v: found[v] for v in sorted(found, key=order)}
+
+
+def generation_files(run: Path, variant: str, spec: dict) -> dict[str, Path]:
+    """part -> the run's file a generation model of ``variant`` serves for it: its own graphs,
+    and for a ``--visual-tokens`` variant its full-token twin's embed and decoder, which its
+    ``generation.json`` names by relative path (``../dense/decoder.onnx``). One ConfigError
+    line when a file is missing or lies outside the run folder, or two parts share a name."""
+    root = run.resolve()
+    out, names = {}, {}
+    for part, rel in spec["files"].items():
+        path = (run / variant / rel).resolve()
+        if root not in path.parents:
+            raise ConfigError(f"{variant}/generation.json names {rel!r} for its {part} graph, "
+                              f"outside the run folder {str(run)!r}; allowed: files inside it")
+        if not path.is_file():
+            raise ConfigError(f"run folder {str(run)!r} lacks "
+                              f"{posixpath.normpath(f'{variant}/{rel}')}; allowed: a "
+                              "prune-export folder with its generative export in place")
+        if path.name in names and names[path.name] != path:
+            raise ConfigError(f"{variant}/generation.json names two graphs called {path.name!r} "
+                              f"({names[path.name]}, {path}); allowed: one file name per part")
+        names[path.name] = path
+        out[part] = path
+    return out
+
+
 def _write_generate_model(run: Path, report: dict, m: TritonModel, folder: Path) -> None:
-    """``1/`` of a generation model: the variant's three graphs and generation.json, the run's
-    processor files, and model.py."""
-    src = run / m.source
-    spec = json.loads((src / "generation.json").read_text(encoding="utf-8"))
-    for f in [*spec["files"].values(), "generation.json"]:
-        _link_or_copy(src / f, folder / f)
-        if (src / f"{f}.data").is_file():
-            _link_or_copy(src / f"{f}.data", folder / f"{f}.data")
+    """``1/`` of a generation model: exactly the graphs its variant's generation loop runs
+    (:func:`generation_files`: a token variant's own vision graph and its twin's embed and
+    decoder), each under its file name, with the generation.json naming them there; the run's
+    processor files; and model.py."""
+    from ..runtime.ort_generate import read_spec
+
+    spec = read_spec(run / m.source)
+    files = generation_files(run, m.source, spec)
+    for path in files.values():
+        _link_or_copy(path, folder / path.name)
+        data = path.with_name(path.name + ".data")
+        if data.is_file():
+            _link_or_copy(data, folder / data.name)
+    served = {**spec, "files": {p: f.name for p, f in files.items()}}
+    if served["files"] != spec["files"]:  # where each graph came from, relative to the run
+        served["served_from"] = {p: f.relative_to(run.resolve()).as_posix()
+                                 for p, f in files.items()}
+    (folder / "generation.json").write_text(json.dumps(served, indent=2), encoding="utf-8")
     (folder / "processor").mkdir()
     for f in sorted(processor_dir(run, report).iterdir()):
         if f.is_file() and f.suffix in _PROCESSOR_SUFFIXES and f.name != "vlcompress.json":
@@ -630,7 +690,8 @@ def export_triton(run_dir: str | Path, out: str | Path, *, backend: str | None =
     """Write a Triton model repository for ``run_dir`` into ``out`` (new, or empty, or
     ``force``); every check runs before anything is written, and ``out`` appears complete or
     not at all. ``variants``: the run's variants to serve (default: all it holds, quantized
-    ones included; a list or ``"dense,pruned"``). ``backend``: default ``onnxruntime``, and
+    ones included, and for a generative run its token and precision variants; a list or
+    ``"dense,pruned"``). ``backend``: default ``onnxruntime``, and
     ``python`` for a generative run (its only backend: one generation model per variant)."""
     run = Path(run_dir)
     if backend is None:

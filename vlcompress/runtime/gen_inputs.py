@@ -273,17 +273,23 @@ class BlipPromptEncoder:
             by.setdefault(len(r["question"]), []).append(i)
         return list(by.values())
 
-    def generate(self, generator, rows: list[dict], limits: list[int]) -> list[list[int]]:
+    def generate(self, generator, rows: list[dict], limits: list[int],
+                 sampling=None) -> list[list[int]]:
         """New token ids of every row (a generate call per group), each cut to its own limit:
-        greedy tokens do not depend on later steps, so a row generated with a longer limit
-        and cut equals the row generated with its own."""
+        a token does not depend on later steps, so a row generated with a longer limit and
+        cut equals the row generated with its own. Greedy, or with ``sampling`` (a
+        :class:`~vlcompress.runtime.ort_generate.Sampling`) seeded draws: each group's call
+        starts a generator from the seed, so the same rows with the same seed give the same
+        tokens; a sampled row, unlike a greedy one, depends on its group (its place in it and
+        its size: one uniform per row per step)."""
         out: list[list[int]] = [[] for _ in rows]
+        extra = {} if sampling is None else {"sampling": sampling}
         for idx in self.groups(rows):
             feeds = self.batch([rows[i] for i in idx])
             tokens = generator.generate(feeds["input_ids"], feeds["attention_mask"],
                                         feeds["pixel_values"], max(limits[i] for i in idx),
                                         question_ids=feeds.get("question_ids"),
-                                        question_mask=feeds.get("question_mask"))
+                                        question_mask=feeds.get("question_mask"), **extra)
             for i, t in zip(idx, tokens, strict=True):
                 out[i] = [int(x) for x in t][:limits[i]]
         return out

@@ -364,11 +364,21 @@ class OrtGenerator:
                  ) -> list[list[int]]:
         """New token ids per row (left-padded inputs), cut at the end token: greedy, or drawn
         with ``sampling``."""
-        rng = np.random.default_rng(sampling.seed) if sampling is not None else None
         st = self.prefill(input_ids, attention_mask, pixel_values, max_new_tokens)
         return token_loop(self, st, max_new_tokens, int(self.spec["eos_token_id"]),
-                          int(self.spec["pad_token_id"]),
-                          None if sampling is None else lambda x: sampling.choose(x, rng))
+                          int(self.spec["pad_token_id"]), chooser(sampling))
+
+
+def chooser(sampling: Sampling | None):
+    """:func:`token_loop`'s ``choose`` for one generate call: None (the arg-max), or draws of
+    ``sampling`` from a fresh ``numpy.random.default_rng(sampling.seed)``, one uniform per
+    row per step, in step order (so the same seed on the same batch gives the same tokens,
+    on ONNX Runtime as on the PyTorch twins that share this loop; a row's draws depend on its
+    place in the batch and on the batch size)."""
+    if sampling is None:
+        return None
+    rng = np.random.default_rng(sampling.seed)
+    return lambda logits: sampling.choose(logits, rng)
 
 
 def token_loop(gen, st, max_new_tokens: int, eos: int, pad: int, choose=None

@@ -1,4 +1,4 @@
-"""Greedy generation of BLIP captioning / VQA on ONNX Runtime, over its exported graphs
+"""Generation (greedy, or seeded sampling) of BLIP captioning / VQA on ONNX Runtime, over its exported graphs
 (:mod:`vlcompress.exporters.generative_blip`; ``generation.json`` ``"kind"``: ``blip-caption``
 or ``blip-vqa``):
 
@@ -24,7 +24,8 @@ grown mask, and :func:`~vlcompress.runtime.ort_generate.token_loop` picks the to
 follows transformers' ``generate`` as :meth:`vlcompress.models.blip_caption.
 BlipCaption.generate` calls it: the decoder starts from ``[DEC] prompt`` (captioning, left
 padding) or ``[DEC]`` (VQA), position ids ``cumsum(mask) - 1`` (0 at padding), each step
-appends the arg-max token and a 1 to the mask, a finished row is fed the pad token; it stops
+appends the arg-max token (or, given a :class:`~vlcompress.runtime.ort_generate.Sampling`, a
+seeded draw) and a 1 to the mask, a finished row is fed the pad token; it stops
 when every row has produced ``[SEP]`` or after ``max_new_tokens``; tokens are cut at the end
 (or pad) token. Layers may have different head counts (a structurally pruned decoder): the
 spec lists them and the buffers take each layer's.
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from .ort_generate import Decoding, OrtGenerator, _Sessions, read_spec, token_loop
+from .ort_generate import Decoding, OrtGenerator, Sampling, _Sessions, chooser, read_spec, token_loop
 
 KINDS = ("blip-caption", "blip-vqa")
 
@@ -148,13 +149,17 @@ class BlipOrtGenerator(OrtGenerator):
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                  pixel_values: np.ndarray, max_new_tokens: int, *,
                  question_ids: np.ndarray | None = None,
-                 question_mask: np.ndarray | None = None) -> list[list[int]]:
-        """Greedy new token ids per row, cut at the end token. ``input_ids`` / ``attention_mask``:
-        the decoder's start (``[DEC] prompt``, left-padded); for VQA also the question."""
+                 question_mask: np.ndarray | None = None,
+                 sampling: Sampling | None = None) -> list[list[int]]:
+        """New token ids per row, cut at the end token: greedy, or drawn with ``sampling``
+        (seeded temperature / top-k / top-p, :class:`~vlcompress.runtime.ort_generate.
+        Sampling`: the same draws as :class:`~vlcompress.runtime.torch_generate.
+        BlipTorchGenerator` for one seed). ``input_ids`` / ``attention_mask``: the decoder's
+        start (``[DEC] prompt``, left-padded); for VQA also the question."""
         st = self.prefill(input_ids, attention_mask, pixel_values, max_new_tokens,
                           question_ids=question_ids, question_mask=question_mask)
         return token_loop(self, st, max_new_tokens, int(self.spec["sep_token_id"]),
-                          int(self.spec["pad_token_id"]))
+                          int(self.spec["pad_token_id"]), chooser(sampling))
 
 
 def open_generator(folder: str | Path, threads: int | None = None):

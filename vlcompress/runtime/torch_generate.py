@@ -124,19 +124,25 @@ class TorchGenerator:
                         use_cache=True, logits_to_keep=1, **{self._cache_kw: st.cache})
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                 pixel_values: np.ndarray, max_new_tokens: int) -> list[list[int]]:
-        """Greedy new token ids per row, cut at the end (or pad) token, as ``Llava.generate``."""
-        from .ort_generate import token_loop
+                 pixel_values: np.ndarray, max_new_tokens: int, sampling=None
+                 ) -> list[list[int]]:
+        """New token ids per row, cut at the end (or pad) token, as ``Llava.generate``:
+        greedy, or drawn with ``sampling`` (a :class:`~vlcompress.runtime.ort_generate.
+        Sampling`: the same seeded draws as ``OrtGenerator.generate``, so the two give the
+        same tokens wherever their logits agree)."""
+        from .ort_generate import chooser, token_loop
 
         tok = self.vlm.tokenizer
         st = self.prefill(input_ids, attention_mask, pixel_values, max_new_tokens)
-        return token_loop(self, st, max_new_tokens, int(tok.eos_token_id), int(tok.pad_token_id))
+        return token_loop(self, st, max_new_tokens, int(tok.eos_token_id), int(tok.pad_token_id),
+                          chooser(sampling))
 
 
 class BlipTorchGenerator(TorchGenerator):
     """PyTorch eager prefill / decode steps of a BLIP captioning or VQA ``vlm``, the entry
     points of :class:`~vlcompress.runtime.ort_generate_blip.BlipOrtGenerator`: what
-    transformers' ``generate`` runs for each step of ``BlipCaption.generate`` (greedy) --
+    transformers' ``generate`` runs for each step of ``BlipCaption.generate`` (greedy; or
+    seeded sampling with our draws, not PyTorch's generator) --
     the vision model (and the question encoder) once, then the text decoder with an
     ``EncoderDecoderCache`` (its cross-attention keys / values computed at the first call
     and kept, the self-attention's appended per step), position ids ``cumsum(mask) - 1``
@@ -203,14 +209,16 @@ class BlipTorchGenerator(TorchGenerator):
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                  pixel_values: np.ndarray, max_new_tokens: int, *, question_ids=None,
-                 question_mask=None) -> list[list[int]]:
-        """Greedy new token ids per row, cut at the end (or pad) token, as
-        ``BlipCaption.generate``."""
-        from .ort_generate import token_loop
+                 question_mask=None, sampling=None) -> list[list[int]]:
+        """New token ids per row, cut at the end (or pad) token, as ``BlipCaption.generate``
+        (greedy), or drawn with ``sampling`` (:class:`~vlcompress.runtime.ort_generate.
+        Sampling`: the draws of ``BlipOrtGenerator.generate`` for the same seed)."""
+        from .ort_generate import chooser, token_loop
 
         st = self.prefill(input_ids, attention_mask, pixel_values, max_new_tokens,
                           question_ids=question_ids, question_mask=question_mask)
-        return token_loop(self, st, max_new_tokens, int(self.vlm.sep_id), int(self.vlm.pad_id))
+        return token_loop(self, st, max_new_tokens, int(self.vlm.sep_id), int(self.vlm.pad_id),
+                          chooser(sampling))
 
 
 def torch_generator(vlm):
