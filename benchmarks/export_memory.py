@@ -61,6 +61,8 @@ class Phases:
         self.process_peak = max(self.process_peak, hwm)
         for row in self._stack:
             row["_peak"] = max(row["_peak"], hwm)
+            if row["_tail"] is not None:
+                row["_tail"] = max(row["_tail"], hwm)
 
     def phase(self, name: str):
         import contextlib
@@ -70,7 +72,7 @@ class Phases:
             gc.collect()
             self._fold()
             row = {"phase": name, "depth": len(self._stack), "rss_start_mb": round(_status("VmRSS"))}
-            row["_peak"] = row["rss_start_mb"]
+            row["_peak"], row["_tail"] = row["rss_start_mb"], None
             self._stack.append(row)
             self._reset()
             t = time.perf_counter()
@@ -79,10 +81,15 @@ class Phases:
             finally:
                 self._fold()
                 self._stack.pop()
-                peak = row.pop("_peak")
+                if self._stack:  # the parent's segment after its last child starts here
+                    self._stack[-1]["_tail"] = 0.0
+                peak, tail = row.pop("_peak"), row.pop("_tail")
                 row |= {"rss_peak_mb": round(peak), "over_model_mb": round(peak - row["rss_start_mb"]),
                         "rss_end_mb": round(_status("VmRSS")),
                         "seconds": round(time.perf_counter() - t, 1)}
+                if tail is not None:  # after the last child: vlcompress's own steps
+                    row |= {"after_torch_peak_mb": round(tail),
+                            "after_torch_over_model_mb": round(tail - row["rss_start_mb"])}
                 self.rows.append(row)
                 self._reset()
         return cm()
@@ -218,6 +225,13 @@ def main(argv=None) -> None:
             ra = next(r for r in a["phases"] if r["phase"] == f"export {name}")
             peaks[name] = {"before_over_model_mb": rb["over_model_mb"],
                            "after_over_model_mb": ra["over_model_mb"],
+                           "torch_exporter_over_model_mb": {
+                               k: next(r for r in run["phases"][run["phases"].index(row) - 1:]
+                                       if r["phase"].strip() == "torch.onnx.export")["over_model_mb"]
+                               for k, run, row in (("before", b, rb), ("after", a, ra))},
+                           "vlcompress_steps_over_model_mb": {
+                               "before": rb.get("after_torch_over_model_mb"),
+                               "after": ra.get("after_torch_over_model_mb")},
                            "file_mb": round(a["files"][name]["bytes"] / 2**20)}
         payload["summary"] = {"per_file": peaks, "process_peak_mb": {
             "before": b["process_peak_mb"], "after": a["process_peak_mb"]}}
