@@ -63,7 +63,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from onnx import helper, numpy_helper
 
@@ -73,7 +72,7 @@ from ..models.visual_tokens import image_features, reduced_tokens, split_tokens,
 from ..runtime.ort_generate import GENERATION_JSON, OrtGenerator, kv_heads_of, prompt_inputs
 from ._decoder import FlatCache as _FlatCache
 from ._decoder import additive_mask, keep_positions
-from .onnx import _name_initializers, _quiet, _short, save_onnx
+from .onnx import _name_initializers, _quiet, _short, load_proto, save_onnx
 
 __all__ = ["GenerativeExport", "export_generative", "validate_generative", "DecoderGraph",
            "TOLERANCE"]
@@ -234,7 +233,7 @@ def _export(module, args, path: Path, inputs, outputs, axes, props: dict, root,
                                   do_constant_folding=True)
         except Exception as exc:  # noqa: BLE001 - one line naming the part
             raise ExportError(f"could not export {path.name}: {_short(exc)}") from None
-        proto = onnx.load(str(f))
+        proto = load_proto(f)
     _name_initializers(proto, module, root)
     for name, value in (defaults or {}).items():
         proto.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))

@@ -29,12 +29,15 @@ float32 ``embeds``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import io
 import logging
+import mmap
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
 import warnings
@@ -47,7 +50,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..atomic import atomic_write_bytes, temp_sibling
+from ..atomic import atomic_path, temp_sibling
 from ..data.pairs import PairBatch
 from ..errors import ConfigError, ExportError, OutputError
 from ..progress import NULL, Progress
@@ -180,7 +183,7 @@ def _export_torchscript(module, inputs, axes, opset, workdir: Path) -> onnx.Mode
                 input_names=names, output_names=[OUTPUT_NAME], dynamic_axes=dyn,
                 opset_version=opset or TORCHSCRIPT_OPSET, do_constant_folding=True,
             )
-        return onnx.load(str(f))  # pulls in external data, if torch wrote any
+        return load_proto(f)  # pulls in external data, if torch wrote any
 
 
 def _export_proto(module, inputs, axes, opset, workdir: Path, tower: str
@@ -282,7 +285,9 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
     data_name = path.name + ".data"
     data_path = path.with_name(data_name)
     if _initializer_bytes(proto) < EXTERNAL_DATA_THRESHOLD:
-        atomic_write_bytes(path, proto.SerializeToString(), fsync=False)
+        with atomic_path(path) as tmp:
+            with open(tmp, "xb") as fh:
+                write_proto(proto, fh)
         if data_path.is_file():  # stale weights of an earlier, larger export
             data_path.unlink()
         return path
@@ -300,6 +305,161 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
+# Streaming (de)serialisation: the protobuf wire format of a ModelProto is its fields in field
+# number order; the graph (field 7) is one length-delimited field whose initializers (field 5)
+# sit between its nodes and name (1, 2) and the rest (10-16). Writing or reading the
+# initializers one at a time gives the bytes ``SerializeToString`` gives (tests check it)
+# without a second whole copy of the weights in memory.
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _split(msg, number: int):
+    """Two new messages of ``msg``'s type: its fields numbered below ``number``, and above."""
+    lo, hi = type(msg)(), type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.number == number:
+            continue
+        dst = lo if fd.number < number else hi
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+    return lo, hi
+
+
+def write_proto(model: onnx.ModelProto, fh) -> None:
+    """Write ``model.SerializeToString()`` to the binary file ``fh``, the same bytes, holding
+    one serialised initializer at a time instead of the whole serialised model."""
+    pre, post = _split(model, _MODEL_GRAPH)
+    head, tail = _split(model.graph, _GRAPH_INITIALIZER)
+    head_b, tail_b = head.SerializeToString(), tail.SerializeToString()
+    del head, tail
+    tag = _varint(_GRAPH_INITIALIZER << 3 | 2)
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    inner = len(head_b) + len(tail_b) + sum(len(tag) + len(_varint(n)) + n for n in sizes)
+    fh.write(pre.SerializeToString())
+    if model.HasField("graph"):
+        fh.write(_varint(_MODEL_GRAPH << 3 | 2) + _varint(inner))
+        fh.write(head_b)
+        for t, n in zip(model.graph.initializer, sizes, strict=True):
+            fh.write(tag + _varint(n))
+            fh.write(t.SerializeToString())
+        fh.write(tail_b)
+    fh.write(post.SerializeToString())
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """``(number, wire type, field start, value start, field end)`` of each field."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+            value = pos
+        elif wire == 1:
+            value, pos = pos, pos + 8
+        elif wire == 2:
+            size, value = _read_varint(buf, pos)
+            pos = value + size
+        elif wire == 5:
+            value, pos = pos, pos + 4
+        else:
+            raise ExportError(f"cannot read the ONNX file: wire type {wire} (groups) at {first}")
+        yield number, wire, first, value, pos
+
+
+def _merge_model(model: onnx.ModelProto, view, drop) -> None:
+    """Parse the serialised model ``view`` into ``model`` field by field, the graph's
+    initializers one at a time (``drop(start, end)`` is told each one's byte range once
+    parsed)."""
+    for number, wire, first, value, end in _fields(view, 0, len(view)):
+        if number != _MODEL_GRAPH or wire != 2:
+            model.MergeFromString(view[first:end])
+            continue
+        g = model.graph
+        g.SetInParent()
+        run = None  # a run of non-initializer fields, merged in one call
+        for gnum, gwire, gfirst, gvalue, gend in _fields(view, value, end):
+            if gnum == _GRAPH_INITIALIZER and gwire == 2:
+                if run is not None:
+                    g.MergeFromString(view[run[0]:run[1]])
+                    run = None
+                g.initializer.add().ParseFromString(view[gvalue:gend])
+                drop(gfirst, gend)
+            else:
+                run = (gfirst, gend) if run is None else (run[0], gend)
+        if run is not None:
+            g.MergeFromString(view[run[0]:run[1]])
+
+
+def load_proto(path: str | Path) -> onnx.ModelProto:
+    """``onnx.load(path)``, the same message, without the file's bytes in memory beside it.
+
+    ``onnx.load`` reads the whole file into one ``bytes`` and parses it: twice the weights at
+    its peak. Here the file is mapped and parsed field by field, each initializer from its own
+    slice, whose pages are dropped from this process's memory once parsed (they stay in the
+    page cache), so the peak is the parsed model plus about one tensor. External data, if the
+    file names any, is loaded as ``onnx.load`` loads it."""
+    path = Path(path)
+    model = onnx.ModelProto()
+    size = path.stat().st_size
+    if size == 0:
+        return model
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            page = mmap.PAGESIZE
+
+            def drop(a: int, b: int) -> None:
+                lo, hi = a // page * page, b // page * page
+                if hi > lo and hasattr(mm, "madvise"):
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+            _merge_model(model, view, drop)
+        finally:
+            view.release()
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(model, str(path.parent))  # as onnx.load: none, nothing done
+    return model
+
+
+def _initializer_array(t: TensorProto) -> np.ndarray:
+    """The values of a float initializer, read from its raw bytes with one copy (the bytes
+    the protobuf accessor returns); other encodings through ``numpy_helper.to_array``."""
+    if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE) and \
+            t.HasField("raw_data") and sys.byteorder == "little":
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return np.ascontiguousarray(numpy_helper.to_array(t))
+
+
 def _initializer_bytes(proto: onnx.ModelProto) -> int:
     total = 0
     for t in proto.graph.initializer:
@@ -311,8 +471,25 @@ def _initializer_bytes(proto: onnx.ModelProto) -> int:
     return total
 
 
-def _tensor_key(arr: np.ndarray):
-    return arr.shape, arr.dtype.str, hash(arr.tobytes())
+#: Bytes hashed at a time where a tensor must be transposed to be hashed (a bounded copy).
+_HASH_CHUNK = 1 << 24
+
+
+def _tensor_key(arr: np.ndarray, transposed: bool = False):
+    """``(shape, dtype, digest)`` of ``arr``'s bytes in C order, or of ``arr.T``'s with
+    ``transposed`` (a 2-D array): the same key as the contiguous copy would give, without
+    making it. A contiguous array is hashed in place; a transpose in bands of rows of the
+    transpose of at most :data:`_HASH_CHUNK` bytes, so no copy of a whole weight is made
+    (a 545 MB embedding table used to cost twice its size here, once per orientation)."""
+    h = hashlib.blake2b(digest_size=16)
+    if transposed:
+        cols = max(1, _HASH_CHUNK // max(1, arr.shape[0] * arr.itemsize))
+        for j in range(0, arr.shape[1], cols):
+            h.update(np.ascontiguousarray(arr[:, j:j + cols].T).data)
+        return arr.shape[::-1], arr.dtype.str, h.digest()
+    a = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+    h.update(a.reshape(-1).view(np.uint8).data if a.size else b"")
+    return a.shape, a.dtype.str, h.digest()
 
 
 def _name_initializers(proto: onnx.ModelProto, module: torch.nn.Module, root=None) -> dict:
@@ -341,7 +518,7 @@ def _name_initializers(proto: onnx.ModelProto, module: torch.nn.Module, root=Non
         arr = t.detach().cpu().numpy()
         keys = {_tensor_key(arr)}
         if arr.ndim == 2:
-            keys.add(_tensor_key(np.ascontiguousarray(arr.T)))
+            keys.add(_tensor_key(arr, transposed=True))
         for key in keys:
             table[key] = new if key not in table else None  # None: ambiguous
     g = proto.graph
@@ -353,7 +530,7 @@ def _name_initializers(proto: onnx.ModelProto, module: torch.nn.Module, root=Non
         if new is None:
             if t.data_type not in _FLOAT_TYPES or t.data_location == TensorProto.EXTERNAL:
                 continue
-            new = table.get(_tensor_key(np.ascontiguousarray(numpy_helper.to_array(t))))
+            new = table.get(_tensor_key(_initializer_array(t)))
         if new is None or new == t.name:
             continue
         cand, k = new, 1
