@@ -213,6 +213,18 @@ def _props(model: onnx.ModelProto, **changes) -> None:
     helper.set_model_props(model, meta)
 
 
+def _fp32_source(src: Path, dst: Path, shared) -> tuple[dict, dict]:
+    """The fp32 export a precision variant is made from: its generation.json and the graphs
+    ``dst`` borrows from ``shared`` (the twin's variant folder); an export that is already
+    fp16 / int8 is refused in one line."""
+    spec = read_spec(src)
+    borrowed = _shared(src, spec, dst, None if shared is None else Path(shared))
+    if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
+        raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
+                          "allowed: an fp32 generative export")
+    return spec, borrowed
+
+
 def make_fp16_variant(src: str | Path, dst: str | Path, shared: str | Path | None = None) -> dict:
     """Write the fp16 copy of the export in ``src`` (vision, embed, decoder and
     generation.json) to ``dst``; returns what was written (the report's ``files``).
@@ -221,11 +233,7 @@ def make_fp16_variant(src: str | Path, dst: str | Path, shared: str | Path | Non
     from .onnx import convert_fp16, save_onnx
 
     src, dst = Path(src), Path(dst)
-    spec = read_spec(src)
-    borrowed = _shared(src, spec, dst, None if shared is None else Path(shared))
-    if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
-        raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
-                          "allowed: an fp32 generative export")
+    spec, borrowed = _fp32_source(src, dst, shared)
     dst.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     files = {}
@@ -266,11 +274,7 @@ def make_int8_variant(src: str | Path, dst: str | Path, parts=None,
     from .quantize import quantize_onnx
 
     src, dst = Path(src), Path(dst)
-    spec = read_spec(src)
-    borrowed = _shared(src, spec, dst, None if shared is None else Path(shared))
-    if spec.get("precision", "fp32") != "fp32" or spec.get("quantize"):
-        raise ConfigError(f"{str(src)!r} is already {spec.get('quantize') or spec['precision']}; "
-                          "allowed: an fp32 generative export")
+    spec, borrowed = _fp32_source(src, dst, shared)
     if parts is None:
         parts = tuple(spec["files"]) if spec.get("kind") in BLIP_KINDS else INT8_PARTS
     bad = [p for p in parts if p not in spec["files"]]

@@ -218,14 +218,6 @@ class Blip2(GenerativeVLM):
         return cls(model, name=name, source=path, processor=proc, prompts=prompts)
 
     # --- structure -----------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def prunable_layers(self) -> list[PrunableLayer]:
         m = self.model
         out = []

@@ -228,14 +228,6 @@ class BlipCaption(GenerativeVLM):
                              "BERT tokenizer ([CLS] text [SEP])")
 
     # --- structure -----------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def _vision_layers(self) -> list[PrunableLayer]:
         out = []
         for b, layer in enumerate(self.model.vision_model.encoder.layers):

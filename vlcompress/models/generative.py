@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..errors import ModelError
 from .base import VLM
 from .registry import model_card
@@ -29,6 +31,21 @@ class GenerativeVLM(VLM):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device, or for a model loaded with a
+        ``device_map`` (offloaded, several GPUs) the first device of the map that is not
+        ``disk`` (accelerate's hooks move activations between the others)."""
+        dm = getattr(self.model, "hf_device_map", None)
+        if dm:
+            d = next((v for v in dm.values() if v != "disk"), "cpu")
+            return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
+        return next(self.model.parameters()).device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return [" ".join(self.tokenizer.decode(s, skip_special_tokens=True).split()) for s in ids]

@@ -275,17 +275,6 @@ class Llava(GenerativeVLM):
 
     # --- structure -----------------------------------------------------------------------
     @property
-    def device(self) -> torch.device:
-        """Where inputs go: the first parameter's device, or for a model loaded with a
-        ``device_map`` (offloaded, several GPUs) the first device of the map that is not
-        ``disk`` (accelerate's hooks move activations between the others)."""
-        dm = getattr(self.model, "hf_device_map", None)
-        if dm:
-            d = next((v for v in dm.values() if v != "disk"), "cpu")
-            return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
-        return next(self.model.parameters()).device
-
-    @property
     def used_vision_layers(self) -> int:
         """How many vision encoder layers feed the projector (``vision_feature_layer``)."""
         cfg = self.model.config
@@ -378,10 +367,6 @@ class Llava(GenerativeVLM):
                "target_mask": target.to(dev)}
         # --visual-tokens (models.visual_tokens): the kept tokens at their full-prompt positions
         return reduced_inputs(self.model, out, precomputed=False)
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def model_inputs(self, encoded):
         out = {k: v for k, v in encoded.items() if k != "target_mask"}
