@@ -37,6 +37,7 @@ sparsity: accuracy on tiny-llava, prefill time on the llava-qwen2-0.5b preset.
 
 Writes ``benchmarks/results/visual_tokens.json`` (or ``--out``) with the command, commit,
 machine and load average (a shared machine: timings are indicative, the ratios interleaved).
+Each target check is printed (met / MISSED) and the exit status is 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -513,7 +514,23 @@ def main(argv=None):
     name = "visual_tokens" if len(parts) > 1 else f"visual_tokens_{parts[0]}"
     path = write_result(name, payload, out=args.out)
     print(path)
+    checks = list(_target_checks(payload))
+    for where, check in checks:
+        print(f"target {'met' if check['met'] else 'MISSED'}: {where} "
+              f"{ {k: v for k, v in check.items() if k != 'met'} }")
+    return 0 if all(c["met"] for _, c in checks) else 1
+
+
+def _target_checks(node, where=""):
+    """Every ``{"met": ...}`` check in the results, with its path (targets.dense_tokens,
+    prefill.target, prefill_full.target...)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("met"), bool):
+            yield where, node
+        for k, v in node.items():
+            if k != "provenance":
+                yield from _target_checks(v, f"{where}.{k}" if where else k)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
